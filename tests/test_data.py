@@ -1,0 +1,328 @@
+"""vqlog.data on real files under tmp_path: loading, splitting, windowing, errors."""
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vqlog.config import Config
+from vqlog.data import (SOURCES, Recording, describe_source, load_source, make_splits, prepare,
+                        resample, split_bounds, synthetic, window_starts)
+from vqlog.errors import ConfigError, DataError, UserError
+
+
+def ramp(n: int, start: float = 0.0, rate: float = 100.0, name: str = "ramp") -> Recording:
+    """A recording whose values are their own sample index (plus `start`)."""
+    return Recording(name, start + np.arange(n, dtype=np.float64), rate)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_ppg_loads_heartpys_three_recordings_with_rates_from_their_time_columns():
+    recs = load_source("ppg")
+    assert [r.name for r in recs] == ["ppg/data", "ppg/data2", "ppg/data3"]
+    assert [r.signal.size for r in recs] == [2483, 15000, 68476]
+    assert [r.sample_rate for r in recs] == pytest.approx([100.0, 116.988, 100.418], abs=1e-3)
+    assert all(r.signal.dtype == np.float64 and r.signal.ndim == 1 for r in recs)
+
+
+def test_synthetic_is_deterministic_for_a_seed_and_differs_across_seeds():
+    a, b, c = load_source("synthetic", seed=3), load_source("synthetic", seed=3), synthetic(seed=4)
+    assert len(a) == 4 and all(r.sample_rate == 100.0 and r.signal.size == 18000 for r in a)
+    assert all(np.array_equal(x.signal, y.signal) for x, y in zip(a, b))
+    assert not any(np.allclose(x.signal, y.signal) for x, y in zip(a, c))
+    assert len({r.signal[:100].tobytes() for r in a}) == 4  # recordings differ from each other
+
+
+def test_synthetic_pulses_beat_at_a_heart_rate():
+    for rec in synthetic(seed=0):
+        x = rec.signal - rec.signal.mean()
+        freqs = np.fft.rfftfreq(x.size, 1 / rec.sample_rate)
+        power = np.abs(np.fft.rfft(x * np.hanning(x.size)))
+        band = (freqs > 0.7) & (freqs < 2.5)  # 42..150 bpm, above the baseline wander
+        assert 45 <= 60 * freqs[band][np.argmax(power[band])] <= 110
+
+
+def test_synthetic_rate_follows_sample_rate():
+    (rec, *_) = load_source("synthetic", sample_rate=50)
+    assert rec.sample_rate == 50 and rec.signal.size == 9000
+
+
+def _npy(path, x):
+    np.save(path, np.asarray(x))
+
+
+def _csv_column(path, x):
+    path.write_text("ppg\n" + "\n".join(map(str, x)) + "\n")
+
+
+def _csv_column_no_header(path, x):
+    path.write_text("\n".join(map(str, x)) + "\n")
+
+
+def _csv_rows(path, x):
+    pd.DataFrame(x, columns=[f"t{i}" for i in range(x.shape[1])]).to_csv(path, index=False)
+
+
+def _csv_rows_no_header(path, x):
+    np.savetxt(path, x, delimiter=",")
+
+
+def _parquet(path, x):
+    x = np.asarray(x)
+    if x.ndim == 1:
+        pd.DataFrame({"ppg": x}).to_parquet(path)
+    else:
+        pd.DataFrame(x, columns=[f"t{i}" for i in range(x.shape[1])]).to_parquet(path)
+
+
+SIGNAL = np.sin(np.arange(40) / 3.0) * 5 + 500
+ROWS = np.stack([SIGNAL, SIGNAL[::-1] * 2, SIGNAL + 7])  # (3, 40)
+
+
+@pytest.mark.parametrize("suffix, write, data, n_recordings", [
+    (".npy", _npy, SIGNAL, 1),
+    (".npy", _npy, ROWS, 3),
+    (".npy", _npy, SIGNAL[:, None], 1),  # a single column is one signal
+    (".csv", _csv_column, SIGNAL, 1),
+    (".csv", _csv_column_no_header, SIGNAL, 1),
+    (".csv", _csv_rows, ROWS, 3),
+    (".csv", _csv_rows_no_header, ROWS, 3),
+    (".parquet", _parquet, SIGNAL, 1),
+    (".parquet", _parquet, ROWS, 3),
+])
+def test_user_files_load_in_1d_and_2d_shapes(tmp_path, suffix, write, data, n_recordings):
+    path = tmp_path / f"signal{suffix}"
+    write(path, data)
+    recs = load_source(str(path), sample_rate=250)
+    expected = np.atleast_2d(data.T if data.ndim == 2 and data.shape[1] == 1 else data)
+    assert len(recs) == n_recordings
+    for rec, row in zip(recs, expected):
+        np.testing.assert_allclose(rec.signal, row)
+        assert rec.sample_rate == 250.0 and rec.signal.dtype == np.float64
+    assert recs[0].name == (str(path) if n_recordings == 1 else f"{path}[0]")
+
+
+def test_csv_rows_may_differ_in_length(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text("1,2,3,4\n5,6,7\n\n8,9,10,11,12,\n")
+    recs = load_source(str(path), sample_rate=10)
+    assert [r.signal.tolist() for r in recs] == [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+
+
+def test_parquet_list_column_is_one_signal_per_row(tmp_path):
+    path = tmp_path / "lists.parquet"
+    pd.DataFrame({"signal": [SIGNAL, SIGNAL[:30] * 2]}).to_parquet(path)
+    recs = load_source(str(path), sample_rate=10)
+    assert [r.signal.size for r in recs] == [40, 30]
+
+
+def test_describe_source_names_every_source():
+    assert all(describe_source(s) for s in SOURCES)
+    assert "x.npy" in describe_source("x.npy")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_bounds_and_window_starts():
+    assert split_bounds(1000) == [(0, 800), (800, 900), (900, 1000)]
+    assert split_bounds(7, (0.5, 0.25, 0.25)) == [(0, 4), (4, 5), (5, 7)]
+    assert window_starts(10, 4, 3).tolist() == [0, 3, 6]
+    assert window_starts(3, 4, 1).size == 0
+
+
+def test_windows_have_the_right_shapes_and_counts():
+    splits = make_splits(synthetic(seed=0), window=64, stride=32)
+    for split, block in (("train", 14400), ("valid", 1800), ("test", 1800)):
+        w = getattr(splits, split)
+        assert w.dtype == np.float32 and w.shape == (4 * ((block - 64) // 32 + 1), 64)
+        assert splits.info["windows"][split] == len(w)
+    assert splits.sample_rate == 100.0
+    json.dumps(splits.info)
+
+
+def test_splits_come_from_disjoint_contiguous_index_ranges():
+    recs = [ramp(1000), ramp(523, start=10_000, name="second")]
+    s = make_splits(recs, window=20, stride=7, standardize=None)
+    for w in (s.train, s.valid, s.test):
+        assert np.all(np.diff(w, axis=1) == 1)  # each window: consecutive samples of one recording
+    for lo, hi in ((0, 1000), (10_000, 10_523)):  # per recording: train < valid < test
+        pick = [w[(w[:, 0] >= lo) & (w[:, 0] < hi)] for w in (s.train, s.valid, s.test)]
+        assert pick[0].max() < pick[1].min() and pick[1].max() < pick[2].min()
+    # the first train window starts at 0 and the valid windows at the 80% cut
+    assert s.train[0, 0] == 0 and s.valid[0, 0] == 800
+    # blocks 800/100/100 and 418/53/52 samples: (block - 20) // 7 + 1 windows each
+    assert s.info["windows"] == {"train": 112 + 57, "valid": 12 + 5, "test": 12 + 5}
+
+
+@pytest.mark.parametrize("source", ["synthetic", "ppg"])
+def test_window_standardization_zscores_every_window(source):
+    s = make_splits(load_source(source), window=128, stride=64, resample_hz=50)
+    for w in (s.train, s.valid, s.test):
+        np.testing.assert_allclose(w.mean(1), 0, atol=1e-5)
+        flat = np.all(w == 0, axis=1)  # ppg/data2 reads 0 from 18.0 to 25.2 s (sensor dropout)
+        np.testing.assert_allclose(w[~flat].std(1), 1, atol=1e-4)
+        assert flat.sum() == (3 if source == "ppg" and w is s.train else 0)
+
+
+def test_dataset_standardization_uses_train_statistics():
+    s = make_splits([ramp(2000)], window=50, stride=25, standardize="dataset")
+    assert s.train.mean() == pytest.approx(0, abs=1e-5)
+    assert s.train.std() == pytest.approx(1, abs=1e-5)
+    assert s.valid.mean() > 1  # later samples of a ramp: scaled by train's mean/std, not their own
+    raw = make_splits([ramp(2000)], window=50, stride=25, standardize=None)
+    np.testing.assert_allclose(s.test, (raw.test - s.info["mean"]) / s.info["std"], rtol=1e-5)
+
+
+def test_flat_window_is_centred_not_divided_by_zero():
+    x = np.r_[np.sin(np.arange(800) / 5.0), np.full(100, 3.0), np.sin(np.arange(100) / 5.0)]
+    s = make_splits([Recording("flat", x, 10.0)], window=50, stride=50)
+    assert np.isfinite(s.valid).all() and np.all(s.valid == 0)  # the valid block is all 3.0
+    np.testing.assert_allclose(s.train.std(1), 1, atol=1e-4)
+
+
+def test_resampling_changes_the_length_by_the_ratio():
+    x = 500 + np.sin(2 * np.pi * 2.0 * np.arange(1000) / 100)
+    for target, n in ((50, 500), (30, 300), (200, 2000)):
+        y, rate = resample(x, 100.0, target)
+        assert y.size == n and rate == target
+    y, rate = resample(x, 100.0, 50)
+    np.testing.assert_allclose(y, 500 + np.sin(2 * np.pi * 2.0 * np.arange(500) / 50), atol=0.05)
+    y, rate = resample(x, 116.98775446533031, 50)  # data2's rate: a rational approximation
+    assert rate == pytest.approx(50, rel=1e-3)
+    assert y.size == pytest.approx(1000 * 50 / 116.988, abs=1)
+    s = make_splits([ramp(1000), ramp(3000, rate=300.0)], window=10, stride=10, resample_hz=50)
+    assert [r["samples"] for r in s.info["recordings"]] == [500, 500] and s.sample_rate == 50
+
+
+def test_common_sample_rate_only_when_recordings_share_it():
+    assert make_splits([ramp(400), ramp(400)], window=10, stride=10).sample_rate == 100.0
+    assert make_splits([ramp(400), ramp(400, rate=50.0)], window=10, stride=10).sample_rate is None
+
+
+def test_short_recordings_feed_the_splits_they_fit_and_are_listed():
+    s = make_splits([ramp(300, name="short"), ramp(3000)], window=50, stride=50)
+    assert s.info["recordings"][0]["windows"] == {"train": 4, "valid": 0, "test": 0}
+    assert s.info["dropped"] == ["short: valid block 30 < window 50",
+                                 "short: test block 30 < window 50"]
+
+
+def test_prepare_uses_the_config_and_records_the_source():
+    config = Config(window=128, stride=128, resample_hz=25.0, seed=1)
+    s = prepare("synthetic", config)
+    assert s.train.shape[1] == 128 and s.sample_rate == 25.0
+    assert s.info["source"] == "synthetic" and s.info["resample_hz"] == 25.0
+    np.testing.assert_array_equal(s.train, prepare("synthetic", config).train)
+    json.dumps(s.info)
+
+
+def test_ppg_with_the_default_config():
+    s = prepare("ppg", Config(window=256, stride=64, resample_hz=50.0))
+    assert s.info["windows"] == {"train": 512, "valid": 57, "test": 57}
+    assert s.sample_rate == 50.0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        content(path)
+
+
+BAD_FILES = [
+    ("x.npy", lambda p: np.save(p, np.zeros((2, 3, 4)) + np.arange(4)),
+     r"x\.npy: expected a 1-D .*got shape \(2, 3, 4\)"),
+    ("x.npy", lambda p: np.save(p, np.array([1, "a"], dtype=object), allow_pickle=True),
+     r"x\.npy holds Python objects"),
+    ("x.npy", lambda p: p.write_bytes(pickle.dumps([1.0, 2.0])), r"x\.npy is not a \.npy array"),
+    ("x.npy", lambda p: p.write_bytes(_npy_bytes(np.savez, a=np.arange(5))), r"not a \.npy array"),
+    ("x.npy", lambda p: p.write_bytes(_npy_bytes(np.save, np.arange(1000.0))[:100]),
+     r"x\.npy: cannot read as \.npy"),
+    ("x.npy", lambda p: np.save(p, np.arange(5) * 1j), r"complex128 values, not real numbers"),
+    ("x.npy", lambda p: np.save(p, np.array([])), r"x\.npy holds no samples"),
+    ("x.npy", lambda p: np.save(p, np.where(np.arange(100) % 40 == 3, np.nan, np.arange(100.0))),
+     r"x\.npy: 3 of 100 samples are NaN or Inf \(first at sample 3\)"),
+    ("x.npy", lambda p: np.save(p, np.stack([np.arange(9.0), np.r_[np.arange(8.0), np.inf]])),
+     r"x\.npy\[1\]: 1 of 9 samples are NaN or Inf \(first at sample 8\)"),
+    ("x.npy", lambda p: np.save(p, np.full(500, 4.2)), r"x\.npy is constant \(std 0\)"),
+    ("x.csv", "", r"x\.csv holds no samples"),
+    ("x.csv", "value\n", r"x\.csv holds no samples"),
+    ("x.csv", "value\n1\n2\nabc\n4\n", r"x\.csv, line 4: 'abc' is not a number"),
+    ("x.csv", "1,2,3\n4,,6\n", r"x\.csv\[1\]: 1 of 3 samples are NaN"),
+    ("x.csv", b"\xff\xfe\x00\x01garbage", r"cannot read as CSV"),
+    ("x.parquet", lambda p: pd.DataFrame({"a": [1.0, 2.0], "label": ["u", "v"]}).to_parquet(p),
+     r"column 'label' is .*not numeric"),
+    ("x.parquet", "not parquet at all", r"x\.parquet: cannot read as Parquet"),
+    ("x.txt", "1\n2\n", r"x\.txt: unsupported file type '\.txt'; use a \.npy, \.csv or \.parquet"),
+]
+
+
+def _npy_bytes(save, *args, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    save(buf, *args, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES)
+def test_bad_files_raise_a_one_line_data_error_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    _write(path, content)
+    with pytest.raises(DataError, match=message) as err:
+        prepare(str(path), Config(window=8, stride=4, resample_hz=None), sample_rate=100)
+    assert "\n" not in str(err.value) and isinstance(err.value, UserError)
+
+
+@pytest.mark.parametrize("source, sample_rate, message", [
+    ("nope", None, r"unknown data source 'nope'; use one of ppg, synthetic or a path to a \.npy"),
+    ("missing.csv", 100, r"data file not found: missing\.csv"),
+    ("ppg", 100, r"ppg recordings carry their own sample rates; drop --sample-rate"),
+    ("synthetic", -5, r"sample rate must be a positive number of Hz, got -5"),
+])
+def test_bad_source_names_and_rates(source, sample_rate, message):
+    with pytest.raises(DataError, match=message):
+        load_source(source, sample_rate=sample_rate)
+
+
+def test_user_file_without_a_sample_rate_says_to_pass_one(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(100.0))
+    with pytest.raises(DataError, match=r"x\.npy: the sample rate .* pass --sample-rate"):
+        load_source(str(path))
+    with pytest.raises(DataError, match="is a directory"):
+        load_source(str(tmp_path), sample_rate=10)
+
+
+def test_too_short_for_a_window_names_the_split_lengths_and_a_fix(tmp_path):
+    path = tmp_path / "short.npy"
+    np.save(path, np.sin(np.arange(1000) / 7.0))
+    message = (r"the valid split has no windows: .*shorter than window=256 samples "
+               r"\(.*short\.npy 100\); use a smaller window \(at most 100\)")
+    with pytest.raises(DataError, match=message):
+        prepare(str(path), Config(window=256, stride=64, resample_hz=None), sample_rate=100)
+    with pytest.raises(DataError, match=r"the train split has no windows"):
+        make_splits([ramp(100)], window=256, stride=64)
+
+
+def test_constant_train_split_under_dataset_standardization():
+    x = np.r_[np.zeros(800), np.arange(200.0)]
+    with pytest.raises(DataError, match="train split is constant"):
+        make_splits([Recording("r", x, 10.0)], window=10, stride=10, standardize="dataset")
+
+
+def test_bad_arguments_name_the_key():
+    with pytest.raises(ConfigError, match="standardize must be one of window, dataset"):
+        make_splits([ramp(400)], window=10, stride=10, standardize="bogus")
+    with pytest.raises(ConfigError, match="stride must be an integer >= 1"):
+        make_splits([ramp(400)], window=10, stride=0)
+    with pytest.raises(DataError, match="no recordings"):
+        make_splits([], window=10, stride=10)

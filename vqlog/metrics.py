@@ -1,0 +1,36 @@
+"""Codebook statistics: pure functions over code indices."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def code_histogram(indices: Tensor, codebook_size: int) -> Tensor:
+    """Counts of each code over all positions of `indices` (any shape) -> (K,) float64."""
+    return torch.bincount(indices.reshape(-1), minlength=codebook_size).double()  # (K)
+
+
+def perplexity(counts: Tensor) -> float:
+    """exp of the entropy of code usage: K for a uniform histogram, 1 when one code takes all.
+
+    Counted over a whole split this is the codebook perplexity the log watches; per batch it is
+    capped by the batch's token count and biased low, so it is logged separately.
+    """
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    p = counts[counts > 0] / total
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def usage(counts: Tensor) -> float:
+    """Fraction of codes used at least once."""
+    return float((counts > 0).sum()) / counts.numel()
+
+
+def dead_codes(counts: Tensor) -> int:
+    """Codes never used."""
+    return int((counts == 0).sum())

@@ -1,0 +1,150 @@
+"""Quantizers behind one interface: `vq`, `vq_ema`, `fsq`, `none`.
+
+Each takes z (B, T, D) and returns a `QuantizerOutput`. `vq` is the log's classic VQ, written here
+(it is small, and the benchmarks need its nearest-code search in both forms); `vq_ema` and `fsq`
+come from vector-quantize-pytorch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vqlog.config import Config
+
+
+class QuantizerOutput(NamedTuple):
+    z_q: Tensor  # (B, T, D) quantized; gradients pass straight through to z
+    indices: Tensor | None  # (B, T) code per position; None for `none`
+    loss: Tensor  # scalar the quantizer adds to the reconstruction loss (already weighted)
+    commitment: Tensor  # scalar ||z - sg(e)||^2, unweighted, for logging
+
+
+def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the nearest code for every row of z (M, D), codebook (K, D) -> (M,).
+
+    Matmul form: argmin ||z||^2 - 2 z.e + ||e||^2 needs one (M, K) GEMM and no (M, K, D) tensor;
+    ||z||^2 is the same for every code, so it is dropped.
+    """
+    scores = torch.addmm((codebook * codebook).sum(1), z, codebook.t(), alpha=-2.0)  # (M K)
+    return scores.argmin(dim=1)
+
+
+def nearest_code_reference(z: Tensor, codebook: Tensor) -> Tensor:
+    """The straightforward search over a full (M, K, D) difference tensor: the tests' oracle."""
+    dist = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)  # (M K)
+    return dist.argmin(dim=1)
+
+
+class VQ(nn.Module):
+    """Classic VQ (van den Oord et al. 2017, arXiv 1711.00937): a learned codebook, the codebook
+    loss ||sg(z) - e||^2 plus beta * commitment ||z - sg(e)||^2, and the straight-through estimator.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, commitment: float):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.empty(codebook_size, dim))
+        nn.init.uniform_(self.codebook, -1.0 / codebook_size, 1.0 / codebook_size)
+        self.commitment_weight = commitment
+        self.codebook_size = codebook_size
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """z: (B, T, D) -> QuantizerOutput with z_q (B, T, D), indices (B, T)."""
+        B, T, D = z.shape
+        flat = z.reshape(B * T, D)  # (BT D)
+        indices = nearest_code(flat.detach(), self.codebook.detach())  # (BT)
+        e = F.embedding(indices, self.codebook).view(B, T, D)  # (B T D)
+        codebook_loss = F.mse_loss(e, z.detach())
+        commitment = F.mse_loss(z, e.detach())
+        z_q = z + (e - z).detach()  # straight-through: forward e, backward identity
+        loss = codebook_loss + self.commitment_weight * commitment
+        return QuantizerOutput(z_q, indices.view(B, T), loss, commitment.detach())
+
+
+class EMAVQ(nn.Module):
+    """EMA codebook with k-means init, dead-code expiry and the rotation trick (arXiv 2410.06424),
+    all from vector-quantize-pytorch's `VectorQuantize`."""
+
+    def __init__(self, dim: int, codebook_size: int, commitment: float):
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize
+
+        self.vq = VectorQuantize(
+            dim=dim,
+            codebook_size=codebook_size,
+            decay=0.99,
+            kmeans_init=True,
+            kmeans_iters=10,
+            threshold_ema_dead_code=2,  # codes used < 2 times (EMA count) are re-seeded from the batch
+            rotation_trick=True,
+            commitment_weight=commitment,
+        )
+        self.codebook_size = codebook_size
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """z: (B, T, D) -> QuantizerOutput with z_q (B, T, D), indices (B, T)."""
+        z_q, indices, loss = self.vq(z)  # (B T D), (B T), scalar (weighted commitment)
+        commitment = F.mse_loss(z.detach(), z_q.detach())
+        return QuantizerOutput(z_q, indices, loss.reshape(()), commitment)
+
+
+# FSQ levels per codebook size, from Table 1 of Mentzer et al. 2023 (arXiv 2309.15505) where it
+# has a row, else a close product. The effective codebook size is the product of the levels.
+FSQ_LEVELS = {
+    64: (8, 8),
+    128: (8, 4, 4),
+    256: (8, 6, 5),
+    512: (8, 8, 8),
+    1024: (8, 5, 5, 5),
+    2048: (8, 8, 6, 5),
+    4096: (7, 5, 5, 5, 5),
+}
+
+
+def fsq_levels(embedding_num: int) -> tuple[int, ...]:
+    """The FSQ levels whose product is closest to `embedding_num` on a log scale."""
+    return min(FSQ_LEVELS.values(), key=lambda lv: abs(math.log(math.prod(lv) / embedding_num)))
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization: project to a few bounded scalars and round each one. No
+    codebook to collapse, no auxiliary loss."""
+
+    def __init__(self, dim: int, embedding_num: int):
+        super().__init__()
+        from vector_quantize_pytorch import FSQ as _FSQ
+
+        self.levels = fsq_levels(embedding_num)
+        self.fsq = _FSQ(levels=list(self.levels), dim=dim)
+        self.codebook_size = math.prod(self.levels)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """z: (B, T, D) -> QuantizerOutput with z_q (B, T, D), indices (B, T)."""
+        z_q, indices = self.fsq(z)  # (B T D), (B T)
+        zero = z.new_zeros(())
+        return QuantizerOutput(z_q, indices.long(), zero, zero)
+
+
+class Identity(nn.Module):
+    """`none`: no quantizer, the log's "how well S4D itself works" baseline."""
+
+    codebook_size = 0
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        zero = z.new_zeros(())
+        return QuantizerOutput(z, None, zero, zero)
+
+
+def build_quantizer(cfg: Config) -> nn.Module:
+    """The quantizer a config names; `.codebook_size` is the effective number of codes."""
+    if cfg.quantizer == "vq":
+        return VQ(cfg.embedding_dim, cfg.embedding_num, cfg.commitment)
+    if cfg.quantizer == "vq_ema":
+        return EMAVQ(cfg.embedding_dim, cfg.embedding_num, cfg.commitment)
+    if cfg.quantizer == "fsq":
+        return FSQ(cfg.embedding_dim, cfg.embedding_num)
+    return Identity()

@@ -1,0 +1,97 @@
+"""Figures logged to MLflow: per trial the curves and reconstructions, per study Optuna's plots.
+
+Built on `matplotlib.figure.Figure` (Agg), not pyplot, so no global state and no GUI backend.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterator
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+matplotlib.use("Agg")  # Optuna's plots go through pyplot; never open a window from a worker
+
+
+def close(fig) -> None:
+    """Free a figure (pyplot-made ones, from Optuna, must be closed through pyplot)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def curves_figure(result) -> Figure:
+    """Train loss and val MSE against step, with val perplexity on a second panel."""
+    fig = Figure(figsize=(8, 3), dpi=80)
+    ax1, ax2 = fig.subplots(1, 2)
+    tp = result.train_points
+    ax1.plot([p.step for p in tp], [p.loss for p in tp], lw=0.8, label="train/loss")
+    ax1.plot([e.step for e in result.evals], [e.val_mse for e in result.evals], "o-", ms=3,
+             label="val/mse")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("iteration")
+    ax1.legend(fontsize=8)
+    ppl = [(e.step, e.val_perplexity) for e in result.evals if not math.isnan(e.val_perplexity)]
+    if ppl:
+        ax2.plot(*zip(*ppl), "o-", ms=3, color="tab:green", label="val/perplexity")
+        ax2.set_xlabel("iteration")
+        ax2.legend(fontsize=8)
+    else:
+        ax2.set_axis_off()
+        ax2.text(0.5, 0.5, "no quantizer", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def reconstruction_figure(model, windows: np.ndarray, n: int = 4) -> Figure:
+    """The first `n` validation windows (B, L) against the model's reconstructions."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(np.asarray(windows[:n]), device=device)  # (n L)
+    recon = model(x).recon.cpu().numpy()  # (n L)
+    model.train()
+    x = x.cpu().numpy()
+    fig = Figure(figsize=(8, 1.6 * len(x)), dpi=80)
+    axes = np.atleast_1d(fig.subplots(len(x), 1, sharex=True))
+    for ax, sig, rec in zip(axes, x, recon):
+        ax.plot(sig, lw=1.0, label="signal")
+        ax.plot(rec, lw=1.0, label="reconstruction")
+    axes[0].legend(fontsize=8, loc="upper right")
+    axes[-1].set_xlabel("sample")
+    fig.tight_layout()
+    return fig
+
+
+def study_figures(study) -> Iterator[tuple[str, object]]:
+    """Optuna's optimization history, parameter importances and parallel coordinates, as far as
+    the study has enough finished trials for each."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        return
+    multi = len(study.directions) > 1
+    target = (lambda t: t.values[0]) if multi else None
+    name = "val mse" if multi else None
+    makers = [("optimization_history", lambda: ovm.plot_optimization_history(study, target=target, target_name=name or "Objective Value"))]
+    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        makers.append(("param_importances", lambda: ovm.plot_param_importances(study, target=target)))
+        makers.append(("parallel_coordinate", lambda: ovm.plot_parallel_coordinate(study, target=target)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning on every matplotlib plot
+        for key, make in makers:
+            try:
+                ax = make()
+            except (ValueError, RuntimeError):  # e.g. importances with a single distinct value
+                continue
+            ax = np.atleast_1d(ax).ravel()[0]
+            fig = ax.figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            yield key, fig

@@ -1,0 +1,1 @@
+"""Bundled sweep specs (YAML); the repository's top-level sweeps/ links here."""

@@ -1,0 +1,365 @@
+"""The experiment table: MLflow trial runs -> markdown in the research log's own columns.
+
+`render_table` is a pure function of `TrialRow`s; `fetch_rows` reads them from MLflow, so any worker
+(or `vqlog table`) can regenerate `results/<study>.md` at any time. See DESIGN.md, "The experiment
+table (contract)". Columns, in the log's order:
+
+    | run | batch | lr | embedding_dim | embedding_num | iteration | BN | MLP | En-De | loss | perplexity |
+
+followed, as an extension, by one column per other param that varies within the table (in
+`Config` field order), so a sweep over the log's params alone gives exactly the log's columns.
+The Chinese log uses the same English column names; `lang="zh"` changes headings and labels only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from vqlog.config import known_keys
+from vqlog.errors import UserError
+from vqlog.oscillation import LABELS, THRESHOLDS, check_lang, oscillation_label
+
+if TYPE_CHECKING:  # mlflow is slow to import; only the MLflow-facing functions need it
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+LOG_COLUMNS = ("run", "batch", "lr", "embedding_dim", "embedding_num", "iteration", "BN", "MLP",
+               "En-De", "loss", "perplexity")
+LOG_PARAMS = LOG_COLUMNS[1:9]  # the columns that are params as logged
+SHOWN_STATES = ("COMPLETE", "PRUNED", "FAIL")  # finished trials; RUNNING (and anything else) is left out
+BEST_MARK = " ★"  # after the run name of each table's best completed trial
+_PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
+# MLflow run status -> Optuna state, for a trial run that lacks its optuna.state tag.
+_STATUS_TO_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL",
+                    "RUNNING": "RUNNING", "SCHEDULED": "RUNNING"}
+
+# Every piece of text the table shows, per language.
+_TEXT = {
+    "en": {
+        "tuning": "Hyper-parameter tuning (trained on train, evaluated on valid)",
+        "baseline": "How well S4D itself works (no quantizer)",
+        "empty": "No finished trials yet.",
+        "loss": "{final} (best {best})", "loss_best": "best {best}",
+        "ppl_max_at": "max {max} @ {step}", "ppl_max": "max {max}", "ppl_final": "final {final}",
+        "join": ", ", "state_join": "; ", "colon": ": ",
+        "pruned": "pruned", "pruned_at": "pruned @ {it}",
+        "failed": "failed", "diverged": "diverged", "diverged_at": "diverged @ {it}",
+        "legend": (
+            "- ★ best of its table: lowest best_val_mse among completed trials.",
+            "- loss: final val MSE (best val MSE), then the train/loss oscillation label "
+            "(score `loss_oscillation`): {stable} < {a} ≤ {mild} < {b} ≤ {severe}; \"early …\" and "
+            "\"… worse later\" compare the first third of training with the whole.",
+            "- perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and "
+            "the final value.",
+        ),
+    },
+    "zh": {
+        "tuning": "超参调整 (based on train，test on valid)",
+        "baseline": "s4d本身的工作效果",
+        "empty": "暂无已完成的试验。",
+        "loss": "{final}（最佳 {best}）", "loss_best": "最佳 {best}",
+        "ppl_max_at": "最高{max} ({step}轮)", "ppl_max": "最高{max}", "ppl_final": "最终{final}",
+        "join": "，", "state_join": "；", "colon": "：",
+        "pruned": "提前停止", "pruned_at": "提前停止 ({it}轮)",
+        "failed": "失败", "diverged": "发散", "diverged_at": "发散 ({it}轮)",
+        "legend": (
+            "- ★ 本表最佳：已完成试验中 best_val_mse 最低。",
+            "- loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签"
+            "（分数 `loss_oscillation`）：{stable} < {a} ≤ {mild} < {b} ≤ {severe}；"
+            "“前期…”与“…后期加剧”比较训练前三分之一与全程。",
+            "- perplexity：整个 valid 集上的 codebook perplexity，最高值 (轮数) 与最终值。",
+        ),
+    },
+}
+_NAN_INF = re.compile(r"\b(nan|inf|infinity|diverged?)\b", re.IGNORECASE)
+_AT_ITERATION = re.compile(r"iteration\s+(\d+)", re.IGNORECASE)
+_MAX_REASON = 80  # characters of a failure reason shown in a cell
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as the table needs it: Optuna number and state, params as logged, summary metrics."""
+
+    number: int
+    state: str
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    fail_reason: str | None = None
+
+
+# --- rendering (pure) -------------------------------------------------------------------------
+
+def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None) -> str:
+    """Markdown: the tuning table, then the no-quantizer table, each only when it has rows."""
+    check_lang(lang)
+    text = _TEXT[lang]
+    finished = sorted((r for r in rows if r.state in SHOWN_STATES), key=lambda r: r.number)
+    tuning = [r for r in finished if r.params.get("quantizer") != "none"]
+    baseline = [r for r in finished if r.params.get("quantizer") == "none"]
+    parts = [f"# {title}"] if title else []
+    for heading, group, quantized in ((text["tuning"], tuning, True), (text["baseline"], baseline, False)):
+        if group:
+            parts += [f"## {heading}", _markdown_table(group, lang, quantized)]
+    parts.append("\n".join(_legend(lang)) if finished else text["empty"])
+    return "\n\n".join(parts) + "\n"
+
+
+def _markdown_table(rows: list[TrialRow], lang: str, quantized: bool) -> str:
+    extras = _varying_extras(rows)
+    best = _best_number(rows)
+    lines = [_line(LOG_COLUMNS + extras), _line(["---"] * (len(LOG_COLUMNS) + len(extras)))]
+    for row in rows:
+        p = row.params
+        cells = [
+            f"Seq{row.number + 1}" + (BEST_MARK if row.number == best else ""),
+            p.get("batch", ""),
+            _lr(p.get("lr")),
+            p.get("embedding_dim", ""),
+            p.get("embedding_num", ""),
+            _iteration(row),
+            _yes_no(p.get("BN")),
+            "+relu" if p.get("MLP") == "relu" else p.get("MLP", ""),  # the log writes "+relu"
+            p.get("En-De", ""),
+            _loss_cell(row, lang),
+            _perplexity_cell(row, lang) if quantized else "—",
+        ]
+        lines.append(_line(cells + [_param(p.get(name)) for name in extras]))
+    return "\n".join(lines)
+
+
+def _line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(_escape(c) for c in cells) + " |"
+
+
+def _escape(cell: str) -> str:
+    """One line, and a `|` that does not end the cell."""
+    return " ".join(str(cell).split()).replace("|", r"\|")
+
+
+def _varying_extras(rows: list[TrialRow]) -> tuple[str, ...]:
+    names = {name for r in rows for name in r.params} - set(LOG_PARAMS)
+    varying = [n for n in names if len({r.params.get(n) for r in rows}) > 1]
+    return tuple(sorted(varying, key=lambda n: (_PARAM_ORDER.get(n, len(_PARAM_ORDER)), n)))
+
+
+def _best_number(rows: list[TrialRow]) -> int | None:
+    scored = [(v, r.number) for r in rows if r.state == "COMPLETE"
+              and (v := _metric(r, "best_val_mse")) is not None]
+    return min(scored)[1] if scored else None
+
+
+def _loss_cell(row: TrialRow, lang: str) -> str:
+    text = _TEXT[lang]
+    if row.state == "FAIL":
+        return _failed(row.fail_reason, text)
+    final, best = _metric(row, "final_val_mse"), _metric(row, "best_val_mse")
+    if final is not None:
+        numbers = text["loss"].format(final=_sig(final), best=_sig(best)) if best is not None else _sig(final)
+    else:
+        numbers = text["loss_best"].format(best=_sig(best)) if best is not None else ""
+    label = oscillation_label(_metric(row, "loss_oscillation"), _metric(row, "early_loss_oscillation"), lang)
+    body = text["join"].join(part for part in (numbers, label) if part)
+    if row.state != "PRUNED":
+        return body
+    iterations = _metric(row, "iterations_run")
+    state = text["pruned_at"].format(it=round(iterations)) if iterations is not None else text["pruned"]
+    return text["state_join"].join(part for part in (state, body) if part)
+
+
+def _failed(reason: str | None, text: dict) -> str:
+    if not reason:
+        return text["failed"]
+    reason = " ".join(reason.split())
+    if _NAN_INF.search(reason):  # "loss is NaN at iteration 420" and the like
+        at = _AT_ITERATION.search(reason)
+        reason = text["diverged_at"].format(it=at.group(1)) if at else text["diverged"]
+    elif len(reason) > _MAX_REASON:
+        reason = reason[: _MAX_REASON - 1] + "…"
+    return text["failed"] + text["colon"] + reason
+
+
+def _perplexity_cell(row: TrialRow, lang: str) -> str:
+    text = _TEXT[lang]
+    if row.state == "FAIL":
+        return ""
+    peak, step = _metric(row, "max_val_perplexity"), _metric(row, "max_val_perplexity_step")
+    final = _metric(row, "final_val_perplexity")
+    parts = []
+    if peak is not None:
+        parts.append(text["ppl_max_at"].format(max=_ppl(peak), step=round(step)) if step is not None
+                     else text["ppl_max"].format(max=_ppl(peak)))
+    if final is not None:
+        parts.append(text["ppl_final"].format(final=_ppl(final)))
+    return text["join"].join(parts)
+
+
+def _legend(lang: str) -> tuple[str, ...]:
+    words = {key: LABELS[key][lang] for key in ("stable", "mild", "severe")}
+    return tuple(line.format(a=f"{THRESHOLDS['stable']:g}", b=f"{THRESHOLDS['mild']:g}", **words)
+                 for line in _TEXT[lang]["legend"])
+
+
+def _metric(row: TrialRow, key: str) -> float | None:
+    value = row.metrics.get(key)
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _iteration(row: TrialRow) -> str:
+    """Iterations actually trained (pruned trials stop early), else the configured number."""
+    run = _metric(row, "iterations_run")
+    return str(round(run)) if run is not None else row.params.get("iteration", "")
+
+
+def _sig(x: float) -> str:
+    """3 significant digits, exponent without padding: 0.041, 0.0412, 1.23e-5."""
+    s = f"{x:.3g}"
+    if "e" in s:
+        mantissa, exponent = s.split("e")
+        s = f"{mantissa}e{int(exponent)}"
+    return s
+
+
+def _ppl(x: float) -> str:
+    """Perplexity: whole numbers from 100 up (118), else 3 significant digits (95.3, 1.72)."""
+    return f"{x:.0f}" if x >= 100 else _sig(x)
+
+
+def _lr(value: str | None) -> str:
+    """The log's compact form with 2 significant digits: 0.001 -> 1e-3, 0.00031623 -> 3.2e-4."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return value or ""
+    if x == 0 or not math.isfinite(x):
+        return _sig(x)
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _yes_no(value: str | None) -> str:
+    if value is None:
+        return ""
+    return {"true": "yes", "false": "no"}.get(value.lower(), value)
+
+
+def _param(value: str | None) -> str:
+    """An extra column's param: booleans as yes/no, floats to 3 significant digits, else as logged."""
+    if value is None:
+        return ""
+    if value.lower() in ("true", "false"):
+        return _yes_no(value)
+    try:
+        int(value)
+        return value
+    except ValueError:
+        pass
+    try:
+        return _sig(float(value))
+    except ValueError:
+        return value
+
+
+# --- MLflow -----------------------------------------------------------------------------------
+
+def rows_from_runs(runs: Iterable[Run]) -> list[TrialRow]:
+    """Trial child runs (tag vqlog.role=trial) -> rows by trial number; the latest run wins a tie."""
+    chosen: dict[int, Run] = {}
+    for run in runs:
+        if run.data.tags.get("vqlog.role") != "trial":
+            continue
+        number = _trial_number(run)
+        if number is None:  # neither optuna.trial_number nor a SeqN name: no row to put it in
+            continue
+        if number not in chosen or _recency(run) > _recency(chosen[number]):
+            chosen[number] = run
+    return [_row(number, chosen[number]) for number in sorted(chosen)]
+
+
+def _trial_number(run: Run) -> int | None:
+    tags = run.data.tags
+    with contextlib.suppress(KeyError, ValueError):
+        return int(tags["optuna.trial_number"])
+    match = re.fullmatch(r"Seq(\d+)", tags.get("mlflow.runName", "") or (run.info.run_name or ""))
+    return int(match.group(1)) - 1 if match else None
+
+
+def _recency(run: Run) -> tuple[int, str]:
+    return (run.info.start_time or 0, run.info.run_id)
+
+
+def _row(number: int, run: Run) -> TrialRow:
+    tags = run.data.tags
+    state = tags.get("optuna.state") or _STATUS_TO_STATE.get(run.info.status, run.info.status)
+    return TrialRow(
+        number=number,
+        state=state,
+        params=dict(run.data.params),
+        metrics={k: float(v) for k, v in run.data.metrics.items()},
+        fail_reason=tags.get("vqlog.fail_reason"),
+    )
+
+
+def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[TrialRow]:
+    """All trial runs of the study's experiment (every page), as rows."""
+    from mlflow.entities import ViewType
+
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        raise UserError(
+            f"no MLflow experiment named '{study}' at {client.tracking_uri}: check the study name "
+            "(each study is one experiment) and the tracking URI"
+        )
+    if experiment.lifecycle_stage == "deleted":
+        raise UserError(
+            f"the MLflow experiment '{study}' is deleted: restore it with "
+            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`"
+        )
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment.experiment_id],
+            filter_string="tags.`vqlog.role` = 'trial'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=page_size,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return rows_from_runs(runs)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder and os.replace: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp would leave 0600
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def regenerate(client: MlflowClient, study: str, out_path: str | os.PathLike, lang: str = "en") -> str:
+    """Fetch the study's trials from MLflow, render the table, write it atomically; return the markdown."""
+    check_lang(lang)
+    text = render_table(fetch_rows(client, study), lang=lang, title=study)
+    write_atomic(out_path, text)
+    return text
