@@ -56,11 +56,13 @@ def _add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from vqlog.config import Config, load_config_file, parse_overrides
     from vqlog.data import prepare
-    from vqlog.train import fit
+    from vqlog.errors import DivergedError, UserError
+    from vqlog.train import fit, resolve_device
 
-    values = load_config_file(args.config) if args.config else {}
+    values = load_config_file(args.config) if args.config is not None else {}
     values.update(parse_overrides(args.set))
     cfg = Config.from_mapping(values)
+    resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
     if args.save:
         _check_writable(args.save)
     data = prepare(args.data, cfg, sample_rate=args.sample_rate)
@@ -70,8 +72,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         + (f" at {data.sample_rate:g} Hz" if data.sample_rate else "")
     )
     bar = _Progress(cfg.iteration, "train")
-    result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update)
-    bar.close()
+    try:
+        result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update)
+    except DivergedError as exc:
+        raise UserError(
+            f"training {exc}; lower lr (now {cfg.lr:g}) or keep grad_clip > 0 (now {cfg.grad_clip:g})"
+        ) from None
+    finally:
+        bar.close()
     s = result.summary()
     print(_summary_text(cfg, s))
     if args.save:
@@ -95,8 +103,9 @@ def _summary_text(cfg, s: dict) -> str:
             f"{s['max_val_perplexity']:.1f} @ {int(s['max_val_perplexity_step'])}",
             f"  code usage     {100 * s['final_val_usage']:.1f}% of the codebook",
         ]
+    osc = s["loss_oscillation"]
     lines += [
-        f"  oscillation    {s['loss_oscillation']:.3f}",
+        f"  oscillation    {osc:.3f}" if osc == osc else "  oscillation    n/a (too few points)",
         f"  time           {s['train_seconds']:.1f} s",
     ]
     return "\n".join(lines)
@@ -107,9 +116,13 @@ def _check_writable(path: str) -> None:
 
     from vqlog.errors import UserError
 
-    parent = Path(path).resolve().parent
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--save {path} is a folder; give a file name such as {target / 'model.pt'}")
+    parent = target.resolve().parent
     if not parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {parent} does not exist")
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UserError(f"cannot write {path}: {parent} {what}")
 
 
 def _save(path: str, cfg, model) -> None:
@@ -118,8 +131,12 @@ def _save(path: str, cfg, model) -> None:
     import torch
 
     tmp = f"{path}.tmp"
-    torch.save({"config": cfg.to_params(), "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"config": cfg.to_params(), "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class _Progress:

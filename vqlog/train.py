@@ -68,6 +68,8 @@ class FitResult:
     def summary(self) -> dict[str, float]:
         """The summary metrics of the MLflow contract."""
         best_ppl = max(self.evals, key=lambda e: _nan_low(e.val_perplexity), default=None)
+        if best_ppl is not None and math.isnan(best_ppl.val_perplexity):
+            best_ppl = None  # no codes (quantizer none): no peak, and no step of one
         losses = [p.loss for p in self.train_points]
         third = max(len(losses) // 3, 1)
         return {
@@ -184,7 +186,8 @@ def fit(
             raise DivergedError(f"diverged: loss is {loss.item()} at iteration {step}", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip > 0:  # clipping to norm 0 would zero every gradient: 0 means off
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
 

@@ -45,6 +45,8 @@ class VQ(nn.Module):
     loss ||sg(z) - e||^2 plus beta * commitment ||z - sg(e)||^2, and the straight-through estimator.
     """
 
+    reference = False  # True: search by `nearest_code_reference` (vqvae.use_reference)
+
     def __init__(self, dim: int, codebook_size: int, commitment: float):
         super().__init__()
         self.codebook = nn.Parameter(torch.empty(codebook_size, dim))
@@ -56,7 +58,8 @@ class VQ(nn.Module):
         """z: (B, T, D) -> QuantizerOutput with z_q (B, T, D), indices (B, T)."""
         B, T, D = z.shape
         flat = z.reshape(B * T, D)  # (BT D)
-        indices = nearest_code(flat.detach(), self.codebook.detach())  # (BT)
+        search = nearest_code_reference if self.reference else nearest_code
+        indices = search(flat.detach(), self.codebook.detach())  # (BT)
         e = F.embedding(indices, self.codebook).view(B, T, D)  # (B T D)
         codebook_loss = F.mse_loss(e, z.detach())
         commitment = F.mse_loss(z, e.detach())
@@ -94,7 +97,12 @@ class EMAVQ(nn.Module):
 
 # FSQ levels per codebook size, from Table 1 of Mentzer et al. 2023 (arXiv 2309.15505) where it
 # has a row, else a close product. The effective codebook size is the product of the levels.
+# 8..32 are not in the paper; without them a small embedding_num (the smoke sweep's 16 or 32)
+# silently got 64 codes. No level is 2: the library needs preserve_symmetry for that.
 FSQ_LEVELS = {
+    8: (8,),
+    16: (4, 4),
+    32: (8, 4),
     64: (8, 8),
     128: (8, 4, 4),
     256: (8, 6, 5),

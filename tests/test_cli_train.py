@@ -1,0 +1,189 @@
+"""`vqlog train` in-process: a tiny run prints its summary and saves loadable weights; every bad
+input exits 2 with exactly one `Error:` line on stderr that names the problem, and no traceback."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from vqlog.cli import main
+from vqlog.config import Config
+from vqlog.model.vqvae import VQVAE
+
+TINY = ["--set", "d_model=8", "--set", "d_state=8", "--set", "n_layers=1", "--set", "window=32",
+        "--set", "stride=32", "--set", "embedding_dim=8", "--set", "embedding_num=16",
+        "--set", "batch=4", "--set", "eval_every=5", "--set", "warmup=2"]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `vqlog train ARGS` in-process; argparse errors leave through SystemExit."""
+    try:
+        rc = main(["train", *args])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error_line(rc: int, err: str, *fragments: str) -> str:
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def signal_file(tmp_path):
+    """Write a 1-D array to tmp_path/<name> with np.save and return the path as a string."""
+
+    def write(array, name="signal.npy") -> str:
+        path = tmp_path / name
+        np.save(path, array)
+        return str(path)
+
+    return write
+
+
+def pulses(n=3000, seed=0) -> np.ndarray:
+    t = np.arange(n) / 50.0
+    rng = np.random.default_rng(seed)
+    return np.sin(2 * np.pi * 1.2 * t) + 0.3 * np.sin(2 * np.pi * 2.4 * t) + 0.05 * rng.normal(size=n)
+
+
+# --------------------------------------------------------------------------- runs that work
+
+
+def test_tiny_run_on_synthetic_prints_a_summary_and_saves_weights(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("iteration: 50\nlr: 5e-3\nBN: no\nMLP: linear\nquantizer: vq\n")
+    save = tmp_path / "model.pt"
+    rc, out, err = cli(capsys, "--data", "synthetic", "--config", str(config), *TINY,
+                       "--set", "iteration=10", "--save", str(save))  # --set beats the file
+    assert rc == 0, err
+    assert "data: synthetic: 900 train / 112 valid / 112 test windows of 32 samples at 50 Hz" in out
+    assert "step      5  val mse" in out and "step     10  val mse" in out
+    assert "iterations     10" in out
+    assert "val MSE        final" in out and "perplexity     final" in out
+    assert "code usage" in out and f"saved: {save}" in out
+    assert "Error" not in err and "Traceback" not in err
+
+    ckpt = torch.load(save, weights_only=True)
+    cfg = Config.from_mapping(ckpt["config"])
+    assert (cfg.iteration, cfg.lr, cfg.BN, cfg.MLP, cfg.d_model) == (10, 5e-3, False, "linear", 8)
+    VQVAE(cfg).load_state_dict(ckpt["state_dict"])  # strict: every key and shape matches
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_user_file_with_quantizer_none(capsys, signal_file):
+    path = signal_file(pulses())
+    rc, out, err = cli(capsys, "--data", path, "--sample-rate", "50", *TINY,
+                       "--set", "iteration=5", "--set", "quantizer=none", "--device", "cpu")
+    assert rc == 0, err
+    assert f"data: {path}:" in out and "at 50 Hz" in out
+    assert "val MSE" in out and "perplexity" not in out  # no codes, no perplexity line
+
+
+# --------------------------------------------------------------------------- bad input: exit 2
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--set", "foo=1"], ["unknown config key 'foo'"]),
+        (["--set", "learning-rate=1e-3"], ["'learning-rate'"]),
+        (["--set", "batch=0"], ["batch must be at least 1"]),
+        (["--set", "batch=x"], ["batch must be an integer", "'x'"]),
+        (["--set", "BN=maybe"], ["BN must be yes or no"]),
+        (["--set", "lr=-1"], ["lr must be > 0"]),
+        (["--set", "lr=.nan"], ["lr"]),
+        (["--set", "commitment=.inf"], ["commitment must be a finite number"]),
+        (["--set", "d_state=7"], ["d_state"]),
+        (["--set", "window=30"], ["window (30) must be a multiple of downsample (4)"]),
+        (["--set", "quantizer=rvq"], ["quantizer must be one of"]),
+        (["--set", "lr"], ["--set expects key=value", "'lr'"]),
+        (["--config", "nope.yaml"], ["config file not found: nope.yaml"]),
+        (["--data", "missing.npy", "--sample-rate", "50"], ["data file not found: missing.npy"]),
+        (["--data", "nowhere"], ["unknown data source 'nowhere'"]),
+        (["--bogus"], ["unrecognized arguments: --bogus"]),
+        (["--device", "tpu"], ["--device", "'tpu'"]),
+        (["--save", "no/such/folder/model.pt", "--data", "synthetic"], ["cannot write", "model.pt"]),
+    ],
+)
+def test_bad_arguments(capsys, tmp_path, monkeypatch, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capsys, *TINY, *args)
+    assert_one_error_line(rc, err, *fragments)
+    assert "val MSE" not in out  # it stopped before training
+
+
+def test_bad_config_file(capsys, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("batch: [1, 2\n")
+    rc, _, err = cli(capsys, "--config", str(path))
+    assert_one_error_line(rc, err, "broken.yaml", "not valid YAML")
+
+
+BAD_FILES = {  # id: (file name, writer(path), fragments the error line must hold)
+    "pickle": ("pickled.npy", lambda p: p.write_bytes(pickle.dumps({"signal": [1.0, 2.0]})),
+               ["pickled.npy", "is not a .npy array"]),
+    "object-array": ("objects.npy",
+                     lambda p: np.save(p, np.array([{"a": 1}, [1]], dtype=object), allow_pickle=True),
+                     ["objects.npy", "Python objects"]),
+    "nan": ("nan.npy", lambda p: np.save(p, np.r_[pulses(), np.nan]),
+            ["nan.npy", "NaN or Inf", "sample 3000"]),
+    "constant": ("flat.npy", lambda p: np.save(p, np.full(3000, 7.0)), ["flat.npy", "constant"]),
+    "too-short": ("short.npy", lambda p: np.save(p, pulses(100)),
+                  ["short.npy", "no windows", "window=32"]),
+    "3d": ("cube.npy", lambda p: np.save(p, np.ones((2, 3, 400))), ["cube.npy", "shape (2, 3, 400)"]),
+    "txt": ("notes.txt", lambda p: p.write_text("1,2,3"), ["notes.txt", "unsupported file type"]),
+}
+
+
+@pytest.mark.parametrize("name, write, fragments", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_bad_data_files(capsys, tmp_path, name, write, fragments):
+    path = tmp_path / name
+    write(path)
+    rc, out, err = cli(capsys, "--data", str(path), "--sample-rate", "50", *TINY)
+    assert_one_error_line(rc, err, *fragments)
+
+
+def test_user_file_needs_a_sample_rate(capsys, signal_file):
+    path = signal_file(pulses())
+    rc, _, err = cli(capsys, "--data", path, *TINY)
+    assert_one_error_line(rc, err, path, "--sample-rate")
+
+
+@pytest.mark.parametrize("rate", ["0", "-5"])
+def test_bad_sample_rate(capsys, signal_file, rate):
+    rc, _, err = cli(capsys, "--data", signal_file(pulses()), "--sample-rate", rate, *TINY)
+    assert_one_error_line(rc, err, "sample rate must be a positive number")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu(capsys, signal_file):
+    rc, out, err = cli(capsys, "--data", signal_file(pulses()), "--sample-rate", "50", *TINY,
+                       "--device", "cuda")
+    assert_one_error_line(rc, err, "--device cuda", "no CUDA GPU", "--device cpu")
+    assert "val MSE" not in out
+
+
+def test_save_to_a_folder_is_refused_before_training(capsys, tmp_path, signal_file):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    rc, out, err = cli(capsys, "--data", signal_file(pulses()), "--sample-rate", "50", *TINY,
+                       "--set", "iteration=2", "--save", str(folder))
+    assert_one_error_line(rc, err, str(folder))
+    assert "val MSE" not in out and not list(tmp_path.glob("*.tmp"))
+
+
+def test_divergence_is_one_error_line_that_says_what_to_change(capsys, signal_file):
+    huge = pulses() * 1e30  # standardized per window, so the scale is in the data on purpose
+    rc, out, err = cli(capsys, "--data", signal_file(huge), "--sample-rate", "50", *TINY,
+                       "--set", "iteration=5", "--set", "standardize=dataset", "--set", "lr=1e6",
+                       "--set", "grad_clip=0")
+    assert_one_error_line(rc, err, "diverged", "lower lr (now 1e+06)")

@@ -1,0 +1,202 @@
+"""Quantizers (index -> code round trips, nearest-code search) and the codebook statistics."""
+
+import math
+
+import pytest
+import torch
+
+from vqlog import metrics
+from vqlog.config import Config
+from vqlog.model.quantizer import (
+    FSQ,
+    FSQ_LEVELS,
+    VQ,
+    EMAVQ,
+    Identity,
+    QuantizerOutput,
+    build_quantizer,
+    fsq_levels,
+    nearest_code,
+    nearest_code_reference,
+)
+
+QUANTIZERS = ["vq", "vq_ema", "fsq", "none"]
+
+
+def tiny(quantizer: str, **kw) -> Config:
+    return Config(quantizer=quantizer, embedding_dim=8, embedding_num=16, **kw)
+
+
+def latents(B=4, T=8, D=8, seed=0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- nearest code
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M, K, D", [(1, 2, 1), (7, 3, 5), (64, 16, 8), (300, 256, 32)])
+def test_nearest_code_matches_the_reference(M, K, D, dtype):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    z = torch.randn(M, D, generator=g, dtype=dtype)
+    codebook = torch.randn(K, D, generator=g, dtype=dtype)
+    fast, ref = nearest_code(z, codebook), nearest_code_reference(z, codebook)
+    assert fast.shape == ref.shape == (M,)
+    if dtype == torch.float64:
+        assert torch.equal(fast, ref)
+    else:  # float32 rounding may flip a near-tie; the chosen code must then be as near
+        dist = ((z[:, None].double() - codebook[None].double()) ** 2).sum(-1)  # (M K)
+        rows = torch.arange(M)
+        torch.testing.assert_close(dist[rows, fast], dist[rows, ref], rtol=1e-5, atol=1e-5)
+        assert (fast == ref).float().mean() > 0.99
+
+
+def test_nearest_code_finds_codes_placed_exactly():
+    codebook = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([3, 0, 15, 3, 7])
+    assert torch.equal(nearest_code(codebook[idx] + 1e-4, codebook), idx)
+
+
+# --------------------------------------------------------------------------- index -> code
+
+
+def test_vq_indices_map_back_to_codes():
+    q = VQ(dim=8, codebook_size=16, commitment=0.25)
+    with torch.no_grad():
+        q.codebook.normal_()  # spread the codes so that many are used
+    z = latents()
+    out = q(z)
+    assert isinstance(out, QuantizerOutput)
+    assert out.indices.shape == (4, 8) and out.indices.dtype == torch.long
+    torch.testing.assert_close(out.z_q, q.codebook[out.indices])
+    assert torch.equal(out.indices.reshape(-1),
+                       nearest_code_reference(z.reshape(-1, 8), q.codebook.detach()))
+    assert out.indices.unique().numel() > 1
+
+
+def test_vq_losses_weight_the_commitment():
+    q = VQ(dim=8, codebook_size=16, commitment=0.25)
+    out = q(latents())
+    e = q.codebook[out.indices]
+    commitment = ((latents() - e) ** 2).mean()
+    torch.testing.assert_close(out.commitment, commitment.detach())
+    torch.testing.assert_close(out.loss, 1.25 * commitment)  # codebook term + beta * commitment
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_vq_ema_returns_the_codes_of_its_indices(training):
+    torch.manual_seed(0)
+    q = EMAVQ(dim=8, codebook_size=16, commitment=0.25)
+    z = latents(B=4, T=16)
+    q(z)  # first call: k-means init on this batch
+    q.train(training)
+    codebook = q.vq.codebook.detach().clone()  # (K D); a training call updates it after the lookup
+    out = q(z)
+    assert out.indices.shape == (4, 16)
+    assert 0 <= out.indices.min() and out.indices.max() < q.codebook_size == 16
+    # Rotation trick (training): a rotation of z that lands on the code, equal up to rounding.
+    torch.testing.assert_close(out.z_q, codebook[out.indices], rtol=1e-4, atol=1e-5)
+    if not training:
+        torch.testing.assert_close(out.z_q, q.vq.get_output_from_indices(out.indices))
+        torch.testing.assert_close(out.z_q, q.vq.get_codes_from_indices(out.indices))
+
+
+@pytest.mark.parametrize("dim, embedding_num", [(8, 8), (8, 16), (8, 64), (8, 256), (3, 128), (16, 1024)])
+def test_fsq_indices_to_codes_round_trip(dim, embedding_num):
+    torch.manual_seed(0)
+    q = FSQ(dim=dim, embedding_num=embedding_num)
+    z = 2 * latents(D=dim)
+    out = q(z)
+    assert out.indices.shape == (4, 8) and out.indices.dtype == torch.long
+    assert 0 <= out.indices.min() and out.indices.max() < q.codebook_size
+    assert q.codebook_size == math.prod(q.levels) == q.fsq.codebook_size
+    # indices -> level codes -> project_out must be exactly what forward returned
+    torch.testing.assert_close(out.z_q, q.fsq.indices_to_codes(out.indices))
+    assert out.loss.item() == 0 and out.commitment.item() == 0
+
+
+def test_none_returns_z_unchanged():
+    z = latents()
+    out = Identity()(z)
+    assert out.z_q is z and out.indices is None
+    assert out.loss.item() == 0 and Identity.codebook_size == 0
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_build_quantizer_shapes_and_finite_scalar_losses(quantizer):
+    torch.manual_seed(0)
+    q = build_quantizer(tiny(quantizer))
+    z = latents()
+    out = q(z)
+    assert out.z_q.shape == z.shape
+    assert out.loss.shape == () and out.commitment.shape == ()
+    assert torch.isfinite(out.loss) and torch.isfinite(out.commitment)
+    assert out.loss.item() >= 0 and out.commitment.item() >= 0
+    if quantizer == "none":
+        assert out.indices is None
+    else:
+        assert out.indices.shape == z.shape[:2]
+        assert out.indices.max() < q.codebook_size
+
+
+# --------------------------------------------------------------------------- FSQ levels
+
+
+@pytest.mark.parametrize("size, levels", sorted(FSQ_LEVELS.items()))
+def test_fsq_levels_of_a_table_size_is_its_row(size, levels):
+    assert fsq_levels(size) == levels
+    assert 2 not in levels  # the library needs preserve_symmetry for a level of 2
+
+
+@pytest.mark.parametrize("embedding_num", [8, 12, 16, 24, 32, 48, 64, 100, 200, 300, 700, 1500,
+                                           3000, 4096, 5000])
+def test_fsq_levels_product_is_the_closest_on_a_log_scale(embedding_num):
+    product = math.prod(fsq_levels(embedding_num))
+    gap = abs(math.log(product / embedding_num))
+    assert gap <= min(abs(math.log(math.prod(lv) / embedding_num)) for lv in FSQ_LEVELS.values())
+    assert gap < math.log(1.6)  # within the table's range the codebook is near what was asked
+
+
+# --------------------------------------------------------------------------- codebook statistics
+
+
+@pytest.mark.parametrize("K", [1, 2, 7, 256])
+def test_perplexity_of_a_uniform_histogram_is_K(K):
+    assert metrics.perplexity(torch.full((K,), 5.0, dtype=torch.float64)) == pytest.approx(K)
+
+
+@pytest.mark.parametrize("K", [1, 4, 64])
+def test_perplexity_of_one_code_is_one(K):
+    counts = torch.zeros(K, dtype=torch.float64)
+    counts[K // 2] = 10
+    assert metrics.perplexity(counts) == pytest.approx(1.0)
+
+
+def test_perplexity_is_between_one_and_the_codes_used():
+    counts = torch.tensor([8.0, 1.0, 1.0, 0.0])
+    assert 1 < metrics.perplexity(counts) < 3
+    p = torch.tensor([0.8, 0.1, 0.1])
+    assert metrics.perplexity(counts) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+
+
+@pytest.mark.parametrize("counts", [torch.zeros(8, dtype=torch.float64), torch.zeros(0)])
+def test_perplexity_of_an_empty_histogram_is_nan(counts):
+    assert math.isnan(metrics.perplexity(counts))
+
+
+@pytest.mark.parametrize(
+    "counts, used, dead",
+    [([1, 0, 3, 0], 0.5, 2), ([5, 5, 5, 5], 1.0, 0), ([0, 0, 9, 0], 0.25, 3), ([0, 0], 0.0, 2)],
+)
+def test_usage_and_dead_codes(counts, used, dead):
+    c = torch.tensor(counts, dtype=torch.float64)
+    assert metrics.usage(c) == used
+    assert metrics.dead_codes(c) == dead
+
+
+def test_code_histogram_counts_every_position():
+    indices = torch.tensor([[0, 2, 2], [5, 2, 0]])
+    h = metrics.code_histogram(indices, codebook_size=6)
+    assert h.dtype == torch.float64
+    assert h.tolist() == [2, 0, 3, 0, 0, 1]
