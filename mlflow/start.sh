@@ -1,0 +1,89 @@
+#!/bin/sh
+# The MLflow tracking server of the vqlog stack: the one start script the image
+# (mlflow/Dockerfile, docker-compose.yml) and the tests (tests/test_stack.py, test_auth.py) run.
+#
+# Environment (defaults in brackets):
+#   MLFLOW_BACKEND_STORE_URI   full database URL; when unset it is built from the next five
+#   POSTGRES_HOST [postgres]  POSTGRES_PORT [5432]  POSTGRES_USER [vqlog]  MLFLOW_DB [mlflow]
+#   POSTGRES_PASSWORD          handed to libpq as PGPASSWORD, so it is in no URL, argument or log
+#   MLFLOW_ARTIFACTS_DESTINATION [./mlartifacts]  where --serve-artifacts keeps artifacts
+#   MLFLOW_HOST [127.0.0.1]  MLFLOW_PORT [5000]  MLFLOW_WORKERS [2]
+#   MLFLOW_ALLOWED_HOSTS [localhost,127.0.0.1,mlflow on any port]  Host headers accepted
+#   MLFLOW_AUTH [none]         basic: MLflow's basic-auth app (--app-name basic-auth); it needs
+#     MLFLOW_AUTH_ADMIN_PASSWORD      the admin's password, used when the admin user is created
+#     MLFLOW_FLASK_SERVER_SECRET_KEY  the static key of the app's CSRF protection
+#     MLFLOW_AUTH_ADMIN_USERNAME [admin]  MLFLOW_AUTH_DEFAULT_PERMISSION [READ]
+#     MLFLOW_AUTH_DATABASE_URI [the backend store]  users and permissions (own alembic table)
+set -eu
+
+fail() {
+    echo "Error: $*" >&2
+    exit 2
+}
+
+if [ -n "${POSTGRES_PASSWORD:-}" ]; then
+    export PGPASSWORD="$POSTGRES_PASSWORD"
+fi
+unset POSTGRES_PASSWORD
+
+if [ -z "${MLFLOW_BACKEND_STORE_URI:-}" ]; then
+    # An explicit driver: SQLAlchemy 2.1 made psycopg (3) the default of a bare postgresql://.
+    MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://${POSTGRES_USER:-vqlog}@${POSTGRES_HOST:-postgres}:${POSTGRES_PORT:-5432}/${MLFLOW_DB:-mlflow}"
+fi
+# mlflow server reads --backend-store-uri from this variable: a password in it stays off `ps`.
+export MLFLOW_BACKEND_STORE_URI
+# The URL with any password replaced by ***, for the one line this script prints.
+shown_uri=$(printf '%s' "$MLFLOW_BACKEND_STORE_URI" | sed -E 's#^([^:/]+://[^:@/]*):[^@/]*@#\1:***@#')
+
+host="${MLFLOW_HOST:-127.0.0.1}"
+port="${MLFLOW_PORT:-5000}"
+artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-./mlartifacts}"
+allowed="${MLFLOW_ALLOWED_HOSTS:-localhost,localhost:*,127.0.0.1,127.0.0.1:*,mlflow,mlflow:*}"
+# No usage reports from a lab's server (and none can leave an offline one anyway).
+export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
+# The job runner (GenAI scorers, trace archival) and its ~10 huey processes serve nothing vqlog logs.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+
+set -- server \
+    --serve-artifacts --artifacts-destination "$artifacts" \
+    --host "$host" --port "$port" --workers "${MLFLOW_WORKERS:-2}" \
+    --allowed-hosts "$allowed"
+
+case "${MLFLOW_AUTH:-none}" in
+none | "") auth="none" ;;
+basic)
+    missing=""
+    [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] || missing="MLFLOW_AUTH_ADMIN_PASSWORD"
+    [ -n "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ] || missing="${missing:+$missing and }MLFLOW_FLASK_SERVER_SECRET_KEY"
+    if [ -n "$missing" ]; then
+        fail "MLFLOW_AUTH=basic needs $missing in the environment (set in .env, see .env.example); not starting"
+    fi
+    if [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ]; then  # MLflow's own password policy
+        fail "MLFLOW_AUTH_ADMIN_PASSWORD must be at least 12 characters; not starting"
+    fi
+    # MLflow's basic-auth app reads its settings from this file and the admin password from
+    # MLFLOW_AUTH_ADMIN_PASSWORD, which takes precedence over the file: the password is written
+    # nowhere. '%' is doubled because the file is read by configparser.
+    conf_dir="${MLFLOW_AUTH_CONFIG_DIR:-$(mktemp -d)}"
+    mkdir -p "$conf_dir"
+    conf="$conf_dir/basic_auth.ini"
+    esc() { printf '%s' "$1" | sed 's/%/%%/g'; }
+    (
+        umask 077
+        cat >"$conf" <<INI
+[mlflow]
+default_permission = $(esc "${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}")
+database_uri = $(esc "${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}")
+admin_username = $(esc "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}")
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+    )
+    export MLFLOW_AUTH_CONFIG_PATH="$conf"
+    auth="basic (admin user ${MLFLOW_AUTH_ADMIN_USERNAME:-admin})"
+    set -- "$@" --app-name basic-auth
+    ;;
+*) fail "MLFLOW_AUTH must be none or basic, got '${MLFLOW_AUTH}'" ;;
+esac
+
+echo "mlflow server on $host:$port: backend $shown_uri, artifacts $artifacts, allowed hosts $allowed, auth $auth"
+exec mlflow "$@"

@@ -1,0 +1,178 @@
+"""`mlflow/start.sh` with MLFLOW_AUTH=basic: MLflow's basic-auth app, which refuses to start without
+an admin password and a secret key, answers 401 to anonymous reads and writes, and serves the
+clients vqlog uses when they carry credentials. The password reaches no argument, file or log."""
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from _stack import START_SH, base_env, mlflow_via_start_sh, throwaway_databases
+
+pytestmark = pytest.mark.slow
+PASSWORD = "pw-" + secrets.token_urlsafe(18)
+SECRET_KEY = secrets.token_hex(16)
+AUTH = {"MLFLOW_AUTH": "basic", "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": SECRET_KEY}
+
+
+def _start_sh(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """start.sh with a backend nobody listens on: a refusal must come before MLflow starts."""
+    return subprocess.run(["sh", str(START_SH)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env=base_env(POSTGRES_HOST="127.0.0.1", POSTGRES_PORT="1",
+                                                   MLFLOW_PORT="1", **env))
+
+
+@pytest.mark.parametrize("drop, named", [
+    (("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"),
+     "MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY"),
+    (("MLFLOW_FLASK_SERVER_SECRET_KEY",), "needs MLFLOW_FLASK_SERVER_SECRET_KEY in"),
+    (("MLFLOW_AUTH_ADMIN_PASSWORD",), "needs MLFLOW_AUTH_ADMIN_PASSWORD in"),
+])
+def test_basic_auth_refuses_to_start_without_its_secrets(drop, named, tmp_path):
+    env = {k: v for k, v in AUTH.items() if k not in drop}
+    out = _start_sh(env, tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("Error: MLFLOW_AUTH=basic needs ") and named in out.stderr
+    assert out.stdout == ""  # nothing started
+    assert PASSWORD not in out.stdout + out.stderr
+
+
+def test_an_empty_secret_counts_as_missing(tmp_path):
+    out = _start_sh({**AUTH, "MLFLOW_FLASK_SERVER_SECRET_KEY": ""}, tmp_path)
+    assert out.returncode == 2 and "MLFLOW_FLASK_SERVER_SECRET_KEY" in out.stderr
+
+
+def test_a_short_admin_password_is_refused(tmp_path):
+    out = _start_sh({**AUTH, "MLFLOW_AUTH_ADMIN_PASSWORD": "short-pw"}, tmp_path)
+    assert out.returncode == 2
+    assert "at least 12 characters" in out.stderr and "short-pw" not in out.stderr
+
+
+def test_an_unknown_auth_mode_is_refused(tmp_path):
+    out = _start_sh({"MLFLOW_AUTH": "digest"}, tmp_path)
+    assert out.returncode == 2
+    assert out.stderr == "Error: MLFLOW_AUTH must be none or basic, got 'digest'\n"
+
+
+# ------------------------------------------------------------------------ a running auth server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("auth")
+    with throwaway_databases("mlflow") as dbs:
+        with mlflow_via_start_sh(folder, dbs["mlflow"], MLFLOW_AUTH_CONFIG_DIR=str(folder / "conf"),
+                                 **AUTH) as srv:
+            yield srv
+
+
+def _call(server, method: str, path: str, body: dict | None = None, user: str | None = None,
+          password: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{server.url}/api/2.0/mlflow/{path}", data=data, method=method,
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+
+
+READS = [("GET", "experiments/search?max_results=10", None),
+         ("GET", "experiments/get-by-name?experiment_name=Default", None),
+         ("GET", "runs/get?run_id=0123456789abcdef", None)]
+WRITES = [("POST", "experiments/create", {"name": "anonymous"}),
+          ("POST", "runs/create", {"experiment_id": "0"}),
+          ("POST", "runs/log-batch", {"run_id": "0123456789abcdef", "metrics": []})]
+
+
+def test_health_stays_open_for_the_healthcheck(server):
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("method, path, body", READS + WRITES)
+def test_anonymous_reads_and_writes_get_401(server, method, path, body):
+    assert _call(server, method, path, body)[0] == 401
+
+
+@pytest.mark.parametrize("method, path, body", READS[:1] + WRITES[:1])
+def test_a_wrong_password_gets_401(server, method, path, body):
+    assert _call(server, method, path, body, user="admin", password=PASSWORD + "x")[0] == 401
+
+
+def test_the_admin_reads_and_writes(server):
+    code, created = _call(server, "POST", "experiments/create", {"name": "with-auth"},
+                          user="admin", password=PASSWORD)
+    assert code == 200
+    code, found = _call(server, "GET", "experiments/search?max_results=100", user="admin",
+                        password=PASSWORD)
+    assert code == 200
+    assert created["experiment_id"] in [e["experiment_id"] for e in found["experiments"]]
+
+
+def test_stackinit_and_the_tracker_work_with_credentials_from_the_environment(server, monkeypatch, tmp_path):
+    """What the compose services do: MLFLOW_TRACKING_USERNAME/PASSWORD in their environment."""
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.spec import load_sweep
+    from vqlog.stackinit import init_study
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    spec = load_sweep("smoke")
+    study, tracker = init_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}", server.url)
+    run = MlflowClient(tracking_uri=server.url).get_run(tracker.parent_id)
+    assert run.data.tags["vqlog.role"] == "study" and run.info.status == "FINISHED"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(Exception, match="401|nauthorized|credentials"):
+        MlflowClient(tracking_uri=server.url).search_experiments()
+
+
+def test_the_password_is_in_no_argument_file_or_log(server):
+    conf = Path(server.log).parent / "conf" / "basic_auth.ini"
+    assert conf.is_file() and (conf.stat().st_mode & 0o777) == 0o600
+    assert "admin_username = admin" in conf.read_text()
+    assert PASSWORD not in conf.read_text()
+    assert PASSWORD not in server.log_text() and SECRET_KEY not in server.log_text()
+    pgid = os.getpgid(server.proc.pid)
+    seen = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc.name)) != pgid:
+                continue
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+        seen += 1
+        assert PASSWORD not in cmdline and SECRET_KEY not in cmdline
+    assert seen >= 2  # mlflow server and its uvicorn workers
+
+
+def test_start_sh_never_prints_a_database_password(tmp_path):
+    """A full backend URI with a password is shown masked (it stays in the environment)."""
+    uri = "postgresql+psycopg2://someone:db-secret-pw@127.0.0.1:1/nowhere"  # nobody listens
+    proc = subprocess.Popen(["sh", str(START_SH)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=base_env(MLFLOW_BACKEND_STORE_URI=uri, MLFLOW_PORT="1"))
+    try:
+        first = proc.stdout.readline()
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+    assert first.startswith("mlflow server on 127.0.0.1:1: backend "
+                            "postgresql+psycopg2://someone:***@127.0.0.1:1/nowhere,")
+    assert "db-secret-pw" not in first

@@ -1,0 +1,152 @@
+"""The compose stack's topology on this machine: PostgreSQL, the MLflow server started by
+`mlflow/start.sh`, `python -m vqlog.stackinit`, then two `vqlog-sweep` workers at once on the
+smoke spec. Optuna (the search state), MLflow (runs) and the experiment table must agree."""
+
+import re
+import urllib.error
+import urllib.request
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from _stack import STACK_TRIALS, shared_stack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")  # one populated stack for test_stack.py and test_browser.py
+def stack(tmp_path_factory):
+    s = shared_stack.acquire(tmp_path_factory)
+    yield s
+    shared_stack.release()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=stack.url)
+
+
+@pytest.fixture(scope="module")
+def study(stack):
+    from vqlog.storage import open_storage
+
+    return optuna.load_study(study_name=stack.study, storage=open_storage(stack.storage))
+
+
+def _runs(client, stack, role):
+    exp = client.get_experiment_by_name(stack.study)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`vqlog.role` = '{role}'",
+                              max_results=1000)
+
+
+def test_init_then_two_workers_reach_exactly_the_target(stack, study):
+    assert "Optuna study ready" in stack.init_output, stack.init_output
+    for code, out in zip(stack.worker_codes, stack.worker_outputs):
+        assert code == 0, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == STACK_TRIALS  # counted across both workers, not per worker
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    ran = [int(m.group(1)) for out in stack.worker_outputs
+           for m in [re.search(r"\((\d+) ran here, (\d+) failed\)", out)] if m]
+    assert len(ran) == 2 and sum(ran) == len(study.trials), stack.worker_outputs
+
+
+def test_every_trial_is_one_child_run_of_the_study_run(stack, study, client):
+    exp = client.get_experiment_by_name(stack.study)
+    assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")
+    parents = _runs(client, stack, "study")
+    assert len(parents) == 1, "one study run, made once by vqlog.stackinit"
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = {int(r.data.tags["optuna.trial_number"]): r for r in _runs(client, stack, "trial")}
+    assert set(children) == {t.number for t in study.trials}
+    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    for t in study.trials:
+        run = children[t.number]
+        assert run.info.run_name == f"Seq{t.number + 1}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.state"] == t.state.name
+        assert run.info.status == status[t.state.name]
+        assert run.data.params["batch"] == str(t.params["batch"])
+        if t.state == TrialState.COMPLETE:
+            assert run.data.metrics["final_val_mse"] == pytest.approx(t.value, rel=1e-6)
+
+
+def test_artifacts_are_served_by_the_server(stack, study, client, tmp_path):
+    t = next(t for t in study.trials if t.state == TrialState.COMPLETE)
+    run = next(r for r in _runs(client, stack, "trial")
+               if r.data.tags["optuna.trial_number"] == str(t.number))
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    path = client.download_artifacts(run.info.run_id, "curves.png", str(tmp_path))
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # ... from the destination start.sh gave --artifacts-destination
+    assert list(stack.server.artifacts.rglob("curves.png"))
+
+
+def test_table_agrees_with_runs_and_the_study_run(stack, study, client, capsys):
+    from vqlog.table import fetch_rows, render_table
+
+    from vqlog.cli import main
+
+    code = main(["table", "--study", stack.study, "--tracking-uri", stack.url, "--out", "-"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    text = out.out.rstrip("\n")
+    assert text == render_table(fetch_rows(client, stack.study), title=stack.study).rstrip("\n")
+    for t in study.trials:
+        assert re.search(rf"^\| Seq{t.number + 1}( ★)? \| {t.params['batch']} \|", text, re.M), text
+    parent = _runs(client, stack, "study")[0]
+    assert client.get_run(parent.info.run_id).data.tags["mlflow.note.content"].rstrip("\n") == text
+    artifact = client.download_artifacts(parent.info.run_id, "experiment_table.md")
+    with open(artifact) as fh:
+        assert fh.read().rstrip("\n") == text
+
+
+@pytest.mark.parametrize("host, allowed", [("mlflow:5000", True), ("localhost:5000", True),
+                                           ("attacker.example", False), ("10.0.0.7:5000", False)])
+def test_allowed_hosts_from_start_sh(stack, host, allowed):
+    """Workers reach the server as http://mlflow:5000 in compose; other Host headers are refused
+    (MLflow's own default would refuse `mlflow` and accept any private IP)."""
+    req = urllib.request.Request(f"{stack.url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                 headers={"Host": host})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            code = resp.status
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    assert code == (200 if allowed else 403)
+
+
+def test_stackinit_again_is_harmless(stack, study, client, capsys):
+    from vqlog import stackinit
+
+    code = stackinit.main(["--config", "smoke", "--study", stack.study, "--storage", stack.storage,
+                           "--tracking-uri", stack.url])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"({len(study.trials)} trials so far)" in out.out
+    assert len(_runs(client, stack, "study")) == 1
+
+
+def test_stackinit_refuses_a_study_with_other_directions(stack, capsys):
+    """A study created for the mse objective cannot be re-used by a pareto spec."""
+    import yaml
+
+    from vqlog.spec import resolve_spec_path
+
+    raw = yaml.safe_load(resolve_spec_path("smoke").read_text())
+    raw.update(objective="pareto", pruner="none", name=stack.study)
+    spec = stack.folder / "pareto.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    from vqlog import stackinit
+
+    code = stackinit.main(["--config", str(spec), "--storage", stack.storage,
+                           "--tracking-uri", stack.url])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("Error: study ") and "use another --study name" in err
