@@ -296,21 +296,41 @@ def _add_table(sub) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from mlflow.tracking import MlflowClient
 
-    from vqlog import table, tracking
-    from vqlog.errors import UserError
+    from vqlog import tracking
 
-    uri = args.tracking_uri or tracking.DEFAULT_TRACKING_URI
-    tracking.check_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1]).is_file():
-        raise UserError(f"no MLflow store at {uri}; run vqlog-sweep first or pass --tracking-uri")
+    uri = _existing_store(args.tracking_uri)
     tracking.quiet_mlflow()
     client = MlflowClient(tracking_uri=uri)
     study = args.study or _only_study(client)
     parent = _parent_run_id(client, study)
+    try:
+        return _table_loop(args, client, study, parent)
+    except KeyboardInterrupt:
+        return 0  # --watch ends with Ctrl-C; what was written stays
+
+
+def _existing_store(uri: str | None) -> str:
+    """The tracking URI, absolute for SQLite, refusing a SQLite file that does not exist (MLflow
+    would silently create an empty store there)."""
+    from pathlib import Path
+
+    from vqlog import tracking
+    from vqlog.errors import UserError
+
+    uri = tracking.absolute_sqlite_uri(uri or tracking.DEFAULT_TRACKING_URI)
+    tracking.check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1].split("?")[0]).is_file():
+        raise UserError(f"no MLflow store at {uri}; run vqlog-sweep first or pass --tracking-uri")
+    return uri
+
+
+def _table_loop(args, client, study: str, parent: str | None) -> int:
+    from pathlib import Path
+
+    from vqlog import table, tracking
+
     last = None
     while True:
         rows = table.fetch_rows(client, study)
@@ -327,10 +347,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             last = text
         if not args.watch:
             return 0
-        try:
-            time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 0
+        time.sleep(args.interval)
 
 
 def _only_study(client) -> str:
@@ -371,12 +388,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from vqlog import tracking
     from vqlog.errors import UserError
 
-    uri = args.tracking_uri or tracking.DEFAULT_TRACKING_URI
-    tracking.check_tracking_uri(uri)
-    mlflow = shutil.which("mlflow")
+    uri = _existing_store(args.tracking_uri)
+    beside = os.path.join(os.path.dirname(sys.executable), "mlflow")  # the same environment's
+    mlflow = beside if os.access(beside, os.X_OK) else shutil.which("mlflow")
     if mlflow is None:
         raise UserError("the mlflow command is not on PATH; activate the environment vqlog is installed in")
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
@@ -410,7 +426,7 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"Error: {exc}\n")
+        sys.stderr.write(f"Error: {_mask_urls(str(exc))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
@@ -418,8 +434,16 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"Error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)\n")
+        message = _mask_urls(" ".join(str(exc).split()))
+        sys.stderr.write(f"Error: {type(exc).__name__}: {message} (rerun with --debug for a traceback)\n")
         return 1
+
+
+def _mask_urls(text: str) -> str:
+    """Library errors quote URLs whole ("API request to http://user:pw@host/... failed")."""
+    import re
+
+    return re.sub(r"(\w[\w+.-]*://)[^/@\s]*@", r"\1***@", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,10 @@ DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def quiet_mlflow() -> None:
-    """MLflow and alembic log every schema migration at INFO; a sweep's output is for trials."""
+    """MLflow and alembic log every schema migration at INFO; a sweep's output is for trials.
+    Importing mlflow configures its logger, so it is imported first and then turned down."""
+    import mlflow  # noqa: F401
+
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -38,20 +41,29 @@ def check_tracking_uri(uri: str) -> None:
     """Fail before the first trial when the tracking URI cannot work (exit 2, password masked)."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
+        import http.client
         import urllib.error
         import urllib.request
 
-        health = uri.rstrip("/") + "/health"
         try:
+            health = _health_request(uri)
             with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - user's server
                 if resp.status != 200:
                     raise OSError(f"HTTP {resp.status}")
         except urllib.error.HTTPError as exc:
             if exc.code != 401:  # basic-auth servers guard /health too; the server is up
                 raise UserError(f"MLflow server {mask(uri)} answered HTTP {exc.code} on /health") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            reason = _short(exc)
+            secret = _password(uri)
+            if secret and not isinstance(exc, OSError):
+                # urllib's message on a malformed URI can quote a piece of the password
+                # ("nonnumeric port: 'pa'" for user:pa/ss@host): say what is wrong instead.
+                reason = "malformed URL; percent-encode / ? # @ : in the user name and password"
+            elif secret:
+                reason = reason.replace(secret, "***")
             raise UserError(
-                f"cannot reach the MLflow server {mask(uri)} ({_short(exc)}); start it or pass "
+                f"cannot reach the MLflow server {mask(uri)} ({reason}); start it or pass "
                 "another --tracking-uri"
             ) from None
     elif scheme == "sqlite":
@@ -68,8 +80,46 @@ def check_tracking_uri(uri: str) -> None:
         )
 
 
+def _health_request(uri: str):
+    """GET <uri>/health. Credentials in the URI (http://user:password@host) go in a Basic auth
+    header, as MLflow's client (requests) sends them; urllib would take `user:password@host` for
+    the host name and fail with 'Name or service not known'."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    path = parts.path.rstrip("/") + "/health"
+    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, host, path, "", "")))
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _password(uri: str) -> str:
+    userinfo = uri.partition("://")[2].rpartition("@")[0]
+    return userinfo.partition(":")[2]
+
+
 def _short(exc: BaseException) -> str:
     return " ".join(str(getattr(exc, "reason", None) or exc).split())[:200]
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` -> `sqlite:////abs/folder/mlflow.db`, resolved against the working
+    directory now. MLflow caches its store by the URI's text, so a process that changes folder
+    would keep writing a relative URI's runs to the first folder's database while their artifacts
+    (located from the current folder) went to the new one."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path, sep, query = uri[len("sqlite:///"):].partition("?")
+    if not path or path == ":memory:" or path.startswith("/"):
+        return uri
+    return f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
 
 
 def _artifact_location(uri: str, study: str) -> str | None:
@@ -90,8 +140,8 @@ class Tracker:
         quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
-        self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.uri = absolute_sqlite_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
         self.table_dir = Path(table_dir)
         self.lang = lang
         self.experiment_id: str | None = None

@@ -1,0 +1,194 @@
+"""`vqlog table`: the experiment table regenerated from a real SQLite MLflow store.
+
+The store is built once with MlflowClient in vqlog's layout (parent run per study, child run per
+trial; see DESIGN.md "MLflow layout") and copied for each test, so no test sees another's writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from vqlog.cli import main
+from vqlog.config import Config
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+BASE = Config(iteration=20, eval_every=10, log_every=5, d_model=8, d_state=8, n_layers=1,
+              batch=16, lr=1e-3, embedding_dim=8, embedding_num=16)
+SEQ1 = {"final_val_mse": 0.0412, "best_val_mse": 0.0381, "loss_oscillation": 0.004,
+        "max_val_perplexity": 12.5, "max_val_perplexity_step": 10, "final_val_perplexity": 11.2,
+        "iterations_run": 20}
+SEQ2 = {"final_val_mse": 0.09, "best_val_mse": 0.08, "loss_oscillation": 0.03,
+        "max_val_perplexity": 3.0, "max_val_perplexity_step": 10, "final_val_perplexity": 3.0,
+        "iterations_run": 10}
+
+EXPECTED_EN = """\
+# alpha
+
+## Hyper-parameter tuning (trained on train, evaluated on valid)
+
+| run | batch | lr | embedding_dim | embedding_num | iteration | BN | MLP | En-De | loss | perplexity |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| Seq1 ★ | 16 | 1e-3 | 8 | 16 | 20 | yes | +relu | s4d-all | 0.0412 (best 0.0381), stable | max 12.5 @ 10, final 11.2 |
+| Seq2 | 16 | 3e-3 | 8 | 16 | 10 | yes | +relu | s4d-all | pruned @ 10; 0.09 (best 0.08), mild oscillation | max 3 @ 10, final 3 |
+
+- ★ best of its table: lowest best_val_mse among completed trials.
+- loss: final val MSE (best val MSE), then the train/loss oscillation label (score `loss_oscillation`): stable < 0.01 ≤ mild oscillation < 0.05 ≤ severe oscillation; "early …" and "… worse later" compare the first third of training with the whole.
+- perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and the final value.
+"""
+
+
+def add_trial(client, exp_id: str, parent_id: str, study: str, number: int, state: str,
+              metrics: dict, **params) -> str:
+    """A finished child run exactly as the Tracker writes one."""
+    run = client.create_run(exp_id, run_name=f"Seq{number + 1}", tags={
+        "mlflow.parentRunId": parent_id, "vqlog.role": "trial", "optuna.study": study,
+        "optuna.trial_number": str(number), "optuna.state": state})
+    cfg = Config.from_mapping(params, base=BASE).to_params()
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.items()],
+                     metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id, STATUS[state])
+    return run.info.run_id
+
+
+def add_study(client, folder: Path, study: str) -> tuple[str, str]:
+    exp_id = client.create_experiment(study, artifact_location=(folder / "mlartifacts" / study).as_uri())
+    parent = client.create_run(exp_id, run_name=study, tags={"vqlog.role": "study", "optuna.study": study})
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return exp_id, parent.info.run_id
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """Two studies: alpha (Seq1 complete, Seq2 pruned) and beta (Seq1 complete)."""
+    folder = tmp_path_factory.mktemp("store")
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    exp, parent = add_study(client, folder, "alpha")
+    add_trial(client, exp, parent, "alpha", 0, "COMPLETE", SEQ1)
+    add_trial(client, exp, parent, "alpha", 1, "PRUNED", SEQ2, lr=3e-3)
+    exp, parent = add_study(client, folder, "beta")
+    add_trial(client, exp, parent, "beta", 0, "COMPLETE", SEQ1)
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def store(template, tmp_path, monkeypatch) -> str:
+    """This test's copy of the store, and the test's folder as the working directory."""
+    shutil.copy(template, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_writes_results_study_md_and_publishes_it(store, tmp_path, capsys):
+    assert main(["table", "--study", "alpha", "--tracking-uri", store]) == 0
+    assert capsys.readouterr().out == "table: results/alpha.md (2 trials)\n"
+    text = (tmp_path / "results" / "alpha.md").read_text()
+    assert text == EXPECTED_EN
+    client = MlflowClient(tracking_uri=store)
+    (parent,) = client.search_runs([client.get_experiment_by_name("alpha").experiment_id],
+                                   "tags.`vqlog.role` = 'study'")
+    assert parent.data.tags["mlflow.note.content"] == text
+    artifact = client.download_artifacts(parent.info.run_id, "experiment_table.md", str(tmp_path))
+    assert Path(artifact).read_text() == text
+
+
+def test_out_dash_prints_the_table(store, tmp_path, capsys):
+    assert main(["table", "--study", "alpha", "--tracking-uri", store, "--out", "-"]) == 0
+    assert capsys.readouterr().out == EXPECTED_EN + "\n"  # print() adds its newline
+    assert not (tmp_path / "results").exists()
+
+
+def test_lang_zh_renders_the_logs_chinese_labels(store, capsys):
+    assert main(["table", "--study", "alpha", "--tracking-uri", store, "--lang", "zh", "--out", "-"]) == 0
+    out = capsys.readouterr().out
+    assert "## 超参调整 (based on train，test on valid)" in out
+    assert "| Seq1 ★ | 16 | 1e-3 | 8 | 16 | 20 | yes | +relu | s4d-all | 0.0412（最佳 0.0381），平稳 | " \
+           "最高12.5 (10轮)，最终11.2 |" in out
+    assert "| Seq2 | 16 | 3e-3 | 8 | 16 | 10 | yes | +relu | s4d-all | 提前停止 (10轮)；0.09（最佳 0.08），" \
+           "轻微震荡 | 最高3 (10轮)，最终3 |" in out
+    # The log keeps the English column names in its Chinese tables.
+    assert "| run | batch | lr | embedding_dim | embedding_num | iteration | BN | MLP | En-De | loss | perplexity |" in out
+
+
+def test_two_studies_without_study_is_an_error_listing_them(store, tmp_path, capsys):
+    assert main(["table", "--tracking-uri", store]) == 2
+    assert capsys.readouterr().err == "Error: several studies here (alpha, beta); choose one with --study\n"
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_only_study_is_the_default(store, tmp_path, capsys):
+    client = MlflowClient(tracking_uri=store)
+    client.delete_experiment(client.get_experiment_by_name("beta").experiment_id)
+    assert main(["table", "--tracking-uri", store]) == 0
+    assert (tmp_path / "results" / "alpha.md").read_text() == EXPECTED_EN
+
+
+def test_unknown_study_is_an_error(store, tmp_path, capsys):
+    assert main(["table", "--study", "gamma", "--tracking-uri", store]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: no MLflow experiment named 'gamma' at ") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/nope.db"
+    assert main(["table", "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err == (f"Error: no MLflow store at {uri}; run vqlog-sweep first or "
+                                       "pass --tracking-uri\n")
+    assert list(tmp_path.iterdir()) == []
+    # The default store, ./mlflow.db, is looked for in the working directory.
+    assert main(["table"]) == 2
+    assert "no MLflow store at sqlite:///mlflow.db" in capsys.readouterr().err
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"vqlog table --watch exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_watch_regenerates_when_a_run_finishes(store, tmp_path):
+    out = tmp_path / "results" / "alpha.md"
+    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.3",
+           "--study", "alpha", "--tracking-uri", store]
+    log = tmp_path / "watch.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(out.is_file, 120, "the first table", proc)
+        assert out.read_text() == EXPECTED_EN
+        client = MlflowClient(tracking_uri=store)
+        exp = client.get_experiment_by_name("alpha")
+        (parent,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'study'")
+        add_trial(client, exp.experiment_id, parent.info.run_id, "alpha", 2, "COMPLETE",
+                  {**SEQ1, "final_val_mse": 0.0305, "best_val_mse": 0.0299}, embedding_num=32)
+        _wait_for(lambda: "| Seq3 ★ |" in out.read_text(), 60, "the new run in the table", proc)
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C ends --watch
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    text = out.read_text()
+    assert "| Seq3 ★ | 16 | 1e-3 | 8 | 32 | 20 | yes | +relu | s4d-all | 0.0305 (best 0.0299), stable |" in text
+    assert "| Seq1 |" in text  # no longer the best
+    lines = log.read_text().splitlines()
+    assert "table: results/alpha.md (2 trials)" in lines and "table: results/alpha.md (3 trials)" in lines
+    # 0 when Ctrl-C lands in the sleep between checks, 130 ("Interrupted.") during a fetch.
+    assert code in (0, 130), log.read_text()
