@@ -37,6 +37,8 @@ TOP_KEYS = ("name", "description", "data", "budget", "objective", "sampler", "pr
             "space", "enqueue")
 BUDGET_KEYS = ("iteration", "eval_every")
 DATA_KEYS = ("source", "sample_rate")
+# Keys valid only together (window must be a multiple of downsample): checked per combination.
+LINKED = ("window", "downsample")
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
@@ -94,12 +96,10 @@ class SweepSpec:
         return ["minimize", "maximize"] if self.objective == "pareto" else ["minimize"]
 
     def base_config(self, seed: int | None = None) -> Config:
-        """Every fixed value and the budget, before the searched ones."""
-        values = dict(self.fixed)
-        values.update(iteration=self.iteration, eval_every=self.eval_every)
-        if seed is not None:
-            values["seed"] = seed
-        return dataclasses.replace(Config(), **values)
+        """Every fixed value and the budget, before the searched ones. A searched window or
+        downsample takes its first choice here, so that a fixed partner need not suit Config's
+        default (fixed window 90 with downsample searched in [1, 2])."""
+        return _config(self, {p.name: p.choices[0] for p in self.space if p.name in LINKED}, seed)
 
     def suggest(self, trial, seed: int | None = None) -> Config:
         """Ask the trial for every searched parameter and build the trial's Config."""
@@ -140,6 +140,17 @@ def load_sweep(name_or_path: str) -> SweepSpec:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _config(spec: SweepSpec, searched: dict, seed: int | None = None) -> Config:
+    """The fixed values, the budget and `searched` (log names) in one step, so Config's
+    cross-field checks see the final combination only."""
+    values = dict(spec.fixed)
+    values.update(iteration=spec.iteration, eval_every=spec.eval_every)
+    if seed is not None:
+        values["seed"] = seed
+    values.update({ALIASES.get(k, k): v for k, v in searched.items()})
+    return dataclasses.replace(Config(), **values)
+
+
 def parse_sweep(raw: dict, source: str = "") -> SweepSpec:
     _no_unknown(raw, TOP_KEYS, "")
     name = raw.get("name")
@@ -173,7 +184,7 @@ def parse_sweep(raw: dict, source: str = "") -> SweepSpec:
         raise ConfigError("objective pareto is multi-objective and cannot be pruned; set pruner: none")
     if spec.sampler == "grid":
         spec.grid()  # raises for ranges
-    _check_combinations(spec)
+    _check_combinations(spec)  # also the fixed values' own cross-field checks
     enqueue = raw.get("enqueue", []) or []
     if not isinstance(enqueue, list):
         raise ConfigError("enqueue must be a list of parameter mappings")
@@ -243,8 +254,17 @@ def _fixed_values(fixed: dict) -> dict:
     for key, value in fixed.items():
         name = _field(key, "fixed.")
         out[name] = _coerce(f"fixed.{key}", value, _FIELD_TYPES[name])
-    Config(**out)  # cross-field checks (window vs downsample, ...)
+        if name not in LINKED:  # window and downsample: by combination, in _check_combinations
+            _valid_alone(name, out[name], f"fixed.{key}")
     return out
+
+
+def _valid_alone(key: str, value: Any, where: str) -> None:
+    """Config's own check of one value (lr <= 0, batch 0, an unknown MLP ...), named by `where`."""
+    try:
+        Config.from_mapping({key: value})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _number(value: Any, key: str) -> float:
@@ -276,11 +296,15 @@ def _param(key: str, value: Any) -> Param:
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: choices must be a non-empty list")
         coerced = tuple(_coerce(where, c, typ) for c in choices)
-        for c in coerced:
-            Config.from_mapping({key: c})  # each choice on its own must be a valid value
+        if key not in LINKED:  # window and downsample: by combination, in _check_combinations
+            for c in coerced:
+                _valid_alone(key, c, where)
         if len(set(coerced)) != len(coerced):
             raise ConfigError(f"{where}: choices repeat a value")
         return Param(name, "categorical", choices=coerced)
+    if key in LINKED:
+        raise ConfigError(f"{where}: give {key} as a list of choices; window must be a multiple "
+                          "of downsample, and vqlog checks every combination before the sweep")
     for bound in ("low", "high"):
         if bound not in value:
             raise ConfigError(f"{where}: a {kind} range needs {bound}")
@@ -301,16 +325,21 @@ def _param(key: str, value: Any) -> Param:
     elif "float" not in str(typ):
         raise ConfigError(f"{where}: {key} is not a float key; use choices")
     for bound in (low, high):
-        Config.from_mapping({key: bound})  # lr <= 0, batch 0, ... named by Config
+        _valid_alone(key, bound, where)
     return Param(name, kind, low=low, high=high, log=log)
 
 
 def _check_combinations(spec: SweepSpec) -> None:
-    """Categorical combinations of interdependent keys (window vs downsample) must all be valid."""
-    linked = [p for p in spec.space if p.name in ("window", "downsample") and p.kind == "categorical"]
+    """The fixed values with every combination of the searched linked keys (window, downsample:
+    always categorical) must make a valid Config."""
+    linked = [p for p in spec.space if p.name in LINKED]
     for combo in itertools.product(*(p.choices for p in linked)):
         values = {p.name: v for p, v in zip(linked, combo)}
-        Config.from_mapping(values, base=spec.base_config())
+        try:
+            _config(spec, values)
+        except ConfigError as exc:
+            where = " with ".join(f"space.{k}={v!r}" for k, v in values.items())
+            raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def _enqueue_row(i: int, row: Any, spec: SweepSpec) -> dict:

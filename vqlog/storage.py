@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import zlib
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import sqlalchemy
+from optuna.trial import TrialState
 from sqlalchemy.engine import URL, make_url
 
 from vqlog.errors import UserError
@@ -19,6 +21,7 @@ SCHEMES = ("sqlite", "postgresql")
 HEARTBEAT = int(os.environ.get("VQLOG_HEARTBEAT_INTERVAL", "5"))
 GRACE = int(os.environ.get("VQLOG_HEARTBEAT_GRACE", "20"))
 MAX_RETRY = 3
+TABLES_LOCK = "<tables>"  # the StudyLock name under which a worker creates the tables
 
 
 def parse_url(url: str, what: str = "--storage") -> URL:
@@ -41,6 +44,15 @@ def parse_url(url: str, what: str = "--storage") -> URL:
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise UserError(f"{what}: an in-memory SQLite database cannot be shared; give a file")
     return parsed
+
+
+def engine_url(url: URL) -> URL:
+    """The URL SQLAlchemy should connect with. SQLAlchemy 2.1 made psycopg (3) the default driver
+    of a bare `postgresql://`, but vqlog ships psycopg2-binary: without this, every PostgreSQL URL
+    failed with "Failed to import DB access module". An explicit `postgresql+driver://` is kept."""
+    if url.drivername == "postgresql":
+        return url.set(drivername="postgresql+psycopg2")
+    return url
 
 
 def mask(url: str) -> str:
@@ -66,19 +78,60 @@ def _engine_kwargs(url: URL) -> dict:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     parsed = parse_url(url)
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=_engine_kwargs(parsed),
-            heartbeat_interval=HEARTBEAT,
-            grace_period=GRACE,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRY
-            ),
-        )
+        # Workers started together on a new database would all create Optuna's tables at once
+        # and collide (optuna#820): one at a time, under the lock every worker shares.
+        with StudyLock(url, TABLES_LOCK):
+            return optuna.storages.RDBStorage(
+                engine_url(parsed).render_as_string(hide_password=False),
+                engine_kwargs=_engine_kwargs(parsed),
+                heartbeat_interval=HEARTBEAT,
+                grace_period=GRACE,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY
+                ),
+            )
     except Exception as exc:  # noqa: BLE001 - connection, auth, missing database ...
         raise UserError(
             f"cannot open the Optuna storage {mask(url)}: {_short(exc)}"
         ) from None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and retry) the RUNNING trials of killed workers.
+
+    Optuna's own check only sees trials with a heartbeat row. A worker killed between creating
+    its trial (`study.ask`) and its heartbeat thread's first beat leaves a RUNNING trial without
+    one, which nothing would ever fail, and the exact trial target would wait for it forever.
+    Such a trial, started longer than the grace period ago (by the clock of the worker that
+    started it), is failed and retried like a stale one.
+    """
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage  # Optuna's cache in front of the RDBStorage: writes go through it
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage) or rdb.heartbeat_interval is None:
+        return
+    from optuna.storages._rdb.models import TrialHeartbeatModel  # optuna pinned to 5.0.x
+
+    grace = rdb.grace_period or 2 * rdb.heartbeat_interval
+    cutoff = datetime.now() - timedelta(seconds=grace)
+    old = {t._trial_id: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and t.datetime_start < cutoff}
+    if not old:
+        return
+    beats = TrialHeartbeatModel.__table__
+    with rdb.engine.connect() as conn:
+        beating = set(conn.execute(
+            sqlalchemy.select(beats.c.trial_id).where(beats.c.trial_id.in_(list(old)))
+        ).scalars())
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in set(old) - beating:
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished meanwhile, or another worker failed it first
+        if retry is not None:
+            retry(study, storage.get_trial(trial_id))
 
 
 def _short(exc: Exception) -> str:
@@ -98,7 +151,7 @@ class StudyLock:
         self._fh = None
         if self.url.get_backend_name() == "postgresql":
             self._engine = sqlalchemy.create_engine(
-                self.url, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(self.url)
+                engine_url(self.url), poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(self.url)
             )
 
     def acquire(self) -> None:

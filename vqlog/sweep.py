@@ -9,6 +9,7 @@ lock as soon as its trial exists.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -76,7 +77,7 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
 class DataCache:
     """Windows depend on a few config keys only; prepare each variant once per worker."""
 
-    KEYS = ("window", "stride", "resample_hz", "standardize")
+    KEYS = ("window", "stride", "resample_hz", "standardize", "seed")  # seed: synthetic data
 
     def __init__(self, source: str, sample_rate: float | None):
         self.source, self.sample_rate = source, sample_rate
@@ -100,11 +101,13 @@ def check_data(spec: SweepSpec, cache: DataCache, seed: int | None) -> None:
 
 
 def quiet_optuna() -> None:
-    """vqlog prints its own line per trial; Optuna's INFO lines and the ExperimentalWarnings of
-    the heartbeat API it recommends would drown them."""
+    """vqlog prints its own line per trial; Optuna's INFO lines, its WARNING with the whole
+    traceback of every failed trial, and the ExperimentalWarnings of the heartbeat API it
+    recommends would drown them (the failure's reason is in vqlog's line and the trial's
+    `fail_reason`)."""
     import warnings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -138,8 +141,11 @@ def run(
             for row in spec.enqueue:
                 study.enqueue_trial(row, skip_if_exists=True)
             study.set_user_attr("vqlog.enqueued", True)
-    if tracker is not None:
-        tracker.start_study(study, spec)
+        # Killed workers' trials first, so start_study's reconcile closes their MLflow runs now.
+        storage_mod.fail_stale_trials(study)
+        if tracker is not None:
+            # Under the lock: two workers starting together would each create a study run.
+            tracker.start_study(study, spec)
 
     summary = SweepSummary(study=spec.name, finished=0, target=trials)
     progress = _TrialProgress(trials, out)
@@ -156,10 +162,17 @@ def run(
             summary.table_path = tracker.after_trial(study)
         progress.trial_line(study, frozen)
 
+    def after_lost_trial(frozen: optuna.trial.FrozenTrial) -> None:
+        summary.ran_here += 1
+        summary.failed_here += 1
+        if tracker is not None:
+            summary.table_path = tracker.after_trial(study)
+        progress.line(f"Seq{frozen.number + 1:<4} FAIL      {LOST_REASON}")
+
     try:
         while True:
             with lock:
-                optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL + retry
+                storage_mod.fail_stale_trials(study)  # a killed worker's trial: FAIL + retry
                 counts = count_states(study)
                 finished = sum(counts[s] for s in FINISHED)
                 progress.update(finished)
@@ -177,7 +190,14 @@ def run(
                     lock.release()  # others are running the last trials: wait for them
                     time.sleep(POLL_SECONDS)
                     continue
-                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                objective.trial = objective.run = None
+                try:
+                    study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                except Exception:
+                    lost = objective.lost_trial(study)
+                    if lost is None:
+                        raise
+                    after_lost_trial(lost)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
@@ -203,6 +223,10 @@ def _check_directions(study: optuna.Study, spec: SweepSpec) -> None:
         )
 
 
+LOST_REASON = ("lost: another worker heard no heartbeat from this one within the grace period "
+               "and failed the trial; its retry runs later")
+
+
 class _Objective:
     """Thin: suggest, fit, report for pruning, hand metrics to the tracker."""
 
@@ -210,14 +234,16 @@ class _Objective:
         self.spec, self.cache, self.tracker = spec, cache, tracker
         self.device, self.seed, self.lock = device, seed, lock
         self.last_fail_reason = ""
+        self.trial = self.run = None  # the trial running here, and its MLflow run
 
     def __call__(self, trial: optuna.Trial):
         self.lock.release()  # the trial exists now; let other workers ask for theirs
+        self.trial = trial
         run = None
         try:
             cfg = self.spec.suggest(trial, self.seed)
             if self.tracker is not None:
-                run = self.tracker.start_trial(trial.number, cfg)
+                run = self.run = self.tracker.start_trial(trial.number, cfg)
             multi = self.spec.objective == "pareto"
 
             def on_eval(record) -> bool:
@@ -247,10 +273,27 @@ class _Objective:
         except BaseException as exc:
             reason = _reason(exc)
             self.last_fail_reason = reason
-            trial.set_user_attr("fail_reason", reason)
-            if run is not None:
-                run.finish("FAIL", reason=reason)
+            try:
+                if run is not None:
+                    run.finish("FAIL", reason=reason)
+            finally:
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    trial.set_user_attr("fail_reason", reason)  # unless already failed as lost
             raise
+
+    def lost_trial(self, study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+        """The trial that just ran here, if another worker failed it as stale meanwhile (this
+        worker's heartbeat missed the grace period: a long pause, an overloaded machine). Optuna
+        then refuses to record this worker's result and raises; the trial's retry runs later.
+        Its MLflow run is marked failed like the trial."""
+        if self.trial is None:  # the exception came before a trial existed (ask, storage)
+            return None
+        frozen = study._storage.get_trial(self.trial._trial_id)
+        if frozen.state != TrialState.FAIL or "fail_reason" in frozen.user_attrs:
+            return None  # not failed, or failed here (and the error is another one)
+        if self.run is not None:
+            self.run.finish("FAIL", reason=LOST_REASON)
+        return frozen
 
 
 def _or_zero(x: float) -> float:
@@ -309,12 +352,15 @@ class _TrialProgress:
                 what += f"  perplexity max {ppl:.1f}"
             what += f"  ({int(a.get('iterations_run', 0))} it, {a.get('train_seconds', 0):.0f} s)"
         best = _best_so_far(study)
-        line = f"Seq{t.number + 1:<4} {what}" + (f"  | best {best}" if best else "")
+        self.line(f"Seq{t.number + 1:<4} {what}" + (f"  | best {best}" if best else ""))
         if self.bar is not None:
-            self.bar.write(line)
             self.bar.set_postfix_str(best or "", refresh=True)
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
         else:
-            self.out(line)
+            self.out(text)
 
     def close(self) -> None:
         if self.bar is not None:

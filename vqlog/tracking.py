@@ -109,6 +109,12 @@ def _short(exc: BaseException) -> str:
     return " ".join(str(getattr(exc, "reason", None) or exc).split())[:200]
 
 
+def _with_driver(uri: str) -> str:
+    """A bare postgresql:// store through psycopg2, the driver vqlog ships (SQLAlchemy 2.1
+    defaults to psycopg 3)."""
+    return "postgresql+psycopg2://" + uri[len("postgresql://"):] if uri.startswith("postgresql://") else uri
+
+
 def absolute_sqlite_uri(uri: str) -> str:
     """`sqlite:///mlflow.db` -> `sqlite:////abs/folder/mlflow.db`, resolved against the working
     directory now. MLflow caches its store by the URI's text, so a process that changes folder
@@ -137,17 +143,23 @@ class Tracker:
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, table_dir: str | Path = "results",
                  lang: str = "en"):
         check_tracking_uri(tracking_uri)
-        quiet_mlflow()
-        from mlflow.tracking import MlflowClient
-
-        self.uri = absolute_sqlite_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.uri = _with_driver(absolute_sqlite_uri(tracking_uri))
+        self._client = None  # made on first use: a bad input found later leaves no mlflow.db
         self.table_dir = Path(table_dir)
         self.lang = lang
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.study_name = ""
         self._finished_seen = 0
+
+    @property
+    def client(self):
+        if self._client is None:
+            quiet_mlflow()
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     # ------------------------------------------------------------------------------ study level
 

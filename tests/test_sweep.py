@@ -1,0 +1,324 @@
+"""`vqlog-sweep` end to end on real SQLite stores under tmp_path: the exact trial target and resume,
+--seed, diverging trials, a killed worker (SIGKILL), Ctrl-C, and bad input that exits 2 before
+anything is written."""
+
+import signal
+import time
+
+import pytest
+from _sweep_helpers import (FAST_HEARTBEAT, Worker, finished, mlflow_runs, mlflow_uri,
+                            retried_from, states, study_trials, wait_until, write_spec)
+
+from vqlog.cli import sweep_main
+
+
+def cli(argv: list[str]) -> int:
+    """sweep_main's exit code, also where argparse exits (as the console script would)."""
+    try:
+        return sweep_main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def table_rows(path) -> dict[str, str]:
+    """Run name (without the best mark) -> its markdown row."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("| Seq"):
+            rows[line.split("|")[1].strip().rstrip(" ★")] = line
+    return rows
+
+
+# ------------------------------------------------------------------------------ in process
+
+
+@pytest.mark.slow
+def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    uri = mlflow_uri(tmp_path, tmp_path_factory)  # sqlite:///<tmp_path>/mlflow.db
+    args = ["--config", "smoke", "--storage", storage, "--tracking-uri", uri]
+
+    assert sweep_main(["--trials", "3", *args]) == 0
+    trials = study_trials(storage, "smoke")
+    assert len(finished(trials)) == len(trials) == 3
+    assert "smoke: 3/3 trials finished (3 ran here, 0 failed)" in capsys.readouterr().out
+
+    assert sweep_main(["--trials", "5", *args]) == 0  # the same study: only 2 more
+    trials = study_trials(storage, "smoke")
+    assert len(finished(trials)) == len(trials) == 5
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert "smoke: 5/5 trials finished (2 ran here, 0 failed)" in capsys.readouterr().out
+
+    assert sorted(table_rows(tmp_path / "results" / "smoke.md")) == [f"Seq{i}" for i in range(1, 6)]
+    runs = mlflow_runs(uri, "smoke")
+    assert sorted(r.info.run_name for r in runs) == [f"Seq{i}" for i in range(1, 6)]
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    assert len(mlflow_runs(uri, "smoke", role="study")) == 1
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_trials(tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, "repro", budget={"iteration": 6, "eval_every": 3}, pruner="none")
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    uri = mlflow_uri(tmp_path, tmp_path_factory)
+    for study in ("first", "second"):
+        assert sweep_main(["--trials", "2", "--config", str(spec), "--study", study, "--seed", "11",
+                           "--storage", storage, "--tracking-uri", uri]) == 0
+    first, second = study_trials(storage, "first"), study_trials(storage, "second")
+    assert [t.params for t in first] == [t.params for t in second]
+    assert [t.values for t in first] == [t.values for t in second]
+    assert len(first) == 2 and first[0].params != first[1].params  # the trials differ
+
+
+DIVERGE = {"lr": 1.0e6, "warmup": 0, "grad_clip": 1.0e30, "BN": False}  # Adam moves every weight
+# by ~lr on its first step, so the loss is inf at iteration 2 (checked for seeds 0-2).
+
+
+@pytest.mark.slow
+def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, tmp_path_factory,
+                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fixed = {k: v for k, v in DIVERGE.items() if k != "lr"}
+    spec = write_spec(tmp_path, "diverge", fixed=fixed, space={"lr": [1.0e6, 1.0e-3]},
+                      enqueue=[{"lr": 1.0e6}, {"lr": 1.0e-3}], pruner="none")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    capsys.readouterr()
+
+    assert sweep_main(["--trials", "1", "--config", str(spec), "--storage", storage,
+                       "--tracking-uri", uri]) == 0
+    out, err = capsys.readouterr()
+    assert "DivergedError" not in err  # no Optuna warning with a traceback: vqlog's line says it
+    bad, good = study_trials(storage, "diverge")
+    assert (bad.state.name, bad.params, good.state.name) == ("FAIL", {"lr": 1e6}, "COMPLETE")
+    assert bad.user_attrs["fail_reason"].startswith("diverged: loss is ")
+    assert "Seq1    FAIL      diverged: loss is" in out
+    assert "diverge: 1/1 trials finished (2 ran here, 1 failed)" in out
+
+    runs = {r.info.run_name: r for r in mlflow_runs(uri, "diverge")}
+    assert runs["Seq1"].info.status == "FAILED"
+    assert runs["Seq1"].data.tags["optuna.state"] == "FAIL"
+    assert runs["Seq1"].data.tags["vqlog.fail_reason"] == bad.user_attrs["fail_reason"]
+    assert runs["Seq2"].info.status == "FINISHED"
+    assert "diverged" in table_rows(tmp_path / "results" / "diverge.md")["Seq1"]
+
+
+@pytest.mark.slow
+def test_a_spec_whose_trials_all_fail_stops(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, "allfail", fixed=DIVERGE, space={"batch": [8, 16]}, pruner="none")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    capsys.readouterr()  # (MLflow's lines, if this test made the session's template store)
+
+    assert sweep_main(["--trials", "2", "--config", str(spec), "--storage", storage,
+                       "--tracking-uri", uri]) == 1
+    assert states(study_trials(storage, "allfail")) == {"FAIL": 5}
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "DivergedError" not in err, err
+    assert "5 trials in a row failed here (last: diverged: loss is" in errors[0]
+    assert {r.info.status for r in mlflow_runs(uri, "allfail")} == {"FAILED"}
+
+
+@pytest.mark.slow
+def test_a_trial_left_running_without_a_heartbeat_is_failed_and_retried(
+        tmp_path, tmp_path_factory, monkeypatch):
+    """A worker killed between creating its trial and the heartbeat's first beat leaves a RUNNING
+    trial that Optuna's stale-trial check never sees; the exact target must not wait for it."""
+    import optuna
+
+    from vqlog import storage as storage_mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(storage_mod, "HEARTBEAT", 1)
+    monkeypatch.setattr(storage_mod, "GRACE", 1)
+    spec = write_spec(tmp_path, "orphan", budget={"iteration": 4, "eval_every": 2}, pruner="none")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    study = optuna.create_study(study_name="orphan", storage=storage)
+    orphan = study.ask({"batch": optuna.distributions.CategoricalDistribution([8, 16])})
+    time.sleep(1.5)  # older than the grace period
+
+    # --timeout: were the orphan never failed, the sweep would wait for it forever
+    assert sweep_main(["--trials", "1", "--config", str(spec), "--storage", storage,
+                       "--tracking-uri", uri, "--timeout", "60"]) == 0
+    trials = study_trials(storage, "orphan")
+    assert trials[orphan.number].state.name == "FAIL"
+    assert states(trials) == {"FAIL": 1, "COMPLETE": 1}
+    retry = finished(trials)[0]
+    assert retried_from(retry) == orphan.number
+    assert retry.params["batch"] == orphan.params["batch"]
+
+
+@pytest.mark.slow
+def test_a_live_trial_failed_as_stale_by_another_worker_does_not_stop_this_one(
+        tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """A worker whose heartbeat missed the grace period (a long pause, an overloaded machine)
+    finds its trial failed by another worker: Optuna refuses its result. It must go on (the
+    trial's retry runs) instead of crashing, and mark the trial's MLflow run failed."""
+    import threading
+
+    import optuna
+
+    from vqlog import storage as storage_mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(storage_mod, "HEARTBEAT", 30)  # this worker beats once, at the start
+    monkeypatch.setattr(storage_mod, "GRACE", 60)
+    # 200 iterations (4 s here): the trial must outlast the other worker's 2 s wait
+    spec = write_spec(tmp_path, "lost", budget={"iteration": 200, "eval_every": 100}, pruner="none")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    failed_by_other: list[int] = []
+
+    def other_worker():
+        """Another worker's stale-trial check, with a grace period of 1 s."""
+        running = wait_until(lambda: [t for t in study_trials(storage, "lost")
+                                      if t.state.name == "RUNNING"], 120, "a RUNNING trial")
+        time.sleep(2)  # SQLite keeps heartbeats in whole seconds: 2 s is surely > 1 s
+        other = optuna.storages.RDBStorage(
+            storage, heartbeat_interval=1, grace_period=1,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+        optuna.storages.fail_stale_trials(optuna.load_study(study_name="lost", storage=other))
+        failed_by_other.append(running[0].number)
+
+    thread = threading.Thread(target=other_worker, daemon=True)
+    thread.start()
+    assert sweep_main(["--trials", "1", "--config", str(spec), "--storage", storage,
+                       "--tracking-uri", uri]) == 0
+    thread.join(1)
+    assert failed_by_other == [0]
+    lost, retry = study_trials(storage, "lost")
+    assert (lost.state.name, retry.state.name) == ("FAIL", "COMPLETE")
+    assert retried_from(retry) == 0
+    out = capsys.readouterr().out
+    assert "Seq1    FAIL      lost: another worker" in out
+    assert "lost: 1/1 trials finished (2 ran here, 1 failed)" in out
+    runs = {r.info.run_name: r for r in mlflow_runs(uri, "lost")}
+    assert (runs["Seq1"].info.status, runs["Seq1"].data.tags["optuna.state"]) == ("FAILED", "FAIL")
+    assert runs["Seq1"].data.tags["vqlog.fail_reason"].startswith("lost: ")
+    assert runs["Seq2"].info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------------------- subprocesses
+
+
+def slow_spec(tmp_path, name):
+    """Smoke with 100 iterations: a trial runs 2-3 s, long enough to be caught RUNNING."""
+    return write_spec(tmp_path, name, budget={"iteration": 100, "eval_every": 50}, pruner="none")
+
+
+def running_trial(storage: str, study: str, uri: str):
+    """The RUNNING trial once its MLflow run exists too (so its heartbeat has beaten)."""
+    running = [t for t in study_trials(storage, study) if t.state.name == "RUNNING"]
+    if not running:
+        return None
+    runs = mlflow_runs(uri, study, missing_ok=True)
+    numbers = {int(r.data.tags["optuna.trial_number"]) for r in runs if r.info.status == "RUNNING"}
+    return next((t for t in running if t.number in numbers), None)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_then_rerun_finishes_exactly_the_target(tmp_path, tmp_path_factory):
+    spec = slow_spec(tmp_path, "killed")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    args = ["--trials", "2", "--config", str(spec), "--storage", storage, "--tracking-uri", uri]
+
+    worker = Worker(args, tmp_path, "first", env=FAST_HEARTBEAT)
+    try:
+        victim = wait_until(lambda: running_trial(storage, "killed", uri), 90, "a RUNNING trial",
+                            alive=[worker])
+        worker.signal(signal.SIGKILL)
+        assert worker.wait(10) == -signal.SIGKILL
+    finally:
+        worker.kill()
+    assert study_trials(storage, "killed")[victim.number].state.name == "RUNNING"
+
+    rerun = Worker(args, tmp_path, "rerun", env=FAST_HEARTBEAT)
+    assert rerun.wait(120) == 0, rerun.output()
+    trials = study_trials(storage, "killed")
+    assert len(finished(trials)) == 2
+    assert "RUNNING" not in states(trials) and "WAITING" not in states(trials)
+    assert trials[victim.number].state.name == "FAIL"
+    retried = [t for t in trials if retried_from(t) == victim.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    assert retried[0].params == trials[victim.number].params
+    assert "killed: 2/2 trials finished" in rerun.stdout
+
+    runs = mlflow_runs(uri, "killed")
+    assert "RUNNING" not in {r.info.status for r in runs}
+    lost = next(r for r in runs if r.data.tags["optuna.trial_number"] == str(victim.number))
+    assert (lost.info.status, lost.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+    assert "heartbeat stopped" in lost.data.tags["vqlog.fail_reason"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_fails_the_running_trial_and_keeps_the_finished(tmp_path, tmp_path_factory):
+    spec = slow_spec(tmp_path, "interrupted")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    worker = Worker(["--trials", "4", "--config", str(spec), "--storage", storage,
+                     "--tracking-uri", uri], tmp_path, env=FAST_HEARTBEAT)
+    try:
+        def second_trial_running():
+            t = running_trial(storage, "interrupted", uri)
+            return t if t is not None and t.number >= 1 else None
+
+        victim = wait_until(second_trial_running, 120, "a second trial RUNNING", alive=[worker])
+        worker.signal(signal.SIGINT)
+        assert worker.wait(60) == 130, worker.output()
+    finally:
+        worker.kill()
+    trials = study_trials(storage, "interrupted")
+    assert trials[victim.number].state.name == "FAIL"
+    assert trials[victim.number].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert all(t.state.name == "COMPLETE" for t in trials[:victim.number])
+    assert len(trials) == victim.number + 1  # no trial after Ctrl-C
+    assert "RUNNING" not in states(trials)
+    assert "Interrupted: the running trial was marked FAIL" in worker.stdout
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in mlflow_runs(uri, "interrupted")}
+    assert runs[victim.number].info.status == "FAILED"
+    assert "RUNNING" not in {r.info.status for r in runs.values()}
+
+
+# -------------------------------------------------------------------------------- bad input
+
+BAD_INPUT = {
+    "trials 0": (["--trials", "0"], "--trials must be at least 1"),
+    "missing spec": (["--config", "missing.yaml"], "sweep spec not found: missing.yaml"),
+    "unknown storage scheme": (["--storage", "nonsense://x"], "scheme 'nonsense' is not supported"),
+    "mysql storage": (["--storage", "mysql://u:secret@h/db"], "scheme 'mysql' is not supported"),
+    "storage not a URL": (["--storage", "optuna.db"], "--storage is not a database URL"),
+    "storage folder missing": (["--storage", "sqlite:///no/such/dir/optuna.db"], "does not exist"),
+    "missing data file": (["--data", "missing.npy"], "data file not found: missing.npy"),
+    "ftp tracking": (["--tracking-uri", "ftp://x"], "--tracking-uri must be sqlite:///FILE"),
+    "unknown flag": (["--trails", "3"], "unrecognized arguments: --trails"),
+}
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(tmp_path, monkeypatch, capfd, case):
+    argv, expected = BAD_INPUT[case]
+    monkeypatch.chdir(tmp_path)  # results/ would go here
+    # The defaults' files, but absolute: MLflow caches a store per URI string, so a relative
+    # sqlite:///mlflow.db made here would serve later in-process tests in other folders.
+    defaults = {"--config": "smoke", "--storage": f"sqlite:///{tmp_path}/optuna.db",
+                "--tracking-uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    argv = [*argv, *(x for k, v in defaults.items() if k not in argv for x in (k, v))]
+    assert cli(argv) == 2
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert expected in lines[0]
+    assert "secret" not in out + err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no optuna.db, mlflow.db, results/
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://postgres:s3cr3t@127.0.0.1:5432/does_not_exist_db",  # connects, then fails
+    "postgresql://postgres:s3cr3t@127.0.0.1:notaport/db",  # not even a URL
+])
+def test_storage_password_is_never_printed(tmp_path, tmp_path_factory, monkeypatch, capfd, url):
+    monkeypatch.chdir(tmp_path)
+    uri = mlflow_uri(tmp_path / "mlflow", tmp_path_factory)
+    assert sweep_main(["--config", "smoke", "--storage", url, "--tracking-uri", uri]) == 2
+    out, err = capfd.readouterr()
+    assert "s3cr3t" not in out + err
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "***@127.0.0.1" in errors[0], err
