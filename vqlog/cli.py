@@ -319,10 +319,11 @@ def _existing_store(uri: str | None) -> str:
     from vqlog import tracking
     from vqlog.errors import UserError
 
-    uri = tracking.absolute_sqlite_uri(uri or tracking.DEFAULT_TRACKING_URI)
+    given = uri or tracking.DEFAULT_TRACKING_URI
+    uri = tracking.absolute_sqlite_uri(given)
     tracking.check_tracking_uri(uri)
     if uri.startswith("sqlite:///") and not Path(uri.split(":///", 1)[1].split("?")[0]).is_file():
-        raise UserError(f"no MLflow store at {uri}; run vqlog-sweep first or pass --tracking-uri")
+        raise UserError(f"no MLflow store at {given}; run vqlog-sweep first or pass --tracking-uri")
     return uri
 
 
@@ -443,7 +444,7 @@ def _mask_urls(text: str) -> str:
     """Library errors quote URLs whole ("API request to http://user:pw@host/... failed")."""
     import re
 
-    return re.sub(r"(\w[\w+.-]*://)[^/@\s]*@", r"\1***@", text)
+    return re.sub(r"(\w[\w+.-]*://[^/@:\s]*):[^/@\s]*@", r"\1:***@", text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
