@@ -17,7 +17,7 @@ from vqlog.config import Config
 from vqlog.data import Splits
 from vqlog.errors import DivergedError, UserError
 from vqlog.model.s4d import ssm_parameters
-from vqlog.model.vqvae import VQVAE
+from vqlog.model.vqvae import VQVAE, VQVAEOutput
 from vqlog.oscillation import oscillation_score
 
 SSM_MAX_LR = 1e-3  # S4D's A and dt are unstable above this (Gu et al. 2022, sec. 4)
@@ -145,6 +145,28 @@ def evaluate(model: VQVAE, windows: Tensor) -> tuple[float, Tensor | None]:
     return sq_err / windows.numel(), counts
 
 
+def train_step(
+    model: VQVAE, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float, step: int = 0
+) -> tuple[VQVAEOutput, Tensor, Tensor]:
+    """One optimizer step on the windows x (B, L): forward, backward, gradient clipping, AdamW.
+
+    Returns the model output, the reconstruction MSE and the loss (MSE + quantizer loss). Raises
+    DivergedError naming iteration `step` on a NaN/Inf loss, before the step could spread it into
+    the weights. `fit` and benchmarks/bench_step.py both time exactly this.
+    """
+    out = model(x)
+    mse = F.mse_loss(out.recon, x)
+    loss = mse + out.quant.loss
+    if not torch.isfinite(loss):
+        raise DivergedError(f"diverged: loss is {loss.item()} at iteration {step}", step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:  # clipping to norm 0 would zero every gradient: 0 means off
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return out, mse, loss
+
+
 def fit(
     cfg: Config,
     data: Splits,
@@ -179,16 +201,7 @@ def fit(
     for step in range(1, cfg.iteration + 1):
         idx = torch.randint(len(train), (cfg.batch,), generator=gen).to(dev)
         x = train[idx]  # (B L)
-        out = model(x)
-        mse = F.mse_loss(out.recon, x)
-        loss = mse + out.quant.loss
-        if not torch.isfinite(loss):
-            raise DivergedError(f"diverged: loss is {loss.item()} at iteration {step}", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:  # clipping to norm 0 would zero every gradient: 0 means off
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        out, mse, loss = train_step(model, opt, x, cfg.grad_clip, step)
         sched.step()
 
         acc_loss = loss.item()
