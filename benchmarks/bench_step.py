@@ -22,6 +22,7 @@ and d_state 64 (2+2 S4D layers, L 256). Target: reference / vqlog >= 1.5.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -66,10 +67,22 @@ def build_models(cfg: Config, device: torch.device) -> dict[str, VQVAE]:
             for name, (s4d, vq) in VARIANTS.items()}
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """Plain float32 on a GPU while checking: cuDNN's default TF32 convolutions round their
+    inputs to 10 mantissa bits, which turns the formulations' 1e-6 differences into 1e-3 ones."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def check_outputs(models: dict[str, VQVAE], x: torch.Tensor) -> dict[str, dict]:
     """Every variant's forward outputs and parameter gradients against vqlog's; raises if not
-    allclose. float32, so the tolerance is relative to each tensor's scale (a gradient of 1e3
-    and one of 1e-6 in the same model)."""
+    allclose (codes equal for >= 99.9% of positions: float32 may flip a near-tie). The tolerance
+    is relative to each tensor's scale (a gradient of 1e3 and one of 1e-6 in the same model)."""
     results = {}
     for name, model in models.items():
         out = model(x)
@@ -87,7 +100,12 @@ def check_outputs(models: dict[str, VQVAE], x: torch.Tensor) -> dict[str, dict]:
             "grad": max(_rel_err(g, f) for g, f in zip(grads, fast_grads)),
         }
         report[name] = {"same_codes": same_codes, "max_rel_err": worst}
-        if same_codes < 0.999 or max(worst.values()) > 1e-3:
+        # Gradients get a wider tolerance: at d_model 128 in float32, log_dt's gradient is off
+        # its float64 value by 7e-4 of its scale with vqlog's block-Vandermonde kernel and 3e-4
+        # with the reference kernel (phases Δ·A_imag·l of thousands of radians at L 256), so
+        # the two differ by up to 8e-4; in float64 they agree to 1e-8 (tests/test_reference.py).
+        outputs_off = max(worst["recon"], worst["z"], worst["loss"]) > 1e-4
+        if same_codes < 0.999 or outputs_off or worst["grad"] > 1e-2:
             raise AssertionError(f"{name} differs from vqlog's step: codes equal {same_codes:.4f}, "
                                  f"relative errors {worst}")
     return report
@@ -102,7 +120,8 @@ def bench_shape(name: str, cfg: Config, device: torch.device, rounds: int, steps
     models = build_models(cfg, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch, cfg.window, generator=g).to(device)  # (B L), z-scored like windows
-    check = check_outputs(models, x)
+    with no_tf32():
+        check = check_outputs(models, x)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     # The reference VQ search takes seconds per step on a CPU: one step per round is plenty.
@@ -157,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (default 1: one per sweep worker)")
     p.add_argument("--shapes", nargs="+", default=["seed", "large"], choices=("seed", "large"))
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--steps", type=int, default=3,
                    help="steps per variant per round (default 3; 1 for the reference VQ search)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/step[_cuda].json)")
