@@ -59,15 +59,16 @@ def _healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def mlflow_server(folder: Path, backend_uri: str | None = None, extra: Sequence[str] = (),
-                  cwd: Path | None = None) -> Iterator[Server]:
+                  cwd: Path | None = None, port: int | None = None) -> Iterator[Server]:
     """Start `mlflow server` on a free 127.0.0.1 port, yield it once /health answers, stop it.
 
     Default: `--backend-store-uri sqlite:///<folder>/mlflow.db --artifacts-destination
     <folder>/artifacts --serve-artifacts`. `backend_uri` replaces all of that (e.g. the embedded
     store `sqlite:///mlflow.db` with `cwd` the sweep's folder, as a user's `mlflow ui` would run).
+    `port`: a given port, e.g. to start the same server again after stopping it.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     if backend_uri is None:
         store = ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                  "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"]
@@ -77,7 +78,7 @@ def mlflow_server(folder: Path, backend_uri: str | None = None, extra: Sequence[
            "--workers", "1", *extra]
     log = folder / f"mlflow-server-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:  # a restart on the same port appends
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd or folder,
                                 env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -54,6 +54,7 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from vqlog import checkpoint
     from vqlog.config import Config, load_config_file, parse_overrides
     from vqlog.data import prepare
     from vqlog.errors import DivergedError, UserError
@@ -83,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = result.summary()
     print(_summary_text(cfg, s))
     if args.save:
-        _save(args.save, cfg, result.model)
+        checkpoint.save(args.save, cfg, result.model)
         print(f"saved: {args.save}")
     return 0
 
@@ -123,20 +124,6 @@ def _check_writable(path: str) -> None:
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UserError(f"cannot write {path}: {parent} {what}")
-
-
-def _save(path: str, cfg, model) -> None:
-    import os
-
-    import torch
-
-    tmp = f"{path}.tmp"
-    try:
-        torch.save({"config": cfg.to_params(), "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class _Progress:
@@ -206,6 +193,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from vqlog import sweep, tracking
     from vqlog.errors import UserError
+    from vqlog.retry import TrackingUnavailable
     from vqlog.spec import load_sweep
     from vqlog.storage import mask, parse_url
 
@@ -228,9 +216,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
           f"storage {mask(args.storage)}, tracking {mask(uri)}", flush=True)
     start = time.perf_counter()
-    result = sweep.run(spec, args.trials, args.storage, tracker=tracker, device=args.device,
-                       timeout=args.timeout, seed=args.seed)
+    try:
+        result = sweep.run(spec, args.trials, args.storage, tracker=tracker, device=args.device,
+                           timeout=args.timeout, seed=args.seed)
+    except TrackingUnavailable as exc:
+        sys.stderr.write(
+            f"Error: {_mask_urls(str(exc))}. Everything finished is kept in the study and MLflow; "
+            "a trial cut short was marked FAIL. Start the tracking server, then rerun the same "
+            "command to resume.\n"
+        )
+        return 1
     print(_sweep_summary(result, time.perf_counter() - start, args.storage, uri))
+    if (ridden := tracker.close()) is not None:
+        print(ridden)
     if result.interrupted:
         print("Interrupted: the running trial was marked FAIL; everything finished is kept. "
               "Rerun the same command to continue.")
@@ -298,11 +296,15 @@ def _add_table(sub) -> None:
 def cmd_table(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from vqlog import tracking
+    from vqlog import retry, tracking
+    from vqlog.storage import mask
 
     uri = _existing_store(args.tracking_uri)
     tracking.quiet_mlflow()
-    client = MlflowClient(tracking_uri=uri)
+    # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
+    # waited out (vqlog.retry), as the sweep's own tracker does.
+    retry.quiet_http_retries(uri)
+    client = retry.RetryingClient(MlflowClient(tracking_uri=uri), mask(uri))
     study = args.study or _only_study(client)
     parent = _parent_run_id(client, study)
     try:

@@ -19,6 +19,8 @@ from optuna.trial import TrialState
 
 from vqlog import plots
 from vqlog.errors import UserError
+from vqlog.failpoints import failpoint
+from vqlog.retry import RetryingClient, TrackingUnavailable, quiet_http_retries
 from vqlog.storage import mask
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -158,7 +160,8 @@ class Tracker:
             quiet_mlflow()
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            quiet_http_retries(self.uri)
+            self._client = RetryingClient(MlflowClient(tracking_uri=self.uri), mask(self.uri))
         return self._client
 
     # ------------------------------------------------------------------------------ study level
@@ -247,24 +250,35 @@ class Tracker:
             plots.close(fig)
 
     def reconcile(self, study: optuna.Study) -> None:
-        """Child runs left RUNNING by a killed worker get the state Optuna settled on."""
-        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string="tags.`vqlog.role` = 'trial' and attributes.status = 'RUNNING'",
-            max_results=1000,
-        )
-        for run in runs:
-            number = int(run.data.tags.get("optuna.trial_number", -1))
-            state = states.get(number)
-            if state is None or state in (TrialState.RUNNING, TrialState.WAITING):
+        """Give every trial run the state Optuna settled on, where a killed worker left them
+        apart: a run left RUNNING, or a run finished in MLflow whose worker died before Optuna
+        stored the result (Optuna fails that trial and retries it)."""
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        for run in self._trial_runs():
+            trial = trials.get(int(run.data.tags.get("optuna.trial_number", -1)))
+            if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
-            name = OPTUNA_STATE.get(state, "FAIL")
+            name = OPTUNA_STATE.get(trial.state, "FAIL")
+            if run.info.status == STATUS[name] and run.data.tags.get("optuna.state") == name:
+                continue
             self.client.set_tag(run.info.run_id, "optuna.state", name)
-            if state == TrialState.FAIL:
-                self.client.set_tag(run.info.run_id, "vqlog.fail_reason",
-                                    "worker lost: its heartbeat stopped (killed or crashed)")
+            if trial.state == TrialState.FAIL:
+                # The worker's own reason when it got to record one (a tracking outage),
+                # else it was killed before it could.
+                reason = trial.user_attrs.get("fail_reason") or (
+                    "worker lost: its heartbeat stopped (killed or crashed)")
+                self.client.set_tag(run.info.run_id, "vqlog.fail_reason", reason[:5000])
             self.client.set_terminated(run.info.run_id, STATUS[name])
+
+    def _trial_runs(self) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], "tags.`vqlog.role` = 'trial'",
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
 
     # ------------------------------------------------------------------------------ trial level
 
@@ -282,6 +296,13 @@ class Tracker:
         )
         self._log_params(run.info.run_id, cfg.to_params())
         return TrialRun(self.client, run.info.run_id, cfg)
+
+    def close(self) -> str | None:
+        """A line for the sweep's summary when outages were ridden out, else None."""
+        if self._client is None or not self._client.outages:
+            return None
+        return (f"tracking: {self._client.outages} outage(s) of {self._client.describe} ridden out; "
+                "no metric lost")
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -302,38 +323,53 @@ def publish_table(client, parent_id: str, text: str) -> None:
 
 
 class TrialRun:
-    """One trial's child run. Step metrics are buffered and sent once per evaluation."""
+    """One trial's child run. Step metrics are buffered and sent once per evaluation; while the
+    tracking server is away they stay in the buffer (training goes on) and go with the next send."""
 
     def __init__(self, client, run_id: str, cfg):
         self.client, self.run_id, self.cfg = client, run_id, cfg
+        self._pending: list = []  # Metric entities not yet accepted by the store
 
     def log_eval(self, record) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = []
         for p in record.train_points:
             for key, value in (("train/loss", p.loss), ("train/mse", p.mse),
                                ("train/commitment", p.commitment), ("train/perplexity", p.perplexity)):
                 if math.isfinite(value):
-                    metrics.append(Metric(key, value, now, p.step))
+                    self._pending.append(Metric(key, value, now, p.step))
         for key, value in (("val/mse", record.val_mse), ("val/perplexity", record.val_perplexity),
                            ("val/usage", record.val_usage), ("val/dead_codes", record.val_dead_codes)):
             if math.isfinite(value):
-                metrics.append(Metric(key, float(value), now, record.step))
-        for start in range(0, len(metrics), 1000):  # MLflow's per-request limit
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+                self._pending.append(Metric(key, float(value), now, record.step))
+        self.flush(wait=False)
+
+    def flush(self, wait: bool = True) -> bool:
+        """Send the buffer in MLflow's 1,000-metric requests. wait=False: one attempt, and False
+        if the store is away (TrackingUnavailable once that has lasted past the limit)."""
+        while self._pending:
+            chunk = self._pending[:1000]  # MLflow's per-request limit
+            failpoint("tracking.log")
+            if wait:
+                self.client.call("log_batch", self.run_id, metrics=chunk)
+            elif not self.client.try_call("log_batch", self.run_id, metrics=chunk)[0]:
+                return False
+            del self._pending[:len(chunk)]
+        return True
 
     def finish(self, state: str, summary: dict | None = None, reason: str | None = None,
                result=None, windows=None) -> None:
-        """Summary metrics, plots, the Optuna state as a tag, and a terminal run status."""
+        """Buffered metrics, summary metrics, plots, the Optuna state as a tag, and a terminal
+        run status."""
         from mlflow.entities import Metric
 
         try:
             if summary:
                 now = int(time.time() * 1000)
-                metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if math.isfinite(v)]
-                self.client.log_batch(self.run_id, metrics=metrics)
+                self._pending += [Metric(k, float(v), now, 0) for k, v in summary.items()
+                                  if math.isfinite(v)]
+            self.flush()
             if result is not None:
                 fig = plots.curves_figure(result)
                 self.client.log_figure(self.run_id, fig, "curves.png")
@@ -347,5 +383,9 @@ class TrialRun:
                 tags["vqlog.fail_reason"] = reason[:5000]
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, v)
-        finally:
+        except TrackingUnavailable:
+            raise  # the run stays RUNNING; the rerun's reconcile gives it Optuna's state
+        except BaseException:
             self.client.set_terminated(self.run_id, STATUS[state])
+            raise
+        self.client.set_terminated(self.run_id, STATUS[state])

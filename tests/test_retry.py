@@ -1,0 +1,105 @@
+"""vqlog.retry against real MLflow clients: a port nothing listens on, a real SQLite store, and
+a real server that comes up while a call is retrying. The end-to-end outage tests (a server
+stopped under a running sweep) are in tests/test_tracking_outage.py."""
+
+import threading
+import time
+
+import pytest
+from _mlflow_server import free_port, mlflow_server
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from vqlog.retry import RetryingClient, TrackingUnavailable, is_transient, quiet_http_retries
+
+
+@pytest.fixture(autouse=True)
+def one_http_attempt(monkeypatch):
+    # What the Tracker sets for http URIs: MLflow's own retries would take minutes here.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
+def error_of(call) -> Exception:
+    with pytest.raises(Exception) as info:
+        call()
+    return info.value
+
+
+def test_a_refused_connection_is_transient():
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    assert is_transient(error_of(client.search_experiments))
+
+
+def test_an_unknown_run_is_not_transient(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exc = error_of(lambda: client.get_run("0" * 32))
+    assert isinstance(exc, MlflowException) and not is_transient(exc)
+
+
+def test_a_non_transient_error_is_raised_at_once_without_retrying(tmp_path):
+    sleeps = []
+    client = RetryingClient(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), "store",
+                            limit=60, sleep=sleeps.append)
+    with pytest.raises(MlflowException):
+        client.get_run("0" * 32)
+    assert sleeps == [] and client.down_since is None and client.outages == 0
+
+
+def test_an_outage_past_the_limit_raises_naming_the_store_and_the_limit():
+    url = f"http://127.0.0.1:{free_port()}"
+    client = RetryingClient(MlflowClient(tracking_uri=url), url, limit=1.0)
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=rf"MLflow tracking at {url} has been unreachable "
+                                                  r"for \d+ s, longer than the limit of 1 s"):
+        client.search_experiments()
+    assert 1.0 <= time.monotonic() - start < 10
+    # The outage goes on: the next call fails at once instead of waiting the limit again.
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable):
+        client.search_experiments()
+    assert time.monotonic() - start < 1.0
+
+
+def test_try_call_is_one_attempt_and_backs_off_only_in_call():
+    url = f"http://127.0.0.1:{free_port()}"
+    sleeps = []
+    client = RetryingClient(MlflowClient(tracking_uri=url), url, limit=3600, sleep=sleeps.append)
+    assert client.try_call("search_experiments") == (False, None)
+    assert client.outages == 1 and client.down_since is not None and sleeps == []
+
+
+def test_a_call_waits_for_a_server_that_comes_up(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = RetryingClient(MlflowClient(tracking_uri=url), url, limit=180)
+    started, done = threading.Event(), threading.Event()
+
+    def serve():
+        with mlflow_server(tmp_path / "server", port=port):
+            started.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        experiments = client.search_experiments()  # refused until the server answers
+        assert started.is_set()
+        assert [e.name for e in experiments] == ["Default"]
+        assert client.outages == 1 and client.down_since is None  # the outage is over
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def test_only_http_uris_turn_mlflows_own_retries_off(monkeypatch):
+    import os
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)  # restored after the test
+    quiet_http_retries("sqlite:///mlflow.db")
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    quiet_http_retries("http://127.0.0.1:5000")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # the user's own choice is kept
+    quiet_http_retries("http://127.0.0.1:5000")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
