@@ -24,6 +24,7 @@ from vqlog import storage as storage_mod
 from vqlog.config import Config
 from vqlog.data import Splits, prepare
 from vqlog.errors import DivergedError, UserError, VqlogError
+from vqlog.failpoints import failpoint
 from vqlog.spec import SweepSpec
 from vqlog.train import fit
 
@@ -158,9 +159,9 @@ def run(
         summary.ran_here += 1
         fails_in_a_row = fails_in_a_row + 1 if frozen.state == TrialState.FAIL else 0
         summary.failed_here += frozen.state == TrialState.FAIL
+        progress.trial_line(study, frozen)
         if tracker is not None:
             summary.table_path = tracker.after_trial(study)
-        progress.trial_line(study, frozen)
 
     def after_lost_trial(frozen: optuna.trial.FrozenTrial) -> None:
         summary.ran_here += 1
@@ -247,6 +248,7 @@ class _Objective:
             multi = self.spec.objective == "pareto"
 
             def on_eval(record) -> bool:
+                failpoint("trial.eval")
                 if run is not None:
                     run.log_eval(record)
                 if multi:
@@ -265,6 +267,7 @@ class _Objective:
                 raise optuna.TrialPruned(f"pruned at iteration {result.iterations_run}")
             if run is not None:
                 run.finish("COMPLETE", summary, result=result, windows=data.valid[:4])
+            failpoint("trial.tell")  # MLflow has the result, Optuna not yet
             if multi:
                 return summary["final_val_mse"], _or_zero(summary["max_val_perplexity"])
             return summary["final_val_mse"]

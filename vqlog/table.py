@@ -14,16 +14,19 @@ The Chinese log uses the same English column names; `lang="zh"` changes headings
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from vqlog.config import known_keys
 from vqlog.errors import UserError
+from vqlog.failpoints import failpoint
 from vqlog.oscillation import LABELS, THRESHOLDS, check_lang, oscillation_label
 
 if TYPE_CHECKING:  # mlflow is slow to import; only the MLflow-facing functions need it
@@ -343,6 +346,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp would leave 0600
+    _remove_orphans(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -350,11 +354,25 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        failpoint("table.write")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+ORPHAN_AGE = 600  # seconds: a temp file this old was left by a killed writer, not a live one
+
+
+def _remove_orphans(path: Path) -> None:
+    """Temp files of `path` left by a writer killed before its os.replace. Only old ones: a
+    worker on another host may be writing its own right now (the folder can be shared)."""
+    cutoff = time.time() - ORPHAN_AGE
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
 
 
 def regenerate(client: MlflowClient, study: str, out_path: str | os.PathLike, lang: str = "en") -> str:

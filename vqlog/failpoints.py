@@ -1,0 +1,29 @@
+"""Crash points for the crash-safety test (tests/test_crash.py).
+
+With VQLOG_FAILPOINT=NAME:N in the environment, the N-th pass of this process through
+`failpoint("NAME")` kills it with SIGKILL, as `kill -9` from outside would, but at a moment the
+test chose: mid-training, between two metric batches, between training and Optuna's record of
+the result, or halfway through writing the table. Unset (always, outside that test), a pass costs
+one environment lookup.
+
+Names: trial.eval, tracking.log, trial.tell, table.write.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_passes: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    spec = os.environ.get("VQLOG_FAILPOINT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _passes[name] = _passes.get(name, 0) + 1
+    if _passes[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
