@@ -1,0 +1,59 @@
+"""vqlog.checkpoint: what `vqlog train --save` writes loads back into the same model, and a file
+that would run code when unpickled is refused, not executed (weights-only load)."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from vqlog import checkpoint
+from vqlog.config import Config
+from vqlog.errors import UserError
+from vqlog.model.vqvae import VQVAE
+
+TINY = dict(d_model=8, d_state=8, n_layers=1, window=32, embedding_dim=8, embedding_num=16,
+            quantizer="vq")
+
+
+def test_save_then_load_gives_the_same_model(tmp_path):
+    cfg = Config.from_mapping({**TINY, "BN": "yes", "MLP": "linear"})
+    torch.manual_seed(0)
+    model = VQVAE(cfg).eval()
+    checkpoint.save(tmp_path / "model.pt", cfg, model)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left
+
+    loaded_cfg, loaded = checkpoint.load(tmp_path / "model.pt")
+    assert loaded_cfg == cfg and not loaded.training
+    x = torch.randn(2, cfg.window)  # (B L)
+    with torch.no_grad():
+        assert torch.equal(model(x).recon, loaded(x).recon)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"config": {}, "state_dict": _RunsCode()}, f)
+    with pytest.raises(UserError, match="is not a vqlog checkpoint that loads safely"):
+        checkpoint.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_foreign_and_mismatched_files_name_the_problem(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        checkpoint.load(tmp_path / "nope.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="expected keys config and state_dict"):
+        checkpoint.load(tmp_path / "other.pt")
+    cfg = Config.from_mapping(TINY)
+    wrong = Config.from_mapping({**TINY, "embedding_num": 32})
+    torch.save({"config": wrong.to_params(), "state_dict": VQVAE(cfg).state_dict()},
+               tmp_path / "mismatch.pt")
+    with pytest.raises(UserError, match="weights do not fit its config"):
+        checkpoint.load(tmp_path / "mismatch.pt")
