@@ -191,16 +191,19 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vqlog import sweep, tracking
     from vqlog.errors import UserError
+
+    # The flags first: a typo is reported before torch and MLflow are imported.
+    if args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if args.timeout is not None and not args.timeout > 0:  # NaN too
+        raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+
+    from vqlog import sweep, tracking
     from vqlog.retry import TrackingUnavailable
     from vqlog.spec import load_sweep
     from vqlog.storage import mask, parse_url
 
-    if args.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {args.trials}")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     spec = load_sweep(args.config)
     changes = {}
     if args.study:

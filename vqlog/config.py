@@ -143,9 +143,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} ({_first_line(exc)}); save it as UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {_first_line(exc)}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -155,6 +159,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """Where and what, from PyYAML's marks: its own text spans several lines, draws a caret under
+    a quoted snippet and calls the file "<unicode string>"."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return _first_line(exc)
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        text += f" ({context} at line {start.line + 1}, column {start.column + 1})"
+    return " ".join(text.split())
 
 
 _YES = {"yes", "true", "on", "1"}

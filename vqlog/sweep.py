@@ -126,6 +126,8 @@ def run(
     quiet_optuna()
     cache = DataCache(spec.source, spec.sample_rate)
     check_data(spec, cache, seed)
+    if tracker is not None:
+        tracker.check_experiment(spec.name)  # before the study exists
     storage = storage_mod.open_storage(storage_url)
     lock = storage_mod.StudyLock(storage_url, spec.name)
     with lock:

@@ -22,12 +22,12 @@ from vqlog.errors import UserError
 from vqlog.failpoints import failpoint
 from vqlog.retry import RetryingClient, TrackingUnavailable, quiet_http_retries
 from vqlog.storage import mask
+from vqlog.tracking_uri import (DEFAULT_TRACKING_URI, absolute_sqlite_uri, check_tracking_uri,
+                                with_driver)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 OPTUNA_STATE = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL"}
 STUDY_PLOTS_EVERY = 5  # refresh Optuna's study plots every k finished trials (and at the end)
-DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def quiet_mlflow() -> None:
@@ -37,97 +37,6 @@ def quiet_mlflow() -> None:
 
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def check_tracking_uri(uri: str) -> None:
-    """Fail before the first trial when the tracking URI cannot work (exit 2, password masked)."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
-    if scheme in ("http", "https"):
-        import http.client
-        import urllib.error
-        import urllib.request
-
-        try:
-            health = _health_request(uri)
-            with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - user's server
-                if resp.status != 200:
-                    raise OSError(f"HTTP {resp.status}")
-        except urllib.error.HTTPError as exc:
-            if exc.code != 401:  # basic-auth servers guard /health too; the server is up
-                raise UserError(f"MLflow server {mask(uri)} answered HTTP {exc.code} on /health") from None
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            reason = _short(exc)
-            secret = _password(uri)
-            if secret and not isinstance(exc, OSError):
-                # urllib's message on a malformed URI can quote a piece of the password
-                # ("nonnumeric port: 'pa'" for user:pa/ss@host): say what is wrong instead.
-                reason = "malformed URL; percent-encode / ? # @ : in the user name and password"
-            elif secret:
-                reason = reason.replace(secret, "***")
-            raise UserError(
-                f"cannot reach the MLflow server {mask(uri)} ({reason}); start it or pass "
-                "another --tracking-uri"
-            ) from None
-    elif scheme == "sqlite":
-        path = uri.split(":///", 1)[1] if ":///" in uri else ""
-        if not path:
-            raise UserError(f"--tracking-uri {uri} needs a file, e.g. sqlite:///mlflow.db")
-        folder = Path(path).expanduser().resolve().parent
-        if not folder.is_dir():
-            raise UserError(f"--tracking-uri: folder {folder} for the SQLite file does not exist")
-    elif scheme not in DB_SCHEMES:
-        raise UserError(
-            f"--tracking-uri must be sqlite:///FILE, a database URL or http(s)://HOST:PORT; "
-            f"got {mask(uri)}"
-        )
-
-
-def _health_request(uri: str):
-    """GET <uri>/health. Credentials in the URI (http://user:password@host) go in a Basic auth
-    header, as MLflow's client (requests) sends them; urllib would take `user:password@host` for
-    the host name and fail with 'Name or service not known'."""
-    import base64
-    import urllib.parse
-    import urllib.request
-
-    parts = urllib.parse.urlsplit(uri)
-    host = parts.netloc.rpartition("@")[2]
-    path = parts.path.rstrip("/") + "/health"
-    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, host, path, "", "")))
-    if parts.username is not None or parts.password is not None:
-        user = urllib.parse.unquote(parts.username or "")
-        password = urllib.parse.unquote(parts.password or "")
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    return request
-
-
-def _password(uri: str) -> str:
-    userinfo = uri.partition("://")[2].rpartition("@")[0]
-    return userinfo.partition(":")[2]
-
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(getattr(exc, "reason", None) or exc).split())[:200]
-
-
-def _with_driver(uri: str) -> str:
-    """A bare postgresql:// store through psycopg2, the driver vqlog ships (SQLAlchemy 2.1
-    defaults to psycopg 3)."""
-    return "postgresql+psycopg2://" + uri[len("postgresql://"):] if uri.startswith("postgresql://") else uri
-
-
-def absolute_sqlite_uri(uri: str) -> str:
-    """`sqlite:///mlflow.db` -> `sqlite:////abs/folder/mlflow.db`, resolved against the working
-    directory now. MLflow caches its store by the URI's text, so a process that changes folder
-    would keep writing a relative URI's runs to the first folder's database while their artifacts
-    (located from the current folder) went to the new one."""
-    if not uri.startswith("sqlite:///"):
-        return uri
-    path, sep, query = uri[len("sqlite:///"):].partition("?")
-    if not path or path == ":memory:" or path.startswith("/"):
-        return uri
-    return f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
 
 
 def _artifact_location(uri: str, study: str) -> str | None:
@@ -145,7 +54,7 @@ class Tracker:
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, table_dir: str | Path = "results",
                  lang: str = "en"):
         check_tracking_uri(tracking_uri)
-        self.uri = _with_driver(absolute_sqlite_uri(tracking_uri))
+        self.uri = with_driver(absolute_sqlite_uri(tracking_uri))
         self._client = None  # made on first use: a bad input found later leaves no mlflow.db
         self.table_dir = Path(table_dir)
         self.lang = lang
@@ -166,6 +75,16 @@ class Tracker:
 
     # ------------------------------------------------------------------------------ study level
 
+    def check_experiment(self, name: str) -> None:
+        """Before the Optuna study is created: a deleted experiment of that name is bad input.
+        An SQLite store that does not exist yet has none (and is not created here)."""
+        if self.uri.startswith("sqlite:///"):
+            if not Path(self.uri[len("sqlite:///"):].split("?", 1)[0]).is_file():
+                return
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            raise UserError(_deleted(name))
+
     def start_study(self, study: optuna.Study, spec) -> None:
         """The experiment and its parent run, created once (any worker may be first)."""
         self.study_name = study.study_name
@@ -177,10 +96,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
-                raise UserError(
-                    f"MLflow experiment '{name}' is deleted; restore it in the UI "
-                    "(or `mlflow experiments restore`) or use another --study name"
-                )
+                raise UserError(_deleted(name))
             return exp.experiment_id
         try:
             return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri, name))
@@ -310,6 +226,11 @@ class Tracker:
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
+def _deleted(name: str) -> str:
+    return (f"MLflow experiment '{name}' is deleted; restore it in the UI "
+            "(or `mlflow experiments restore`) or use another --study name")
+
+
 def _space_text(p) -> str:
     if p.kind == "categorical":
         return str(list(p.choices))
@@ -389,3 +310,7 @@ class TrialRun:
             self.client.set_terminated(self.run_id, STATUS[state])
             raise
         self.client.set_terminated(self.run_id, STATUS[state])
+
+
+__all__ = ["DEFAULT_TRACKING_URI", "Tracker", "TrialRun", "absolute_sqlite_uri",
+           "check_tracking_uri", "publish_table", "quiet_mlflow"]

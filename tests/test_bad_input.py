@@ -1,0 +1,400 @@
+"""Bad input as a user meets it (GitHub issue 7, item 4): the real console scripts in an empty
+folder, one case per kind of mistake in sweep specs, flags, data files and URLs.
+
+Every case must exit 2 with exactly one stderr line that starts `Error: ` and names the problem,
+print no traceback and no password, and create nothing: the folder holds only the inputs the case
+wrote (no optuna.db, mlflow.db, results/, mlartifacts/), and no PostgreSQL database or study.
+
+A case costs one process start (torch, Optuna, MLflow: 2-5 s). The module fixture `outcomes`
+runs the selected cases a few at a time; each case is still its own test, named after it.
+A case with `bug=` is a known bug in a module outside this suite, marked as a strict xfail:
+the fix makes it pass, which fails the run until the `bug=` is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from _sweep_helpers import ROOT, SUBPROCESS_ENV, SWEEP_BIN, smoke_raw, write_spec
+
+from vqlog.spec import resolve_spec_path
+
+VQLOG_BIN = SWEEP_BIN.parent / "vqlog"
+PASSWORD = "s3cr3t"  # in every URL below that carries one; must never be printed
+NO_SUCH_DB = "vqlog_no_such_db"
+ADMIN_URL = os.environ.get("VQLOG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+WORKERS = 3  # processes at a time: mostly start-up, which overlaps well on two cores
+
+Writer = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    argv: tuple[str, ...]  # after the program; "{tmp}" is the case's own (empty) folder
+    expect: str  # a substring of the one `Error:` line that names the problem
+    files: dict[str, Writer] = field(default_factory=dict)  # inputs written into the folder first
+    program: str = "vqlog-sweep"
+    check: Callable[[], None] | None = None  # a further check after the run (PostgreSQL)
+    bug: str = ""  # a known bug in a module this suite does not fix: the case is a strict xfail
+    timeout: float = 120  # seconds on a loaded machine; every case should fail in its first few
+
+
+@dataclass(frozen=True)
+class Outcome:
+    rc: int | None  # None: killed at the case's timeout
+    stdout: str
+    stderr: str
+    left: list[str]  # names in the folder afterwards
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def pulses(n: int = 3000) -> np.ndarray:
+    """A long, clean signal: the bad files below differ from it in one way each."""
+    t = np.arange(n) / 25.0
+    return np.sin(2 * np.pi * 1.2 * t) + 0.3 * np.sin(2 * np.pi * 2.4 * t)
+
+
+def npy(array: np.ndarray, **kwargs) -> Writer:
+    return lambda path: np.save(path, array, **kwargs)
+
+
+def text(content: str) -> Writer:
+    return lambda path: path.write_text(content)
+
+
+def raw(content: bytes) -> Writer:
+    return lambda path: path.write_bytes(content)
+
+
+def folder(path: Path) -> None:
+    path.mkdir()
+
+
+def deleted_experiment(path: Path) -> None:
+    """An MLflow store whose experiment `smoke` was deleted (in the UI, say)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path}")
+    client.delete_experiment(client.create_experiment("smoke"))
+
+
+class Touch:
+    """Unpickled, creates the file `path` (`open(path, "w")` runs): a stand-in for any code a
+    pickle can run. The folder check of every case shows that nothing unpickled it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def object_npy(path: Path) -> None:
+    payload = np.array([Touch(str(path.parent / "pwned")), 1.0], dtype=object)
+    np.save(path, payload, allow_pickle=True)
+
+
+def raw_pickle(path: Path) -> None:
+    path.write_bytes(pickle.dumps(Touch(str(path.parent / "pwned"))))
+
+
+def spec(**changes) -> Writer:
+    """The bundled smoke spec, named after the file, with some sections replaced or extended
+    (see _sweep_helpers.write_spec)."""
+    return lambda path: write_spec(path.parent, path.stem, **changes)
+
+
+def spec_text(edit: Callable[[str], str]) -> Writer:
+    return lambda path: path.write_text(edit(resolve_spec_path("smoke").read_text()))
+
+
+def space(**entries) -> dict:
+    """The smoke spec's search space, with entries added or replaced."""
+    return {**smoke_raw()["space"], **entries}
+
+
+@pytest.fixture
+def pg_storage():
+    """`postgresql://postgres@.../vqlog_test_<random>`, created for the test and dropped after it
+    (the pattern of tests/test_postgres.py: skip without a server, fail where CI is set)."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    try:
+        admin = psycopg2.connect(ADMIN_URL, connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        message = f"no PostgreSQL at {make_url(ADMIN_URL).render_as_string(hide_password=True)}: " \
+                  f"{' '.join(str(exc).split())}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI is set: the PostgreSQL tests must run)")
+        pytest.skip(message)
+    admin.autocommit = True
+    name = f"vqlog_test_{secrets.token_hex(6)}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def database_exists(name: str) -> bool | None:
+    """Whether the PostgreSQL server has the database; None without a server."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(ADMIN_URL, connect_timeout=5)
+    except psycopg2.OperationalError:
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def no_such_db_was_not_created() -> None:
+    assert database_exists(NO_SUCH_DB) is not True, f"database {NO_SUCH_DB} now exists"
+
+
+# ------------------------------------------------------------------------------------- cases
+
+DATA = ("--sample-rate", "25")  # the rate of every data file below (smoke resamples to 25 Hz)
+
+CASES: dict[str, Case] = {
+    # --- sweep specs (derived from the bundled smoke spec) ----------------------------------
+    "spec-missing": Case(("--config", "missing.yaml"), "sweep spec not found: missing.yaml"),
+    "spec-yaml-syntax": Case(
+        ("--config", "s.yaml"), "is not valid YAML",
+        {"s.yaml": spec_text(lambda t: t.replace("batch: [8, 16]", "batch: [8, 16"))}),
+    "spec-not-utf8": Case(("--config", "s.yaml"), "cannot read s.yaml ('utf-8' codec can't decode",
+                          {"s.yaml": raw(b"name: smoke\ndescription: caf\xe9\n")}),
+    "spec-python-tag": Case(  # safe_load: a tag that would run a command is refused, not run
+        ("--config", "s.yaml"), "could not determine a constructor for the tag",
+        {"s.yaml": text('name: !!python/object/apply:os.system ["touch pwned"]\n')}),
+    "spec-unknown-top-key": Case(("--config", "s.yaml"), "unknown key 'trails'",
+                                 {"s.yaml": spec(trails=3)}),
+    "spec-unknown-fixed-key": Case(("--config", "s.yaml"), "unknown config key 'fixed.d_modle'",
+                                   {"s.yaml": spec(fixed={"d_modle": 8})}),
+    "spec-wrong-type": Case(("--config", "s.yaml"), "fixed.d_model must be an integer, got 'eight'",
+                            {"s.yaml": spec(fixed={"d_model": "eight"})}),
+    "spec-empty-choices": Case(("--config", "s.yaml"), "space.batch: choices must be a non-empty list",
+                               {"s.yaml": spec(space=space(batch=[]))}),
+    "spec-low-above-high": Case(
+        ("--config", "s.yaml"), "space.lr: low (0.01) is above high (0.001)",
+        {"s.yaml": spec(space=space(lr={"type": "float", "low": 1e-2, "high": 1e-3}))}),
+    "spec-lr-zero": Case(
+        ("--config", "s.yaml"), "space.lr: lr must be > 0",
+        {"s.yaml": spec(space=space(lr={"type": "float", "low": 0.0, "high": 1e-2}))}),
+    "spec-log-range-touching-0": Case(
+        ("--config", "s.yaml"), "space.lr: a log range must stay above 0",
+        {"s.yaml": spec(space=space(lr={"type": "float", "low": 0.0, "high": 1e-2, "log": True}))}),
+    "spec-batch-0": Case(("--config", "s.yaml"), "space.batch: batch must be at least 1, got 0",
+                         {"s.yaml": spec(space=space(batch=[0, 8]))}),
+    # --- command-line flags -----------------------------------------------------------------
+    "flag-trials-0": Case(("--trials", "0"), "--trials must be at least 1, got 0"),
+    "flag-trials-abc": Case(("--trials", "abc"), "argument --trials: invalid int value: 'abc'"),
+    "flag-unknown": Case(("--trails", "3"), "unrecognized arguments: --trails"),
+    "flag-timeout-negative": Case(("--timeout", "-1"), "--timeout must be a positive number of seconds"),
+    "flag-timeout-nan": Case(  # the missing file would stop a sweep that --timeout nan let start
+        ("--timeout", "nan", "--data", "missing.npy"), "--timeout must be a positive number of seconds, got nan"),
+    "flag-lang": Case(("--lang", "xx"), "argument --lang: invalid choice: 'xx'"),
+    "flag-device": Case(("--device", "tpu"), "argument --device: invalid choice: 'tpu'"),
+    "train-set-unknown-key": Case(("train", "--set", "nosuchkey=1"), "unknown config key 'nosuchkey'",
+                                  program="vqlog"),
+    "train-set-lr-abc": Case(("train", "--set", "lr=abc"), "lr must be a number, got 'abc'",
+                             program="vqlog"),
+    "table-no-store": Case(("table", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"), "no MLflow store at",
+                           program="vqlog"),
+    # --- data files -------------------------------------------------------------------------
+    "data-missing": Case(("--data", "missing.npy", *DATA), "data file not found: missing.npy"),
+    "data-unknown-source": Case(("--data", "nowhere"), "unknown data source 'nowhere'"),
+    "data-no-sample-rate": Case(("--data", "x.npy"), "the sample rate of a data file is unknown",
+                                {"x.npy": npy(pulses())}),
+    "data-empty-csv": Case(("--data", "empty.csv", *DATA), "empty.csv holds no samples",
+                           {"empty.csv": text("")}),
+    "data-nan-inf": Case(("--data", "nan.npy", *DATA),
+                         "nan.npy: 2 of 3000 samples are NaN or Inf (first at sample 1234)",
+                         {"nan.npy": npy(np.r_[pulses(1234), np.nan, pulses(1764), np.inf])}),
+    "data-too-short": Case(("--data", "short.npy", *DATA), "the valid split has no windows",
+                           {"short.npy": npy(pulses(200))}),
+    "data-constant": Case(("--data", "flat.npy", *DATA), "flat.npy is constant (std 0)",
+                          {"flat.npy": npy(np.full(3000, 7.0))}),
+    "data-3d": Case(("--data", "cube.npy", *DATA), "got shape (2, 3, 400)",
+                    {"cube.npy": npy(np.ones((2, 3, 400)))}),
+    "data-object-npy": Case(("--data", "objects.npy", *DATA), "objects.npy holds Python objects",
+                            {"objects.npy": object_npy}),
+    "data-pickle-as-npy": Case(("--data", "pickle.npy", *DATA), "pickle.npy is not a .npy array",
+                               {"pickle.npy": raw_pickle}),
+    "data-txt": Case(("--data", "notes.txt", *DATA), "notes.txt: unsupported file type '.txt'",
+                     {"notes.txt": text("1\n2\n3\n")}),
+    # --- URLs -------------------------------------------------------------------------------
+    "storage-malformed": Case(("--storage", f"postgresql://postgres:{PASSWORD}@127.0.0.1:notaport/db"),
+                              "--storage is not a database URL: postgresql://***@127.0.0.1:notaport/db"),
+    "storage-wrong-scheme": Case(("--storage", f"http://me:{PASSWORD}@127.0.0.1:5000"),
+                                 "--storage scheme 'http' is not supported"),
+    "storage-not-a-database": Case(
+        ("--storage", "sqlite:///{tmp}/notes.db"), "is not an SQLite database",
+        {"notes.db": text("my notes\n")},
+        bug="storage.open_storage takes the StudyLock before RDBStorage fails, leaving notes.db.lock "
+            "beside the user's file; parse_url should refuse a file without the SQLite header"),
+    "storage-a-folder": Case(
+        ("--storage", "sqlite:///{tmp}/sub"), "is a folder", {"sub": folder},
+        bug="storage.open_storage leaves sub.lock beside the folder and says only 'unable to open "
+            "database file'; parse_url should refuse a folder"),
+    "storage-no-such-database": Case(
+        ("--storage", f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{NO_SUCH_DB}"),
+        f"cannot open the Optuna storage postgresql://postgres:***@127.0.0.1:5432/{NO_SUCH_DB}",
+        check=no_such_db_was_not_created),
+    "tracking-wrong-scheme": Case(("--tracking-uri", f"ftp://me:{PASSWORD}@127.0.0.1/mlflow"),
+                                  "--tracking-uri must be sqlite:///FILE, a database URL or http(s)"),
+    "tracking-malformed": Case(("--tracking-uri", f"http://me:{PASSWORD}@127.0.0.1:notaport/"),
+                               "malformed URL"),
+    "tracking-not-a-uri": Case(("--tracking-uri", "mlflow.db"), "--tracking-uri must be sqlite:///FILE"),
+    "tracking-no-such-database": Case(
+        ("--tracking-uri", f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{NO_SUCH_DB}"),
+        f"cannot open the MLflow store postgresql://postgres:***@127.0.0.1:5432/{NO_SUCH_DB}",
+        check=no_such_db_was_not_created, timeout=20),
+    "tracking-not-a-database": Case(
+        ("--tracking-uri", "sqlite:///{tmp}/notes.db"), "cannot open the MLflow store",
+        {"notes.db": text("my notes\n")}),
+    "tracking-experiment-deleted": Case(
+        (), "MLflow experiment 'smoke' is deleted", {"mlflow.db": deleted_experiment}),
+    "tracking-unreachable-server": Case(("--tracking-uri", "http://127.0.0.1:9/"),
+                                        "cannot reach the MLflow server http://127.0.0.1:9/"),
+    "tracking-unreachable-with-password": Case(
+        ("--tracking-uri", f"http://me:{PASSWORD}@127.0.0.1:9/"),
+        "cannot reach the MLflow server http://me:***@127.0.0.1:9/"),
+}
+
+
+# ------------------------------------------------------------------------------------ runner
+
+
+def command(case: Case, folder: Path) -> list[str]:
+    """The case's command line, with the smoke spec and SQLite stores inside `folder` for every
+    sweep flag the case leaves out (absolute: nothing may land anywhere else)."""
+    argv = [a.replace("{tmp}", str(folder)) for a in case.argv]
+    if case.program == "vqlog":
+        return [str(VQLOG_BIN), *argv]
+    defaults = {"--config": "smoke", "--storage": f"sqlite:///{folder}/optuna.db",
+                "--tracking-uri": f"sqlite:///{folder}/mlflow.db"}
+    return [str(SWEEP_BIN), *argv, *(x for k, v in defaults.items() if k not in argv for x in (k, v))]
+
+
+def prepare(case: Case, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for name, write in case.files.items():
+        write(folder / name)
+
+
+def launch(case: Case, folder: Path, *extra: str) -> Outcome:
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([*command(case, folder), *extra], cwd=folder, capture_output=True,
+                              text=True, timeout=case.timeout, env={**os.environ, **SUBPROCESS_ENV})
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:  # killed
+        rc, out, err = None, _text(exc.stdout), _text(exc.stderr) + f"\n[killed after {case.timeout:g} s]"
+    return Outcome(rc, out, err, sorted(p.name for p in folder.iterdir()), time.monotonic() - start)
+
+
+def _text(output: bytes | str | None) -> str:
+    """What a killed process wrote (TimeoutExpired holds bytes even for text=True)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def assert_refused(case: Case, got: Outcome) -> str:
+    """The contract of every case; returns the error line."""
+    shown = f"exit {got.rc}\n--- stdout\n{got.stdout}--- stderr\n{got.stderr}"
+    assert "Traceback" not in got.stdout + got.stderr, shown
+    assert PASSWORD not in got.stdout + got.stderr, shown
+    assert got.rc == 2, shown
+    lines = got.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), shown
+    assert case.expect in lines[0], f"{case.expect!r} not in: {lines[0]}"
+    assert got.left == sorted(case.files), f"left behind: {sorted(set(got.left) - set(case.files))}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory) -> dict[str, Outcome]:
+    """Every selected case, run WORKERS at a time (a single case with -k runs alone)."""
+    wanted = [item.callspec.params["case"] for item in request.session.items
+              if item.module is request.module
+              and "case" in getattr(getattr(item, "callspec", None), "params", {})]
+    root = tmp_path_factory.mktemp("bad-input")
+
+    def run(name: str) -> Outcome:
+        prepare(CASES[name], root / name)
+        return launch(CASES[name], root / name)
+
+    wanted.sort(key=lambda name: not CASES[name].bug)  # the slow ones (bugs, for now) first
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {name: pool.submit(run, name) for name in wanted}
+    return {name: f.result() for name, f in futures.items()}
+
+
+def test_there_are_at_least_30_cases():
+    assert len(CASES) >= 30
+    assert ROOT.joinpath("vqlog").is_dir() and SWEEP_BIN.is_file() and VQLOG_BIN.is_file()
+
+
+def _param(name: str):
+    bug = CASES[name].bug
+    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=bug)) if bug else name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [_param(name) for name in CASES])
+def test_bad_input_is_one_error_line_exit_2_and_nothing_created(outcomes, case):
+    assert_refused(CASES[case], outcomes[case])
+    if CASES[case].check is not None:
+        CASES[case].check()
+
+
+@pytest.mark.slow
+def test_debug_adds_the_traceback_and_still_exits_2(tmp_path):
+    case = CASES["data-nan-inf"]
+    prepare(case, tmp_path / "debug")
+    got = launch(case, tmp_path / "debug", "--debug")
+    assert got.rc == 2, got.stderr
+    assert "Traceback (most recent call last)" in got.stderr and "DataError" in got.stderr
+    last = got.stderr.splitlines()[-1]
+    assert last.startswith("Error: ") and case.expect in last, got.stderr
+    assert got.left == sorted(case.files)
+
+
+@pytest.mark.slow
+def test_bad_input_creates_no_study_in_a_reachable_postgresql_database(pg_storage, tmp_path):
+    """The data is checked before the storage is opened: the database stays empty."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    storage = make_url(pg_storage).set(password=PASSWORD).render_as_string(hide_password=False)
+    case = Case(("--storage", storage, "--data", "missing.npy", *DATA), "data file not found: missing.npy")
+    prepare(case, tmp_path / "pg")
+    assert_refused(case, launch(case, tmp_path / "pg"))
+    conn = psycopg2.connect(pg_storage, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+            assert cur.fetchall() == []  # not even Optuna's tables
+    finally:
+        conn.close()
