@@ -251,13 +251,9 @@ CASES: dict[str, Case] = {
                                  "--storage scheme 'http' is not supported"),
     "storage-not-a-database": Case(
         ("--storage", "sqlite:///{tmp}/notes.db"), "is not an SQLite database",
-        {"notes.db": text("my notes\n")},
-        bug="storage.open_storage takes the StudyLock before RDBStorage fails, leaving notes.db.lock "
-            "beside the user's file; parse_url should refuse a file without the SQLite header"),
+        {"notes.db": text("my notes\n")}),
     "storage-a-folder": Case(
-        ("--storage", "sqlite:///{tmp}/sub"), "is a folder", {"sub": folder},
-        bug="storage.open_storage leaves sub.lock beside the folder and says only 'unable to open "
-            "database file'; parse_url should refuse a folder"),
+        ("--storage", "sqlite:///{tmp}/sub"), "is a folder", {"sub": folder}),
     "storage-no-such-database": Case(
         ("--storage", f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{NO_SUCH_DB}"),
         f"cannot open the Optuna storage postgresql://postgres:***@127.0.0.1:5432/{NO_SUCH_DB}",

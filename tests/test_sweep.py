@@ -165,8 +165,9 @@ def test_a_live_trial_failed_as_stale_by_another_worker_does_not_stop_this_one(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(storage_mod, "HEARTBEAT", 30)  # this worker beats once, at the start
     monkeypatch.setattr(storage_mod, "GRACE", 60)
-    # 200 iterations (4 s here): the trial must outlast the other worker's 2 s wait
-    spec = write_spec(tmp_path, "lost", budget={"iteration": 200, "eval_every": 100}, pruner="none")
+    # 1000 iterations (5-20 s here): the trial must outlast the other worker's 2 s wait, also
+    # with torch warmed up by earlier tests (200 iterations then took 1 s)
+    spec = write_spec(tmp_path, "lost", budget={"iteration": 1000, "eval_every": 500}, pruner="none")
     storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
     failed_by_other: list[int] = []
 

@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    from vqlog.errors import UserError
+    from vqlog.errors import UserError, VqlogError
 
     try:
         return func(args)
@@ -437,6 +437,11 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         return 130
+    except VqlogError as exc:  # raised on purpose (an outage past its limit, ...): the message says it
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"Error: {_mask_urls(' '.join(str(exc).split()))}\n")
+        return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             traceback.print_exc()

@@ -25,6 +25,7 @@ from vqlog.config import Config
 from vqlog.data import Splits, prepare
 from vqlog.errors import DivergedError, UserError, VqlogError
 from vqlog.failpoints import failpoint
+from vqlog.retry import TrackingUnavailable
 from vqlog.spec import SweepSpec
 from vqlog.train import fit
 
@@ -196,7 +197,12 @@ def run(
                 objective.trial = objective.run = None
                 try:
                     study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
-                except Exception:
+                except Exception as exc:
+                    outage = _cause(exc, (storage_mod.StorageOutageError, TrackingUnavailable))
+                    if outage is not None:
+                        # The database or the tracking server is gone for longer than its limit:
+                        # say that, not what Optuna's clean-up tripped on afterwards.
+                        raise outage from None
                     lost = objective.lost_trial(study)
                     if lost is None:
                         raise
@@ -299,6 +305,17 @@ class _Objective:
         if self.run is not None:
             self.run.finish("FAIL", reason=LOST_REASON)
         return frozen
+
+
+def _cause(exc: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
+    """`exc` or the first exception of `kinds` in its cause/context chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _or_zero(x: float) -> float:
