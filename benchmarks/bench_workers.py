@@ -6,10 +6,11 @@ Each worker is a `vqlog-sweep` process, started as a user starts one (OMP_NUM_TH
 torch thread per worker), all workers of a run sharing one study on PostgreSQL storage and one
 MLflow store on PostgreSQL (two throw-away databases, created here and dropped at the end; the
 MLflow schema is migrated once before any timing). The spec is the smoke spec (tiny model,
-synthetic pulses, median pruning) with 100 iterations instead of 20, so that a trial trains for
-about a second instead of being all bookkeeping.
+synthetic pulses) cut to one configuration without pruning, with 400 iterations instead of 20:
+every trial does the same work, about 2.5 s of training, so the runs differ only in how many
+workers share it.
 
-A run asks for --trials N finished trials in a fresh study, with 1 or with 2 workers; runs
+A run asks for --trials N (60) finished trials in a fresh study, with 1 or with 2 workers; runs
 alternate (1, 2, 2, 1, 1, 2, ...) so that other load on the machine hits both alike. Throughput
 is N per hour of wall time from the launch to the last worker's exit (what a user waits for,
 with process start-up), and finished trials per hour between the first trial's start and the last
@@ -71,6 +72,13 @@ def write_spec(folder: Path, iterations: int) -> Path:
 
     raw = yaml.safe_load(resolve_spec_path("smoke").read_text())
     raw["budget"] = {"iteration": iterations, "eval_every": iterations // 4}
+    # Every trial the same work (one configuration, no pruning): the runs with 1 and with 2
+    # workers then differ only in how the trials are spread, not in which ones were sampled or
+    # how early the pruner stopped them (with median pruning, a trial's median fit time varied
+    # 0.8-2.4 s between runs).
+    raw.update(sampler="random", pruner="none")
+    raw["fixed"].update(embedding_dim=8, embedding_num=16, lr=3e-3)
+    raw["space"] = {"batch": [16]}
     path = folder / "workers.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -120,9 +128,9 @@ def steady_state(storage: str, study: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=20, help="finished trials per run (default 20)")
+    p.add_argument("--trials", type=int, default=60, help="finished trials per run (default 60)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each worker count (default 2)")
-    p.add_argument("--iterations", type=int, default=100, help="iterations per trial (default 100)")
+    p.add_argument("--iterations", type=int, default=400, help="iterations per trial (default 400)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/workers.json)")
     args = p.parse_args(argv)
     import optuna

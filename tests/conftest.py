@@ -1,7 +1,10 @@
 """Shared test setup. Keep this file to small, generic pieces."""
 
+import contextlib
 import os
 import sys
+
+import pytest
 
 
 def pytest_configure(config):
@@ -12,3 +15,24 @@ def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "torch" in sys.modules:  # imported early by a plugin: the variable came too late
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture
+def pg_database():
+    """A factory of fresh databases on the machine's PostgreSQL, as URLs; dropped after the test.
+    Skips without a server, fails where CI is set (tests/_stack.py)."""
+    from _stack import ADMIN_URL, throwaway_databases
+    from sqlalchemy.engine import make_url
+
+    with contextlib.ExitStack() as stack:
+        def create() -> str:
+            (name,) = stack.enter_context(throwaway_databases("db")).values()
+            return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+        yield create
+
+
+@pytest.fixture
+def pg_storage(pg_database) -> str:
+    """One fresh PostgreSQL database URL for the test."""
+    return pg_database()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import secrets
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from _stack import ADMIN_URL
 from _sweep_helpers import ROOT, SUBPROCESS_ENV, SWEEP_BIN, smoke_raw, write_spec
 
 from vqlog.spec import resolve_spec_path
@@ -32,7 +32,6 @@ from vqlog.spec import resolve_spec_path
 VQLOG_BIN = SWEEP_BIN.parent / "vqlog"
 PASSWORD = "s3cr3t"  # in every URL below that carries one; must never be printed
 NO_SUCH_DB = "vqlog_no_such_db"
-ADMIN_URL = os.environ.get("VQLOG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 WORKERS = 3  # processes at a time: mostly start-up, which overlaps well on two cores
 
 Writer = Callable[[Path], None]
@@ -124,33 +123,6 @@ def spec_text(edit: Callable[[str], str]) -> Writer:
 def space(**entries) -> dict:
     """The smoke spec's search space, with entries added or replaced."""
     return {**smoke_raw()["space"], **entries}
-
-
-@pytest.fixture
-def pg_storage():
-    """`postgresql://postgres@.../vqlog_test_<random>`, created for the test and dropped after it
-    (the pattern of tests/test_postgres.py: skip without a server, fail where CI is set)."""
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    try:
-        admin = psycopg2.connect(ADMIN_URL, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        message = f"no PostgreSQL at {make_url(ADMIN_URL).render_as_string(hide_password=True)}: " \
-                  f"{' '.join(str(exc).split())}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (CI is set: the PostgreSQL tests must run)")
-        pytest.skip(message)
-    admin.autocommit = True
-    name = f"vqlog_test_{secrets.token_hex(6)}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def database_exists(name: str) -> bool | None:

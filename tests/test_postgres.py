@@ -7,47 +7,10 @@ environment variable CI is set, where they fail. VQLOG_TEST_POSTGRES overrides t
 (default postgresql://postgres@127.0.0.1:5432/postgres).
 """
 
-import os
 import re
-import secrets
 
 import pytest
 from _sweep_helpers import Worker, finished, mlflow_runs, states, study_trials, write_spec
-
-ADMIN_URL = os.environ.get("VQLOG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-@pytest.fixture
-def pg_database():
-    """A factory of `postgresql://.../vqlog_test_<random>` databases, dropped after the test."""
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    try:
-        admin = psycopg2.connect(ADMIN_URL, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        message = f"no PostgreSQL at {make_url(ADMIN_URL).render_as_string(hide_password=True)}: " \
-                  f"{' '.join(str(exc).split())}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (CI is set: the PostgreSQL tests must run)")
-        pytest.skip(message)
-    admin.autocommit = True
-    names: list[str] = []
-
-    def create() -> str:
-        name = f"vqlog_test_{secrets.token_hex(6)}"
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        names.append(name)
-        return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-    try:
-        yield create
-    finally:
-        with admin.cursor() as cur:
-            for name in names:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def start_workers(n: int, trials: int, storage: str, tracking: str, tmp_path) -> list[Worker]:

@@ -24,7 +24,7 @@ import subprocess
 import numpy as np
 import pytest
 from _sweep_helpers import ROOT, SUBPROCESS_ENV, SWEEP_BIN, mlflow_uri
-from test_bad_input import object_npy, pg_storage, raw_pickle  # noqa: F401 - pg_storage: a fixture
+from test_bad_input import object_npy, raw_pickle
 
 from vqlog.data import load_source
 from vqlog.errors import DataError
@@ -60,7 +60,7 @@ def database_rows(url: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_postgresql_sweep_never_writes_its_password_anywhere(pg_storage, tmp_path,  # noqa: F811
+def test_a_postgresql_sweep_never_writes_its_password_anywhere(pg_storage, tmp_path,
                                                                tmp_path_factory):
     import optuna
     from mlflow.entities import ViewType
