@@ -44,6 +44,18 @@ def has_logged_an_evaluation(url: str, study: str) -> bool:
         return False
 
 
+def worker_past_its_first_evaluation(args, url: str, study: str, tmp_path, env, name="worker"):
+    """A `vqlog-sweep` worker tracking to `url`, once MLflow has its trial's first evaluation."""
+    worker = Worker([*args, "--tracking-uri", url], tmp_path, name, env=env)
+    try:
+        wait_until(lambda: has_logged_an_evaluation(url, study), 120,
+                   "the first evaluation in MLflow", alive=[worker])
+    except BaseException:
+        worker.kill()
+        raise
+    return worker
+
+
 def test_a_20_s_outage_mid_trial_loses_no_metric(tmp_path):
     spec = outage_spec(tmp_path, "outage")
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -52,13 +64,7 @@ def test_a_20_s_outage_mid_trial_loses_no_metric(tmp_path):
     args = ["--trials", "1", "--config", str(spec), "--storage", storage]
     env = {"VQLOG_TRACKING_OUTAGE_LIMIT": "120"}
     with mlflow_server(server_dir, port=port) as server:
-        worker = Worker([*args, "--tracking-uri", server.url], tmp_path, env=env)
-        try:
-            wait_until(lambda: has_logged_an_evaluation(server.url, "outage"), 120,
-                       "the first evaluation in MLflow", alive=[worker])
-        except BaseException:
-            worker.kill()
-            raise
+        worker = worker_past_its_first_evaluation(args, server.url, "outage", tmp_path, env)
     try:
         down = time.monotonic()
         while time.monotonic() - down < 20:  # the server is down: the worker must keep going
@@ -96,17 +102,11 @@ def test_an_outage_past_the_limit_fails_the_trial_exits_1_and_the_rerun_resumes(
     server_dir = tmp_path / "server"
     env = {"VQLOG_TRACKING_OUTAGE_LIMIT": "4"}
 
-    def args(url):
-        return ["--trials", "1", "--config", str(spec), "--storage", storage, "--tracking-uri", url]
+    args = ["--trials", "1", "--config", str(spec), "--storage", storage]
 
     with mlflow_server(server_dir, port=port) as server:
-        worker = Worker(args(server.url), tmp_path, "first", env=env)
-        try:
-            wait_until(lambda: has_logged_an_evaluation(server.url, "longoutage"), 120,
-                       "the first evaluation in MLflow", alive=[worker])
-        except BaseException:
-            worker.kill()
-            raise
+        worker = worker_past_its_first_evaluation(args, server.url, "longoutage", tmp_path, env,
+                                                  "first")
         url = server.url
     # Down for good: the worker gives up a few seconds after the limit.
     code = worker.wait(120)
@@ -121,7 +121,7 @@ def test_an_outage_past_the_limit_fails_the_trial_exits_1_and_the_rerun_resumes(
 
     with mlflow_server(server_dir, port=port) as server:
         assert server.url == url
-        rerun = Worker(args(url), tmp_path, "rerun", env=env)
+        rerun = Worker([*args, "--tracking-uri", url], tmp_path, "rerun", env=env)
         assert rerun.wait(300) == 0, rerun.output()
         runs = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs(url, "longoutage")}
     trials = study_trials(storage, "longoutage")
