@@ -1,5 +1,5 @@
 # The vqlog image: sweep workers, the one-shot init, the table watcher and optuna-dashboard of
-# docker-compose.yml. A worker on another host runs the same image (see docs/stack.md).
+# docker-compose.yml. A worker on another host runs the same image (README, "Add a worker on another host").
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \

@@ -13,11 +13,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The tests' server launcher is shared with the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def cpu_model() -> str:
@@ -111,49 +114,10 @@ def set_threads(threads: int) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, timeout: float = 120.0):
-    """A local `mlflow server` (SQLite backend, proxied artifacts under `folder`) on a free port;
-    yields its URL once /health answers, stops its own process group afterwards."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
+def mlflow_server(folder: Path):
+    """A local `mlflow server` (SQLite backend, proxied artifacts under `folder`) on a free port,
+    the tests' own launcher (tests/_servers.py); yields its URL once /health answers."""
+    from _servers import mlflow_server as launch
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-           "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = folder / "mlflow-server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=folder,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text()[-2000:]
-                raise RuntimeError(f"mlflow server did not start; its log:\n{tail}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # the uvicorn worker, if it outlived it
-            os.killpg(proc.pid, signal.SIGKILL)
+    with launch(folder) as server:
+        yield server.url

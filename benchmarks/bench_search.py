@@ -67,8 +67,8 @@ def run_study(search: str, seed: int, folder: str, target: float | None,
     import torch
 
     torch.set_num_threads(1)
-    from vqlog.spec import load_sweep
-    from vqlog.sweep import run
+    from vqlog.study.spec import load_sweep
+    from vqlog.study.worker import run
 
     sampler, pruner = SEARCHES[search]
     path = Path(folder) / f"{search}-{seed}.yaml"

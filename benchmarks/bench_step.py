@@ -5,7 +5,7 @@
 
 A step is `vqlog.train.train_step`: forward, backward, gradient clipping, AdamW, exactly what
 `fit` runs. The reference is the same model with the same weights switched by
-`vqlog.model.vqvae.use_reference`: every S4D layer as state-spaces/s4 `models/s4/s4d.py` computes
+`vqlog.model.reference.use_reference`: every S4D layer as state-spaces/s4 `models/s4/s4d.py` computes
 it (complex (H, N/2, L) Vandermonde tensor and einsum, autograd through three FFTs, separate D
 skip), and the classic VQ with its nearest-code search over a full (M, K, D) difference tensor
 and the paper's losses through autograd. A third row swaps the S4D layers only, to show how much
@@ -31,8 +31,9 @@ import torch
 
 import _common
 from vqlog.config import Config
-from vqlog.model.vqvae import VQVAE, use_reference
-from vqlog.spec import load_sweep
+from vqlog.model.reference import use_reference
+from vqlog.model.vqvae import VQVAE
+from vqlog.study.spec import load_sweep
 from vqlog.train import build_optimizer, train_step
 
 TARGET = 1.5

@@ -33,9 +33,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import _common
-from vqlog.spec import load_sweep
-from vqlog.sweep import run
-from vqlog.tracking import STUDY_PLOTS_EVERY, Tracker
+from vqlog.study.spec import load_sweep
+from vqlog.study.worker import run
+from vqlog.tracking.runs import STUDY_PLOTS_EVERY, Tracker
 
 TARGET = 0.03
 SWEEP_TRIALS = 50  # the sweep size the per-trial overhead is spread over

@@ -68,7 +68,7 @@ def throwaway_databases(*prefixes: str):
 
 
 def write_spec(folder: Path, iterations: int) -> Path:
-    from vqlog.spec import resolve_spec_path
+    from vqlog.study.spec import resolve_spec_path
 
     raw = yaml.safe_load(resolve_spec_path("smoke").read_text())
     raw["budget"] = {"iteration": iterations, "eval_every": iterations // 4}

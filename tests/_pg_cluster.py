@@ -18,7 +18,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from _servers import free_port
 
 # VQLOG_TEST_PG_BIN: the folder with initdb and pg_ctl; otherwise PATH, then Debian's layout.
 BIN_ENV = "VQLOG_TEST_PG_BIN"
@@ -47,19 +48,13 @@ def pg_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgCluster:
     """One `initdb` cluster under `root` (data in root/data, socket and log in root)."""
 
     def __init__(self, bindir: Path, root: Path, user: str | None):
         self.bindir, self.root, self.user = bindir, root, user
         self.data, self.log = root / "data", root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self._options = (f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 "
                          "-c fsync=off -c full_page_writes=off")  # throw-away data: no durability
 

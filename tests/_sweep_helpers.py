@@ -1,5 +1,5 @@
-"""Shared helpers of the sweep and PostgreSQL tests: specs written to tmp_path, a real MLflow
-store made cheap, `vqlog-sweep` subprocesses and a look into the real Optuna storage.
+"""Shared helpers of the sweep and PostgreSQL tests: specs written to tmp_path, `vqlog-sweep`
+subprocesses, and a look into the real Optuna storage and MLflow store.
 
 Not a conftest.py: the test modules import what they use.
 """
@@ -7,7 +7,6 @@ Not a conftest.py: the test modules import what they use.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from vqlog.spec import resolve_spec_path
+from vqlog.study.spec import resolve_spec_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The console script of the environment running pytest (the repo's .venv under `make test`).
@@ -28,8 +27,8 @@ if not SWEEP_BIN.exists():  # pragma: no cover - pytest run from another interpr
 
 # Subprocesses inherit conftest.py's OMP_NUM_THREADS=1 (one torch thread per process).
 SUBPROCESS_ENV = {"PYTHONUNBUFFERED": "1"}
-# For tests that kill a worker: beat every 1 s, stale after 3 s (vqlog/storage.py reads these at
-# import). Only where one worker runs at a time: on an overloaded machine a live worker can miss
+# For tests that kill a worker: beat every 1 s, stale after 3 s (vqlog/study/storage.py reads
+# these when it opens the storage). Only where one worker runs at a time: on an overloaded machine a live worker can miss
 # 3 s, and another worker would fail its trial.
 FAST_HEARTBEAT = {"VQLOG_HEARTBEAT_INTERVAL": "1", "VQLOG_HEARTBEAT_GRACE": "3"}
 
@@ -60,22 +59,6 @@ def write_spec(folder: Path, name: str, *, budget: dict | None = None, fixed: di
 
 # ------------------------------------------------------------------------------------ MLflow
 
-_MLFLOW_TEMPLATE: list[Path] = []
-
-
-def mlflow_uri(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """`sqlite:///<folder>/mlflow.db`, a copy of one store MLflow created (and migrated) for this
-    session: creating a store runs ~40 alembic migrations, 2-7 s on the shared test machine."""
-    if not _MLFLOW_TEMPLATE:
-        from mlflow.tracking import MlflowClient
-
-        template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-        _MLFLOW_TEMPLATE.append(template)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_MLFLOW_TEMPLATE[0], folder / "mlflow.db")
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
 
 def mlflow_runs(uri: str, study: str, role: str = "trial", missing_ok: bool = False) -> list:
     """The study's MLflow runs of a role (`trial` children or the `study` parent)."""
@@ -100,9 +83,9 @@ def study_trials(storage_url: str, study: str) -> list:
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
-    from vqlog.storage import engine_url
+    from vqlog.urls import with_psycopg2
 
-    url = engine_url(make_url(storage_url))
+    url = make_url(with_psycopg2(storage_url))
     if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
         return []  # do not create the file a worker is about to create
     # Only once the study exists: opening an RDBStorage writes (Optuna stamps its schema version)

@@ -1,20 +1,123 @@
-"""Shared test setup. Keep this file to small, generic pieces."""
+"""Shared test setup: the fixtures several test modules use.
+
+- `tiny`: a factory of tiny training configurations (the same base everywhere, with overrides);
+- `cli`: `vqlog ...` or `vqlog-sweep ...` run in-process, giving (exit code, stdout, stderr);
+- `free_port`, `mlflow_server`: real `mlflow server` processes (tests/_servers.py);
+- `mlflow_store`: a fresh embedded MLflow store, cheap;
+- `stack`: the compose topology run natively and populated once per session (tests/_stack.py);
+- `pg_database`, `pg_storage`: throw-away databases on the machine's PostgreSQL.
+"""
 
 import contextlib
 import os
+import shutil
 import sys
 
 import pytest
 
+# The tiny model every fast test trains: d_model 8, one S4D block, windows of 32 samples.
+TINY = dict(batch=8, d_model=8, d_state=8, n_layers=1, window=32, stride=32, embedding_dim=8,
+            embedding_num=16, iteration=12, eval_every=5, log_every=4, warmup=3, lr=5e-3,
+            quantizer="vq")
+
 
 def pytest_configure(config):
-    # One intra-op thread. The tests run tiny models (d_model 8) on a shared 2-core machine;
-    # with two OpenMP threads and other processes on the cores, a tiny forward+backward measured
-    # ~400 ms instead of ~8 ms (spinning threads waiting for a core). Set before torch starts its
-    # pool; a value the caller exported (OMP_NUM_THREADS=2 pytest) is kept.
+    # One intra-op thread. The tests run tiny models on a shared 2-core machine, where two
+    # spinning OpenMP threads per process and other processes on the cores made a tiny step many
+    # times slower. Set before torch starts its pool; a value the caller exported
+    # (OMP_NUM_THREADS=2 pytest) is kept.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "torch" in sys.modules:  # imported early by a plugin: the variable came too late
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """`tiny(**overrides)`: a tiny Config (TINY above, then the overrides, log names allowed);
+    `tiny.args(**overrides)`: the same as `--set key=value` arguments for `vqlog train`."""
+    from vqlog.config import Config
+
+    def make(**overrides):
+        return Config.from_mapping({**TINY, **overrides})
+
+    def args(**overrides) -> list[str]:
+        return [x for key, value in {**TINY, **overrides}.items()
+                for x in ("--set", f"{key}={value}")]
+
+    make.args = args
+    return make
+
+
+@pytest.fixture
+def cli(capsys):
+    """`cli("train", ...)` runs `vqlog train ...` in-process, `cli.sweep(...)` runs
+    `vqlog-sweep ...`; each returns (exit code, stdout, stderr), also when argparse exits."""
+    from vqlog.cli import main, sweep_main
+
+    def call(entry, args) -> tuple[int, str, str]:
+        capsys.readouterr()  # what came before is not this command's
+        try:
+            code = entry(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def run(*args: str):
+        return call(main, args)
+
+    run.sweep = lambda *args: call(sweep_main, args)
+    return run
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function: a 127.0.0.1 port nothing listens on right now."""
+    from _servers import free_port as find
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """The `mlflow server` launcher of tests/_servers.py: `with mlflow_server(folder) as s:`."""
+    from _servers import mlflow_server as launch
+
+    return launch
+
+
+_STORE_TEMPLATE: list = []
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, tmp_path_factory):
+    """`mlflow_store(folder=tmp_path)`: `sqlite:///<folder>/mlflow.db`, a copy of one store MLflow
+    created (and migrated) for this session: creating a store runs ~40 alembic migrations,
+    seconds on a shared machine."""
+
+    def make(folder=None) -> str:
+        if not _STORE_TEMPLATE:
+            from mlflow.tracking import MlflowClient
+
+            template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+            MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+            _STORE_TEMPLATE.append(template)
+        folder = folder or tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE[0], folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One populated stack (PostgreSQL, start.sh's server, `vqlog init`, two workers) for
+    test_stack.py and test_browser.py."""
+    from _stack import populated_stack
+
+    with populated_stack(tmp_path_factory.mktemp("stack")) as s:
+        yield s
 
 
 @pytest.fixture

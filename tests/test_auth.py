@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from _stack import START_SH, base_env, mlflow_via_start_sh, throwaway_databases
+from _servers import START_SH, mlflow_via_start_sh
+from _stack import base_env, start_sh_env, throwaway_databases
 
 pytestmark = pytest.mark.slow
 PASSWORD = "pw-" + secrets.token_urlsafe(18)
@@ -68,8 +69,8 @@ def test_an_unknown_auth_mode_is_refused(tmp_path):
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("auth")
     with throwaway_databases("mlflow") as dbs:
-        with mlflow_via_start_sh(folder, dbs["mlflow"], MLFLOW_AUTH_CONFIG_DIR=str(folder / "conf"),
-                                 **AUTH) as srv:
+        env = start_sh_env(dbs["mlflow"], MLFLOW_AUTH_CONFIG_DIR=str(folder / "conf"), **AUTH)
+        with mlflow_via_start_sh(folder, env) as srv:
             yield srv
 
 
@@ -122,19 +123,22 @@ def test_the_admin_reads_and_writes(server):
     assert created["experiment_id"] in [e["experiment_id"] for e in found["experiments"]]
 
 
-def test_stackinit_and_the_tracker_work_with_credentials_from_the_environment(server, monkeypatch, tmp_path):
+def test_init_and_the_tracker_work_with_credentials_from_the_environment(server, monkeypatch,
+                                                                        tmp_path, cli):
     """What the compose services do: MLFLOW_TRACKING_USERNAME/PASSWORD in their environment."""
     from mlflow.tracking import MlflowClient
 
-    from vqlog.spec import load_sweep
-    from vqlog.stackinit import init_study
+    from vqlog.tracking.runs import study_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    spec = load_sweep("smoke")
-    study, tracker = init_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}", server.url)
-    run = MlflowClient(tracking_uri=server.url).get_run(tracker.parent_id)
+    rc, out, err = cli("init", "--config", "smoke", "--storage",
+                       f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", server.url)
+    assert rc == 0, err
+    client = MlflowClient(tracking_uri=server.url)
+    run = client.get_run(study_run(client, "smoke"))
     assert run.data.tags["vqlog.role"] == "study" and run.info.status == "FINISHED"
+    assert f"study run {run.info.run_id}" in out
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(Exception, match="401|nauthorized|credentials"):
         MlflowClient(tracking_uri=server.url).search_experiments()

@@ -27,7 +27,7 @@ import pytest
 from _stack import ADMIN_URL
 from _sweep_helpers import ROOT, SUBPROCESS_ENV, SWEEP_BIN, smoke_raw, write_spec
 
-from vqlog.spec import resolve_spec_path
+from vqlog.study.spec import resolve_spec_path
 
 VQLOG_BIN = SWEEP_BIN.parent / "vqlog"
 PASSWORD = "s3cr3t"  # in every URL below that carries one; must never be printed

@@ -10,19 +10,12 @@ import urllib.request
 import pytest
 
 from _browser import Chromium
-from _stack import (BIN, STACK_TRIALS, base_env, chromium, free_port, shared_stack, stop_group,
-                    wait_http)
+from _servers import BIN, free_port, stop_group, wait_http
+from _stack import STACK_TRIALS, base_env, chromium
 
 pytestmark = pytest.mark.slow
 # The expander of a parent run in the runs table (MLflow 3.17's run-name cell renderer).
 EXPAND_PARENT = '.ag-row button[data-component-id*="runnamecellrenderer"]'
-
-
-@pytest.fixture(scope="session")  # one populated stack for test_stack.py and test_browser.py
-def stack(tmp_path_factory):
-    s = shared_stack.acquire(tmp_path_factory)
-    yield s
-    shared_stack.release()
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,13 @@ import pytest
 import torch
 
 from vqlog import checkpoint
-from vqlog.config import Config
 from vqlog.errors import UserError
 from vqlog.model.vqvae import VQVAE
 
-TINY = dict(d_model=8, d_state=8, n_layers=1, window=32, embedding_dim=8, embedding_num=16,
-            quantizer="vq")
 
 
-def test_save_then_load_gives_the_same_model(tmp_path):
-    cfg = Config.from_mapping({**TINY, "BN": "yes", "MLP": "linear"})
+def test_save_then_load_gives_the_same_model(tmp_path, tiny):
+    cfg = tiny(BN="yes", MLP="linear")
     torch.manual_seed(0)
     model = VQVAE(cfg).eval()
     checkpoint.save(tmp_path / "model.pt", cfg, model)
@@ -45,14 +42,14 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_missing_foreign_and_mismatched_files_name_the_problem(tmp_path):
+def test_missing_foreign_and_mismatched_files_name_the_problem(tmp_path, tiny):
     with pytest.raises(UserError, match="checkpoint not found"):
         checkpoint.load(tmp_path / "nope.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="expected keys config and state_dict"):
         checkpoint.load(tmp_path / "other.pt")
-    cfg = Config.from_mapping(TINY)
-    wrong = Config.from_mapping({**TINY, "embedding_num": 32})
+    cfg = tiny()
+    wrong = tiny(embedding_num=32)
     torch.save({"config": wrong.to_params(), "state_dict": VQVAE(cfg).state_dict()},
                tmp_path / "mismatch.pt")
     with pytest.raises(UserError, match="weights do not fit its config"):

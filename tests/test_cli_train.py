@@ -7,23 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from vqlog.cli import main
 from vqlog.config import Config
 from vqlog.model.vqvae import VQVAE
 
-TINY = ["--set", "d_model=8", "--set", "d_state=8", "--set", "n_layers=1", "--set", "window=32",
-        "--set", "stride=32", "--set", "embedding_dim=8", "--set", "embedding_num=16",
-        "--set", "batch=4", "--set", "eval_every=5", "--set", "warmup=2"]
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `vqlog train ARGS` in-process; argparse errors leave through SystemExit."""
-    try:
-        rc = main(["train", *args])
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+# The tiny model, with a smaller batch and an evaluation every 5 steps.
+SMALL = dict(batch=4, eval_every=5, warmup=2)
 
 
 def assert_one_error_line(rc: int, err: str, *fragments: str) -> str:
@@ -57,12 +45,12 @@ def pulses(n=3000, seed=0) -> np.ndarray:
 # --------------------------------------------------------------------------- runs that work
 
 
-def test_tiny_run_on_synthetic_prints_a_summary_and_saves_weights(capsys, tmp_path, monkeypatch):
+def test_tiny_run_on_synthetic_prints_a_summary_and_saves_weights(tmp_path, monkeypatch, cli, tiny):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "run.yaml"
     config.write_text("iteration: 50\nlr: 5e-3\nBN: no\nMLP: linear\nquantizer: vq\n")
     save = tmp_path / "model.pt"
-    rc, out, err = cli(capsys, "--data", "synthetic", "--config", str(config), *TINY,
+    rc, out, err = cli("train", "--data", "synthetic", "--config", str(config), *tiny.args(**SMALL),
                        "--set", "iteration=10", "--save", str(save))  # --set beats the file
     assert rc == 0, err
     assert "data: synthetic: 900 train / 112 valid / 112 test windows of 32 samples at 50 Hz" in out
@@ -79,9 +67,9 @@ def test_tiny_run_on_synthetic_prints_a_summary_and_saves_weights(capsys, tmp_pa
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_user_file_with_quantizer_none(capsys, signal_file):
+def test_user_file_with_quantizer_none(signal_file, cli, tiny):
     path = signal_file(pulses())
-    rc, out, err = cli(capsys, "--data", path, "--sample-rate", "50", *TINY,
+    rc, out, err = cli("train", "--data", path, "--sample-rate", "50", *tiny.args(**SMALL),
                        "--set", "iteration=5", "--set", "quantizer=none", "--device", "cpu")
     assert rc == 0, err
     assert f"data: {path}:" in out and "at 50 Hz" in out
@@ -114,17 +102,17 @@ def test_user_file_with_quantizer_none(capsys, signal_file):
         (["--save", "no/such/folder/model.pt", "--data", "synthetic"], ["cannot write", "model.pt"]),
     ],
 )
-def test_bad_arguments(capsys, tmp_path, monkeypatch, args, fragments):
+def test_bad_arguments(tmp_path, monkeypatch, args, fragments, cli, tiny):
     monkeypatch.chdir(tmp_path)
-    rc, out, err = cli(capsys, *TINY, *args)
+    rc, out, err = cli("train", *tiny.args(**SMALL), *args)
     assert_one_error_line(rc, err, *fragments)
     assert "val MSE" not in out  # it stopped before training
 
 
-def test_bad_config_file(capsys, tmp_path):
+def test_bad_config_file(tmp_path, cli):
     path = tmp_path / "broken.yaml"
     path.write_text("batch: [1, 2\n")
-    rc, _, err = cli(capsys, "--config", str(path))
+    rc, _, err = cli("train", "--config", str(path))
     assert_one_error_line(rc, err, "broken.yaml", "not valid YAML")
 
 
@@ -145,45 +133,45 @@ BAD_FILES = {  # id: (file name, writer(path), fragments the error line must hol
 
 
 @pytest.mark.parametrize("name, write, fragments", BAD_FILES.values(), ids=BAD_FILES.keys())
-def test_bad_data_files(capsys, tmp_path, name, write, fragments):
+def test_bad_data_files(tmp_path, name, write, fragments, cli, tiny):
     path = tmp_path / name
     write(path)
-    rc, out, err = cli(capsys, "--data", str(path), "--sample-rate", "50", *TINY)
+    rc, out, err = cli("train", "--data", str(path), "--sample-rate", "50", *tiny.args(**SMALL))
     assert_one_error_line(rc, err, *fragments)
 
 
-def test_user_file_needs_a_sample_rate(capsys, signal_file):
+def test_user_file_needs_a_sample_rate(signal_file, cli, tiny):
     path = signal_file(pulses())
-    rc, _, err = cli(capsys, "--data", path, *TINY)
+    rc, _, err = cli("train", "--data", path, *tiny.args(**SMALL))
     assert_one_error_line(rc, err, path, "--sample-rate")
 
 
 @pytest.mark.parametrize("rate", ["0", "-5"])
-def test_bad_sample_rate(capsys, signal_file, rate):
-    rc, _, err = cli(capsys, "--data", signal_file(pulses()), "--sample-rate", rate, *TINY)
+def test_bad_sample_rate(signal_file, rate, cli, tiny):
+    rc, _, err = cli("train", "--data", signal_file(pulses()), "--sample-rate", rate, *tiny.args(**SMALL))
     assert_one_error_line(rc, err, "sample rate must be a positive number")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_a_gpu(capsys, signal_file):
-    rc, out, err = cli(capsys, "--data", signal_file(pulses()), "--sample-rate", "50", *TINY,
+def test_device_cuda_without_a_gpu(signal_file, cli, tiny):
+    rc, out, err = cli("train", "--data", signal_file(pulses()), "--sample-rate", "50", *tiny.args(**SMALL),
                        "--device", "cuda")
     assert_one_error_line(rc, err, "--device cuda", "no CUDA GPU", "--device cpu")
     assert "val MSE" not in out
 
 
-def test_save_to_a_folder_is_refused_before_training(capsys, tmp_path, signal_file):
+def test_save_to_a_folder_is_refused_before_training(tmp_path, signal_file, cli, tiny):
     folder = tmp_path / "out"
     folder.mkdir()
-    rc, out, err = cli(capsys, "--data", signal_file(pulses()), "--sample-rate", "50", *TINY,
+    rc, out, err = cli("train", "--data", signal_file(pulses()), "--sample-rate", "50", *tiny.args(**SMALL),
                        "--set", "iteration=2", "--save", str(folder))
     assert_one_error_line(rc, err, str(folder))
     assert "val MSE" not in out and not list(tmp_path.glob("*.tmp"))
 
 
-def test_divergence_is_one_error_line_that_says_what_to_change(capsys, signal_file):
+def test_divergence_is_one_error_line_that_says_what_to_change(signal_file, cli, tiny):
     huge = pulses() * 1e30  # standardized per window, so the scale is in the data on purpose
-    rc, out, err = cli(capsys, "--data", signal_file(huge), "--sample-rate", "50", *TINY,
+    rc, out, err = cli("train", "--data", signal_file(huge), "--sample-rate", "50", *tiny.args(**SMALL),
                        "--set", "iteration=5", "--set", "standardize=dataset", "--set", "lr=1e6",
                        "--set", "grad_clip=0")
     assert_one_error_line(rc, err, "diverged", "lower lr (now 1e+06)")

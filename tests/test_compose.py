@@ -144,17 +144,18 @@ def test_mlflow_runs_the_tested_start_script(services):
 
 
 def test_commands_use_the_tested_entry_points_with_valid_flags(services):
-    from vqlog import stackinit
-    from vqlog.cli import _Parser, _sweep_args, build_parser
+    from vqlog.cli import Parser, build_parser
+    from vqlog.commands.sweep import add_sweep_args
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     init = command(services, "init")
-    assert init[:3] == ["python", "-m", "vqlog.stackinit"]
-    a = stackinit.build_parser().parse_args(init[3:])
+    assert init[:2] == ["vqlog", "init"] and "vqlog" in scripts
+    a = build_parser().parse_args(init[1:])
+    assert a.command == "init"
     sweep = command(services, "sweep")
     assert sweep[0] == "vqlog-sweep" and "vqlog-sweep" in scripts
-    parser = _Parser(prog="vqlog-sweep")
-    _sweep_args(parser)
+    parser = Parser(prog="vqlog-sweep")
+    add_sweep_args(parser)
     s = parser.parse_args(sweep[1:])
     assert s.trials == int(env_example()["TRIALS"])
     assert (s.storage, s.tracking_uri, s.config, s.study) == (a.storage, a.tracking_uri, a.config, a.study)

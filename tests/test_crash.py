@@ -15,7 +15,7 @@ import signal
 import time
 
 import pytest
-from _sweep_helpers import (FAST_HEARTBEAT, Worker, finished, mlflow_runs, mlflow_uri, states,
+from _sweep_helpers import (FAST_HEARTBEAT, Worker, finished, mlflow_runs, states,
                             study_trials, wait_until, write_spec)
 
 pytestmark = pytest.mark.slow
@@ -55,12 +55,12 @@ def assert_whole_table(path) -> None:
             assert width is not None and line.count(" | ") == width, line
 
 
-def test_five_sigkills_at_random_points_then_a_rerun(tmp_path, tmp_path_factory):
+def test_five_sigkills_at_random_points_then_a_rerun(tmp_path, mlflow_store):
     seed = int(os.environ.get("VQLOG_CRASH_SEED", time.time_ns() % 1_000_000))
     kills = draw_kills(seed)
     print(f"VQLOG_CRASH_SEED={seed}: {kills}")  # shown by pytest when the test fails
     spec = write_spec(tmp_path, "crash", budget={"iteration": 60, "eval_every": 20}, pruner="none")
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     args = ["--trials", str(TARGET), "--config", str(spec), "--storage", storage,
             "--tracking-uri", uri]
     table = tmp_path / "results" / "crash.md"
@@ -114,7 +114,7 @@ def test_five_sigkills_at_random_points_then_a_rerun(tmp_path, tmp_path_factory)
 
     from mlflow.tracking import MlflowClient
 
-    from vqlog import table as table_mod
+    from vqlog.tracking import table as table_mod
 
     rows = table_mod.fetch_rows(MlflowClient(tracking_uri=uri), "crash")
     assert table.read_text() == table_mod.render_table(rows, title="crash")

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from vqlog.config import Config
-from vqlog.data import (SOURCES, Recording, describe_source, load_source, make_splits, prepare,
-                        resample, split_bounds, synthetic, window_starts)
+from vqlog.data import make_splits, prepare, resample, split_bounds, window_starts
+from vqlog.sources import SOURCES, Recording, describe_source, load_source, synthetic
 from vqlog.errors import ConfigError, DataError, UserError
 
 

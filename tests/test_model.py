@@ -5,15 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from vqlog.config import DOWNSAMPLES, QUANTIZERS, Config
+from vqlog.config import DOWNSAMPLES, QUANTIZERS
 from vqlog.model.vqvae import VQVAE, VQVAEOutput
 
 B, L = 4, 32
-
-
-def tiny(**kw) -> Config:
-    values = dict(d_model=8, d_state=8, n_layers=1, window=L, embedding_dim=8, embedding_num=16)
-    return Config(**{**values, **kw})
 
 
 def windows(seed=0) -> torch.Tensor:
@@ -22,7 +17,7 @@ def windows(seed=0) -> torch.Tensor:
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
 @pytest.mark.parametrize("downsample", DOWNSAMPLES)
-def test_forward_shapes(downsample, quantizer):
+def test_forward_shapes(downsample, quantizer, tiny):
     torch.manual_seed(0)
     cfg = tiny(downsample=downsample, quantizer=quantizer)
     model = VQVAE(cfg)
@@ -40,7 +35,7 @@ def test_forward_shapes(downsample, quantizer):
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_eval_mode_forward_shapes(quantizer):
+def test_eval_mode_forward_shapes(quantizer, tiny):
     torch.manual_seed(0)
     model = VQVAE(tiny(quantizer=quantizer))
     model(windows())  # train-mode call: BN statistics, k-means init
@@ -51,7 +46,7 @@ def test_eval_mode_forward_shapes(quantizer):
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_gradients_reach_the_encoders_first_layer(quantizer):
+def test_gradients_reach_the_encoders_first_layer(quantizer, tiny):
     torch.manual_seed(0)
     model = VQVAE(tiny(quantizer=quantizer))
     x = windows()
@@ -63,7 +58,7 @@ def test_gradients_reach_the_encoders_first_layer(quantizer):
     assert grad.abs().sum() > 0  # straight-through / rotation trick / FSQ rounding pass gradients
 
 
-def test_vq_codebook_gets_gradients_from_its_loss():
+def test_vq_codebook_gets_gradients_from_its_loss(tiny):
     torch.manual_seed(0)
     model = VQVAE(tiny(quantizer="vq"))
     model(windows()).quant.loss.backward()
@@ -72,7 +67,7 @@ def test_vq_codebook_gets_gradients_from_its_loss():
 
 
 @pytest.mark.parametrize("BN", [True, False])
-def test_bn_switch(BN):
+def test_bn_switch(BN, tiny):
     model = VQVAE(tiny(BN=BN))
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
     # one BN before the encoder's MLP head, one in the decoder's "BN + MLP"
@@ -81,7 +76,7 @@ def test_bn_switch(BN):
 
 
 @pytest.mark.parametrize("MLP, convs, relus", [("relu", 2, 1), ("linear", 1, 0)])
-def test_mlp_switch(MLP, convs, relus):
+def test_mlp_switch(MLP, convs, relus, tiny):
     model = VQVAE(tiny(MLP=MLP, embedding_dim=12))
     for block in (model.encoder.head[1], model.decoder.pre, model.decoder.post[1]):
         mods = list(block.modules()) if isinstance(block, nn.Sequential) else [block]
@@ -92,12 +87,12 @@ def test_mlp_switch(MLP, convs, relus):
 
 
 @pytest.mark.parametrize("n_layers", [1, 3])
-def test_n_layers_s4d_blocks_in_each_stack(n_layers):
+def test_n_layers_s4d_blocks_in_each_stack(n_layers, tiny):
     model = VQVAE(tiny(n_layers=n_layers))
     assert len(model.encoder.blocks) == len(model.decoder.blocks) == n_layers
 
 
-def test_same_seed_same_weights():
+def test_same_seed_same_weights(tiny):
     torch.manual_seed(3)
     a = VQVAE(tiny()).state_dict()
     torch.manual_seed(3)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from vqlog import metrics
-from vqlog.config import Config
 from vqlog.model.quantizer import (
     FSQ,
     FSQ_LEVELS,
@@ -17,14 +16,10 @@ from vqlog.model.quantizer import (
     build_quantizer,
     fsq_levels,
     nearest_code,
-    nearest_code_reference,
 )
+from vqlog.model.reference import nearest_code_reference
 
 QUANTIZERS = ["vq", "vq_ema", "fsq", "none"]
-
-
-def tiny(quantizer: str, **kw) -> Config:
-    return Config(quantizer=quantizer, embedding_dim=8, embedding_num=16, **kw)
 
 
 def latents(B=4, T=8, D=8, seed=0, dtype=torch.float32) -> torch.Tensor:
@@ -124,9 +119,9 @@ def test_none_returns_z_unchanged():
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_build_quantizer_shapes_and_finite_scalar_losses(quantizer):
+def test_build_quantizer_shapes_and_finite_scalar_losses(quantizer, tiny):
     torch.manual_seed(0)
-    q = build_quantizer(tiny(quantizer))
+    q = build_quantizer(tiny(quantizer=quantizer))
     z = latents()
     out = q(z)
     assert out.z_q.shape == z.shape

@@ -1,8 +1,7 @@
-"""The fast paths equal their references: the whole VQVAE under `use_reference` (S4D layers as
-state-spaces/s4 computes them, the VQ's full difference-tensor search and the paper's losses by
-autograd), the hand-written FFT convolution backward, the fused VQ losses, and the channel-last
-pointwise convolution. benchmarks/bench_step.py times
-the same switch; these tests are why its ratio compares equal models."""
+"""The fast paths equal their references (vqlog/model/reference.py): the whole VQVAE under
+`use_reference` (S4D layers as state-spaces/s4 computes them, the VQ's full difference-tensor search
+and the paper's losses by autograd), the hand-written FFT convolution backward, the fused VQ
+losses, and the channel-last pointwise convolution."""
 
 import copy
 
@@ -10,17 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from vqlog.config import QUANTIZERS, Config
-from vqlog.model.quantizer import straight_through, straight_through_reference
-from vqlog.model.s4d import S4D, direct_causal_conv, fft_conv, fft_conv_reference
-from vqlog.model.vqvae import VQVAE, Pointwise, use_reference
+from vqlog.config import QUANTIZERS
+from vqlog.model.quantizer import VQ, straight_through
+from vqlog.model.reference import (ReferenceS4D, ReferenceVQ, direct_causal_conv,
+                                   fft_conv_reference, straight_through_reference, use_reference)
+from vqlog.model.s4d import S4D, fft_conv
+from vqlog.model.vqvae import VQVAE, Pointwise
 
 B, L = 3, 32
-
-
-def tiny(**kw) -> Config:
-    values = dict(d_model=8, d_state=8, n_layers=2, window=L, embedding_dim=8, embedding_num=16)
-    return Config(**{**values, **kw})
 
 
 def run(model: VQVAE, x: torch.Tensor):
@@ -44,9 +40,9 @@ def assert_close_scaled(actual, expected, rtol):
 # the nearest-code search and the losses are replaced too.
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
 @pytest.mark.parametrize("downsample", [1, 4])
-def test_whole_model_reference_equals_fast_path(quantizer, downsample):
+def test_whole_model_reference_equals_fast_path(quantizer, downsample, tiny):
     torch.manual_seed(0)
-    fast = VQVAE(tiny(quantizer=quantizer, downsample=downsample)).double()
+    fast = VQVAE(tiny(quantizer=quantizer, downsample=downsample, n_layers=2)).double()
     x = torch.randn(B, L, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     if quantizer == "vq":  # codes drawn from the latents, so the search has real choices to make
         with torch.no_grad():
@@ -68,16 +64,16 @@ def test_whole_model_reference_equals_fast_path(quantizer, downsample):
             assert_close_scaled(g_r, g_f, 1e-8)
 
 
-def test_use_reference_switches_every_s4d_layer_and_the_vq_and_back():
-    model = VQVAE(tiny(quantizer="vq"))
+def test_use_reference_switches_every_s4d_layer_and_the_vq_and_back(tiny):
+    model = VQVAE(tiny(quantizer="vq", n_layers=2))
     s4d = [m for m in model.modules() if isinstance(m, S4D)]
     assert len(s4d) == 2 * 2  # n_layers in the encoder and again in the decoder
     assert use_reference(model) is model
-    assert all(m.reference for m in s4d) and model.quantizer.reference
+    assert all(type(m) is ReferenceS4D for m in s4d) and type(model.quantizer) is ReferenceVQ
     use_reference(model, s4d=False)
-    assert not any(m.reference for m in s4d) and model.quantizer.reference
+    assert all(type(m) is S4D for m in s4d) and type(model.quantizer) is ReferenceVQ
     use_reference(model, s4d=False, quantizer=False)
-    assert not any(m.reference for m in s4d) and not model.quantizer.reference
+    assert all(type(m) is S4D for m in s4d) and type(model.quantizer) is VQ
 
 
 # --------------------------------------------------------------------------- FFT convolution
@@ -155,7 +151,3 @@ def test_pointwise_equals_a_1x1_conv1d(channel_last_input):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
-
-def test_pointwise_rejects_a_wider_kernel():
-    with pytest.raises(ValueError, match="1x1"):
-        Pointwise(3, 4, kernel_size=3)

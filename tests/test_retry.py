@@ -6,11 +6,12 @@ import threading
 import time
 
 import pytest
-from _mlflow_server import free_port, mlflow_server
+from _servers import free_port, mlflow_server
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from vqlog.retry import RetryingClient, TrackingUnavailable, is_transient, quiet_http_retries
+from vqlog.errors import TrackingUnavailable
+from vqlog.tracking.client import RetryingClient, is_transient, quiet_http_retries
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,11 @@ from vqlog.model.s4d import (
     S4D,
     S4DBlock,
     S4DKernel,
-    direct_causal_conv,
     fft_conv,
     kernel,
-    kernel_reference,
     ssm_parameters,
 )
+from vqlog.model.reference import direct_causal_conv, kernel_reference
 
 KERNELS = [kernel, kernel_reference]
 
@@ -135,7 +134,7 @@ def test_layer_is_causal(module_cls, t):
 
 
 def test_s4d_lin_init():
-    k = S4DKernel(d_model=16, d_state=8, dt_min=1e-3, dt_max=1e-1)
+    k = S4DKernel(d_model=16, d_state=8)  # Δ log-uniform in [DT_MIN, DT_MAX] = [1e-3, 1e-1]
     assert k.C.shape == (16, 4, 2)
     torch.testing.assert_close(-torch.exp(k.log_A_real), torch.full((16, 4), -0.5))
     torch.testing.assert_close(k.A_imag, math.pi * torch.arange(4.0).expand(16, 4))

@@ -23,10 +23,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from _sweep_helpers import ROOT, SUBPROCESS_ENV, SWEEP_BIN, mlflow_uri
+from _sweep_helpers import ROOT, SUBPROCESS_ENV, SWEEP_BIN
 from test_bad_input import object_npy, raw_pickle
 
-from vqlog.data import load_source
+from vqlog.sources import load_source
 from vqlog.errors import DataError
 
 PACKAGE = ROOT / "vqlog"
@@ -61,7 +61,7 @@ def database_rows(url: str) -> str:
 
 @pytest.mark.slow
 def test_a_postgresql_sweep_never_writes_its_password_anywhere(pg_storage, tmp_path,
-                                                               tmp_path_factory):
+                                                               mlflow_store):
     import optuna
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -70,7 +70,7 @@ def test_a_postgresql_sweep_never_writes_its_password_anywhere(pg_storage, tmp_p
     password = f"pw-{secrets.token_hex(12)}"  # trust auth: PostgreSQL accepts any password
     storage = make_url(pg_storage).set(password=password).render_as_string(hide_password=False)
     folder = tmp_path / "run"
-    uri = mlflow_uri(folder, tmp_path_factory)  # sqlite:///<folder>/mlflow.db
+    uri = mlflow_store(folder)  # sqlite:///<folder>/mlflow.db
     proc = subprocess.run(
         [str(SWEEP_BIN), "--trials", "2", "--config", "smoke", "--storage", storage, "--tracking-uri", uri],
         cwd=folder, capture_output=True, text=True, timeout=300, env={**os.environ, **SUBPROCESS_ENV},

@@ -8,8 +8,7 @@ import pytest
 
 from vqlog.config import Config
 from vqlog.errors import ConfigError
-from vqlog.spec import bundled_specs, load_sweep, resolve_spec_path
-from vqlog.sweep import make_pruner, make_sampler
+from vqlog.study.spec import bundled_specs, load_sweep, resolve_spec_path
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -40,8 +39,8 @@ def test_bundled_spec_validates_and_suggests(name):
     spec = load_sweep(name)
     assert spec.name == name
     assert resolve_spec_path(f"{name}.yaml") == resolve_spec_path(name)
-    study = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec, seed=0),
-                                pruner=make_pruner(spec))
+    study = optuna.create_study(directions=spec.directions, sampler=spec.make_sampler(seed=0),
+                                pruner=spec.make_pruner())
     for _ in range(3):
         trial = study.ask()
         cfg = spec.suggest(trial, seed=7)
@@ -59,7 +58,7 @@ def test_bundled_spec_validates_and_suggests(name):
 @pytest.mark.parametrize("name", [n for n in bundled_specs() if load_sweep(n).enqueue])
 def test_enqueued_rows_come_back_from_suggest(name):
     spec = load_sweep(name)
-    study = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec, seed=0))
+    study = optuna.create_study(directions=spec.directions, sampler=spec.make_sampler(seed=0))
     for row in spec.enqueue:
         study.enqueue_trial(row)
     for row in spec.enqueue:

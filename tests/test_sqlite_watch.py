@@ -53,7 +53,7 @@ def test_a_worker_and_table_watch_share_the_sqlite_store(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from vqlog import table
+    from vqlog.tracking import table
 
     rows = table.fetch_rows(MlflowClient(tracking_uri=uri), "watched")
     assert len(rows) == 6

@@ -1,5 +1,5 @@
 """The compose stack's topology on this machine: PostgreSQL, the MLflow server started by
-`mlflow/start.sh`, `python -m vqlog.stackinit`, then two `vqlog-sweep` workers at once on the
+`mlflow/start.sh`, `vqlog init`, then two `vqlog-sweep` workers at once on the
 smoke spec. Optuna (the search state), MLflow (runs) and the experiment table must agree."""
 
 import re
@@ -10,16 +10,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from _stack import STACK_TRIALS, shared_stack
+from _stack import STACK_TRIALS
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")  # one populated stack for test_stack.py and test_browser.py
-def stack(tmp_path_factory):
-    s = shared_stack.acquire(tmp_path_factory)
-    yield s
-    shared_stack.release()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +24,7 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def study(stack):
-    from vqlog.storage import open_storage
+    from vqlog.study.storage import open_storage
 
     return optuna.load_study(study_name=stack.study, storage=open_storage(stack.storage))
 
@@ -59,7 +52,7 @@ def test_every_trial_is_one_child_run_of_the_study_run(stack, study, client):
     exp = client.get_experiment_by_name(stack.study)
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")
     parents = _runs(client, stack, "study")
-    assert len(parents) == 1, "one study run, made once by vqlog.stackinit"
+    assert len(parents) == 1, "one study run, made once by vqlog init"
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     children = {int(r.data.tags["optuna.trial_number"]): r for r in _runs(client, stack, "trial")}
@@ -88,15 +81,12 @@ def test_artifacts_are_served_by_the_server(stack, study, client, tmp_path):
     assert list(stack.server.artifacts.rglob("curves.png"))
 
 
-def test_table_agrees_with_runs_and_the_study_run(stack, study, client, capsys):
-    from vqlog.table import fetch_rows, render_table
+def test_table_agrees_with_runs_and_the_study_run(stack, study, client, cli):
+    from vqlog.tracking.table import fetch_rows, render_table
 
-    from vqlog.cli import main
-
-    code = main(["table", "--study", stack.study, "--tracking-uri", stack.url, "--out", "-"])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    text = out.out.rstrip("\n")
+    code, out, err = cli("table", "--study", stack.study, "--tracking-uri", stack.url, "--out", "-")
+    assert code == 0, err
+    text = out.rstrip("\n")
     assert text == render_table(fetch_rows(client, stack.study), title=stack.study).rstrip("\n")
     for t in study.trials:
         assert re.search(rf"^\| Seq{t.number + 1}( ★)? \| {t.params['batch']} \|", text, re.M), text
@@ -122,31 +112,25 @@ def test_allowed_hosts_from_start_sh(stack, host, allowed):
     assert code == (200 if allowed else 403)
 
 
-def test_stackinit_again_is_harmless(stack, study, client, capsys):
-    from vqlog import stackinit
-
-    code = stackinit.main(["--config", "smoke", "--study", stack.study, "--storage", stack.storage,
-                           "--tracking-uri", stack.url])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    assert f"({len(study.trials)} trials so far)" in out.out
+def test_init_again_is_harmless(stack, study, client, cli):
+    code, out, err = cli("init", "--config", "smoke", "--study", stack.study, "--storage",
+                         stack.storage, "--tracking-uri", stack.url)
+    assert code == 0, err
+    assert f"({len(study.trials)} trials so far)" in out
     assert len(_runs(client, stack, "study")) == 1
 
 
-def test_stackinit_refuses_a_study_with_other_directions(stack, capsys):
+def test_init_refuses_a_study_with_other_directions(stack, cli):
     """A study created for the mse objective cannot be re-used by a pareto spec."""
     import yaml
 
-    from vqlog.spec import resolve_spec_path
+    from vqlog.study.spec import resolve_spec_path
 
     raw = yaml.safe_load(resolve_spec_path("smoke").read_text())
     raw.update(objective="pareto", pruner="none", name=stack.study)
     spec = stack.folder / "pareto.yaml"
     spec.write_text(yaml.safe_dump(raw))
-    from vqlog import stackinit
-
-    code = stackinit.main(["--config", str(spec), "--storage", stack.storage,
-                           "--tracking-uri", stack.url])
-    err = capsys.readouterr().err
+    code, _, err = cli("init", "--config", str(spec), "--storage", stack.storage,
+                       "--tracking-uri", stack.url)
     assert code == 2
     assert err.startswith("Error: study ") and "use another --study name" in err

@@ -6,18 +6,10 @@ import signal
 import time
 
 import pytest
-from _sweep_helpers import (FAST_HEARTBEAT, Worker, finished, mlflow_runs, mlflow_uri,
-                            retried_from, states, study_trials, wait_until, write_spec)
+from _sweep_helpers import (FAST_HEARTBEAT, Worker, finished, mlflow_runs, retried_from, states,
+                            study_trials, wait_until, write_spec)
 
 from vqlog.cli import sweep_main
-
-
-def cli(argv: list[str]) -> int:
-    """sweep_main's exit code, also where argparse exits (as the console script would)."""
-    try:
-        return sweep_main(argv)
-    except SystemExit as exc:
-        return exc.code
 
 
 def table_rows(path) -> dict[str, str]:
@@ -33,10 +25,10 @@ def table_rows(path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, tmp_path_factory, monkeypatch, capsys):
+def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, mlflow_store, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    uri = mlflow_uri(tmp_path, tmp_path_factory)  # sqlite:///<tmp_path>/mlflow.db
+    uri = mlflow_store()  # sqlite:///<tmp_path>/mlflow.db
     args = ["--config", "smoke", "--storage", storage, "--tracking-uri", uri]
 
     assert sweep_main(["--trials", "3", *args]) == 0
@@ -58,11 +50,11 @@ def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, tmp_path_factory,
 
 
 @pytest.mark.slow
-def test_same_seed_gives_the_same_trials(tmp_path, tmp_path_factory, monkeypatch):
+def test_same_seed_gives_the_same_trials(tmp_path, mlflow_store, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = write_spec(tmp_path, "repro", budget={"iteration": 6, "eval_every": 3}, pruner="none")
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    uri = mlflow_uri(tmp_path, tmp_path_factory)
+    uri = mlflow_store()
     for study in ("first", "second"):
         assert sweep_main(["--trials", "2", "--config", str(spec), "--study", study, "--seed", "11",
                            "--storage", storage, "--tracking-uri", uri]) == 0
@@ -77,13 +69,13 @@ DIVERGE = {"lr": 1.0e6, "warmup": 0, "grad_clip": 1.0e30, "BN": False}  # Adam m
 
 
 @pytest.mark.slow
-def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, tmp_path_factory,
+def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, mlflow_store,
                                                                      monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     fixed = {k: v for k, v in DIVERGE.items() if k != "lr"}
     spec = write_spec(tmp_path, "diverge", fixed=fixed, space={"lr": [1.0e6, 1.0e-3]},
                       enqueue=[{"lr": 1.0e6}, {"lr": 1.0e-3}], pruner="none")
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     capsys.readouterr()
 
     assert sweep_main(["--trials", "1", "--config", str(spec), "--storage", storage,
@@ -105,10 +97,10 @@ def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, t
 
 
 @pytest.mark.slow
-def test_a_spec_whose_trials_all_fail_stops(tmp_path, tmp_path_factory, monkeypatch, capsys):
+def test_a_spec_whose_trials_all_fail_stops(tmp_path, mlflow_store, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     spec = write_spec(tmp_path, "allfail", fixed=DIVERGE, space={"batch": [8, 16]}, pruner="none")
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     capsys.readouterr()  # (MLflow's lines, if this test made the session's template store)
 
     assert sweep_main(["--trials", "2", "--config", str(spec), "--storage", storage,
@@ -123,18 +115,17 @@ def test_a_spec_whose_trials_all_fail_stops(tmp_path, tmp_path_factory, monkeypa
 
 @pytest.mark.slow
 def test_a_trial_left_running_without_a_heartbeat_is_failed_and_retried(
-        tmp_path, tmp_path_factory, monkeypatch):
+        tmp_path, mlflow_store, monkeypatch):
     """A worker killed between creating its trial and the heartbeat's first beat leaves a RUNNING
     trial that Optuna's stale-trial check never sees; the exact target must not wait for it."""
     import optuna
 
-    from vqlog import storage as storage_mod
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(storage_mod, "HEARTBEAT", 1)
-    monkeypatch.setattr(storage_mod, "GRACE", 1)
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
     spec = write_spec(tmp_path, "orphan", budget={"iteration": 4, "eval_every": 2}, pruner="none")
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     study = optuna.create_study(study_name="orphan", storage=storage)
     orphan = study.ask({"batch": optuna.distributions.CategoricalDistribution([8, 16])})
     time.sleep(1.5)  # older than the grace period
@@ -152,7 +143,7 @@ def test_a_trial_left_running_without_a_heartbeat_is_failed_and_retried(
 
 @pytest.mark.slow
 def test_a_live_trial_failed_as_stale_by_another_worker_does_not_stop_this_one(
-        tmp_path, tmp_path_factory, monkeypatch, capsys):
+        tmp_path, mlflow_store, monkeypatch, capsys):
     """A worker whose heartbeat missed the grace period (a long pause, an overloaded machine)
     finds its trial failed by another worker: Optuna refuses its result. It must go on (the
     trial's retry runs) instead of crashing, and mark the trial's MLflow run failed."""
@@ -160,15 +151,14 @@ def test_a_live_trial_failed_as_stale_by_another_worker_does_not_stop_this_one(
 
     import optuna
 
-    from vqlog import storage as storage_mod
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(storage_mod, "HEARTBEAT", 30)  # this worker beats once, at the start
-    monkeypatch.setattr(storage_mod, "GRACE", 60)
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "30")  # this worker beats once, at the start
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "60")
     # 1000 iterations (5-20 s here): the trial must outlast the other worker's 2 s wait, also
     # with torch warmed up by earlier tests (200 iterations then took 1 s)
     spec = write_spec(tmp_path, "lost", budget={"iteration": 1000, "eval_every": 500}, pruner="none")
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     failed_by_other: list[int] = []
 
     def other_worker():
@@ -219,9 +209,9 @@ def running_trial(storage: str, study: str, uri: str):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_trial_then_rerun_finishes_exactly_the_target(tmp_path, tmp_path_factory):
+def test_sigkill_mid_trial_then_rerun_finishes_exactly_the_target(tmp_path, mlflow_store):
     spec = slow_spec(tmp_path, "killed")
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     args = ["--trials", "2", "--config", str(spec), "--storage", storage, "--tracking-uri", uri]
 
     worker = Worker(args, tmp_path, "first", env=FAST_HEARTBEAT)
@@ -253,9 +243,9 @@ def test_sigkill_mid_trial_then_rerun_finishes_exactly_the_target(tmp_path, tmp_
 
 
 @pytest.mark.slow
-def test_ctrl_c_fails_the_running_trial_and_keeps_the_finished(tmp_path, tmp_path_factory):
+def test_ctrl_c_fails_the_running_trial_and_keeps_the_finished(tmp_path, mlflow_store):
     spec = slow_spec(tmp_path, "interrupted")
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_uri(tmp_path, tmp_path_factory)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     worker = Worker(["--trials", "4", "--config", str(spec), "--storage", storage,
                      "--tracking-uri", uri], tmp_path, env=FAST_HEARTBEAT)
     try:
@@ -294,7 +284,7 @@ BAD_INPUT = {
     "unknown flag": (["--trails", "3"], "unrecognized arguments: --trails"),
 }
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(tmp_path, monkeypatch, capfd, case):
+def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(tmp_path, monkeypatch, cli, case):
     argv, expected = BAD_INPUT[case]
     monkeypatch.chdir(tmp_path)  # results/ would go here
     # The defaults' files, but absolute: MLflow caches a store per URI string, so a relative
@@ -302,8 +292,8 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(tmp_path, monk
     defaults = {"--config": "smoke", "--storage": f"sqlite:///{tmp_path}/optuna.db",
                 "--tracking-uri": f"sqlite:///{tmp_path}/mlflow.db"}
     argv = [*argv, *(x for k, v in defaults.items() if k not in argv for x in (k, v))]
-    assert cli(argv) == 2
-    out, err = capfd.readouterr()
+    code, out, err = cli.sweep(*argv)
+    assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), err
     assert expected in lines[0]
@@ -315,9 +305,9 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(tmp_path, monk
     "postgresql://postgres:s3cr3t@127.0.0.1:5432/does_not_exist_db",  # connects, then fails
     "postgresql://postgres:s3cr3t@127.0.0.1:notaport/db",  # not even a URL
 ])
-def test_storage_password_is_never_printed(tmp_path, tmp_path_factory, monkeypatch, capfd, url):
+def test_storage_password_is_never_printed(tmp_path, mlflow_store, monkeypatch, capfd, url):
     monkeypatch.chdir(tmp_path)
-    uri = mlflow_uri(tmp_path / "mlflow", tmp_path_factory)
+    uri = mlflow_store(tmp_path / "mlflow")
     assert sweep_main(["--config", "smoke", "--storage", url, "--tracking-uri", uri]) == 2
     out, err = capfd.readouterr()
     assert "s3cr3t" not in out + err

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from vqlog.errors import UserError
-from vqlog.table import LOG_COLUMNS, TrialRow, fetch_rows, regenerate, render_table, rows_from_runs, write_atomic
+from vqlog.tracking.table import LOG_COLUMNS, TrialRow, fetch_rows, regenerate, render_table, rows_from_runs
 
 # The log's Seq1 as logged by MLflow (Config.to_params(), stringified).
 SEQ1 = {"batch": "64", "lr": "0.001", "embedding_dim": "512", "embedding_num": "256", "iteration": "10000",
@@ -194,26 +194,6 @@ def test_unknown_language_is_a_user_error():
         render_table(ROWS, lang="de")
 
 
-# --- write_atomic --------------------------------------------------------------------------
-
-def test_write_atomic_creates_parents_replaces_and_leaves_no_temp_file(tmp_path):
-    path = tmp_path / "results" / "deep" / "study.md"
-    write_atomic(path, "one\n")
-    write_atomic(path, "two ★\n")
-    assert path.read_text(encoding="utf-8") == "two ★\n"
-    assert os.listdir(path.parent) == ["study.md"]
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
-
-
-def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "study.md"
-    write_atomic(path, "old\n")
-    with pytest.raises(TypeError):
-        write_atomic(path, None)
-    assert path.read_text() == "old\n"
-    assert os.listdir(tmp_path) == ["study.md"]
-
-
 # --- a real MLflow store ---------------------------------------------------------------------
 
 def _log_trial(client, experiment_id, parent_id, number, state, status, params, metrics,
@@ -233,7 +213,7 @@ def _log_trial(client, experiment_id, parent_id, number, state, status, params, 
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory):
+def populated_store(tmp_path_factory):
     """A real SQLite-backed MLflow store holding one study: a parent and its trial runs."""
     from mlflow import MlflowClient
 
@@ -263,8 +243,8 @@ def mlflow_store(tmp_path_factory):
     return client
 
 
-def test_rows_from_a_real_mlflow_store(mlflow_store):
-    rows = fetch_rows(mlflow_store, "s4d-vq", page_size=2)  # 6 trial runs: three pages
+def test_rows_from_a_real_mlflow_store(populated_store):
+    rows = fetch_rows(populated_store, "s4d-vq", page_size=2)  # 6 trial runs: three pages
     assert [(r.number, r.state) for r in rows] == [(0, "COMPLETE"), (1, "PRUNED"), (2, "FAIL"),
                                                    (3, "COMPLETE"), (4, "RUNNING")]
     assert rows[0].params["BN"] == "False" and rows[0].params["lr"] == "0.001"
@@ -272,16 +252,16 @@ def test_rows_from_a_real_mlflow_store(mlflow_store):
     assert rows[2].fail_reason == "diverged: loss is NaN at iteration 420"
 
 
-def test_rows_from_runs_skips_the_parent_run(mlflow_store):
-    experiment = mlflow_store.get_experiment_by_name("s4d-vq")
-    runs = mlflow_store.search_runs([experiment.experiment_id])
+def test_rows_from_runs_skips_the_parent_run(populated_store):
+    experiment = populated_store.get_experiment_by_name("s4d-vq")
+    runs = populated_store.search_runs([experiment.experiment_id])
     assert len(runs) == 7
     assert [r.number for r in rows_from_runs(runs)] == [0, 1, 2, 3, 4]
 
 
-def test_regenerate_writes_the_table_from_mlflow(mlflow_store, tmp_path):
+def test_regenerate_writes_the_table_from_mlflow(populated_store, tmp_path):
     out = tmp_path / "results" / "s4d-vq.md"
-    text = regenerate(mlflow_store, "s4d-vq", out)
+    text = regenerate(populated_store, "s4d-vq", out)
     assert out.read_text(encoding="utf-8") == text
     assert text.startswith("# s4d-vq\n\n## Hyper-parameter tuning (trained on train, evaluated on valid)\n\n"
                            + LOG_HEADER + "\n| --- |")
@@ -295,11 +275,11 @@ def test_regenerate_writes_the_table_from_mlflow(mlflow_store, tmp_path):
          "0.0051 (best 0.0049), stable", "—"],
     ]
     assert "## How well S4D itself works (no quantizer)" in text
-    zh = regenerate(mlflow_store, "s4d-vq", out, lang="zh")
+    zh = regenerate(populated_store, "s4d-vq", out, lang="zh")
     assert "| Seq1 ★ | 64 | 1e-3 | 512 | 256 | 10000 | no | +relu | s4d-all | 0.041（最佳 0.038），震荡严重 |" in zh
     assert out.read_text(encoding="utf-8") == zh
 
 
-def test_unknown_study_is_a_user_error_naming_it(mlflow_store):
+def test_unknown_study_is_a_user_error_naming_it(populated_store):
     with pytest.raises(UserError, match="no MLflow experiment named 'nope' at sqlite:///"):
-        fetch_rows(mlflow_store, "nope")
+        fetch_rows(populated_store, "nope")

@@ -1,7 +1,7 @@
 """`vqlog table`: the experiment table regenerated from a real SQLite MLflow store.
 
 The store is built once with MlflowClient in vqlog's layout (parent run per study, child run per
-trial; see DESIGN.md "MLflow layout") and copied for each test, so no test sees another's writes.
+trial; see the README, "MLflow layout") and copied for each test, so no test sees another's writes.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from vqlog.cli import main
 from vqlog.config import Config
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-BASE = Config(iteration=20, eval_every=10, log_every=5, d_model=8, d_state=8, n_layers=1,
-              batch=16, lr=1e-3, embedding_dim=8, embedding_num=16)
+BASE = dict(iteration=20, eval_every=10, log_every=5, batch=16, lr=1e-3)  # on the tiny config
 SEQ1 = {"final_val_mse": 0.0412, "best_val_mse": 0.0381, "loss_oscillation": 0.004,
         "max_val_perplexity": 12.5, "max_val_perplexity_step": 10, "final_val_perplexity": 11.2,
         "iterations_run": 20}
@@ -46,13 +44,13 @@ EXPECTED_EN = """\
 """
 
 
-def add_trial(client, exp_id: str, parent_id: str, study: str, number: int, state: str,
-              metrics: dict, **params) -> str:
+def add_trial(client, base: Config, exp_id: str, parent_id: str, study: str, number: int,
+              state: str, metrics: dict, **params) -> str:
     """A finished child run exactly as the Tracker writes one."""
     run = client.create_run(exp_id, run_name=f"Seq{number + 1}", tags={
         "mlflow.parentRunId": parent_id, "vqlog.role": "trial", "optuna.study": study,
         "optuna.trial_number": str(number), "optuna.state": state})
-    cfg = Config.from_mapping(params, base=BASE).to_params()
+    cfg = Config.from_mapping(params, base=base).to_params()
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.items()],
                      metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
     client.set_terminated(run.info.run_id, STATUS[state])
@@ -67,15 +65,16 @@ def add_study(client, folder: Path, study: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
+def template(tmp_path_factory, tiny) -> Path:
     """Two studies: alpha (Seq1 complete, Seq2 pruned) and beta (Seq1 complete)."""
+    base = tiny(**BASE)
     folder = tmp_path_factory.mktemp("store")
     client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
     exp, parent = add_study(client, folder, "alpha")
-    add_trial(client, exp, parent, "alpha", 0, "COMPLETE", SEQ1)
-    add_trial(client, exp, parent, "alpha", 1, "PRUNED", SEQ2, lr=3e-3)
+    add_trial(client, base, exp, parent, "alpha", 0, "COMPLETE", SEQ1)
+    add_trial(client, base, exp, parent, "alpha", 1, "PRUNED", SEQ2, lr=3e-3)
     exp, parent = add_study(client, folder, "beta")
-    add_trial(client, exp, parent, "beta", 0, "COMPLETE", SEQ1)
+    add_trial(client, base, exp, parent, "beta", 0, "COMPLETE", SEQ1)
     return folder / "mlflow.db"
 
 
@@ -87,9 +86,10 @@ def store(template, tmp_path, monkeypatch) -> str:
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 
-def test_writes_results_study_md_and_publishes_it(store, tmp_path, capsys):
-    assert main(["table", "--study", "alpha", "--tracking-uri", store]) == 0
-    assert capsys.readouterr().out == "table: results/alpha.md (2 trials)\n"
+def test_writes_results_study_md_and_publishes_it(store, tmp_path, cli):
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    assert code == 0
+    assert out == "table: results/alpha.md (2 trials)\n"
     text = (tmp_path / "results" / "alpha.md").read_text()
     assert text == EXPECTED_EN
     client = MlflowClient(tracking_uri=store)
@@ -100,15 +100,16 @@ def test_writes_results_study_md_and_publishes_it(store, tmp_path, capsys):
     assert Path(artifact).read_text() == text
 
 
-def test_out_dash_prints_the_table(store, tmp_path, capsys):
-    assert main(["table", "--study", "alpha", "--tracking-uri", store, "--out", "-"]) == 0
-    assert capsys.readouterr().out == EXPECTED_EN + "\n"  # print() adds its newline
+def test_out_dash_prints_the_table(store, tmp_path, cli):
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--out", "-")
+    assert code == 0
+    assert out == EXPECTED_EN + "\n"  # print() adds its newline
     assert not (tmp_path / "results").exists()
 
 
-def test_lang_zh_renders_the_logs_chinese_labels(store, capsys):
-    assert main(["table", "--study", "alpha", "--tracking-uri", store, "--lang", "zh", "--out", "-"]) == 0
-    out = capsys.readouterr().out
+def test_lang_zh_renders_the_logs_chinese_labels(store, cli):
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--lang", "zh", "--out", "-")
+    assert code == 0
     assert "## 超参调整 (based on train，test on valid)" in out
     assert "| Seq1 ★ | 16 | 1e-3 | 8 | 16 | 20 | yes | +relu | s4d-all | 0.0412（最佳 0.0381），平稳 | " \
            "最高12.5 (10轮)，最终11.2 |" in out
@@ -118,36 +119,40 @@ def test_lang_zh_renders_the_logs_chinese_labels(store, capsys):
     assert "| run | batch | lr | embedding_dim | embedding_num | iteration | BN | MLP | En-De | loss | perplexity |" in out
 
 
-def test_two_studies_without_study_is_an_error_listing_them(store, tmp_path, capsys):
-    assert main(["table", "--tracking-uri", store]) == 2
-    assert capsys.readouterr().err == "Error: several studies here (alpha, beta); choose one with --study\n"
+def test_two_studies_without_study_is_an_error_listing_them(store, tmp_path, cli):
+    code, out, err = cli("table", "--tracking-uri", store)
+    assert code == 2
+    assert err == "Error: several studies here (alpha, beta); choose one with --study\n"
     assert not (tmp_path / "results").exists()
 
 
-def test_the_only_study_is_the_default(store, tmp_path, capsys):
+def test_the_only_study_is_the_default(store, tmp_path, cli):
     client = MlflowClient(tracking_uri=store)
     client.delete_experiment(client.get_experiment_by_name("beta").experiment_id)
-    assert main(["table", "--tracking-uri", store]) == 0
+    code, out, err = cli("table", "--tracking-uri", store)
+    assert code == 0
     assert (tmp_path / "results" / "alpha.md").read_text() == EXPECTED_EN
 
 
-def test_unknown_study_is_an_error(store, tmp_path, capsys):
-    assert main(["table", "--study", "gamma", "--tracking-uri", store]) == 2
-    err = capsys.readouterr().err
+def test_unknown_study_is_an_error(store, tmp_path, cli):
+    code, out, err = cli("table", "--study", "gamma", "--tracking-uri", store)
+    assert code == 2
     assert err.startswith("Error: no MLflow experiment named 'gamma' at ") and err.count("\n") == 1
     assert not (tmp_path / "results").exists()
 
 
-def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatch, capsys):
+def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/nope.db"
-    assert main(["table", "--tracking-uri", uri]) == 2
-    assert capsys.readouterr().err == (f"Error: no MLflow store at {uri}; run vqlog-sweep first or "
+    code, out, err = cli("table", "--tracking-uri", uri)
+    assert code == 2
+    assert err == (f"Error: no MLflow store at {uri}; run vqlog-sweep first or "
                                        "pass --tracking-uri\n")
     assert list(tmp_path.iterdir()) == []
     # The default store, ./mlflow.db, is looked for in the working directory.
-    assert main(["table"]) == 2
-    assert "no MLflow store at sqlite:///mlflow.db" in capsys.readouterr().err
+    code, out, err = cli("table")
+    assert code == 2
+    assert "no MLflow store at sqlite:///mlflow.db" in err
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
@@ -161,7 +166,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> N
 
 
 @pytest.mark.slow
-def test_watch_regenerates_when_a_run_finishes(store, tmp_path):
+def test_watch_regenerates_when_a_run_finishes(store, tmp_path, tiny):
     out = tmp_path / "results" / "alpha.md"
     cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.3",
            "--study", "alpha", "--tracking-uri", store]
@@ -174,7 +179,7 @@ def test_watch_regenerates_when_a_run_finishes(store, tmp_path):
         client = MlflowClient(tracking_uri=store)
         exp = client.get_experiment_by_name("alpha")
         (parent,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'study'")
-        add_trial(client, exp.experiment_id, parent.info.run_id, "alpha", 2, "COMPLETE",
+        add_trial(client, tiny(**BASE), exp.experiment_id, parent.info.run_id, "alpha", 2, "COMPLETE",
                   {**SEQ1, "final_val_mse": 0.0305, "best_val_mse": 0.0299}, embedding_num=32)
         _wait_for(lambda: "| Seq3 ★ |" in out.read_text(), 60, "the new run in the table", proc)
     finally:

@@ -29,12 +29,13 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from _mlflow_server import free_port, mlflow_server
+from _servers import free_port, mlflow_server
 from vqlog.cli import sweep_main
 from vqlog.config import Config
 from vqlog.oscillation import MIN_POINTS
-from vqlog.spec import load_sweep, resolve_spec_path
-from vqlog.tracking import Tracker, check_tracking_uri
+from vqlog.study.spec import load_sweep, resolve_spec_path
+from vqlog.tracking.client import check_tracking_uri
+from vqlog.tracking.runs import Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -184,7 +185,7 @@ def test_every_trial_logs_curves_and_reconstruction(smoke):
 
 # The table's number format is pinned by exact strings in test_table.py; here it only renders
 # MLflow's values for comparison with the table's cells.
-from vqlog.table import _ppl, _sig  # noqa: E402 - beside its use
+from vqlog.tracking.table import _ppl, _sig  # noqa: E402 - beside its use
 
 
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:
@@ -421,7 +422,7 @@ def test_the_default_store_follows_the_working_directory(tmp_path, monkeypatch):
         monkeypatch.chdir(folder)
         tracker = Tracker()  # the default, sqlite:///mlflow.db
         assert tracker.uri == f"sqlite:///{folder}/mlflow.db"
-        exp = tracker.client.get_experiment(tracker._experiment(f"study-{name}"))
+        exp = tracker.client.get_experiment(tracker._experiment(f"study-{name}", ""))
         assert exp.artifact_location == (folder / "mlartifacts" / f"study-{name}").as_uri()
         names = {e.name for e in MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()}
         assert names == {"Default", f"study-{name}"}

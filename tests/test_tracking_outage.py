@@ -12,7 +12,7 @@ against a real server in tests/test_retry.py.
 import time
 
 import pytest
-from _mlflow_server import free_port, mlflow_server
+from _servers import free_port, mlflow_server
 from _sweep_helpers import Worker, finished, states, study_trials, wait_until, write_spec
 
 pytestmark = pytest.mark.slow

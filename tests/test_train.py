@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from vqlog.config import Config
 from vqlog.data import Splits, prepare
 from vqlog.errors import DivergedError, UserError
 from vqlog.model.s4d import ssm_parameters
@@ -16,30 +15,21 @@ from vqlog.model.vqvae import VQVAE
 from vqlog.oscillation import oscillation_score
 from vqlog.train import SSM_MAX_LR, build_optimizer, fit, lr_factor
 
-# The summary metrics of the MLflow contract (DESIGN.md) plus the ones the CLI and table read.
+# The summary metrics of the MLflow contract (README, "MLflow layout") plus the ones the CLI and table read.
 SUMMARY_KEYS = {"best_val_mse", "final_val_mse", "max_val_perplexity", "max_val_perplexity_step",
                 "final_val_perplexity", "loss_oscillation", "early_loss_oscillation",
                 "iterations_run", "train_seconds"}
 
-TINY = Config(batch=8, d_model=8, d_state=8, n_layers=1, window=32, stride=32, embedding_dim=8,
-              embedding_num=16, iteration=12, eval_every=5, log_every=4, warmup=3, lr=5e-3,
-              quantizer="vq")
-
-
-def tiny(**kw) -> Config:
-    return dataclasses.replace(TINY, **kw)
-
-
 @pytest.fixture(scope="module")
-def data() -> Splits:
+def data(tiny) -> Splits:
     """Windows of the synthetic source (~900 train / 112 valid at window 32)."""
-    return prepare("synthetic", TINY)
+    return prepare("synthetic", tiny())
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def test_evaluates_every_eval_every_steps_and_at_the_end(data):
+def test_evaluates_every_eval_every_steps_and_at_the_end(data, tiny):
     result = fit(tiny(), data)
     assert [e.step for e in result.evals] == [5, 10, 12]
     assert [p.step for p in result.train_points] == [4, 8, 12]
@@ -53,7 +43,7 @@ def test_evaluates_every_eval_every_steps_and_at_the_end(data):
         assert e.val_usage == pytest.approx(1 - e.val_dead_codes / 16)
 
 
-def test_train_point_averages_the_steps_since_the_last_one(data):
+def test_train_point_averages_the_steps_since_the_last_one(data, tiny):
     seen = []
     result = fit(tiny(iteration=6, log_every=4), data, progress=lambda s, st: seen.append(st["loss"]))
     assert len(seen) == 6
@@ -68,7 +58,7 @@ def run_curves(cfg, data):
 
 
 @pytest.mark.parametrize("quantizer", ["vq", "vq_ema", "fsq", "none"])
-def test_same_seed_same_run_other_seed_other_run(data, quantizer):
+def test_same_seed_same_run_other_seed_other_run(data, quantizer, tiny):
     cfg = tiny(quantizer=quantizer, iteration=8, eval_every=4)
     a, b = run_curves(cfg, data), run_curves(cfg, data)
     assert a == b  # exactly: same init, same batches, same k-means
@@ -77,7 +67,7 @@ def test_same_seed_same_run_other_seed_other_run(data, quantizer):
 
 
 @pytest.mark.parametrize("stop_at", [1, 2])
-def test_on_eval_returning_true_stops_early(data, stop_at):
+def test_on_eval_returning_true_stops_early(data, stop_at, tiny):
     seen = []
 
     def on_eval(record):
@@ -92,12 +82,12 @@ def test_on_eval_returning_true_stops_early(data, stop_at):
     assert result.summary()["iterations_run"] == 5 * stop_at
 
 
-def test_on_eval_returning_none_runs_to_the_end(data):
+def test_on_eval_returning_none_runs_to_the_end(data, tiny):
     result = fit(tiny(), data, on_eval=lambda r: None)
     assert not result.stopped_early and result.iterations_run == 12
 
 
-def test_huge_inputs_diverge_at_the_first_iteration(data):
+def test_huge_inputs_diverge_at_the_first_iteration(data, tiny):
     huge = Splits(data.train * 1e30, data.valid, data.test, data.sample_rate, data.info)
     with pytest.raises(DivergedError, match="iteration 1") as exc:
         fit(tiny(), huge)
@@ -106,14 +96,14 @@ def test_huge_inputs_diverge_at_the_first_iteration(data):
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1.0])
-def test_absurd_lr_diverges_with_the_iteration(data, grad_clip):
+def test_absurd_lr_diverges_with_the_iteration(data, grad_clip, tiny):
     with pytest.raises(DivergedError, match=r"(nan|inf) at iteration \d+") as exc:
         fit(tiny(lr=1e6, warmup=0, grad_clip=grad_clip, iteration=20), data)
     assert 1 < exc.value.iteration <= 20
     assert f"iteration {exc.value.iteration}" in str(exc.value)
 
 
-def test_grad_clip_zero_means_no_clipping(data):
+def test_grad_clip_zero_means_no_clipping(data, tiny):
     """Clipping to norm 0 would zero every gradient; with no weight decay nothing would move."""
     cfg = tiny(grad_clip=0.0, weight_decay=0.0, iteration=3, quantizer="none")
     torch.manual_seed(cfg.seed)
@@ -122,12 +112,12 @@ def test_grad_clip_zero_means_no_clipping(data):
     assert not torch.equal(before, after)
 
 
-def test_wrong_window_is_a_user_error(data):
+def test_wrong_window_is_a_user_error(data, tiny):
     with pytest.raises(UserError, match="window is 64"):
         fit(tiny(window=64), data)
 
 
-def test_learns_on_synthetic_pulses(data):
+def test_learns_on_synthetic_pulses(data, tiny):
     cfg = tiny(iteration=150, eval_every=25, log_every=10, warmup=10, quantizer="vq")
     result = fit(cfg, data)
     first, final = result.evals[0].val_mse, result.final_val_mse
@@ -140,7 +130,7 @@ def test_learns_on_synthetic_pulses(data):
 
 @pytest.mark.parametrize("lr", [1e-4, 1e-3, 5e-3])
 @pytest.mark.parametrize("quantizer", ["vq", "vq_ema", "fsq", "none"])
-def test_ssm_parameters_have_their_own_group(lr, quantizer):
+def test_ssm_parameters_have_their_own_group(lr, quantizer, tiny):
     model = VQVAE(tiny(quantizer=quantizer, n_layers=2))
     opt = build_optimizer(model, tiny(lr=lr, weight_decay=0.1))
     ssm = {id(p) for p in ssm_parameters(model)}
@@ -156,7 +146,7 @@ def test_ssm_parameters_have_their_own_group(lr, quantizer):
     assert all(g["lr"] == lr for g in opt.param_groups if g is not group)
 
 
-def test_weight_decay_only_on_matrices():
+def test_weight_decay_only_on_matrices(tiny):
     """Conv weights and S4D's C (as in state-spaces/s4) decay; biases, norms, D and the codebook don't."""
     model = VQVAE(tiny(quantizer="vq"))
     opt = build_optimizer(model, tiny(weight_decay=0.1))
@@ -170,7 +160,7 @@ def test_weight_decay_only_on_matrices():
 
 
 @pytest.mark.parametrize("warmup, iteration", [(10, 100), (1, 50), (0, 40), (30, 20)])
-def test_lr_factor_warms_up_linearly_then_follows_a_cosine(warmup, iteration):
+def test_lr_factor_warms_up_linearly_then_follows_a_cosine(warmup, iteration, tiny):
     cfg = tiny(warmup=warmup, iteration=iteration)
     f = [lr_factor(s, cfg) for s in range(iteration + 1)]
     assert all(0 <= x <= 1 for x in f)
@@ -189,7 +179,7 @@ def test_lr_factor_warms_up_linearly_then_follows_a_cosine(warmup, iteration):
 
 
 @pytest.mark.parametrize("quantizer", ["vq", "none"])
-def test_summary_has_the_contract_keys_and_consistent_values(data, quantizer):
+def test_summary_has_the_contract_keys_and_consistent_values(data, quantizer, tiny):
     result = fit(tiny(quantizer=quantizer, iteration=20, log_every=2), data)
     s = result.summary()
     assert SUMMARY_KEYS <= set(s)
@@ -210,10 +200,10 @@ def test_summary_has_the_contract_keys_and_consistent_values(data, quantizer):
         assert s["max_val_perplexity_step"] == float(peak.step)
 
 
-def test_summary_of_no_evaluations_is_nan():
+def test_summary_of_no_evaluations_is_nan(tiny):
     from vqlog.train import FitResult
 
-    s = FitResult(config=TINY).summary()
+    s = FitResult(config=tiny()).summary()
     assert SUMMARY_KEYS <= set(s)
     for key in ("best_val_mse", "final_val_mse", "max_val_perplexity", "max_val_perplexity_step",
                 "final_val_perplexity", "loss_oscillation"):

@@ -15,20 +15,16 @@ import os
 from pathlib import Path
 
 from vqlog.config import Config
-from vqlog.errors import UserError
+from vqlog.errors import UserError, one_line
+from vqlog.files import atomic_write
 
 
 def save(path: str | os.PathLike, cfg: Config, model) -> None:
     """Write atomically: a temp file beside `path`, then a rename (never a half-written file)."""
     import torch
 
-    tmp = f"{path}.tmp"
-    try:
-        torch.save({"config": cfg.to_params(), "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    state = {"config": cfg.to_params(), "state_dict": model.state_dict()}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load(path: str | os.PathLike, device: str = "cpu"):
@@ -46,7 +42,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = " ".join(str(exc).split())[:160]
+        first = one_line(exc, 160)
         raise UserError(
             f"{path} is not a vqlog checkpoint that loads safely (weights only): {first}"
         ) from None

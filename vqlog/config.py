@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from vqlog.errors import ConfigError
+from vqlog.errors import ConfigError, one_line
 
 QUANTIZERS = ("vq", "vq_ema", "fsq", "none")
 MLPS = ("relu", "linear")
@@ -103,7 +103,7 @@ class Config:
             name = ALIASES.get(key, key)
             if name not in types:
                 raise ConfigError(f"unknown config key '{key}' (known: {', '.join(known_keys())})")
-            changes[name] = _coerce(key, value, types[name])
+            changes[name] = coerce(key, value, types[name])
         return dataclasses.replace(base, **changes)
 
     def to_params(self) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path} ({_first_line(exc)}); save it as UTF-8 text") from None
+        raise ConfigError(f"cannot read {path} ({one_line(exc)}); save it as UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -157,28 +157,24 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
-
-
 def _yaml_problem(exc: Exception) -> str:
     """Where and what, from PyYAML's marks: its own text spans several lines, draws a caret under
     a quoted snippet and calls the file "<unicode string>"."""
     mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
     if mark is None or not problem:
-        return _first_line(exc)
+        return one_line(exc)
     text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
     context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
     if context and start is not None:
         text += f" ({context} at line {start.line + 1}, column {start.column + 1})"
-    return " ".join(text.split())
+    return one_line(text)
 
 
 _YES = {"yes", "true", "on", "1"}
 _NO = {"no", "false", "off", "0"}
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
+def coerce(key: str, value: Any, typ: Any) -> Any:
     """Coerce a user value to the field's type; bool accepts the log's yes/no."""
     typ = str(typ)
     if value is None:

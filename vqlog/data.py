@@ -1,50 +1,27 @@
-"""Signals in, windows out: load recordings, resample, split, cut windows, standardize.
-
-Sources (`load_source`):
-  ppg        the three real PPG recordings heartpy ships (`heartpy/data/`), rates read from their
-             time columns: data.csv 100 Hz (2483 samples, no time column; heartpy documents 100 Hz),
-             data2.csv 116.99 Hz (15000 samples; `timer` in ms, a steady 8.5479 ms step; it
-             reads 0 from 18.0 to 25.2 s, a sensor dropout whose windows standardize to zeros),
-             data3.csv 100.42 Hz (68476 samples over 681.9 s; see `_rate_from_times`).
-  synthetic  seeded PPG-like pulses (systolic peak, dicrotic notch, drifting heart rate and
-             amplitude, baseline wander, noise): 4 recordings of 3 minutes at 100 Hz.
-  a path     .npy / .csv / .parquet; a 1-D signal is one recording, a 2-D table one per row
-             (a single column is one signal). User files need their sample rate (`--sample-rate`).
+"""Recordings in, windows out: resample, split, cut windows, standardize.
 
 `make_splits` cuts each recording into contiguous blocks (first 80% train, 10% valid, 10% test)
 *before* windowing, so no window straddles two splits. Resampling runs on the whole recording
 first, so the anti-aliasing filter sees ~10 samples across each block edge (negligible next to a
 window). At window=256, 50 Hz, ppg/data (24.8 s) is too short for valid/test windows and feeds
-train only; such gaps are listed in `info["dropped"]`.
+train only; such gaps are listed in `info["dropped"]`. The recordings come from `vqlog.sources`.
 """
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 
 from vqlog.config import STANDARDIZE, Config
 from vqlog.errors import ConfigError, DataError
+from vqlog.sources import Recording, check_signal, describe_source, load_source
 
-SOURCES = ("ppg", "synthetic")
-SUFFIXES = (".npy", ".csv", ".parquet")
 SPLITS = ("train", "valid", "test")
-SYNTHETIC_HZ = 100.0  # default rate of the synthetic source
 # Window z-scoring divides by max(std, STD_FLOOR * std of the whole recording): a flat window
 # (sensor saturated, probe off) stays near zero instead of dividing by ~0 and blowing noise up.
 STD_FLOOR = 1e-3
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: a generated __eq__/__hash__ would compare arrays
-class Recording:
-    name: str  # e.g. "ppg/data2", or "path.npy[3]" for row 3 of a file
-    signal: np.ndarray  # 1-D float64
-    sample_rate: float  # Hz
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,259 +31,6 @@ class Splits:
     test: np.ndarray  # (n_test, window) float32
     sample_rate: float | None  # common rate; None if recordings keep different native rates
     info: dict  # JSON-serialisable: recordings, windows per split, standardization stats
-
-
-# --------------------------------------------------------------------------- sources
-
-
-def load_source(source: str, sample_rate: float | None = None, seed: int = 0) -> list[Recording]:
-    """Recordings of a named source or a user file; every one checked finite and non-constant."""
-    if sample_rate is not None:
-        sample_rate = _check_rate(sample_rate, source)
-    if source == "ppg":
-        if sample_rate is not None:
-            raise DataError("the ppg recordings carry their own sample rates; drop --sample-rate "
-                            "(use resample_hz to change the rate)")
-        recordings = _load_ppg()
-    elif source == "synthetic":
-        recordings = synthetic(seed=seed, sample_rate=sample_rate or SYNTHETIC_HZ)
-    else:
-        recordings = _load_file(_resolve(source), sample_rate)
-    for rec in recordings:
-        _check_signal(rec)
-    return recordings
-
-
-def describe_source(source: str) -> str:
-    if source == "ppg":
-        return "heartpy's 3 example PPG recordings (100, 117.0, 100.4 Hz)"
-    if source == "synthetic":
-        return "synthetic PPG-like pulses (4 x 3 min at 100 Hz, seeded)"
-    return f"file {source}"
-
-
-def _load_ppg() -> list[Recording]:
-    import pandas as pd
-
-    # find_spec locates the package without importing it: heartpy's __init__ needs
-    # pkg_resources, which recent setuptools no longer ships, and we only read its data files.
-    spec = importlib.util.find_spec("heartpy")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the ppg source needs the heartpy package (pip install heartpy); "
-                        "or pass a .npy/.csv/.parquet file instead")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    try:
-        data = pd.read_csv(folder / "data.csv", header=None)[0].to_numpy(np.float64)
-        data2 = pd.read_csv(folder / "data2.csv")
-        data3 = pd.read_csv(folder / "data3.csv")
-        stamps = pd.to_datetime(data3["datetime"], format="ISO8601")
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"cannot read heartpy's data files in {folder} ({_one_line(exc)}); "
-                        "reinstall heartpy") from None
-    seconds3 = (stamps - stamps.iloc[0]).dt.total_seconds()
-    return [
-        Recording("ppg/data", data, 100.0),
-        Recording("ppg/data2", data2["hr"].to_numpy(np.float64),
-                  _rate_from_times(data2["timer"].to_numpy(np.float64) / 1e3)),
-        Recording("ppg/data3", data3["hr"].to_numpy(np.float64),
-                  _rate_from_times(seconds3.to_numpy(np.float64))),
-    ]
-
-
-def _rate_from_times(seconds: np.ndarray) -> float:
-    """Samples per second as (count - 1) / duration.
-
-    Not the median interval: data3's timestamps tick in ~15.6 ms steps (a Windows clock), so
-    36% of its intervals read 0 ms and the median (15 ms) would claim 66.7 Hz; the
-    count over the duration gives the true 100.4 Hz. For data2 (steady steps) both agree.
-    """
-    return (len(seconds) - 1) / float(seconds[-1] - seconds[0])
-
-
-def synthetic(seed: int = 0, sample_rate: float = SYNTHETIC_HZ, n: int = 4,
-              seconds: float = 180.0) -> list[Recording]:
-    """`n` PPG-like recordings, deterministic for `seed`."""
-    rngs = np.random.default_rng(seed).spawn(n)
-    return [Recording(f"synthetic/{i}", _pulse_train(rng, sample_rate, seconds), sample_rate)
-            for i, rng in enumerate(rngs)]
-
-
-def _pulse_train(rng: np.random.Generator, fs: float, seconds: float) -> np.ndarray:
-    t = np.arange(int(seconds * fs)) / fs
-    resp = 2 * np.pi * rng.uniform(0.2, 0.35) * t + rng.uniform(0, 2 * np.pi)  # breathing phase
-    bpm = rng.uniform(55, 95) + rng.uniform(1, 4) * np.sin(resp)  # sinus arrhythmia
-    for _ in range(3):  # slow heart-rate drift
-        bpm += rng.uniform(1, 6) * _sine(rng, t, 0.003, 0.03)
-    beats = np.cumsum(bpm / 60 / fs)  # heartbeat phase, in beats
-    frac = beats % 1.0
-
-    def bump(centre: float, width: float) -> np.ndarray:  # Gaussian in wrapped beat phase
-        d = np.abs(frac - centre)
-        return np.exp(-0.5 * (np.minimum(d, 1 - d) / width) ** 2)
-
-    pulse = (bump(0.18, 0.06) + rng.uniform(0.3, 0.6) * bump(0.48, 0.08)  # systolic, diastolic
-             - rng.uniform(0.05, 0.12) * bump(0.36, 0.02))  # dicrotic notch
-    per_beat = rng.normal(1.0, 0.06, int(beats[-1]) + 1)[beats.astype(int)]
-    amplitude = per_beat * (1 + 0.15 * np.sin(resp + 1.0))  # respiratory amplitude modulation
-    wander = sum(rng.uniform(0.1, 0.3) * _sine(rng, t, 0.02, 0.3) for _ in range(2))
-    return amplitude * pulse + wander + rng.normal(0, rng.uniform(0.01, 0.04), t.size)
-
-
-def _sine(rng: np.random.Generator, t: np.ndarray, low: float, high: float) -> np.ndarray:
-    """A unit sine of random frequency in [low, high] Hz and random phase."""
-    return np.sin(2 * np.pi * rng.uniform(low, high) * t + rng.uniform(0, 2 * np.pi))
-
-
-# --------------------------------------------------------------------------- user files
-
-
-def _resolve(source: str) -> Path:
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in SUFFIXES:
-            raise DataError(f"{source}: unsupported file type '{path.suffix}'; "
-                            "use a .npy, .csv or .parquet file")
-        return path
-    if path.exists():
-        raise DataError(f"{source} is a directory; pass a .npy, .csv or .parquet file")
-    if path.suffix.lower() in SUFFIXES:
-        raise DataError(f"data file not found: {source}; check the path")
-    raise DataError(f"unknown data source '{source}'; use one of {', '.join(SOURCES)} "
-                    "or a path to a .npy, .csv or .parquet file")
-
-
-def _load_file(path: Path, sample_rate: float | None) -> list[Recording]:
-    if sample_rate is None:
-        raise DataError(f"{path}: the sample rate of a data file is unknown; "
-                        "pass --sample-rate HZ (or sample_rate in the spec)")
-    suffix = path.suffix.lower()
-    read = {".npy": _read_npy, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
-    rows = read(path)
-    if isinstance(rows, np.ndarray):
-        if rows.ndim == 2 and rows.shape[1] == 1:
-            rows = rows[:, 0]  # a single column is one signal, as in a CSV
-        if rows.ndim == 1:
-            return [Recording(str(path), rows.astype(np.float64), sample_rate)]
-        if rows.ndim != 2:
-            raise DataError(f"{path}: expected a 1-D signal or a 2-D array with one signal "
-                            f"per row, got shape {rows.shape}; reshape it before saving")
-    if len(rows) == 0:
-        raise DataError(f"{path} holds no samples; pass a file with signal data")
-    return [Recording(f"{path}[{i}]", np.asarray(row, np.float64), sample_rate)
-            for i, row in enumerate(rows)]
-
-
-def _read_npy(path: Path) -> np.ndarray:
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":  # np.load would try unpickling anything else
-        raise DataError(f"{path} is not a .npy array (pickles and .npz archives are not loaded); "
-                        "save the signal with np.save(path, np.asarray(signal, dtype=float))")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        if "Object arrays" in str(exc):
-            raise DataError(f"{path} holds Python objects (pickled data), which are not "
-                            "loaded; save a numeric array: np.save(path, np.asarray(x, float))"
-                            ) from None
-        raise DataError(f"{path}: cannot read as .npy ({_one_line(exc)}); "
-                        "re-save it with np.save") from None
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"{path} holds {arr.dtype} values, not real numbers; save a float array")
-    return arr
-
-
-def _read_csv(path: Path) -> np.ndarray | list[np.ndarray]:
-    """Comma-separated numbers: one column is one signal, otherwise one signal per row.
-
-    One header row is allowed (it needs a non-numeric cell: pandas' default "0,1,2" header reads
-    as data); blank lines and trailing empty cells are skipped, so rows (signals)
-    may differ in length; an empty cell inside a row becomes NaN and is reported as such.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            lines = [(reader.line_num, row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read as CSV ({_one_line(exc)}); "
-                        "save it as UTF-8 text") from None
-    rows = []
-    for line_num, row in lines:
-        cells = [c.strip() for c in row]
-        while cells and not cells[-1]:
-            cells.pop()
-        if cells:
-            rows.append((line_num, cells))
-    if rows and not all(_is_number(c) for c in rows[0][1] if c):
-        rows = rows[1:]  # a header row
-    signals = []
-    for line_num, cells in rows:
-        bad = next((c for c in cells if c and not _is_number(c)), None)
-        if bad is not None:
-            raise DataError(f"{path}, line {line_num}: {bad!r} is not a number; the CSV must hold "
-                            "numbers only (one header row is allowed)")
-        signals.append(np.array([float(c) if c else np.nan for c in cells]))
-    if signals and all(s.size == 1 for s in signals):
-        return np.concatenate(signals)  # one column: one long signal
-    return signals
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _read_parquet(path: Path) -> np.ndarray | list[np.ndarray]:
-    """Numeric columns (one column is one signal, several a signal per row), or one list column."""
-    import pandas as pd
-
-    try:
-        df = pd.read_parquet(path)
-    except (OSError, ValueError, ImportError) as exc:
-        raise DataError(f"{path}: cannot read as Parquet ({_one_line(exc)}); "
-                        "check the file") from None
-    if len(df) and df.shape[1] == 1 and df.dtypes.iloc[0] == object and np.ndim(df.iloc[0, 0]) == 1:
-        try:  # one signal per row, stored as a list column
-            return [np.asarray(v, dtype=np.float64) for v in df.iloc[:, 0]]
-        except (TypeError, ValueError):
-            pass  # fall through to the column-type error
-    for name, dtype in df.dtypes.items():
-        if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_complex_dtype(dtype):
-            raise DataError(f"{path}: column '{name}' is {dtype}, not numeric; "
-                            "keep only signal columns")
-    return df.to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _check_rate(rate: float, source: str) -> float:
-    number = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool)
-    if not number or not 0 < rate < float("inf"):
-        raise DataError(f"{source}: sample rate must be a positive number of Hz, got {rate!r}")
-    return float(rate)
-
-
-def _check_signal(rec: Recording) -> None:
-    x = rec.signal
-    if not isinstance(x, np.ndarray) or x.ndim != 1:
-        raise DataError(f"{rec.name}: a recording must be a 1-D signal, got shape {np.shape(x)}")
-    if x.size == 0:
-        raise DataError(f"{rec.name} holds no samples; remove it or pass another file")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        raise DataError(f"{rec.name}: {int(bad.sum())} of {x.size} samples are NaN or Inf "
-                        f"(first at sample {int(np.argmax(bad))}); fill or drop them first")
-    if x.size < 2 or np.ptp(x) == 0:
-        raise DataError(f"{rec.name} is constant (std 0), nothing to learn; "
-                        "check the file or column")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- splits
@@ -357,7 +81,7 @@ def make_splits(recordings: list[Recording], *, window: int, stride: int,
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     per_rec, dropped = [], []
     for rec in recordings:
-        _check_signal(rec)
+        check_signal(rec)
         x, rate = (rec.signal, rec.sample_rate) if resample_hz is None \
             else resample(rec.signal, rec.sample_rate, resample_hz)
         blocks, counts, floor = {}, {}, STD_FLOOR * x.std()
@@ -429,3 +153,19 @@ def prepare(source: str, config: Config, sample_rate: float | None = None) -> Sp
                          resample_hz=config.resample_hz, standardize=config.standardize)
     info = {"source": source, "description": describe_source(source), **splits.info}
     return Splits(splits.train, splits.valid, splits.test, splits.sample_rate, info)
+
+
+class DataCache:
+    """Windows depend on a few config keys only: each variant is prepared once per worker."""
+
+    KEYS = ("window", "stride", "resample_hz", "standardize", "seed")  # seed: synthetic data
+
+    def __init__(self, source: str, sample_rate: float | None):
+        self.source, self.sample_rate = source, sample_rate
+        self._cache: dict[tuple, Splits] = {}
+
+    def get(self, cfg: Config) -> Splits:
+        key = tuple(getattr(cfg, k) for k in self.KEYS)
+        if key not in self._cache:
+            self._cache[key] = prepare(self.source, cfg, sample_rate=self.sample_rate)
+        return self._cache[key]

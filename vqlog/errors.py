@@ -1,4 +1,10 @@
-"""Narrow exceptions. The library raises these; the CLI turns a `UserError` into one `Error:` line, exit 2."""
+"""Every exception vqlog raises on purpose, and the two helpers that turn exceptions into messages.
+
+The library raises these; the CLI turns a `UserError` into one `Error:` line and exit 2, any other
+`VqlogError` into one `Error:` line and exit 1.
+"""
+
+from __future__ import annotations
 
 
 class VqlogError(Exception):
@@ -23,3 +29,36 @@ class DivergedError(VqlogError):
     def __init__(self, message: str, iteration: int):
         super().__init__(message)
         self.iteration = iteration
+
+
+class SweepError(VqlogError):
+    """The sweep cannot go on, though the input was fine (five failed trials in a row): exit 1."""
+
+
+class StorageOutageError(VqlogError):
+    """The Optuna database stayed unreachable longer than VQLOG_DB_OUTAGE_LIMIT: exit 1."""
+
+
+class TrackingUnavailable(VqlogError):
+    """The MLflow tracking store stayed unreachable longer than VQLOG_TRACKING_OUTAGE_LIMIT."""
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` (an exception or any object) as one line: whitespace runs become one space, cut to
+    `limit` characters. Library messages span lines; an `Error:` line and a table cell do not."""
+    line = " ".join(str(text).split())
+    return line if limit is None else line[:limit]
+
+
+def find_cause(exc: BaseException | None, kinds: type | tuple[type, ...]) -> BaseException | None:
+    """`exc`, or the first exception of `kinds` in its chain of causes and contexts, else None.
+
+    Libraries wrap what went wrong: Optuna puts SQLAlchemy's error in `__cause__`, SQLAlchemy an
+    error met while cleaning up in `__context__`, MLflow the requests error in both."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

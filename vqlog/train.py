@@ -18,7 +18,7 @@ from vqlog.data import Splits
 from vqlog.errors import DivergedError, UserError
 from vqlog.model.s4d import ssm_parameters
 from vqlog.model.vqvae import VQVAE, VQVAEOutput
-from vqlog.oscillation import oscillation_score
+from vqlog.oscillation import early_oscillation_score, oscillation_score
 
 SSM_MAX_LR = 1e-3  # S4D's A and dt are unstable above this (Gu et al. 2022, sec. 4)
 EVAL_CHUNK = 512  # windows per forward pass during evaluation
@@ -71,7 +71,6 @@ class FitResult:
         if best_ppl is not None and math.isnan(best_ppl.val_perplexity):
             best_ppl = None  # no codes (quantizer none): no peak, and no step of one
         losses = [p.loss for p in self.train_points]
-        third = max(len(losses) // 3, 1)
         return {
             "best_val_mse": self.best_val_mse,
             "final_val_mse": self.final_val_mse,
@@ -80,7 +79,7 @@ class FitResult:
             "final_val_perplexity": self.evals[-1].val_perplexity if self.evals else math.nan,
             "final_val_usage": self.evals[-1].val_usage if self.evals else math.nan,
             "loss_oscillation": oscillation_score(losses),
-            "early_loss_oscillation": oscillation_score(losses[:third]),
+            "early_loss_oscillation": early_oscillation_score(losses),
             "iterations_run": float(self.iterations_run),
             "train_seconds": self.seconds,
         }
@@ -152,7 +151,7 @@ def train_step(
 
     Returns the model output, the reconstruction MSE and the loss (MSE + quantizer loss). Raises
     DivergedError naming iteration `step` on a NaN/Inf loss, before the step could spread it into
-    the weights. `fit` and benchmarks/bench_step.py both time exactly this.
+    the weights. `fit` runs exactly this, and benchmarks/bench_step.py times it.
     """
     out = model(x)
     mse = F.mse_loss(out.recon, x)
@@ -184,7 +183,6 @@ def fit(
     # up to 6x slower (measured with quantizer none); flushing them to zero costs no accuracy.
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     train = torch.as_tensor(data.train, device=dev)  # (N L), moved once
     valid = torch.as_tensor(data.valid, device=dev)  # (M L)
     if train.shape[1] != cfg.window:

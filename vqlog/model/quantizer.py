@@ -1,8 +1,8 @@
 """Quantizers behind one interface: `vq`, `vq_ema`, `fsq`, `none`.
 
 Each takes z (B, T, D) and returns a `QuantizerOutput`. `vq` is the log's classic VQ, written here
-(it is small, and the benchmarks need its nearest-code search in both forms); `vq_ema` and `fsq`
-come from vector-quantize-pytorch.
+(it is small, and its fused fast path is tested against the paper's formulation in
+`vqlog.model.reference`); `vq_ema` and `fsq` come from vector-quantize-pytorch.
 """
 
 from __future__ import annotations
@@ -35,29 +35,13 @@ def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
     return scores.argmin(dim=1)
 
 
-def nearest_code_reference(z: Tensor, codebook: Tensor) -> Tensor:
-    """The straightforward search over a full (M, K, D) difference tensor: the tests' oracle."""
-    dist = ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1)  # (M K)
-    return dist.argmin(dim=1)
-
-
-def straight_through_reference(z: Tensor, e: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The VQ-VAE's straight-through estimator and losses as the paper writes them, the oracle of
-    `straight_through`: z, e (B, T, D) -> z_q (B, T, D), loss ||sg(z) - e||^2 + beta ||z - sg(e)||^2
-    (means over elements) and the commitment ||z - sg(e)||^2 (detached)."""
-    codebook_loss = F.mse_loss(e, z.detach())
-    commitment = F.mse_loss(z, e.detach())
-    z_q = z + (e - z).detach()  # straight-through: forward e, backward identity
-    return z_q, codebook_loss + beta * commitment, commitment.detach()
-
-
 class _StraightThrough(torch.autograd.Function):
-    """`straight_through_reference` in one pass over the (B, T, D) tensors each way. Both losses
-    are mean((e - z)^2) in value and differ only in where the gradient goes, so with r = e - z
-    and n elements: loss = (1 + beta)·|r|^2/n, d loss/d e = 2r/n, d loss/d z = -beta·2r/n.
-    Autograd of the reference walks the tensors ~9 times (two MSEs and their zero-filled
-    backward buffers, the detached difference, the sum of z's two gradients): VQ forward +
-    backward at B 64, T 64, D 512, K 512 took 49 ms instead of 64 ms on one CPU thread."""
+    """The VQ-VAE's straight-through estimator and its two losses in one pass over the (B, T, D)
+    tensors each way. Both losses are mean((e - z)^2) in value and differ only in where the
+    gradient goes, so with r = e - z and n elements: loss = (1 + beta)·|r|^2/n,
+    d loss/d e = 2r/n, d loss/d z = -beta·2r/n. Autograd of the paper's formulation walks the
+    tensors ~9 times (two MSEs and their zero-filled backward buffers, the detached difference,
+    the sum of z's two gradients)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, e: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,7 +65,9 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def straight_through(z: Tensor, e: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """`straight_through_reference` (the same values and gradients), fused: see _StraightThrough."""
+    """z, e (B, T, D) -> z_q (B, T, D) = e with the gradient of z, the loss
+    ||sg(z) - e||^2 + beta ||z - sg(e)||^2 (means over elements) and the commitment
+    ||z - sg(e)||^2 (detached). Fused: see _StraightThrough."""
     return _StraightThrough.apply(z, e, beta)
 
 
@@ -89,9 +75,6 @@ class VQ(nn.Module):
     """Classic VQ (van den Oord et al. 2017, arXiv 1711.00937): a learned codebook, the codebook
     loss ||sg(z) - e||^2 plus beta * commitment ||z - sg(e)||^2, and the straight-through estimator.
     """
-
-    # True: nearest-code search and losses by their references (vqvae.use_reference)
-    reference = False
 
     def __init__(self, dim: int, codebook_size: int, commitment: float):
         super().__init__()
@@ -104,11 +87,9 @@ class VQ(nn.Module):
         """z: (B, T, D) -> QuantizerOutput with z_q (B, T, D), indices (B, T)."""
         B, T, D = z.shape
         flat = z.reshape(B * T, D)  # (BT D)
-        search = nearest_code_reference if self.reference else nearest_code
-        indices = search(flat.detach(), self.codebook.detach())  # (BT)
+        indices = nearest_code(flat.detach(), self.codebook.detach())  # (BT)
         e = F.embedding(indices, self.codebook).view(B, T, D)  # (B T D)
-        losses = straight_through_reference if self.reference else straight_through
-        z_q, loss, commitment = losses(z, e, self.commitment_weight)
+        z_q, loss, commitment = straight_through(z, e, self.commitment_weight)
         return QuantizerOutput(z_q, indices.view(B, T), loss, commitment)
 
 

@@ -9,9 +9,9 @@ Zero-order hold with step Δ_h = exp(log_dt[h]) turns it into a causal convoluti
 
     K[h, l] = 2·Re Σ_n C[h,n] · (exp(Δ_h A[h,n]) − 1) / A[h,n] · exp(Δ_h A[h,n] · l)
 
-which is applied with an FFT. `kernel_reference` computes K the obvious way (and is the tests'
-oracle); `kernel` is the fast path used in training. Likewise `fft_conv_reference` (autograd
-through the FFTs, as state-spaces/s4) is the oracle of `fft_conv`, whose backward is hand-written.
+which is applied with an FFT. `kernel` computes K by a block-Vandermonde matmul and `fft_conv`
+has a hand-written backward; both are tested against the straightforward formulation of
+state-spaces/s4 in `vqlog.model.reference`.
 Shapes use the paper's names: B batch, H channels (d_model), N state size (d_state; N/2 complex
 modes), L length.
 
@@ -33,7 +33,7 @@ DT_MIN = 1e-3
 DT_MAX = 1e-1
 
 
-def _discretize(
+def discretize(
     log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor
 ) -> tuple[Tensor, Tensor]:
     """ZOH: returns dtA = Δ·A and C' = C·(exp(ΔA) − 1)/A, both complex (H, N/2)."""
@@ -41,20 +41,6 @@ def _discretize(
     dtA = A * torch.exp(log_dt)[:, None]  # (H N/2)
     C_bar = torch.view_as_complex(C) * (torch.exp(dtA) - 1) / A  # (H N/2)
     return dtA, C_bar
-
-
-def kernel_reference(
-    log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor, L: int
-) -> Tensor:
-    """The kernel the straightforward way: a materialised Vandermonde tensor and an einsum.
-
-    log_dt (H,), log_A_real (H, N/2), A_imag (H, N/2), C (H, N/2, 2) -> K (H, L).
-    Memory and time are O(H·N·L) in complex numbers; kept as the oracle for `kernel`.
-    """
-    dtA, C_bar = _discretize(log_dt, log_A_real, A_imag, C)
-    l = torch.arange(L, device=log_dt.device, dtype=log_dt.dtype)
-    vandermonde = torch.exp(dtA[:, :, None] * l)  # (H N/2 L)
-    return 2 * torch.einsum("hn,hnl->hl", C_bar, vandermonde).real  # (H L)
 
 
 def _powers(dtA: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,7 +51,8 @@ def _powers(dtA: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def kernel(log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor, L: int) -> Tensor:
-    """The kernel K (H, L) as `kernel_reference`, in O(H·N·√L) memory plus one batched matmul.
+    """The kernel K (H, L) in O(H·N·√L) memory plus one batched matmul (the reference
+    materialises the whole O(H·N·L) complex Vandermonde tensor).
 
     Block Vandermonde: write l = a·m + b with a = ⌈√L⌉, 0 <= b < a, 0 <= m < M = ⌈L/a⌉. Then
     z^l = z^(a·m)·z^b, so for every channel h
@@ -73,12 +60,11 @@ def kernel(log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor, L: int
         K[h, a·m + b] = 2·Re Σ_n P[h,m,n]·Q[h,n,b],   P = C'·z^(a·m)  (M, N/2),   Q = z^b  (N/2, a)
 
     is a small complex matmul. Re(P·Q) = Re P·Re Q − Im P·Im Q is one real bmm over the stacked
-    parts, so no complex (H, N/2, L) tensor is ever built, forward or backward. Forward + backward
-    on 2 CPU threads at N/2=32, L=256: ~2 ms vs ~28 ms (H=64), ~3.6 ms vs ~56 ms (H=128).
+    parts, so no complex (H, N/2, L) tensor is ever built, forward or backward.
 
     log_dt (H,), log_A_real (H, N/2), A_imag (H, N/2), C (H, N/2, 2) -> K (H, L).
     """
-    dtA, C_bar = _discretize(log_dt, log_A_real, A_imag, C)
+    dtA, C_bar = discretize(log_dt, log_A_real, A_imag, C)
     H = dtA.shape[0]
     a = math.isqrt(L - 1) + 1  # ⌈√L⌉ for L >= 1: balances the sizes of P and Q
     M = -(-L // a)  # ⌈L/a⌉ blocks of a steps cover 0..L-1 (and a little past it)
@@ -94,29 +80,15 @@ def kernel(log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor, L: int
     return K.reshape(H, M * a)[:, :L]  # (H L)
 
 
-def fft_conv_reference(u: Tensor, k: Tensor) -> Tensor:
-    """Causal convolution y[b,h,t] = Σ_{s<=t} k[h,s]·u[b,h,t−s] in O(L log L), as state-spaces/s4.
-
-    u (B, H, L), k (H, L) -> y (B, H, L). Both are zero-padded to 2L so the FFT's circular
-    convolution equals the linear one on the first L outputs (no wrap-around from the future).
-    Autograd differentiates the three FFTs; the backward of `rfft(u)` is a full-length complex
-    FFT plus a zero-filled copy, which made this the largest cost of a step at d_model 128.
-    """
-    L = u.shape[-1]
-    k_f = torch.fft.rfft(k, n=2 * L)  # (H L+1)
-    u_f = torch.fft.rfft(u, n=2 * L)  # (B H L+1)
-    return torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]  # (B H L)
-
-
 class _FFTConv(torch.autograd.Function):
-    """`fft_conv_reference` with a hand-written backward: two real FFTs instead of autograd's
-    complex one. With G = rfft(grad_y), U = rfft(u), K = rfft(k), all zero-padded to 2L:
+    """The causal FFT convolution with a hand-written backward: two real FFTs instead of the
+    full-length complex FFT plus zero-filled copy that autograd makes of `rfft(u)`'s backward.
+    With G = rfft(grad_y), U = rfft(u), K = rfft(k), all zero-padded to 2L:
 
         grad_u = irfft(G·conj(K))[:L]        (a causal correlation with k)
         grad_k = irfft(Σ_b G·conj(U))[:L]    (summed over the batch before the inverse FFT)
 
     The padding makes both exact: lags t − s < 0 land in the zero half of the padded k or u.
-    Forward + backward at B 64, L 256, one CPU thread: 54 ms vs 108 ms (H 128).
     """
 
     @staticmethod
@@ -144,35 +116,28 @@ class _FFTConv(torch.autograd.Function):
 
 
 def fft_conv(u: Tensor, k: Tensor) -> Tensor:
-    """`fft_conv_reference`, same values, cheaper backward: u (B, H, L), k (H, L) -> (B, H, L)."""
+    """Causal convolution y[b,h,t] = Σ_{s<=t} k[h,s]·u[b,h,t−s] in O(L log L): u (B, H, L),
+    k (H, L) -> y (B, H, L). Both are zero-padded to 2L so the FFT's circular convolution equals
+    the linear one on the first L outputs (no wrap-around from the future)."""
     return _FFTConv.apply(u, k)
-
-
-def direct_causal_conv(u: Tensor, k: Tensor) -> Tensor:
-    """The O(L²) definition of `fft_conv`, for tests: u (B, H, L), k (H, L) -> y (B, H, L)."""
-    L = u.shape[-1]
-    y = torch.zeros_like(u)  # (B H L)
-    for s in range(L):  # add the contribution of lag s: k[h,s]·u[b,h,t−s] for t >= s
-        y[..., s:] += k[:, s, None] * u[..., : L - s]
-    return y
 
 
 class S4DKernel(nn.Module):
     """The SSM parameters of H channels with S4D-Lin init; `forward(L)` returns the kernel (H, L).
 
-    S4D-Lin (paper, section 4): A[h,n] = −0.5 + i·π·n, Δ log-uniform in [dt_min, dt_max],
+    S4D-Lin (paper, section 4): A[h,n] = −0.5 + i·π·n, Δ log-uniform in [DT_MIN, DT_MAX],
     C complex standard normal (variance 0.5 per part). log_dt, log_A_real and A_imag are the
     SSM parameters that `ssm_parameters` collects for their own optimizer group.
     """
 
-    def __init__(self, d_model: int, d_state: int, dt_min: float = DT_MIN, dt_max: float = DT_MAX):
+    def __init__(self, d_model: int, d_state: int):
         super().__init__()
         if d_state < 2 or d_state % 2:
             raise ValueError(
                 f"d_state must be an even number >= 2 (N/2 complex modes), got {d_state}"
             )
         H, N2 = d_model, d_state // 2
-        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (H)
+        log_dt = torch.rand(H) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)  # (H)
         self.log_dt = nn.Parameter(log_dt)
         self.log_A_real = nn.Parameter(torch.full((H, N2), math.log(0.5)))  # A.real = -0.5
         self.A_imag = nn.Parameter(math.pi * torch.arange(N2).float().repeat(H, 1))  # (H N/2)
@@ -183,31 +148,13 @@ class S4DKernel(nn.Module):
         """L -> K (H, L)."""
         return kernel(self.log_dt, self.log_A_real, self.A_imag, self.C, L)
 
-    def forward_reference(self, L: int) -> Tensor:
-        """L -> K (H, L) by `kernel_reference`: the same values, the oracle's way."""
-        return kernel_reference(self.log_dt, self.log_A_real, self.A_imag, self.C, L)
-
 
 class S4D(nn.Module):
-    """One S4D layer: y = GLU(Conv1x1(dropout(GELU(K * u + D·u)))), (B, H, L) -> (B, H, L).
+    """One S4D layer: y = GLU(Conv1x1(dropout(GELU(K * u + D·u)))), (B, H, L) -> (B, H, L)."""
 
-    `reference = True` computes the same layer as state-spaces/s4 `models/s4/s4d.py` does
-    (`kernel_reference`, `fft_conv_reference`, a separate D skip): the tests' oracle and the
-    step benchmark's baseline; `vqlog.model.vqvae.use_reference` sets it on a whole model.
-    """
-
-    reference = False
-
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int,
-        dropout: float = 0.0,
-        dt_min: float = DT_MIN,
-        dt_max: float = DT_MAX,
-    ):
+    def __init__(self, d_model: int, d_state: int, dropout: float = 0.0):
         super().__init__()
-        self.kernel = S4DKernel(d_model, d_state, dt_min, dt_max)
+        self.kernel = S4DKernel(d_model, d_state)
         self.D = nn.Parameter(torch.randn(d_model))  # skip connection u·D, the SSM's feed-through
         self.dropout = nn.Dropout(dropout)
         # Position-wise mixing of the H channels; the GLU halves 2H back to H.
@@ -216,12 +163,9 @@ class S4D(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         """u (B, H, L) -> (B, H, L). The kernel is computed once and shared across the batch."""
         L = u.shape[-1]
-        if self.reference:  # state-spaces/s4's formulation: the oracle of the branch below
-            k = self.kernel.forward_reference(L)  # (H L)
-            y = fft_conv_reference(u, k) + u * self.D[:, None]  # (B H L)
-        else:  # the skip u·D is lag 0 of the kernel: one convolution, no extra (B H L) pass
-            k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))  # (H L)
-            y = fft_conv(u, k)  # (B H L)
+        # The skip u·D is lag 0 of the kernel: one convolution, no extra (B H L) pass.
+        k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))  # (H L)
+        y = fft_conv(u, k)  # (B H L)
         y = self.dropout(F.gelu(y))
         return F.glu(self.output(y), dim=-2)  # (B 2H L) -> (B H L)
 
@@ -229,17 +173,10 @@ class S4D(nn.Module):
 class S4DBlock(nn.Module):
     """Pre-norm residual block: x + dropout(S4D(LayerNorm_H(x))), (B, H, L) -> (B, H, L)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int,
-        dropout: float = 0.0,
-        dt_min: float = DT_MIN,
-        dt_max: float = DT_MAX,
-    ):
+    def __init__(self, d_model: int, d_state: int, dropout: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.s4d = S4D(d_model, d_state, dropout, dt_min, dt_max)
+        self.s4d = S4D(d_model, d_state, dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

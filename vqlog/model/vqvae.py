@@ -7,14 +7,14 @@ The quantizer sits between them; `downsample` samples share one code.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqlog.config import Config
-from vqlog.model.quantizer import VQ, QuantizerOutput, build_quantizer
-from vqlog.model.s4d import S4D, S4DBlock
+from vqlog.model.quantizer import QuantizerOutput, build_quantizer
+from vqlog.model.s4d import S4DBlock
 
 
 class VQVAEOutput(NamedTuple):
@@ -28,11 +28,9 @@ class Pointwise(nn.Conv1d):
     over channel-last memory. Its output is a (B, C, T) view of a contiguous (B, T, C) tensor, so
     a following Pointwise, or the encoder's final transpose to (B, T, D), needs no copy. On the
     code-rate MLPs (T = L / downsample, C up to 512) oneDNN's 1x1 convolution ran as B small
-    GEMMs plus layout copies: forward + backward at B 64, T 64, 32 -> 512 took 19 ms vs 9 ms."""
+    GEMMs plus layout copies."""
 
-    def __init__(self, d_in: int, d_out: int, kernel_size: int = 1):
-        if kernel_size != 1:
-            raise ValueError(f"Pointwise is a 1x1 convolution, got kernel_size {kernel_size}")
+    def __init__(self, d_in: int, d_out: int):
         super().__init__(d_in, d_out, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -41,18 +39,26 @@ class Pointwise(nn.Conv1d):
         return y.transpose(1, 2)  # (B C_out T)
 
 
-def mlp(d_in: int, d_out: int, kind: str, conv: type[nn.Conv1d] = Pointwise) -> nn.Module:
+Conv = Callable[[int, int], nn.Module]  # (d_in, d_out) -> a 1x1 convolution
+
+
+def mlp(d_in: int, d_out: int, kind: str, conv: Conv = Pointwise) -> nn.Module:
     """The log's "MLP" as pointwise (1x1) convolutions: `relu` = Linear-ReLU-Linear, `linear` = Linear.
 
-    `conv` is Pointwise at the code rate; the decoder's full-rate block passes nn.Conv1d, whose
+    `conv` is Pointwise at the code rate; the decoder's full-rate block passes conv1x1, whose
     oneDNN kernel was as fast or faster on a contiguous (B, H, L) input (Pointwise would copy it).
     """
     if kind == "linear":
-        return conv(d_in, d_out, 1)
-    return nn.Sequential(conv(d_in, d_out, 1), nn.ReLU(), conv(d_out, d_out, 1))
+        return conv(d_in, d_out)
+    return nn.Sequential(conv(d_in, d_out), nn.ReLU(), conv(d_out, d_out))
 
 
-def bn_mlp(d_in: int, d_out: int, cfg: Config, conv: type[nn.Conv1d] = Pointwise) -> nn.Module:
+def conv1x1(d_in: int, d_out: int) -> nn.Conv1d:
+    """oneDNN's own 1x1 convolution, for full-rate (B, H, L) inputs."""
+    return nn.Conv1d(d_in, d_out, kernel_size=1)
+
+
+def bn_mlp(d_in: int, d_out: int, cfg: Config, conv: Conv = Pointwise) -> nn.Module:
     """The log's "BN + MLP" block; BN is switched by the `BN` column."""
     norm = nn.BatchNorm1d(d_in) if cfg.BN else nn.Identity()
     return nn.Sequential(norm, mlp(d_in, d_out, cfg.MLP, conv))
@@ -87,7 +93,7 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(
             *[S4DBlock(H, cfg.d_state, dropout=cfg.dropout) for _ in range(cfg.n_layers)]
         )
-        self.post = bn_mlp(H, H, cfg, nn.Conv1d)  # full rate (B H L)
+        self.post = bn_mlp(H, H, cfg, conv1x1)  # full rate (B H L)
         self.out_proj = nn.Conv1d(H, 1, 1)
 
     def forward(self, z_q: Tensor) -> Tensor:
@@ -116,17 +122,3 @@ class VQVAE(nn.Module):
         quant = self.quantizer(z)
         recon = self.decoder(quant.z_q)  # (B L)
         return VQVAEOutput(recon, z, quant)
-
-
-def use_reference(model: nn.Module, s4d: bool = True, quantizer: bool = True) -> nn.Module:
-    """Switch `model` (in place) to the reference formulation, or back with False: every S4D
-    layer computes its kernel and convolution as state-spaces/s4 does, the classic VQ searches a
-    full (M, K, D) difference tensor and takes the paper's losses through autograd. Same
-    parameters, same outputs and gradients up to rounding: the tests' oracle for the fast path
-    (tests/test_reference.py) and the baseline of benchmarks/bench_step.py. Returns `model`."""
-    for m in model.modules():
-        if isinstance(m, S4D):
-            m.reference = s4d
-        elif isinstance(m, VQ):
-            m.reference = quantizer
-    return model

@@ -27,7 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vqlog.config import ALIASES, Config, _coerce, known_keys, load_config_file
+import optuna
+
+from vqlog.config import ALIASES, Config, coerce, known_keys, load_config_file
 from vqlog.errors import ConfigError
 
 OBJECTIVES = ("mse", "pareto")
@@ -88,8 +90,8 @@ class SweepSpec:
     sampler: str = "tpe"
     pruner: str = "hyperband"
     enqueue: tuple[dict, ...] = ()
-    description: str = ""
-    path: str = ""
+    description: str = ""  # the MLflow experiment's description
+    path: str = ""  # the YAML file it was read from
 
     @property
     def directions(self) -> list[str]:
@@ -108,6 +110,25 @@ class SweepSpec:
 
     def grid(self) -> dict[str, list]:
         return {p.name: p.grid_values() for p in self.space}
+
+    def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if self.sampler == "grid":
+            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+        if self.objective == "pareto":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        # Enqueued rows and the first random trials seed TPE's density estimates.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        if self.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(
+                min_resource=self.eval_every, max_resource=self.iteration, reduction_factor=3
+            )
+        if self.pruner == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=self.eval_every)
+        return optuna.pruners.NopPruner()
 
 
 def bundled_specs() -> list[str]:
@@ -135,7 +156,7 @@ def load_sweep(name_or_path: str) -> SweepSpec:
     path = resolve_spec_path(name_or_path)
     raw = load_config_file(path)
     try:
-        return parse_sweep(raw, source=str(path))
+        return parse_sweep(raw, path=str(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -151,7 +172,8 @@ def _config(spec: SweepSpec, searched: dict, seed: int | None = None) -> Config:
     return dataclasses.replace(Config(), **values)
 
 
-def parse_sweep(raw: dict, source: str = "") -> SweepSpec:
+def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
+    """A validated SweepSpec from a spec's mapping; `path` is the file it came from."""
     _no_unknown(raw, TOP_KEYS, "")
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -175,7 +197,7 @@ def parse_sweep(raw: dict, source: str = "") -> SweepSpec:
         objective=_choice(raw.get("objective", "mse"), OBJECTIVES, "objective"),
         sampler=_choice(raw.get("sampler", "tpe"), SAMPLERS, "sampler"),
         pruner=_choice(raw.get("pruner", "hyperband"), PRUNERS, "pruner"),
-        path=source,
+        path=path,
     )
     overlap = {p.name for p in space} & {_log_name(k) for k in fixed}
     if overlap:
@@ -253,7 +275,7 @@ def _fixed_values(fixed: dict) -> dict:
     out = {}
     for key, value in fixed.items():
         name = _field(key, "fixed.")
-        out[name] = _coerce(f"fixed.{key}", value, _FIELD_TYPES[name])
+        out[name] = coerce(f"fixed.{key}", value, _FIELD_TYPES[name])
         if name not in LINKED:  # window and downsample: by combination, in _check_combinations
             _valid_alone(name, out[name], f"fixed.{key}")
     return out
@@ -295,7 +317,7 @@ def _param(key: str, value: Any) -> Param:
         choices = value.get("choices")
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: choices must be a non-empty list")
-        coerced = tuple(_coerce(where, c, typ) for c in choices)
+        coerced = tuple(coerce(where, c, typ) for c in choices)
         if key not in LINKED:  # window and downsample: by combination, in _check_combinations
             for c in coerced:
                 _valid_alone(key, c, where)
@@ -355,7 +377,7 @@ def _enqueue_row(i: int, row: Any, spec: SweepSpec) -> dict:
                 f"{where}.{key} is not a searched parameter (searched: {', '.join(params)})"
             )
         typ = _FIELD_TYPES[ALIASES.get(name, name)]
-        value = _coerce(f"{where}.{key}", value, typ)
+        value = coerce(f"{where}.{key}", value, typ)
         if not params[name].contains(value):
             raise ConfigError(f"{where}.{key}={value!r} lies outside the search space")
         out[name] = value

@@ -1,8 +1,8 @@
 """The experiment table: MLflow trial runs -> markdown in the research log's own columns.
 
 `render_table` is a pure function of `TrialRow`s; `fetch_rows` reads them from MLflow, so any worker
-(or `vqlog table`) can regenerate `results/<study>.md` at any time. See DESIGN.md, "The experiment
-table (contract)". Columns, in the log's order:
+(or `vqlog table`) can regenerate `results/<study>.md` at any time. See the README, "The
+experiment table". Columns, in the log's order:
 
     | run | batch | lr | embedding_dim | embedding_num | iteration | BN | MLP | En-De | loss | perplexity |
 
@@ -14,20 +14,16 @@ The Chinese log uses the same English column names; `lang="zh"` changes headings
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
 import re
-import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from vqlog.config import known_keys
-from vqlog.errors import UserError
-from vqlog.failpoints import failpoint
-from vqlog.oscillation import LABELS, THRESHOLDS, check_lang, oscillation_label
+from vqlog.errors import UserError, one_line
+from vqlog.files import write_text
+from vqlog.oscillation import LABELS, LANGS, THRESHOLDS, check_lang, oscillation_label
 
 if TYPE_CHECKING:  # mlflow is slow to import; only the MLflow-facing functions need it
     from mlflow import MlflowClient
@@ -43,47 +39,56 @@ _PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
 _STATUS_TO_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL",
                     "RUNNING": "RUNNING", "SCHEDULED": "RUNNING"}
 
-# Every piece of text the table shows, per language.
-_TEXT = {
-    "en": {
-        "tuning": "Hyper-parameter tuning (trained on train, evaluated on valid)",
-        "baseline": "How well S4D itself works (no quantizer)",
-        "empty": "No finished trials yet.",
-        "loss": "{final} (best {best})", "loss_best": "best {best}",
-        "ppl_max_at": "max {max} @ {step}", "ppl_max": "max {max}", "ppl_final": "final {final}",
-        "join": ", ", "state_join": "; ", "colon": ": ",
-        "pruned": "pruned", "pruned_at": "pruned @ {it}",
-        "failed": "failed", "diverged": "diverged", "diverged_at": "diverged @ {it}",
-        "legend": (
-            "- ★ best of its table: lowest best_val_mse among completed trials.",
-            "- loss: final val MSE (best val MSE), then the train/loss oscillation label "
-            "(score `loss_oscillation`): {stable} < {a} ≤ {mild} < {b} ≤ {severe}; \"early …\" and "
-            "\"… worse later\" compare the first third of training with the whole.",
-            "- perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and "
-            "the final value.",
-        ),
-    },
-    "zh": {
-        "tuning": "超参调整 (based on train，test on valid)",
-        "baseline": "s4d本身的工作效果",
-        "empty": "暂无已完成的试验。",
-        "loss": "{final}（最佳 {best}）", "loss_best": "最佳 {best}",
-        "ppl_max_at": "最高{max} ({step}轮)", "ppl_max": "最高{max}", "ppl_final": "最终{final}",
-        "join": "，", "state_join": "；", "colon": "：",
-        "pruned": "提前停止", "pruned_at": "提前停止 ({it}轮)",
-        "failed": "失败", "diverged": "发散", "diverged_at": "发散 ({it}轮)",
-        "legend": (
-            "- ★ 本表最佳：已完成试验中 best_val_mse 最低。",
-            "- loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签"
-            "（分数 `loss_oscillation`）：{stable} < {a} ≤ {mild} < {b} ≤ {severe}；"
-            "“前期…”与“…后期加剧”比较训练前三分之一与全程。",
-            "- perplexity：整个 valid 集上的 codebook perplexity，最高值 (轮数) 与最终值。",
-        ),
-    },
+# Every piece of text the table shows: key -> (English, the log's Chinese).
+_WORDS = {
+    "tuning": ("Hyper-parameter tuning (trained on train, evaluated on valid)",
+               "超参调整 (based on train，test on valid)"),
+    "baseline": ("How well S4D itself works (no quantizer)", "s4d本身的工作效果"),
+    "empty": ("No finished trials yet.", "暂无已完成的试验。"),
+    "loss": ("{final} (best {best})", "{final}（最佳 {best}）"),
+    "loss_best": ("best {best}", "最佳 {best}"),
+    "ppl_max_at": ("max {max} @ {step}", "最高{max} ({step}轮)"),
+    "ppl_max": ("max {max}", "最高{max}"),
+    "ppl_final": ("final {final}", "最终{final}"),
+    "join": (", ", "，"),
+    "state_join": ("; ", "；"),
+    "colon": (": ", "："),
+    "pruned": ("pruned", "提前停止"),
+    "pruned_at": ("pruned @ {it}", "提前停止 ({it}轮)"),
+    "failed": ("failed", "失败"),
+    "diverged": ("diverged", "发散"),
+    "diverged_at": ("diverged @ {it}", "发散 ({it}轮)"),
+    "legend": ((
+        "- ★ best of its table: lowest best_val_mse among completed trials.",
+        "- loss: final val MSE (best val MSE), then the train/loss oscillation label "
+        "(score `loss_oscillation`): {stable} < {a} ≤ {mild} < {b} ≤ {severe}; \"early …\" and "
+        "\"… worse later\" compare the first third of training with the whole.",
+        "- perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and "
+        "the final value.",
+    ), (
+        "- ★ 本表最佳：已完成试验中 best_val_mse 最低。",
+        "- loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签"
+        "（分数 `loss_oscillation`）：{stable} < {a} ≤ {mild} < {b} ≤ {severe}；"
+        "“前期…”与“…后期加剧”比较训练前三分之一与全程。",
+        "- perplexity：整个 valid 集上的 codebook perplexity，最高值 (轮数) 与最终值。",
+    )),
 }
+_TEXT = {lang: {key: words[i] for key, words in _WORDS.items()} for i, lang in enumerate(LANGS)}
 _NAN_INF = re.compile(r"\b(nan|inf|infinity|diverged?)\b", re.IGNORECASE)
 _AT_ITERATION = re.compile(r"iteration\s+(\d+)", re.IGNORECASE)
 _MAX_REASON = 80  # characters of a failure reason shown in a cell
+_RUN_NAME = re.compile(r"Seq(\d+)")
+
+
+def run_name(number: int) -> str:
+    """The log's name for Optuna trial `number`: Seq1 is trial 0 (the MLflow run name too)."""
+    return f"Seq{number + 1}"
+
+
+def number_of(name: str | None) -> int | None:
+    """The trial number a `run_name` stands for, or None."""
+    match = _RUN_NAME.fullmatch(name or "")
+    return int(match.group(1)) - 1 if match else None
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def _markdown_table(rows: list[TrialRow], lang: str, quantized: bool) -> str:
     for row in rows:
         p = row.params
         cells = [
-            f"Seq{row.number + 1}" + (BEST_MARK if row.number == best else ""),
+            run_name(row.number) + (BEST_MARK if row.number == best else ""),
             p.get("batch", ""),
             _lr(p.get("lr")),
             p.get("embedding_dim", ""),
@@ -143,7 +148,7 @@ def _line(cells: Sequence[str]) -> str:
 
 def _escape(cell: str) -> str:
     """One line, and a `|` that does not end the cell."""
-    return " ".join(str(cell).split()).replace("|", r"\|")
+    return one_line(cell).replace("|", r"\|")
 
 
 def _varying_extras(rows: list[TrialRow]) -> tuple[str, ...]:
@@ -179,7 +184,7 @@ def _loss_cell(row: TrialRow, lang: str) -> str:
 def _failed(reason: str | None, text: dict) -> str:
     if not reason:
         return text["failed"]
-    reason = " ".join(reason.split())
+    reason = one_line(reason)
     if _NAN_INF.search(reason):  # "loss is NaN at iteration 420" and the like
         at = _AT_ITERATION.search(reason)
         reason = text["diverged_at"].format(it=at.group(1)) if at else text["diverged"]
@@ -289,8 +294,7 @@ def _trial_number(run: Run) -> int | None:
     tags = run.data.tags
     with contextlib.suppress(KeyError, ValueError):
         return int(tags["optuna.trial_number"])
-    match = re.fullmatch(r"Seq(\d+)", tags.get("mlflow.runName", "") or (run.info.run_name or ""))
-    return int(match.group(1)) - 1 if match else None
+    return number_of(tags.get("mlflow.runName") or run.info.run_name)
 
 
 def _recency(run: Run) -> tuple[int, str]:
@@ -341,43 +345,9 @@ def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[
             return rows_from_runs(runs)
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp would leave 0600
-    _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        failpoint("table.write")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-ORPHAN_AGE = 600  # seconds: a temp file this old was left by a killed writer, not a live one
-
-
-def _remove_orphans(path: Path) -> None:
-    """Temp files of `path` left by a writer killed before its os.replace. Only old ones: a
-    worker on another host may be writing its own right now (the folder can be shared)."""
-    cutoff = time.time() - ORPHAN_AGE
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-
-
 def regenerate(client: MlflowClient, study: str, out_path: str | os.PathLike, lang: str = "en") -> str:
     """Fetch the study's trials from MLflow, render the table, write it atomically; return the markdown."""
     check_lang(lang)
     text = render_table(fetch_rows(client, study), lang=lang, title=study)
-    write_atomic(out_path, text)
+    write_text(out_path, text, crash_point="table.write")
     return text

@@ -1,24 +1,24 @@
 """Figures logged to MLflow: per trial the curves and reconstructions, per study Optuna's plots.
 
-Built on `matplotlib.figure.Figure` (Agg), not pyplot, so no global state and no GUI backend.
+The trial figures are built on `matplotlib.figure.Figure`, not pyplot: no global state, no GUI
+backend, nothing to close. Optuna's plots go through pyplot; `study_figures` picks the Agg
+backend when it first draws, unless the process already chose one (a notebook's inline backend).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Iterator
 
-import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # Optuna's plots go through pyplot; never open a window from a worker
-
 
 def close(fig) -> None:
-    """Free a figure (pyplot-made ones, from Optuna, must be closed through pyplot)."""
+    """Free a figure that `study_figures` made (pyplot keeps those until they are closed)."""
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -43,8 +43,8 @@ def curves_figure(result) -> Figure:
     else:
         ax2.set_axis_off()
         ax2.text(0.5, 0.5, "no quantizer", ha="center", va="center")
-    # Fixed margins: tight_layout draws the figure once more to measure it, which was 40% of
-    # the time a trial spends on tracking (benchmarks/bench_tracking.py).
+    # Fixed margins: tight_layout draws the figure once more to measure it, a large share of the
+    # time a trial spends on tracking (benchmarks/README.md, tracking).
     fig.subplots_adjust(left=0.11, right=0.98, bottom=0.16, top=0.96, wspace=0.3)
     return fig
 
@@ -74,7 +74,11 @@ def reconstruction_figure(model, windows: np.ndarray, n: int = 4) -> Figure:
 def study_figures(study) -> Iterator[tuple[str, object]]:
     """Optuna's optimization history, parameter importances and parallel coordinates, as far as
     the study has enough finished trials for each."""
+    import matplotlib
     import optuna
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # a worker draws to files: never open a window
     from optuna.visualization import matplotlib as ovm
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

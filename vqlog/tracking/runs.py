@@ -1,13 +1,12 @@
-"""MLflow tracking: a parent run per study, a child run per trial (see DESIGN.md "MLflow layout").
+"""MLflow runs: a parent run per study, a child run per trial (README, "MLflow layout").
 
 Metrics go in one `log_batch` request per evaluation interval, not one request per value
-(per-value logging of 1,000 points took 90 s against 4 s batched: mlflow#5269). The tracker takes
-its URI as a parameter and never touches MLflow's global state.
+(mlflow#5269 describes how slow per-value logging is). The tracker takes its URI as a parameter
+and never touches MLflow's global state.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import time
@@ -17,34 +16,47 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from vqlog import plots
-from vqlog.errors import UserError
+from vqlog.errors import TrackingUnavailable, UserError
 from vqlog.failpoints import failpoint
-from vqlog.retry import RetryingClient, TrackingUnavailable, quiet_http_retries
-from vqlog.storage import mask
-from vqlog.tracking_uri import (DEFAULT_TRACKING_URI, absolute_sqlite_uri, check_tracking_uri,
-                                with_driver)
+from vqlog.tracking import plots, table
+from vqlog.tracking.table import run_name
+from vqlog.tracking.client import DEFAULT_TRACKING_URI, open_client, store_uri
+from vqlog.urls import sqlite_path
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 OPTUNA_STATE = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL"}
 STUDY_PLOTS_EVERY = 5  # refresh Optuna's study plots every k finished trials (and at the end)
+STUDY_ROLE = "tags.`vqlog.role` = 'study'"
+TRIAL_ROLE = "tags.`vqlog.role` = 'trial'"
 
 
-def quiet_mlflow() -> None:
-    """MLflow and alembic log every schema migration at INFO; a sweep's output is for trials.
-    Importing mlflow configures its logger, so it is imported first and then turned down."""
-    import mlflow  # noqa: F401
+def find_study_run(client, experiment_id: str) -> str | None:
+    """The id of the experiment's study run (the first, should two workers ever make one each)."""
+    runs = client.search_runs([experiment_id], filter_string=STUDY_ROLE, max_results=1,
+                              order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
 
-    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+
+def study_run(client, study: str) -> str | None:
+    """The id of the study run of study `study`, or None."""
+    exp = client.get_experiment_by_name(study)
+    return None if exp is None else find_study_run(client, exp.experiment_id)
+
+
+def study_names(client) -> list[str]:
+    """The vqlog studies this store holds (experiments with a study run)."""
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=STUDY_ROLE)
+    return sorted({r.data.tags.get("optuna.study") for r in runs} - {None})
 
 
 def _artifact_location(uri: str, study: str) -> str | None:
     """For the embedded SQLite store, artifacts live in ./mlartifacts beside the database, where
     `mlflow ui` started in the same folder finds them."""
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_path(uri)
+    if path is None:
         return None
-    root = Path(uri.split(":///", 1)[1]).expanduser().resolve().parent / "mlartifacts"
+    root = path.resolve().parent / "mlartifacts"
     return (root / re.sub(r"[^A-Za-z0-9_.-]", "_", study)).as_uri()
 
 
@@ -53,8 +65,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, table_dir: str | Path = "results",
                  lang: str = "en"):
-        check_tracking_uri(tracking_uri)
-        self.uri = with_driver(absolute_sqlite_uri(tracking_uri))
+        self.uri = store_uri(tracking_uri)
         self._client = None  # made on first use: a bad input found later leaves no mlflow.db
         self.table_dir = Path(table_dir)
         self.lang = lang
@@ -66,11 +77,7 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
-            quiet_mlflow()
-            from mlflow.tracking import MlflowClient
-
-            quiet_http_retries(self.uri)
-            self._client = RetryingClient(MlflowClient(tracking_uri=self.uri), mask(self.uri))
+            self._client = open_client(self.uri)
         return self._client
 
     # ------------------------------------------------------------------------------ study level
@@ -78,9 +85,9 @@ class Tracker:
     def check_experiment(self, name: str) -> None:
         """Before the Optuna study is created: a deleted experiment of that name is bad input.
         An SQLite store that does not exist yet has none (and is not created here)."""
-        if self.uri.startswith("sqlite:///"):
-            if not Path(self.uri[len("sqlite:///"):].split("?", 1)[0]).is_file():
-                return
+        path = sqlite_path(self.uri)
+        if path is not None and not path.is_file():
+            return
         exp = self.client.get_experiment_by_name(name)
         if exp is not None and exp.lifecycle_stage == "deleted":
             raise UserError(_deleted(name))
@@ -88,18 +95,22 @@ class Tracker:
     def start_study(self, study: optuna.Study, spec) -> None:
         """The experiment and its parent run, created once (any worker may be first)."""
         self.study_name = study.study_name
-        self.experiment_id = self._experiment(study.study_name)
+        self.experiment_id = self._experiment(study.study_name, spec.description)
         self.parent_id = self._parent_run(study, spec)
         self.reconcile(study)
 
-    def _experiment(self, name: str) -> str:
+    def _experiment(self, name: str, description: str) -> str:
+        """The experiment named after the study; the spec's description is its description in
+        the UI."""
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise UserError(_deleted(name))
             return exp.experiment_id
+        tags = {"mlflow.note.content": description} if description else None
         try:
-            return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri, name))
+            return self.client.create_experiment(
+                name, artifact_location=_artifact_location(self.uri, name), tags=tags)
         except Exception:  # noqa: BLE001 - another worker created it first (mlflow#4123)
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -107,12 +118,9 @@ class Tracker:
             return exp.experiment_id
 
     def _parent_run(self, study: optuna.Study, spec) -> str:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string="tags.`vqlog.role` = 'study'", max_results=1,
-            order_by=["attributes.start_time ASC"],
-        )
-        if runs:
-            return runs[0].info.run_id
+        found = find_study_run(self.client, self.experiment_id)
+        if found is not None:
+            return found
         run = self.client.create_run(
             self.experiment_id,
             run_name=study.study_name,
@@ -153,8 +161,6 @@ class Tracker:
         return path
 
     def refresh_table(self) -> str:
-        from vqlog import table
-
         path = self.table_dir / f"{self.study_name}.md"
         text = table.regenerate(self.client, self.study_name, path, lang=self.lang)
         publish_table(self.client, self.parent_id, text)
@@ -189,7 +195,7 @@ class Tracker:
     def _trial_runs(self) -> list:
         runs, token = [], None
         while True:
-            page = self.client.search_runs([self.experiment_id], "tags.`vqlog.role` = 'trial'",
+            page = self.client.search_runs([self.experiment_id], TRIAL_ROLE,
                                            max_results=1000, page_token=token)
             runs.extend(page)
             token = page.token
@@ -201,7 +207,7 @@ class Tracker:
     def start_trial(self, number: int, cfg) -> TrialRun:
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"Seq{number + 1}",
+            run_name=run_name(number),
             tags={
                 "mlflow.parentRunId": self.parent_id,
                 "vqlog.role": "trial",
@@ -213,7 +219,7 @@ class Tracker:
         self._log_params(run.info.run_id, cfg.to_params())
         return TrialRun(self.client, run.info.run_id, cfg)
 
-    def close(self) -> str | None:
+    def outage_note(self) -> str | None:
         """A line for the sweep's summary when outages were ridden out, else None."""
         if self._client is None or not self._client.outages:
             return None
@@ -292,13 +298,10 @@ class TrialRun:
                                   if math.isfinite(v)]
             self.flush()
             if result is not None:
-                fig = plots.curves_figure(result)
-                self.client.log_figure(self.run_id, fig, "curves.png")
-                plots.close(fig)
+                self.client.log_figure(self.run_id, plots.curves_figure(result), "curves.png")
                 if windows is not None and len(windows):
                     fig = plots.reconstruction_figure(result.model, windows)
                     self.client.log_figure(self.run_id, fig, "reconstruction.png")
-                    plots.close(fig)
             tags = {"optuna.state": state}
             if reason:
                 tags["vqlog.fail_reason"] = reason[:5000]
@@ -311,6 +314,3 @@ class TrialRun:
             raise
         self.client.set_terminated(self.run_id, STATUS[state])
 
-
-__all__ = ["DEFAULT_TRACKING_URI", "Tracker", "TrialRun", "absolute_sqlite_uri",
-           "check_tracking_uri", "publish_table", "quiet_mlflow"]

@@ -1,0 +1,45 @@
+"""`vqlog init`: prepare a shared study once, before any sweep worker starts.
+
+The compose stack's one-shot `init` service (and the native stack test) run this. It creates the
+Optuna schema and study (the spec's directions, its enqueued rows) and the MLflow experiment with
+its study run, so workers that start together only load them: concurrent first-time creation
+races in both libraries (Optuna's schema, optuna/optuna#820; MLflow's experiment,
+mlflow/mlflow#4123). Running it again is harmless: everything is loaded if it exists.
+
+    vqlog init --config seed --storage postgresql://vqlog@postgres:5432/optuna \\
+        --tracking-uri http://mlflow:5000
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vqlog.cli import add_debug, add_study_args
+
+
+def init_command_parser(sub) -> None:
+    p = sub.add_parser("init", help="create the Optuna study and the MLflow experiment before "
+                                    "workers start")
+    add_study_args(p)
+    add_debug(p)
+    p.set_defaults(func=init_command)
+
+
+def init_command(args: argparse.Namespace) -> int:
+    from vqlog.commands.sweep import load_spec
+    from vqlog.study.storage import StudyLock, open_study
+    from vqlog.tracking.client import DEFAULT_TRACKING_URI
+    from vqlog.tracking.runs import Tracker
+    from vqlog.urls import mask
+
+    spec = load_spec(args)
+    uri = args.tracking_uri or DEFAULT_TRACKING_URI
+    tracker = Tracker(uri)
+    tracker.check_experiment(spec.name)
+    study, _ = open_study(spec, args.storage)
+    with StudyLock(args.storage, spec.name):  # as a worker does: one study run, whoever is first
+        tracker.start_study(study, spec)
+    print(f"study {spec.name}: Optuna study ready in {mask(args.storage)} "
+          f"({len(study.get_trials(deepcopy=False))} trials so far); MLflow experiment "
+          f"{tracker.experiment_id}, study run {tracker.parent_id} at {mask(uri)}", flush=True)
+    return 0

@@ -1,0 +1,118 @@
+"""`vqlog-sweep` / `vqlog sweep`: run (or join) a study until it has --trials finished trials."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from vqlog.cli import add_data_args, add_debug, add_device_arg, add_study_args
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=int, default=50,
+                   help="finished trials (COMPLETE + PRUNED) the study should reach, counted "
+                        "across all workers (default 50)")
+    add_study_args(p)
+    add_data_args(p, None)
+    add_device_arg(p)
+    p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    p.add_argument("--seed", type=int, help="seed for the sampler and for training")
+    p.add_argument("--lang", default="en", choices=("en", "zh"), help="language of the table")
+    add_debug(p)
+
+
+def sweep_command_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run an Optuna study (the same as vqlog-sweep)")
+    add_sweep_args(p)
+    p.set_defaults(func=sweep_command)
+
+
+def load_spec(args: argparse.Namespace):
+    """The spec --config names, with --study, --data and --sample-rate applied."""
+    from vqlog.study.spec import load_sweep
+
+    spec = load_sweep(args.config)
+    changes = {}
+    if args.study:
+        changes["name"] = args.study
+    if getattr(args, "data", None):
+        changes.update(source=args.data, sample_rate=args.sample_rate)
+    elif getattr(args, "sample_rate", None) is not None:
+        changes["sample_rate"] = args.sample_rate
+    return dataclasses.replace(spec, **changes)
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from vqlog.errors import UserError
+
+    # The flags first: a typo is reported before torch and MLflow are imported.
+    if args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if args.timeout is not None and not args.timeout > 0:  # NaN too
+        raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+
+    from vqlog.errors import TrackingUnavailable
+    from vqlog.study import worker
+    from vqlog.study.storage import parse_url
+    from vqlog.tracking.client import DEFAULT_TRACKING_URI
+    from vqlog.tracking.runs import Tracker
+    from vqlog.urls import mask, mask_urls
+
+    spec = load_spec(args)
+    parse_url(args.storage)
+    uri = args.tracking_uri or DEFAULT_TRACKING_URI
+    tracker = Tracker(uri, lang=args.lang)
+    print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
+          f"storage {mask(args.storage)}, tracking {mask(uri)}", flush=True)
+    start = time.perf_counter()
+    try:
+        result = worker.run(spec, args.trials, args.storage, tracker=tracker, device=args.device,
+                            timeout=args.timeout, seed=args.seed)
+    except TrackingUnavailable as exc:
+        sys.stderr.write(
+            f"Error: {mask_urls(str(exc))}. Everything finished is kept in the study and MLflow; "
+            "a trial cut short was marked FAIL. Start the tracking server, then rerun the same "
+            "command to resume.\n"
+        )
+        return 1
+    print(summary_text(result, time.perf_counter() - start, args.storage, uri))
+    if (note := tracker.outage_note()) is not None:
+        print(note)
+    if result.interrupted:
+        print("Interrupted: the running trial was marked FAIL; everything finished is kept. "
+              "Rerun the same command to continue.")
+        return 130
+    return 0
+
+
+def summary_text(r, seconds: float, storage: str, uri: str) -> str:
+    """The sweep's closing lines: what finished, the best trial, and where to look."""
+    from vqlog.tracking.table import run_name
+    from vqlog.urls import mask
+
+    lines = [
+        "",
+        f"study {r.study}: {r.finished}/{r.target} trials finished "
+        f"({r.ran_here} ran here, {r.failed_here} failed) in {seconds / 60:.1f} min"
+        + ("; --timeout reached" if r.timed_out else ""),
+    ]
+    if r.best:
+        values = r.best["values"]
+        ppl = r.best.get("perplexity")
+        lines.append(f"best: {run_name(r.best['number'])}  val mse {values[0]:.4f}"
+                     + (f"  perplexity max {ppl:.1f}" if ppl is not None else ""))
+        lines.append("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in r.best["params"].items()))
+    if r.table_path:
+        lines.append(f"table:  {r.table_path}")
+    if uri.startswith("sqlite:///"):
+        lines.append(f"mlflow: vqlog ui --tracking-uri {uri}   (then open http://127.0.0.1:5000)")
+    else:
+        lines.append(f"mlflow: {mask(uri)}")
+    lines.append(f"optuna: optuna-dashboard {mask(storage)}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

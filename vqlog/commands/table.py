@@ -1,0 +1,68 @@
+"""`vqlog table`: regenerate the experiment table from MLflow alone (any worker, any time)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from vqlog.cli import add_debug
+
+
+def table_command_parser(sub) -> None:
+    p = sub.add_parser("table", help="regenerate the experiment table from MLflow")
+    p.add_argument("--study", help="study (MLflow experiment) name; default: the only vqlog study")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--lang", default="en", choices=("en", "zh"))
+    p.add_argument("--out", help="output file (default results/<study>.md; - for stdout)")
+    p.add_argument("--watch", action="store_true", help="keep regenerating as runs finish")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between checks with --watch")
+    add_debug(p)
+    p.set_defaults(func=table_command)
+
+
+def table_command(args: argparse.Namespace) -> int:
+    from vqlog.errors import UserError
+    from vqlog.tracking.client import existing_store, open_client
+    from vqlog.tracking.runs import study_names, study_run
+
+    # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
+    # waited out (RetryingClient), as the sweep's own tracker does.
+    client = open_client(existing_store(args.tracking_uri))
+    study = args.study
+    if study is None:
+        names = study_names(client)
+        if not names:
+            raise UserError("no vqlog study in this MLflow store; run vqlog-sweep first")
+        if len(names) > 1:
+            raise UserError(f"several studies here ({', '.join(names)}); choose one with --study")
+        study = names[0]
+    parent = study_run(client, study)
+    try:
+        return _table_loop(args, client, study, parent)
+    except KeyboardInterrupt:
+        return 0  # --watch ends with Ctrl-C; what was written stays
+
+
+def _table_loop(args, client, study: str, parent: str | None) -> int:
+    from vqlog.files import write_text
+    from vqlog.tracking import table
+    from vqlog.tracking.runs import publish_table
+
+    last = None
+    while True:
+        rows = table.fetch_rows(client, study)
+        text = table.render_table(rows, lang=args.lang, title=study)
+        if text != last:
+            if args.out == "-":
+                print(text, flush=True)
+            else:
+                out = Path(args.out or f"results/{study}.md")
+                write_text(out, text, crash_point="table.write")
+                print(f"table: {out} ({len(rows)} trials)", flush=True)
+            if parent:
+                publish_table(client, parent, text)
+            last = text
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)

@@ -1,0 +1,130 @@
+"""`vqlog train`: train one configuration, print a summary, optionally save the weights."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+from vqlog.cli import add_data_args, add_debug, add_device_arg
+
+
+def train_command_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one configuration and print a summary")
+    p.add_argument("--config", help="YAML file of config keys (the log's names)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set lr=1e-3 --set BN=no")
+    add_data_args(p, "ppg")
+    add_device_arg(p)
+    p.add_argument("--save", metavar="PATH", help="write the trained weights and config here")
+    add_debug(p)
+    p.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from vqlog import checkpoint
+    from vqlog.config import Config, load_config_file, parse_overrides
+    from vqlog.data import prepare
+    from vqlog.errors import DivergedError, UserError
+    from vqlog.train import fit, resolve_device
+
+    values = load_config_file(args.config) if args.config is not None else {}
+    values.update(parse_overrides(args.set))
+    cfg = Config.from_mapping(values)
+    resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
+    if args.save:
+        check_writable(args.save)
+    data = prepare(args.data, cfg, sample_rate=args.sample_rate)
+    print(
+        f"data: {args.data}: {len(data.train)} train / {len(data.valid)} valid / "
+        f"{len(data.test)} test windows of {cfg.window} samples"
+        + (f" at {data.sample_rate:g} Hz" if data.sample_rate else "")
+    )
+    bar = Progress(cfg.iteration, "train")
+    try:
+        result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update)
+    except DivergedError as exc:
+        raise UserError(
+            f"training {exc}; lower lr (now {cfg.lr:g}) or keep grad_clip > 0 (now {cfg.grad_clip:g})"
+        ) from None
+    finally:
+        bar.close()
+    s = result.summary()
+    print(summary_text(cfg, s))
+    if args.save:
+        checkpoint.save(args.save, cfg, result.model)
+        print(f"saved: {args.save}")
+    return 0
+
+
+def summary_text(cfg, s: dict) -> str:
+    quantized = cfg.quantizer != "none"
+    lines = [
+        "",
+        f"  quantizer      {cfg.quantizer}  (embedding_num {cfg.embedding_num}, "
+        f"embedding_dim {cfg.embedding_dim}, downsample {cfg.downsample})",
+        f"  iterations     {int(s['iterations_run'])}",
+        f"  val MSE        final {s['final_val_mse']:.4f}  best {s['best_val_mse']:.4f}",
+    ]
+    if quantized:
+        lines += [
+            f"  perplexity     final {s['final_val_perplexity']:.1f}  max "
+            f"{s['max_val_perplexity']:.1f} @ {int(s['max_val_perplexity_step'])}",
+            f"  code usage     {100 * s['final_val_usage']:.1f}% of the codebook",
+        ]
+    osc = s["loss_oscillation"]
+    lines += [
+        "  oscillation    n/a (too few points)" if math.isnan(osc) else f"  oscillation    {osc:.3f}",
+        f"  time           {s['train_seconds']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def check_writable(path: str) -> None:
+    from pathlib import Path
+
+    from vqlog.errors import UserError
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--save {path} is a folder; give a file name such as {target / 'model.pt'}")
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UserError(f"cannot write {path}: {parent} {what}")
+
+
+class Progress:
+    """A tqdm bar on a terminal; a plain line per evaluation otherwise (logs, CI)."""
+
+    def __init__(self, total: int, desc: str):
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True)
+        self.start = time.perf_counter()
+
+    def update(self, step: int, stats: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+
+    def on_eval(self, record) -> None:
+        ppl = "" if math.isnan(record.val_perplexity) else (
+            f"  perplexity {record.val_perplexity:6.1f}  usage {100 * record.val_usage:5.1f}%"
+        )
+        line = (f"step {record.step:6d}  val mse {record.val_mse:.4f}{ppl}"
+                f"  ({time.perf_counter() - self.start:.0f} s)")
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        return None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

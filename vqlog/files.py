@@ -1,0 +1,61 @@
+"""Files that a reader never sees half-written: the experiment table and saved weights.
+
+`atomic_write` writes a temp file in the target's folder, syncs it and renames it over the target,
+so a reader (or a worker killed mid-write) sees the old file or the new one, never a piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from vqlog.failpoints import failpoint
+
+ORPHAN_AGE = 600  # seconds: a temp file this old was left by a killed writer, not a live one
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
+                 crash_point: str | None = None) -> None:
+    """Call `write(file)` on a temp file beside `path`, then rename it to `path`.
+
+    The file keeps the mode of the one it replaces (0644 for a new one; mkstemp's 0600 would hide
+    a table from other users). `crash_point` names the failpoint between the write and the
+    rename, for the crash-safety test."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if crash_point:
+            failpoint(crash_point)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str, crash_point: str | None = None) -> None:
+    """`text` as UTF-8 with \\n line ends, atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), crash_point)
+
+
+def remove_orphans(path: Path) -> None:
+    """Temp files of `path` left by a writer killed before its rename. Only old ones: a worker on
+    another host may be writing its own right now (the folder can be shared)."""
+    cutoff = time.time() - ORPHAN_AGE
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()

@@ -1,0 +1,379 @@
+"""The Optuna side of a study: its storage (URL checks, RDBStorage with heartbeats, riding out a
+database restart), the lock its workers share, opening the study, and failing dead workers' trials.
+
+Database outages, with public APIs only. A PostgreSQL restart breaks every open connection:
+- pooled connections are checked before use (SQLAlchemy's `pool_pre_ping`) and replaced;
+- a new connection to a server that is down waits for it (a `do_connect` listener on the engine)
+  instead of failing, for up to VQLOG_DB_OUTAGE_LIMIT seconds of outage;
+- a request in flight when the server went down fails; vqlog sends its own requests again
+  (`retrying`), and every one of them is safe to repeat: reads, upserts, and `study.tell(...,
+  skip_if_finished=True)`. A trial created twice by a commit whose reply was lost is RUNNING
+  with nobody's claim on it, and `fail_stale_trials` fails and retries it like a dead worker's.
+Past the limit a call raises StorageOutageError (exit 1; rerunning resumes the study).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import warnings
+import zlib
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import optuna
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import URL, make_url
+
+from vqlog.errors import StorageOutageError, UserError, find_cause, one_line
+from vqlog.urls import mask, with_psycopg2
+
+SCHEMES = ("sqlite", "postgresql")
+MAX_RETRY = 3  # a dead worker's trial is retried this many times
+TABLES_LOCK = "<tables>"  # the StudyLock name under which a worker creates Optuna's tables
+ENQUEUED = "vqlog.enqueued"  # study user attr: the spec's rows were enqueued
+CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
+T = TypeVar("T")
+log = logging.getLogger("vqlog")
+
+
+def heartbeat_interval() -> int:
+    """Seconds between two heartbeats of a running trial (VQLOG_HEARTBEAT_INTERVAL)."""
+    return int(os.environ.get("VQLOG_HEARTBEAT_INTERVAL", "5"))
+
+
+def grace_period() -> int:
+    """Seconds of silence after which a RUNNING trial belonged to a dead worker
+    (VQLOG_HEARTBEAT_GRACE)."""
+    return int(os.environ.get("VQLOG_HEARTBEAT_GRACE", "20"))
+
+
+def outage_limit() -> float:
+    """Seconds an opened PostgreSQL storage may stay unreachable (VQLOG_DB_OUTAGE_LIMIT)."""
+    return float(os.environ.get("VQLOG_DB_OUTAGE_LIMIT", "120"))
+
+
+# ------------------------------------------------------------------------------------ URLs
+
+
+def parse_url(url: str, what: str = "--storage") -> URL:
+    """An SQLAlchemy URL of a supported scheme, or a UserError that says what to give."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - SQLAlchemy raises several kinds
+        raise UserError(
+            f"{what} is not a database URL: {mask(url)} (e.g. sqlite:///optuna.db or "
+            "postgresql://user@host:5432/optuna)"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in SCHEMES:
+        raise UserError(
+            f"{what} scheme '{parsed.drivername}' is not supported; use sqlite:/// or postgresql://"
+        )
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise UserError(f"{what}: an in-memory SQLite database cannot be shared; give a file")
+        path = Path(parsed.database).expanduser()
+        folder = path.resolve().parent
+        if not folder.is_dir():
+            raise UserError(f"{what}: folder {folder} for the SQLite file does not exist")
+        if path.is_dir():
+            raise UserError(f"{what}: {path} is a folder; give a file in it, e.g. {path / 'optuna.db'}")
+        if path.is_file() and path.stat().st_size and not _is_sqlite(path):
+            raise UserError(f"{what}: {path} is not an SQLite database; give a new file name or "
+                            "an Optuna database")
+    return parsed
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def _engine_kwargs(url: URL) -> dict:
+    if url.get_backend_name() == "postgresql":
+        # pre-ping replaces connections a PostgreSQL restart broke; a short connect timeout makes
+        # an unreachable server an error, not a hang; TCP keepalives make a query on a connection
+        # whose server vanished without a word (a dropped network) fail in about a minute.
+        return {"pool_pre_ping": True, "connect_args": {
+            "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+            "keepalives_interval": 10, "keepalives_count": 3}}
+    return {"connect_args": {"timeout": 60}}  # SQLite: wait for a writer instead of 'locked'
+
+
+# --------------------------------------------------------------------------------- outages
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` means the connection failed (server down or restarting, session
+    terminated, network) rather than the request, so the request may be sent again.
+    OperationalError also covers deadlocks and serialization failures: rolled back, and as safe
+    to send again."""
+    err = find_cause(exc, sqlalchemy.exc.DBAPIError)
+    if err is not None:
+        return err.connection_invalidated or isinstance(err, sqlalchemy.exc.OperationalError)
+    try:  # raised by the driver itself, before SQLAlchemy could wrap it (connecting)
+        import psycopg2
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    return find_cause(exc, psycopg2.OperationalError) is not None
+
+
+class Outage:
+    """Since when one database has been unreachable, shared by everything that talks to it (the
+    storage, the heartbeat thread, the study lock): an outage is timed once and reported with
+    one line when it begins and one when it ends."""
+
+    _all: dict[str, Outage] = {}
+    _all_lock = threading.Lock()
+
+    def __init__(self, what: str):
+        self.what, self.since = what, None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, url: str | URL) -> Outage:
+        url = make_url(url)
+        what = url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+        with cls._all_lock:
+            return cls._all.setdefault(what, cls(what))
+
+    def seconds_down(self, exc: BaseException) -> float:
+        """Note a failed attempt; the seconds since the outage began (0 if it begins now)."""
+        with self._lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                log.warning("vqlog: lost the connection to the Optuna storage %s (%s); retrying "
+                            "for up to %g s (VQLOG_DB_OUTAGE_LIMIT)", self.what, _root(exc),
+                            outage_limit())
+            return time.monotonic() - self.since
+
+    def ended(self) -> None:
+        with self._lock:
+            if self.since is not None:
+                log.warning("vqlog: reconnected to the Optuna storage %s after %.1f s",
+                            self.what, time.monotonic() - self.since)
+                self.since = None
+
+    def retry(self, attempt: Callable[[], T], on_error: Callable[[], None] = lambda: None) -> T:
+        """`attempt()` until it gets through. After a connection error: `on_error()`, a pause
+        (0.25 s, doubling up to 4 s) and again, until the outage is older than the limit; then
+        StorageOutageError. Past the limit every call makes one attempt, so a worker that gives
+        up does not wait the limit once per call."""
+        delay, limit = 0.25, outage_limit()
+        while True:
+            try:
+                result = attempt()
+            except StorageOutageError:
+                raise
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                on_error()
+                down = self.seconds_down(exc)
+                if down >= limit:
+                    raise StorageOutageError(
+                        f"the Optuna storage {self.what} has been unreachable for {down:.0f} s, "
+                        f"longer than the outage limit of {limit:g} s (VQLOG_DB_OUTAGE_LIMIT). "
+                        "The study is safe in the database: once it is back, rerun the same "
+                        f"command. Last error: {_root(exc)}"
+                    ) from exc
+                time.sleep(min(delay, limit - down + 0.05))
+                delay = min(2 * delay, 4.0)
+                continue
+            self.ended()
+            return result
+
+    def wait_to_connect(self, engine: sqlalchemy.Engine) -> None:
+        """Make every new connection of `engine` wait for the server during an outage."""
+
+        def connect(dialect, _record, cargs, cparams):
+            return self.retry(lambda: dialect.connect(*cargs, **cparams))
+
+        sqlalchemy.event.listen(engine, "do_connect", connect)
+
+
+def _root(exc: BaseException) -> str:
+    err = find_cause(exc, sqlalchemy.exc.DBAPIError)
+    return one_line(getattr(err, "orig", None) or exc, 300)
+
+
+def retrying(storage: optuna.storages.BaseStorage, call: Callable[[], T]) -> T:
+    """`call()`, sent again after a connection error for as long as the database's outage is
+    shorter than the limit. Only for calls that are safe to repeat (see the module doc)."""
+    if not isinstance(storage, optuna.storages.RDBStorage) or storage.engine.name != "postgresql":
+        return call()
+    return Outage.of(storage.url).retry(call, on_error=storage.remove_session)
+
+
+# --------------------------------------------------------------------------------- storage
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The study's storage, with heartbeats. Opening does not wait: an unreachable or wrong
+    database is one UserError at once; once open, a PostgreSQL storage rides out outages."""
+    parsed = parse_url(url)
+    try:
+        # Workers started together on a new database would all create Optuna's tables at once
+        # and collide (optuna#820): one at a time, under the lock every worker shares.
+        with StudyLock(url, TABLES_LOCK, wait=False), warnings.catch_warnings():
+            # the heartbeat arguments and their callback are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+            storage = optuna.storages.RDBStorage(
+                with_psycopg2(parsed.render_as_string(hide_password=False)),
+                engine_kwargs=_engine_kwargs(parsed),
+                heartbeat_interval=heartbeat_interval(),
+                grace_period=grace_period(),
+                heartbeat_stale_trial_callback=retry,
+            )
+    except Exception as exc:  # noqa: BLE001 - connection, auth, missing database ...
+        raise UserError(f"cannot open the Optuna storage {mask(url)}: {_root(exc)}") from None
+    if parsed.get_backend_name() == "postgresql":
+        Outage.of(parsed).wait_to_connect(storage.engine)
+    return storage
+
+
+def check_directions(study: optuna.Study, spec) -> None:
+    have = [d.name.lower() for d in study.directions]
+    if have != spec.directions:
+        raise UserError(
+            f"study '{spec.name}' already exists with directions {have}, but this spec's objective "
+            f"'{spec.objective}' needs {spec.directions}; use another --study name"
+        )
+
+
+def open_study(spec, url: str, seed: int | None = None
+               ) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """The spec's study in the storage at `url`, created or loaded, with the spec's sampler and
+    pruner. The spec's rows are enqueued once per study, by whichever worker (or `vqlog init`)
+    comes first. The worker and `vqlog init` both open studies here."""
+    storage = open_storage(url)
+    with StudyLock(url, spec.name):
+        study = retrying(storage, lambda: optuna.create_study(
+            storage=storage, study_name=spec.name, directions=spec.directions,
+            sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True))
+        check_directions(study, spec)
+        if spec.enqueue and not retrying(storage, lambda: study.user_attrs.get(ENQUEUED)):
+            for row in spec.enqueue:
+                retrying(storage, lambda row=row: study.enqueue_trial(row, skip_if_exists=True))
+            retrying(storage, lambda: study.set_user_attr(ENQUEUED, True))
+    return study, storage
+
+
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Fail (and retry) the RUNNING trials of dead workers. Call it under the study lock.
+
+    Optuna's own check sees the trials whose heartbeat stopped. A worker killed between creating
+    its trial and its first heartbeat, or a trial created twice by a commit whose reply was lost,
+    leaves a RUNNING trial without one, which nothing would ever fail, and the exact trial target
+    would wait for it forever. A live worker claims its trial (user attr CLAIM) right after the
+    first beat, so a RUNNING trial without that claim, started longer than the grace period ago,
+    is failed and retried like a stale one.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    cutoff = datetime.now() - timedelta(seconds=grace_period())
+    running = retrying(storage, lambda: study.get_trials(deepcopy=False,
+                                                         states=(TrialState.RUNNING,)))
+    for trial in running:
+        if claimed(trial) or trial.datetime_start is None or trial.datetime_start >= cutoff:
+            continue
+        try:
+            retrying(storage, lambda: study.tell(trial.number, state=TrialState.FAIL))
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            continue  # it finished meanwhile ("Cannot tell a COMPLETE trial")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retrying(storage, lambda: retry(study, trial))
+
+
+def claimed(trial: FrozenTrial) -> bool:
+    """Whether a live worker has claimed this trial (a retry inherits its original's user attrs,
+    claim included, hence the number)."""
+    return trial.user_attrs.get(CLAIM) == trial.number
+
+
+# ------------------------------------------------------------------------------------ lock
+
+
+class StudyLock:
+    """A lock shared by every worker of one study: a PostgreSQL advisory lock, or a file lock
+    beside the SQLite file. Release when not held is a no-op.
+
+    The advisory lock lives in its own session. Taking it waits out an outage like the storage
+    does, unless `wait` is False (opening the storage). A restart ends the session and the server
+    frees the lock with it, so release() after an outage has nothing to undo and does not raise."""
+
+    def __init__(self, url: str, study: str, wait: bool = True):
+        self.url = parse_url(url)
+        self.key = zlib.crc32(f"vqlog:{study}".encode())  # advisory locks take a bigint key
+        self.wait = wait
+        self._held = False
+        self._conn = None
+        self._fh = None
+        if self.url.get_backend_name() == "postgresql":
+            self._engine = sqlalchemy.create_engine(
+                with_psycopg2(self.url.render_as_string(hide_password=False)),
+                poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(self.url))
+
+    def acquire(self) -> None:
+        if self._held:
+            return
+        if self.url.get_backend_name() == "postgresql":
+            self._conn = Outage.of(self.url).retry(self._lock_pg) if self.wait else self._lock_pg()
+        else:
+            import fcntl
+
+            self._fh = open(f"{Path(self.url.database).expanduser()}.lock", "a+")
+            fcntl.flock(self._fh, fcntl.LOCK_EX)
+        self._held = True
+
+    def _lock_pg(self) -> sqlalchemy.Connection:
+        conn = self._engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        return conn
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                # the session died (a server restart): the server freed the lock with it
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.close()  # closing the session frees the lock even if unlock failed
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,160 @@
+"""One trial on one worker: its heartbeat, and the objective that trains it.
+
+The objective is thin: suggest, fit, report for pruning, hand metrics to the tracker. It returns
+an `Outcome` and leaves telling Optuna to the worker, which asked for the trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from vqlog.data import DataCache
+from vqlog.errors import DivergedError, StorageOutageError, TrackingUnavailable, one_line
+from vqlog.failpoints import failpoint
+from vqlog.study.storage import heartbeat_interval, retrying
+from vqlog.train import fit
+
+log = logging.getLogger("vqlog")
+OUTAGES = (StorageOutageError, TrackingUnavailable)  # stop the sweep: rerun once it is back
+LOST_REASON = ("lost: another worker heard no heartbeat from this one within the grace period "
+               "and failed the trial; its retry runs later")
+
+
+@dataclass
+class Outcome:
+    """How a trial ended here, for the worker to tell Optuna."""
+
+    state: TrialState
+    values: list[float] | None = None  # COMPLETE: the objective's values
+    reason: str = ""  # FAIL: why
+    lost: bool = False  # another worker failed the trial as stale meanwhile: nothing to tell
+    fatal: BaseException | None = None  # an outage past its limit: the sweep stops after this
+    run: Any = None  # the trial's MLflow run (tracking.runs.TrialRun), if it is tracked
+
+
+class Heartbeat:
+    """Beats for one RUNNING trial every VQLOG_HEARTBEAT_INTERVAL seconds, from its own thread,
+    so that other workers know its worker is alive (Optuna's stale-trial check reads the beats).
+
+    Not Optuna's heartbeat thread: that one runs only inside `study.optimize`, which the worker
+    does not use (it asks for each trial under the study lock), and it stops for good, with a
+    traceback, at the first beat that fails. Here a beat that fails (a database restart) is
+    skipped, and the next one, an interval later, reconnects."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_until_stopped, daemon=True,
+                                        name=f"vqlog-heartbeat-{trial_id}")
+        self._warned = False
+
+    def __enter__(self) -> Heartbeat:
+        retrying(self.storage, lambda: self.storage.record_heartbeat(self.trial_id))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat_until_stopped(self) -> None:
+        interval = heartbeat_interval()
+        while not self._stop.wait(interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # noqa: BLE001 - never end the thread: beat again later
+                with contextlib.suppress(Exception):
+                    self.storage.remove_session()  # this thread's session, for a fresh connection
+                if not self._warned:  # outages say so themselves (storage.Outage)
+                    log.debug("vqlog: a heartbeat failed (%s); beating again in %s s",
+                              one_line(exc, 200), interval)
+                    self._warned = True
+
+
+class Objective:
+    """Runs one trial: suggest its Config, train it with `fit`, report every evaluation for
+    pruning, and log it to the tracker (if any)."""
+
+    def __init__(self, spec, cache: DataCache, tracker, device: str, seed: int | None,
+                 storage: optuna.storages.BaseStorage):
+        self.spec, self.cache, self.tracker = spec, cache, tracker
+        self.device, self.seed, self.storage = device, seed, storage
+
+    def __call__(self, trial: optuna.Trial) -> Outcome:
+        """An Outcome for every exception but KeyboardInterrupt, which leaves (the run marked
+        FAIL) once the trial's run is closed."""
+        run = None
+        try:
+            cfg = self._db(lambda: self.spec.suggest(trial, self.seed))
+            if self.tracker is not None:
+                run = self.tracker.start_trial(trial.number, cfg)
+            data = self.cache.get(cfg)
+            result = fit(cfg, data, on_eval=self._on_eval(trial, run), device=self.device)
+            summary = result.summary()
+            for key, value in summary.items():
+                self._db(lambda k=key, v=value: trial.set_user_attr(k, None if math.isnan(v) else v))
+            state = "PRUNED" if result.stopped_early else "COMPLETE"
+            if run is not None:
+                run.finish(state, summary, result=result, windows=data.valid[:4])
+            if result.stopped_early:
+                return Outcome(TrialState.PRUNED, run=run)
+            failpoint("trial.tell")  # MLflow has the result, Optuna not yet
+            values = [summary["final_val_mse"]]
+            if self.spec.objective == "pareto":
+                ppl = summary["max_val_perplexity"]
+                values.append(0.0 if math.isnan(ppl) else ppl)
+            return Outcome(TrialState.COMPLETE, values=values, run=run)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker failed this trial as stale (this worker's heartbeat missed the grace
+            # period: a long pause, an overloaded machine); its retry runs later.
+            if run is not None:
+                run.finish("FAIL", reason=LOST_REASON)
+            return Outcome(TrialState.FAIL, reason=LOST_REASON, lost=True, run=run)
+        except BaseException as exc:
+            reason = describe(exc)
+            fatal = exc if isinstance(exc, OUTAGES) else None
+            try:
+                if run is not None and not isinstance(exc, TrackingUnavailable):
+                    run.finish("FAIL", reason=reason)  # (with the tracking down it stays RUNNING
+                    # and the rerun's reconcile closes it)
+                if not isinstance(exc, StorageOutageError):
+                    self._db(lambda: trial.set_user_attr("fail_reason", reason))
+            except OUTAGES as outage:
+                fatal = fatal or outage
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return Outcome(TrialState.FAIL, reason=reason, fatal=fatal, run=run)
+
+    def _on_eval(self, trial: optuna.Trial, run):
+        multi = self.spec.objective == "pareto"
+
+        def on_eval(record) -> bool:
+            failpoint("trial.eval")
+            if run is not None:
+                run.log_eval(record)
+            if multi:  # Optuna prunes single-objective studies only
+                return False
+            self._db(lambda: trial.report(record.val_mse, record.step))
+            return self._db(trial.should_prune)
+
+        return on_eval
+
+    def _db(self, call):
+        return retrying(self.storage, call)
+
+
+def describe(exc: BaseException) -> str:
+    """The reason a trial failed, as its FAIL line and the run's `vqlog.fail_reason` say it."""
+    if isinstance(exc, DivergedError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return f"{type(exc).__name__}: {exc}"

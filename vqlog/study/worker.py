@@ -1,0 +1,241 @@
+"""One sweep worker: `Worker(spec, trials, storage_url, tracker).run()`.
+
+Every worker runs the same loop against the same storage; Optuna's RDB storage is the distributed
+engine, and vqlog adds only an exact trial target. `trials` counts finished trials (COMPLETE +
+PRUNED) across every worker: a worker counts and asks for its next trial under a storage-wide
+lock (a PostgreSQL advisory lock, or a file lock beside an SQLite file), so "count, then ask" is
+atomic and the study stops at exactly the target.
+
+The worker asks and tells itself (Optuna's ask-and-tell interface) instead of calling
+`study.optimize(n_trials=1)`: optimize asks inside, where the lock would have to be handed into
+the objective to be released once the trial exists, and its heartbeat (which runs only inside
+optimize) dies at the first failed beat. `trial.Heartbeat` beats instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from vqlog.config import Config
+from vqlog.data import DataCache
+from vqlog.errors import StorageOutageError, SweepError, TrackingUnavailable, find_cause
+from vqlog.study.progress import TrialProgress
+from vqlog.study.spec import SweepSpec
+from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study, retrying
+from vqlog.study.trial import LOST_REASON, OUTAGES, Heartbeat, Objective, Outcome, describe
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_FAILS_IN_A_ROW = 5  # a spec whose trials all fail stops instead of looping forever
+POLL_SECONDS = 2.0  # how often a worker re-checks while others finish the last trials
+
+
+@dataclass
+class SweepSummary:
+    study: str
+    finished: int
+    target: int
+    ran_here: int = 0
+    failed_here: int = 0
+    interrupted: bool = False
+    timed_out: bool = False
+    best: dict[str, Any] | None = None
+    table_path: str | None = None
+
+
+class Worker:
+    """Runs trials of one study until it has `trials` finished ones; `run()` says what happened
+    here. `tracker` (a `vqlog.tracking.runs.Tracker`, or None) logs every trial to MLflow."""
+
+    def __init__(self, spec: SweepSpec, trials: int, storage_url: str, tracker=None,
+                 device: str = "cpu", timeout: float | None = None, seed: int | None = None,
+                 out: Callable[[str], None] = print):
+        self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
+        self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
+        self.cache = DataCache(spec.source, spec.sample_rate)
+        self.summary = SweepSummary(study=spec.name, finished=0, target=trials)
+        self.fails_in_a_row = 0
+        self.last_fail_reason = ""
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self) -> SweepSummary:
+        self._open()
+        self.progress = TrialProgress(self.target, self.out)
+        started = time.monotonic()
+        try:
+            while (trial := self._next_trial(started)) is not None:
+                trial_id = self._db(lambda: self.storage.get_trial_id_from_study_id_trial_number(
+                    self.study_id, trial.number))
+                outcome = self._run(trial, trial_id)
+                self._record(trial_id, outcome)
+                if outcome.fatal is not None:
+                    raise outcome.fatal
+        except KeyboardInterrupt:
+            self.summary.interrupted = True
+        finally:
+            self.progress.close()
+        self.summary.finished = self._count()[0]
+        self.summary.best = best_trial_info(self.study, self.spec)
+        if self.tracker is not None:
+            self.summary.table_path = self.tracker.finish_study(self.study)
+        return self.summary
+
+    def _open(self) -> None:
+        """Everything that can be bad input first (the data, a deleted experiment), then the
+        study, then its MLflow experiment and study run."""
+        check_data(self.spec, self.cache, self.seed)
+        if self.tracker is not None:
+            self.tracker.check_experiment(self.spec.name)  # before the study exists
+        self.study, self.storage = open_study(self.spec, self.storage_url, self.seed)
+        self.study_id = self._db(lambda: self.storage.get_study_id_from_name(self.spec.name))
+        self.lock = StudyLock(self.storage_url, self.spec.name)
+        self.objective = Objective(self.spec, self.cache, self.tracker, self.device, self.seed,
+                                   self.storage)
+        with self.lock:
+            # Killed workers' trials first, so start_study's reconcile closes their runs now.
+            fail_stale_trials(self.study, self.storage)
+            if self.tracker is not None:
+                # Under the lock: two workers starting together would each create a study run.
+                self.tracker.start_study(self.study, self.spec)
+
+    def _next_trial(self, started: float) -> optuna.Trial | None:
+        """The next trial, asked for under the study lock while the finished and running trials
+        fall short of the target; None when the study is done or the time is up."""
+        while True:
+            with self.lock:
+                fail_stale_trials(self.study, self.storage)  # a dead worker's trial: FAIL + retry
+                finished, running = self._count()
+                self.progress.update(finished)
+                if finished >= self.target:
+                    return None
+                if self.timeout is not None and time.monotonic() - started > self.timeout:
+                    self.summary.timed_out = True
+                    return None
+                if self.fails_in_a_row >= MAX_FAILS_IN_A_ROW:
+                    raise SweepError(
+                        f"{self.fails_in_a_row} trials in a row failed here (last: "
+                        f"{self.last_fail_reason}); check the spec and data, then rerun")
+                if finished + running < self.target:
+                    return self._db(self._ask)
+            time.sleep(POLL_SECONDS)  # the others are running the last trials: wait for them
+
+    def _ask(self) -> optuna.Trial:
+        with warnings.catch_warnings():
+            # "Heartbeat of storage is supposed to be used with Study.optimize": without
+            # optimize's heartbeat thread nothing would beat for the trial; trial.Heartbeat does.
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            return self.study.ask()
+
+    def _run(self, trial: optuna.Trial, trial_id: int) -> Outcome:
+        """Beat, claim, run the objective, and tell Optuna how it ended."""
+        with Heartbeat(self.storage, trial_id):
+            self._claim(trial)
+            try:
+                outcome = self.objective(trial)
+            except KeyboardInterrupt:
+                self._tell(trial, Outcome(TrialState.FAIL, reason=describe(KeyboardInterrupt())))
+                raise
+            self._tell(trial, outcome)
+        return outcome
+
+    def _claim(self, trial: optuna.Trial) -> None:
+        """Mark the trial as run by a live worker (see storage.fail_stale_trials). A retry
+        inherits its original's user attrs: its failure reason is not this trial's."""
+        self._db(lambda: trial.set_user_attr(CLAIM, trial.number))
+        if "fail_reason" in trial.user_attrs:
+            self._db(lambda: trial.set_user_attr("fail_reason", None))
+
+    def _tell(self, trial: optuna.Trial, outcome: Outcome) -> None:
+        """Optuna's record of the outcome, sent again after a lost connection: skip_if_finished
+        makes a repeat of a tell that did commit harmless. Finding the trial failed when it ran
+        to the end here means another worker took this one for dead (`Outcome.lost`)."""
+        if outcome.lost or isinstance(outcome.fatal, StorageOutageError):
+            return  # failed already, or the database is gone (its trial goes stale, is retried)
+        frozen = self._db(lambda: self.study.tell(trial, outcome.values, state=outcome.state,
+                                                  skip_if_finished=True))
+        if frozen.state == TrialState.FAIL and outcome.state != TrialState.FAIL:
+            outcome.state, outcome.reason, outcome.lost = TrialState.FAIL, LOST_REASON, True
+            if outcome.run is not None:
+                outcome.run.finish("FAIL", reason=LOST_REASON)
+
+    def _record(self, trial_id: int, outcome: Outcome) -> None:
+        self.summary.ran_here += 1
+        failed = outcome.state == TrialState.FAIL
+        self.summary.failed_here += failed
+        if failed and not outcome.lost:
+            self.fails_in_a_row += 1
+            self.last_fail_reason = outcome.reason
+        elif not failed:
+            self.fails_in_a_row = 0
+        if isinstance(outcome.fatal, StorageOutageError):
+            return  # nothing can be read back now
+        frozen = self._db(lambda: self.storage.get_trial(trial_id))
+        self.progress.trial_line(self.study, frozen, outcome.reason if failed else "")
+        if self.tracker is not None and not isinstance(outcome.fatal, TrackingUnavailable):
+            self.summary.table_path = self.tracker.after_trial(self.study)
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _count(self) -> tuple[int, int]:
+        """(finished, running) trials of the study."""
+        trials = self._db(lambda: self.study.get_trials(deepcopy=False,
+                                                        states=(*FINISHED, TrialState.RUNNING)))
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        return len(trials) - running, running
+
+    def _db(self, call):
+        return retrying(self.storage, call)
+
+
+def check_data(spec: SweepSpec, cache: DataCache, seed: int | None) -> None:
+    """Load the data for the base config and every categorical window before any study exists."""
+    base = spec.base_config(seed)
+    cache.get(base)
+    for p in spec.space:
+        if p.name in DataCache.KEYS and p.kind == "categorical":
+            for choice in p.choices:
+                cache.get(Config.from_mapping({p.name: choice}, base=base))
+
+
+def best_trial_info(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | None:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return None
+    if spec.objective == "pareto":
+        best = min(study.best_trials, key=lambda t: t.values[0])
+    else:
+        best = min(done, key=lambda t: t.value)
+    return {
+        "number": best.number,
+        "values": best.values,
+        "params": best.params,
+        "perplexity": best.user_attrs.get("max_val_perplexity"),
+    }
+
+
+def outage_of(exc: BaseException) -> BaseException | None:
+    """The outage past its limit behind `exc`, if there is one: the sweep says that, and not
+    what some clean-up tripped on afterwards."""
+    return find_cause(exc, OUTAGES)
+
+
+def run(spec: SweepSpec, trials: int, storage_url: str, tracker=None, **options) -> SweepSummary:
+    """`Worker(...).run()`: one worker until the study has `trials` finished trials."""
+    worker = Worker(spec, trials, storage_url, tracker, **options)
+    try:
+        return worker.run()
+    except Exception as exc:
+        outage = outage_of(exc)
+        if outage is not None and outage is not exc:
+            raise outage from None
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            worker.storage.remove_session()

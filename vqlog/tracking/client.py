@@ -1,0 +1,254 @@
+"""The MLflow client vqlog uses: tracking URIs checked before anything is created, and calls that
+ride out a tracking outage.
+
+URIs: `check_tracking_uri` runs before any study or run exists, so a wrong one is one `Error:`
+line (exit 2) instead of minutes of MLflow retries after the Optuna study was created.
+
+Outages: a sweep runs for hours; an MLflow server restarted meanwhile (an upgrade, a crashed
+container, a network blip) must not cost a trial or a metric. Every call through `RetryingClient`
+retries a transient failure (connection refused or reset, timeout, HTTP 502/503/504, SQLite's
+"database is locked") with backoff, for as long as the outage is shorter than `OUTAGE_LIMIT`
+seconds, counted from the first failure of the outage. Past it, `TrackingUnavailable` ends the
+trial and the sweep (exit 1): the user restarts the server and reruns the same command.
+
+Metrics are not sent through a blocking retry: `TrialRun` buffers them and `try_call`s the send,
+so training goes on during an outage and the buffer is flushed once the server answers again.
+
+MLflow's own HTTP retries (7 with exponential backoff, minutes in all) would hide the outage
+from this clock, so `open_client` turns them off for http(s) URIs unless the user has set
+MLFLOW_HTTP_REQUEST_MAX_RETRIES.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from vqlog.errors import TrackingUnavailable, UserError, find_cause, one_line
+from vqlog.urls import absolute_sqlite, mask, password, sqlite_path, with_psycopg2
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+OUTAGE_LIMIT = float(os.environ.get("VQLOG_TRACKING_OUTAGE_LIMIT", "120"))
+BACKOFF_MAX = 5.0  # seconds between two attempts, at most
+REQUEST_TIMEOUT = "30"  # seconds per HTTP request (MLflow's default is 120)
+TRANSIENT_TEXT = (
+    "failed with exception",  # rest_utils: the request itself failed (refused, reset, DNS)
+    "Max retries exceeded",
+    "Connection refused",
+    "Connection aborted",
+    "timed out",
+    "database is locked",  # SQLite store: another process holds the write lock past its timeout
+    "Bad Gateway",
+    "Service Unavailable",
+    "Gateway Timeout",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that a later attempt may not see: the server or the store is briefly away.
+    A refused request (bad parameter, unknown run, 401) is not: it would fail again."""
+    try:
+        import requests
+
+        network = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        network = ()
+    if find_cause(exc, (ConnectionError, TimeoutError, *network)) is not None:
+        return True  # MlflowException <- requests <- urllib3
+    status = getattr(exc, "get_http_status_code", lambda: None)()
+    if status in (502, 503, 504):
+        return True
+    text = str(exc)
+    return any(t in text for t in TRANSIENT_TEXT)
+
+
+class RetryingClient:
+    """Wraps an MlflowClient; `client.any_method(...)` retries transient failures (see module doc)."""
+
+    def __init__(self, client, describe: str, limit: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self._client = client
+        self.describe = describe  # the masked URI, for messages
+        self.limit = OUTAGE_LIMIT if limit is None else limit
+        self._sleep = sleep
+        self.down_since: float | None = None  # monotonic time of the outage's first failure
+        self.outages = 0  # outages ridden out, for the sweep's closing line
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._client.tracking_uri
+
+    def __getattr__(self, name: str) -> Any:
+        if not callable(getattr(self._client, name)):
+            return getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            return self.call(name, *args, **kwargs)
+
+        return call
+
+    def call(self, method: str, *args, **kwargs):
+        """`client.method(*args, **kwargs)`, retried until it succeeds or the outage passes the
+        limit."""
+        delay = 0.5
+        while True:
+            ok, value = self.try_call(method, *args, **kwargs)
+            if ok:
+                return value
+            self._sleep(delay)
+            delay = min(2 * delay, BACKOFF_MAX)
+
+    def try_call(self, method: str, *args, **kwargs) -> tuple[bool, Any]:
+        """One attempt: (True, result), or (False, None) on a transient failure within the limit.
+        Raises TrackingUnavailable past the limit and any non-transient error as it is."""
+        try:
+            value = getattr(self._client, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            if not is_transient(exc):
+                raise
+            now = time.monotonic()
+            if self.down_since is None:
+                self.down_since = now
+                self.outages += 1
+            if now - self.down_since > self.limit:
+                raise TrackingUnavailable(
+                    f"MLflow tracking at {self.describe} has been unreachable for "
+                    f"{now - self.down_since:.0f} s, longer than the limit of {self.limit:.0f} s "
+                    f"(VQLOG_TRACKING_OUTAGE_LIMIT); last error: {one_line(exc, 200)}"
+                ) from None
+            return False, None
+        self.down_since = None
+        return True, value
+
+
+def quiet_http_retries(uri: str) -> None:
+    """One attempt per MLflow HTTP request; RetryingClient does the retrying on its own clock."""
+    if uri.split(":", 1)[0].lower() in ("http", "https"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT)
+
+
+def open_client(uri: str) -> RetryingClient:
+    """A RetryingClient on a URI that `store_uri` or `existing_store` returned."""
+    from mlflow.tracking import MlflowClient
+
+    quiet_http_retries(uri)
+    return RetryingClient(MlflowClient(tracking_uri=uri), mask(uri))
+
+
+def store_uri(uri: str | None) -> str:
+    """The tracking URI to hand MLflow: checked (UserError if it cannot work), SQLite paths made
+    absolute, a bare postgresql:// given the psycopg2 driver. None is the embedded default."""
+    uri = absolute_sqlite(uri or DEFAULT_TRACKING_URI)
+    check_tracking_uri(uri)
+    return with_psycopg2(uri)
+
+
+def existing_store(uri: str | None) -> str:
+    """`store_uri` for commands that only read: an SQLite file that does not exist is an error
+    (MLflow would silently create an empty store there)."""
+    given = uri or DEFAULT_TRACKING_URI
+    checked = store_uri(given)
+    path = sqlite_path(checked)
+    if path is not None and not path.is_file():
+        raise UserError(f"no MLflow store at {given}; run vqlog-sweep first or pass --tracking-uri")
+    return checked
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail before the first trial when the tracking URI cannot work (exit 2, password masked)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        try:
+            health = _health_request(uri)
+            with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - user's server
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 401:  # basic-auth servers guard /health too; the server is up
+                raise UserError(f"MLflow server {mask(uri)} answered HTTP {exc.code} on /health") from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            reason = one_line(getattr(exc, "reason", None) or exc, 200)
+            secret = password(uri)
+            if secret and not isinstance(exc, OSError):
+                # urllib's message on a malformed URI can quote a piece of the password
+                # ("nonnumeric port: 'pa'" for user:pa/ss@host): say what is wrong instead.
+                reason = "malformed URL; percent-encode / ? # @ : in the user name and password"
+            elif secret:
+                reason = reason.replace(secret, "***")
+            raise UserError(
+                f"cannot reach the MLflow server {mask(uri)} ({reason}); start it or pass "
+                "another --tracking-uri"
+            ) from None
+    elif scheme == "sqlite":
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not path:
+            raise UserError(f"--tracking-uri {uri} needs a file, e.g. sqlite:///mlflow.db")
+        folder = Path(path).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise UserError(f"--tracking-uri: folder {folder} for the SQLite file does not exist")
+        if Path(path.split("?", 1)[0]).expanduser().exists():  # a new file is created later
+            _check_database(uri)
+    elif scheme in DB_SCHEMES:
+        _check_database(uri)
+    else:
+        raise UserError(
+            f"--tracking-uri must be sqlite:///FILE, a database URL or http(s)://HOST:PORT; "
+            f"got {mask(uri)}"
+        )
+
+
+def _check_database(uri: str) -> None:
+    """Connect once before any study exists: a missing database or a file that is not one is
+    bad input (MLflow would retry for minutes, then fail after the Optuna study was created)."""
+    import sqlalchemy
+
+    engine = None
+    try:
+        postgres = uri.startswith("postgresql")
+        engine = sqlalchemy.create_engine(
+            with_psycopg2(uri), poolclass=sqlalchemy.pool.NullPool,
+            connect_args={"connect_timeout": 10} if postgres else {},
+        )
+        with engine.connect() as conn:
+            if uri.startswith("sqlite"):
+                conn.execute(sqlalchemy.text("SELECT count(*) FROM sqlite_master"))
+    except Exception as exc:  # noqa: BLE001 - driver, auth, missing database, not a database
+        reason = one_line(getattr(exc, "orig", None) or exc, 200)
+        secret = password(uri)
+        if secret:
+            reason = reason.replace(secret, "***")
+        raise UserError(
+            f"cannot open the MLflow store {mask(uri)}: {reason}; create it or pass another "
+            "--tracking-uri"
+        ) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _health_request(uri: str):
+    """GET <uri>/health. Credentials in the URI (http://user:password@host) go in a Basic auth
+    header, as MLflow's client (requests) sends them; urllib would take `user:password@host` for
+    the host name and fail with 'Name or service not known'."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    path = parts.path.rstrip("/") + "/health"
+    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, host, path, "", "")))
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        secret = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request

@@ -1,0 +1,68 @@
+"""Database and server URLs as users give them: masking secrets, the PostgreSQL driver, and
+SQLite paths. Used by both the study (Optuna storage) and the tracking (MLflow) wings.
+
+Never print a URL except through `mask`, and never print a library's message that may quote one
+except through `mask_urls`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_USERINFO_SECRET = re.compile(r"(\w[\w+.-]*://[^/@:\s]*):[^/@\s]*@")
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not parseable: strip what sits between :// and @
+        head, sep, rest = url.partition("://")
+        if sep and "@" in rest:
+            return f"{head}://***@{rest.split('@', 1)[1]}"
+        return url
+
+
+def mask_urls(text: str) -> str:
+    """Every `scheme://user:secret@` in free text (a library's error message) with *** for the
+    secret."""
+    return _USERINFO_SECRET.sub(r"\1:***@", text)
+
+
+def password(url: str) -> str:
+    """The password part of `scheme://user:password@host`, or ""."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    return userinfo.partition(":")[2]
+
+
+def with_psycopg2(url: str) -> str:
+    """A bare `postgresql://` URL with psycopg2 as its driver. SQLAlchemy 2.1 made psycopg (3) the
+    default driver of a bare `postgresql://`, but vqlog ships psycopg2-binary: without this, every
+    PostgreSQL URL failed with "Failed to import DB access module". An explicit
+    `postgresql+driver://` is kept."""
+    prefix = "postgresql://"
+    return "postgresql+psycopg2://" + url[len(prefix):] if url.startswith(prefix) else url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///FILE` URL (query string dropped), or None for other URLs."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path).expanduser() if path else None
+
+
+def absolute_sqlite(url: str) -> str:
+    """`sqlite:///mlflow.db` -> `sqlite:////abs/folder/mlflow.db`, resolved against the working
+    directory now. MLflow caches its store by the URI's text, so a process that changes folder
+    would keep writing a relative URI's runs to the first folder's database while their artifacts
+    (located from the current folder) went to the new one."""
+    if not url.startswith("sqlite:///"):
+        return url
+    path, sep, query = url[len("sqlite:///"):].partition("?")
+    if not path or path == ":memory:" or path.startswith("/"):
+        return url
+    return f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
