@@ -199,3 +199,12 @@ def test_sweeps_mount_exists(services):
         hosts = [v.split(":")[0] for v in services[name]["volumes"] if v.startswith("./")]
         for h in hosts:
             assert (ROOT / h).exists(), f"{name}: {h} is missing"
+
+
+def test_workers_stop_cleanly_on_docker_compose_stop(services):
+    """`docker compose stop` sends SIGTERM, then SIGKILL after the grace period: the workers run
+    under an init that passes SIGTERM on, with time to checkpoint (vqlog exits 143 itself)."""
+    sweep = services["sweep"]
+    assert sweep.get("init") is True
+    grace = re.fullmatch(r"(\d+)s", str(sweep.get("stop_grace_period", "")))
+    assert grace and int(grace.group(1)) >= 30, sweep.get("stop_grace_period")

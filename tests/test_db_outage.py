@@ -69,6 +69,7 @@ def test_storage_calls_heartbeat_and_lock_ride_out_a_restart(pg, db, monkeypatch
     import optuna
 
     from vqlog.study import storage as storage_mod
+    from vqlog.study.outage import retrying
     from vqlog.study.trial import Heartbeat
 
     monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
@@ -85,9 +86,9 @@ def test_storage_calls_heartbeat_and_lock_ride_out_a_restart(pg, db, monkeypatch
         step = 0
         while not stop.is_set():
             try:
-                storage_mod.retrying(storage, lambda: trial.report(float(step), step))
-                storage_mod.retrying(storage, lambda: trial.set_user_attr("step", step))
-                got = storage_mod.retrying(storage, lambda: study.get_trials(deepcopy=False))
+                retrying(storage, lambda: trial.report(float(step), step))
+                retrying(storage, lambda: trial.set_user_attr("step", step))
+                got = retrying(storage, lambda: study.get_trials(deepcopy=False))
                 assert len(got) == 1
             except BaseException as exc:  # noqa: BLE001 - reported by the test thread
                 errors.append(exc)
@@ -171,6 +172,7 @@ def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
     from optuna.trial import TrialState
 
     from vqlog.study import storage as storage_mod
+    from vqlog.study.outage import retrying
 
     monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
     storage = storage_mod.open_storage(db)
@@ -180,11 +182,11 @@ def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
     study.enqueue_trial({"x": 2.0})
 
     lose.next()
-    first = storage_mod.retrying(storage, study.ask)  # WAITING -> RUNNING, reply lost: again
+    first = retrying(storage, study.ask)  # WAITING -> RUNNING, reply lost: again
     assert first.suggest_float("x", 0.0, 3.0) == 2.0  # the second queued trial
-    storage_mod.retrying(storage, lambda: first.set_user_attr(storage_mod.CLAIM, first.number))
+    retrying(storage, lambda: first.set_user_attr(storage_mod.CLAIM, first.number))
     lose.next()
-    frozen = storage_mod.retrying(storage, lambda: study.tell(first, 0.5, skip_if_finished=True))
+    frozen = retrying(storage, lambda: study.tell(first, 0.5, skip_if_finished=True))
     assert frozen.state == TrialState.COMPLETE and frozen.value == 0.5
     assert len(lose.tables) == 2 and all("trials" in t for t in lose.tables), lose.tables
 
@@ -207,6 +209,7 @@ def test_an_outage_past_the_limit_is_one_clear_error(pg, db, monkeypatch):
 
     from vqlog.errors import StorageOutageError, VqlogError
     from vqlog.study import storage as storage_mod
+    from vqlog.study.outage import retrying
 
     monkeypatch.setenv("VQLOG_DB_OUTAGE_LIMIT", "2")
     storage = storage_mod.open_storage(db.replace("postgres@", "postgres:s3cret@"))
@@ -215,7 +218,7 @@ def test_an_outage_past_the_limit_is_one_clear_error(pg, db, monkeypatch):
     try:
         started = time.monotonic()
         with pytest.raises(StorageOutageError) as caught:
-            storage_mod.retrying(storage, lambda: study.get_trials(deepcopy=False))
+            retrying(storage, lambda: study.get_trials(deepcopy=False))
         assert 2.0 <= time.monotonic() - started < 10
         assert isinstance(caught.value, VqlogError)
         message = str(caught.value)

@@ -242,31 +242,62 @@ def test_sigkill_mid_trial_then_rerun_finishes_exactly_the_target(tmp_path, mlfl
     assert "heartbeat stopped" in lost.data.tags["vqlog.fail_reason"]
 
 
-@pytest.mark.slow
-def test_ctrl_c_fails_the_running_trial_and_keeps_the_finished(tmp_path, mlflow_store):
-    spec = slow_spec(tmp_path, "interrupted")
+def _second_trial_mid_training(tmp_path, mlflow_store, name):
+    """A worker on a 400-iteration spec, once its second trial is RUNNING (with its run)."""
+    spec = write_spec(tmp_path, name, budget={"iteration": 400, "eval_every": 50}, pruner="none")
     storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     worker = Worker(["--trials", "4", "--config", str(spec), "--storage", storage,
                      "--tracking-uri", uri], tmp_path, env=FAST_HEARTBEAT)
-    try:
-        def second_trial_running():
-            t = running_trial(storage, "interrupted", uri)
-            return t if t is not None and t.number >= 1 else None
 
+    def second_trial_running():
+        t = running_trial(storage, name, uri)
+        return t if t is not None and t.number >= 1 else None
+
+    try:
         victim = wait_until(second_trial_running, 120, "a second trial RUNNING", alive=[worker])
+    except BaseException:
+        worker.kill()
+        raise
+    return worker, victim, storage, uri
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_queues_the_running_trial_again(tmp_path, mlflow_store):
+    """Ctrl-C (SIGINT): the running trial is checkpointed, marked FAIL with its reason and
+    queued again; everything finished is kept; exit 130."""
+    worker, victim, storage, uri = _second_trial_mid_training(tmp_path, mlflow_store, "interrupted")
+    try:
         worker.signal(signal.SIGINT)
         assert worker.wait(60) == 130, worker.output()
     finally:
         worker.kill()
     trials = study_trials(storage, "interrupted")
     assert trials[victim.number].state.name == "FAIL"
-    assert trials[victim.number].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert trials[victim.number].user_attrs["fail_reason"] == "stopped (SIGINT); resumes on rerun"
     assert all(t.state.name == "COMPLETE" for t in trials[:victim.number])
-    assert len(trials) == victim.number + 1  # no trial after Ctrl-C
+    (retry,) = trials[victim.number + 1:]  # no new trial, only the queued retry
+    assert retry.state.name == "WAITING" and retried_from(retry) == victim.number
     assert "RUNNING" not in states(trials)
-    assert "Interrupted: the running trial was marked FAIL" in worker.stdout
+    assert "Stopped (SIGINT): the running trial was checkpointed at iteration" in worker.stdout
     runs = {int(r.data.tags["optuna.trial_number"]): r for r in mlflow_runs(uri, "interrupted")}
     assert runs[victim.number].info.status == "FAILED"
+    assert "RUNNING" not in {r.info.status for r in runs.values()}
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
+    """Ctrl-C twice: no waiting for a checkpoint; the running trial is marked FAIL, exit 130."""
+    worker, victim, storage, uri = _second_trial_mid_training(tmp_path, mlflow_store, "twice")
+    try:
+        worker.signal(signal.SIGINT)
+        worker.signal(signal.SIGINT)
+        assert worker.wait(60) == 130, worker.output()
+    finally:
+        worker.kill()
+    trials = study_trials(storage, "twice")
+    assert trials[victim.number].state.name == "FAIL"
+    assert "RUNNING" not in states(trials)
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in mlflow_runs(uri, "twice")}
     assert "RUNNING" not in {r.info.status for r in runs.values()}
 
 

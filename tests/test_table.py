@@ -283,3 +283,23 @@ def test_regenerate_writes_the_table_from_mlflow(populated_store, tmp_path):
 def test_unknown_study_is_a_user_error_naming_it(populated_store):
     with pytest.raises(UserError, match="no MLflow experiment named 'nope' at sqlite:///"):
         fetch_rows(populated_store, "nope")
+
+
+def test_a_trial_and_its_retries_are_one_row_the_latest_finished():
+    """Seq1 stopped, its retry Seq3 stopped again, Seq5 resumed and completed: one row, Seq5's,
+    saying where it resumed; a retry still running leaves the last finished one shown."""
+    import dataclasses
+
+    done = {"final_val_mse": 0.05, "best_val_mse": 0.04}
+    rows = [row(0, "FAIL", "stopped (SIGTERM); resumes on rerun"),
+            row(1, metrics=done),
+            dataclasses.replace(row(2, "FAIL", "stopped (SIGTERM); resumes on rerun"), retry_of=0,
+                                resumed_at=400),
+            dataclasses.replace(row(4, metrics=done), retry_of=0, resumed_at=900)]
+    cells = body_rows(render_table(rows))
+    assert [c[0] for c in cells] == ["Seq2 ★", "Seq5"]
+    assert cells[1][9] == "resumed @ 900; 0.05 (best 0.04)"
+    running = [*rows[:3], dataclasses.replace(row(4, "RUNNING"), retry_of=0)]
+    assert [c[0] for c in body_rows(render_table(running))] == ["Seq2 ★", "Seq3"]
+    zh = body_rows(render_table(rows, lang="zh"))
+    assert zh[1][9].startswith("从900轮继续；")

@@ -366,8 +366,12 @@ def test_killed_worker_run_is_reconciled_on_rerun(server, tmp_path):
     assert len(done) == 1  # the retry of the killed trial
     (retry_run,) = trial_runs(runs)[done[0].number]
     assert retry_run.info.status == STATUS[done[0].state.name]
+    assert retry_run.data.tags["vqlog.retry_of"] == str(number)
+    # The killed trial and its retry are one row, the retry's (resumed from its checkpoint).
     table = (tmp_path / "results" / "killed.md").read_text()
-    assert f"| Seq{number + 1} |" in table and "failed: worker lost" in table
+    rows = [line for line in table.splitlines() if line.startswith("| Seq")]
+    assert len(rows) == 1 and rows[0].startswith(f"| Seq{done[0].number + 1} ★ |"), table
+    assert f"resumed @ {retry_run.data.tags['vqlog.resumed_at']}; " in rows[0]
 
 
 # --------------------------------------------------------------- 4. an unreachable server

@@ -44,12 +44,17 @@ def test_evaluates_every_eval_every_steps_and_at_the_end(data, tiny):
 
 
 def test_train_point_averages_the_steps_since_the_last_one(data, tiny):
+    """log_every changes what is logged, not the training: its points are the means of the
+    per-step points of log_every=1, and progress sees every step, with a point at logged ones."""
+    every_step = fit(tiny(iteration=6, log_every=1), data).train_points
     seen = []
-    result = fit(tiny(iteration=6, log_every=4), data, progress=lambda s, st: seen.append(st["loss"]))
-    assert len(seen) == 6
+    result = fit(tiny(iteration=6, log_every=4), data, progress=lambda s, p: seen.append((s, p)))
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert [p.step for s, p in seen if p is not None] == [4, 6]
     assert [p.step for p in result.train_points] == [4, 6]
-    assert result.train_points[0].loss == pytest.approx(np.mean(seen[:4]))
-    assert result.train_points[1].loss == pytest.approx(np.mean(seen[4:]))
+    for point, steps in zip(result.train_points, (every_step[:4], every_step[4:])):
+        for key in ("loss", "mse", "commitment", "perplexity"):
+            assert getattr(point, key) == pytest.approx(np.mean([getattr(p, key) for p in steps]))
 
 
 def run_curves(cfg, data):

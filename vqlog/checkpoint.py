@@ -1,57 +1,168 @@
-"""Trained weights on disk: `vqlog train --save model.pt` writes them, `load` reads them back.
+"""Weights and training states on disk, all loaded with `torch.load(weights_only=True)`: plain dicts
+of tensors and built-in values, so a file from elsewhere cannot run code when it is opened.
 
-A checkpoint is a plain dict of tensors and built-in values ({"config": the log's keys,
-"state_dict": the model's weights}), so it loads with `torch.load(weights_only=True)`: a file
-from elsewhere cannot run code on this machine when it is opened.
+A model file ({"config": the log's keys, "state_dict": the weights}) is what `vqlog train --save`,
+`vqlog export` and every COMPLETE trial's `model/model.pt` artifact hold:
 
     from vqlog.checkpoint import load
     cfg, model = load("model.pt")          # model in eval mode, on the CPU
     out = model(windows)                   # windows: (B, window) float32; out.recon, out.quant
+    tokens = out.quant.indices             # (B, T) code indices
+
+A training state (`training_state`) holds everything that decides the rest of a run: the model,
+the optimizer, the schedule, the quantizer's buffers (EMA statistics, the k-means flag), every
+RNG (torch's, CUDA's, the batch sampler's), the step, and the curves so far. A running trial
+keeps its latest one as an MLflow artifact; a retry continues from it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import IO
 
 from vqlog.config import Config
 from vqlog.errors import UserError, one_line
 from vqlog.files import atomic_write
 
+STATE_FORMAT = "vqlog.training-state/1"
+
 
 def save(path: str | os.PathLike, cfg: Config, model) -> None:
-    """Write atomically: a temp file beside `path`, then a rename (never a half-written file)."""
+    """A model file, written atomically (a temp file beside `path`, then a rename)."""
     import torch
 
     state = {"config": cfg.to_params(), "state_dict": model.state_dict()}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load(path: str | os.PathLike, device: str = "cpu"):
-    """(Config, VQVAE in eval mode) from a checkpoint `save` wrote. UserError names the file when
-    it is missing, not a vqlog checkpoint, or holds objects a weights-only load refuses."""
+def _torch_load(path: Path, device: str, what: str):
     import pickle
 
     import torch
 
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        why = "it holds objects a weights-only load refuses" if "eights only" in str(exc) \
+            else one_line(exc, 120)
+        raise UserError(f"{path} is not a vqlog {what} that loads safely ({why})") from None
+
+
+def load(path: str | os.PathLike, device: str = "cpu"):
+    """(Config, VQVAE in eval mode) from a model file. UserError names the file when it is
+    missing, not a vqlog model, or holds objects a weights-only load refuses."""
     from vqlog.model.vqvae import VQVAE
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = one_line(exc, 160)
-        raise UserError(
-            f"{path} is not a vqlog checkpoint that loads safely (weights only): {first}"
-        ) from None
+    ckpt = _torch_load(path, device, "checkpoint")
     if not isinstance(ckpt, dict) or set(ckpt) != {"config", "state_dict"}:
         raise UserError(f"{path} is not a vqlog checkpoint (expected keys config and state_dict)")
-    cfg = Config.from_mapping(ckpt["config"])
+    try:
+        cfg = Config.from_mapping(ckpt["config"])
+    except UserError as exc:
+        raise UserError(f"{path} is not a vqlog checkpoint: {exc}") from None
     model = VQVAE(cfg).to(device)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit its config: {str(exc).splitlines()[0]}") from None
     return cfg, model.eval()
+
+
+# ---------------------------------------------------------------------------- training states
+
+
+def training_state(run, step: int, seconds: float) -> dict:
+    """The state of `train.TrainingRun` `run` after `step` steps and `seconds` of training."""
+    import torch
+
+    cuda = run.dev.type == "cuda"
+    result = run.result
+    return {
+        "format": STATE_FORMAT,
+        "config": run.cfg.to_params(),
+        "step": step,
+        "seconds": seconds,
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "sampler": run.gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+        "sums": run.sums.cpu(),
+        "bad_step": int(run.bad_step),
+        "evals": [_eval_dict(e) for e in result.evals],
+        "train_points": [_point_list(p) for p in result.train_points],
+        "pending": [_point_list(p) for p in run.pending],
+    }
+
+
+def restore_training_state(run, state: dict) -> int:
+    """Put `state` into a freshly built `train.TrainingRun` of the same config; returns its step."""
+    import torch
+
+    if state.get("format") != STATE_FORMAT:
+        raise UserError(f"not a vqlog training state (format {state.get('format')!r})")
+    if Config.from_mapping(state["config"]) != run.cfg:
+        raise UserError("the training state was saved for another configuration")
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    run.gen.set_state(state["rng"]["sampler"].cpu())
+    if run.dev.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    run.sums.copy_(state["sums"])
+    run.bad_step.fill_(state["bad_step"])
+    result = run.result
+    result.train_points = [_point(p) for p in state["train_points"]]
+    result.evals = history(state)
+    run.pending = [_point(p) for p in state["pending"]]
+    result.iterations_run = result.resumed_at = state["step"]
+    return state["step"]
+
+
+def history(state: dict) -> list:
+    """The evaluations of a training state (`train.EvalRecord`s, with their train points)."""
+    from vqlog.train import EvalRecord
+
+    return [EvalRecord(**{**e, "train_points": tuple(map(_point, e["train_points"]))})
+            for e in state["evals"]]
+
+
+def write_state(file: str | os.PathLike | IO[bytes], state: dict) -> None:
+    """A training state to a path (atomically) or an open binary file."""
+    import torch
+
+    if isinstance(file, (str, os.PathLike)):
+        atomic_write(file, lambda f: torch.save(state, f))
+    else:
+        torch.save(state, file)
+
+
+def read_state(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """A training state `write_state` wrote; UserError if the file is anything else."""
+    path = Path(path)
+    state = _torch_load(path, device, "training state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path} is not a vqlog training state")
+    return state
+
+
+def _point(values: list):
+    from vqlog.train import TrainPoint
+
+    return TrainPoint(*values)
+
+
+def _point_list(p) -> list:
+    return [p.step, p.loss, p.mse, p.commitment, p.perplexity]
+
+
+def _eval_dict(e) -> dict:
+    return {"step": e.step, "val_mse": e.val_mse, "val_perplexity": e.val_perplexity,
+            "val_usage": e.val_usage, "val_dead_codes": e.val_dead_codes,
+            "train_points": [_point_list(p) for p in e.train_points]}
+

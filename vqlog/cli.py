@@ -1,4 +1,4 @@
-"""Command line: `vqlog train|sweep|table|ui|init` and `vqlog-sweep`.
+"""Command line: `vqlog train|sweep|table|ui|init|export|encode` and `vqlog-sweep`.
 
 Each subcommand is a `<name>_command_parser(subparsers)` + `<name>_command(args)` pair in its own
 module under `vqlog/commands/`. The library raises narrow exceptions; `run` turns a `UserError`
@@ -56,13 +56,30 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
                    help="MLflow tracking URI (default sqlite:///mlflow.db; http://host:5000 for a server)")
 
 
+def check_out_file(out: str, flag: str, example: str):
+    """The Path of an output file whose folder exists: checked before any work, so that bad
+    input writes nothing. `example` is a file name to suggest for a folder."""
+    from pathlib import Path
+
+    from vqlog.errors import UserError
+
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"{flag} {out} is a folder; give a file name such as {path / example}")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UserError(f"cannot write {out}: {parent} {what}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from vqlog.commands import init, sweep, table, train, ui
+    from vqlog.commands import encode, export, init, sweep, table, train, ui
 
     parser = Parser(prog="vqlog", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for module in (train, sweep, table, ui, init):
+    for module in (train, sweep, table, ui, init, export, encode):
         getattr(module, f"{module.__name__.rsplit('.', 1)[1]}_command_parser")(sub)
     return parser
 
@@ -82,6 +99,7 @@ def configure_process() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):  # in case it already was
         logging.getLogger(name).setLevel(logging.WARNING)
 

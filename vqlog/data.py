@@ -81,14 +81,12 @@ def make_splits(recordings: list[Recording], *, window: int, stride: int,
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     per_rec, dropped = [], []
     for rec in recordings:
-        check_signal(rec)
-        x, rate = (rec.signal, rec.sample_rate) if resample_hz is None \
-            else resample(rec.signal, rec.sample_rate, resample_hz)
+        x, rate = _at_rate(rec, resample_hz)
         blocks, counts, floor = {}, {}, STD_FLOOR * x.std()
         for split, (a, b) in zip(SPLITS, split_bounds(x.size, fractions)):
             w = _windows(x[a:b], window, stride)  # (n, window)
             if standardize == "window":
-                w = (w - w.mean(1, keepdims=True)) / np.maximum(w.std(1, keepdims=True), floor)
+                w = _zscore(w, floor)
             parts[split].append(w)
             blocks[split], counts[split] = b - a, len(w)
             if not len(w):
@@ -113,6 +111,18 @@ def make_splits(recordings: list[Recording], *, window: int, stride: int,
         out = {s: (w - mean) / std for s, w in out.items()}
         info.update(mean=mean, std=std)
     return Splits(*(out[s].astype(np.float32) for s in SPLITS), sample_rate=common, info=info)
+
+
+def _at_rate(rec: Recording, resample_hz: float | None) -> tuple[np.ndarray, float]:
+    check_signal(rec)
+    if resample_hz is None:
+        return rec.signal, rec.sample_rate
+    return resample(rec.signal, rec.sample_rate, resample_hz)
+
+
+def _zscore(w: np.ndarray, floor: float) -> np.ndarray:
+    """Each window (row) to mean 0, std 1; the std floored (see STD_FLOOR)."""
+    return (w - w.mean(1, keepdims=True)) / np.maximum(w.std(1, keepdims=True), floor)
 
 
 def _windows(x: np.ndarray, window: int, stride: int) -> np.ndarray:
@@ -153,6 +163,28 @@ def prepare(source: str, config: Config, sample_rate: float | None = None) -> Sp
                          resample_hz=config.resample_hz, standardize=config.standardize)
     info = {"source": source, "description": describe_source(source), **splits.info}
     return Splits(splits.train, splits.valid, splits.test, splits.sample_rate, info)
+
+
+def all_windows(source: str, config: Config, sample_rate: float | None = None) -> np.ndarray:
+    """Every window of every whole recording of `source` (no splits), cut and standardized as
+    `config` says: (n, window) float32, what a trained model turns into tokens. "dataset"
+    standardization uses these windows' own mean and std. DataError if none is long enough."""
+    recordings = load_source(source, sample_rate=sample_rate, seed=config.seed)
+    parts, longest = [], 0
+    for rec in recordings:
+        x, rate = _at_rate(rec, config.resample_hz)
+        longest = max(longest, x.size)
+        w = _windows(x, config.window, config.stride)  # (n, window)
+        parts.append(_zscore(w, STD_FLOOR * x.std()) if config.standardize == "window" else w)
+    out = np.concatenate(parts)
+    if not len(out):
+        where = f" at {config.resample_hz:g} Hz" if config.resample_hz else ""
+        raise DataError(f"{source} is shorter than one window: the model cuts windows of "
+                        f"{config.window} samples{where}, and the longest recording has "
+                        f"{longest}; give a longer recording")
+    if config.standardize == "dataset":
+        out = (out - out.mean()) / (out.std() or 1.0)
+    return out.astype(np.float32)
 
 
 class DataCache:

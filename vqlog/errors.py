@@ -31,6 +31,14 @@ class DivergedError(VqlogError):
         self.iteration = iteration
 
 
+class TrainingStopped(VqlogError):
+    """`fit` was asked to stop (SIGTERM, Ctrl-C): its state was checkpointed at `iteration`."""
+
+    def __init__(self, iteration: int):
+        super().__init__(f"stopped at iteration {iteration}")
+        self.iteration = iteration
+
+
 class SweepError(VqlogError):
     """The sweep cannot go on, though the input was fine (five failed trials in a row): exit 1."""
 

@@ -26,6 +26,13 @@ def perplexity(counts: Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
+def perplexity_tensor(counts: Tensor) -> Tensor:
+    """`perplexity` as a 0-dim tensor on the counts' device, with no host sync (NaN for no
+    counts): the training loop sums it on the device."""
+    p = counts / counts.sum()  # (K)
+    return torch.exp(torch.special.entr(p).sum())
+
+
 def usage(counts: Tensor) -> float:
     """Fraction of codes used at least once."""
     return float((counts > 0).sum()) / counts.numel()

@@ -1,11 +1,19 @@
-"""`fit(config, data)`: train one S4D-VQ-VAE. Knows nothing of Optuna or MLflow beyond `on_eval`."""
+"""`fit(config, data)`: train one S4D-VQ-VAE. Knows nothing of Optuna or MLflow beyond its
+callbacks: `on_eval` (every evaluation), `on_checkpoint` (the whole training state, every
+`checkpoint_every` steps and when asked to stop) and `should_stop`.
+
+The loop syncs the host with the device once per `log_every` steps: the train metrics are summed
+on the device and fetched together at each logged point. On the CPU, where a sync costs nothing,
+the loss is also checked every step, so a NaN never reaches the weights there; on a GPU the first
+non-finite step is remembered on the device and reported at the next logged point.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -15,7 +23,7 @@ from torch import Tensor
 from vqlog import metrics
 from vqlog.config import Config
 from vqlog.data import Splits
-from vqlog.errors import DivergedError, UserError
+from vqlog.errors import DivergedError, TrainingStopped, UserError
 from vqlog.model.s4d import ssm_parameters
 from vqlog.model.vqvae import VQVAE, VQVAEOutput
 from vqlog.oscillation import early_oscillation_score, oscillation_score
@@ -56,6 +64,7 @@ class FitResult:
     seconds: float = 0.0
     stopped_early: bool = False
     model: torch.nn.Module | None = None
+    resumed_at: int = 0  # the step a resumed fit continued from (0: from the start)
 
     @property
     def best_val_mse(self) -> float:
@@ -144,19 +153,48 @@ def evaluate(model: VQVAE, windows: Tensor) -> tuple[float, Tensor | None]:
     return sq_err / windows.numel(), counts
 
 
-def train_step(
-    model: VQVAE, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float, step: int = 0
-) -> tuple[VQVAEOutput, Tensor, Tensor]:
+class Encoded(NamedTuple):
+    """What a trained model makes of a set of windows."""
+
+    tokens: np.ndarray  # (n_windows, T) int64 code indices
+    mse: float  # reconstruction MSE over all the windows
+    perplexity: float  # codebook perplexity of the tokens (exp of their usage entropy)
+    usage: float  # fraction of the codebook the tokens use
+
+
+@torch.no_grad()
+def encode(model: VQVAE, windows, chunk: int = EVAL_CHUNK) -> Encoded:
+    """The code indices of `windows` ((n, window) float array, standardized as the model's
+    config says: `vqlog.data.all_windows`), with the reconstruction MSE and the perplexity."""
+    if model.codebook_size == 0:
+        raise UserError("the model has no quantizer (quantizer none): it makes no tokens")
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(np.asarray(windows, dtype=np.float32))  # (n L)
+    tokens, sq_err, counts = [], 0.0, None
+    for part in x.split(chunk):
+        out = model(part.to(device))
+        sq_err += float(F.mse_loss(out.recon, part.to(device), reduction="sum"))
+        tokens.append(out.quant.indices.cpu())  # (b T)
+        c = metrics.code_histogram(out.quant.indices, model.codebook_size)
+        counts = c if counts is None else counts + c
+    return Encoded(torch.cat(tokens).numpy().astype(np.int64), sq_err / x.numel(),
+                   metrics.perplexity(counts), metrics.usage(counts))
+
+
+def train_step(model: VQVAE, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float,
+               step: int = 0, check: bool = True) -> tuple[VQVAEOutput, Tensor, Tensor]:
     """One optimizer step on the windows x (B, L): forward, backward, gradient clipping, AdamW.
 
-    Returns the model output, the reconstruction MSE and the loss (MSE + quantizer loss). Raises
-    DivergedError naming iteration `step` on a NaN/Inf loss, before the step could spread it into
-    the weights. `fit` runs exactly this, and benchmarks/bench_step.py times it.
+    Returns the model output, the reconstruction MSE and the loss (MSE + quantizer loss). With
+    `check`, a NaN/Inf loss raises DivergedError naming iteration `step` before the step could
+    spread it into the weights (a host sync: `fit` checks on the CPU only). `fit` runs exactly
+    this, and benchmarks/bench_step.py times it.
     """
     out = model(x)
     mse = F.mse_loss(out.recon, x)
     loss = mse + out.quant.loss
-    if not torch.isfinite(loss):
+    if check and not torch.isfinite(loss):
         raise DivergedError(f"diverged: loss is {loss.item()} at iteration {step}", step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -166,76 +204,139 @@ def train_step(
     return out, mse, loss
 
 
+class TrainingRun:
+    """The moving parts of one fit: model, optimizer, schedule, batch sampler, what was logged,
+    and the device-side sums of the train metrics since the last logged point."""
+
+    def __init__(self, cfg: Config, dev: torch.device):
+        self.cfg, self.dev = cfg, dev
+        self.model = VQVAE(cfg).to(dev)
+        self.opt = build_optimizer(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # the batch sampler's
+        self.result = FitResult(config=cfg, model=self.model)
+        self.pending: list[TrainPoint] = []  # logged since the last evaluation
+        self.sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, mse, commit., ppl
+        self.bad_step = torch.zeros((), dtype=torch.long, device=dev)  # first non-finite loss
+
+    def state(self, step: int, seconds: float) -> dict:
+        """Everything that decides the rest of the run, as a weights-only checkpoint holds it."""
+        from vqlog.checkpoint import training_state
+
+        return training_state(self, step, seconds)
+
+    def restore(self, state: dict) -> int:
+        """Continue from a `state()`; returns its step."""
+        from vqlog.checkpoint import restore_training_state
+
+        return restore_training_state(self, state)
+
+    def accumulate(self, out: VQVAEOutput, mse: Tensor, loss: Tensor, step: int) -> None:
+        """Add this step's metrics to the device-side sums: no host sync."""
+        if out.quant.indices is not None:
+            counts = torch.bincount(out.quant.indices.reshape(-1),
+                                    minlength=self.model.codebook_size).double()  # (K)
+            ppl = metrics.perplexity_tensor(counts)
+        else:
+            ppl = torch.full((), math.nan, dtype=torch.float64, device=self.dev)
+        parts = (loss.detach(), mse.detach(), out.quant.commitment.detach(), ppl)
+        self.sums += torch.stack([p.to(torch.float64) for p in parts])
+        finite = torch.isfinite(loss.detach())
+        self.bad_step = torch.where((self.bad_step == 0) & ~finite, step, self.bad_step)
+
+    def log_point(self, step: int) -> TrainPoint:
+        """The train point ending at `step`: the one host sync of its `log_every` steps."""
+        n = (step - 1) % self.cfg.log_every + 1
+        *values, bad = torch.cat([self.sums / n, self.bad_step.double()[None]]).tolist()
+        if bad:
+            raise DivergedError(f"diverged: loss is {values[0]} at iteration {int(bad)}", int(bad))
+        self.sums.zero_()
+        point = TrainPoint(step, *values)
+        self.pending.append(point)
+        self.result.train_points.append(point)
+        return point
+
+    def evaluation(self, step: int, valid: Tensor) -> EvalRecord:
+        val_mse, counts = evaluate(self.model, valid)
+        if not math.isfinite(val_mse):
+            raise DivergedError(f"diverged: validation MSE is {val_mse} at iteration {step}", step)
+        record = EvalRecord(
+            step=step,
+            val_mse=val_mse,
+            val_perplexity=metrics.perplexity(counts) if counts is not None else math.nan,
+            val_usage=metrics.usage(counts) if counts is not None else math.nan,
+            val_dead_codes=metrics.dead_codes(counts) if counts is not None else 0,
+            train_points=tuple(self.pending),
+        )
+        self.pending = []
+        self.result.evals.append(record)
+        return record
+
+
 def fit(
     cfg: Config,
     data: Splits,
     on_eval: Callable[[EvalRecord], bool | None] | None = None,
     device: str = "cpu",
-    progress: Callable[[int, dict], None] | None = None,
+    progress: Callable[[int, TrainPoint | None], None] | None = None,
+    *,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train `cfg` on `data.train`, evaluating on the whole `data.valid` every `eval_every` steps.
 
-    `on_eval(record)` may return True to stop early (pruning); `progress(step, stats)` is called
-    after every step for a progress bar. Raises DivergedError on a NaN/Inf loss.
+    `on_eval(record)` may return True to stop early (pruning). `progress(step, point)` is called
+    after every step, with the train point at logged steps and None between them.
+    `on_checkpoint(state)` gets the whole training state (a weights-only checkpoint, see
+    `vqlog.checkpoint`) every `checkpoint_every` steps (0: never); `resume=state` continues from
+    such a state as if the run had never stopped. When `should_stop()` turns true, the state is
+    checkpointed at once and TrainingStopped is raised. Raises DivergedError on a NaN/Inf loss.
     """
     dev = resolve_device(device)
     # Activations decaying through the S4D stacks reach denormal floats, which made CPU steps
-    # up to 6x slower (measured with quantizer none); flushing them to zero costs no accuracy.
+    # much slower; flushing them to zero costs no accuracy.
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     train = torch.as_tensor(data.train, device=dev)  # (N L), moved once
     valid = torch.as_tensor(data.valid, device=dev)  # (M L)
     if train.shape[1] != cfg.window:
         raise UserError(f"data windows have {train.shape[1]} samples but window is {cfg.window}")
-    model = VQVAE(cfg).to(dev)
-    opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    result = FitResult(config=cfg, model=model)
-    pending: list[TrainPoint] = []
-    acc = np.zeros(4)  # running sums of loss, mse, commitment, batch perplexity
+    run = TrainingRun(cfg, dev)
+    first, spent = 1, 0.0
+    if resume is not None:
+        first = run.restore(resume) + 1
+        spent = float(resume["seconds"])
+    result = run.result
+    check = dev.type == "cpu"  # a per-step finiteness check is free on the CPU only
     start = time.perf_counter()
 
-    for step in range(1, cfg.iteration + 1):
-        idx = torch.randint(len(train), (cfg.batch,), generator=gen).to(dev)
-        x = train[idx]  # (B L)
-        out, mse, loss = train_step(model, opt, x, cfg.grad_clip, step)
-        sched.step()
+    def seconds() -> float:
+        return spent + time.perf_counter() - start
 
-        acc_loss = loss.item()
-        batch_ppl = math.nan
-        if out.quant.indices is not None:
-            batch_ppl = metrics.perplexity(
-                metrics.code_histogram(out.quant.indices, model.codebook_size)
-            )
-        acc += (loss.item(), mse.item(), out.quant.commitment.item(), batch_ppl)
+    for step in range(first, cfg.iteration + 1):
+        idx = torch.randint(len(train), (cfg.batch,), generator=run.gen, device=dev)  # (B)
+        out, mse, loss = train_step(run.model, run.opt, train[idx], cfg.grad_clip, step, check)
+        run.sched.step()
+        run.accumulate(out, mse, loss, step)
         result.iterations_run = step
+        point = None
         if step % cfg.log_every == 0 or step == cfg.iteration:
-            n = (step - 1) % cfg.log_every + 1
-            point = TrainPoint(step, *(acc / n).tolist())
-            pending.append(point)
-            result.train_points.append(point)
-            acc[:] = 0
+            point = run.log_point(step)
         if progress is not None:
-            progress(step, {"loss": acc_loss})
-
+            progress(step, point)
         if step % cfg.eval_every == 0 or step == cfg.iteration:
-            val_mse, counts = evaluate(model, valid)
-            if not math.isfinite(val_mse):
-                raise DivergedError(f"diverged: validation MSE is {val_mse} at iteration {step}", step)
-            record = EvalRecord(
-                step=step,
-                val_mse=val_mse,
-                val_perplexity=metrics.perplexity(counts) if counts is not None else math.nan,
-                val_usage=metrics.usage(counts) if counts is not None else math.nan,
-                val_dead_codes=metrics.dead_codes(counts) if counts is not None else 0,
-                train_points=tuple(pending),
-            )
-            pending = []
-            result.evals.append(record)
+            record = run.evaluation(step, valid)
             if on_eval is not None and on_eval(record):
                 result.stopped_early = True
                 break
+        stop = should_stop is not None and should_stop()
+        if on_checkpoint is not None and step < cfg.iteration and (
+                stop or (checkpoint_every and step % checkpoint_every == 0)):
+            on_checkpoint(run.state(step, seconds()))
+        if stop and step < cfg.iteration:
+            raise TrainingStopped(step)
 
-    result.seconds = time.perf_counter() - start
+    result.seconds = seconds()
     return result

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import time
 
 from vqlog.cli import add_data_args, add_debug, add_device_arg, add_study_args
@@ -67,9 +70,12 @@ def sweep_command(args: argparse.Namespace) -> int:
     print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
           f"storage {mask(args.storage)}, tracking {mask(uri)}", flush=True)
     start = time.perf_counter()
+    stop = worker.StopRequest()
     try:
-        result = worker.run(spec, args.trials, args.storage, tracker=tracker, device=args.device,
-                            timeout=args.timeout, seed=args.seed)
+        with stop_on_signals(stop):
+            result = worker.run(spec, args.trials, args.storage, tracker=tracker,
+                                device=args.device, timeout=args.timeout, seed=args.seed,
+                                stop=stop)
     except TrackingUnavailable as exc:
         sys.stderr.write(
             f"Error: {mask_urls(str(exc))}. Everything finished is kept in the study and MLflow; "
@@ -80,11 +86,44 @@ def sweep_command(args: argparse.Namespace) -> int:
     print(summary_text(result, time.perf_counter() - start, args.storage, uri))
     if (note := tracker.outage_note()) is not None:
         print(note)
+    if result.stopped:
+        at = (f"the running trial was checkpointed at iteration {result.stopped_at} and "
+              "marked FAIL; " if result.stopped_at is not None else "")
+        print(f"Stopped ({result.stopped}): {at}everything finished is kept. Rerun the same "
+              "command to resume.")
+        return EXIT_CODES.get(result.stopped, 1)
     if result.interrupted:
         print("Interrupted: the running trial was marked FAIL; everything finished is kept. "
               "Rerun the same command to continue.")
         return 130
     return 0
+
+
+EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as shells report it
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop):
+    """SIGTERM (docker compose stop, Kubernetes, Slurm) and SIGINT (Ctrl-C) ask the worker to
+    stop cleanly; a second Ctrl-C stops it at once. The handlers before are put back after."""
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.is_set() and name == "SIGINT":
+            raise KeyboardInterrupt
+        print(f"{name}: stopping after a checkpoint of the running trial "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        stop.request(name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # only the main thread may set handlers: the caller stops it by hand
+        return
+    before = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def summary_text(r, seconds: float, storage: str, uri: str) -> str:

@@ -7,7 +7,7 @@ import math
 import sys
 import time
 
-from vqlog.cli import add_data_args, add_debug, add_device_arg
+from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file
 
 
 def train_command_parser(sub) -> None:
@@ -34,7 +34,7 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = Config.from_mapping(values)
     resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
     if args.save:
-        check_writable(args.save)
+        check_out_file(args.save, "--save", "model.pt")
     data = prepare(args.data, cfg, sample_rate=args.sample_rate)
     print(
         f"data: {args.data}: {len(data.train)} train / {len(data.valid)} valid / "
@@ -81,20 +81,6 @@ def summary_text(cfg, s: dict) -> str:
     return "\n".join(lines)
 
 
-def check_writable(path: str) -> None:
-    from pathlib import Path
-
-    from vqlog.errors import UserError
-
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"--save {path} is a folder; give a file name such as {target / 'model.pt'}")
-    parent = target.resolve().parent
-    if not parent.is_dir():
-        what = "is not a folder" if parent.exists() else "does not exist"
-        raise UserError(f"cannot write {path}: {parent} {what}")
-
-
 class Progress:
     """A tqdm bar on a terminal; a plain line per evaluation otherwise (logs, CI)."""
 
@@ -107,11 +93,12 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True)
         self.start = time.perf_counter()
 
-    def update(self, step: int, stats: dict) -> None:
+    def update(self, step: int, point) -> None:
+        """Every step; `point` is the train point at logged steps (the loss to show), else None."""
         if self.bar is not None:
             self.bar.update(1)
-            if step % 10 == 0:
-                self.bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+            if point is not None:
+                self.bar.set_postfix(loss=f"{point.loss:.4f}", refresh=False)
 
     def on_eval(self, record) -> None:
         ppl = "" if math.isnan(record.val_perplexity) else (

@@ -4,7 +4,7 @@ asks Optuna for parameters.
 
     name: seed                       # the study name (and MLflow experiment)
     data: {source: ppg}              # or {source: my.npy, sample_rate: 125}
-    budget: {iteration: 400, eval_every: 50}
+    budget: {iteration: 400, eval_every: 50}   # checkpoint_every: default eval_every, 0: none
     objective: mse                   # mse (minimise val MSE, pruned) | pareto (MSE down, perplexity up)
     sampler: tpe                     # tpe | random | grid
     pruner: hyperband                # hyperband | median | none
@@ -37,7 +37,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("hyperband", "median", "none")
 TOP_KEYS = ("name", "description", "data", "budget", "objective", "sampler", "pruner", "fixed",
             "space", "enqueue")
-BUDGET_KEYS = ("iteration", "eval_every")
+BUDGET_KEYS = ("iteration", "eval_every", "checkpoint_every")
 DATA_KEYS = ("source", "sample_rate")
 # Keys valid only together (window must be a multiple of downsample): checked per combination.
 LINKED = ("window", "downsample")
@@ -86,6 +86,7 @@ class SweepSpec:
     fixed: tuple[tuple[str, Any], ...] = ()  # (Config field, value), validated
     iteration: int = Config.iteration
     eval_every: int = Config.eval_every
+    checkpoint_every: int = Config.eval_every  # steps between a trial's checkpoints; 0: none
     objective: str = "mse"
     sampler: str = "tpe"
     pruner: str = "hyperband"
@@ -194,6 +195,7 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
         fixed=tuple(fixed_cfg.items()),
         iteration=_positive_int(budget.get("iteration", Config.iteration), "budget.iteration"),
         eval_every=_positive_int(budget.get("eval_every", Config.eval_every), "budget.eval_every"),
+        checkpoint_every=_checkpoint_every(budget),
         objective=_choice(raw.get("objective", "mse"), OBJECTIVES, "objective"),
         sampler=_choice(raw.get("sampler", "tpe"), SAMPLERS, "sampler"),
         pruner=_choice(raw.get("pruner", "hyperband"), PRUNERS, "pruner"),
@@ -245,6 +247,15 @@ def _choice(value: Any, choices: tuple, key: str) -> str:
 def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _checkpoint_every(budget: dict) -> int:
+    """budget.checkpoint_every: a count of steps, 0 for none; by default eval_every's."""
+    value = budget.get("checkpoint_every", budget.get("eval_every", Config.eval_every))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"budget.checkpoint_every must be 0 (no checkpoints) or a positive "
+                          f"integer, got {value!r}")
     return value
 
 

@@ -15,22 +15,19 @@ Past the limit a call raises StorageOutageError (exit 1; rerunning resumes the s
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import threading
-import time
 import warnings
 import zlib
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 
-from vqlog.errors import StorageOutageError, UserError, find_cause, one_line
+from vqlog.errors import UserError
+from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.urls import mask, with_psycopg2
 
 SCHEMES = ("sqlite", "postgresql")
@@ -38,8 +35,6 @@ MAX_RETRY = 3  # a dead worker's trial is retried this many times
 TABLES_LOCK = "<tables>"  # the StudyLock name under which a worker creates Optuna's tables
 ENQUEUED = "vqlog.enqueued"  # study user attr: the spec's rows were enqueued
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
-T = TypeVar("T")
-log = logging.getLogger("vqlog")
 
 
 def heartbeat_interval() -> int:
@@ -51,11 +46,6 @@ def grace_period() -> int:
     """Seconds of silence after which a RUNNING trial belonged to a dead worker
     (VQLOG_HEARTBEAT_GRACE)."""
     return int(os.environ.get("VQLOG_HEARTBEAT_GRACE", "20"))
-
-
-def outage_limit() -> float:
-    """Seconds an opened PostgreSQL storage may stay unreachable (VQLOG_DB_OUTAGE_LIMIT)."""
-    return float(os.environ.get("VQLOG_DB_OUTAGE_LIMIT", "120"))
 
 
 # ------------------------------------------------------------------------------------ URLs
@@ -109,111 +99,6 @@ def _engine_kwargs(url: URL) -> dict:
     return {"connect_args": {"timeout": 60}}  # SQLite: wait for a writer instead of 'locked'
 
 
-# --------------------------------------------------------------------------------- outages
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """Whether `exc` means the connection failed (server down or restarting, session
-    terminated, network) rather than the request, so the request may be sent again.
-    OperationalError also covers deadlocks and serialization failures: rolled back, and as safe
-    to send again."""
-    err = find_cause(exc, sqlalchemy.exc.DBAPIError)
-    if err is not None:
-        return err.connection_invalidated or isinstance(err, sqlalchemy.exc.OperationalError)
-    try:  # raised by the driver itself, before SQLAlchemy could wrap it (connecting)
-        import psycopg2
-    except ImportError:  # pragma: no cover - a dependency
-        return False
-    return find_cause(exc, psycopg2.OperationalError) is not None
-
-
-class Outage:
-    """Since when one database has been unreachable, shared by everything that talks to it (the
-    storage, the heartbeat thread, the study lock): an outage is timed once and reported with
-    one line when it begins and one when it ends."""
-
-    _all: dict[str, Outage] = {}
-    _all_lock = threading.Lock()
-
-    def __init__(self, what: str):
-        self.what, self.since = what, None
-        self._lock = threading.Lock()
-
-    @classmethod
-    def of(cls, url: str | URL) -> Outage:
-        url = make_url(url)
-        what = url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
-        with cls._all_lock:
-            return cls._all.setdefault(what, cls(what))
-
-    def seconds_down(self, exc: BaseException) -> float:
-        """Note a failed attempt; the seconds since the outage began (0 if it begins now)."""
-        with self._lock:
-            if self.since is None:
-                self.since = time.monotonic()
-                log.warning("vqlog: lost the connection to the Optuna storage %s (%s); retrying "
-                            "for up to %g s (VQLOG_DB_OUTAGE_LIMIT)", self.what, _root(exc),
-                            outage_limit())
-            return time.monotonic() - self.since
-
-    def ended(self) -> None:
-        with self._lock:
-            if self.since is not None:
-                log.warning("vqlog: reconnected to the Optuna storage %s after %.1f s",
-                            self.what, time.monotonic() - self.since)
-                self.since = None
-
-    def retry(self, attempt: Callable[[], T], on_error: Callable[[], None] = lambda: None) -> T:
-        """`attempt()` until it gets through. After a connection error: `on_error()`, a pause
-        (0.25 s, doubling up to 4 s) and again, until the outage is older than the limit; then
-        StorageOutageError. Past the limit every call makes one attempt, so a worker that gives
-        up does not wait the limit once per call."""
-        delay, limit = 0.25, outage_limit()
-        while True:
-            try:
-                result = attempt()
-            except StorageOutageError:
-                raise
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
-                on_error()
-                down = self.seconds_down(exc)
-                if down >= limit:
-                    raise StorageOutageError(
-                        f"the Optuna storage {self.what} has been unreachable for {down:.0f} s, "
-                        f"longer than the outage limit of {limit:g} s (VQLOG_DB_OUTAGE_LIMIT). "
-                        "The study is safe in the database: once it is back, rerun the same "
-                        f"command. Last error: {_root(exc)}"
-                    ) from exc
-                time.sleep(min(delay, limit - down + 0.05))
-                delay = min(2 * delay, 4.0)
-                continue
-            self.ended()
-            return result
-
-    def wait_to_connect(self, engine: sqlalchemy.Engine) -> None:
-        """Make every new connection of `engine` wait for the server during an outage."""
-
-        def connect(dialect, _record, cargs, cparams):
-            return self.retry(lambda: dialect.connect(*cargs, **cparams))
-
-        sqlalchemy.event.listen(engine, "do_connect", connect)
-
-
-def _root(exc: BaseException) -> str:
-    err = find_cause(exc, sqlalchemy.exc.DBAPIError)
-    return one_line(getattr(err, "orig", None) or exc, 300)
-
-
-def retrying(storage: optuna.storages.BaseStorage, call: Callable[[], T]) -> T:
-    """`call()`, sent again after a connection error for as long as the database's outage is
-    shorter than the limit. Only for calls that are safe to repeat (see the module doc)."""
-    if not isinstance(storage, optuna.storages.RDBStorage) or storage.engine.name != "postgresql":
-        return call()
-    return Outage.of(storage.url).retry(call, on_error=storage.remove_session)
-
-
 # --------------------------------------------------------------------------------- storage
 
 
@@ -236,10 +121,29 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 heartbeat_stale_trial_callback=retry,
             )
     except Exception as exc:  # noqa: BLE001 - connection, auth, missing database ...
-        raise UserError(f"cannot open the Optuna storage {mask(url)}: {_root(exc)}") from None
+        raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
     if parsed.get_backend_name() == "postgresql":
         Outage.of(parsed).wait_to_connect(storage.engine)
     return storage
+
+
+def load_existing_study(url: str, name: str) -> optuna.Study:
+    """An existing study, read-only: no file, table or study is created (commands that only
+    read, like `vqlog export`). UserError names what is missing."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
+        raise UserError(f"no Optuna storage at {mask(url)}; run vqlog-sweep first or pass --storage")
+    try:
+        storage = optuna.storages.RDBStorage(
+            with_psycopg2(parsed.render_as_string(hide_password=False)),
+            engine_kwargs=_engine_kwargs(parsed), skip_table_creation=True)
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - connection, auth, not an Optuna database ...
+        raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
+    if name not in names:
+        there = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"
+        raise UserError(f"no study '{name}' in {mask(url)} ({there}); check --study and --storage")
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def check_directions(study: optuna.Study, spec) -> None:

@@ -16,10 +16,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from vqlog.config import Config
 from vqlog.data import DataCache
-from vqlog.errors import DivergedError, StorageOutageError, TrackingUnavailable, one_line
+from vqlog.errors import (DivergedError, StorageOutageError, TrackingUnavailable, TrainingStopped,
+                          UserError, one_line)
 from vqlog.failpoints import failpoint
-from vqlog.study.storage import heartbeat_interval, retrying
+from vqlog.study.outage import retrying
+from vqlog.study.storage import heartbeat_interval
 from vqlog.train import fit
 
 log = logging.getLogger("vqlog")
@@ -38,6 +41,7 @@ class Outcome:
     lost: bool = False  # another worker failed the trial as stale meanwhile: nothing to tell
     fatal: BaseException | None = None  # an outage past its limit: the sweep stops after this
     run: Any = None  # the trial's MLflow run (tracking.runs.TrialRun), if it is tracked
+    stopped_at: int | None = None  # stopped by a signal, checkpointed here: queued again
 
 
 class Heartbeat:
@@ -81,29 +85,42 @@ class Heartbeat:
 
 class Objective:
     """Runs one trial: suggest its Config, train it with `fit`, report every evaluation for
-    pruning, and log it to the tracker (if any)."""
+    pruning, and log it to the tracker (if any): curves, checkpoints every
+    `spec.checkpoint_every` steps, and the final weights. A retry continues from the latest
+    checkpoint of the trials it retries. `stop` (an Event, or None) asks for a clean stop."""
 
     def __init__(self, spec, cache: DataCache, tracker, device: str, seed: int | None,
-                 storage: optuna.storages.BaseStorage):
+                 storage: optuna.storages.BaseStorage, stop=None):
         self.spec, self.cache, self.tracker = spec, cache, tracker
-        self.device, self.seed, self.storage = device, seed, storage
+        self.device, self.seed, self.storage, self.stop = device, seed, storage, stop
 
-    def __call__(self, trial: optuna.Trial) -> Outcome:
+    def __call__(self, trial: optuna.Trial, retry_history: list[int] = ()) -> Outcome:
         """An Outcome for every exception but KeyboardInterrupt, which leaves (the run marked
-        FAIL) once the trial's run is closed."""
+        FAIL) once the trial's run is closed. `retry_history`: the trials this one retries."""
         run = None
         try:
             cfg = self._db(lambda: self.spec.suggest(trial, self.seed))
+            state = None
             if self.tracker is not None:
-                run = self.tracker.start_trial(trial.number, cfg)
+                state = self._resume_state(retry_history, cfg)
+                run = self.tracker.start_trial(
+                    trial.number, cfg, retry_of=retry_history[0] if retry_history else None,
+                    resumed_at=state["step"] if state else 0)
+                if state is not None:
+                    from vqlog.checkpoint import history
+
+                    run.log_history(history(state))
             data = self.cache.get(cfg)
-            result = fit(cfg, data, on_eval=self._on_eval(trial, run), device=self.device)
+            result = fit(cfg, data, on_eval=self._on_eval(trial, run), device=self.device,
+                         checkpoint_every=self.spec.checkpoint_every if run else 0,
+                         on_checkpoint=run.log_checkpoint if run else None, resume=state,
+                         should_stop=self.stop.is_set if self.stop is not None else None)
             summary = result.summary()
             for key, value in summary.items():
                 self._db(lambda k=key, v=value: trial.set_user_attr(k, None if math.isnan(v) else v))
-            state = "PRUNED" if result.stopped_early else "COMPLETE"
+            ended = "PRUNED" if result.stopped_early else "COMPLETE"
             if run is not None:
-                run.finish(state, summary, result=result, windows=data.valid[:4])
+                run.finish(ended, summary, result=result, windows=data.valid[:4])
             if result.stopped_early:
                 return Outcome(TrialState.PRUNED, run=run)
             failpoint("trial.tell")  # MLflow has the result, Optuna not yet
@@ -119,7 +136,7 @@ class Objective:
                 run.finish("FAIL", reason=LOST_REASON)
             return Outcome(TrialState.FAIL, reason=LOST_REASON, lost=True, run=run)
         except BaseException as exc:
-            reason = describe(exc)
+            reason = describe(exc, self.stop)
             fatal = exc if isinstance(exc, OUTAGES) else None
             try:
                 if run is not None and not isinstance(exc, TrackingUnavailable):
@@ -131,7 +148,25 @@ class Objective:
                 fatal = fatal or outage
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            return Outcome(TrialState.FAIL, reason=reason, fatal=fatal, run=run)
+            stopped_at = exc.iteration if isinstance(exc, TrainingStopped) else None
+            return Outcome(TrialState.FAIL, reason=reason, fatal=fatal, run=run,
+                           stopped_at=stopped_at)
+
+    def _resume_state(self, retry_history: list[int], cfg: Config) -> dict | None:
+        """The latest checkpoint of the trials this one retries, if it is for the same config."""
+        if not retry_history:
+            return None
+        try:
+            state = self.tracker.latest_checkpoint(list(reversed(retry_history)))
+        except UserError as exc:  # not a training state, or one this version cannot read
+            log.warning("vqlog: cannot resume from the checkpoint of trial %s (%s); the retry "
+                        "starts over", retry_history[-1], exc)
+            return None
+        if state is not None and Config.from_mapping(state["config"]) != cfg:
+            log.warning("vqlog: the checkpoint of trial %s is for another configuration; the "
+                        "retry starts over", retry_history[-1])
+            return None
+        return state
 
     def _on_eval(self, trial: optuna.Trial, run):
         multi = self.spec.objective == "pareto"
@@ -151,8 +186,10 @@ class Objective:
         return retrying(self.storage, call)
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, stop=None) -> str:
     """The reason a trial failed, as its FAIL line and the run's `vqlog.fail_reason` say it."""
+    if isinstance(exc, TrainingStopped):
+        return f"stopped ({getattr(stop, 'signal', None) or 'asked to'}); resumes on rerun"
     if isinstance(exc, DivergedError):
         return str(exc)
     if isinstance(exc, KeyboardInterrupt):

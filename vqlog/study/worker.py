@@ -15,12 +15,14 @@ optimize) dies at the first failed beat. `trial.Heartbeat` beats instead.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from vqlog.config import Config
@@ -28,7 +30,8 @@ from vqlog.data import DataCache
 from vqlog.errors import StorageOutageError, SweepError, TrackingUnavailable, find_cause
 from vqlog.study.progress import TrialProgress
 from vqlog.study.spec import SweepSpec
-from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study, retrying
+from vqlog.study.outage import retrying
+from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
 from vqlog.study.trial import LOST_REASON, OUTAGES, Heartbeat, Objective, Outcome, describe
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -43,10 +46,23 @@ class SweepSummary:
     target: int
     ran_here: int = 0
     failed_here: int = 0
-    interrupted: bool = False
+    interrupted: bool = False  # KeyboardInterrupt
+    stopped: str | None = None  # the signal of a clean stop (SIGTERM, SIGINT)
+    stopped_at: int | None = None  # the iteration the running trial was checkpointed at
     timed_out: bool = False
     best: dict[str, Any] | None = None
     table_path: str | None = None
+
+
+class StopRequest(threading.Event):
+    """Set (by a signal handler, or by hand) to stop a worker cleanly: the running trial is
+    checkpointed, marked FAIL and queued again, and no new trial starts. `signal` says why."""
+
+    signal: str | None = None
+
+    def request(self, signal: str) -> None:
+        self.signal = signal
+        self.set()
 
 
 class Worker:
@@ -55,9 +71,10 @@ class Worker:
 
     def __init__(self, spec: SweepSpec, trials: int, storage_url: str, tracker=None,
                  device: str = "cpu", timeout: float | None = None, seed: int | None = None,
-                 out: Callable[[str], None] = print):
+                 out: Callable[[str], None] = print, stop: StopRequest | None = None):
         self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
+        self.stop = stop if stop is not None else StopRequest()
         self.cache = DataCache(spec.source, spec.sample_rate)
         self.summary = SweepSummary(study=spec.name, finished=0, target=trials)
         self.fails_in_a_row = 0
@@ -97,7 +114,7 @@ class Worker:
         self.study_id = self._db(lambda: self.storage.get_study_id_from_name(self.spec.name))
         self.lock = StudyLock(self.storage_url, self.spec.name)
         self.objective = Objective(self.spec, self.cache, self.tracker, self.device, self.seed,
-                                   self.storage)
+                                   self.storage, self.stop)
         with self.lock:
             # Killed workers' trials first, so start_study's reconcile closes their runs now.
             fail_stale_trials(self.study, self.storage)
@@ -108,7 +125,7 @@ class Worker:
     def _next_trial(self, started: float) -> optuna.Trial | None:
         """The next trial, asked for under the study lock while the finished and running trials
         fall short of the target; None when the study is done or the time is up."""
-        while True:
+        while not self.stop.is_set():
             with self.lock:
                 fail_stale_trials(self.study, self.storage)  # a dead worker's trial: FAIL + retry
                 finished, running = self._count()
@@ -124,7 +141,9 @@ class Worker:
                         f"{self.last_fail_reason}); check the spec and data, then rerun")
                 if finished + running < self.target:
                     return self._db(self._ask)
-            time.sleep(POLL_SECONDS)  # the others are running the last trials: wait for them
+            self.stop.wait(POLL_SECONDS)  # the others are running the last trials: wait for them
+        self.summary.stopped = self.stop.signal
+        return None
 
     def _ask(self) -> optuna.Trial:
         with warnings.catch_warnings():
@@ -137,13 +156,39 @@ class Worker:
         """Beat, claim, run the objective, and tell Optuna how it ended."""
         with Heartbeat(self.storage, trial_id):
             self._claim(trial)
+            frozen = self._db(lambda: self.storage.get_trial(trial_id))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
             try:
-                outcome = self.objective(trial)
+                outcome = self.objective(trial, history)
             except KeyboardInterrupt:
                 self._tell(trial, Outcome(TrialState.FAIL, reason=describe(KeyboardInterrupt())))
                 raise
             self._tell(trial, outcome)
+        if outcome.stopped_at is not None:
+            self._queue_again(trial_id)
+            self.summary.stopped_at = outcome.stopped_at
+        elif outcome.state == TrialState.COMPLETE and self.tracker is not None:
+            self._register_best()
         return outcome
+
+    def _queue_again(self, trial_id: int) -> None:
+        """A trial stopped by a signal runs again (from its checkpoint) on the next run: its
+        retry is queued as Optuna queues a dead worker's, with no limit on how often."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=None)
+        frozen = self._db(lambda: self.storage.get_trial(trial_id))
+        self._db(lambda: retry(self.study, frozen))
+
+    def _register_best(self) -> None:
+        """The registered model `<study>` @ `best` follows the study's best trial (under the
+        lock: two workers finishing together must not move it back and forth)."""
+        with self.lock:
+            best = self._db(lambda: best_trial(self.study))
+            if best is not None:
+                self.tracker.register_best(best.number)
 
     def _claim(self, trial: optuna.Trial) -> None:
         """Mark the trial as run by a live worker (see storage.fail_stale_trials). A retry
@@ -204,14 +249,21 @@ def check_data(spec: SweepSpec, cache: DataCache, seed: int | None) -> None:
                 cache.get(Config.from_mapping({p.name: choice}, base=base))
 
 
-def best_trial_info(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | None:
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The study's best COMPLETE trial by its own objective: the lowest final val MSE, or for a
+    pareto study the lowest MSE on the Pareto front. None before the first COMPLETE trial."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         return None
-    if spec.objective == "pareto":
-        best = min(study.best_trials, key=lambda t: t.values[0])
-    else:
-        best = min(done, key=lambda t: t.value)
+    if len(study.directions) > 1:
+        return min(study.best_trials, key=lambda t: t.values[0])
+    return min(done, key=lambda t: t.value)
+
+
+def best_trial_info(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | None:
+    best = best_trial(study)
+    if best is None:
+        return None
     return {
         "number": best.number,
         "values": best.values,

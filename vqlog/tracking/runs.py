@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from vqlog.errors import TrackingUnavailable, UserError
 from vqlog.failpoints import failpoint
-from vqlog.tracking import plots, table
+from vqlog.tracking import artifacts, plots, table
 from vqlog.tracking.table import run_name
 from vqlog.tracking.client import DEFAULT_TRACKING_URI, open_client, store_uri
 from vqlog.urls import sqlite_path
@@ -135,7 +135,7 @@ class Tracker:
         params = {
             "objective": spec.objective, "sampler": spec.sampler, "pruner": spec.pruner,
             "data": spec.source, "budget.iteration": spec.iteration,
-            "budget.eval_every": spec.eval_every,
+            "budget.eval_every": spec.eval_every, "budget.checkpoint_every": spec.checkpoint_every,
         }
         params.update({f"fixed.{k}": v for k, v in spec.fixed})
         params.update({f"space.{p.name}": _space_text(p) for p in spec.space})
@@ -204,20 +204,37 @@ class Tracker:
 
     # ------------------------------------------------------------------------------ trial level
 
-    def start_trial(self, number: int, cfg) -> TrialRun:
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=run_name(number),
-            tags={
-                "mlflow.parentRunId": self.parent_id,
-                "vqlog.role": "trial",
-                "optuna.study": self.study_name,
-                "optuna.trial_number": str(number),
-                "optuna.state": "RUNNING",
-            },
-        )
+    def start_trial(self, number: int, cfg, retry_of: int | None = None,
+                    resumed_at: int = 0) -> TrialRun:
+        """The trial's run. A retry's carries `vqlog.retry_of` (the original trial's number)
+        and, when it continues from a checkpoint, `vqlog.resumed_at` (the iteration)."""
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            "vqlog.role": "trial",
+            "optuna.study": self.study_name,
+            "optuna.trial_number": str(number),
+            "optuna.state": "RUNNING",
+        }
+        if retry_of is not None:
+            tags["vqlog.retry_of"] = str(retry_of)
+        if resumed_at:
+            tags["vqlog.resumed_at"] = str(resumed_at)
+        run = self.client.create_run(self.experiment_id, run_name=run_name(number), tags=tags)
         self._log_params(run.info.run_id, cfg.to_params())
         return TrialRun(self.client, run.info.run_id, cfg)
+
+    def latest_checkpoint(self, numbers: list[int]) -> dict | None:
+        """The most advanced training state the runs of trials `numbers` left (on the CPU:
+        resuming puts it on the trial's device), or None."""
+        return artifacts.latest_checkpoint(self.client, self.experiment_id, numbers)
+
+    def register_best(self, number: int) -> bool:
+        """Alias `best` of the model `<study>` -> trial `number`'s weights (see artifacts)."""
+        runs = [r for r in artifacts.trial_runs(self.client, self.experiment_id, number)
+                if r.data.tags.get("optuna.state") == "COMPLETE"]
+        if not runs:
+            return False
+        return artifacts.register_best(self.client, self.study_name, runs[0].info.run_id, number)
 
     def outage_note(self) -> str | None:
         """A line for the sweep's summary when outages were ridden out, else None."""
@@ -258,6 +275,22 @@ class TrialRun:
         self._pending: list = []  # Metric entities not yet accepted by the store
 
     def log_eval(self, record) -> None:
+        self._add(record)
+        self.flush(wait=False)
+
+    def log_history(self, evals) -> None:
+        """The curves up to where a retry resumed (its checkpoint's evaluations and the train
+        points logged with them), so the retry's run holds them whole; later points follow."""
+        for record in evals:
+            self._add(record)
+        self.flush(wait=False)
+
+    def log_checkpoint(self, state: dict) -> None:
+        """The latest training state, replacing the previous one (skipped while the store is
+        away: the next one goes instead)."""
+        artifacts.upload_checkpoint(self.client, self.run_id, state)
+
+    def _add(self, record) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -270,7 +303,6 @@ class TrialRun:
                            ("val/usage", record.val_usage), ("val/dead_codes", record.val_dead_codes)):
             if math.isfinite(value):
                 self._pending.append(Metric(key, float(value), now, record.step))
-        self.flush(wait=False)
 
     def flush(self, wait: bool = True) -> bool:
         """Send the buffer in MLflow's 1,000-metric requests. wait=False: one attempt, and False
@@ -298,6 +330,8 @@ class TrialRun:
                                   if math.isfinite(v)]
             self.flush()
             if result is not None:
+                if state == "COMPLETE":
+                    artifacts.upload_weights(self.client, self.run_id, result.config, result.model)
                 self.client.log_figure(self.run_id, plots.curves_figure(result), "curves.png")
                 if windows is not None and len(windows):
                     fig = plots.reconstruction_figure(result.model, windows)

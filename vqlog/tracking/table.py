@@ -58,6 +58,7 @@ _WORDS = {
     "failed": ("failed", "失败"),
     "diverged": ("diverged", "发散"),
     "diverged_at": ("diverged @ {it}", "发散 ({it}轮)"),
+    "resumed_at": ("resumed @ {it}", "从{it}轮继续"),
     "legend": ((
         "- ★ best of its table: lowest best_val_mse among completed trials.",
         "- loss: final val MSE (best val MSE), then the train/loss oscillation label "
@@ -100,6 +101,18 @@ class TrialRow:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     fail_reason: str | None = None
+    retry_of: int | None = None  # the original trial this one retries (tag vqlog.retry_of)
+    resumed_at: int | None = None  # the iteration it continued from (tag vqlog.resumed_at)
+
+
+def _latest_of_each_retry_chain(rows: list[TrialRow]) -> list[TrialRow]:
+    """A trial and its retries are one row: the latest finished one's."""
+    latest: dict[int, TrialRow] = {}
+    for row in rows:
+        origin = row.number if row.retry_of is None else row.retry_of
+        if origin not in latest or row.number > latest[origin].number:
+            latest[origin] = row
+    return list(latest.values())
 
 
 # --- rendering (pure) -------------------------------------------------------------------------
@@ -108,7 +121,8 @@ def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None =
     """Markdown: the tuning table, then the no-quantizer table, each only when it has rows."""
     check_lang(lang)
     text = _TEXT[lang]
-    finished = sorted((r for r in rows if r.state in SHOWN_STATES), key=lambda r: r.number)
+    finished = sorted(_latest_of_each_retry_chain([r for r in rows if r.state in SHOWN_STATES]),
+                      key=lambda r: r.number)
     tuning = [r for r in finished if r.params.get("quantizer") != "none"]
     baseline = [r for r in finished if r.params.get("quantizer") == "none"]
     parts = [f"# {title}"] if title else []
@@ -174,11 +188,13 @@ def _loss_cell(row: TrialRow, lang: str) -> str:
         numbers = text["loss_best"].format(best=_sig(best)) if best is not None else ""
     label = oscillation_label(_metric(row, "loss_oscillation"), _metric(row, "early_loss_oscillation"), lang)
     body = text["join"].join(part for part in (numbers, label) if part)
-    if row.state != "PRUNED":
-        return body
-    iterations = _metric(row, "iterations_run")
-    state = text["pruned_at"].format(it=round(iterations)) if iterations is not None else text["pruned"]
-    return text["state_join"].join(part for part in (state, body) if part)
+    resumed = text["resumed_at"].format(it=row.resumed_at) if row.resumed_at else ""
+    state = ""
+    if row.state == "PRUNED":
+        iterations = _metric(row, "iterations_run")
+        state = (text["pruned_at"].format(it=round(iterations)) if iterations is not None
+                 else text["pruned"])
+    return text["state_join"].join(part for part in (state, resumed, body) if part)
 
 
 def _failed(reason: str | None, text: dict) -> str:
@@ -310,7 +326,16 @@ def _row(number: int, run: Run) -> TrialRow:
         params=dict(run.data.params),
         metrics={k: float(v) for k, v in run.data.metrics.items()},
         fail_reason=tags.get("vqlog.fail_reason"),
+        retry_of=_int(tags.get("vqlog.retry_of")),
+        resumed_at=_int(tags.get("vqlog.resumed_at")),
     )
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[TrialRow]:

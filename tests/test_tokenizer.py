@@ -1,0 +1,152 @@
+"""The tokenizer out of the study: every COMPLETE trial keeps its weights, the best one by the
+study's objective is the registered model `<study>` @ `best`, `vqlog export` writes it, and
+`vqlog encode` turns signals into tokens with it. One real sweep (SQLite stores) serves all."""
+
+import contextlib
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from _sweep_helpers import mlflow_runs, study_trials, write_spec
+
+pytestmark = pytest.mark.slow
+
+DIVERGE = {"warmup": 0, "grad_clip": 1.0e30, "BN": False}  # with lr 1e6: inf at iteration 2
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """`vqlog-sweep --trials 5` of a smoke-like spec whose first row diverges (a FAIL trial,
+    no weights), in its own folder on the embedded defaults."""
+    from vqlog.cli import sweep_main
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    spec = write_spec(folder, "tok", budget={"iteration": 40, "eval_every": 10}, fixed=DIVERGE,
+                      pruner="none", space={"lr": [1.0e6, 2.0e-3, 5.0e-3, 1.0e-2],
+                                            "embedding_num": [16, 32]},
+                      enqueue=[{"lr": 1.0e6}])
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(folder)
+        code = sweep_main(["--trials", "5", "--config", str(spec), "--seed", "3"])
+    assert code == 0, out.getvalue()
+    uri, storage = f"sqlite:///{folder}/mlflow.db", f"sqlite:///{folder}/optuna.db"
+    trials = study_trials(storage, "tok")
+    return SimpleNamespace(folder=folder, uri=uri, storage=storage, trials=trials,
+                           common=["--storage", storage, "--tracking-uri", uri])
+
+
+def best_of(trials):
+    return min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+
+
+def test_complete_trials_keep_weights_and_best_follows_the_objective(swept):
+    from mlflow.tracking import MlflowClient
+
+    from vqlog import checkpoint
+
+    client = MlflowClient(tracking_uri=swept.uri)
+    for run in mlflow_runs(swept.uri, "tok"):
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        complete = run.data.tags["optuna.state"] == "COMPLETE"
+        assert files == ({"model/model.pt"} if complete else set()), run.info.run_name
+    best = best_of(swept.trials)
+    version = client.get_model_version_by_alias("tok", "best")
+    assert version.tags["optuna.trial_number"] == str(best.number)
+    path = client.download_artifacts(version.run_id, "model/model.pt", str(swept.folder))
+    cfg, _ = checkpoint.load(path)
+    assert (cfg.lr, cfg.embedding_num) == (best.params["lr"], best.params["embedding_num"])
+    # The alias moved only to better trials: each version's trial beats the one before.
+    versions = sorted(client.search_model_versions("name='tok'"), key=lambda v: int(v.version))
+    values = [swept.trials[int(v.tags["optuna.trial_number"])].value for v in versions]
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
+
+
+def test_export_writes_the_best_trial_and_encode_makes_its_tokens(swept, tmp_path, cli):
+    from vqlog import checkpoint
+    from vqlog.data import all_windows
+    from vqlog.train import encode
+
+    code, out, err = cli("export", "--study", "tok", *swept.common, "--out", str(tmp_path / "m.pt"))
+    assert code == 0, err
+    best = best_of(swept.trials)
+    assert f"exported Seq{best.number + 1} (trial {best.number})" in out
+    cfg, model = checkpoint.load(tmp_path / "m.pt")
+    assert (cfg.lr, cfg.embedding_num) == (best.params["lr"], best.params["embedding_num"])
+
+    code, out, err = cli("encode", "--model", str(tmp_path / "m.pt"), "--data", "synthetic",
+                         "--out", str(tmp_path / "tokens.npy"))
+    assert code == 0, err
+    tokens = np.load(tmp_path / "tokens.npy", allow_pickle=False)
+    windows = all_windows("synthetic", cfg)
+    assert tokens.shape == (len(windows), cfg.window // cfg.downsample)
+    assert tokens.dtype == np.int64 and 0 <= tokens.min() and tokens.max() < model.codebook_size
+    expected = encode(model, windows)
+    assert np.array_equal(tokens, expected.tokens)
+    assert f"reconstruction MSE {expected.mse:.4g}; codebook perplexity {expected.perplexity:.1f}" in out
+
+    # The registered model gives the same tokens, and any COMPLETE trial exports by number.
+    code, _, err = cli("encode", "--model", "models:/tok@best", "--tracking-uri", swept.uri,
+                       "--data", "synthetic", "--out", str(tmp_path / "again.npy"))
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "again.npy"), tokens)
+    other = next(t for t in swept.trials if t.state.name == "COMPLETE" and t.number != best.number)
+    code, out, err = cli("export", "--study", "tok", "--trial", f"Seq{other.number + 1}",
+                         *swept.common, "--out", str(tmp_path / "other.pt"))
+    assert code == 0 and f"(trial {other.number})" in out, err
+    assert checkpoint.load(tmp_path / "other.pt")[0].lr == other.params["lr"]
+
+
+def _short_signal(path: Path) -> str:
+    np.save(path, np.sin(np.arange(40) / 3.0))  # 40 samples at 25 Hz: not one 64-sample window
+    return str(path)
+
+
+BAD = {  # name: (arguments, fragment of the Error line); {m} is a model file, {f} the folder
+    "unknown study": (["export", "--study", "nope"], "no study 'nope'"),
+    "unknown trial": (["export", "--study", "tok", "--trial", "99"], "has no trial 99 (Seq100)"),
+    "bad trial": (["export", "--study", "tok", "--trial", "Seq0"], "--trial must be"),
+    "no weights": (["export", "--study", "tok", "--trial", "0"], "is FAIL: only COMPLETE"),
+    "no storage": (["export", "--study", "tok", "--storage", "sqlite:///{f}/none.db"],
+                   "no Optuna storage"),
+    "not a model": (["encode", "--model", "{f}/fake.pt", "--data", "synthetic"],
+                    "is not a vqlog checkpoint"),
+    "missing model": (["encode", "--model", "{f}/none.pt", "--data", "synthetic"],
+                      "checkpoint not found"),
+    "unknown registered model": (["encode", "--model", "models:/nope@best", "--data", "synthetic"],
+                                 "no such registered model"),
+    "too short": (["encode", "--model", "{m}", "--data", "{f}/short.npy", "--sample-rate", "25"],
+                  "shorter than one window"),
+    "no data": (["encode", "--model", "{m}"], "--data is required"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_error_line_exit_2_and_no_output(swept, tmp_path, cli, case):
+    from vqlog import checkpoint
+    from vqlog.config import Config
+    from vqlog.model.vqvae import VQVAE
+
+    cfg = Config.from_mapping(swept.trials[1].params, base=_spec_config())
+    checkpoint.save(tmp_path / "model.pt", cfg, VQVAE(cfg))
+    (tmp_path / "fake.pt").write_bytes(b"not a model")
+    _short_signal(tmp_path / "short.npy")
+    args, fragment = BAD[case]
+    args = [a.format(f=tmp_path, m=tmp_path / "model.pt") for a in args]
+    extra = swept.common if args[0] == "export" else ["--tracking-uri", swept.uri]
+    if "--storage" in args:
+        extra = ["--tracking-uri", swept.uri]
+    out_file = tmp_path / "out.bin"
+    code, out, err = cli(*args, *extra, "--out", str(out_file))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert fragment in lines[0], lines[0]
+    assert not out_file.exists() and "Traceback" not in err
+
+
+def _spec_config():
+    from vqlog.study.spec import load_sweep
+
+    return load_sweep("smoke").base_config()

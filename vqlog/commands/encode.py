@@ -1,0 +1,63 @@
+"""`vqlog encode`: signals in, tokens out, with a trained model (a file, or the study's
+registered model `models:/<study>@best`)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file
+
+
+def encode_command_parser(sub) -> None:
+    p = sub.add_parser("encode", help="turn signals into tokens with a trained model")
+    p.add_argument("--model", required=True,
+                   help="a model file (vqlog export, vqlog train --save) or models:/<study>@best")
+    add_data_args(p, None)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI for a models:/ URI (default sqlite:///mlflow.db)")
+    add_device_arg(p)
+    p.add_argument("--out", required=True, help="the .npy file of code indices to write")
+    add_debug(p)
+    p.set_defaults(func=encode_command)
+
+
+def encode_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vqlog import checkpoint
+    from vqlog.data import all_windows
+    from vqlog.errors import UserError
+    from vqlog.files import atomic_write
+    from vqlog.train import encode, resolve_device
+
+    if not args.data:
+        raise UserError("--data is required: ppg, synthetic or a data file")
+    out = check_out_file(args.out, "--out", "tokens.npy")
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="vqlog-encode-") as folder:
+        path, what = _model_file(args, folder)
+        cfg, model = checkpoint.load(path, device=str(device))
+    if cfg.quantizer == "none":
+        raise UserError(f"{what} has no quantizer (quantizer none): it makes no tokens")
+    windows = all_windows(args.data, cfg, sample_rate=args.sample_rate)
+    result = encode(model, windows)
+    atomic_write(out, lambda f: np.save(f, result.tokens, allow_pickle=False))
+    n, t = result.tokens.shape
+    print(f"tokens: {n} windows x {t} codes ({cfg.window} samples, {cfg.downsample} per code) "
+          f"from {args.data} -> {out}")
+    print(f"reconstruction MSE {result.mse:.4g}; codebook perplexity {result.perplexity:.1f} "
+          f"of {model.codebook_size} codes ({100 * result.usage:.1f}% in use)")
+    return 0
+
+
+def _model_file(args: argparse.Namespace, folder: str) -> tuple[str, str]:
+    """(a local model file, how to name it): the file given, or a registered model's weights."""
+    if not args.model.startswith("models:/"):
+        return args.model, args.model
+    from vqlog.tracking.artifacts import run_of_model_uri, weights_of_run
+    from vqlog.tracking.client import existing_store, open_client
+
+    client = open_client(existing_store(args.tracking_uri))
+    run_id, what = run_of_model_uri(client, args.model)
+    return str(weights_of_run(client, run_id, folder, what)), what

@@ -1,0 +1,129 @@
+"""Riding out a restart of the study's database with public APIs only (see `vqlog.study.storage`):
+an outage clock per database, new connections that wait for the server, and vqlog's own calls
+sent again after a connection error. Past VQLOG_DB_OUTAGE_LIMIT: StorageOutageError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, TypeVar
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import URL, make_url
+
+from vqlog.errors import StorageOutageError, find_cause, one_line
+
+T = TypeVar("T")
+log = logging.getLogger("vqlog")
+
+
+def outage_limit() -> float:
+    """Seconds an opened PostgreSQL storage may stay unreachable (VQLOG_DB_OUTAGE_LIMIT)."""
+    return float(os.environ.get("VQLOG_DB_OUTAGE_LIMIT", "120"))
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` means the connection failed (server down or restarting, session
+    terminated, network) rather than the request, so the request may be sent again.
+    OperationalError also covers deadlocks and serialization failures: rolled back, and as safe
+    to send again."""
+    err = find_cause(exc, sqlalchemy.exc.DBAPIError)
+    if err is not None:
+        return err.connection_invalidated or isinstance(err, sqlalchemy.exc.OperationalError)
+    try:  # raised by the driver itself, before SQLAlchemy could wrap it (connecting)
+        import psycopg2
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    return find_cause(exc, psycopg2.OperationalError) is not None
+
+
+class Outage:
+    """Since when one database has been unreachable, shared by everything that talks to it (the
+    storage, the heartbeat thread, the study lock): an outage is timed once and reported with
+    one line when it begins and one when it ends."""
+
+    _all: dict[str, Outage] = {}
+    _all_lock = threading.Lock()
+
+    def __init__(self, what: str):
+        self.what, self.since = what, None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, url: str | URL) -> Outage:
+        url = make_url(url)
+        what = url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+        with cls._all_lock:
+            return cls._all.setdefault(what, cls(what))
+
+    def seconds_down(self, exc: BaseException) -> float:
+        """Note a failed attempt; the seconds since the outage began (0 if it begins now)."""
+        with self._lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                log.warning("vqlog: lost the connection to the Optuna storage %s (%s); retrying "
+                            "for up to %g s (VQLOG_DB_OUTAGE_LIMIT)", self.what, root_cause(exc),
+                            outage_limit())
+            return time.monotonic() - self.since
+
+    def ended(self) -> None:
+        with self._lock:
+            if self.since is not None:
+                log.warning("vqlog: reconnected to the Optuna storage %s after %.1f s",
+                            self.what, time.monotonic() - self.since)
+                self.since = None
+
+    def retry(self, attempt: Callable[[], T], on_error: Callable[[], None] = lambda: None) -> T:
+        """`attempt()` until it gets through. After a connection error: `on_error()`, a pause
+        (0.25 s, doubling up to 4 s) and again, until the outage is older than the limit; then
+        StorageOutageError. Past the limit every call makes one attempt, so a worker that gives
+        up does not wait the limit once per call."""
+        delay, limit = 0.25, outage_limit()
+        while True:
+            try:
+                result = attempt()
+            except StorageOutageError:
+                raise
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                on_error()
+                down = self.seconds_down(exc)
+                if down >= limit:
+                    raise StorageOutageError(
+                        f"the Optuna storage {self.what} has been unreachable for {down:.0f} s, "
+                        f"longer than the outage limit of {limit:g} s (VQLOG_DB_OUTAGE_LIMIT). "
+                        "The study is safe in the database: once it is back, rerun the same "
+                        f"command. Last error: {root_cause(exc)}"
+                    ) from exc
+                time.sleep(min(delay, limit - down + 0.05))
+                delay = min(2 * delay, 4.0)
+                continue
+            self.ended()
+            return result
+
+    def wait_to_connect(self, engine: sqlalchemy.Engine) -> None:
+        """Make every new connection of `engine` wait for the server during an outage."""
+
+        def connect(dialect, _record, cargs, cparams):
+            return self.retry(lambda: dialect.connect(*cargs, **cparams))
+
+        sqlalchemy.event.listen(engine, "do_connect", connect)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The driver's message behind `exc`, on one line."""
+    err = find_cause(exc, sqlalchemy.exc.DBAPIError)
+    return one_line(getattr(err, "orig", None) or exc, 300)
+
+
+def retrying(storage: optuna.storages.BaseStorage, call: Callable[[], T]) -> T:
+    """`call()`, sent again after a connection error for as long as the database's outage is
+    shorter than the limit. Only for calls that are safe to repeat (see the module doc)."""
+    if not isinstance(storage, optuna.storages.RDBStorage) or storage.engine.name != "postgresql":
+        return call()
+    return Outage.of(storage.url).retry(call, on_error=storage.remove_session)
