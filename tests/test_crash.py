@@ -115,7 +115,8 @@ def test_five_sigkills_at_random_points_then_a_rerun(tmp_path, mlflow_store):
     from mlflow.tracking import MlflowClient
 
     from vqlog.tracking import table as table_mod
+    from vqlog.tracking.rows import fetch_rows
 
-    rows = table_mod.fetch_rows(MlflowClient(tracking_uri=uri), "crash")
+    rows = fetch_rows(MlflowClient(tracking_uri=uri), "crash")
     assert table.read_text() == table_mod.render_table(rows, title="crash")
     assert list(table.parent.glob(".crash.md.*.tmp")) == []

@@ -263,7 +263,7 @@ BAD_FILES = [
     ("x.parquet", lambda p: pd.DataFrame({"a": [1.0, 2.0], "label": ["u", "v"]}).to_parquet(p),
      r"column 'label' is .*not numeric"),
     ("x.parquet", "not parquet at all", r"x\.parquet: cannot read as Parquet"),
-    ("x.txt", "1\n2\n", r"x\.txt: unsupported file type '\.txt'; use a \.npy, \.csv or \.parquet"),
+    ("x.txt", "1\n2\n", r"x\.txt: unsupported file type '\.txt'; use a \.npy, \.csv, \.parquet, \.edf or \.bdf file"),
 ]
 
 

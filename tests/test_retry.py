@@ -16,7 +16,7 @@ from vqlog.tracking.client import RetryingClient, is_transient, quiet_http_retri
 
 @pytest.fixture(autouse=True)
 def one_http_attempt(monkeypatch):
-    # What the Tracker sets for http URIs: MLflow's own retries would take minutes here.
+    # What the command line sets: MLflow's own retries would take minutes here.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
@@ -92,15 +92,13 @@ def test_a_call_waits_for_a_server_that_comes_up(tmp_path):
         thread.join(30)
 
 
-def test_only_http_uris_turn_mlflows_own_retries_off(monkeypatch):
+def test_the_command_line_turns_mlflows_own_retries_off_unless_the_user_chose(monkeypatch):
     import os
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)  # restored after the test
-    quiet_http_retries("sqlite:///mlflow.db")
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
-    quiet_http_retries("http://127.0.0.1:5000")
+    quiet_http_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # the user's own choice is kept
-    quiet_http_retries("http://127.0.0.1:5000")
+    quiet_http_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"

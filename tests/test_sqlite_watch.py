@@ -54,7 +54,8 @@ def test_a_worker_and_table_watch_share_the_sqlite_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from vqlog.tracking import table
+    from vqlog.tracking.rows import fetch_rows
 
-    rows = table.fetch_rows(MlflowClient(tracking_uri=uri), "watched")
+    rows = fetch_rows(MlflowClient(tracking_uri=uri), "watched")
     assert len(rows) == 6
     assert (tmp_path / "results" / "watched.md").read_text() == table.render_table(rows, title="watched")

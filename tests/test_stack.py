@@ -82,7 +82,8 @@ def test_artifacts_are_served_by_the_server(stack, study, client, tmp_path):
 
 
 def test_table_agrees_with_runs_and_the_study_run(stack, study, client, cli):
-    from vqlog.tracking.table import fetch_rows, render_table
+    from vqlog.tracking.rows import fetch_rows
+    from vqlog.tracking.table import render_table
 
     code, out, err = cli("table", "--study", stack.study, "--tracking-uri", stack.url, "--out", "-")
     assert code == 0, err

@@ -1,13 +1,12 @@
 """The experiment table: exact markdown from hand-built rows, and a round trip through a real MLflow store."""
 
-import os
 import re
-import stat
 
 import pytest
 
 from vqlog.errors import UserError
-from vqlog.tracking.table import LOG_COLUMNS, TrialRow, fetch_rows, regenerate, render_table, rows_from_runs
+from vqlog.tracking.rows import TrialRow, fetch_rows, rows_from_runs
+from vqlog.tracking.table import LOG_COLUMNS, regenerate, render_table
 
 # The log's Seq1 as logged by MLflow (Config.to_params(), stringified).
 SEQ1 = {"batch": "64", "lr": "0.001", "embedding_dim": "512", "embedding_num": "256", "iteration": "10000",
@@ -60,7 +59,7 @@ EXPECTED_EN = """\
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 | Seq7 ★ | 64 | 1e-3 | 512 | 256 | 10000 | no | +relu | s4d-all | 0.0051 (best 0.0049), stable | — |
 
-- ★ best of its table: lowest best_val_mse among completed trials.
+- ★ best of its table by the study's objective: lowest final val MSE among completed trials (a tie goes to the higher perplexity).
 - loss: final val MSE (best val MSE), then the train/loss oscillation label (score `loss_oscillation`): \
 stable < 0.01 ≤ mild oscillation < 0.05 ≤ severe oscillation; "early …" and "… worse later" compare \
 the first third of training with the whole.
@@ -84,7 +83,7 @@ EXPECTED_ZH = """\
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 | Seq7 ★ | 64 | 1e-3 | 512 | 256 | 10000 | no | +relu | s4d-all | 0.0051（最佳 0.0049），平稳 | — |
 
-- ★ 本表最佳：已完成试验中 best_val_mse 最低。
+- ★ 按研究目标本表最佳：已完成试验中最终 val MSE 最低（相同时取 perplexity 较高者）。
 - loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签（分数 `loss_oscillation`）：\
 平稳 < 0.01 ≤ 轻微震荡 < 0.05 ≤ 震荡严重；“前期…”与“…后期加剧”比较训练前三分之一与全程。
 - perplexity：整个 valid 集上的 codebook perplexity，最高值 (轮数) 与最终值。
@@ -128,13 +127,18 @@ def test_lr_is_shown_compactly_like_the_log(lr, shown):
     assert body_rows(render_table([row(0, lr=lr)]))[0][2] == shown
 
 
-def test_best_mark_goes_to_the_lowest_best_val_mse_among_completed_trials_first_on_ties():
-    rows = [row(0, metrics={"best_val_mse": 0.02}),
-            row(1, metrics={"best_val_mse": 0.01}),
-            row(2, metrics={"best_val_mse": 0.01}),
-            row(3, "PRUNED", metrics={"best_val_mse": 0.001}),
-            row(4, "COMPLETE", metrics={"best_val_mse": float("nan")})]
-    assert [r[0] for r in body_rows(render_table(rows))] == ["Seq1", "Seq2 ★", "Seq3", "Seq4", "Seq5"]
+def test_best_mark_follows_the_objective_the_lowest_final_val_mse_among_completed_trials():
+    """Not the lowest best val MSE (Seq1's 0.001 was passing): the objective is the final one,
+    as for the summary, the registered model and `vqlog best`. A tie goes to the higher
+    perplexity (the Pareto front of a pareto study), then to the earlier trial."""
+    rows = [row(0, metrics={"final_val_mse": 0.02, "best_val_mse": 0.001}),
+            row(1, metrics={"final_val_mse": 0.01, "max_val_perplexity": 10.0}),
+            row(2, metrics={"final_val_mse": 0.01, "max_val_perplexity": 30.0}),
+            row(3, "PRUNED", metrics={"final_val_mse": 0.001}),
+            row(4, "COMPLETE", metrics={"final_val_mse": float("nan")}),
+            row(5, metrics={"final_val_mse": 0.01, "max_val_perplexity": 30.0})]
+    assert [r[0] for r in body_rows(render_table(rows))] == [
+        "Seq1", "Seq2", "Seq3 ★", "Seq4", "Seq5", "Seq6"]
 
 
 def test_no_completed_trial_means_no_mark():

@@ -1,4 +1,4 @@
-"""Command line: `vqlog train|sweep|table|ui|init|export|encode` and `vqlog-sweep`.
+"""Command line: `vqlog train|sweep|table|ui|init|export|encode|best|trials` and `vqlog-sweep`.
 
 Each subcommand is a `<name>_command_parser(subparsers)` + `<name>_command(args)` pair in its own
 module under `vqlog/commands/`. The library raises narrow exceptions; `run` turns a `UserError`
@@ -14,8 +14,11 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-DEFAULT_SPEC = "seed"  # sweeps/seed.yaml: the log's search space on a CPU budget
-DEFAULT_STORAGE = "sqlite:///optuna.db"
+DEFAULT_SPEC = "seed"  # sweeps/seed.yaml: the log's search space on a CPU budget (= api's)
+STORAGE_HELP = ("Optuna storage URL; PostgreSQL to share a study between workers (default: "
+                "$OPTUNA_STORAGE, else sqlite:///optuna.db)")
+TRACKING_HELP = ("MLflow tracking URI, e.g. http://host:5000 for a server (default: "
+                 "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,6 +40,8 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None) -> None:
         help="ppg (heartpy's real PPG recordings), synthetic, or a .npy/.csv/.parquet file",
     )
     p.add_argument("--sample-rate", type=float, help="sample rate in Hz of a user data file")
+    p.add_argument("--channel", help="the signal of a multi-channel file: a WFDB or EDF/BDF "
+                                     "channel, or a CSV/Parquet column (name or 0-based index)")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -49,11 +54,8 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
                    help="sweep spec: a YAML file or a bundled name (seed, quantizers, baseline, "
                         f"smoke, gpu); default {DEFAULT_SPEC}")
     p.add_argument("--study", help="study name (default: the spec's name)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help="Optuna storage URL; PostgreSQL to share a study between workers "
-                        f"(default {DEFAULT_STORAGE})")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default sqlite:///mlflow.db; http://host:5000 for a server)")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
 
 
 def check_out_file(out: str, flag: str, example: str):
@@ -74,12 +76,12 @@ def check_out_file(out: str, flag: str, example: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vqlog.commands import encode, export, init, sweep, table, train, ui
+    from vqlog.commands import best, encode, export, init, sweep, table, train, trials, ui
 
     parser = Parser(prog="vqlog", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for module in (train, sweep, table, ui, init, export, encode):
+    for module in (train, sweep, table, ui, init, export, encode, best, trials):
         getattr(module, f"{module.__name__.rsplit('.', 1)[1]}_command_parser")(sub)
     return parser
 
@@ -89,7 +91,7 @@ def configure_process() -> None:
 
     vqlog prints its own line per trial; Optuna's INFO lines, its WARNING with the whole
     traceback of every failed trial, the ExperimentalWarnings of the heartbeat API it
-    recommends, and MLflow's and alembic's INFO line per schema migration would drown them."""
+    recommends, and MLflow's and alembic's lines per schema migration would drown them."""
     import logging
     import os
     import warnings
@@ -98,10 +100,15 @@ def configure_process() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    # MLflow's own warnings too (a tag cut at its length limit, the system-metrics monitor
+    # during a tracking outage): what matters, vqlog says itself, in one line.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # read when mlflow is imported
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):  # in case it already was
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from vqlog.tracking.client import quiet_http_retries
+
+    quiet_http_retries()
 
 
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -156,20 +156,22 @@ def _too_short(split: str, per_rec: list[dict], window: int) -> str:
             f"window={window} samples ({lengths}); {fix}")
 
 
-def prepare(source: str, config: Config, sample_rate: float | None = None) -> Splits:
+def prepare(source: str, config: Config, sample_rate: float | None = None,
+            channel: str | None = None) -> Splits:
     """load_source + make_splits with the config's window, stride, resample_hz, standardize."""
-    recordings = load_source(source, sample_rate=sample_rate, seed=config.seed)
+    recordings = load_source(source, sample_rate=sample_rate, seed=config.seed, channel=channel)
     splits = make_splits(recordings, window=config.window, stride=config.stride,
                          resample_hz=config.resample_hz, standardize=config.standardize)
     info = {"source": source, "description": describe_source(source), **splits.info}
     return Splits(splits.train, splits.valid, splits.test, splits.sample_rate, info)
 
 
-def all_windows(source: str, config: Config, sample_rate: float | None = None) -> np.ndarray:
+def all_windows(source: str, config: Config, sample_rate: float | None = None,
+                channel: str | None = None) -> np.ndarray:
     """Every window of every whole recording of `source` (no splits), cut and standardized as
     `config` says: (n, window) float32, what a trained model turns into tokens. "dataset"
     standardization uses these windows' own mean and std. DataError if none is long enough."""
-    recordings = load_source(source, sample_rate=sample_rate, seed=config.seed)
+    recordings = load_source(source, sample_rate=sample_rate, seed=config.seed, channel=channel)
     parts, longest = [], 0
     for rec in recordings:
         x, rate = _at_rate(rec, config.resample_hz)
@@ -192,12 +194,12 @@ class DataCache:
 
     KEYS = ("window", "stride", "resample_hz", "standardize", "seed")  # seed: synthetic data
 
-    def __init__(self, source: str, sample_rate: float | None):
-        self.source, self.sample_rate = source, sample_rate
+    def __init__(self, source: str, sample_rate: float | None, channel: str | None = None):
+        self.source, self.sample_rate, self.channel = source, sample_rate, channel
         self._cache: dict[tuple, Splits] = {}
 
     def get(self, cfg: Config) -> Splits:
         key = tuple(getattr(cfg, k) for k in self.KEYS)
         if key not in self._cache:
-            self._cache[key] = prepare(self.source, cfg, sample_rate=self.sample_rate)
+            self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel)
         return self._cache[key]

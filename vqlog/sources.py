@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vqlog import records
 from vqlog.errors import DataError, one_line
 
 SOURCES = ("ppg", "synthetic")
@@ -40,10 +41,14 @@ class Recording:
 # --------------------------------------------------------------------------- sources
 
 
-def load_source(source: str, sample_rate: float | None = None, seed: int = 0) -> list[Recording]:
-    """Recordings of a named source or a user file; every one checked finite and non-constant."""
+def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
+                channel: str | None = None) -> list[Recording]:
+    """Recordings of a named source or a user file; every one checked finite and non-constant.
+    `channel` picks one signal of a WFDB record, an EDF/BDF file or a CSV/Parquet table."""
     if sample_rate is not None:
         sample_rate = _check_rate(sample_rate, source)
+    if source in SOURCES and channel is not None:
+        raise DataError(f"the {source} source has one channel; drop --channel")
     if source == "ppg":
         if sample_rate is not None:
             raise DataError("the ppg recordings carry their own sample rates; drop --sample-rate "
@@ -51,11 +56,26 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0) ->
         recordings = _load_ppg()
     elif source == "synthetic":
         recordings = synthetic(seed=seed, sample_rate=sample_rate or SYNTHETIC_HZ)
+    elif records.is_wfdb_record(source):
+        recordings = [_own_rate(records.read_wfdb(source, channel), source, sample_rate)]
     else:
-        recordings = _load_file(_resolve(source), sample_rate)
+        path = _resolve(source)
+        if path.suffix.lower() in records.EDF_SUFFIXES:
+            recordings = [_own_rate(records.read_edf(path, channel), source, sample_rate)]
+        else:
+            recordings = _load_file(path, sample_rate, channel)
     for rec in recordings:
         check_signal(rec)
     return recordings
+
+
+def _own_rate(read: tuple[np.ndarray, float, str], source: str,
+              sample_rate: float | None) -> Recording:
+    signal, rate, name = read
+    if sample_rate is not None:
+        raise DataError(f"{source} carries its own sample rate ({rate:g} Hz); drop "
+                        "--sample-rate (use resample_hz to change the rate)")
+    return Recording(f"{source}:{name}", signal, rate)
 
 
 def describe_source(source: str) -> str:
@@ -141,26 +161,39 @@ def _sine(rng: np.random.Generator, t: np.ndarray, low: float, high: float) -> n
 # --------------------------------------------------------------------------- user files
 
 
+KINDS = ".npy, .csv, .parquet, .edf or .bdf file, or a WFDB record (its path without extension)"
+
+
 def _resolve(source: str) -> Path:
     path = Path(source).expanduser()
+    suffixes = SUFFIXES + records.EDF_SUFFIXES
     if path.is_file():
-        if path.suffix.lower() not in SUFFIXES:
-            raise DataError(f"{source}: unsupported file type '{path.suffix}'; "
-                            "use a .npy, .csv or .parquet file")
+        if path.suffix.lower() not in suffixes:
+            raise DataError(f"{source}: unsupported file type '{path.suffix}'; use a {KINDS}")
         return path
     if path.exists():
-        raise DataError(f"{source} is a directory; pass a .npy, .csv or .parquet file")
-    if path.suffix.lower() in SUFFIXES:
+        raise DataError(f"{source} is a directory; pass a {KINDS}")
+    if path.suffix.lower() in suffixes:
         raise DataError(f"data file not found: {source}; check the path")
+    if any(path.parent.glob(f"{path.name}.*")) if path.parent.is_dir() else False:
+        raise DataError(f"WFDB record {source}: its header {source}.hea is missing; give the "
+                        "record's path without extension, beside its .hea and signal files")
     raise DataError(f"unknown data source '{source}'; use one of {', '.join(SOURCES)} "
-                    "or a path to a .npy, .csv or .parquet file")
+                    f"or a path to a {KINDS}")
 
 
-def _load_file(path: Path, sample_rate: float | None) -> list[Recording]:
+def _load_file(path: Path, sample_rate: float | None, channel: str | None = None
+               ) -> list[Recording]:
     if sample_rate is None:
         raise DataError(f"{path}: the sample rate of a data file is unknown; "
                         "pass --sample-rate HZ (or sample_rate in the spec)")
     suffix = path.suffix.lower()
+    if channel is not None:
+        if suffix == ".npy":
+            raise DataError(f"{path}: --channel picks a column of a CSV or Parquet table or a "
+                            "channel of a WFDB record or EDF/BDF file, not of a .npy array")
+        signal, name = _column(path, channel)
+        return [Recording(f"{path}:{name}", signal, sample_rate)]
     read = {".npy": _read_npy, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
     rows = read(path)
     if isinstance(rows, np.ndarray):
@@ -175,6 +208,21 @@ def _load_file(path: Path, sample_rate: float | None) -> list[Recording]:
         raise DataError(f"{path} holds no samples; pass a file with signal data")
     return [Recording(f"{path}[{i}]", np.asarray(row, np.float64), sample_rate)
             for i, row in enumerate(rows)]
+
+
+def _column(path: Path, channel: str) -> tuple[np.ndarray, str]:
+    """One named (or 0-based indexed) column of a CSV (with a header row) or Parquet table."""
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError, ImportError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read as a table ({_why(exc)})") from None
+    index = records.pick_channel([str(c) for c in df.columns], channel, str(path))
+    column = df.iloc[:, index]
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise DataError(f"{path}: column {column.name!r} is {column.dtype}, not numeric")
+    return column.to_numpy(np.float64, na_value=np.nan), str(column.name)
 
 
 def _read_npy(path: Path) -> np.ndarray:

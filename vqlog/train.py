@@ -295,10 +295,23 @@ def fit(
     checkpointed at once and TrainingStopped is raised. Raises DivergedError on a NaN/Inf loss.
     """
     dev = resolve_device(device)
-    # Activations decaying through the S4D stacks reach denormal floats, which made CPU steps
-    # much slower; flushing them to zero costs no accuracy.
+    # The process's RNGs are forked (fit seeds its own, and a resume restores the run's) and put
+    # back afterwards. Activations decaying through the S4D stacks reach denormal floats, which
+    # made CPU steps much slower; flushing them to zero costs no accuracy, and the default
+    # (off) is back once fit returns.
+    devices = [dev.index or 0] if dev.type == "cuda" else []
     torch.set_flush_denormal(True)
-    torch.manual_seed(cfg.seed)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed)
+            return _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint,
+                        resume, should_stop)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint, resume,
+         should_stop) -> FitResult:
     train = torch.as_tensor(data.train, device=dev)  # (N L), moved once
     valid = torch.as_tensor(data.valid, device=dev)  # (M L)
     if train.shape[1] != cfg.window:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file
+from vqlog.cli import TRACKING_HELP, add_data_args, add_debug, add_device_arg, check_out_file
 
 
 def encode_command_parser(sub) -> None:
@@ -14,8 +14,7 @@ def encode_command_parser(sub) -> None:
     p.add_argument("--model", required=True,
                    help="a model file (vqlog export, vqlog train --save) or models:/<study>@best")
     add_data_args(p, None)
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI for a models:/ URI (default sqlite:///mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     add_device_arg(p)
     p.add_argument("--out", required=True, help="the .npy file of code indices to write")
     add_debug(p)
@@ -40,7 +39,7 @@ def encode_command(args: argparse.Namespace) -> int:
         cfg, model = checkpoint.load(path, device=str(device))
     if cfg.quantizer == "none":
         raise UserError(f"{what} has no quantizer (quantizer none): it makes no tokens")
-    windows = all_windows(args.data, cfg, sample_rate=args.sample_rate)
+    windows = all_windows(args.data, cfg, sample_rate=args.sample_rate, channel=args.channel)
     result = encode(model, windows)
     atomic_write(out, lambda f: np.save(f, result.tokens, allow_pickle=False))
     n, t = result.tokens.shape

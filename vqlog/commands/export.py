@@ -8,7 +8,7 @@ import re
 import shutil
 import tempfile
 
-from vqlog.cli import DEFAULT_STORAGE, add_debug, check_out_file
+from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, check_out_file
 
 
 def export_command_parser(sub) -> None:
@@ -16,8 +16,8 @@ def export_command_parser(sub) -> None:
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--trial", help="Optuna trial number (Seq<n+1> in the table) or Seq<k>; "
                                    "default: the study's best trial by its objective")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     p.add_argument("--out", required=True, help="the model file to write, e.g. model.pt")
     add_debug(p)
     p.set_defaults(func=export_command)
@@ -42,15 +42,15 @@ def export_command(args: argparse.Namespace) -> int:
     from vqlog import checkpoint
     from vqlog.errors import UserError
     from vqlog.files import atomic_write
-    from vqlog.study.storage import load_existing_study
+    from vqlog.study.storage import load_existing_study, resolve_storage
     from vqlog.study.worker import best_trial
     from vqlog.tracking.artifacts import trial_runs, weights_of_run
     from vqlog.tracking.client import existing_store, open_client
-    from vqlog.tracking.table import run_name
+    from vqlog.tracking.rows import run_name
 
     out = check_out_file(args.out, "--out", "model.pt")
     number = trial_number(args.trial)
-    study = load_existing_study(args.storage, args.study)
+    study = load_existing_study(resolve_storage(args.storage), args.study)
     trials = study.get_trials(deepcopy=False)
     if number is None:
         trial = best_trial(study)

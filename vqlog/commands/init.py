@@ -26,20 +26,20 @@ def init_command_parser(sub) -> None:
 
 
 def init_command(args: argparse.Namespace) -> int:
-    from vqlog.commands.sweep import load_spec
-    from vqlog.study.storage import StudyLock, open_study
-    from vqlog.tracking.client import DEFAULT_TRACKING_URI
+    from vqlog.api import study_spec
+    from vqlog.study.storage import StudyLock, open_study, resolve_storage
+    from vqlog.tracking.client import resolve_tracking_uri
     from vqlog.tracking.runs import Tracker
     from vqlog.urls import mask
 
-    spec = load_spec(args)
-    uri = args.tracking_uri or DEFAULT_TRACKING_URI
+    spec = study_spec(args.config, args.study)
+    storage, uri = resolve_storage(args.storage), resolve_tracking_uri(args.tracking_uri)
     tracker = Tracker(uri)
     tracker.check_experiment(spec.name)
-    study, _ = open_study(spec, args.storage)
-    with StudyLock(args.storage, spec.name):  # as a worker does: one study run, whoever is first
+    study, _ = open_study(spec, storage)
+    with StudyLock(storage, spec.name):  # as a worker does: one study run, whoever is first
         tracker.start_study(study, spec)
-    print(f"study {spec.name}: Optuna study ready in {mask(args.storage)} "
+    print(f"study {spec.name}: Optuna study ready in {mask(storage)} "
           f"({len(study.get_trials(deepcopy=False))} trials so far); MLflow experiment "
           f"{tracker.experiment_id}, study run {tracker.parent_id} at {mask(uri)}", flush=True)
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import signal
 import sys
 import threading
@@ -32,48 +31,26 @@ def sweep_command_parser(sub) -> None:
     p.set_defaults(func=sweep_command)
 
 
-def load_spec(args: argparse.Namespace):
-    """The spec --config names, with --study, --data and --sample-rate applied."""
-    from vqlog.study.spec import load_sweep
-
-    spec = load_sweep(args.config)
-    changes = {}
-    if args.study:
-        changes["name"] = args.study
-    if getattr(args, "data", None):
-        changes.update(source=args.data, sample_rate=args.sample_rate)
-    elif getattr(args, "sample_rate", None) is not None:
-        changes["sample_rate"] = args.sample_rate
-    return dataclasses.replace(spec, **changes)
-
-
 def sweep_command(args: argparse.Namespace) -> int:
-    from vqlog.errors import UserError
+    from vqlog import api
 
     # The flags first: a typo is reported before torch and MLflow are imported.
-    if args.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {args.trials}")
-    if args.timeout is not None and not args.timeout > 0:  # NaN too
-        raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    api.check_options(args.trials, args.timeout, args.seed)
 
     from vqlog.errors import TrackingUnavailable
     from vqlog.study import worker
-    from vqlog.study.storage import parse_url
-    from vqlog.tracking.client import DEFAULT_TRACKING_URI
-    from vqlog.tracking.runs import Tracker
     from vqlog.urls import mask, mask_urls
 
-    spec = load_spec(args)
-    parse_url(args.storage)
-    uri = args.tracking_uri or DEFAULT_TRACKING_URI
-    tracker = Tracker(uri, lang=args.lang)
+    spec = api.study_spec(args.config, args.study, args.data, args.sample_rate, args.channel)
+    storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
+    uri = tracker.given_uri
     print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
-          f"storage {mask(args.storage)}, tracking {mask(uri)}", flush=True)
+          f"storage {mask(storage)}, tracking {mask(uri)}", flush=True)
     start = time.perf_counter()
     stop = worker.StopRequest()
     try:
         with stop_on_signals(stop):
-            result = worker.run(spec, args.trials, args.storage, tracker=tracker,
+            result = worker.run(spec, args.trials, storage, tracker=tracker,
                                 device=args.device, timeout=args.timeout, seed=args.seed,
                                 stop=stop)
     except TrackingUnavailable as exc:
@@ -83,7 +60,7 @@ def sweep_command(args: argparse.Namespace) -> int:
             "command to resume.\n"
         )
         return 1
-    print(summary_text(result, time.perf_counter() - start, args.storage, uri))
+    print(summary_text(result, time.perf_counter() - start, storage, uri, tracker.ui_url()))
     if (note := tracker.outage_note()) is not None:
         print(note)
     if result.stopped:
@@ -126,9 +103,9 @@ def stop_on_signals(stop):
             signal.signal(sig, handler)
 
 
-def summary_text(r, seconds: float, storage: str, uri: str) -> str:
+def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     """The sweep's closing lines: what finished, the best trial, and where to look."""
-    from vqlog.tracking.table import run_name
+    from vqlog.tracking.rows import run_name
     from vqlog.urls import mask
 
     lines = [
@@ -145,10 +122,10 @@ def summary_text(r, seconds: float, storage: str, uri: str) -> str:
         lines.append("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in r.best["params"].items()))
     if r.table_path:
         lines.append(f"table:  {r.table_path}")
-    if uri.startswith("sqlite:///"):
-        lines.append(f"mlflow: vqlog ui --tracking-uri {uri}   (then open http://127.0.0.1:5000)")
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"mlflow: {ui}")
     else:
-        lines.append(f"mlflow: {mask(uri)}")
+        lines.append(f"mlflow: vqlog ui --tracking-uri {mask(uri)}   then open {ui}")
     lines.append(f"optuna: optuna-dashboard {mask(storage)}")
     return "\n".join(lines)
 

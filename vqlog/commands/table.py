@@ -6,13 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
-from vqlog.cli import add_debug
+from vqlog.cli import TRACKING_HELP, add_debug
 
 
 def table_command_parser(sub) -> None:
     p = sub.add_parser("table", help="regenerate the experiment table from MLflow")
     p.add_argument("--study", help="study (MLflow experiment) name; default: the only vqlog study")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     p.add_argument("--lang", default="en", choices=("en", "zh"))
     p.add_argument("--out", help="output file (default results/<study>.md; - for stdout)")
     p.add_argument("--watch", action="store_true", help="keep regenerating as runs finish")
@@ -47,21 +47,22 @@ def table_command(args: argparse.Namespace) -> int:
 def _table_loop(args, client, study: str, parent: str | None) -> int:
     from vqlog.files import write_text
     from vqlog.tracking import table
+    from vqlog.tracking.rows import fetch_rows
     from vqlog.tracking.runs import publish_table
 
     last = None
     while True:
-        rows = table.fetch_rows(client, study)
+        rows = fetch_rows(client, study)
         text = table.render_table(rows, lang=args.lang, title=study)
         if text != last:
             if args.out == "-":
                 print(text, flush=True)
             else:
-                out = Path(args.out or f"results/{study}.md")
+                out = Path(args.out) if args.out else table.table_path("results", study)
                 write_text(out, text, crash_point="table.write")
                 print(f"table: {out} ({len(rows)} trials)", flush=True)
             if parent:
-                publish_table(client, parent, text)
+                publish_table(client, parent, text, table.table_records(rows, args.lang))
             last = text
         if not args.watch:
             return 0

@@ -35,7 +35,7 @@ def train_command(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
     if args.save:
         check_out_file(args.save, "--save", "model.pt")
-    data = prepare(args.data, cfg, sample_rate=args.sample_rate)
+    data = prepare(args.data, cfg, sample_rate=args.sample_rate, channel=args.channel)
     print(
         f"data: {args.data}: {len(data.train)} train / {len(data.valid)} valid / "
         f"{len(data.test)} test windows of {cfg.window} samples"

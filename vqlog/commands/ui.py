@@ -7,12 +7,12 @@ import os
 import shutil
 import sys
 
-from vqlog.cli import add_debug
+from vqlog.cli import TRACKING_HELP, add_debug
 
 
 def ui_command_parser(sub) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on the local store")
-    p.add_argument("--tracking-uri", default=None, help="backend store (default sqlite:///mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     add_debug(p)

@@ -9,7 +9,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from vqlog.tracking.table import run_name
+from vqlog.tracking.rows import run_name
 
 
 class TrialProgress:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,59 +29,24 @@ from typing import Any
 
 import optuna
 
-from vqlog.config import ALIASES, Config, coerce, known_keys, load_config_file
+from vqlog.config import ALIASES, Config, coerce, load_config_file
+from vqlog.study.space import (BUDGET_KEYS, FIELD_TYPES, LINKED, Param, field_name, log_name,
+                               no_unknown, parse_param, valid_alone)
 from vqlog.errors import ConfigError
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 OBJECTIVES = ("mse", "pareto")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("hyperband", "median", "none")
 TOP_KEYS = ("name", "description", "data", "budget", "objective", "sampler", "pruner", "fixed",
             "space", "enqueue")
-BUDGET_KEYS = ("iteration", "eval_every", "checkpoint_every")
-DATA_KEYS = ("source", "sample_rate")
-# Keys valid only together (window must be a multiple of downsample): checked per combination.
-LINKED = ("window", "downsample")
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched dimension, under the log's name (`En-De`, `BN`, ...)."""
-
-    name: str
-    kind: str  # categorical | int | float
-    choices: tuple = ()
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-
-    def suggest(self, trial) -> Any:
-        if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
-
-    def contains(self, value: Any) -> bool:
-        if self.kind == "categorical":
-            return value in self.choices
-        return isinstance(value, (int, float)) and self.low <= value <= self.high
-
-    def grid_values(self) -> list:
-        if self.kind == "categorical":
-            return list(self.choices)
-        if self.kind == "int" and self.high - self.low <= 16:
-            return list(range(int(self.low), int(self.high) + 1))
-        raise ConfigError(
-            f"space.{self.name}: the grid sampler needs a list of choices, not a range"
-        )
-
-
+DATA_KEYS = ("source", "sample_rate", "channel")
 @dataclass(frozen=True)
 class SweepSpec:
     name: str
     source: str = "ppg"
     sample_rate: float | None = None
+    channel: str | None = None  # one signal of a multi-channel file (name or 0-based index)
     space: tuple[Param, ...] = ()
     fixed: tuple[tuple[str, Any], ...] = ()  # (Config field, value), validated
     iteration: int = Config.iteration
@@ -175,22 +140,24 @@ def _config(spec: SweepSpec, searched: dict, seed: int | None = None) -> Config:
 
 def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
     """A validated SweepSpec from a spec's mapping; `path` is the file it came from."""
-    _no_unknown(raw, TOP_KEYS, "")
+    no_unknown(raw, TOP_KEYS, "")
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError("name: the study name must be a non-empty string")
+    if not isinstance(name, str):
+        raise ConfigError(f"name: the study name must be a string, got {name!r}")
+    check_study_name(name.strip(), "name")
     data = _mapping(raw.get("data", {}), "data")
-    _no_unknown(data, DATA_KEYS, "data.")
+    no_unknown(data, DATA_KEYS, "data.")
     budget = _mapping(raw.get("budget", {}), "budget")
-    _no_unknown(budget, BUDGET_KEYS, "budget.")
+    no_unknown(budget, BUDGET_KEYS, "budget.")
     fixed = _mapping(raw.get("fixed", {}), "fixed")
     fixed_cfg = _fixed_values(fixed)
-    space = tuple(_param(k, v) for k, v in _mapping(raw.get("space", {}), "space").items())
+    space = tuple(parse_param(k, v) for k, v in _mapping(raw.get("space", {}), "space").items())
     spec = SweepSpec(
         name=name.strip(),
         description=str(raw.get("description", "")),
         source=_source(data.get("source", "ppg")),
         sample_rate=_rate(data.get("sample_rate")),
+        channel=_channel(data.get("channel")),
         space=space,
         fixed=tuple(fixed_cfg.items()),
         iteration=_positive_int(budget.get("iteration", Config.iteration), "budget.iteration"),
@@ -201,7 +168,7 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
         pruner=_choice(raw.get("pruner", "hyperband"), PRUNERS, "pruner"),
         path=path,
     )
-    overlap = {p.name for p in space} & {_log_name(k) for k in fixed}
+    overlap = {p.name for p in space} & {log_name(k) for k in fixed}
     if overlap:
         raise ConfigError(f"{', '.join(sorted(overlap))} is both fixed and searched; keep one")
     if spec.objective == "pareto" and spec.pruner != "none":
@@ -216,18 +183,16 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
     return dataclasses.replace(spec, enqueue=rows)
 
 
+def check_study_name(name: str, where: str = "--study") -> str:
+    """A study name is 1 to 64 letters, digits, '.', '_' or '-': it names the MLflow experiment,
+    the registered model and the table's file, so it must be safe in all three."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: {name!r} is not a study name; use 1 to 64 letters, digits, "
+                          "'.', '_' or '-'")
+    return name
+
+
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _log_name(key: str) -> str:
-    field = ALIASES.get(key, key)
-    return {v: k for k, v in ALIASES.items()}.get(field, field)
-
-
-def _no_unknown(mapping: dict, allowed: tuple, prefix: str) -> None:
-    for key in mapping:
-        if key not in allowed:
-            raise ConfigError(f"unknown key '{prefix}{key}' (allowed: {', '.join(allowed)})")
 
 
 def _mapping(value: Any, key: str) -> dict:
@@ -248,6 +213,14 @@ def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     return value
+
+
+def _channel(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+        raise ConfigError(f"data.channel must be a channel name or a 0-based index, got {value!r}")
+    return str(value)
 
 
 def _checkpoint_every(budget: dict) -> int:
@@ -273,93 +246,14 @@ def _rate(value: Any) -> float | None:
     return float(value)
 
 
-def _field(key: str, where: str) -> str:
-    name = ALIASES.get(key, key)
-    if name not in _FIELD_TYPES:
-        raise ConfigError(f"unknown config key '{where}{key}' (known: {', '.join(known_keys())})")
-    if name in BUDGET_KEYS:
-        raise ConfigError(f"'{where}{key}' belongs under budget:, not {where.rstrip('.')}")
-    return name
-
-
 def _fixed_values(fixed: dict) -> dict:
     out = {}
     for key, value in fixed.items():
-        name = _field(key, "fixed.")
-        out[name] = coerce(f"fixed.{key}", value, _FIELD_TYPES[name])
+        name = field_name(key, "fixed.")
+        out[name] = coerce(f"fixed.{key}", value, FIELD_TYPES[name])
         if name not in LINKED:  # window and downsample: by combination, in _check_combinations
-            _valid_alone(name, out[name], f"fixed.{key}")
+            valid_alone(name, out[name], f"fixed.{key}")
     return out
-
-
-def _valid_alone(key: str, value: Any, where: str) -> None:
-    """Config's own check of one value (lr <= 0, batch 0, an unknown MLP ...), named by `where`."""
-    try:
-        Config.from_mapping({key: value})
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads 1e-3 as a string
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    return value
-
-
-def _param(key: str, value: Any) -> Param:
-    _field(key, "space.")
-    name = _log_name(key)
-    where = f"space.{key}"
-    typ = _FIELD_TYPES[ALIASES.get(key, key)]
-    if isinstance(value, list):
-        value = {"type": "categorical", "choices": value}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a list of choices or a mapping with type/low/high")
-    _no_unknown(value, ("type", "choices", "low", "high", "log"), f"{where}.")
-    kind = value.get("type", "categorical" if "choices" in value else None)
-    if kind not in ("categorical", "int", "float"):
-        raise ConfigError(f"{where}.type must be categorical, int or float; got {kind!r}")
-    if kind == "categorical":
-        choices = value.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}: choices must be a non-empty list")
-        coerced = tuple(coerce(where, c, typ) for c in choices)
-        if key not in LINKED:  # window and downsample: by combination, in _check_combinations
-            for c in coerced:
-                _valid_alone(key, c, where)
-        if len(set(coerced)) != len(coerced):
-            raise ConfigError(f"{where}: choices repeat a value")
-        return Param(name, "categorical", choices=coerced)
-    if key in LINKED:
-        raise ConfigError(f"{where}: give {key} as a list of choices; window must be a multiple "
-                          "of downsample, and vqlog checks every combination before the sweep")
-    for bound in ("low", "high"):
-        if bound not in value:
-            raise ConfigError(f"{where}: a {kind} range needs {bound}")
-    low, high = _number(value["low"], f"{where}.low"), _number(value["high"], f"{where}.high")
-    log = value.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"{where}.log must be true or false")
-    if low > high:
-        raise ConfigError(f"{where}: low ({low}) is above high ({high})")
-    if log and low <= 0:
-        raise ConfigError(f"{where}: a log range must stay above 0, got low={low}")
-    if kind == "int":
-        if "int" not in str(typ):
-            raise ConfigError(f"{where}: {key} is not an integer key; use type float or choices")
-        if int(low) != low or int(high) != high:
-            raise ConfigError(f"{where}: int bounds must be integers")
-        low, high = int(low), int(high)
-    elif "float" not in str(typ):
-        raise ConfigError(f"{where}: {key} is not a float key; use choices")
-    for bound in (low, high):
-        _valid_alone(key, bound, where)
-    return Param(name, kind, low=low, high=high, log=log)
 
 
 def _check_combinations(spec: SweepSpec) -> None:
@@ -382,12 +276,12 @@ def _enqueue_row(i: int, row: Any, spec: SweepSpec) -> dict:
     params = {p.name: p for p in spec.space}
     out = {}
     for key, value in row.items():
-        name = _log_name(key)
+        name = log_name(key)
         if name not in params:
             raise ConfigError(
                 f"{where}.{key} is not a searched parameter (searched: {', '.join(params)})"
             )
-        typ = _FIELD_TYPES[ALIASES.get(name, name)]
+        typ = FIELD_TYPES[ALIASES.get(name, name)]
         value = coerce(f"{where}.{key}", value, typ)
         if not params[name].contains(value):
             raise ConfigError(f"{where}.{key}={value!r} lies outside the search space")

@@ -31,10 +31,13 @@ from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.urls import mask, with_psycopg2
 
 SCHEMES = ("sqlite", "postgresql")
+DEFAULT_STORAGE = "sqlite:///optuna.db"
 MAX_RETRY = 3  # a dead worker's trial is retried this many times
 TABLES_LOCK = "<tables>"  # the StudyLock name under which a worker creates Optuna's tables
 ENQUEUED = "vqlog.enqueued"  # study user attr: the spec's rows were enqueued
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
+# What the objective's values are, for optuna-dashboard's axes (not "Objective 0").
+METRIC_NAMES = {"mse": ["final_val_mse"], "pareto": ["final_val_mse", "max_val_perplexity"]}
 
 
 def heartbeat_interval() -> int:
@@ -49,6 +52,12 @@ def grace_period() -> int:
 
 
 # ------------------------------------------------------------------------------------ URLs
+
+
+def resolve_storage(url: str | None) -> str:
+    """The storage URL a command uses: the flag, else $OPTUNA_STORAGE, else the embedded
+    sqlite:///optuna.db."""
+    return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
 
 
 def parse_url(url: str, what: str = "--storage") -> URL:
@@ -166,6 +175,11 @@ def open_study(spec, url: str, seed: int | None = None
             storage=storage, study_name=spec.name, directions=spec.directions,
             sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True))
         check_directions(study, spec)
+        names = METRIC_NAMES[spec.objective]
+        if retrying(storage, lambda: study.metric_names) != names:
+            with warnings.catch_warnings():  # set_metric_names is marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retrying(storage, lambda: study.set_metric_names(names))
         if spec.enqueue and not retrying(storage, lambda: study.user_attrs.get(ENQUEUED)):
             for row in spec.enqueue:
                 retrying(storage, lambda row=row: study.enqueue_trial(row, skip_if_exists=True))

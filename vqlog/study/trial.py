@@ -27,6 +27,7 @@ from vqlog.train import fit
 
 log = logging.getLogger("vqlog")
 OUTAGES = (StorageOutageError, TrackingUnavailable)  # stop the sweep: rerun once it is back
+RUN_ID = "mlflow.run_id"  # trial user attr: the trial's MLflow run
 LOST_REASON = ("lost: another worker heard no heartbeat from this one within the grace period "
                "and failed the trial; its retry runs later")
 
@@ -100,17 +101,19 @@ class Objective:
         run = None
         try:
             cfg = self._db(lambda: self.spec.suggest(trial, self.seed))
+            data = self.cache.get(cfg)
             state = None
             if self.tracker is not None:
                 state = self._resume_state(retry_history, cfg)
                 run = self.tracker.start_trial(
                     trial.number, cfg, retry_of=retry_history[0] if retry_history else None,
                     resumed_at=state["step"] if state else 0)
+                self._db(lambda: trial.set_user_attr(RUN_ID, run.run_id))
+                run.log_dataset(data, self.spec.source, self.spec.channel)
                 if state is not None:
                     from vqlog.checkpoint import history
 
                     run.log_history(history(state))
-            data = self.cache.get(cfg)
             result = fit(cfg, data, on_eval=self._on_eval(trial, run), device=self.device,
                          checkpoint_every=self.spec.checkpoint_every if run else 0,
                          on_checkpoint=run.log_checkpoint if run else None, resume=state,

@@ -75,7 +75,7 @@ class Worker:
         self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
         self.stop = stop if stop is not None else StopRequest()
-        self.cache = DataCache(spec.source, spec.sample_rate)
+        self.cache = DataCache(spec.source, spec.sample_rate, spec.channel)
         self.summary = SweepSummary(study=spec.name, finished=0, target=trials)
         self.fails_in_a_row = 0
         self.last_fail_reason = ""
@@ -146,6 +146,14 @@ class Worker:
         return None
 
     def _ask(self) -> optuna.Trial:
+        """A new trial (or a queued one). With --seed S, the sampler is seeded anew from S and
+        the number of trials the study has: one uninterrupted worker repeats itself exactly,
+        while a resumed study or a second worker given the same S draws new parameters (the
+        same seed every time proposed the same points again, optuna#4714). Queued rows keep
+        their parameters; a grid visits each point once whatever the seed."""
+        if self.seed is not None:
+            number = len(self.study.get_trials(deepcopy=False))
+            self.study.sampler = self.spec.make_sampler(sampler_seed(self.seed, number))
         with warnings.catch_warnings():
             # "Heartbeat of storage is supposed to be used with Study.optimize": without
             # optimize's heartbeat thread nothing would beat for the trial; trial.Heartbeat does.
@@ -237,6 +245,13 @@ class Worker:
 
     def _db(self, call):
         return retrying(self.storage, call)
+
+
+def sampler_seed(seed: int, trials: int) -> int:
+    """The sampler's seed for the next trial of a study that has `trials` trials."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
 
 
 def check_data(spec: SweepSpec, cache: DataCache, seed: int | None) -> None:

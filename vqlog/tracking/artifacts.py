@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from vqlog.errors import UserError
-from vqlog.tracking.table import run_name
+from vqlog.tracking.rows import run_name
 
 CHECKPOINT = "checkpoint/latest.pt"  # one per trial run: each save replaces the last
 WEIGHTS = "model/model.pt"  # a vqlog.checkpoint model file

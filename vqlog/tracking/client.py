@@ -15,8 +15,8 @@ Metrics are not sent through a blocking retry: `TrialRun` buffers them and `try_
 so training goes on during an outage and the buffer is flushed once the server answers again.
 
 MLflow's own HTTP retries (7 with exponential backoff, minutes in all) would hide the outage
-from this clock, so `open_client` turns them off for http(s) URIs unless the user has set
-MLFLOW_HTTP_REQUEST_MAX_RETRIES.
+from this clock, so the command line turns them off (`quiet_http_retries`) unless the user has
+set MLFLOW_HTTP_REQUEST_MAX_RETRIES; a library caller may do the same.
 """
 
 from __future__ import annotations
@@ -124,25 +124,30 @@ class RetryingClient:
         return True, value
 
 
-def quiet_http_retries(uri: str) -> None:
-    """One attempt per MLflow HTTP request; RetryingClient does the retrying on its own clock."""
-    if uri.split(":", 1)[0].lower() in ("http", "https"):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT)
+def quiet_http_retries() -> None:
+    """One attempt per MLflow HTTP request; RetryingClient does the retrying on its own clock.
+    Process-wide (environment variables MLflow reads): the command line calls it."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT)
 
 
 def open_client(uri: str) -> RetryingClient:
     """A RetryingClient on a URI that `store_uri` or `existing_store` returned."""
     from mlflow.tracking import MlflowClient
 
-    quiet_http_retries(uri)
     return RetryingClient(MlflowClient(tracking_uri=uri), mask(uri))
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The tracking URI a command uses: the flag, else $MLFLOW_TRACKING_URI, else the embedded
+    store sqlite:///mlflow.db."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def store_uri(uri: str | None) -> str:
     """The tracking URI to hand MLflow: checked (UserError if it cannot work), SQLite paths made
-    absolute, a bare postgresql:// given the psycopg2 driver. None is the embedded default."""
-    uri = absolute_sqlite(uri or DEFAULT_TRACKING_URI)
+    absolute, a bare postgresql:// given the psycopg2 driver. None: `resolve_tracking_uri`."""
+    uri = absolute_sqlite(resolve_tracking_uri(uri))
     check_tracking_uri(uri)
     return with_psycopg2(uri)
 
@@ -150,7 +155,7 @@ def store_uri(uri: str | None) -> str:
 def existing_store(uri: str | None) -> str:
     """`store_uri` for commands that only read: an SQLite file that does not exist is an error
     (MLflow would silently create an empty store there)."""
-    given = uri or DEFAULT_TRACKING_URI
+    given = resolve_tracking_uri(uri)
     checked = store_uri(given)
     path = sqlite_path(checked)
     if path is not None and not path.is_file():

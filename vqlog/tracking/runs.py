@@ -18,13 +18,15 @@ from optuna.trial import TrialState
 
 from vqlog.errors import TrackingUnavailable, UserError
 from vqlog.failpoints import failpoint
-from vqlog.tracking import artifacts, plots, table
-from vqlog.tracking.table import run_name
-from vqlog.tracking.client import DEFAULT_TRACKING_URI, open_client, store_uri
+from vqlog.files import write_text
+from vqlog.tracking import artifacts, lineage, plots, table
+from vqlog.tracking.rows import fetch_rows, run_name
+from vqlog.tracking.client import open_client, resolve_tracking_uri, store_uri
 from vqlog.urls import sqlite_path
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 OPTUNA_STATE = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL"}
+TABLE_JSON = "experiment_table.json"
 STUDY_PLOTS_EVERY = 5  # refresh Optuna's study plots every k finished trials (and at the end)
 STUDY_ROLE = "tags.`vqlog.role` = 'study'"
 TRIAL_ROLE = "tags.`vqlog.role` = 'trial'"
@@ -63,8 +65,9 @@ def _artifact_location(uri: str, study: str) -> str | None:
 class Tracker:
     """One per sweep worker. `start_study` once, `start_trial` per trial, `after_trial` after each."""
 
-    def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, table_dir: str | Path = "results",
+    def __init__(self, tracking_uri: str | None = None, table_dir: str | Path = "results",
                  lang: str = "en"):
+        self.given_uri = resolve_tracking_uri(tracking_uri)  # as the user gave it, for messages
         self.uri = store_uri(tracking_uri)
         self._client = None  # made on first use: a bad input found later leaves no mlflow.db
         self.table_dir = Path(table_dir)
@@ -106,8 +109,13 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise UserError(_deleted(name))
+            for key, value in lineage.EXPERIMENT_KIND.items():  # one made by an older vqlog
+                if exp.tags.get(key) != value:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
-        tags = {"mlflow.note.content": description} if description else None
+        tags = dict(lineage.EXPERIMENT_KIND)
+        if description:
+            tags["mlflow.note.content"] = description
         try:
             return self.client.create_experiment(
                 name, artifact_location=_artifact_location(self.uri, name), tags=tags)
@@ -137,6 +145,8 @@ class Tracker:
             "data": spec.source, "budget.iteration": spec.iteration,
             "budget.eval_every": spec.eval_every, "budget.checkpoint_every": spec.checkpoint_every,
         }
+        if spec.channel is not None:
+            params["data.channel"] = spec.channel
         params.update({f"fixed.{k}": v for k, v in spec.fixed})
         params.update({f"space.{p.name}": _space_text(p) for p in spec.space})
         self._log_params(run.info.run_id, params)
@@ -161,9 +171,11 @@ class Tracker:
         return path
 
     def refresh_table(self) -> str:
-        path = self.table_dir / f"{self.study_name}.md"
-        text = table.regenerate(self.client, self.study_name, path, lang=self.lang)
-        publish_table(self.client, self.parent_id, text)
+        path = table.table_path(self.table_dir, self.study_name)
+        rows = fetch_rows(self.client, self.study_name)
+        text = table.render_table(rows, lang=self.lang, title=self.study_name)
+        write_text(path, text, crash_point="table.write")
+        publish_table(self.client, self.parent_id, text, table.table_records(rows, self.lang))
         return str(path)
 
     def refresh_study_plots(self, study: optuna.Study) -> None:
@@ -219,9 +231,15 @@ class Tracker:
             tags["vqlog.retry_of"] = str(retry_of)
         if resumed_at:
             tags["vqlog.resumed_at"] = str(resumed_at)
+        tags.update(lineage.run_context_tags())
         run = self.client.create_run(self.experiment_id, run_name=run_name(number), tags=tags)
         self._log_params(run.info.run_id, cfg.to_params())
-        return TrialRun(self.client, run.info.run_id, cfg)
+        return TrialRun(self.client, run.info.run_id, cfg,
+                        monitor=lineage.system_metrics(run.info.run_id, self.uri))
+
+    def ui_url(self) -> str:
+        """The experiment's training view in the MLflow UI."""
+        return lineage.ui_link(self.uri, self.experiment_id)
 
     def latest_checkpoint(self, numbers: list[int]) -> dict | None:
         """The most advanced training state the runs of trials `numbers` left (on the CPU:
@@ -260,19 +278,39 @@ def _space_text(p) -> str:
     return f"{p.kind} [{p.low}, {p.high}]" + (" log" if p.log else "")
 
 
-def publish_table(client, parent_id: str, text: str) -> None:
-    """The table on the study run: an artifact, and the run's description in the MLflow UI."""
+def publish_table(client, parent_id: str, text: str, records: list[dict]) -> None:
+    """The table on the study run: `experiment_table.md`, the run's description in the MLflow
+    UI, and `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
+
+    The JSON is written in the layout `log_table` writes (pandas' "split" orientation) and
+    marked as a table with MLflow's `mlflow.loggedArtifacts` tag, because `log_table` appends
+    to an existing file: each refresh would add the whole table again."""
+    import json
+
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
     client.log_text(parent_id, text, "experiment_table.md")
     client.set_tag(parent_id, "mlflow.note.content", text)
+    frame = pd.DataFrame(records, dtype=object)
+    client.log_text(parent_id, frame.to_json(orient="split", index=False), TABLE_JSON)
+    client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
+                   json.dumps([{"path": TABLE_JSON, "type": "table"}]))
 
 
 class TrialRun:
     """One trial's child run. Step metrics are buffered and sent once per evaluation; while the
     tracking server is away they stay in the buffer (training goes on) and go with the next send."""
 
-    def __init__(self, client, run_id: str, cfg):
+    def __init__(self, client, run_id: str, cfg, monitor=None):
         self.client, self.run_id, self.cfg = client, run_id, cfg
         self._pending: list = []  # Metric entities not yet accepted by the store
+        self._monitor = monitor  # MLflow's system-metrics monitor, stopped when the run ends
+
+    def log_dataset(self, data, source: str, channel: str | None = None) -> None:
+        """The trial's data as the run's dataset input (name, source, digest, shape)."""
+        inputs = [lineage.dataset_input(data, source, channel)]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_eval(self, record) -> None:
         self._add(record)
@@ -322,6 +360,10 @@ class TrialRun:
         """Buffered metrics, summary metrics, plots, the Optuna state as a tag, and a terminal
         run status."""
         from mlflow.entities import Metric
+
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()
 
         try:
             if summary:

@@ -13,21 +13,20 @@ The Chinese log uses the same English column names; `lang="zh"` changes headings
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from vqlog.config import known_keys
-from vqlog.errors import UserError, one_line
+from vqlog.errors import one_line
 from vqlog.files import write_text
 from vqlog.oscillation import LABELS, LANGS, THRESHOLDS, check_lang, oscillation_label
+from vqlog.tracking.rows import TrialRow, fetch_rows, run_name
 
 if TYPE_CHECKING:  # mlflow is slow to import; only the MLflow-facing functions need it
     from mlflow import MlflowClient
-    from mlflow.entities import Run
 
 LOG_COLUMNS = ("run", "batch", "lr", "embedding_dim", "embedding_num", "iteration", "BN", "MLP",
                "En-De", "loss", "perplexity")
@@ -35,10 +34,6 @@ LOG_PARAMS = LOG_COLUMNS[1:9]  # the columns that are params as logged
 SHOWN_STATES = ("COMPLETE", "PRUNED", "FAIL")  # finished trials; RUNNING (and anything else) is left out
 BEST_MARK = " ★"  # after the run name of each table's best completed trial
 _PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
-# MLflow run status -> Optuna state, for a trial run that lacks its optuna.state tag.
-_STATUS_TO_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL",
-                    "RUNNING": "RUNNING", "SCHEDULED": "RUNNING"}
-
 # Every piece of text the table shows: key -> (English, the log's Chinese).
 _WORDS = {
     "tuning": ("Hyper-parameter tuning (trained on train, evaluated on valid)",
@@ -60,14 +55,15 @@ _WORDS = {
     "diverged_at": ("diverged @ {it}", "发散 ({it}轮)"),
     "resumed_at": ("resumed @ {it}", "从{it}轮继续"),
     "legend": ((
-        "- ★ best of its table: lowest best_val_mse among completed trials.",
+        "- ★ best of its table by the study's objective: lowest final val MSE among completed "
+        "trials (a tie goes to the higher perplexity).",
         "- loss: final val MSE (best val MSE), then the train/loss oscillation label "
         "(score `loss_oscillation`): {stable} < {a} ≤ {mild} < {b} ≤ {severe}; \"early …\" and "
         "\"… worse later\" compare the first third of training with the whole.",
         "- perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and "
         "the final value.",
     ), (
-        "- ★ 本表最佳：已完成试验中 best_val_mse 最低。",
+        "- ★ 按研究目标本表最佳：已完成试验中最终 val MSE 最低（相同时取 perplexity 较高者）。",
         "- loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签"
         "（分数 `loss_oscillation`）：{stable} < {a} ≤ {mild} < {b} ≤ {severe}；"
         "“前期…”与“…后期加剧”比较训练前三分之一与全程。",
@@ -78,33 +74,6 @@ _TEXT = {lang: {key: words[i] for key, words in _WORDS.items()} for i, lang in e
 _NAN_INF = re.compile(r"\b(nan|inf|infinity|diverged?)\b", re.IGNORECASE)
 _AT_ITERATION = re.compile(r"iteration\s+(\d+)", re.IGNORECASE)
 _MAX_REASON = 80  # characters of a failure reason shown in a cell
-_RUN_NAME = re.compile(r"Seq(\d+)")
-
-
-def run_name(number: int) -> str:
-    """The log's name for Optuna trial `number`: Seq1 is trial 0 (the MLflow run name too)."""
-    return f"Seq{number + 1}"
-
-
-def number_of(name: str | None) -> int | None:
-    """The trial number a `run_name` stands for, or None."""
-    match = _RUN_NAME.fullmatch(name or "")
-    return int(match.group(1)) - 1 if match else None
-
-
-@dataclass(frozen=True)
-class TrialRow:
-    """One trial as the table needs it: Optuna number and state, params as logged, summary metrics."""
-
-    number: int
-    state: str
-    params: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    fail_reason: str | None = None
-    retry_of: int | None = None  # the original trial this one retries (tag vqlog.retry_of)
-    resumed_at: int | None = None  # the iteration it continued from (tag vqlog.resumed_at)
-
-
 def _latest_of_each_retry_chain(rows: list[TrialRow]) -> list[TrialRow]:
     """A trial and its retries are one row: the latest finished one's."""
     latest: dict[int, TrialRow] = {}
@@ -119,24 +88,41 @@ def _latest_of_each_retry_chain(rows: list[TrialRow]) -> list[TrialRow]:
 
 def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None) -> str:
     """Markdown: the tuning table, then the no-quantizer table, each only when it has rows."""
+    finished, sections = _sections(rows, lang)
+    parts = [f"# {title}"] if title else []
+    for heading, header, body in sections:
+        lines = [_line(header), _line(["---"] * len(header)), *map(_line, body)]
+        parts += [f"## {heading}", "\n".join(lines)]
+    parts.append("\n".join(_legend(lang)) if finished else _TEXT[lang]["empty"])
+    return "\n\n".join(parts) + "\n"
+
+
+def table_records(rows: Sequence[TrialRow], lang: str = "en") -> list[dict[str, str]]:
+    """The same table as records, column -> cell, with the table's heading under "table": what
+    the study run logs as an MLflow table artifact (a sortable grid in the UI)."""
+    _, sections = _sections(rows, lang)
+    return [{"table": heading, **dict(zip(header, map(one_line, cells)))}
+            for heading, header, body in sections for cells in body]
+
+
+def _sections(rows: Sequence[TrialRow], lang: str) -> tuple[list[TrialRow], list[tuple]]:
+    """The finished rows shown, and (heading, header cells, body rows of cells) per table."""
     check_lang(lang)
     text = _TEXT[lang]
     finished = sorted(_latest_of_each_retry_chain([r for r in rows if r.state in SHOWN_STATES]),
                       key=lambda r: r.number)
     tuning = [r for r in finished if r.params.get("quantizer") != "none"]
     baseline = [r for r in finished if r.params.get("quantizer") == "none"]
-    parts = [f"# {title}"] if title else []
-    for heading, group, quantized in ((text["tuning"], tuning, True), (text["baseline"], baseline, False)):
-        if group:
-            parts += [f"## {heading}", _markdown_table(group, lang, quantized)]
-    parts.append("\n".join(_legend(lang)) if finished else text["empty"])
-    return "\n\n".join(parts) + "\n"
+    sections = [(heading, *_cells(group, lang, quantized))
+                for heading, group, quantized in ((text["tuning"], tuning, True),
+                                                  (text["baseline"], baseline, False)) if group]
+    return finished, sections
 
 
-def _markdown_table(rows: list[TrialRow], lang: str, quantized: bool) -> str:
+def _cells(rows: list[TrialRow], lang: str, quantized: bool) -> tuple[list[str], list[list[str]]]:
     extras = _varying_extras(rows)
     best = _best_number(rows)
-    lines = [_line(LOG_COLUMNS + extras), _line(["---"] * (len(LOG_COLUMNS) + len(extras)))]
+    body = []
     for row in rows:
         p = row.params
         cells = [
@@ -152,8 +138,8 @@ def _markdown_table(rows: list[TrialRow], lang: str, quantized: bool) -> str:
             _loss_cell(row, lang),
             _perplexity_cell(row, lang) if quantized else "—",
         ]
-        lines.append(_line(cells + [_param(p.get(name)) for name in extras]))
-    return "\n".join(lines)
+        body.append(cells + [_param(p.get(name)) for name in extras])
+    return list(LOG_COLUMNS + extras), body
 
 
 def _line(cells: Sequence[str]) -> str:
@@ -172,9 +158,15 @@ def _varying_extras(rows: list[TrialRow]) -> tuple[str, ...]:
 
 
 def _best_number(rows: list[TrialRow]) -> int | None:
-    scored = [(v, r.number) for r in rows if r.state == "COMPLETE"
-              and (v := _metric(r, "best_val_mse")) is not None]
-    return min(scored)[1] if scored else None
+    """The study's best by its own objective (as `study.worker.best_trial` picks it): the
+    lowest final val MSE among COMPLETE trials; on a tie the higher perplexity (a pareto
+    study's front), then the lower number."""
+    scored = []
+    for r in rows:
+        mse = _metric(r, "final_val_mse")
+        if r.state == "COMPLETE" and mse is not None:
+            scored.append((mse, -(_metric(r, "max_val_perplexity") or 0.0), r.number))
+    return min(scored)[2] if scored else None
 
 
 def _loss_cell(row: TrialRow, lang: str) -> str:
@@ -290,84 +282,11 @@ def _param(value: str | None) -> str:
         return value
 
 
-# --- MLflow -----------------------------------------------------------------------------------
-
-def rows_from_runs(runs: Iterable[Run]) -> list[TrialRow]:
-    """Trial child runs (tag vqlog.role=trial) -> rows by trial number; the latest run wins a tie."""
-    chosen: dict[int, Run] = {}
-    for run in runs:
-        if run.data.tags.get("vqlog.role") != "trial":
-            continue
-        number = _trial_number(run)
-        if number is None:  # neither optuna.trial_number nor a SeqN name: no row to put it in
-            continue
-        if number not in chosen or _recency(run) > _recency(chosen[number]):
-            chosen[number] = run
-    return [_row(number, chosen[number]) for number in sorted(chosen)]
-
-
-def _trial_number(run: Run) -> int | None:
-    tags = run.data.tags
-    with contextlib.suppress(KeyError, ValueError):
-        return int(tags["optuna.trial_number"])
-    return number_of(tags.get("mlflow.runName") or run.info.run_name)
-
-
-def _recency(run: Run) -> tuple[int, str]:
-    return (run.info.start_time or 0, run.info.run_id)
-
-
-def _row(number: int, run: Run) -> TrialRow:
-    tags = run.data.tags
-    state = tags.get("optuna.state") or _STATUS_TO_STATE.get(run.info.status, run.info.status)
-    return TrialRow(
-        number=number,
-        state=state,
-        params=dict(run.data.params),
-        metrics={k: float(v) for k, v in run.data.metrics.items()},
-        fail_reason=tags.get("vqlog.fail_reason"),
-        retry_of=_int(tags.get("vqlog.retry_of")),
-        resumed_at=_int(tags.get("vqlog.resumed_at")),
-    )
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[TrialRow]:
-    """All trial runs of the study's experiment (every page), as rows."""
-    from mlflow.entities import ViewType
-
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None:
-        raise UserError(
-            f"no MLflow experiment named '{study}' at {client.tracking_uri}: check the study name "
-            "(each study is one experiment) and the tracking URI"
-        )
-    if experiment.lifecycle_stage == "deleted":
-        raise UserError(
-            f"the MLflow experiment '{study}' is deleted: restore it with "
-            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`"
-        )
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [experiment.experiment_id],
-            filter_string="tags.`vqlog.role` = 'trial'",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=page_size,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return rows_from_runs(runs)
+def table_path(folder: str | os.PathLike, study: str) -> Path:
+    """`<folder>/<study>.md`, always inside `folder`: a name another tool wrote into a shared
+    store may hold any character, so everything but letters, digits and '._-' becomes '_'."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", study)[:64].lstrip(".") or "_"
+    return Path(folder) / f"{safe}.md"
 
 
 def regenerate(client: MlflowClient, study: str, out_path: str | os.PathLike, lang: str = "en") -> str:

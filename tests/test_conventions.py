@@ -1,0 +1,237 @@
+"""What MLflow, Optuna and W&B users take for granted: seeds that never repeat a parameter set,
+safe study names, one "best" everywhere, the usual environment variables, `vqlog best` and
+`vqlog trials`, the run context and lineage on every trial run, and a notebook API that leaves
+the process as it found it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from _sweep_helpers import SWEEP_BIN, Worker, mlflow_runs, study_trials, write_spec
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def searched(trials) -> list[tuple]:
+    """The sampled parameter sets (a retry or an enqueued row is exempt: neither is sampled)."""
+    return [tuple(sorted(t.params.items())) for t in trials
+            if "fixed_params" not in t.system_attrs]
+
+
+# --------------------------------------------------------------------------------- seeds
+
+
+def test_a_resumed_seeded_study_draws_new_parameters(tmp_path, mlflow_store, cli):
+    """Resumed with the same --seed, the smoke study used to run its first trials' parameters
+    again (its sampler restarted from the same seed)."""
+    spec = write_spec(tmp_path, "seeded", budget={"iteration": 4, "eval_every": 2}, pruner="none")
+    common = ["--config", str(spec), "--seed", "7", "--storage", f"sqlite:///{tmp_path}/o.db",
+              "--tracking-uri", mlflow_store()]
+    for trials in ("3", "6"):
+        code, _, err = cli.sweep("--trials", trials, *common)
+        assert code == 0, err
+    sets = searched(study_trials(f"sqlite:///{tmp_path}/o.db", "seeded"))
+    assert len(sets) == 6 and len(set(sets)) == 6, sets
+
+
+def test_two_workers_given_one_seed_draw_different_parameters(tmp_path, pg_storage, mlflow_store):
+    spec = write_spec(tmp_path, "twins", budget={"iteration": 4, "eval_every": 2}, pruner="none")
+    uri = mlflow_store()
+    args = ["--trials", "6", "--config", str(spec), "--seed", "5", "--storage", pg_storage,
+            "--tracking-uri", uri]
+    workers = [Worker(args, tmp_path / f"w{i}", f"w{i}") for i in range(2)]
+    try:
+        for w in workers:
+            assert w.wait(240) == 0, w.output()
+    finally:
+        for w in workers:
+            w.kill()
+    sets = searched(study_trials(pg_storage, "twins"))
+    assert len(sets) >= 6 and len(set(sets)) == len(sets), sets
+
+
+# --------------------------------------------------------------------------- study names
+
+
+@pytest.mark.parametrize("name", ["../../tmp/x", "line\nbreak", "a" * 65, "", "sp ace"])
+def test_a_bad_study_name_is_one_error_and_nothing_is_created(tmp_path, monkeypatch, cli, name):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli.sweep("--config", "smoke", "--trials", "1", "--study", name,
+                               "--storage", f"sqlite:///{tmp_path}/o.db",
+                               "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is not a study name" in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_table_of_any_name_in_a_shared_store_stays_in_its_folder(tmp_path, monkeypatch, cli):
+    """A study another tool named `../../escaped` in a shared store: `vqlog table` writes
+    inside results/ all the same."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("../../escaped")
+    client.create_run(exp, tags={"vqlog.role": "study", "optuna.study": "../../escaped"})
+    code, out, err = cli("table", "--study", "../../escaped", "--tracking-uri", uri)
+    assert code == 0, err
+    written = list((tmp_path / "results").iterdir())
+    assert len(written) == 1 and written[0].name.endswith("escaped.md"), written
+    assert not (tmp_path.parent / "escaped.md").exists()
+    assert not list(tmp_path.parent.parent.glob("escaped*"))
+
+
+# ------------------------------------------------------------ conventions, on one sweep
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One sweep run as a user runs it: in a git checkout, with MLFLOW_TRACKING_URI and
+    OPTUNA_STORAGE set instead of flags, and system metrics sampled every second."""
+    folder = tmp_path_factory.mktemp("checkout")
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    subprocess.run(["git", "-C", str(folder), "-c", "user.email=t@t", "-c", "user.name=t",
+                    "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    spec = write_spec(folder, "conv", budget={"iteration": 300, "eval_every": 100},
+                      pruner="none")
+    uri, storage = f"sqlite:///{folder}/elsewhere.db", f"sqlite:///{folder}/study.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OPTUNA_STORAGE": storage,
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([str(SWEEP_BIN), "--trials", "2", "--config", str(spec)], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return SimpleNamespace(folder=folder, uri=uri, storage=storage, commit=commit,
+                           out=proc.stdout, env=env)
+
+
+def test_the_usual_environment_variables_choose_the_stores(swept):
+    assert (swept.folder / "elsewhere.db").is_file() and (swept.folder / "study.db").is_file()
+    assert not (swept.folder / "mlflow.db").exists() and not (swept.folder / "optuna.db").exists()
+    assert f"storage {swept.storage}, tracking {swept.uri}" in swept.out
+
+
+def test_the_experiment_opens_in_the_training_view_and_the_link_says_so(swept):
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=swept.uri).get_experiment_by_name("conv")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    assert f"then open {link}" in swept.out
+
+
+def test_every_trial_run_carries_its_lineage(swept, monkeypatch):
+    from importlib import metadata
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=swept.uri)
+    trials = {t.number: t for t in optuna.load_study(study_name="conv", storage=swept.storage).trials}
+    runs = mlflow_runs(swept.uri, "conv")
+    assert len(runs) == 2
+    for run in runs:
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == swept.commit
+        assert tags["mlflow.user"] and tags["mlflow.source.name"].endswith("vqlog-sweep")
+        for package in ("vqlog", "torch", "optuna", "mlflow"):
+            assert tags[f"vqlog.version.{package}"] == metadata.version(package)
+        (data,) = run.inputs.dataset_inputs
+        assert data.dataset.name == "synthetic" and len(data.dataset.digest) >= 8
+        assert json.loads(data.dataset.profile)["features_shape"][1] == 64  # the window
+        assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
+        assert any(k.startswith("system/system_memory") for k in run.data.metrics)
+        number = int(tags["optuna.trial_number"])
+        assert trials[number].user_attrs["mlflow.run_id"] == run.info.run_id
+    study = optuna.load_study(study_name="conv", storage=swept.storage)
+    assert study.metric_names == ["final_val_mse"]
+    (parent,) = mlflow_runs(swept.uri, "conv", role="study")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", swept.uri)  # load_table searches the default store
+    grid = client.load_table(experiment_id=parent.info.experiment_id,
+                             artifact_file="experiment_table.json", run_ids=[parent.info.run_id])
+    assert sorted(grid["run"].str.rstrip(" ★")) == ["Seq1", "Seq2"]
+    assert {"loss", "perplexity", "lr"} <= set(grid.columns)
+
+
+def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, cli):
+    import optuna
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", swept.uri)
+    monkeypatch.setenv("OPTUNA_STORAGE", swept.storage)
+    study = optuna.load_study(study_name="conv", storage=swept.storage)
+    best = min(study.trials, key=lambda t: t.value)
+    code, out, err = cli("best", "--study", "conv")
+    assert code == 0, err
+    assert out.startswith(f"best: Seq{best.number + 1} (trial {best.number})  "
+                          f"final_val_mse {best.value:.4g}")
+    assert f"  lr = {best.params['lr']:.4g}" in out
+    assert f"/runs/{best.user_attrs['mlflow.run_id']}" in out
+    table = (swept.folder / "results" / "conv.md").read_text()
+    assert f"| Seq{best.number + 1} ★ |" in table  # the same best
+
+    code, out, err = cli("trials", "--study", "conv", "--format", "json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert [r["number"] for r in records] == [0, 1]
+    assert [r["metrics.final_val_mse"] for r in records] == pytest.approx(
+        [t.value for t in study.trials])
+    code, out, _ = cli("trials", "--study", "conv", "--format", "csv")
+    assert out.splitlines()[0].startswith("number,run,state,run_id,")
+    code, out, _ = cli("trials", "--study", "conv")
+    assert out.splitlines()[0].split()[:4] == ["number", "run", "state", "final_val_mse"]
+
+
+def test_flags_beat_the_environment(swept, tmp_path, monkeypatch, cli):
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path}/no/such/folder/o.db")
+    code, out, err = cli("best", "--study", "conv", "--storage", swept.storage,
+                         "--tracking-uri", swept.uri)
+    assert code == 0, err
+    code, _, err = cli("best", "--study", "conv", "--tracking-uri", swept.uri)
+    assert code == 2 and "does not exist" in err  # the environment's, when no flag is given
+
+
+# ------------------------------------------------------------------------- notebook API
+
+
+def test_the_notebook_api_returns_results_and_leaves_the_process_as_it_was(tmp_path):
+    """vqlog.sweep and vqlog.results in a fresh interpreter: a summary and a DataFrame, and the
+    log levels, warning filters, environment, signal handlers, torch RNG and plot backend
+    (chosen by the caller, as a notebook has) unchanged."""
+    spec = write_spec(tmp_path, "nb", budget={"iteration": 6, "eval_every": 3}, pruner="none")
+    script = f"""
+import json, logging, os, signal, warnings
+import matplotlib.pyplot, optuna, torch, mlflow   # what a notebook has loaded already
+import scipy.special, sympy   # (their imports add warning filters of their own when first used)
+
+def state():
+    return {{
+        "filters": [repr(f) for f in warnings.filters], "environ": dict(os.environ),
+        "levels": {{n: logging.getLogger(n).level for n in ("optuna", "mlflow", "alembic")}},
+        "verbosity": optuna.logging.get_verbosity(),
+        "signals": [repr(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM)],
+        "rng": torch.get_rng_state().tolist()[:64], "backend": matplotlib.get_backend(),
+    }}
+
+before = state()
+import vqlog
+summary = vqlog.sweep(trials=2, config={str(spec)!r}, storage="sqlite:///{tmp_path}/o.db",
+                      tracking_uri="sqlite:///{tmp_path}/m.db", out=lambda line: None)
+df = vqlog.results("nb", tracking_uri="sqlite:///{tmp_path}/m.db")
+print(json.dumps([before, state(), summary.finished, df["number"].tolist(),
+                  sorted(c for c in df.columns if c.startswith("metrics."))]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    before, after, finished, numbers, metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in before:
+        assert after[key] == before[key], key
+    assert finished == 2 and numbers == [0, 1]
+    assert {"metrics.best_val_mse", "metrics.final_val_mse"} <= set(metrics)

@@ -1,0 +1,137 @@
+"""The field's formats, written with the libraries' own writers and read back through `--data`:
+heartpy's real PPG as a 2-channel PhysioNet WFDB record (wfdb) and as EDF and BDF files (edfio),
+and a named column of a CSV or Parquet table. Bad input is one `Error:` line, exit 2."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vqlog.errors import DataError
+from vqlog.sources import load_source
+
+
+@pytest.fixture(scope="module")
+def ppg():
+    """heartpy's data2 recording (15000 samples at 117.0 Hz) and data (2483 at 100 Hz)."""
+    recordings = {r.name: r for r in load_source("ppg")}
+    return recordings["ppg/data2"], recordings["ppg/data"]
+
+
+def write_wfdb(folder, ppg_recording, name="ppg2") -> str:
+    """A 2-channel record: the PPG and a slow ramp, 16-bit, at the PPG's rate."""
+    import wfdb
+
+    x = ppg_recording.signal
+    ramp = np.linspace(-1.0, 1.0, x.size)
+    wfdb.wrsamp(name, fs=ppg_recording.sample_rate, units=["adu", "mV"],
+                sig_name=["PPG", "ramp"], p_signal=np.column_stack([x, ramp]), fmt=["16", "16"],
+                write_dir=str(folder))
+    return str(folder / name)
+
+
+def write_edf(path, ppg_recording, bdf=False) -> str:
+    """The PPG (whole seconds of it) and a ramp as EDF (16-bit) or BDF (24-bit) signals."""
+    from edfio import Bdf, BdfSignal, Edf, EdfSignal
+
+    rate = ppg_recording.sample_rate
+    x = ppg_recording.signal[: int(ppg_recording.signal.size // rate * rate)]
+    file, signal = (Bdf, BdfSignal) if bdf else (Edf, EdfSignal)
+    file([signal(x, rate, label="PPG"),
+          signal(np.linspace(-1.0, 1.0, x.size), rate, label="ramp")]).write(path)
+    return str(path)
+
+
+def test_a_wfdb_record_reads_back_by_channel_name_or_index_at_its_own_rate(tmp_path, ppg):
+    data2, _ = ppg
+    record = write_wfdb(tmp_path, data2)
+    (by_name,) = load_source(record, channel="PPG")
+    (by_index,) = load_source(record, channel="0")
+    assert by_name.sample_rate == pytest.approx(data2.sample_rate, rel=1e-4)
+    assert by_name.name == f"{record}:PPG"
+    step = np.ptp(data2.signal) / 2**15  # 16-bit quantization of the record
+    np.testing.assert_allclose(by_name.signal, data2.signal, atol=step)
+    np.testing.assert_array_equal(by_name.signal, by_index.signal)
+    (ramp,) = load_source(record + ".hea", channel="ramp")  # the header's path works too
+    assert ramp.signal[0] == pytest.approx(-1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("suffix", [".edf", ".bdf"])
+def test_an_edf_or_bdf_file_reads_back_by_channel(tmp_path, ppg, suffix):
+    _, data = ppg
+    path = write_edf(tmp_path / f"ppg{suffix}", data, bdf=suffix == ".bdf")
+    (rec,) = load_source(path, channel="PPG")
+    assert rec.sample_rate == 100.0 and rec.signal.size == 2400
+    bits = 23 if suffix == ".bdf" else 15
+    np.testing.assert_allclose(rec.signal, data.signal[:2400], atol=np.ptp(data.signal) / 2**bits)
+    (ramp,) = load_source(path, channel="1")
+    assert ramp.signal[-1] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_channel_names_a_column_of_a_table(tmp_path, ppg, suffix):
+    data2, _ = ppg
+    df = pd.DataFrame({"time": np.arange(data2.signal.size) / data2.sample_rate,
+                       "PPG": data2.signal})
+    path = tmp_path / f"table{suffix}"
+    df.to_csv(path, index=False) if suffix == ".csv" else df.to_parquet(path)
+    (rec,) = load_source(str(path), sample_rate=117.0, channel="PPG")
+    np.testing.assert_allclose(rec.signal, data2.signal)
+    (first,) = load_source(str(path), sample_rate=117.0, channel="0")
+    np.testing.assert_allclose(first.signal, df["time"].to_numpy())
+
+
+def test_a_wfdb_channel_trains_and_sweeps(tmp_path, ppg, cli, tiny, mlflow_store):
+    data2, _ = ppg
+    record = write_wfdb(tmp_path, data2)
+    code, out, err = cli("train", "--data", record, "--channel", "PPG",
+                         *tiny.args(iteration=4, eval_every=2))
+    assert code == 0, err
+    assert f"data: {record}:" in out and "at 50 Hz" in out
+    code, out, err = cli.sweep("--config", "smoke", "--trials", "1", "--data", record,
+                               "--channel", "PPG", "--storage", f"sqlite:///{tmp_path}/o.db",
+                               "--tracking-uri", mlflow_store())
+    assert code == 0, err
+    assert f"data {record}" in out
+
+
+BAD = {  # name: (arguments after --data, fragment of the one Error line)
+    "missing header": (["{f}/nohead"], "its header {f}/nohead.hea is missing"),
+    "unknown channel": (["{f}/ppg2", "--channel", "ECG"], "no channel 'ECG'; its channels are 0: PPG, 1: ramp"),
+    "channel needed": (["{f}/ppg2"], "has 2 channels (0: PPG, 1: ramp); choose one with --channel"),
+    "too short": (["{f}/short", "--channel", "PPG"], "has no windows"),
+    "own rate": (["{f}/ppg2", "--channel", "PPG", "--sample-rate", "50"], "carries its own sample rate"),
+    "edf channel": (["{f}/ppg.edf", "--channel", "9"], "no channel '9'"),
+    "npy channel": (["{f}/x.npy", "--sample-rate", "50", "--channel", "0"], "not of a .npy array"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_records_are_one_error_line_exit_2(tmp_path, ppg, cli, tiny, case):
+    data2, data = ppg
+    write_wfdb(tmp_path, data2)
+    nohead = write_wfdb(tmp_path, data2, "nohead")
+    (tmp_path / "nohead.hea").unlink()
+    short = type(data2)(data2.name, data2.signal[:200], data2.sample_rate)
+    write_wfdb(tmp_path, short, "short")
+    write_edf(tmp_path / "ppg.edf", data)
+    np.save(tmp_path / "x.npy", data.signal)
+    args, fragment = BAD[case]
+    code, out, err = cli("train", "--data", *[a.format(f=tmp_path) for a in args],
+                         *tiny.args(iteration=2))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert fragment.format(f=tmp_path) in lines[0], lines[0]
+    assert nohead  # (written, then its header removed)
+
+
+def test_a_spec_names_the_channel(tmp_path, ppg):
+    from vqlog.errors import ConfigError
+    from vqlog.study.spec import parse_sweep
+
+    spec = parse_sweep({"name": "s", "data": {"source": "rec", "channel": "PPG"}})
+    assert (spec.source, spec.channel) == ("rec", "PPG")
+    assert parse_sweep({"name": "s", "data": {"source": "rec", "channel": 1}}).channel == "1"
+    with pytest.raises(ConfigError, match="data.channel"):
+        parse_sweep({"name": "s", "data": {"source": "rec", "channel": [1]}})
+    with pytest.raises(DataError, match="one channel"):
+        load_source("synthetic", channel="0")

@@ -1,0 +1,113 @@
+"""The notebook API, as `import vqlog` exposes it:
+
+    import vqlog
+    summary = vqlog.sweep(trials=20, config="smoke", study="try-1")   # what vqlog-sweep does
+    df = vqlog.results("try-1")                                       # one row per trial
+    df.sort_values("metrics.final_val_mse").head()
+
+`sweep` takes the command line's options as arguments and returns its summary; neither it nor
+`results` sets a log level, a warning filter, an environment variable or a signal handler. Stop a
+running `sweep` cleanly from another thread with `stop=vqlog.study.worker.StopRequest()` and
+`stop.request("manual")`; Ctrl-C in a notebook interrupts it (the running trial ends FAIL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from vqlog.errors import UserError
+
+DEFAULT_SPEC = "seed"  # sweeps/seed.yaml: the log's search space on a CPU budget
+
+
+def check_options(trials: int, timeout: float | None, seed: int | None) -> None:
+    """The sweep's numbers, checked before anything slow is imported or created."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    if timeout is not None and not timeout > 0:  # NaN too
+        raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
+
+
+def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str | None = None,
+               sample_rate: float | None = None, channel: str | None = None):
+    """The spec `config` names (a bundled name or a YAML file), with the study name and the data
+    source replaced where given."""
+    from vqlog.study.spec import check_study_name, load_sweep
+
+    if study is not None:
+        check_study_name(study)  # before the spec: the option is what is wrong
+    spec = load_sweep(config)
+    changes = {}
+    if study:
+        changes["name"] = study
+    if data:
+        changes.update(source=data, sample_rate=sample_rate, channel=channel)
+    else:
+        if sample_rate is not None:
+            changes["sample_rate"] = sample_rate
+        if channel is not None:
+            changes["channel"] = channel
+    return dataclasses.replace(spec, **changes)
+
+
+def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en"):
+    """(storage URL, Tracker) for a sweep of `spec`: flag or argument, else $OPTUNA_STORAGE and
+    $MLFLOW_TRACKING_URI, else the embedded files; both checked before anything is created."""
+    from vqlog.study.storage import parse_url, resolve_storage
+    from vqlog.tracking.runs import Tracker
+
+    storage = resolve_storage(storage)
+    parse_url(storage)
+    return storage, Tracker(tracking_uri, lang=lang)
+
+
+def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = None,
+          storage: str | None = None, tracking_uri: str | None = None, data: str | None = None,
+          sample_rate: float | None = None, channel: str | None = None, device: str = "auto",
+          timeout: float | None = None, seed: int | None = None, lang: str = "en",
+          out: Callable[[str], None] = print, stop=None):
+    """Run (or join) a study until it has `trials` finished trials: `vqlog-sweep` in-process,
+    with the same options. Returns the `SweepSummary` (finished, best, table path, ...)."""
+    from vqlog.study import worker
+
+    check_options(trials, timeout, seed)
+    spec = study_spec(config, study, data, sample_rate, channel)
+    storage, tracker = prepare(spec, storage, tracking_uri, lang)
+    return worker.run(spec, trials, storage, tracker=tracker, device=device, timeout=timeout,
+                      seed=seed, out=out, stop=stop)
+
+
+def results(study: str, tracking_uri: str | None = None):
+    """The study's trials as a pandas DataFrame, one row per trial run, by trial number:
+    `number`, `run` (Seq<n>), `state`, `run_id`, `retry_of`, `resumed_at`, then `params.<name>`
+    and `metrics.<name>` (the summary metrics) in MLflow's column naming."""
+    import pandas as pd
+
+    from vqlog.tracking.client import existing_store, open_client
+    from vqlog.tracking.rows import fetch_rows, run_name
+
+    rows = fetch_rows(open_client(existing_store(tracking_uri)), study)
+    records = []
+    for row in rows:
+        record = {"number": row.number, "run": run_name(row.number), "state": row.state,
+                  "run_id": row.run_id, "retry_of": row.retry_of, "resumed_at": row.resumed_at}
+        record.update({f"params.{k}": _value(v) for k, v in sorted(row.params.items())})
+        record.update({f"metrics.{k}": v for k, v in sorted(row.metrics.items()) if "/" not in k})
+        records.append(record)
+    columns = ["number", "run", "state", "run_id", "retry_of", "resumed_at"]
+    return pd.DataFrame.from_records(records, columns=None if records else columns)
+
+
+def _value(text: str):
+    """A logged param back as a number or a bool where it reads as one (MLflow stores text)."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text == "None" else text

@@ -1,0 +1,54 @@
+"""`vqlog best`: the study's best trial by its own objective, where to see it, and what it was."""
+
+from __future__ import annotations
+
+import argparse
+
+from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug
+
+
+def best_command_parser(sub) -> None:
+    p = sub.add_parser("best", help="print the study's best trial: params, value, run URL")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    add_debug(p)
+    p.set_defaults(func=best_command)
+
+
+def best_command(args: argparse.Namespace) -> int:
+    from vqlog.errors import UserError
+    from vqlog.study.storage import load_existing_study, resolve_storage
+    from vqlog.study.trial import RUN_ID
+    from vqlog.study.worker import best_trial
+    from vqlog.tracking.client import resolve_tracking_uri
+    from vqlog.tracking.rows import run_name
+
+    study = load_existing_study(resolve_storage(args.storage), args.study)
+    best = best_trial(study)
+    if best is None:
+        raise UserError(f"study '{args.study}' has no COMPLETE trial yet")
+    names = study.metric_names or [f"value {i}" for i in range(len(best.values))]
+    values = "  ".join(f"{name} {value:.4g}" for name, value in zip(names, best.values))
+    print(f"best: {run_name(best.number)} (trial {best.number})  {values}")
+    for key, value in best.params.items():
+        print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
+    run_id = best.user_attrs.get(RUN_ID)
+    if run_id:
+        uri = resolve_tracking_uri(args.tracking_uri)
+        link = _run_link(uri, args.study, run_id)
+        print(f"run:  {link}" if link else f"run:  {run_id} (no MLflow experiment '{args.study}' "
+                                            f"at {uri})")
+    return 0
+
+
+def _run_link(uri: str, study: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI (through `vqlog ui` for a local store)."""
+    from vqlog.tracking.client import existing_store, open_client
+    from vqlog.tracking.lineage import ui_link
+
+    client = open_client(existing_store(uri))
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return None
+    return ui_link(uri, exp.experiment_id).split("/runs?")[0] + f"/runs/{run_id}"

@@ -1,0 +1,60 @@
+"""`vqlog trials`: every trial of a study, from its MLflow runs, as a table, JSON or CSV."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from vqlog.cli import TRACKING_HELP, add_debug
+
+SHOWN = ("number", "run", "state", "metrics.final_val_mse", "metrics.best_val_mse",
+         "metrics.max_val_perplexity", "metrics.iterations_run")
+
+
+def trials_command_parser(sub) -> None:
+    p = sub.add_parser("trials", help="list a study's trials (table, json or csv)")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--format", default="table", choices=("table", "json", "csv"))
+    add_debug(p)
+    p.set_defaults(func=trials_command)
+
+
+def trials_command(args: argparse.Namespace) -> int:
+    from vqlog.api import results
+
+    df = results(args.study, tracking_uri=args.tracking_uri)
+    if args.format == "csv":
+        print(df.to_csv(index=False), end="")
+    elif args.format == "json":
+        records = [{k: _json(v) for k, v in row.items()} for row in df.to_dict("records")]
+        print(json.dumps(records, indent=2))
+    else:
+        print(_text_table(df))
+    return 0
+
+
+def _json(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _text_table(df) -> str:
+    """The trials, with the summary metrics and the params that vary between them."""
+    varying = [c for c in df.columns if c.startswith("params.") and df[c].nunique(dropna=False) > 1]
+    columns = [c for c in SHOWN if c in df.columns] + varying
+    cells = [[c.split(".", 1)[-1] for c in columns]]
+    for _, row in df.iterrows():
+        cells.append([_cell(row[c]) for c in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,79 @@
+"""Multi-channel recordings in the field's own formats, each channel at its own sample rate:
+PhysioNet's WFDB records (read with the `wfdb` package) and EDF/BDF files (read with `edfio`).
+
+`--data` names a WFDB record by its path without extension (`data/100` for `data/100.hea` and
+its signal files) and an EDF/BDF file by its path; `--channel` picks one signal by name or by
+0-based index, and may be left out when there is only one. The rate is the record's own.
+`vqlog.sources` calls these; they return (signal, rate, name of the channel).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from vqlog.errors import DataError, one_line
+
+EDF_SUFFIXES = (".edf", ".bdf")
+
+
+def is_wfdb_record(source: str) -> bool:
+    """Whether `source` names a WFDB record: `<source>.hea` exists (or `source` is the header)."""
+    return Path(source).suffix.lower() == ".hea" or Path(f"{source}.hea").is_file()
+
+
+def pick_channel(names: list[str], channel: str | None, where: str) -> int:
+    """The index of `channel` (a name, or a 0-based index) among `names`."""
+    listing = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
+    if channel is None:
+        if len(names) == 1:
+            return 0
+        raise DataError(f"{where} has {len(names)} channels ({listing}); choose one with "
+                        "--channel NAME|INDEX (data.channel in a spec)")
+    if channel in names:
+        return names.index(channel)
+    if channel.strip().isdigit() and int(channel) < len(names):
+        return int(channel)
+    raise DataError(f"{where}: no channel {channel!r}; its channels are {listing}")
+
+
+def read_wfdb(source: str, channel: str | None) -> tuple[np.ndarray, float, str]:
+    """One channel of a WFDB record, in physical units."""
+    record = source[:-4] if source.lower().endswith(".hea") else source
+    if not Path(f"{record}.hea").is_file():
+        raise DataError(f"WFDB record {record}: its header {record}.hea is missing; give the "
+                        "record's path without extension, beside its .hea and signal files")
+    with warnings.catch_warnings():  # wfdb's own deprecation warnings of pandas calls
+        warnings.filterwarnings("ignore", module="wfdb")
+        import wfdb
+
+        try:
+            header = wfdb.rdheader(record)
+            index = pick_channel(list(header.sig_name or []), channel, f"WFDB record {record}")
+            data = wfdb.rdrecord(record, channels=[index], physical=True)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - wfdb raises many kinds on broken records
+            raise DataError(f"WFDB record {record} cannot be read ({one_line(exc, 200)}); "
+                            "check its header and signal files") from None
+    return data.p_signal[:, 0].astype(np.float64), float(data.fs), data.sig_name[0]
+
+
+def read_edf(path: Path, channel: str | None) -> tuple[np.ndarray, float, str]:
+    """One signal of an EDF or BDF file, in physical units (annotations are not signals)."""
+    import edfio
+
+    read = edfio.read_bdf if path.suffix.lower() == ".bdf" else edfio.read_edf
+    try:
+        edf = read(path)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise DataError(f"{path} is not a readable {path.suffix[1:].upper()} file "
+                        f"({one_line(exc, 200)})") from None
+    signals = list(edf.signals)
+    if not signals:
+        raise DataError(f"{path} holds no signals")
+    index = pick_channel([s.label for s in signals], channel, str(path))
+    signal = signals[index]
+    return np.asarray(signal.data, np.float64), float(signal.sampling_frequency), signal.label
