@@ -1,4 +1,5 @@
 # Two commands do all set-up on a fresh machine:  `make sweep`  and  `make test`.
+# `make sweep` runs one worker process per core (--workers auto).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 sweep: install
-	$(BIN)/vqlog-sweep --trials $(TRIALS)
+	$(BIN)/vqlog-sweep --trials $(TRIALS) --workers auto
 
 train: install
 	$(BIN)/vqlog train

@@ -56,10 +56,14 @@ def cli(capsys):
 
     def call(entry, args) -> tuple[int, str, str]:
         capsys.readouterr()  # what came before is not this command's
+        environ = dict(os.environ)  # a command sets process-wide variables (configure_process)
         try:
             code = entry(list(args))
         except SystemExit as exc:
             code = exc.code
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
         out, err = capsys.readouterr()
         return code, out, err
 

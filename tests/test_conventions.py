@@ -209,6 +209,9 @@ def test_the_notebook_api_returns_results_and_leaves_the_process_as_it_was(tmp_p
 import json, logging, os, signal, warnings
 import matplotlib.pyplot, optuna, torch, mlflow   # what a notebook has loaded already
 import scipy.special, sympy   # (their imports add warning filters of their own when first used)
+# Imports that set variables in os.environ themselves: einx (under vector_quantize_pytorch)
+# imports torch._dynamo (TORCHINDUCTOR_CACHE_DIR); sklearn (under Optuna's importances) sets KMP_*
+import vector_quantize_pytorch, sklearn
 
 def state():
     return {{

@@ -240,9 +240,9 @@ def populated_store(tmp_path_factory):
     _log_trial(client, exp, pid, 3, "COMPLETE", "FINISHED", {**params, "quantizer": "none"},
                {"final_val_mse": 0.0051, "best_val_mse": 0.0049, "loss_oscillation": 0.004,
                 "iterations_run": 10000}, 5_000)
-    running = client.create_run(exp, start_time=6_000, run_name="Seq5",
-                                tags={"vqlog.role": "trial", "mlflow.parentRunId": pid,
-                                      "optuna.trial_number": "4", "optuna.state": "RUNNING"})
+    client.create_run(exp, start_time=6_000, run_name="Seq5",
+                      tags={"vqlog.role": "trial", "mlflow.parentRunId": pid,
+                            "optuna.trial_number": "4", "optuna.state": "RUNNING"})
     client.set_terminated(pid, status="FINISHED")
     return client
 

@@ -64,20 +64,56 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
     return storage, Tracker(tracking_uri, lang=lang)
 
 
+def gpu_list(text: str | None) -> list[int] | None:
+    """--gpus 0,1,... as GPU indices."""
+    if text is None:
+        return None
+    try:
+        ids = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise UserError(f"--gpus must be GPU indices like 0,1, got {text!r}")
+    return ids
+
+
+def worker_count(workers, device: str, gpus: list[int] | None) -> int:
+    """--workers N or auto (one per core; one per GPU with CUDA)."""
+    from vqlog.study.pool import worker_count as count
+    from vqlog.train import resolve_device
+
+    return count(workers, resolve_device(device).type, gpus)
+
+
+def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device: str = "auto",
+              gpus: list[int] | None = None, timeout: float | None = None,
+              seed: int | None = None, stop=None, out: Callable[[str], None] = print):
+    """One worker in this process, or `workers` worker processes (vqlog.study.pool)."""
+    from vqlog.study import pool, worker
+
+    if workers == 1:
+        return worker.run(spec, trials, storage, tracker=tracker, device=device,
+                          timeout=timeout, seed=seed, out=out, stop=stop)
+    from vqlog.train import resolve_device
+
+    return pool.sweep(spec, trials, storage, tracker, workers, resolve_device(device).type,
+                      gpus, timeout, seed, stop, out)
+
+
 def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = None,
           storage: str | None = None, tracking_uri: str | None = None, data: str | None = None,
           sample_rate: float | None = None, channel: str | None = None, device: str = "auto",
           timeout: float | None = None, seed: int | None = None, lang: str = "en",
+          workers: int | str = 1, gpus: str | None = None,
           out: Callable[[str], None] = print, stop=None):
     """Run (or join) a study until it has `trials` finished trials: `vqlog-sweep` in-process,
     with the same options. Returns the `SweepSummary` (finished, best, table path, ...)."""
-    from vqlog.study import worker
-
     check_options(trials, timeout, seed)
+    gpu_ids = gpu_list(gpus)
     spec = study_spec(config, study, data, sample_rate, channel)
     storage, tracker = prepare(spec, storage, tracking_uri, lang)
-    return worker.run(spec, trials, storage, tracker=tracker, device=device, timeout=timeout,
-                      seed=seed, out=out, stop=stop)
+    n = worker_count(workers, device, gpu_ids)
+    return run_sweep(spec, trials, storage, tracker, n, device, gpu_ids, timeout, seed, stop, out)
 
 
 def results(study: str, tracking_uri: str | None = None):

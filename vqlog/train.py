@@ -99,12 +99,16 @@ def _nan_low(x: float) -> float:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto, cpu, cuda, or cuda:<index> (one GPU of several, as `--workers` places them)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if device not in ("cpu", "cuda"):
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
         raise UserError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
     return torch.device(device)
 
 

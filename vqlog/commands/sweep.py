@@ -22,6 +22,12 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
     p.add_argument("--seed", type=int, help="seed for the sampler and for training")
     p.add_argument("--lang", default="en", choices=("en", "zh"), help="language of the table")
+    p.add_argument("--workers", default="1", metavar="N|auto",
+                   help="worker processes on this host sharing the study, the cores split "
+                        "between them; auto: one per core (per GPU with --device cuda)")
+    p.add_argument("--gpus", metavar="0,1,...",
+                   help="with --device cuda and --workers: the GPUs the workers take in turn "
+                        "(default: every visible one)")
     add_debug(p)
 
 
@@ -41,18 +47,20 @@ def sweep_command(args: argparse.Namespace) -> int:
     from vqlog.study import worker
     from vqlog.urls import mask, mask_urls
 
+    gpus = api.gpu_list(args.gpus)
     spec = api.study_spec(args.config, args.study, args.data, args.sample_rate, args.channel)
     storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
+    workers = api.worker_count(args.workers, args.device, gpus)
     uri = tracker.given_uri
     print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
-          f"storage {mask(storage)}, tracking {mask(uri)}", flush=True)
+          f"storage {mask(storage)}, tracking {mask(uri)}"
+          + (f", {workers} workers" if workers > 1 else ""), flush=True)
     start = time.perf_counter()
     stop = worker.StopRequest()
     try:
         with stop_on_signals(stop):
-            result = worker.run(spec, args.trials, storage, tracker=tracker,
-                                device=args.device, timeout=args.timeout, seed=args.seed,
-                                stop=stop)
+            result = api.run_sweep(spec, args.trials, storage, tracker, workers, args.device,
+                                   gpus, args.timeout, args.seed, stop)
     except TrackingUnavailable as exc:
         sys.stderr.write(
             f"Error: {mask_urls(str(exc))}. Everything finished is kept in the study and MLflow; "
@@ -80,17 +88,19 @@ EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as sh
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop):
+def stop_on_signals(stop, quiet: bool = False):
     """SIGTERM (docker compose stop, Kubernetes, Slurm) and SIGINT (Ctrl-C) ask the worker to
-    stop cleanly; a second Ctrl-C stops it at once. The handlers before are put back after."""
+    stop cleanly; a second Ctrl-C stops it at once. The handlers before are put back after.
+    `quiet`: no line about it (a worker of --workers, whose parent says it once)."""
 
     def handle(signum, frame):
         name = signal.Signals(signum).name
         if stop.is_set() and name == "SIGINT":
             raise KeyboardInterrupt
-        print(f"{name}: stopping after a checkpoint of the running trial "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-        stop.request(name)
+        if not stop.is_set() and not quiet:
+            print(f"{name}: stopping after a checkpoint of the running trial "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        stop.request(stop.signal or name)
 
     if threading.current_thread() is not threading.main_thread():
         yield stop  # only the main thread may set handlers: the caller stops it by hand
@@ -111,7 +121,8 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     lines = [
         "",
         f"study {r.study}: {r.finished}/{r.target} trials finished "
-        f"({r.ran_here} ran here, {r.failed_here} failed) in {seconds / 60:.1f} min"
+        f"({r.ran_here} ran here{f' by {r.workers} workers' if r.workers > 1 else ''}, "
+        f"{r.failed_here} failed) in {seconds / 60:.1f} min"
         + ("; --timeout reached" if r.timed_out else ""),
     ]
     if r.best:

@@ -47,12 +47,12 @@ def table_command(args: argparse.Namespace) -> int:
 def _table_loop(args, client, study: str, parent: str | None) -> int:
     from vqlog.files import write_text
     from vqlog.tracking import table
-    from vqlog.tracking.rows import fetch_rows
+    from vqlog.tracking.rows import RowCache
     from vqlog.tracking.runs import publish_table
 
-    last = None
+    last, cache = None, RowCache(client, study)  # --watch: only the runs that ended since
     while True:
-        rows = fetch_rows(client, study)
+        rows = cache.rows()
         text = table.render_table(rows, lang=args.lang, title=study)
         if text != last:
             if args.out == "-":
@@ -62,7 +62,7 @@ def _table_loop(args, client, study: str, parent: str | None) -> int:
                 write_text(out, text, crash_point="table.write")
                 print(f"table: {out} ({len(rows)} trials)", flush=True)
             if parent:
-                publish_table(client, parent, text, table.table_records(rows, args.lang))
+                publish_table(client, parent, rows, study, args.lang, text)
             last = text
         if not args.watch:
             return 0

@@ -15,10 +15,10 @@ from vqlog.tracking.rows import run_name
 class TrialProgress:
     """A tqdm bar over finished trials on a terminal; plain lines otherwise (logs, CI)."""
 
-    def __init__(self, total: int, out: Callable[[str], None]):
+    def __init__(self, total: int, out: Callable[[str], None], bar: bool = True):
         self.out, self.total = out, total
         self.bar = None
-        if sys.stderr.isatty() and os.environ.get("CI") is None:
+        if bar and sys.stderr.isatty() and os.environ.get("CI") is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)

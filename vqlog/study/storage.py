@@ -233,9 +233,12 @@ class StudyLock:
     does, unless `wait` is False (opening the storage). A restart ends the session and the server
     frees the lock with it, so release() after an outage has nothing to undo and does not raise."""
 
-    def __init__(self, url: str, study: str, wait: bool = True):
+    def __init__(self, url: str, study: str, wait: bool = True, purpose: str = ""):
         self.url = parse_url(url)
-        self.key = zlib.crc32(f"vqlog:{study}".encode())  # advisory locks take a bigint key
+        # advisory locks take a bigint key; `purpose` names another lock of the same study
+        self.key = zlib.crc32(f"vqlog:{study}{':' + purpose if purpose else ''}".encode())
+        self.file = f"{Path(self.url.database).expanduser()}{'.' + purpose if purpose else ''}.lock" \
+            if self.url.get_backend_name() == "sqlite" else None
         self.wait = wait
         self._held = False
         self._conn = None
@@ -253,9 +256,40 @@ class StudyLock:
         else:
             import fcntl
 
-            self._fh = open(f"{Path(self.url.database).expanduser()}.lock", "a+")
+            self._fh = open(self.file, "a+")
             fcntl.flock(self._fh, fcntl.LOCK_EX)
         self._held = True
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it, without waiting (one attempt, also in an outage:
+        then False)."""
+        if self._held:
+            return True
+        if self.url.get_backend_name() == "postgresql":
+            try:
+                conn = self._engine.connect()
+            except Exception as exc:
+                if is_connection_error(exc):
+                    return False
+                raise
+            got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"),
+                               {"k": self.key}).scalar()
+            if not got:
+                conn.close()
+                return False
+            self._conn = conn
+        else:
+            import fcntl
+
+            fh = open(self.file, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                return False
+            self._fh = fh
+        self._held = True
+        return True
 
     def _lock_pg(self) -> sqlalchemy.Connection:
         conn = self._engine.connect()

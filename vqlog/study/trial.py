@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from vqlog.config import Config
@@ -23,7 +26,7 @@ from vqlog.errors import (DivergedError, StorageOutageError, TrackingUnavailable
 from vqlog.failpoints import failpoint
 from vqlog.study.outage import retrying
 from vqlog.study.storage import heartbeat_interval
-from vqlog.train import fit
+from vqlog.train import fit, resolve_device
 
 log = logging.getLogger("vqlog")
 OUTAGES = (StorageOutageError, TrackingUnavailable)  # stop the sweep: rerun once it is back
@@ -94,10 +97,13 @@ class Objective:
                  storage: optuna.storages.BaseStorage, stop=None):
         self.spec, self.cache, self.tracker = spec, cache, tracker
         self.device, self.seed, self.storage, self.stop = device, seed, storage, stop
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{resolve_device(device)}"
 
-    def __call__(self, trial: optuna.Trial, retry_history: list[int] = ()) -> Outcome:
+    def __call__(self, trial: optuna.Trial, retry_history: list[int] = (),
+                 queued: bool = False) -> Outcome:
         """An Outcome for every exception but KeyboardInterrupt, which leaves (the run marked
-        FAIL) once the trial's run is closed. `retry_history`: the trials this one retries."""
+        FAIL) once the trial's run is closed. `retry_history`: the trials this one retries;
+        `queued`: the trial is a row the spec queued."""
         run = None
         try:
             cfg = self._db(lambda: self.spec.suggest(trial, self.seed))
@@ -105,9 +111,13 @@ class Objective:
             state = None
             if self.tracker is not None:
                 state = self._resume_state(retry_history, cfg)
+                tags = {"vqlog.worker": self.worker,
+                        "vqlog.torch_threads": str(torch.get_num_threads())}
+                if queued:
+                    tags["vqlog.queued"] = "true"
                 run = self.tracker.start_trial(
                     trial.number, cfg, retry_of=retry_history[0] if retry_history else None,
-                    resumed_at=state["step"] if state else 0)
+                    resumed_at=state["step"] if state else 0, tags=tags)
                 self._db(lambda: trial.set_user_attr(RUN_ID, run.run_id))
                 run.log_dataset(data, self.spec.source, self.spec.channel)
                 if state is not None:

@@ -52,6 +52,7 @@ class SweepSummary:
     timed_out: bool = False
     best: dict[str, Any] | None = None
     table_path: str | None = None
+    workers: int = 1  # processes on this host (vqlog-sweep --workers)
 
 
 class StopRequest(threading.Event):
@@ -71,10 +72,12 @@ class Worker:
 
     def __init__(self, spec: SweepSpec, trials: int, storage_url: str, tracker=None,
                  device: str = "cpu", timeout: float | None = None, seed: int | None = None,
-                 out: Callable[[str], None] = print, stop: StopRequest | None = None):
+                 out: Callable[[str], None] = print, stop: StopRequest | None = None,
+                 bar: bool = True):
         self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
         self.stop = stop if stop is not None else StopRequest()
+        self.bar = bar  # a progress bar on a terminal (not in a worker of --workers)
         self.cache = DataCache(spec.source, spec.sample_rate, spec.channel)
         self.summary = SweepSummary(study=spec.name, finished=0, target=trials)
         self.fails_in_a_row = 0
@@ -84,7 +87,7 @@ class Worker:
 
     def run(self) -> SweepSummary:
         self._open()
-        self.progress = TrialProgress(self.target, self.out)
+        self.progress = TrialProgress(self.target, self.out, bar=self.bar)
         started = time.monotonic()
         try:
             while (trial := self._next_trial(started)) is not None:
@@ -113,6 +116,7 @@ class Worker:
         self.study, self.storage = open_study(self.spec, self.storage_url, self.seed)
         self.study_id = self._db(lambda: self.storage.get_study_id_from_name(self.spec.name))
         self.lock = StudyLock(self.storage_url, self.spec.name)
+        self.table_lock = StudyLock(self.storage_url, self.spec.name, purpose="table")
         self.objective = Objective(self.spec, self.cache, self.tracker, self.device, self.seed,
                                    self.storage, self.stop)
         with self.lock:
@@ -169,7 +173,7 @@ class Worker:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
             try:
-                outcome = self.objective(trial, history)
+                outcome = self.objective(trial, history, "fixed_params" in frozen.system_attrs)
             except KeyboardInterrupt:
                 self._tell(trial, Outcome(TrialState.FAIL, reason=describe(KeyboardInterrupt())))
                 raise
@@ -232,7 +236,8 @@ class Worker:
         frozen = self._db(lambda: self.storage.get_trial(trial_id))
         self.progress.trial_line(self.study, frozen, outcome.reason if failed else "")
         if self.tracker is not None and not isinstance(outcome.fatal, TrackingUnavailable):
-            self.summary.table_path = self.tracker.after_trial(self.study)
+            written = self.tracker.after_trial(self.study, self.table_lock)
+            self.summary.table_path = written or self.summary.table_path
 
     # ---------------------------------------------------------------------------- helpers
 

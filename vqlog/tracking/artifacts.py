@@ -12,12 +12,11 @@ import tempfile
 from pathlib import Path
 
 from vqlog.errors import UserError
-from vqlog.tracking.rows import run_name
+from vqlog.tracking.rows import TRIAL_ROLE, run_name
 
 CHECKPOINT = "checkpoint/latest.pt"  # one per trial run: each save replaces the last
 WEIGHTS = "model/model.pt"  # a vqlog.checkpoint model file
 ALIAS = "best"
-TRIAL_ROLE = "tags.`vqlog.role` = 'trial'"
 
 
 def upload_checkpoint(client, run_id: str, state: dict) -> bool:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # mlflow is slow to import; only the MLflow-facing functions 
     from mlflow.entities import Run
 
 # MLflow run status -> Optuna state, for a trial run that lacks its optuna.state tag.
+TRIAL_ROLE = "tags.`vqlog.role` = 'trial'"
 _STATUS_TO_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL",
                     "RUNNING": "RUNNING", "SCHEDULED": "RUNNING"}
 
@@ -44,6 +45,7 @@ class TrialRow:
     retry_of: int | None = None  # the original trial this one retries (tag vqlog.retry_of)
     resumed_at: int | None = None  # the iteration it continued from (tag vqlog.resumed_at)
     run_id: str | None = None  # the MLflow run the row was read from
+    queued: bool = False  # a row the spec queued (tag vqlog.queued): the log's own runs
 
 
 # --- MLflow -----------------------------------------------------------------------------------
@@ -85,6 +87,7 @@ def _row(number: int, run: Run) -> TrialRow:
         retry_of=_int(tags.get("vqlog.retry_of")),
         resumed_at=_int(tags.get("vqlog.resumed_at")),
         run_id=run.info.run_id,
+        queued=tags.get("vqlog.queued") == "true",
     )
 
 
@@ -95,10 +98,8 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[TrialRow]:
-    """All trial runs of the study's experiment (every page), as rows."""
-    from mlflow.entities import ViewType
-
+def study_experiment(client: MlflowClient, study: str):
+    """The study's MLflow experiment; UserError if there is none or it is deleted."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         raise UserError(
@@ -110,18 +111,56 @@ def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[
             f"the MLflow experiment '{study}' is deleted: restore it with "
             f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`"
         )
-    runs: list[Run] = []
-    token = None
+    return experiment
+
+
+def search_all(client, experiment_id: str, filter_string: str, page_size: int = 1000) -> list:
+    """Every run the filter matches, page after page (MLflow returns at most 1,000 a request)."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
     while True:
-        page = client.search_runs(
-            [experiment.experiment_id],
-            filter_string="tags.`vqlog.role` = 'trial'",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=page_size,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=page_size,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
-            return rows_from_runs(runs)
+            return runs
+
+
+def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[TrialRow]:
+    """All trial runs of the study's experiment (every page), as rows."""
+    experiment = study_experiment(client, study)
+    return rows_from_runs(search_all(client, experiment.experiment_id, TRIAL_ROLE, page_size))
+
+
+class RowCache:
+    """The study's rows, kept current by fetching only the runs that ended since the last look:
+    a run's end time is set whenever it gets a terminal status, and every change the table
+    shows ends with one. The first `rows()` reads every run once; later ones cost a query of
+    the last few minutes' runs, however many the study has (a flat cost per trial).
+
+    SLACK_MS covers the clocks of other hosts, whose workers stamp the end times they set, and a
+    run whose end was stamped just before a look but committed just after it."""
+
+    SLACK_MS = 30 * 1000
+
+    def __init__(self, client, study: str):
+        self.client, self.study = client, study
+        self.experiment_id: str | None = None
+        self._runs: dict[str, Run] = {}
+        self._since: int | None = None  # ms: the runs that ended before it are all in _runs
+
+    def rows(self) -> list[TrialRow]:
+        import time
+
+        now = int(time.time() * 1000)
+        if self.experiment_id is None:
+            self.experiment_id = study_experiment(self.client, self.study).experiment_id
+        where = TRIAL_ROLE if self._since is None \
+            else f"{TRIAL_ROLE} and attributes.end_time >= {self._since}"
+        self._runs.update((r.info.run_id, r) for r in search_all(self.client, self.experiment_id,
+                                                                  where))
+        self._since = now - self.SLACK_MS
+        return rows_from_runs(self._runs.values())

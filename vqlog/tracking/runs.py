@@ -16,20 +16,19 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from vqlog.errors import TrackingUnavailable, UserError
-from vqlog.failpoints import failpoint
+from vqlog.errors import UserError
 from vqlog.files import write_text
 from vqlog.tracking import artifacts, lineage, plots, table
-from vqlog.tracking.rows import fetch_rows, run_name
+from vqlog.tracking.trial_run import STATUS, TrialRun
+from vqlog.tracking.rows import TRIAL_ROLE, RowCache, run_name, search_all
 from vqlog.tracking.client import open_client, resolve_tracking_uri, store_uri
 from vqlog.urls import sqlite_path
 
-STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 OPTUNA_STATE = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL"}
 TABLE_JSON = "experiment_table.json"
-STUDY_PLOTS_EVERY = 5  # refresh Optuna's study plots every k finished trials (and at the end)
+TABLE_SECONDS = 10.0  # a worker refreshes the table at most this often (and at the end)
+STUDY_PLOTS_SECONDS = 60.0  # and Optuna's study plots, which read every trial, at most this often
 STUDY_ROLE = "tags.`vqlog.role` = 'study'"
-TRIAL_ROLE = "tags.`vqlog.role` = 'trial'"
 
 
 def find_study_run(client, experiment_id: str) -> str | None:
@@ -66,7 +65,8 @@ class Tracker:
     """One per sweep worker. `start_study` once, `start_trial` per trial, `after_trial` after each."""
 
     def __init__(self, tracking_uri: str | None = None, table_dir: str | Path = "results",
-                 lang: str = "en"):
+                 lang: str = "en", table_seconds: float = TABLE_SECONDS,
+                 plots_seconds: float = STUDY_PLOTS_SECONDS):
         self.given_uri = resolve_tracking_uri(tracking_uri)  # as the user gave it, for messages
         self.uri = store_uri(tracking_uri)
         self._client = None  # made on first use: a bad input found later leaves no mlflow.db
@@ -75,7 +75,11 @@ class Tracker:
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.study_name = ""
-        self._finished_seen = 0
+        self._rows: RowCache | None = None  # the table's rows, fetched incrementally
+        self._failed_seen: set[int] = set()  # FAIL trials whose runs reconcile has looked at
+        self._table_at = self._plots_at = -math.inf  # monotonic times of the last refreshes
+        self.table_seconds = table_seconds  # after_trial's throttles (0: the table every trial)
+        self.plots_seconds = self._plots_every = plots_seconds
 
     @property
     def client(self):
@@ -100,7 +104,9 @@ class Tracker:
         self.study_name = study.study_name
         self.experiment_id = self._experiment(study.study_name, spec.description)
         self.parent_id = self._parent_run(study, spec)
-        self.reconcile(study)
+        self.reconcile(study, everything=True)
+        # the first study plots a minute in (a shorter sweep draws them once, at its end)
+        self._plots_at = time.monotonic()
 
     def _experiment(self, name: str, description: str) -> str:
         """The experiment named after the study; the spec's description is its description in
@@ -154,14 +160,31 @@ class Tracker:
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
-    def after_trial(self, study: optuna.Study) -> str:
-        """Reconcile orphans, regenerate the table and, every few trials, Optuna's plots."""
+    def after_trial(self, study: optuna.Study, table_lock=None) -> str | None:
+        """After each trial: reconcile the runs that can be out of step, and, at most every
+        `table_seconds` and only while this worker holds `table_lock` (one writer per study at a
+        time; a lock it cannot take at once is skipped), the table; Optuna's study plots at
+        most every `plots_seconds`, and never more than a tenth of the time. Every part but
+        the plots costs the same whatever the study's size. Returns the table's path when it
+        was written."""
         self.reconcile(study)
-        path = self.refresh_table()
-        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        if finished - self._finished_seen >= STUDY_PLOTS_EVERY:
-            self.refresh_study_plots(study)
-            self._finished_seen = finished
+        now = time.monotonic()
+        if now - self._table_at < self.table_seconds:
+            return None
+        if table_lock is not None and not table_lock.try_acquire():
+            return None
+        try:
+            path = self.refresh_table()
+            self._table_at = now
+            if now - self._plots_at >= self._plots_every:
+                self.refresh_study_plots(study)
+                self._plots_at = now
+                # Optuna's plots read every trial (importances fit a forest): never more than
+                # a tenth of the worker's time, however large the study grows
+                self._plots_every = max(self.plots_seconds, 10 * (time.monotonic() - now))
+        finally:
+            if table_lock is not None:
+                table_lock.release()
         return path
 
     def finish_study(self, study: optuna.Study) -> str:
@@ -171,11 +194,13 @@ class Tracker:
         return path
 
     def refresh_table(self) -> str:
+        if self._rows is None:
+            self._rows = RowCache(self.client, self.study_name)
+        rows = self._rows.rows()
         path = table.table_path(self.table_dir, self.study_name)
-        rows = fetch_rows(self.client, self.study_name)
         text = table.render_table(rows, lang=self.lang, title=self.study_name)
         write_text(path, text, crash_point="table.write")
-        publish_table(self.client, self.parent_id, text, table.table_records(rows, self.lang))
+        publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text)
         return str(path)
 
     def refresh_study_plots(self, study: optuna.Study) -> None:
@@ -183,12 +208,24 @@ class Tracker:
             self.client.log_figure(self.parent_id, fig, f"optuna/{name}.png")
             plots.close(fig)
 
-    def reconcile(self, study: optuna.Study) -> None:
-        """Give every trial run the state Optuna settled on, where a killed worker left them
-        apart: a run left RUNNING, or a run finished in MLflow whose worker died before Optuna
-        stored the result (Optuna fails that trial and retries it)."""
+    def reconcile(self, study: optuna.Study, everything: bool = False) -> None:
+        """Give trial runs the state Optuna settled on, where a killed worker left them apart:
+        a run left RUNNING, or a run finished in MLflow whose worker died before Optuna stored
+        the result (Optuna fails that trial and retries it). Only runs that can be out of step
+        are read: the RUNNING ones, and those of trials that failed since the last look;
+        `everything` (a worker's start) reads every trial run once."""
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-        for run in self._trial_runs():
+        if everything:
+            runs = search_all(self.client, self.experiment_id, TRIAL_ROLE)
+        else:
+            runs = search_all(self.client, self.experiment_id,
+                              f"{TRIAL_ROLE} and attributes.status = 'RUNNING'")
+            failed = [n for n, t in trials.items()
+                      if t.state == TrialState.FAIL and n not in self._failed_seen]
+            for number in failed:
+                runs += artifacts.trial_runs(self.client, self.experiment_id, number)
+        self._failed_seen.update(n for n, t in trials.items() if t.state == TrialState.FAIL)
+        for run in runs:
             trial = trials.get(int(run.data.tags.get("optuna.trial_number", -1)))
             if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
@@ -204,23 +241,15 @@ class Tracker:
                 self.client.set_tag(run.info.run_id, "vqlog.fail_reason", reason[:5000])
             self.client.set_terminated(run.info.run_id, STATUS[name])
 
-    def _trial_runs(self) -> list:
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], TRIAL_ROLE,
-                                           max_results=1000, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
-
     # ------------------------------------------------------------------------------ trial level
 
-    def start_trial(self, number: int, cfg, retry_of: int | None = None,
-                    resumed_at: int = 0) -> TrialRun:
+    def start_trial(self, number: int, cfg, retry_of: int | None = None, resumed_at: int = 0,
+                    tags: dict[str, str] | None = None) -> TrialRun:
         """The trial's run. A retry's carries `vqlog.retry_of` (the original trial's number)
-        and, when it continues from a checkpoint, `vqlog.resumed_at` (the iteration)."""
+        and, when it continues from a checkpoint, `vqlog.resumed_at` (the iteration); `tags`
+        are the worker's (vqlog.worker, vqlog.torch_threads, vqlog.queued)."""
         tags = {
+            **(tags or {}),
             "mlflow.parentRunId": self.parent_id,
             "vqlog.role": "trial",
             "optuna.study": self.study_name,
@@ -278,9 +307,10 @@ def _space_text(p) -> str:
     return f"{p.kind} [{p.low}, {p.high}]" + (" log" if p.log else "")
 
 
-def publish_table(client, parent_id: str, text: str, records: list[dict]) -> None:
-    """The table on the study run: `experiment_table.md`, the run's description in the MLflow
-    UI, and `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
+def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str) -> None:
+    """The table on the study run: `experiment_table.md` (the whole of it, `text`), the run's
+    description in the MLflow UI (what fits MLflow's tag limit, in whole rows), and
+    `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
 
     The JSON is written in the layout `log_table` writes (pandas' "split" orientation) and
     marked as a table with MLflow's `mlflow.loggedArtifacts` tag, because `log_table` appends
@@ -291,102 +321,9 @@ def publish_table(client, parent_id: str, text: str, records: list[dict]) -> Non
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
     client.log_text(parent_id, text, "experiment_table.md")
-    client.set_tag(parent_id, "mlflow.note.content", text)
-    frame = pd.DataFrame(records, dtype=object)
+    client.set_tag(parent_id, "mlflow.note.content",
+                   table.render_description(rows, lang, study, text=text))
+    frame = pd.DataFrame(table.table_records(rows, lang), dtype=object)
     client.log_text(parent_id, frame.to_json(orient="split", index=False), TABLE_JSON)
     client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
                    json.dumps([{"path": TABLE_JSON, "type": "table"}]))
-
-
-class TrialRun:
-    """One trial's child run. Step metrics are buffered and sent once per evaluation; while the
-    tracking server is away they stay in the buffer (training goes on) and go with the next send."""
-
-    def __init__(self, client, run_id: str, cfg, monitor=None):
-        self.client, self.run_id, self.cfg = client, run_id, cfg
-        self._pending: list = []  # Metric entities not yet accepted by the store
-        self._monitor = monitor  # MLflow's system-metrics monitor, stopped when the run ends
-
-    def log_dataset(self, data, source: str, channel: str | None = None) -> None:
-        """The trial's data as the run's dataset input (name, source, digest, shape)."""
-        inputs = [lineage.dataset_input(data, source, channel)]
-        self.client.log_inputs(self.run_id, datasets=inputs)
-
-    def log_eval(self, record) -> None:
-        self._add(record)
-        self.flush(wait=False)
-
-    def log_history(self, evals) -> None:
-        """The curves up to where a retry resumed (its checkpoint's evaluations and the train
-        points logged with them), so the retry's run holds them whole; later points follow."""
-        for record in evals:
-            self._add(record)
-        self.flush(wait=False)
-
-    def log_checkpoint(self, state: dict) -> None:
-        """The latest training state, replacing the previous one (skipped while the store is
-        away: the next one goes instead)."""
-        artifacts.upload_checkpoint(self.client, self.run_id, state)
-
-    def _add(self, record) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        for p in record.train_points:
-            for key, value in (("train/loss", p.loss), ("train/mse", p.mse),
-                               ("train/commitment", p.commitment), ("train/perplexity", p.perplexity)):
-                if math.isfinite(value):
-                    self._pending.append(Metric(key, value, now, p.step))
-        for key, value in (("val/mse", record.val_mse), ("val/perplexity", record.val_perplexity),
-                           ("val/usage", record.val_usage), ("val/dead_codes", record.val_dead_codes)):
-            if math.isfinite(value):
-                self._pending.append(Metric(key, float(value), now, record.step))
-
-    def flush(self, wait: bool = True) -> bool:
-        """Send the buffer in MLflow's 1,000-metric requests. wait=False: one attempt, and False
-        if the store is away (TrackingUnavailable once that has lasted past the limit)."""
-        while self._pending:
-            chunk = self._pending[:1000]  # MLflow's per-request limit
-            failpoint("tracking.log")
-            if wait:
-                self.client.call("log_batch", self.run_id, metrics=chunk)
-            elif not self.client.try_call("log_batch", self.run_id, metrics=chunk)[0]:
-                return False
-            del self._pending[:len(chunk)]
-        return True
-
-    def finish(self, state: str, summary: dict | None = None, reason: str | None = None,
-               result=None, windows=None) -> None:
-        """Buffered metrics, summary metrics, plots, the Optuna state as a tag, and a terminal
-        run status."""
-        from mlflow.entities import Metric
-
-        if self._monitor is not None:
-            monitor, self._monitor = self._monitor, None
-            monitor.finish()
-
-        try:
-            if summary:
-                now = int(time.time() * 1000)
-                self._pending += [Metric(k, float(v), now, 0) for k, v in summary.items()
-                                  if math.isfinite(v)]
-            self.flush()
-            if result is not None:
-                if state == "COMPLETE":
-                    artifacts.upload_weights(self.client, self.run_id, result.config, result.model)
-                self.client.log_figure(self.run_id, plots.curves_figure(result), "curves.png")
-                if windows is not None and len(windows):
-                    fig = plots.reconstruction_figure(result.model, windows)
-                    self.client.log_figure(self.run_id, fig, "reconstruction.png")
-            tags = {"optuna.state": state}
-            if reason:
-                tags["vqlog.fail_reason"] = reason[:5000]
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
-        except TrackingUnavailable:
-            raise  # the run stays RUNNING; the rerun's reconcile gives it Optuna's state
-        except BaseException:
-            self.client.set_terminated(self.run_id, STATUS[state])
-            raise
-        self.client.set_terminated(self.run_id, STATUS[state])
-

@@ -32,6 +32,7 @@ LOG_COLUMNS = ("run", "batch", "lr", "embedding_dim", "embedding_num", "iteratio
                "En-De", "loss", "perplexity")
 LOG_PARAMS = LOG_COLUMNS[1:9]  # the columns that are params as logged
 SHOWN_STATES = ("COMPLETE", "PRUNED", "FAIL")  # finished trials; RUNNING (and anything else) is left out
+DESCRIPTION_LIMIT = 8000  # characters: MLflow's limit on a tag value (the run's description)
 BEST_MARK = " ★"  # after the run name of each table's best completed trial
 _PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
 # Every piece of text the table shows: key -> (English, the log's Chinese).
@@ -54,6 +55,8 @@ _WORDS = {
     "diverged": ("diverged", "发散"),
     "diverged_at": ("diverged @ {it}", "发散 ({it}轮)"),
     "resumed_at": ("resumed @ {it}", "从{it}轮继续"),
+    "more_rows": ("… and {n} more rows: the whole table is experiment_table.md, an artifact of "
+                  "this run.", "……另有 {n} 行：完整的表是本运行的文件 experiment_table.md。"),
     "legend": ((
         "- ★ best of its table by the study's objective: lowest final val MSE among completed "
         "trials (a tie goes to the higher perplexity).",
@@ -86,15 +89,52 @@ def _latest_of_each_retry_chain(rows: list[TrialRow]) -> list[TrialRow]:
 
 # --- rendering (pure) -------------------------------------------------------------------------
 
-def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None) -> str:
-    """Markdown: the tuning table, then the no-quantizer table, each only when it has rows."""
+def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None,
+                 note: str | None = None) -> str:
+    """Markdown: the tuning table, then the no-quantizer table, each only when it has rows;
+    `note`, a line after the tables (render_description's count of the rows left out)."""
     finished, sections = _sections(rows, lang)
     parts = [f"# {title}"] if title else []
     for heading, header, body in sections:
         lines = [_line(header), _line(["---"] * len(header)), *map(_line, body)]
         parts += [f"## {heading}", "\n".join(lines)]
-    parts.append("\n".join(_legend(lang)) if finished else _TEXT[lang]["empty"])
+    if note:
+        parts.append(note)
+    if finished:
+        parts.append("\n".join(_legend(lang)))
+    elif not note:
+        parts.append(_TEXT[lang]["empty"])
     return "\n\n".join(parts) + "\n"
+
+
+def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None,
+                       limit: int = DESCRIPTION_LIMIT, text: str | None = None) -> str:
+    """The table as the study run's description in the MLflow UI, within MLflow's tag limit:
+    the whole table when it fits, else the log's own (queued) rows and as many of the best
+    trials (lowest final val MSE) as fit, whole rows only, and a line saying how many more rows
+    `experiment_table.md` holds. `text`: the whole table, if already rendered."""
+    text = text if text is not None else render_table(rows, lang, title)
+    if len(text) <= limit:
+        return text
+    finished, _ = _sections(rows, lang)
+    queued = [r for r in finished if r.queued]
+    ranked = sorted((r for r in finished if not r.queued and r.state == "COMPLETE"
+                     and _metric(r, "final_val_mse") is not None),
+                    key=lambda r: (_metric(r, "final_val_mse"), r.number))
+
+    def fitted(k: int) -> str:
+        shown = queued + ranked[:k]
+        more = _TEXT[lang]["more_rows"].format(n=len(finished) - len(shown))
+        return render_table(shown, lang, title, note=more)
+
+    k = min(1, len(ranked))  # the best trial, so that the ★ stands where the table has it
+    while k < len(ranked) and len(fitted(k + 1)) <= limit:
+        k += 1
+    described = fitted(k)
+    if len(described) > limit:  # not even the log's rows and the best fit: the note alone
+        more = _TEXT[lang]["more_rows"].format(n=len(finished))
+        described = render_table([], lang, title, note=more)
+    return described
 
 
 def table_records(rows: Sequence[TrialRow], lang: str = "en") -> list[dict[str, str]]:

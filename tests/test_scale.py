@@ -1,0 +1,195 @@
+"""Scale: several worker processes on one host (`--workers`), a flat cost per trial (the table's
+rows fetched incrementally), and a study-run description that always fits MLflow's tag limit."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from _sweep_helpers import Worker, finished, mlflow_runs, states, study_trials, wait_until, write_spec
+
+from vqlog.tracking.rows import RowCache, TrialRow, fetch_rows
+from vqlog.tracking.table import DESCRIPTION_LIMIT, render_description, render_table
+
+# ------------------------------------------------------------------ the description (pure)
+
+
+def many_rows(n: int) -> list[TrialRow]:
+    rows = []
+    for i in range(n):
+        params = {"batch": "64", "lr": str(1e-3 * (1 + i % 7)), "embedding_dim": "64",
+                  "embedding_num": str(128 * (1 + i % 4)), "iteration": "300", "BN": "True",
+                  "MLP": "relu", "En-De": "s4d-all"}
+        metrics = {"final_val_mse": 0.5 / (1 + (i * 37) % n), "best_val_mse": 0.4 / (1 + i),
+                   "max_val_perplexity": 10.0 + i % 50, "iterations_run": 300.0}
+        state = "PRUNED" if i % 5 == 4 else "COMPLETE"
+        rows.append(TrialRow(i, state, params, metrics, queued=i < 3))
+    return rows
+
+
+def test_a_small_table_is_its_own_description():
+    rows = many_rows(5)
+    assert render_description(rows, title="s") == render_table(rows, title="s")
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+@pytest.mark.parametrize("n", [100, 1000])
+def test_the_description_fits_the_limit_in_whole_rows_with_the_logs_rows_and_the_best(n, lang):
+    rows = many_rows(n)
+    full = render_table(rows, lang, title="big")
+    assert len(full) > DESCRIPTION_LIMIT
+    text = render_description(rows, lang, title="big", text=full)
+    assert len(text) <= DESCRIPTION_LIMIT
+    shown = [line for line in text.splitlines() if line.startswith("| Seq")]
+    header = next(line for line in text.splitlines() if line.startswith("| run "))
+    assert all(line.count(" | ") == header.count(" | ") and line.endswith(" |") for line in shown)
+    names = [line.split(" | ")[0][2:].rstrip(" ★") for line in shown]
+    assert names[:3] == ["Seq1", "Seq2", "Seq3"]  # the log's own rows
+    complete = [r for r in rows if r.state == "COMPLETE" and not r.queued]
+    best = sorted(complete, key=lambda r: r.metrics["final_val_mse"])[:len(names) - 3]
+    assert sorted(names[3:]) == sorted(f"Seq{r.number + 1}" for r in best)
+    star = next(line for line in full.splitlines() if " ★ |" in line)
+    assert star in text.splitlines()  # the table's best is shown, starred the same
+    more = n - len(names)
+    assert (f"and {more} more rows" if lang == "en" else f"另有 {more} 行") in text
+    assert text.rstrip().splitlines()[-1].startswith("- ")  # the legend closes it, whole
+
+
+# ----------------------------------------------------------------- incremental rows
+
+
+class CountingClient:
+    """An MlflowClient that counts the runs its searches return (it forwards everything)."""
+
+    def __init__(self, client):
+        self.client, self.returned = client, []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def search_runs(self, *args, **kwargs):
+        page = self.client.search_runs(*args, **kwargs)
+        self.returned.append(len(page))
+        return page
+
+
+def test_the_row_cache_fetches_only_runs_that_ended_since_its_last_look(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("inc")
+
+    def trial(number: int, state="COMPLETE", status="FINISHED"):
+        run = client.create_run(exp, tags={"vqlog.role": "trial", "optuna.trial_number": str(number),
+                                           "optuna.state": state})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    for n in range(30):
+        trial(n)
+    running = trial(30, "RUNNING", "RUNNING")
+    time.sleep(1.5)  # the 30 finished runs end well before the first look
+    counting = CountingClient(client)
+    cache = RowCache(counting, "inc")
+    cache.SLACK_MS = 1000  # (30 s by default: other hosts' clocks)
+    assert [r.number for r in cache.rows()] == list(range(31))
+    assert counting.returned == [31]  # the first look reads everything once
+    trial(31)
+    client.set_tag(running, "optuna.state", "PRUNED")
+    client.set_terminated(running, "KILLED")
+    rows = cache.rows()
+    assert counting.returned[-1] == 2  # only the two runs that ended since
+    assert [(r.number, r.state) for r in rows] == [(r.number, r.state) for r in fetch_rows(client, "inc")]
+    assert rows[30].state == "PRUNED" and len(rows) == 32
+
+
+# ---------------------------------------------------------------------- --workers N
+
+
+def test_workers_split_the_cores_and_take_the_gpus_in_turn():
+    from vqlog.study.pool import cores, placements, worker_count
+
+    n = cores()
+    assert worker_count("auto", "cpu", None) == n
+    assert worker_count("auto", "cuda", [0, 1, 3]) == 3
+    assert placements(2, "cpu", None) == [("cpu", max(1, n // 2))] * 2
+    assert placements(64, "cpu", None) == [("cpu", 1)] * 64  # never 0 threads
+    assert [d for d, _ in placements(5, "cuda", [2, 0])] == \
+        ["cuda:2", "cuda:0", "cuda:2", "cuda:0", "cuda:2"]  # several workers on one GPU
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "--workers must be"),
+    (["--workers", "many"], "--workers must be"),
+    (["--gpus", "a,b"], "--gpus must be"),
+    pytest.param(["--workers", "2", "--device", "cuda"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+])
+def test_bad_workers_or_gpus_are_one_error_line(cli, tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli.sweep("--trials", "2", "--config", "smoke", *flags)
+    assert code == 2 and err.startswith("Error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+@pytest.mark.slow
+def test_workers_share_the_sqlite_default_and_stop_at_exactly_the_target(tmp_path):
+    spec = write_spec(tmp_path, "pool", budget={"iteration": 40, "eval_every": 20}, pruner="none")
+    worker = Worker(["--trials", "6", "--config", str(spec), "--workers", "2"], tmp_path)
+    assert worker.wait(300) == 0, worker.output()
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    trials = study_trials(storage, "pool")
+    assert len(finished(trials)) == len(trials) == 6 and [t.number for t in trials] == list(range(6))
+    runs = mlflow_runs(uri, "pool")
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == list(range(6))
+    pids = {r.data.tags["vqlog.worker"].split(":")[1] for r in runs}
+    assert len(pids) == 2 and str(worker.proc.pid) not in pids  # two worker processes ran them
+    assert all(r.data.tags["vqlog.worker"].endswith(":cpu") for r in runs)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {r.data.tags["vqlog.torch_threads"] for r in runs} == {str(threads)}
+    lines = [line for line in worker.stdout.splitlines() if line.startswith("Seq")]
+    assert sorted(line.split()[0] for line in lines) == [f"Seq{i}" for i in range(1, 7)]
+    assert "pool: 6/6 trials finished (6 ran here by 2 workers, 0 failed)" in worker.stdout
+    table = (tmp_path / "results" / "pool.md").read_text()
+    assert sum(line.startswith("| Seq") for line in table.splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
+    spec = write_spec(tmp_path, "pooled", budget={"iteration": 3000, "eval_every": 50},
+                      pruner="none")
+    args = ["--trials", "3", "--config", str(spec), "--workers", "2"]
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    first = Worker(args, tmp_path, "first")
+    try:
+        def two_running():
+            runs = [r for r in mlflow_runs(uri, "pooled", missing_ok=True)
+                    if r.info.status == "RUNNING"]
+            return len(runs) == 2 and runs
+
+        running = wait_until(two_running, 180, "two trials running", alive=[first])
+        time.sleep(1.0)
+        sent = time.monotonic()
+        first.signal(signal.SIGTERM)
+        assert first.wait(60) == 143, first.output()
+        assert time.monotonic() - sent < 30
+    finally:
+        first.kill()
+    for run in running:  # no worker process is left behind
+        pid = int(run.data.tags["vqlog.worker"].split(":")[1])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    trials = study_trials(storage, "pooled")
+    stopped = [t for t in trials if t.state.name == "FAIL"]
+    assert len(stopped) == 2 and {t.user_attrs["fail_reason"] for t in stopped} == {
+        "stopped (SIGTERM); resumes on rerun"}
+    assert states(trials).get("WAITING") == 2 and "RUNNING" not in states(trials)
+    assert first.stdout.count("Stopped (SIGTERM)") == 1
+    rerun = Worker(args, tmp_path, "rerun")
+    assert rerun.wait(600) == 0, rerun.output()
+    trials = study_trials(storage, "pooled")
+    assert len(finished(trials)) == 3 and "RUNNING" not in states(trials)
+    resumed = [r for r in mlflow_runs(uri, "pooled") if "vqlog.resumed_at" in r.data.tags]
+    assert len(resumed) == 2  # both stopped trials continued from their checkpoints

@@ -1,0 +1,190 @@
+"""`vqlog-sweep --workers N`: N worker processes on this host, sharing one study.
+
+Each worker is a `study.worker.Worker` in a process of its own (the `spawn` start method: a
+fresh interpreter, no state shared by fork), with cores / N torch threads, and with a CUDA device
+of its own when --device cuda (round-robin over --gpus, several workers on one GPU if asked).
+They meet only in the storage and the tracking store, as workers on several hosts do, so the
+exact trial target holds across them. The parent prints their trial lines, keeps one progress
+bar, and passes SIGTERM and Ctrl-C on: every worker stops cleanly (its trial checkpointed and
+queued again) and the parent exits 143 (130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import queue
+import signal
+from typing import Callable
+
+from vqlog.errors import SweepError, VqlogError
+
+POLL_SECONDS = 1.0
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, as taskset, cgroups' cpusets and
+    Slurm set it), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> int:
+    """`--workers`: a number, or `auto`: one per core on the CPU, one per GPU with CUDA."""
+    from vqlog.errors import UserError
+
+    if str(requested) == "auto":
+        if device == "cuda":
+            return max(1, len(gpus) if gpus else _cuda_count())
+        return cores()
+    try:
+        n = int(requested)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"--workers must be a number of workers (1 or more) or auto, got {requested!r}")
+    return n
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def placements(n: int, device: str, gpus: list[int] | None) -> list[tuple[str, int]]:
+    """(device, torch threads) for each of `n` workers: the cores split evenly; with CUDA the
+    workers take the GPUs in turn."""
+    threads = max(1, cores() // n)
+    if device != "cuda":
+        return [(device, threads)] * n
+    ids = gpus if gpus else list(range(_cuda_count()))
+    return [(f"cuda:{ids[i % len(ids)]}", threads) for i in range(n)]
+
+
+def _child(index: int, job: dict, device: str, threads: int, messages) -> None:
+    """One worker process: its threads, its own clean stop on signals, its lines to the parent."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool
+    import torch
+
+    torch.set_num_threads(threads)
+    from vqlog.cli import configure_process
+    from vqlog.commands.sweep import stop_on_signals
+    from vqlog.study import worker
+    from vqlog.tracking.runs import Tracker
+
+    configure_process()
+    stop = worker.StopRequest()
+    try:
+        with stop_on_signals(stop, quiet=True):
+            tracker = Tracker(job["tracking_uri"], lang=job["lang"])
+            summary = worker.run(job["spec"], job["trials"], job["storage"], tracker=tracker,
+                                 device=device, timeout=job["timeout"], seed=job["seed"],
+                                 out=lambda line: messages.put(("line", index, line)),
+                                 stop=stop, bar=False)
+        messages.put(("done", index, dataclasses.asdict(summary)))
+    except VqlogError as exc:
+        messages.put(("error", index, str(exc)))
+    except KeyboardInterrupt:
+        messages.put(("done", index, None))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent as this worker's
+        messages.put(("error", index, f"{type(exc).__name__}: {exc}"))
+
+
+def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
+             out: Callable[[str], None] = print,
+             tick: Callable[[], None] = lambda: None) -> list[dict | None]:
+    """Start `n` workers on `job` (spec, trials, storage, tracking_uri, lang, timeout, seed),
+    relay their lines to `out` (calling `tick` about every second) until all have exited, and
+    return their summaries (as dicts; None for one stopped at once). `stop` (a StopRequest) set: every worker is asked to stop.
+    A worker's error ends the others too, and is raised as SweepError once all have exited."""
+    ctx = multiprocessing.get_context("spawn")
+    messages = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(i, job, dev, threads, messages), daemon=False,
+                         name=f"vqlog-worker-{i}")
+             for i, (dev, threads) in enumerate(placements(n, device, gpus))]
+    for p in procs:
+        p.start()
+    summaries: list[dict | None] = [None] * n
+    errors: list[str] = []
+    forwarded = False
+    try:
+        while any(p.is_alive() for p in procs) or not messages.empty():
+            if stop.is_set() and not forwarded:
+                forwarded = True
+                for p in procs:  # SIGTERM: a clean stop, also where the terminal's Ctrl-C did not reach
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGTERM)
+            tick()  # the parent's progress bar
+            try:
+                kind, index, payload = messages.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if kind == "line":
+                out(payload)
+            elif kind == "done":
+                summaries[index] = payload
+            else:
+                errors.append(f"worker {index}: {payload}")
+                stop.request(stop.signal or "error")
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise SweepError("; ".join(errors))
+    return summaries
+
+
+def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = "cpu",
+          gpus: list[int] | None = None, timeout: float | None = None, seed: int | None = None,
+          stop=None, out: Callable[[str], None] = print):
+    """`workers` processes on one study until it has `trials` finished trials; one combined
+    `SweepSummary`. The parent checks the data and creates the study and its MLflow
+    experiment and study run first, so the workers only load them."""
+    import time
+
+    from vqlog.data import DataCache
+    from vqlog.study.progress import TrialProgress
+    from vqlog.study.storage import StudyLock, open_study
+    from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
+                                    check_data)
+
+    stop = stop if stop is not None else StopRequest()
+    check_data(spec, DataCache(spec.source, spec.sample_rate, spec.channel), seed)
+    tracker.check_experiment(spec.name)
+    study, _ = open_study(spec, storage, seed)
+    with StudyLock(storage, spec.name):
+        tracker.start_study(study, spec)
+
+    def finished() -> int:
+        return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+    progress, last = TrialProgress(trials, out), [0.0]
+
+    def tick() -> None:
+        if time.monotonic() - last[0] >= POLL_SECONDS:
+            last[0] = time.monotonic()
+            progress.update(finished())
+
+    job = {"spec": spec, "trials": trials, "storage": storage, "lang": tracker.lang,
+           "tracking_uri": tracker.given_uri, "timeout": timeout, "seed": seed}
+    try:
+        summaries = run_pool(job, workers, device, gpus, stop, out=progress.line, tick=tick)
+    finally:
+        progress.close()
+    done = [s for s in summaries if s is not None]
+    stopped_at = [s["stopped_at"] for s in done if s["stopped_at"] is not None]
+    return SweepSummary(
+        study=spec.name, finished=finished(), target=trials,
+        ran_here=sum(s["ran_here"] for s in done), failed_here=sum(s["failed_here"] for s in done),
+        interrupted=len(done) < len(summaries) or any(s["interrupted"] for s in done),
+        stopped=stop.signal if stop.is_set() else None,
+        stopped_at=min(stopped_at) if stopped_at else None,
+        timed_out=any(s["timed_out"] for s in done), best=best_trial_info(study, spec),
+        table_path=tracker.finish_study(study), workers=workers)

@@ -1,0 +1,107 @@
+"""One trial's MLflow run while it trains: buffered step metrics, its checkpoints, its dataset,
+and how it ends (summary metrics, figures, final weights, the Optuna state, a terminal status)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from vqlog.errors import TrackingUnavailable
+from vqlog.failpoints import failpoint
+from vqlog.tracking import artifacts, lineage, plots
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+class TrialRun:
+    """One trial's child run. Step metrics are buffered and sent once per evaluation; while the
+    tracking server is away they stay in the buffer (training goes on) and go with the next send."""
+
+    def __init__(self, client, run_id: str, cfg, monitor=None):
+        self.client, self.run_id, self.cfg = client, run_id, cfg
+        self._pending: list = []  # Metric entities not yet accepted by the store
+        self._monitor = monitor  # MLflow's system-metrics monitor, stopped when the run ends
+
+    def log_dataset(self, data, source: str, channel: str | None = None) -> None:
+        """The trial's data as the run's dataset input (name, source, digest, shape)."""
+        inputs = [lineage.dataset_input(data, source, channel)]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_eval(self, record) -> None:
+        self._add(record)
+        self.flush(wait=False)
+
+    def log_history(self, evals) -> None:
+        """The curves up to where a retry resumed (its checkpoint's evaluations and the train
+        points logged with them), so the retry's run holds them whole; later points follow."""
+        for record in evals:
+            self._add(record)
+        self.flush(wait=False)
+
+    def log_checkpoint(self, state: dict) -> None:
+        """The latest training state, replacing the previous one (skipped while the store is
+        away: the next one goes instead)."""
+        artifacts.upload_checkpoint(self.client, self.run_id, state)
+
+    def _add(self, record) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for p in record.train_points:
+            for key, value in (("train/loss", p.loss), ("train/mse", p.mse),
+                               ("train/commitment", p.commitment), ("train/perplexity", p.perplexity)):
+                if math.isfinite(value):
+                    self._pending.append(Metric(key, value, now, p.step))
+        for key, value in (("val/mse", record.val_mse), ("val/perplexity", record.val_perplexity),
+                           ("val/usage", record.val_usage), ("val/dead_codes", record.val_dead_codes)):
+            if math.isfinite(value):
+                self._pending.append(Metric(key, float(value), now, record.step))
+
+    def flush(self, wait: bool = True) -> bool:
+        """Send the buffer in MLflow's 1,000-metric requests. wait=False: one attempt, and False
+        if the store is away (TrackingUnavailable once that has lasted past the limit)."""
+        while self._pending:
+            chunk = self._pending[:1000]  # MLflow's per-request limit
+            failpoint("tracking.log")
+            if wait:
+                self.client.call("log_batch", self.run_id, metrics=chunk)
+            elif not self.client.try_call("log_batch", self.run_id, metrics=chunk)[0]:
+                return False
+            del self._pending[:len(chunk)]
+        return True
+
+    def finish(self, state: str, summary: dict | None = None, reason: str | None = None,
+               result=None, windows=None) -> None:
+        """Buffered metrics, summary metrics, plots, the Optuna state as a tag, and a terminal
+        run status."""
+        from mlflow.entities import Metric
+
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()
+
+        try:
+            if summary:
+                now = int(time.time() * 1000)
+                self._pending += [Metric(k, float(v), now, 0) for k, v in summary.items()
+                                  if math.isfinite(v)]
+            self.flush()
+            if result is not None:
+                if state == "COMPLETE":
+                    artifacts.upload_weights(self.client, self.run_id, result.config, result.model)
+                self.client.log_figure(self.run_id, plots.curves_figure(result), "curves.png")
+                if windows is not None and len(windows):
+                    fig = plots.reconstruction_figure(result.model, windows)
+                    self.client.log_figure(self.run_id, fig, "reconstruction.png")
+            tags = {"optuna.state": state}
+            if reason:
+                tags["vqlog.fail_reason"] = reason[:5000]
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+        except TrackingUnavailable:
+            raise  # the run stays RUNNING; the rerun's reconcile gives it Optuna's state
+        except BaseException:
+            self.client.set_terminated(self.run_id, STATUS[state])
+            raise
+        self.client.set_terminated(self.run_id, STATUS[state])
+
