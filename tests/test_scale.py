@@ -4,6 +4,7 @@ rows fetched incrementally), and a study-run description that always fits MLflow
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,31 @@ def test_the_description_fits_the_limit_in_whole_rows_with_the_logs_rows_and_the
     more = n - len(names)
     assert (f"and {more} more rows" if lang == "en" else f"另有 {more} 行") in text
     assert text.rstrip().splitlines()[-1].startswith("- ")  # the legend closes it, whole
+
+
+def test_a_long_table_reaches_the_study_run_whole_in_its_artifact_and_cut_in_its_description(
+        tmp_path, capfd, caplog):
+    """300 rows on a real SQLite store: the artifact holds them all, the description fits, and
+    MLflow logs nothing (its WARNING for a tag cut at the limit carried the table's first lines)."""
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.tracking.runs import publish_table
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("long"))
+    rows = many_rows(300)
+    text = render_table(rows, "en", title="long")
+    capfd.readouterr()
+    caplog.clear()
+    publish_table(client, run.info.run_id, rows, "long", "en", text)
+    out, err = capfd.readouterr()
+    assert "mlflow" not in (out + err).lower() and not caplog.records, (out, err, caplog.text)
+    description = client.get_run(run.info.run_id).data.tags["mlflow.note.content"]
+    assert len(description) <= DESCRIPTION_LIMIT < len(text)
+    assert description == render_description(rows, "en", title="long", text=text)
+    artifact = client.download_artifacts(run.info.run_id, "experiment_table.md", str(tmp_path))
+    assert Path(artifact).read_text() == text
+    assert sum(line.startswith("| Seq") for line in text.splitlines()) == 300
 
 
 # ----------------------------------------------------------------- incremental rows
