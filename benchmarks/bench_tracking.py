@@ -15,8 +15,9 @@ Reported: (1) the wall time of the whole one-trial sweep relative to `none` (med
 ratios); (2) the seconds spent inside tracker calls, by call, and from them the overhead per
 trial of a 50-trial sweep: every trial's own calls (run creation, one metrics batch per
 evaluation, summary and two figures, table refresh), plus the study-level calls (experiment and
-parent run, Optuna's study plots every 5 trials and at the end) spread over 50 trials. The table
-refresh reads every run of the study, so it is also timed with 50 runs in the store. Target:
+parent run, Optuna's study plots at most once a minute and at the end) spread over 50 trials.
+The table refresh is also timed with 50 runs in the store (bench_scale.py times it with up to
+10,000). Target:
 <= 3% of the trial's wall time. torch runs one intra-op thread (as one sweep worker per core).
 """
 
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import math
 import sys
 import tempfile
 import time
@@ -35,7 +37,7 @@ from pathlib import Path
 import _common
 from vqlog.study.spec import load_sweep
 from vqlog.study.worker import run
-from vqlog.tracking.runs import STUDY_PLOTS_EVERY, Tracker
+from vqlog.tracking.runs import STUDY_PLOTS_SECONDS, Tracker
 
 TARGET = 0.03
 SWEEP_TRIALS = 50  # the sweep size the per-trial overhead is spread over
@@ -70,8 +72,8 @@ class TimedTracker(Tracker):
                     lambda *a, _m=method, _k=key, **k: self._timed(_k, _m, *a, **k))
         return trial_run
 
-    def after_trial(self, study):
-        return self._timed("after_trial", super().after_trial, study)
+    def after_trial(self, study, table_lock=None):
+        return self._timed("after_trial", super().after_trial, study, table_lock)
 
     def finish_study(self, study):
         return self._timed("finish_study", super().finish_study, study)
@@ -82,7 +84,9 @@ class TimedTracker(Tracker):
 
 def one_trial(spec, folder: Path, tracking_uri: str | None) -> dict:
     """`vqlog-sweep --trials 1` in-process; returns wall seconds, fit seconds and tracker times."""
-    tracker = (TimedTracker(tracking_uri, table_dir=folder / "results")
+    # table_seconds=0: the table after every trial, as a sweep of trials longer than its 10 s
+    # throttle refreshes it
+    tracker = (TimedTracker(tracking_uri, table_dir=folder / "results", table_seconds=0)
                if tracking_uri is not None else None)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a "View run" line per run
@@ -187,7 +191,8 @@ def summarize(results: dict[str, list[dict]], after_trial_50: float, args, info:
             after = (med.get("after_trial", 0.0) + after_trial_50) / 2 if variant == "sqlite" \
                 else med.get("after_trial", 0.0)
             per_study = med.get("start_study", 0.0) + med.get("finish_study", 0.0) - plots
-            n_plots = SWEEP_TRIALS // STUDY_PLOTS_EVERY + 1
+            # drawn at most every STUDY_PLOTS_SECONDS, and once more at the end
+            n_plots = math.floor(SWEEP_TRIALS * trial_wall / STUDY_PLOTS_SECONDS) + 1
             amortized = per_trial + after + (per_study + plots * n_plots) / SWEEP_TRIALS
             entry.update({"tracker_s_median": med, "after_trial_s_at_50_runs": after_trial_50
                           if variant == "sqlite" else None,

@@ -32,7 +32,8 @@ from vqlog.study.progress import TrialProgress
 from vqlog.study.spec import SweepSpec
 from vqlog.study.outage import retrying
 from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
-from vqlog.study.trial import LOST_REASON, OUTAGES, Heartbeat, Objective, Outcome, describe
+from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
+                               describe)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILS_IN_A_ROW = 5  # a spec whose trials all fail stops instead of looping forever
@@ -200,7 +201,7 @@ class Worker:
         with self.lock:
             best = self._db(lambda: best_trial(self.study))
             if best is not None:
-                self.tracker.register_best(best.number)
+                self.tracker.register_best(best.number, best.user_attrs.get(RUN_ID))
 
     def _claim(self, trial: optuna.Trial) -> None:
         """Mark the trial as run by a live worker (see storage.fail_stale_trials). A retry

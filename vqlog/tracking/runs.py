@@ -275,8 +275,18 @@ class Tracker:
         resuming puts it on the trial's device), or None."""
         return artifacts.latest_checkpoint(self.client, self.experiment_id, numbers)
 
-    def register_best(self, number: int) -> bool:
-        """Alias `best` of the model `<study>` -> trial `number`'s weights (see artifacts)."""
+    def register_best(self, number: int, run_id: str | None = None) -> bool:
+        """Alias `best` of the model `<study>` -> trial `number`'s weights (see artifacts).
+        `run_id` is the trial's run when the worker knows it (its `mlflow.run_id` user attr);
+        without it, or when this store has no such run, the trial's COMPLETE run is searched for."""
+        from mlflow.exceptions import MlflowException
+
+        if run_id is not None:
+            try:
+                return artifacts.register_best(self.client, self.study_name, run_id, number)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
         runs = [r for r in artifacts.trial_runs(self.client, self.experiment_id, number)
                 if r.data.tags.get("optuna.state") == "COMPLETE"]
         if not runs:
