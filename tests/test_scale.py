@@ -1,6 +1,8 @@
 """Scale: several worker processes on one host (`--workers`), a flat cost per trial (the table's
 rows fetched incrementally), and a study-run description that always fits MLflow's tag limit."""
 
+import dataclasses
+import json
 import os
 import signal
 import time
@@ -11,7 +13,8 @@ import torch
 from _sweep_helpers import Worker, finished, mlflow_runs, states, study_trials, wait_until, write_spec
 
 from vqlog.tracking.rows import RowCache, TrialRow, fetch_rows
-from vqlog.tracking.table import DESCRIPTION_LIMIT, render_description, render_table
+from vqlog.tracking.table import (DESCRIPTION_LIMIT, RenderCache, render_description, render_table,
+                                  table_json, table_records)
 
 # ------------------------------------------------------------------ the description (pure)
 
@@ -129,6 +132,39 @@ def test_the_row_cache_fetches_only_runs_that_ended_since_its_last_look(tmp_path
     assert counting.returned[-1] == 2  # only the two runs that ended since
     assert [(r.number, r.state) for r in rows] == [(r.number, r.state) for r in fetch_rows(client, "inc")]
     assert rows[30].state == "PRUNED" and len(rows) == 32
+    unchanged = cache.rows()
+    # the runs that ended before the slack keep their row objects (what RenderCache keys on);
+    # the two that ended within it are read again
+    assert all(a is b for a, b in zip(rows[:30], unchanged[:30]))
+    assert counting.returned[-1] == 2
+
+
+def test_a_cached_render_is_the_uncached_one_and_follows_changed_rows():
+    rows = many_rows(400)
+    cache = RenderCache()
+    for lang in ("en", "zh"):
+        plain = render_table(rows, lang, "cached")
+        assert render_table(rows, lang, "cached", cache=cache) == plain
+        assert render_table(rows, lang, "cached", cache=cache) == plain  # from the cache
+        assert render_description(rows, lang, "cached", text=plain, cache=cache) == \
+            render_description(rows, lang, "cached", text=plain)
+        assert json.loads(table_json(rows, lang, cache)) == {
+            "columns": ["table", *render_records_columns(rows, lang)],
+            "data": [list(r.values()) for r in table_records(rows, lang)]}
+    # a trial that changes (a new row object for its run) is rendered anew, the rest are not
+    changed = list(rows)
+    changed[7] = dataclasses.replace(rows[7], state="FAIL", fail_reason="loss is NaN at iteration 9")
+    changed[11] = dataclasses.replace(rows[11], metrics={**rows[11].metrics, "final_val_mse": 1e-9})
+    text = render_table(changed, "en", "cached", cache=cache)
+    assert text == render_table(changed, "en", "cached")
+    assert "| Seq8 |" in text and "failed: diverged @ 9" in text.split("| Seq8 |")[1].split("\n")[0]
+    assert "| Seq12 ★ |" in text  # the new best takes the mark from the old one
+    cache.keep(changed[:10])  # rows that left the table are forgotten, the rest still render
+    assert render_table(changed, "en", "cached", cache=cache) == text
+
+
+def render_records_columns(rows, lang):
+    return list(dict.fromkeys(k for r in table_records(rows, lang) for k in r if k != "table"))
 
 
 # ---------------------------------------------------------------------- --workers N

@@ -51,9 +51,10 @@ def _table_loop(args, client, study: str, parent: str | None) -> int:
     from vqlog.tracking.runs import publish_table
 
     last, cache = None, RowCache(client, study)  # --watch: only the runs that ended since
+    rendered = table.RenderCache()  # and only those rendered again
     while True:
         rows = cache.rows()
-        text = table.render_table(rows, lang=args.lang, title=study)
+        text = table.render_table(rows, lang=args.lang, title=study, cache=rendered)
         if text != last:
             if args.out == "-":
                 print(text, flush=True)
@@ -62,8 +63,9 @@ def _table_loop(args, client, study: str, parent: str | None) -> int:
                 write_text(out, text, crash_point="table.write")
                 print(f"table: {out} ({len(rows)} trials)", flush=True)
             if parent:
-                publish_table(client, parent, rows, study, args.lang, text)
+                publish_table(client, parent, rows, study, args.lang, text, rendered)
             last = text
+            rendered.keep(rows)
         if not args.watch:
             return 0
         time.sleep(args.interval)

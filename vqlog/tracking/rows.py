@@ -149,7 +149,9 @@ class RowCache:
     def __init__(self, client, study: str):
         self.client, self.study = client, study
         self.experiment_id: str | None = None
-        self._runs: dict[str, Run] = {}
+        # run id -> (trial number, recency, row): a run is made into a row once per change, and
+        # an unchanged run keeps its row object (what table.RenderCache recognises)
+        self._runs: dict[str, tuple[int, tuple[int, str], TrialRow]] = {}
         self._since: int | None = None  # ms: the runs that ended before it are all in _runs
 
     def rows(self) -> list[TrialRow]:
@@ -160,7 +162,13 @@ class RowCache:
             self.experiment_id = study_experiment(self.client, self.study).experiment_id
         where = TRIAL_ROLE if self._since is None \
             else f"{TRIAL_ROLE} and attributes.end_time >= {self._since}"
-        self._runs.update((r.info.run_id, r) for r in search_all(self.client, self.experiment_id,
-                                                                  where))
+        for run in search_all(self.client, self.experiment_id, where):
+            number = _trial_number(run)
+            if run.data.tags.get("vqlog.role") == "trial" and number is not None:
+                self._runs[run.info.run_id] = (number, _recency(run), _row(number, run))
         self._since = now - self.SLACK_MS
-        return rows_from_runs(self._runs.values())
+        chosen: dict[int, tuple[tuple[int, str], TrialRow]] = {}
+        for number, recency, row in self._runs.values():  # the latest run wins a tie
+            if number not in chosen or recency > chosen[number][0]:
+                chosen[number] = (recency, row)
+        return [chosen[number][1] for number in sorted(chosen)]

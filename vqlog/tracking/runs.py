@@ -76,6 +76,7 @@ class Tracker:
         self.parent_id: str | None = None
         self.study_name = ""
         self._rows: RowCache | None = None  # the table's rows, fetched incrementally
+        self._rendered = table.RenderCache()  # and rendered once each
         self._failed_seen: set[int] = set()  # FAIL trials whose runs reconcile has looked at
         self._table_at = self._plots_at = -math.inf  # monotonic times of the last refreshes
         self.table_seconds = table_seconds  # after_trial's throttles (0: the table every trial)
@@ -164,9 +165,9 @@ class Tracker:
         """After each trial: reconcile the runs that can be out of step, and, at most every
         `table_seconds` and only while this worker holds `table_lock` (one writer per study at a
         time; a lock it cannot take at once is skipped), the table; Optuna's study plots at
-        most every `plots_seconds`, and never more than a tenth of the time. Every part but
-        the plots costs the same whatever the study's size. Returns the table's path when it
-        was written."""
+        most every `plots_seconds`, and never more than a tenth of the time. Only the runs
+        changed since the last look are read and rendered; what grows with the study is
+        joining and writing the table's lines. Returns the table's path when it was written."""
         self.reconcile(study)
         now = time.monotonic()
         if now - self._table_at < self.table_seconds:
@@ -198,9 +199,12 @@ class Tracker:
             self._rows = RowCache(self.client, self.study_name)
         rows = self._rows.rows()
         path = table.table_path(self.table_dir, self.study_name)
-        text = table.render_table(rows, lang=self.lang, title=self.study_name)
+        text = table.render_table(rows, lang=self.lang, title=self.study_name,
+                                  cache=self._rendered)
         write_text(path, text, crash_point="table.write")
-        publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text)
+        publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
+                      self._rendered)
+        self._rendered.keep(rows)
         return str(path)
 
     def refresh_study_plots(self, study: optuna.Study) -> None:
@@ -317,7 +321,8 @@ def _space_text(p) -> str:
     return f"{p.kind} [{p.low}, {p.high}]" + (" log" if p.log else "")
 
 
-def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str) -> None:
+def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str,
+                  cache: table.RenderCache | None = None) -> None:
     """The table on the study run: `experiment_table.md` (the whole of it, `text`), the run's
     description in the MLflow UI (what fits MLflow's tag limit, in whole rows), and
     `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
@@ -327,13 +332,11 @@ def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str
     to an existing file: each refresh would add the whole table again."""
     import json
 
-    import pandas as pd
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
     client.log_text(parent_id, text, "experiment_table.md")
     client.set_tag(parent_id, "mlflow.note.content",
-                   table.render_description(rows, lang, study, text=text))
-    frame = pd.DataFrame(table.table_records(rows, lang), dtype=object)
-    client.log_text(parent_id, frame.to_json(orient="split", index=False), TABLE_JSON)
+                   table.render_description(rows, lang, study, text=text, cache=cache))
+    client.log_text(parent_id, table.table_json(rows, lang, cache), TABLE_JSON)
     client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
                    json.dumps([{"path": TABLE_JSON, "type": "table"}]))

@@ -89,14 +89,39 @@ def _latest_of_each_retry_chain(rows: list[TrialRow]) -> list[TrialRow]:
 
 # --- rendering (pure) -------------------------------------------------------------------------
 
+class RenderCache:
+    """The rendered cells of the rows a table has shown, so that the next refresh renders only
+    the rows that changed: a table of 10,000 trials then costs little more than joining its
+    lines. Entries are keyed by the row object (`RowCache` hands out the same `TrialRow` while
+    its run is unchanged) and dropped once their row has left the table."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[TrialRow, list[str], str]] = {}
+
+    def get(self, row: TrialRow, lang: str, quantized: bool, extras: tuple[str, ...]):
+        key = (id(row), lang, quantized, extras)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not row:  # an id reused by a newer row
+            cells = _row_cells(row, lang, quantized, extras)
+            entry = self._entries[key] = (row, cells, _line(cells))
+        return entry[1], entry[2]
+
+    def keep(self, rows: Sequence[TrialRow]) -> None:
+        """Forget rows that are not in `rows` (the table's current ones), now and then."""
+        if len(self._entries) > 4 * len(rows) + 100:
+            live = {id(r) for r in rows}
+            self._entries = {k: v for k, v in self._entries.items() if k[0] in live}
+
+
 def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None,
-                 note: str | None = None) -> str:
+                 note: str | None = None, cache: RenderCache | None = None) -> str:
     """Markdown: the tuning table, then the no-quantizer table, each only when it has rows;
-    `note`, a line after the tables (render_description's count of the rows left out)."""
-    finished, sections = _sections(rows, lang)
+    `note`, a line after the tables (render_description's count of the rows left out).
+    `cache`: rows rendered before are not rendered again."""
+    finished, sections = _sections(rows, lang, cache)
     parts = [f"# {title}"] if title else []
     for heading, header, body in sections:
-        lines = [_line(header), _line(["---"] * len(header)), *map(_line, body)]
+        lines = [_line(header), _line(["---"] * len(header)), *(line for _, line in body)]
         parts += [f"## {heading}", "\n".join(lines)]
     if note:
         parts.append(note)
@@ -108,15 +133,16 @@ def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None =
 
 
 def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None,
-                       limit: int = DESCRIPTION_LIMIT, text: str | None = None) -> str:
+                       limit: int = DESCRIPTION_LIMIT, text: str | None = None,
+                       cache: RenderCache | None = None) -> str:
     """The table as the study run's description in the MLflow UI, within MLflow's tag limit:
     the whole table when it fits, else the log's own (queued) rows and as many of the best
     trials (lowest final val MSE) as fit, whole rows only, and a line saying how many more rows
     `experiment_table.md` holds. `text`: the whole table, if already rendered."""
-    text = text if text is not None else render_table(rows, lang, title)
+    text = text if text is not None else render_table(rows, lang, title, cache=cache)
     if len(text) <= limit:
         return text
-    finished, _ = _sections(rows, lang)
+    finished = _finished(rows)
     queued = [r for r in finished if r.queued]
     ranked = sorted((r for r in finished if not r.queued and r.state == "COMPLETE"
                      and _metric(r, "final_val_mse") is not None),
@@ -125,61 +151,108 @@ def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | 
     def fitted(k: int) -> str:
         shown = queued + ranked[:k]
         more = _TEXT[lang]["more_rows"].format(n=len(finished) - len(shown))
-        return render_table(shown, lang, title, note=more)
+        return render_table(shown, lang, title, note=more, cache=cache)
 
-    k = min(1, len(ranked))  # the best trial, so that the ★ stands where the table has it
-    while k < len(ranked) and len(fitted(k + 1)) <= limit:
-        k += 1
-    described = fitted(k)
+    # the most rows that fit: the longest prefix of `ranked` (lengths grow with k), searched
+    # by bisection; at least the best trial, so that the ★ stands where the table has it
+    low, high = min(1, len(ranked)), len(ranked)
+    while low < high:
+        k = (low + high + 1) // 2
+        if len(fitted(k)) <= limit:
+            low = k
+        else:
+            high = k - 1
+    described = fitted(low)
     if len(described) > limit:  # not even the log's rows and the best fit: the note alone
         more = _TEXT[lang]["more_rows"].format(n=len(finished))
         described = render_table([], lang, title, note=more)
     return described
 
 
-def table_records(rows: Sequence[TrialRow], lang: str = "en") -> list[dict[str, str]]:
+def table_records(rows: Sequence[TrialRow], lang: str = "en",
+                  cache: RenderCache | None = None) -> list[dict[str, str]]:
     """The same table as records, column -> cell, with the table's heading under "table": what
     the study run logs as an MLflow table artifact (a sortable grid in the UI)."""
-    _, sections = _sections(rows, lang)
-    return [{"table": heading, **dict(zip(header, map(one_line, cells)))}
-            for heading, header, body in sections for cells in body]
+    _, sections = _sections(rows, lang, cache)
+    return [{"table": heading, **dict(zip(header, cells))}
+            for heading, header, body in sections for cells, _ in body]
 
 
-def _sections(rows: Sequence[TrialRow], lang: str) -> tuple[list[TrialRow], list[tuple]]:
-    """The finished rows shown, and (heading, header cells, body rows of cells) per table."""
+def table_json(rows: Sequence[TrialRow], lang: str = "en",
+               cache: RenderCache | None = None) -> str:
+    """`table_records` as the JSON of an MLflow table artifact: pandas' "split" orientation
+    (columns, then one list of cells per row), which `MlflowClient.load_table` reads."""
+    import json
+
+    _, sections = _sections(rows, lang, cache)
+    columns = ["table"] + list(dict.fromkeys(c for _, header, _ in sections for c in header))
+    data = []
+    for heading, header, body in sections:
+        where = [columns.index(c) for c in header]
+        for cells, _ in body:
+            record: list[str | None] = [heading] + [None] * (len(columns) - 1)
+            for i, cell in zip(where, cells):
+                record[i] = cell
+            data.append(record)
+    return json.dumps({"columns": columns, "data": data}, ensure_ascii=False)
+
+
+def _finished(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    """The rows a table shows: finished trials, a retry chain as its latest, by number."""
+    return sorted(_latest_of_each_retry_chain([r for r in rows if r.state in SHOWN_STATES]),
+                  key=lambda r: r.number)
+
+
+def _sections(rows: Sequence[TrialRow], lang: str, cache: RenderCache | None = None
+              ) -> tuple[list[TrialRow], list[tuple]]:
+    """The finished rows shown, and (heading, header cells, body) per table; the body is a
+    (cells, markdown line) pair per row."""
     check_lang(lang)
     text = _TEXT[lang]
-    finished = sorted(_latest_of_each_retry_chain([r for r in rows if r.state in SHOWN_STATES]),
-                      key=lambda r: r.number)
+    finished = _finished(rows)
     tuning = [r for r in finished if r.params.get("quantizer") != "none"]
     baseline = [r for r in finished if r.params.get("quantizer") == "none"]
-    sections = [(heading, *_cells(group, lang, quantized))
+    sections = [(heading, *_cells(group, lang, quantized, cache))
                 for heading, group, quantized in ((text["tuning"], tuning, True),
                                                   (text["baseline"], baseline, False)) if group]
     return finished, sections
 
 
-def _cells(rows: list[TrialRow], lang: str, quantized: bool) -> tuple[list[str], list[list[str]]]:
+def _cells(rows: list[TrialRow], lang: str, quantized: bool, cache: RenderCache | None
+           ) -> tuple[list[str], list[tuple[list[str], str]]]:
     extras = _varying_extras(rows)
     best = _best_number(rows)
     body = []
     for row in rows:
-        p = row.params
-        cells = [
-            run_name(row.number) + (BEST_MARK if row.number == best else ""),
-            p.get("batch", ""),
-            _lr(p.get("lr")),
-            p.get("embedding_dim", ""),
-            p.get("embedding_num", ""),
-            _iteration(row),
-            _yes_no(p.get("BN")),
-            "+relu" if p.get("MLP") == "relu" else p.get("MLP", ""),  # the log writes "+relu"
-            p.get("En-De", ""),
-            _loss_cell(row, lang),
-            _perplexity_cell(row, lang) if quantized else "—",
-        ]
-        body.append(cells + [_param(p.get(name)) for name in extras])
+        if cache is not None:
+            cells, line = cache.get(row, lang, quantized, extras)
+        else:
+            cells = _row_cells(row, lang, quantized, extras)
+            line = _line(cells)
+        if row.number == best:
+            cells = [cells[0] + BEST_MARK, *cells[1:]]
+            line = _line(cells)
+        body.append((cells, line))
     return list(LOG_COLUMNS + extras), body
+
+
+def _row_cells(row: TrialRow, lang: str, quantized: bool, extras: tuple[str, ...]) -> list[str]:
+    """A row's cells, each one line, without the best mark."""
+    p = row.params
+    cells = [
+        run_name(row.number),
+        p.get("batch", ""),
+        _lr(p.get("lr")),
+        p.get("embedding_dim", ""),
+        p.get("embedding_num", ""),
+        _iteration(row),
+        _yes_no(p.get("BN")),
+        "+relu" if p.get("MLP") == "relu" else p.get("MLP", ""),  # the log writes "+relu"
+        p.get("En-De", ""),
+        _loss_cell(row, lang),
+        _perplexity_cell(row, lang) if quantized else "—",
+    ]
+    return [one_line(c) for c in cells + [_param(p.get(name)) for name in extras]]
 
 
 def _line(cells: Sequence[str]) -> str:
