@@ -97,6 +97,14 @@ class RenderCache:
 
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[TrialRow, list[str], str]] = {}
+        self._last: tuple | None = None  # (rows, lang, sections) of the last whole table
+
+    def sections(self, rows: Sequence[TrialRow], lang: str):
+        """`_sections` of `rows`, worked out once for the refresh that renders, describes and
+        publishes the same list of rows."""
+        if self._last is None or self._last[0] is not rows or self._last[1] != lang:
+            self._last = (rows, lang, _sections(rows, lang, self))
+        return self._last[2]
 
     def get(self, row: TrialRow, lang: str, quantized: bool, extras: tuple[str, ...]):
         key = (id(row), lang, quantized, extras)
@@ -118,7 +126,12 @@ def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None =
     """Markdown: the tuning table, then the no-quantizer table, each only when it has rows;
     `note`, a line after the tables (render_description's count of the rows left out).
     `cache`: rows rendered before are not rendered again."""
-    finished, sections = _sections(rows, lang, cache)
+    sections = _sections(rows, lang) if cache is None else cache.sections(rows, lang)
+    return _render(*sections, lang, title, note)
+
+
+def _render(finished: list[TrialRow], sections: list[tuple], lang: str, title: str | None,
+            note: str | None) -> str:
     parts = [f"# {title}"] if title else []
     for heading, header, body in sections:
         lines = [_line(header), _line(["---"] * len(header)), *(line for _, line in body)]
@@ -151,14 +164,26 @@ def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | 
     def fitted(k: int) -> str:
         shown = queued + ranked[:k]
         more = _TEXT[lang]["more_rows"].format(n=len(finished) - len(shown))
-        return render_table(shown, lang, title, note=more, cache=cache)
+        return _render(*_sections(shown, lang, cache), lang, title, more)
 
-    # the most rows that fit: the longest prefix of `ranked` (lengths grow with k), searched
-    # by bisection; at least the best trial, so that the ★ stands where the table has it
+    def fits(k: int) -> bool:
+        return len(fitted(k)) <= limit
+
+    # The most rows that fit: the longest prefix of `ranked` (the text grows with k), found by
+    # doubling k while it fits and then bisecting, so that only about as many rows as fit are
+    # rendered; at least the best trial, so that the ★ stands where the table has it.
     low, high = min(1, len(ranked)), len(ranked)
+    probe = max(1, low)
+    while probe < high:
+        probe = min(high, 2 * probe)
+        if fits(probe):
+            low = probe
+        else:
+            high = probe - 1
+            break
     while low < high:
         k = (low + high + 1) // 2
-        if len(fitted(k)) <= limit:
+        if fits(k):
             low = k
         else:
             high = k - 1
@@ -173,7 +198,7 @@ def table_records(rows: Sequence[TrialRow], lang: str = "en",
                   cache: RenderCache | None = None) -> list[dict[str, str]]:
     """The same table as records, column -> cell, with the table's heading under "table": what
     the study run logs as an MLflow table artifact (a sortable grid in the UI)."""
-    _, sections = _sections(rows, lang, cache)
+    _, sections = _sections(rows, lang) if cache is None else cache.sections(rows, lang)
     return [{"table": heading, **dict(zip(header, cells))}
             for heading, header, body in sections for cells, _ in body]
 
@@ -184,7 +209,7 @@ def table_json(rows: Sequence[TrialRow], lang: str = "en",
     (columns, then one list of cells per row), which `MlflowClient.load_table` reads."""
     import json
 
-    _, sections = _sections(rows, lang, cache)
+    _, sections = _sections(rows, lang) if cache is None else cache.sections(rows, lang)
     columns = ["table"] + list(dict.fromkeys(c for _, header, _ in sections for c in header))
     data = []
     for heading, header, body in sections:
@@ -265,8 +290,21 @@ def _escape(cell: str) -> str:
 
 
 def _varying_extras(rows: list[TrialRow]) -> tuple[str, ...]:
-    names = {name for r in rows for name in r.params} - set(LOG_PARAMS)
-    varying = [n for n in names if len({r.params.get(n) for r in rows}) > 1]
+    """The params besides the log's that differ between rows (missing in a row counts as a
+    value of its own), in one pass over the rows."""
+    first: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    varying: set[str] = set()
+    for r in rows:
+        for name, value in r.params.items():
+            if name in first:
+                seen[name] += 1
+                if value != first[name]:
+                    varying.add(name)
+            else:
+                first[name], seen[name] = value, 1
+    varying.update(n for n, count in seen.items() if count < len(rows))
+    varying -= set(LOG_PARAMS)
     return tuple(sorted(varying, key=lambda n: (_PARAM_ORDER.get(n, len(_PARAM_ORDER)), n)))
 
 
