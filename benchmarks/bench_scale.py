@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common
+import bench_tracking
 from bench_workers import throwaway_databases
 from vqlog.study.spec import load_sweep
 from vqlog.study.worker import run
@@ -57,38 +58,23 @@ TRIAL_CALLS = ("start_trial", "log_dataset", "log_eval", "log_history", "log_che
                "finish", "register_best", "latest_checkpoint", "after_trial")
 
 
-class TimedTracker(Tracker):
-    """A Tracker that adds up the seconds of each call a trial makes (its runs' calls too)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def _timed(self, key, fn, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.seconds[key] += time.perf_counter() - start
+class TimedTracker(bench_tracking.TimedTracker):
+    """bench_tracking's timed Tracker (start_study and after_trial timed there), timing every
+    call a trial makes (its runs' calls too)."""
 
     def start_trial(self, *args, **kwargs):
-        trial_run = self._timed("start_trial", super().start_trial, *args, **kwargs)
+        # Tracker's own, not bench_tracking's (which wraps fewer of the run's calls)
+        trial_run = self._timed("start_trial", Tracker.start_trial.__get__(self), *args, **kwargs)
         for name in ("log_dataset", "log_eval", "log_history", "log_checkpoint", "finish"):
             method = getattr(trial_run, name)
             setattr(trial_run, name, lambda *a, _m=method, _k=name, **k: self._timed(_k, _m, *a, **k))
         return trial_run
-
-    def after_trial(self, *args, **kwargs):
-        return self._timed("after_trial", super().after_trial, *args, **kwargs)
 
     def register_best(self, *args, **kwargs):
         return self._timed("register_best", super().register_best, *args, **kwargs)
 
     def latest_checkpoint(self, *args, **kwargs):
         return self._timed("latest_checkpoint", super().latest_checkpoint, *args, **kwargs)
-
-    def start_study(self, *args, **kwargs):  # once per worker: not a per-trial cost
-        return self._timed("start_study", super().start_study, *args, **kwargs)
 
     def finish_study(self, study):
         """Once per worker: the table (timed apart); the study plots are timed on their own."""
