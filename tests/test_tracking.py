@@ -185,7 +185,7 @@ def test_every_trial_logs_curves_and_reconstruction(smoke):
 
 # The table's number format is pinned by exact strings in test_table.py; here it only renders
 # MLflow's values for comparison with the table's cells.
-from vqlog.tracking.table import _ppl, _sig  # noqa: E402 - beside its use
+from vqlog.tracking.cells import ppl as _ppl, sig as _sig  # noqa: E402 - beside its use
 
 
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:

@@ -13,7 +13,6 @@ The Chinese log uses the same English column names; `lang="zh"` changes headings
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import TYPE_CHECKING, Sequence
 from vqlog.config import known_keys
 from vqlog.errors import one_line
 from vqlog.files import write_text
-from vqlog.oscillation import LABELS, LANGS, THRESHOLDS, check_lang, oscillation_label
-from vqlog.tracking.rows import TrialRow, fetch_rows, run_name
+from vqlog.oscillation import check_lang
+from vqlog.tracking.cells import TEXT, legend, metric, row_cells
+from vqlog.tracking.rows import TrialRow, fetch_rows
 
 if TYPE_CHECKING:  # mlflow is slow to import; only the MLflow-facing functions need it
     from mlflow import MlflowClient
@@ -35,48 +35,6 @@ SHOWN_STATES = ("COMPLETE", "PRUNED", "FAIL")  # finished trials; RUNNING (and a
 DESCRIPTION_LIMIT = 8000  # characters: MLflow's limit on a tag value (the run's description)
 BEST_MARK = " ★"  # after the run name of each table's best completed trial
 _PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
-# Every piece of text the table shows: key -> (English, the log's Chinese).
-_WORDS = {
-    "tuning": ("Hyper-parameter tuning (trained on train, evaluated on valid)",
-               "超参调整 (based on train，test on valid)"),
-    "baseline": ("How well S4D itself works (no quantizer)", "s4d本身的工作效果"),
-    "empty": ("No finished trials yet.", "暂无已完成的试验。"),
-    "loss": ("{final} (best {best})", "{final}（最佳 {best}）"),
-    "loss_best": ("best {best}", "最佳 {best}"),
-    "ppl_max_at": ("max {max} @ {step}", "最高{max} ({step}轮)"),
-    "ppl_max": ("max {max}", "最高{max}"),
-    "ppl_final": ("final {final}", "最终{final}"),
-    "join": (", ", "，"),
-    "state_join": ("; ", "；"),
-    "colon": (": ", "："),
-    "pruned": ("pruned", "提前停止"),
-    "pruned_at": ("pruned @ {it}", "提前停止 ({it}轮)"),
-    "failed": ("failed", "失败"),
-    "diverged": ("diverged", "发散"),
-    "diverged_at": ("diverged @ {it}", "发散 ({it}轮)"),
-    "resumed_at": ("resumed @ {it}", "从{it}轮继续"),
-    "more_rows": ("… and {n} more rows: the whole table is experiment_table.md, an artifact of "
-                  "this run.", "……另有 {n} 行：完整的表是本运行的文件 experiment_table.md。"),
-    "legend": ((
-        "- ★ best of its table by the study's objective: lowest final val MSE among completed "
-        "trials (a tie goes to the higher perplexity).",
-        "- loss: final val MSE (best val MSE), then the train/loss oscillation label "
-        "(score `loss_oscillation`): {stable} < {a} ≤ {mild} < {b} ≤ {severe}; \"early …\" and "
-        "\"… worse later\" compare the first third of training with the whole.",
-        "- perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and "
-        "the final value.",
-    ), (
-        "- ★ 按研究目标本表最佳：已完成试验中最终 val MSE 最低（相同时取 perplexity 较高者）。",
-        "- loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签"
-        "（分数 `loss_oscillation`）：{stable} < {a} ≤ {mild} < {b} ≤ {severe}；"
-        "“前期…”与“…后期加剧”比较训练前三分之一与全程。",
-        "- perplexity：整个 valid 集上的 codebook perplexity，最高值 (轮数) 与最终值。",
-    )),
-}
-_TEXT = {lang: {key: words[i] for key, words in _WORDS.items()} for i, lang in enumerate(LANGS)}
-_NAN_INF = re.compile(r"\b(nan|inf|infinity|diverged?)\b", re.IGNORECASE)
-_AT_ITERATION = re.compile(r"iteration\s+(\d+)", re.IGNORECASE)
-_MAX_REASON = 80  # characters of a failure reason shown in a cell
 def _latest_of_each_retry_chain(rows: list[TrialRow]) -> list[TrialRow]:
     """A trial and its retries are one row: the latest finished one's."""
     latest: dict[int, TrialRow] = {}
@@ -110,7 +68,7 @@ class RenderCache:
         key = (id(row), lang, quantized, extras)
         entry = self._entries.get(key)
         if entry is None or entry[0] is not row:  # an id reused by a newer row
-            cells = _row_cells(row, lang, quantized, extras)
+            cells = row_cells(row, lang, quantized, extras)
             entry = self._entries[key] = (row, cells, _line(cells))
         return entry[1], entry[2]
 
@@ -139,9 +97,9 @@ def _render(finished: list[TrialRow], sections: list[tuple], lang: str, title: s
     if note:
         parts.append(note)
     if finished:
-        parts.append("\n".join(_legend(lang)))
+        parts.append("\n".join(legend(lang)))
     elif not note:
-        parts.append(_TEXT[lang]["empty"])
+        parts.append(TEXT[lang]["empty"])
     return "\n\n".join(parts) + "\n"
 
 
@@ -158,12 +116,12 @@ def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | 
     finished = _finished(rows)
     queued = [r for r in finished if r.queued]
     ranked = sorted((r for r in finished if not r.queued and r.state == "COMPLETE"
-                     and _metric(r, "final_val_mse") is not None),
-                    key=lambda r: (_metric(r, "final_val_mse"), r.number))
+                     and metric(r, "final_val_mse") is not None),
+                    key=lambda r: (metric(r, "final_val_mse"), r.number))
 
     def fitted(k: int) -> str:
         shown = queued + ranked[:k]
-        more = _TEXT[lang]["more_rows"].format(n=len(finished) - len(shown))
+        more = TEXT[lang]["more_rows"].format(n=len(finished) - len(shown))
         return _render(*_sections(shown, lang, cache), lang, title, more)
 
     def fits(k: int) -> bool:
@@ -189,7 +147,7 @@ def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | 
             high = k - 1
     described = fitted(low)
     if len(described) > limit:  # not even the log's rows and the best fit: the note alone
-        more = _TEXT[lang]["more_rows"].format(n=len(finished))
+        more = TEXT[lang]["more_rows"].format(n=len(finished))
         described = render_table([], lang, title, note=more)
     return described
 
@@ -233,7 +191,7 @@ def _sections(rows: Sequence[TrialRow], lang: str, cache: RenderCache | None = N
     """The finished rows shown, and (heading, header cells, body) per table; the body is a
     (cells, markdown line) pair per row."""
     check_lang(lang)
-    text = _TEXT[lang]
+    text = TEXT[lang]
     finished = _finished(rows)
     tuning = [r for r in finished if r.params.get("quantizer") != "none"]
     baseline = [r for r in finished if r.params.get("quantizer") == "none"]
@@ -252,32 +210,13 @@ def _cells(rows: list[TrialRow], lang: str, quantized: bool, cache: RenderCache 
         if cache is not None:
             cells, line = cache.get(row, lang, quantized, extras)
         else:
-            cells = _row_cells(row, lang, quantized, extras)
+            cells = row_cells(row, lang, quantized, extras)
             line = _line(cells)
         if row.number == best:
             cells = [cells[0] + BEST_MARK, *cells[1:]]
             line = _line(cells)
         body.append((cells, line))
     return list(LOG_COLUMNS + extras), body
-
-
-def _row_cells(row: TrialRow, lang: str, quantized: bool, extras: tuple[str, ...]) -> list[str]:
-    """A row's cells, each one line, without the best mark."""
-    p = row.params
-    cells = [
-        run_name(row.number),
-        p.get("batch", ""),
-        _lr(p.get("lr")),
-        p.get("embedding_dim", ""),
-        p.get("embedding_num", ""),
-        _iteration(row),
-        _yes_no(p.get("BN")),
-        "+relu" if p.get("MLP") == "relu" else p.get("MLP", ""),  # the log writes "+relu"
-        p.get("En-De", ""),
-        _loss_cell(row, lang),
-        _perplexity_cell(row, lang) if quantized else "—",
-    ]
-    return [one_line(c) for c in cells + [_param(p.get(name)) for name in extras]]
 
 
 def _line(cells: Sequence[str]) -> str:
@@ -314,123 +253,10 @@ def _best_number(rows: list[TrialRow]) -> int | None:
     study's front), then the lower number."""
     scored = []
     for r in rows:
-        mse = _metric(r, "final_val_mse")
+        mse = metric(r, "final_val_mse")
         if r.state == "COMPLETE" and mse is not None:
-            scored.append((mse, -(_metric(r, "max_val_perplexity") or 0.0), r.number))
+            scored.append((mse, -(metric(r, "max_val_perplexity") or 0.0), r.number))
     return min(scored)[2] if scored else None
-
-
-def _loss_cell(row: TrialRow, lang: str) -> str:
-    text = _TEXT[lang]
-    if row.state == "FAIL":
-        return _failed(row.fail_reason, text)
-    final, best = _metric(row, "final_val_mse"), _metric(row, "best_val_mse")
-    if final is not None:
-        numbers = text["loss"].format(final=_sig(final), best=_sig(best)) if best is not None else _sig(final)
-    else:
-        numbers = text["loss_best"].format(best=_sig(best)) if best is not None else ""
-    label = oscillation_label(_metric(row, "loss_oscillation"), _metric(row, "early_loss_oscillation"), lang)
-    body = text["join"].join(part for part in (numbers, label) if part)
-    resumed = text["resumed_at"].format(it=row.resumed_at) if row.resumed_at else ""
-    state = ""
-    if row.state == "PRUNED":
-        iterations = _metric(row, "iterations_run")
-        state = (text["pruned_at"].format(it=round(iterations)) if iterations is not None
-                 else text["pruned"])
-    return text["state_join"].join(part for part in (state, resumed, body) if part)
-
-
-def _failed(reason: str | None, text: dict) -> str:
-    if not reason:
-        return text["failed"]
-    reason = one_line(reason)
-    if _NAN_INF.search(reason):  # "loss is NaN at iteration 420" and the like
-        at = _AT_ITERATION.search(reason)
-        reason = text["diverged_at"].format(it=at.group(1)) if at else text["diverged"]
-    elif len(reason) > _MAX_REASON:
-        reason = reason[: _MAX_REASON - 1] + "…"
-    return text["failed"] + text["colon"] + reason
-
-
-def _perplexity_cell(row: TrialRow, lang: str) -> str:
-    text = _TEXT[lang]
-    if row.state == "FAIL":
-        return ""
-    peak, step = _metric(row, "max_val_perplexity"), _metric(row, "max_val_perplexity_step")
-    final = _metric(row, "final_val_perplexity")
-    parts = []
-    if peak is not None:
-        parts.append(text["ppl_max_at"].format(max=_ppl(peak), step=round(step)) if step is not None
-                     else text["ppl_max"].format(max=_ppl(peak)))
-    if final is not None:
-        parts.append(text["ppl_final"].format(final=_ppl(final)))
-    return text["join"].join(parts)
-
-
-def _legend(lang: str) -> tuple[str, ...]:
-    words = {key: LABELS[key][lang] for key in ("stable", "mild", "severe")}
-    return tuple(line.format(a=f"{THRESHOLDS['stable']:g}", b=f"{THRESHOLDS['mild']:g}", **words)
-                 for line in _TEXT[lang]["legend"])
-
-
-def _metric(row: TrialRow, key: str) -> float | None:
-    value = row.metrics.get(key)
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _iteration(row: TrialRow) -> str:
-    """Iterations actually trained (pruned trials stop early), else the configured number."""
-    run = _metric(row, "iterations_run")
-    return str(round(run)) if run is not None else row.params.get("iteration", "")
-
-
-def _sig(x: float) -> str:
-    """3 significant digits, exponent without padding: 0.041, 0.0412, 1.23e-5."""
-    s = f"{x:.3g}"
-    if "e" in s:
-        mantissa, exponent = s.split("e")
-        s = f"{mantissa}e{int(exponent)}"
-    return s
-
-
-def _ppl(x: float) -> str:
-    """Perplexity: whole numbers from 100 up (118), else 3 significant digits (95.3, 1.72)."""
-    return f"{x:.0f}" if x >= 100 else _sig(x)
-
-
-def _lr(value: str | None) -> str:
-    """The log's compact form with 2 significant digits: 0.001 -> 1e-3, 0.00031623 -> 3.2e-4."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return value or ""
-    if x == 0 or not math.isfinite(x):
-        return _sig(x)
-    mantissa, exponent = f"{x:.1e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def _yes_no(value: str | None) -> str:
-    if value is None:
-        return ""
-    return {"true": "yes", "false": "no"}.get(value.lower(), value)
-
-
-def _param(value: str | None) -> str:
-    """An extra column's param: booleans as yes/no, floats to 3 significant digits, else as logged."""
-    if value is None:
-        return ""
-    if value.lower() in ("true", "false"):
-        return _yes_no(value)
-    try:
-        int(value)
-        return value
-    except ValueError:
-        pass
-    try:
-        return _sig(float(value))
-    except ValueError:
-        return value
 
 
 def table_path(folder: str | os.PathLike, study: str) -> Path:
