@@ -165,6 +165,32 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> N
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_watch_ends_on_ctrl_c_and_sigterm_even_when_started_with_them_ignored(store, tmp_path, stop):
+    """A background job of a script starts with SIGINT ignored, and `docker compose stop` sends
+    SIGTERM: --watch ends on either, exit 0, its table whole."""
+    out = tmp_path / "results" / "alpha.md"
+    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.3",
+           "--study", "alpha", "--tracking-uri", store]
+
+    def ignore_both():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=ignore_both)
+    try:
+        _wait_for(out.is_file, 120, "the first table", proc)
+        proc.send_signal(stop)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, proc.stderr.read()
+    assert out.read_text() == EXPECTED_EN
+
+
 @pytest.mark.slow
 def test_watch_regenerates_when_a_run_finishes(store, tmp_path, tiny):
     out = tmp_path / "results" / "alpha.md"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -39,9 +42,30 @@ def table_command(args: argparse.Namespace) -> int:
         study = names[0]
     parent = study_run(client, study)
     try:
-        return _table_loop(args, client, study, parent)
+        with _ended_by_signals(args.watch):
+            return _table_loop(args, client, study, parent)
     except KeyboardInterrupt:
-        return 0  # --watch ends with Ctrl-C; what was written stays
+        return 0  # --watch ends with Ctrl-C or SIGTERM; what was written stays
+
+
+@contextlib.contextmanager
+def _ended_by_signals(watch: bool):
+    """--watch ends on Ctrl-C and on SIGTERM (`docker compose stop`), also when it was started
+    with them ignored (a background job of a script, nohup): both raise KeyboardInterrupt. The
+    handlers before are put back after."""
+    if not watch or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _table_loop(args, client, study: str, parent: str | None) -> int:
