@@ -156,6 +156,14 @@ class Worker:
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
 
+    def preempt(self) -> None:
+        """SIGTERM, as `docker compose stop`, Kubernetes and Slurm send it: the worker must
+        checkpoint and exit 143 within 30 s."""
+        sent = time.monotonic()
+        self.signal(signal.SIGTERM)
+        assert self.wait(60) == 143, self.output()
+        assert time.monotonic() - sent < 30
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
