@@ -149,9 +149,10 @@ class RowCache:
     def __init__(self, client, study: str):
         self.client, self.study = client, study
         self.experiment_id: str | None = None
-        # run id -> (trial number, recency, row): a run is made into a row once per change, and
-        # an unchanged run keeps its row object (what table.RenderCache recognises)
-        self._runs: dict[str, tuple[int, tuple[int, str], TrialRow]] = {}
+        # trial number -> (recency, row) of its latest run: a run is made into a row once per
+        # change, and an unchanged run keeps its row object (what table.RenderCache recognises)
+        self._chosen: dict[int, tuple[tuple[int, str], TrialRow]] = {}
+        self._rows: list[TrialRow] = []  # _chosen's rows by number
         self._since: int | None = None  # ms: the runs that ended before it are all in _runs
 
     def rows(self) -> list[TrialRow]:
@@ -160,15 +161,21 @@ class RowCache:
         now = int(time.time() * 1000)
         if self.experiment_id is None:
             self.experiment_id = study_experiment(self.client, self.study).experiment_id
-        where = TRIAL_ROLE if self._since is None \
-            else f"{TRIAL_ROLE} and attributes.end_time >= {self._since}"
+        # after the first look, the end time alone: a tag filter joins every run's tags in
+        # the store's query (most of its cost at 10,000 runs); the role is checked here
+        where = TRIAL_ROLE if self._since is None else f"attributes.end_time >= {self._since}"
+        changed = False
         for run in search_all(self.client, self.experiment_id, where):
             number = _trial_number(run)
-            if run.data.tags.get("vqlog.role") == "trial" and number is not None:
-                self._runs[run.info.run_id] = (number, _recency(run), _row(number, run))
+            if run.data.tags.get("vqlog.role") != "trial" or number is None:
+                continue
+            recency = _recency(run)
+            chosen = self._chosen.get(number)
+            # the latest run wins (a run's recency, its start and id, never changes)
+            if chosen is None or recency >= chosen[0]:
+                self._chosen[number] = (recency, _row(number, run))
+                changed = True
         self._since = now - self.SLACK_MS
-        chosen: dict[int, tuple[tuple[int, str], TrialRow]] = {}
-        for number, recency, row in self._runs.values():  # the latest run wins a tie
-            if number not in chosen or recency > chosen[number][0]:
-                chosen[number] = (recency, row)
-        return [chosen[number][1] for number in sorted(chosen)]
+        if changed:
+            self._rows = [self._chosen[number][1] for number in sorted(self._chosen)]
+        return list(self._rows)

@@ -222,14 +222,17 @@ class Tracker:
         if everything:
             runs = search_all(self.client, self.experiment_id, TRIAL_ROLE)
         else:
-            runs = search_all(self.client, self.experiment_id,
-                              f"{TRIAL_ROLE} and attributes.status = 'RUNNING'")
+            # the status alone (a tag filter joins every run's tags in the store's query);
+            # the role is checked below
+            runs = search_all(self.client, self.experiment_id, "attributes.status = 'RUNNING'")
             failed = [n for n, t in trials.items()
                       if t.state == TrialState.FAIL and n not in self._failed_seen]
             for number in failed:
                 runs += artifacts.trial_runs(self.client, self.experiment_id, number)
         self._failed_seen.update(n for n, t in trials.items() if t.state == TrialState.FAIL)
         for run in runs:
+            if run.data.tags.get("vqlog.role") != "trial":
+                continue
             trial = trials.get(int(run.data.tags.get("optuna.trial_number", -1)))
             if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
