@@ -119,6 +119,27 @@ def test_extra_columns_follow_config_order_then_unknown_params_by_name():
     assert [r[-4:] for r in body_rows(markdown)] == [["0.5", "2", "x", "a"], ["0.3", "8", "y", "b"]]
 
 
+def test_a_param_some_rows_lack_or_share_is_a_column_exactly_when_it_varies():
+    """Brute force as the oracle: a param is a column when two rows differ in it, a row without
+    it counting as a value of its own."""
+    import random
+
+    rng = random.Random(5)
+    rows = []
+    for n in range(60):
+        extra = {name: rng.choice(["1", "2"]) for name in ("dropout", "alpha") if rng.random() < 0.8}
+        if n % 3:
+            extra["zeta"] = "same"
+        extra["downsample"] = "4"  # the same in every row: never a column
+        rows.append(row(n, **extra))
+    for lo, hi in [(0, 60), (0, 2), (1, 2), (3, 4), (0, 1)]:
+        part = rows[lo:hi]
+        names = {k for r in part for k in r.params} - set(LOG_COLUMNS)
+        varying = {k for k in names if len({r.params.get(k) for r in part}) > 1}
+        header = next(l for l in render_table(part).splitlines() if l.startswith("| run "))
+        assert set(header[2:-2].split(" | ")) - set(LOG_COLUMNS) == varying, (lo, hi)
+
+
 @pytest.mark.parametrize("lr, shown", [
     ("0.001", "1e-3"), ("0.0001", "1e-4"), ("0.00031622776601683794", "3.2e-4"),
     ("0.0015", "1.5e-3"), ("0.00999", "1e-2"), ("0.002", "2e-3"), ("1e-05", "1e-5"),

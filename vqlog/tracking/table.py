@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from vqlog.config import known_keys
 from vqlog.errors import one_line
@@ -35,48 +36,96 @@ SHOWN_STATES = ("COMPLETE", "PRUNED", "FAIL")  # finished trials; RUNNING (and a
 DESCRIPTION_LIMIT = 8000  # characters: MLflow's limit on a tag value (the run's description)
 BEST_MARK = " ★"  # after the run name of each table's best completed trial
 _PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
-def _latest_of_each_retry_chain(rows: list[TrialRow]) -> list[TrialRow]:
-    """A trial and its retries are one row: the latest finished one's."""
-    latest: dict[int, TrialRow] = {}
-    for row in rows:
-        origin = row.number if row.retry_of is None else row.retry_of
-        if origin not in latest or row.number > latest[origin].number:
-            latest[origin] = row
-    return list(latest.values())
-
-
+_KEYS: dict[tuple, tuple] = {}  # what a row's cells were rendered for, one object per value
 # --- rendering (pure) -------------------------------------------------------------------------
 
+class _Slot:
+    """What a table works out about one row object, once: what its passes over all rows read
+    (kept together here, so that a refresh need not touch the rows themselves, scattered over
+    the heap), its place by the study's objective and among the best trials a description
+    shows, and its cells, markdown line and JSON record as last rendered, with what for."""
+
+    __slots__ = ("row", "number", "origin", "shown", "quantized", "queued", "best", "rank",
+                 "key", "cells", "line", "layout", "record")
+
+    def __init__(self, row: TrialRow) -> None:
+        mse = metric(row, "final_val_mse")
+        scored = row.state == "COMPLETE" and mse is not None
+        self.row, self.number, self.queued = row, row.number, row.queued
+        self.origin = row.number if row.retry_of is None else row.retry_of  # its retry chain
+        self.shown = row.state in SHOWN_STATES  # finished
+        self.quantized = row.params.get("quantizer") != "none"
+        self.best = (mse, -(metric(row, "max_val_perplexity") or 0.0), row.number) if scored \
+            else None
+        self.rank = (mse, row.number) if scored and not row.queued else None
+        self.key = self.cells = self.line = self.layout = self.record = None
+
+
 class RenderCache:
-    """The rendered cells of the rows a table has shown, so that the next refresh renders only
-    the rows that changed: a table of 10,000 trials then costs little more than joining its
-    lines. Entries are keyed by the row object (`RowCache` hands out the same `TrialRow` while
-    its run is unchanged) and dropped once their row has left the table."""
+    """What a table has worked out about its rows, so that the next refresh works out only the
+    rows that changed: a table of 10,000 trials then costs a few plain passes over its rows and
+    joining its lines. A row's `_Slot` is keyed by the row object (`RowCache` hands out the same
+    `TrialRow` while its run is unchanged) and dropped once its row has left the table."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[TrialRow, list[str], str]] = {}
+        self._slots: dict[int, _Slot] = {}
         self._last: tuple | None = None  # (rows, lang, sections) of the last whole table
+        self._counts: dict[bool, _ParamCounts] = {}  # per section (quantized or not)
 
     def sections(self, rows: Sequence[TrialRow], lang: str):
         """`_sections` of `rows`, worked out once for the refresh that renders, describes and
         publishes the same list of rows."""
         if self._last is None or self._last[0] is not rows or self._last[1] != lang:
-            self._last = (rows, lang, _sections(rows, lang, self))
+            self._last = (rows, lang, _sections(rows, lang, self, whole=True))
         return self._last[2]
 
-    def get(self, row: TrialRow, lang: str, quantized: bool, extras: tuple[str, ...]):
-        key = (id(row), lang, quantized, extras)
-        entry = self._entries.get(key)
-        if entry is None or entry[0] is not row:  # an id reused by a newer row
-            cells = row_cells(row, lang, quantized, extras)
-            entry = self._entries[key] = (row, cells, _line(cells))
-        return entry[1], entry[2]
+    def counts(self, quantized: bool) -> _ParamCounts:
+        return self._counts.setdefault(quantized, _ParamCounts())
+
+    def slots(self, rows: Iterable[TrialRow]) -> list[_Slot]:
+        known, slots = self._slots, []
+        for row in rows:
+            slot = known.get(id(row))
+            if slot is None or slot.row is not row:  # new, or an id reused by a newer row
+                slot = known[id(row)] = _Slot(row)
+            slots.append(slot)
+        return slots
 
     def keep(self, rows: Sequence[TrialRow]) -> None:
         """Forget rows that are not in `rows` (the table's current ones), now and then."""
-        if len(self._entries) > 4 * len(rows) + 100:
+        if len(self._slots) > 2 * len(rows) + 100:
             live = {id(r) for r in rows}
-            self._entries = {k: v for k, v in self._entries.items() if k[0] in live}
+            self._slots = {k: v for k, v in self._slots.items() if k in live}
+
+
+class _ParamCounts:
+    """How many of a whole table's rows have each param, and each of its values, kept as rows
+    come and go between refreshes: the varying columns without a pass over every row's params."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}  # the rows counted (kept alive: their ids stay theirs)
+        self._having: dict[str, int] = {}
+        self._values: dict[str, dict[str, int]] = {}
+
+    def varying(self, slots: list[_Slot]) -> set[str]:
+        now = {id(slot): slot for slot in slots}
+        for gone in self._slots.keys() - now.keys():
+            self._count(self._slots[gone], -1)
+        for new in now.keys() - self._slots.keys():
+            self._count(now[new], 1)
+        self._slots = now
+        return {name for name, having in self._having.items()
+                if having < len(now) or len(self._values[name]) > 1}
+
+    def _count(self, slot: _Slot, step: int) -> None:
+        for name, value in slot.row.params.items():
+            values = self._values.setdefault(name, {})
+            values[value] = values.get(value, 0) + step
+            self._having[name] = self._having.get(name, 0) + step
+            if not values[value]:
+                del values[value]
+            if not self._having[name]:
+                del self._having[name], self._values[name]
 
 
 def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None = None,
@@ -84,15 +133,14 @@ def render_table(rows: Sequence[TrialRow], lang: str = "en", title: str | None =
     """Markdown: the tuning table, then the no-quantizer table, each only when it has rows;
     `note`, a line after the tables (render_description's count of the rows left out).
     `cache`: rows rendered before are not rendered again."""
-    sections = _sections(rows, lang) if cache is None else cache.sections(rows, lang)
-    return _render(*sections, lang, title, note)
+    return _render(*(cache or RenderCache()).sections(rows, lang), lang, title, note)
 
 
-def _render(finished: list[TrialRow], sections: list[tuple], lang: str, title: str | None,
+def _render(finished: list[_Slot], sections: list[tuple], lang: str, title: str | None,
             note: str | None) -> str:
     parts = [f"# {title}"] if title else []
     for heading, header, body in sections:
-        lines = [_line(header), _line(["---"] * len(header)), *(line for _, line in body)]
+        lines = [_line(header), _line(["---"] * len(header)), *(line for _, _, line in body)]
         parts += [f"## {heading}", "\n".join(lines)]
     if note:
         parts.append(note)
@@ -110,14 +158,14 @@ def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | 
     the whole table when it fits, else the log's own (queued) rows and as many of the best
     trials (lowest final val MSE) as fit, whole rows only, and a line saying how many more rows
     `experiment_table.md` holds. `text`: the whole table, if already rendered."""
+    cache = cache or RenderCache()
     text = text if text is not None else render_table(rows, lang, title, cache=cache)
     if len(text) <= limit:
         return text
-    finished = _finished(rows)
-    queued = [r for r in finished if r.queued]
-    ranked = sorted((r for r in finished if not r.queued and r.state == "COMPLETE"
-                     and metric(r, "final_val_mse") is not None),
-                    key=lambda r: (metric(r, "final_val_mse"), r.number))
+    finished = cache.sections(rows, lang)[0]
+    queued = [slot.row for slot in finished if slot.queued]
+    ranks = [(slot.rank, slot.row) for slot in finished if slot.rank is not None]
+    ranked = [r for _, r in sorted(ranks, key=lambda pair: pair[0])]  # (mse, number): unique
 
     def fitted(k: int) -> str:
         shown = queued + ranked[:k]
@@ -156,66 +204,89 @@ def table_records(rows: Sequence[TrialRow], lang: str = "en",
                   cache: RenderCache | None = None) -> list[dict[str, str]]:
     """The same table as records, column -> cell, with the table's heading under "table": what
     the study run logs as an MLflow table artifact (a sortable grid in the UI)."""
-    _, sections = _sections(rows, lang) if cache is None else cache.sections(rows, lang)
+    _, sections = (cache or RenderCache()).sections(rows, lang)
     return [{"table": heading, **dict(zip(header, cells))}
-            for heading, header, body in sections for cells, _ in body]
+            for heading, header, body in sections for _, cells, _ in body]
 
 
 def table_json(rows: Sequence[TrialRow], lang: str = "en",
                cache: RenderCache | None = None) -> str:
     """`table_records` as the JSON of an MLflow table artifact: pandas' "split" orientation
-    (columns, then one list of cells per row), which `MlflowClient.load_table` reads."""
+    (columns, then one list of cells per row), which `MlflowClient.load_table` reads. Each
+    row's record is encoded once (`cache`), the whole is what `json.dumps` writes."""
     import json
 
-    _, sections = _sections(rows, lang) if cache is None else cache.sections(rows, lang)
+    cache = cache or RenderCache()
+    _, sections = cache.sections(rows, lang)
     columns = ["table"] + list(dict.fromkeys(c for _, header, _ in sections for c in header))
     data = []
     for heading, header, body in sections:
         where = [columns.index(c) for c in header]
-        for cells, _ in body:
-            record: list[str | None] = [heading] + [None] * (len(columns) - 1)
-            for i, cell in zip(where, cells):
-                record[i] = cell
-            data.append(record)
-    return json.dumps({"columns": columns, "data": data}, ensure_ascii=False)
+        layout = (heading, tuple(columns))
+        for slot, cells, _ in body:
+            if cells is not slot.cells:  # the best row's, with its mark: not kept
+                data.append(_json_record(heading, cells, where, len(columns)))
+                continue
+            if slot.layout != layout:
+                slot.record, slot.layout = _json_record(heading, cells, where, len(columns)), layout
+            data.append(slot.record)
+    return '{"columns": ' + json.dumps(columns, ensure_ascii=False) + ', "data": [' \
+        + ", ".join(data) + "]}"
 
 
-def _finished(rows: Sequence[TrialRow]) -> list[TrialRow]:
-    """The rows a table shows: finished trials, a retry chain as its latest, by number."""
-    return sorted(_latest_of_each_retry_chain([r for r in rows if r.state in SHOWN_STATES]),
-                  key=lambda r: r.number)
+def _json_record(heading: str, cells: list[str], where: list[int], width: int) -> str:
+    import json
+
+    record: list[str | None] = [heading] + [None] * (width - 1)
+    for i, cell in zip(where, cells):
+        record[i] = cell
+    return json.dumps(record, ensure_ascii=False)
 
 
-def _sections(rows: Sequence[TrialRow], lang: str, cache: RenderCache | None = None
-              ) -> tuple[list[TrialRow], list[tuple]]:
+def _finished(slots: list[_Slot]) -> list[_Slot]:
+    """The rows a table shows: finished trials, a retry chain (a trial and its retries) as its
+    latest finished one, by number."""
+    latest: dict[int, _Slot] = {}
+    for slot in slots:
+        if slot.shown and (slot.origin not in latest or slot.number > latest[slot.origin].number):
+            latest[slot.origin] = slot
+    return sorted(latest.values(), key=attrgetter("number"))
+
+
+def _sections(rows: Iterable[TrialRow], lang: str, cache: RenderCache, whole: bool = False
+              ) -> tuple[list[_Slot], list[tuple]]:
     """The finished rows shown, and (heading, header cells, body) per table; the body is a
-    (cells, markdown line) pair per row."""
+    (slot, cells, markdown line) triple per row. `whole`: the table's rows (not a description's
+    few), whose param counts `cache` keeps from one refresh to the next."""
     check_lang(lang)
     text = TEXT[lang]
-    finished = _finished(rows)
-    tuning = [r for r in finished if r.params.get("quantizer") != "none"]
-    baseline = [r for r in finished if r.params.get("quantizer") == "none"]
-    sections = [(heading, *_cells(group, lang, quantized, cache))
+    finished = _finished(cache.slots(rows))
+    tuning = [slot for slot in finished if slot.quantized]
+    baseline = [slot for slot in finished if not slot.quantized]
+    sections = [(heading, *_cells(group, lang, quantized,
+                                  cache.counts(quantized) if whole else None))
                 for heading, group, quantized in ((text["tuning"], tuning, True),
                                                   (text["baseline"], baseline, False)) if group]
     return finished, sections
 
 
-def _cells(rows: list[TrialRow], lang: str, quantized: bool, cache: RenderCache | None
-           ) -> tuple[list[str], list[tuple[list[str], str]]]:
-    extras = _varying_extras(rows)
-    best = _best_number(rows)
+def _cells(slots: list[_Slot], lang: str, quantized: bool, counts: _ParamCounts | None
+           ) -> tuple[list[str], list[tuple[_Slot, list[str], str]]]:
+    extras = _varying_extras([slot.row for slot in slots]) if counts is None \
+        else _ordered(counts.varying(slots))
+    best = min((slot.best for slot in slots if slot.best is not None), default=None)
+    best_number = best[2] if best is not None else None  # the objective's (as _best_number)
+    key = _KEYS.setdefault((lang, quantized, extras), (lang, quantized, extras))
     body = []
-    for row in rows:
-        if cache is not None:
-            cells, line = cache.get(row, lang, quantized, extras)
+    for slot in slots:
+        if slot.key is not key:  # new, or the table's columns changed
+            slot.cells = row_cells(slot.row, lang, quantized, extras)
+            slot.line, slot.key, slot.layout = _line(slot.cells), key, None
+        if slot.number == best_number:
+            cells = [slot.cells[0] + BEST_MARK, *slot.cells[1:]]
+            body.append((slot, cells, _line(cells)))
         else:
-            cells = row_cells(row, lang, quantized, extras)
-            line = _line(cells)
-        if row.number == best:
-            cells = [cells[0] + BEST_MARK, *cells[1:]]
-            line = _line(cells)
-        body.append((cells, line))
+            body.append((slot, slot.cells, slot.line))
     return list(LOG_COLUMNS + extras), body
 
 
@@ -243,19 +314,20 @@ def _varying_extras(rows: list[TrialRow]) -> tuple[str, ...]:
             else:
                 first[name], seen[name] = value, 1
     varying.update(n for n, count in seen.items() if count < len(rows))
-    varying -= set(LOG_PARAMS)
+    return _ordered(varying)
+
+
+def _ordered(varying: set[str]) -> tuple[str, ...]:
+    """The extra columns: the log's params left out, then in `Config` field order."""
+    varying = varying - set(LOG_PARAMS)
     return tuple(sorted(varying, key=lambda n: (_PARAM_ORDER.get(n, len(_PARAM_ORDER)), n)))
 
 
-def _best_number(rows: list[TrialRow]) -> int | None:
+def _best_number(rows: Sequence[TrialRow]) -> int | None:
     """The study's best by its own objective (as `study.worker.best_trial` picks it): the
     lowest final val MSE among COMPLETE trials; on a tie the higher perplexity (a pareto
     study's front), then the lower number."""
-    scored = []
-    for r in rows:
-        mse = metric(r, "final_val_mse")
-        if r.state == "COMPLETE" and mse is not None:
-            scored.append((mse, -(metric(r, "max_val_perplexity") or 0.0), r.number))
+    scored = [slot.best for slot in map(_Slot, rows) if slot.best is not None]
     return min(scored)[2] if scored else None
 
 
