@@ -127,15 +127,20 @@ def test_the_row_cache_fetches_only_runs_that_ended_since_its_last_look(tmp_path
     trial(31)
     client.set_tag(running, "optuna.state", "PRUNED")
     client.set_terminated(running, "KILLED")
+    # a run of another kind that ends meanwhile (the study run, a user's own) is no row
+    other = client.create_run(exp, tags={"vqlog.role": "study", "optuna.trial_number": "5"})
+    client.set_terminated(other.info.run_id, "FINISHED")
     rows = cache.rows()
-    assert counting.returned[-1] == 2  # only the two runs that ended since
+    assert counting.returned[-1] == 3  # only the three runs that ended since
     assert [(r.number, r.state) for r in rows] == [(r.number, r.state) for r in fetch_rows(client, "inc")]
     assert rows[30].state == "PRUNED" and len(rows) == 32
+    assert rows[5].run_id != other.info.run_id
     unchanged = cache.rows()
     # the runs that ended before the slack keep their row objects (what RenderCache keys on);
-    # the two that ended within it are read again
+    # the three that ended within it are read again
     assert all(a is b for a, b in zip(rows[:30], unchanged[:30]))
-    assert counting.returned[-1] == 2
+    assert counting.returned[-1] == 3
+    assert [(r.number, r.run_id) for r in unchanged] == [(r.number, r.run_id) for r in rows]
 
 
 def test_a_cached_render_is_the_uncached_one_and_follows_changed_rows():

@@ -273,13 +273,17 @@ def test_trial_run_status_follows_optuna_state_and_reconcile(server, tmp_path):
     runs[1].finish("FAIL", reason="diverged: loss is nan at iteration 7")
     runs[2].finish("COMPLETE", summary)
     # runs[3]: its worker died; runs[4]: its worker is still training.
+    # A user's own RUNNING run in the experiment, with a trial's number: not reconciled.
+    client = MlflowClient(tracking_uri=server.url)
+    foreign = client.create_run(tracker.experiment_id, tags={"optuna.trial_number": "3"})
     study.tell(asked[0], state=TrialState.PRUNED)
     study.tell(asked[1], state=TrialState.FAIL)
     study.tell(asked[2], 0.09)
     study.tell(asked[3], state=TrialState.FAIL)
     path = tracker.after_trial(study)
 
-    client = MlflowClient(tracking_uri=server.url)
+    assert client.get_run(foreign.info.run_id).info.status == "RUNNING"
+    assert "optuna.state" not in client.get_run(foreign.info.run_id).data.tags
     got = {r.info.run_name: r for r in client.search_runs(
         [tracker.experiment_id], filter_string="tags.`vqlog.role` = 'trial'")}
     status = {name: (r.info.status, r.data.tags["optuna.state"]) for name, r in got.items()}
@@ -293,6 +297,7 @@ def test_trial_run_status_follows_optuna_state_and_reconcile(server, tmp_path):
     parent = client.get_run(tracker.parent_id)
     assert parent.data.tags["mlflow.note.content"] == text and parent.info.status == "FINISHED"
     runs[4].finish("COMPLETE", summary)  # leave nothing RUNNING behind
+    client.set_terminated(foreign.info.run_id)
 
 
 # ------------------------------------------------------------ 3. a killed worker, reconciled
