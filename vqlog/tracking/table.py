@@ -37,6 +37,8 @@ DESCRIPTION_LIMIT = 8000  # characters: MLflow's limit on a tag value (the run's
 BEST_MARK = " ★"  # after the run name of each table's best completed trial
 _PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
 _KEYS: dict[tuple, tuple] = {}  # what a row's cells were rendered for, one object per value
+
+
 # --- rendering (pure) -------------------------------------------------------------------------
 
 class _Slot:
@@ -55,6 +57,9 @@ class _Slot:
         self.origin = row.number if row.retry_of is None else row.retry_of  # its retry chain
         self.shown = row.state in SHOWN_STATES  # finished
         self.quantized = row.params.get("quantizer") != "none"
+        # the study's best by its own objective (as `study.worker.best_trial` picks it): the
+        # lowest final val MSE among COMPLETE trials; on a tie the higher perplexity (a pareto
+        # study's front), then the lower number
         self.best = (mse, -(metric(row, "max_val_perplexity") or 0.0), row.number) if scored \
             else None
         self.rank = (mse, row.number) if scored and not row.queued else None
@@ -275,7 +280,7 @@ def _cells(slots: list[_Slot], lang: str, quantized: bool, counts: _ParamCounts 
     extras = _varying_extras([slot.row for slot in slots]) if counts is None \
         else _ordered(counts.varying(slots))
     best = min((slot.best for slot in slots if slot.best is not None), default=None)
-    best_number = best[2] if best is not None else None  # the objective's (as _best_number)
+    best_number = best[2] if best is not None else None
     key = _KEYS.setdefault((lang, quantized, extras), (lang, quantized, extras))
     body = []
     for slot in slots:
@@ -321,14 +326,6 @@ def _ordered(varying: set[str]) -> tuple[str, ...]:
     """The extra columns: the log's params left out, then in `Config` field order."""
     varying = varying - set(LOG_PARAMS)
     return tuple(sorted(varying, key=lambda n: (_PARAM_ORDER.get(n, len(_PARAM_ORDER)), n)))
-
-
-def _best_number(rows: Sequence[TrialRow]) -> int | None:
-    """The study's best by its own objective (as `study.worker.best_trial` picks it): the
-    lowest final val MSE among COMPLETE trials; on a tie the higher perplexity (a pareto
-    study's front), then the lower number."""
-    scored = [slot.best for slot in map(_Slot, rows) if slot.best is not None]
-    return min(scored)[2] if scored else None
 
 
 def table_path(folder: str | os.PathLike, study: str) -> Path:
