@@ -64,8 +64,8 @@ class TimedTracker(Tracker):
     def start_study(self, study, spec):
         return self._timed("start_study", super().start_study, study, spec)
 
-    def start_trial(self, number, cfg):
-        trial_run = self._timed("start_trial", super().start_trial, number, cfg)
+    def start_trial(self, *args, **kwargs):  # the worker's tags and a retry's kwargs too
+        trial_run = self._timed("start_trial", super().start_trial, *args, **kwargs)
         for name, key in (("log_eval", "log_eval"), ("finish", "trial_finish")):
             method = getattr(trial_run, name)
             setattr(trial_run, name,
