@@ -153,7 +153,7 @@ class RowCache:
         # change, and an unchanged run keeps its row object (what table.RenderCache recognises)
         self._chosen: dict[int, tuple[tuple[int, str], TrialRow]] = {}
         self._rows: list[TrialRow] = []  # _chosen's rows by number
-        self._since: int | None = None  # ms: the runs that ended before it are all in _runs
+        self._since: int | None = None  # ms: the runs that ended before it are all in _chosen
 
     def rows(self) -> list[TrialRow]:
         import time
