@@ -331,20 +331,23 @@ def test_killed_worker_run_is_reconciled_on_rerun(server, tmp_path):
     env = {**os.environ, "VQLOG_HEARTBEAT_INTERVAL": "1", "VQLOG_HEARTBEAT_GRACE": "3"}
     client = MlflowClient(tracking_uri=server.url)
 
-    def running_with_an_eval():
+    def running_with_a_checkpoint():
+        # An evaluation is logged before the checkpoint of the same step is uploaded: kill only
+        # once the checkpoint is there, or the retry has nothing to resume from.
         exp = client.get_experiment_by_name("killed")
         if exp is None:
             return None
         for run in client.search_runs([exp.experiment_id],
                                       "tags.`vqlog.role` = 'trial' and attributes.status = 'RUNNING'"):
-            if client.get_metric_history(run.info.run_id, "val/mse"):
+            saved = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+            if "checkpoint/latest.pt" in saved and client.get_metric_history(run.info.run_id, "val/mse"):
                 return run
         return None
 
     log = open(tmp_path / "first.log", "wb")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        victim = _wait(running_with_an_eval, 240, "a RUNNING trial run with an evaluation", proc)
+        victim = _wait(running_with_a_checkpoint, 240, "a RUNNING trial run with a checkpoint", proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
