@@ -98,3 +98,43 @@ def test_same_seed_same_weights(tiny):
     torch.manual_seed(3)
     b = VQVAE(tiny()).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _channel_first(model: VQVAE, x: torch.Tensor, z_q: torch.Tensor):
+    """The encoder and decoder as their modules compute them on (B, C, L): each module's own
+    forward, one after another (the formulation the channel-last stacks must equal)."""
+    e, d = model.encoder, model.decoder
+    for block in [*e.blocks, *d.blocks]:
+        block.channel_last = False
+    try:
+        z = e.head(e.down(e.blocks(e.in_proj(x.unsqueeze(1))))).transpose(1, 2)  # (B T D)
+        h = d.blocks(d.up(d.pre(z_q.transpose(1, 2))))  # (B H L)
+        return z, d.out_proj(d.post(h)).squeeze(1)  # (B L)
+    finally:
+        for block in [*e.blocks, *d.blocks]:
+            block.channel_last = True
+
+
+@pytest.mark.parametrize("downsample", DOWNSAMPLES)
+@pytest.mark.parametrize("BN, MLP", [(True, "relu"), (False, "linear"), (True, "linear"), (False, "relu")])
+def test_channel_last_stacks_equal_the_modules_own_forward(downsample, BN, MLP, tiny):
+    """Encoder and decoder outputs and every parameter's gradient, in train mode (BatchNorm's
+    batch statistics) and float64, so that only rounding could tell them apart."""
+    torch.manual_seed(0)
+    cfg = tiny(downsample=downsample, BN=BN, MLP=MLP)
+    model = VQVAE(cfg).double()
+    x = windows().double()
+    z_q = torch.randn(B, L // downsample, cfg.embedding_dim, dtype=torch.float64)
+    got = [model.encoder(x), model.decoder(z_q)]
+    want = _channel_first(model, x, z_q)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    grads = []
+    for outs in (got, want):
+        model.zero_grad()
+        sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert ("encoder.down.weight" in grads[0]) == (downsample > 1)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-11, msg=name)

@@ -171,16 +171,24 @@ class S4D(nn.Module):
 
 
 class S4DBlock(nn.Module):
-    """Pre-norm residual block: x + dropout(S4D(LayerNorm_H(x))), (B, H, L) -> (B, H, L)."""
+    """Pre-norm residual block: x + dropout(S4D(LayerNorm_H(x))), (B, H, L) -> (B, H, L), or
+    (B, L, H) -> (B, L, H) with `channel_last` (the parameters and state dict are the same)."""
 
-    def __init__(self, d_model: int, d_state: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, d_state: int, dropout: float = 0.0, channel_last: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.s4d = S4D(d_model, d_state, dropout)
         self.dropout = nn.Dropout(dropout)
+        self.channel_last = channel_last
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B, H, L) -> (B, H, L). The norm is per time step, so the block stays causal."""
+        """x (B, H, L) -> (B, H, L), or (B, L, H) -> (B, L, H) when channel_last. The norm is per
+        time step, so the block stays causal."""
+        if self.channel_last:
+            # The norm reads the contiguous last dim; the S4D layer gets the (B, H, L) view, whose
+            # zero-padding copy for the FFT does the transpose, and the add reads y transposed.
+            y = self.s4d(self.norm(x).transpose(1, 2))  # (B H L)
+            return x + self.dropout(y).transpose(1, 2)  # (B L H)
         z = self.norm(x.transpose(-1, -2)).transpose(-1, -2)  # (B L H) normalised over H -> (B H L)
         return x + self.dropout(self.s4d(z))  # (B H L)
 
