@@ -26,9 +26,9 @@ from torch.autograd.function import once_differentiable
 
 from vqlog.config import Config
 from vqlog.model.quantizer import VQ, QuantizerOutput, nearest_code
-from vqlog.model.s4d import S4D, S4DBlock
-from vqlog.model.vqvae import Decoder, Encoder
-from vqlog.train import build_optimizer, train_step
+from _assembly import optimizer_for
+from vqlog.model.s4d import S4D
+from vqlog.train import train_step
 
 # --------------------------------------------------------------------------- module profile
 
@@ -146,7 +146,7 @@ class _Timer:
 
 def module_profile(models: dict[str, nn.Module], cfg: Config, x: Tensor, rounds: int) -> dict:
     """Per-part forward/backward medians (ms) of each model's train_step, interleaved by round."""
-    state = {n: (m, build_optimizer(m, cfg), _Timer(m)) for n, m in models.items()}
+    state = {n: (m, optimizer_for(m, cfg), _Timer(m)) for n, m in models.items()}
     rows: dict[str, list[dict]] = {n: [] for n in models}
     try:
         for r in range(rounds + 1):  # round 0 warms up
@@ -191,7 +191,7 @@ def op_profile(model: nn.Module, cfg: Config, x: Tensor, steps: int = 3, top: in
     """torch.profiler's top operators by self CPU time, per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    opt = build_optimizer(model, cfg)
+    opt = optimizer_for(model, cfg)
     for _ in range(2):
         train_step(model, opt, x, cfg.grad_clip)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -340,77 +340,6 @@ class VQGatherChunked(VQ):
         return QuantizerOutput(z_q, indices.view(B, T), loss, commitment)
 
 
-# Channel-last stacks: (B, L, H) between the S4D blocks, every 1x1 or strided conv one GEMM.
-
-
-def _linear1x1(conv: nn.Conv1d, x: Tensor) -> Tensor:
-    return F.linear(x, conv.weight[:, :, 0], conv.bias)  # (..., C_in) -> (..., C_out)
-
-
-def _seq_channel_last(mod: nn.Module, x: Tensor) -> Tensor:
-    """The BN + MLP blocks (Sequential of BatchNorm1d/Identity, 1x1 Conv1d, ReLU) on (B, L, C)."""
-    if isinstance(mod, nn.Sequential):
-        for m in mod:
-            x = _seq_channel_last(m, x)
-        return x
-    if isinstance(mod, nn.Conv1d) and mod.kernel_size == (1,):
-        return _linear1x1(mod, x)
-    if isinstance(mod, nn.ReLU):
-        return F.relu(x)
-    if isinstance(mod, nn.Identity):
-        return x
-    if isinstance(mod, nn.BatchNorm1d):  # statistics over (B, L) per channel, as on (B, C, L)
-        return mod(x.reshape(-1, x.shape[-1])).view_as(x)
-    raise TypeError(f"no channel-last form for {type(mod).__name__}")
-
-
-class ChannelLastBlock(S4DBlock):
-    """x (B, L, H) -> (B, L, H): LayerNorm over the contiguous last dim (no transposed copies);
-    the S4D layer gets the (B, H, L) view, whose rfft zero-padding copy does the transpose, and
-    the residual add reads its output transposed."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.s4d(self.norm(x).transpose(1, 2))  # (B H L)
-        return x + self.dropout(y).transpose(1, 2)  # (B L H)
-
-
-class ChannelLastEncoder(Encoder):
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, L) -> z (B, T, D)."""
-        h = torch.addcmul(self.in_proj.bias, x[..., None], self.in_proj.weight[:, 0, 0])  # (B L H)
-        h = self.blocks(h)
-        if isinstance(self.down, nn.Conv1d):  # stride = kernel = ds: one GEMM over (B, T, ds*H)
-            H_out, H_in, ds = self.down.weight.shape
-            B, L, H = h.shape
-            T = L // ds
-            W = self.down.weight.permute(0, 2, 1).reshape(H_out, ds * H_in)  # [o, k*H + i]
-            h = F.linear(h[:, : T * ds].reshape(B, T, ds * H), W, self.down.bias)  # (B T H)
-        return self.head(h.transpose(1, 2)).transpose(1, 2)  # Pointwise: (B T C) memory throughout
-
-
-class ChannelLastDecoder(Decoder):
-    def forward(self, z_q: Tensor) -> Tensor:
-        """z_q (B, T, D) -> (B, L)."""
-        h = self.pre(z_q.transpose(1, 2)).transpose(1, 2)  # (B T H), contiguous
-        if isinstance(self.up, nn.ConvTranspose1d):  # one GEMM to (B, T, ds*H) = (B, L, H)
-            H_in, H_out, ds = self.up.weight.shape
-            B, T, _ = h.shape
-            M = self.up.weight.permute(0, 2, 1).reshape(H_in, ds * H_out)  # [i, k*H + o]
-            h = F.linear(h, M.t(), self.up.bias.repeat(ds)).view(B, T * ds, H_out)
-        h = self.blocks(h)  # (B L H)
-        h = _seq_channel_last(self.post, h)
-        return _linear1x1(self.out_proj, h).squeeze(-1)  # (B L)
-
-
-def to_channel_last(model: nn.Module) -> nn.Module:
-    model.encoder.__class__ = ChannelLastEncoder
-    model.decoder.__class__ = ChannelLastDecoder
-    for m in model.modules():
-        if type(m) is S4DBlock:
-            m.__class__ = ChannelLastBlock
-    return model
-
-
 def swap(model: nn.Module, s4d: type | None = None, vq: type | None = None) -> nn.Module:
     for m in model.modules():
         if s4d is not None and type(m) is S4D:
@@ -420,50 +349,33 @@ def swap(model: nn.Module, s4d: type | None = None, vq: type | None = None) -> n
     return model
 
 
-def fused_adamw(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """build_optimizer's groups with AdamW(fused=True): one kernel for all parameters."""
-    groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "lr")}
-              for g in build_optimizer(model, cfg).param_groups]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-
-
-# name -> (what it changes, model transform, optimizer factory)
+# name -> (what it changes, model transform). vqlog's channel-last stacks and fused AdamW were
+# prototypes here and are vqlog's own now.
 Transform = Callable[[nn.Module], nn.Module]
-PROTOTYPES: dict[str, tuple[str, Transform, Callable]] = {
+PROTOTYPES: dict[str, tuple[str, Transform]] = {
     "fft-bwd-inplace": ("s4d.py _FFTConv.backward: conj and products in the saved buffers",
-                        lambda m: swap(m, s4d=S4DInPlaceFFT), build_optimizer),
+                        lambda m: swap(m, s4d=S4DInPlaceFFT)),
     "s4d-proj-baddbmm": ("S4D output 1x1 conv as baddbmm (+ fft-bwd-inplace)",
-                         lambda m: swap(m, s4d=S4DBatchedProj), build_optimizer),
+                         lambda m: swap(m, s4d=S4DBatchedProj)),
     "vq-gather-st": ("quantizer.py: z_q = gathered e, codebook grad by index_add",
-                     lambda m: swap(m, vq=VQGather), build_optimizer),
+                     lambda m: swap(m, vq=VQGather)),
     "vq-chunked-search": ("vq-gather-st + nearest_code in 512-row blocks",
-                          lambda m: swap(m, vq=VQGatherChunked), build_optimizer),
-    "adamw-fused": ("train.py build_optimizer: AdamW(fused=True)", lambda m: m, fused_adamw),
-    "channel-last": ("vqvae.py/s4d.py: (B, L, H) stacks, LN without copies, convs as GEMMs",
-                     to_channel_last, build_optimizer),
-    "all": ("channel-last + fft-bwd-inplace + vq-gather-st + adamw-fused",
-            lambda m: swap(to_channel_last(m), s4d=S4DInPlaceFFT, vq=VQGather), fused_adamw),
+                          lambda m: swap(m, vq=VQGatherChunked)),
 }
 
 
 def prototype_table(vqlog: nn.Module, baseline: nn.Module, cfg: Config, x: Tensor, rounds: int,
                     check: Callable[[dict, Tensor], dict]) -> dict:
-    """Each prototype's step time against vqlog's, interleaved round by round, with the
-    baseline on today's tree and on the 'all' tree (channel-last and fused AdamW are shared
-    parts: the baseline gets them too; the S4D and VQ changes are vqlog's own)."""
+    """Each prototype's step time against vqlog's, interleaved round by round, and the
+    baseline's over each of them."""
     models = {"vqlog": vqlog}
-    opts = {"vqlog": build_optimizer}
-    for name, (_, transform, make_opt) in PROTOTYPES.items():
+    for name, (_, transform) in PROTOTYPES.items():
         models[name] = transform(copy.deepcopy(vqlog))
-        opts[name] = make_opt
     models["baseline"] = baseline
-    opts["baseline"] = build_optimizer
-    models["baseline on the 'all' tree"] = to_channel_last(copy.deepcopy(baseline))
-    opts["baseline on the 'all' tree"] = fused_adamw
-    checked = check({k: m for k, m in models.items() if not k.startswith("baseline")}, x)
+    checked = check({k: m for k, m in models.items() if k != "baseline"}, x)
     steppers = {}
     for name, m in models.items():
-        opt = opts[name](m, cfg)
+        opt = optimizer_for(m, cfg)
         steppers[name] = (m, opt)
         train_step(m, opt, x, cfg.grad_clip)  # warm-up
     wall = {k: [] for k in models}
@@ -485,13 +397,11 @@ def prototype_table(vqlog: nn.Module, baseline: nn.Module, cfg: Config, x: Tenso
             "time_over_vqlog_min_max": [min(r_wall), max(r_wall)],
             "cpu_time_over_vqlog_median": statistics.median(r_cpu),
         }
-    for base, fasts in (("baseline", ["vqlog"]),
-                        ("baseline on the 'all' tree", ["all", "all + s4d-channel-last-out"])):
-        rows[base]["ratios"] = {}
-        for fast in fasts:
-            rr = [a / b for a, b in zip(wall[base], wall[fast])]
-            rows[base]["ratios"][fast] = {"median": statistics.median(rr),
-                                          "min_max": [min(rr), max(rr)]}
+    rows["baseline"]["ratios"] = {}
+    for fast in [k for k in models if k != "baseline"]:
+        rr = [a / b for a, b in zip(wall["baseline"], wall[fast])]
+        rows["baseline"]["ratios"][fast] = {"median": statistics.median(rr),
+                                            "min_max": [min(rr), max(rr)]}
     return {"rounds": rounds, "rows": rows, "check": checked}
 
 
@@ -507,62 +417,3 @@ def prototype_text(proto: dict) -> str:
                      f"{lo:.2f}-{hi:.2f}", f"{r['cpu_time_over_vqlog_median']:.3f}", extra])
     return render_table(["variant", "ms/step", "time / vqlog's (wall)", "min-max",
                          "time / vqlog's (CPU)", "ratio"], rows)
-
-
-class _GeluProjChannelLast(torch.autograd.Function):
-    """GELU then the S4D output 1x1 conv, reading (B, H, L) and writing channel-last (B, L, 2H):
-    o[b] = gelu(pre[b])^T W^T + bias as B GEMMs with a transposed operand (no copies). The
-    backward writes grad_pre in (B, H, L) again, so the FFT backward reads contiguous memory."""
-
-    @staticmethod
-    def forward(ctx, pre, W, bias):
-        y = F.gelu(pre)  # (B H L)
-        Wt = W.t()  # (H 2H)
-        o = torch.baddbmm(bias, y.transpose(1, 2), Wt.expand(y.shape[0], *Wt.shape))  # (B L 2H)
-        ctx.save_for_backward(pre, y, W)
-        return o
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):  # g (B L 2H)
-        pre, y, W = ctx.saved_tensors
-        grad_W = torch.bmm(g.transpose(1, 2), y.transpose(1, 2)).sum(0)  # (2H H)
-        grad_b = g.sum((0, 1))
-        grad_y = torch.bmm(W.t().expand(g.shape[0], *W.t().shape), g.transpose(1, 2))  # (B H L)
-        return torch.ops.aten.gelu_backward(grad_y, pre), grad_W, grad_b
-
-
-class S4DChannelLastOut(S4D):
-    """S4D from channel-last z (B, L, H) to channel-last (B, L, H): the FFT convolution on the
-    (B, H, L) view (FFTConvInPlace), GELU + output projection by _GeluProjChannelLast, the GLU over
-    the last dim. Dropout must be 0 (the GELU is fused with the projection)."""
-
-    def forward(self, z: Tensor) -> Tensor:
-        assert self.dropout.p == 0 or not self.training
-        L = z.shape[1]
-        k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))
-        pre = FFTConvInPlace.apply(z.transpose(1, 2), k)  # (B H L)
-        o = _GeluProjChannelLast.apply(pre, self.output.weight[:, :, 0], self.output.bias)
-        return F.glu(o, dim=-1)  # (B L H)
-
-
-class ChannelLastBlockCLOut(S4DBlock):
-    """ChannelLastBlock whose S4D returns channel-last: the residual add is contiguous."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.dropout(self.s4d(self.norm(x)))
-
-
-def to_channel_last_s4d_out(model: nn.Module) -> nn.Module:
-    """to_channel_last, with every S4D layer as S4DChannelLastOut (vqlog's own S4D only)."""
-    to_channel_last(model)
-    for m in model.modules():
-        if type(m) is ChannelLastBlock and type(m.s4d) in (S4D, S4DInPlaceFFT):
-            m.__class__ = ChannelLastBlockCLOut
-            m.s4d.__class__ = S4DChannelLastOut
-    return model
-
-
-PROTOTYPES["all + s4d-channel-last-out"] = (
-    "all, and S4D's GELU + output projection writing (B, L, 2H) (GLU over the last dim)",
-    lambda m: swap(to_channel_last_s4d_out(m), vq=VQGather), fused_adamw)

@@ -5,13 +5,15 @@
     python benchmarks/bench_step.py --device cuda    # the GPU figure (needs a CUDA GPU)
 
 What is timed, for both variants: one `vqlog.train.train_step(model, opt, x, grad_clip)`, exactly
-what `fit` runs (forward, MSE + quantizer loss, backward, clip_grad_norm_, AdamW from
-`vqlog.train.build_optimizer` for that model), on the same batch.
+what `fit` runs (forward, MSE + quantizer loss, backward, clip_grad_norm_, an AdamW step), on the
+same batch.
 
-- vqlog: `vqlog.model.vqvae.VQVAE` as it is (block-Vandermonde S4D kernel, hand-written FFT
-  convolution backward, classic VQ with the GEMM nearest-code search and the fused
-  straight-through estimator).
+- vqlog: `vqlog.model.vqvae.VQVAE` as it is (channel-last stacks, block-Vandermonde S4D kernel,
+  hand-written FFT convolution backward, classic VQ with the GEMM nearest-code search and the
+  fused straight-through estimator), with `vqlog.train.build_optimizer`'s fused AdamW.
 - baseline: the same module tree with the same initial weights, but
+  * the trunk written module by module on (B, H, L), as s4's examples and torch's Conv1d expect,
+    and torch.optim.AdamW with its defaults (`_assembly.py`),
   * every S4D layer computed as state-spaces/s4 `models/s4/s4d.py` computes it
     (`vqlog.model.reference.use_reference(model, s4d=True, quantizer=False)`: the kernel over a
     materialised complex (H, N/2, L) Vandermonde tensor and an einsum, the FFT convolution
@@ -61,6 +63,7 @@ from collections.abc import Callable
 
 import _common
 import torch
+from _assembly import as_user_assembly, optimizer_for
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,7 +72,7 @@ from vqlog.model.quantizer import VQ, QuantizerOutput
 from vqlog.model.reference import use_reference
 from vqlog.model.vqvae import VQVAE
 from vqlog.study.spec import load_sweep
-from vqlog.train import build_optimizer, train_step
+from vqlog.train import train_step
 
 TARGET = 2.0
 TARGET_SHAPE = "seed"
@@ -120,7 +123,7 @@ def build_models(cfg: Config, device: torch.device, oracle: bool = False) -> dic
     """vqlog, the baseline (and the oracle), all with the same initial weights."""
     torch.manual_seed(cfg.seed)
     fast = VQVAE(cfg).to(device)
-    baseline = use_reference(copy.deepcopy(fast), s4d=True, quantizer=False)
+    baseline = as_user_assembly(use_reference(copy.deepcopy(fast), s4d=True, quantizer=False))
     baseline.quantizer = LibraryVQ(baseline.quantizer, cfg.commitment).to(device)
     models = {"vqlog": fast, "baseline": baseline}
     if oracle:
@@ -290,7 +293,7 @@ def bench_shape(name: str, cfg: Config, device: torch.device, rounds: int, steps
     n_steps = {v: 1 if v.startswith("oracle") else steps for v in models}
 
     def stepper(model: nn.Module, n: int):
-        opt = build_optimizer(model, cfg)
+        opt = optimizer_for(model, cfg)
 
         def run() -> None:
             for _ in range(n):
@@ -388,7 +391,9 @@ def profile_section(name: str, cfg: Config, device: torch.device, rounds: int) -
               o["calls_per_step"], o["input_shapes"]] for o in rows])
         for v, rows in ops.items())
     text = (f"## {name}: where the step's time goes ({describe(cfg)}; medians of {rounds} "
-            f"interleaved rounds; the probes add a few ms)\n\n" + sp.module_table(modules)
+            f"interleaved rounds; the probes add a few ms). vqlog's channel-last encoder and "
+            f"decoder apply in_proj, down, up, post and out_proj inside their own forward, not "
+            f"as module calls: that time is in vqlog's glue row.\n\n" + sp.module_table(modules)
             + "\n\n" + op_text
             + f"\n\n## {name}: prototypes of vqlog's step ({proto['rounds']} interleaved rounds)\n\n"
             + sp.prototype_text(proto))
