@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 
 def close(fig) -> None:
@@ -33,6 +34,9 @@ def curves_figure(result) -> Figure:
     ax1.plot([e.step for e in result.evals], [e.val_mse for e in result.evals], "o-", ms=3,
              label="val/mse")
     ax1.set_yscale("log")
+    # Minor ticks at 2 and 5 only (not 2..9 in every decade): drawing ticks is most of a figure's
+    # time, and a range within one decade still gets labels.
+    ax1.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
     ax1.set_xlabel("iteration")
     ax1.legend(fontsize=8)
     ppl = [(e.step, e.val_perplexity) for e in result.evals if not math.isnan(e.val_perplexity)]
@@ -59,10 +63,16 @@ def reconstruction_figure(model, windows: np.ndarray, n: int = 4) -> Figure:
     model.train()
     x = x.cpu().numpy()
     fig = Figure(figsize=(8, 1.6 * len(x)), dpi=80)
-    axes = np.atleast_1d(fig.subplots(len(x), 1, sharex=True))
-    for ax, sig, rec in zip(axes, x, recon):
+    axes = np.atleast_1d(fig.subplots(len(x), 1))
+    # Drawing ticks is most of a figure's time: the sample axis is labelled on the last panel
+    # only (all windows have one length, so the panels line up) and the values get 3 ticks.
+    for i, (ax, sig, rec) in enumerate(zip(axes, x, recon)):
         ax.plot(sig, lw=1.0, label="signal")
         ax.plot(rec, lw=1.0, label="reconstruction")
+        ax.set_xlim(0, len(sig) - 1)
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+        if i < len(x) - 1:
+            ax.xaxis.set_major_locator(NullLocator())
     axes[0].legend(fontsize=8, loc="upper right")
     axes[-1].set_xlabel("sample")
     height = fig.get_figheight()
