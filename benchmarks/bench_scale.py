@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     info = _common.machine("cpu", 1)
     per_trial: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     plots: dict[str, dict[int, float]] = defaultdict(dict)
-    start_s: dict[str, dict[int, float]] = defaultdict(dict)
+    start_s: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
     with tempfile.TemporaryDirectory(prefix="vqlog-bench-scale-") as tmp, \
             contextlib.ExitStack() as stack:
         stores = open_stores(stack, Path(tmp), sizes, topologies)
@@ -252,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                                          table_seconds=0, plots_seconds=math.inf)
             store.trials += 1
             quiet_run(bench_spec(store.name), store.trials, store.storage, store.tracker)
-            start_s[store.topology][store.size] = store.tracker.take().get("start_study", 0.0)
+            seconds = store.tracker.take()
+            # a worker's start, and its first table (which takes its rows from the start's read)
+            start_s[store.topology][store.size] = (seconds.get("start_study", 0.0),
+                                                   seconds.get("after_trial", 0.0))
         for r in range(args.rounds):
             order = stores[r % len(stores):] + stores[:r % len(stores)]
             for store in order:
@@ -291,17 +294,19 @@ def summarize(per_trial, plots, start_s, sizes, args, info) -> dict:
             ok = median <= TARGET_S and (size == sizes[0] or ratio <= TARGET_RATIO)
             results[topology][size] = {"per_trial_s": totals, "per_trial_s_median": median,
                                        "ratio_to_smallest": ratio, "calls_s_median": calls,
-                                       "worker_start_s": start_s[topology][size],
+                                       "worker_start_s": start_s[topology][size][0],
+                                       "first_after_trial_s": start_s[topology][size][1],
                                        "study_plots_s": plots[topology][size]}
             top = sorted(calls.items(), key=lambda kv: -kv[1])[:3]
             rows.append([topology, f"{size:,}", f"{median:.3f}",
                          f"{min(totals):.3f}-{max(totals):.3f}", f"{ratio:.2f}x",
                          ", ".join(f"{k} {v:.3f}" for k, v in top),
-                         f"{start_s[topology][size]:.1f}", f"{plots[topology][size]:.1f}",
+                         "{:.1f} + {:.1f}".format(*start_s[topology][size]),
+                         f"{plots[topology][size]:.1f}",
                          "met" if ok else "missed"])
     text = _common.render_table(
         ["store", "trial runs", "tracking s/trial", "min-max", f"vs {sizes[0]:,}",
-         "largest calls (s)", "worker start s", "study plots s",
+         "largest calls (s)", "worker start + first table s", "study plots s",
          f"target <= {TARGET_S} s and <= {TARGET_RATIO}x"], rows)
     return {"benchmark": "scale", "command": "python benchmarks/bench_scale.py",
             "target": f"tracking <= {TARGET_S} s per trial at 10,000 trial runs, and <= "

@@ -2,6 +2,7 @@
 rows fetched incrementally), and a study-run description that always fits MLflow's tag limit."""
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import pytest
 import torch
 from _sweep_helpers import Worker, finished, mlflow_runs, states, study_trials, wait_until, write_spec
 
+from vqlog.bulk import gc_paused
 from vqlog.tracking.rows import RowCache, TrialRow, fetch_rows
 from vqlog.tracking.table import (DESCRIPTION_LIMIT, RenderCache, render_description, render_table,
                                   table_json, table_records)
@@ -92,14 +94,81 @@ class CountingClient:
 
     def __init__(self, client):
         self.client, self.returned = client, []
+        self.collector_on: list[bool] = []  # whether Python's collector ran during each search
 
     def __getattr__(self, name):
         return getattr(self.client, name)
 
     def search_runs(self, *args, **kwargs):
+        self.collector_on.append(gc.isenabled())
         page = self.client.search_runs(*args, **kwargs)
         self.returned.append(len(page))
         return page
+
+
+def test_gc_paused_turns_the_collector_off_for_its_block_and_back_as_it_was():
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # nested: the inner block leaves it off for the outer one
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("a failed read")
+    assert gc.isenabled()  # back on after an exception too
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own choice is kept
+    finally:
+        gc.enable()
+
+
+def test_a_workers_start_reads_every_run_once_and_the_table_shows_what_reconcile_changed(
+        tmp_path, monkeypatch):
+    """A new worker's reconcile reads every trial run, with Python's collector off; the
+    table's first look takes its rows from that read and queries only the runs that ended
+    since, among them the run reconcile closed (a dead worker's trial), in its new state."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.tracking.client import RetryingClient
+    from vqlog.tracking.runs import Tracker
+
+    monkeypatch.setattr(RowCache, "SLACK_MS", 1000)  # (30 s by default: other hosts' clocks)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = optuna.create_study(study_name="seeded", storage=f"sqlite:///{tmp_path}/optuna.db")
+    spec = dataclasses.replace(load_sweep("smoke"), name="seeded")
+    first = Tracker(uri, table_dir=tmp_path / "first")
+    first.start_study(study, spec)
+    summary = {"best_val_mse": 0.08, "final_val_mse": 0.09, "iterations_run": 10.0}
+    asked = [study.ask() for _ in range(6)]
+    runs = [first.start_trial(t.number, spec.base_config()) for t in asked]
+    for trial, run in zip(asked[:5], runs[:5]):
+        run.finish("COMPLETE", summary)
+        study.tell(trial, 0.09)
+    study.tell(asked[5], state=TrialState.FAIL)  # its worker died: the run is left RUNNING
+    time.sleep(1.5)  # every run ended (or started) before the slack of the next look
+
+    worker = Tracker(uri, table_dir=tmp_path / "results")
+    counting = CountingClient(MlflowClient(tracking_uri=worker.uri))
+    worker._client = RetryingClient(counting, "test store")
+    worker.start_study(study, spec)
+    assert counting.returned.count(6) == 1  # every trial run, read once
+    read_all = counting.returned.index(6)
+    assert counting.collector_on[read_all] is False and gc.isenabled()
+    text = Path(worker.refresh_table()).read_text()
+    assert counting.returned[-1] == 1  # the table's first look: only the run reconcile closed
+    assert counting.returned.count(6) == 1
+    lines = [line for line in text.splitlines() if line.startswith("| Seq")]
+    assert len(lines) == 6
+    assert "failed: worker lost" in lines[-1], lines[-1]  # Seq6 as reconcile left it
+    assert [(r.number, r.state) for r in worker._rows.rows()] == \
+        [(r.number, r.state) for r in fetch_rows(MlflowClient(tracking_uri=uri), "seeded")]
 
 
 def test_the_row_cache_fetches_only_runs_that_ended_since_its_last_look(tmp_path):

@@ -26,6 +26,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 
+from vqlog.bulk import gc_paused
 from vqlog.errors import UserError
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.urls import mask, with_psycopg2
@@ -197,13 +198,14 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     first beat, so a RUNNING trial without that claim, started longer than the grace period ago,
     is failed and retried like a stale one.
     """
-    with warnings.catch_warnings():
+    # most often a worker's first read of the study, which loads every trial
+    with warnings.catch_warnings(), gc_paused():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        running = retrying(storage, lambda: study.get_trials(deepcopy=False,
+                                                             states=(TrialState.RUNNING,)))
     cutoff = datetime.now() - timedelta(seconds=grace_period())
-    running = retrying(storage, lambda: study.get_trials(deepcopy=False,
-                                                         states=(TrialState.RUNNING,)))
     for trial in running:
         if claimed(trial) or trial.datetime_start is None or trial.datetime_start >= cutoff:
             continue

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
+from vqlog.bulk import gc_paused
 from vqlog.errors import UserError
 
 if TYPE_CHECKING:  # mlflow is slow to import; only the MLflow-facing functions need it
@@ -119,20 +121,22 @@ def search_all(client, experiment_id: str, filter_string: str, page_size: int = 
     from mlflow.entities import ViewType
 
     runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string,
-                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=page_size,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    with gc_paused():
+        while True:
+            page = client.search_runs([experiment_id], filter_string=filter_string,
+                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=page_size,
+                                      order_by=["attributes.start_time ASC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
 
 
 def fetch_rows(client: MlflowClient, study: str, page_size: int = 1000) -> list[TrialRow]:
     """All trial runs of the study's experiment (every page), as rows."""
     experiment = study_experiment(client, study)
-    return rows_from_runs(search_all(client, experiment.experiment_id, TRIAL_ROLE, page_size))
+    with gc_paused():
+        return rows_from_runs(search_all(client, experiment.experiment_id, TRIAL_ROLE, page_size))
 
 
 class RowCache:
@@ -146,9 +150,9 @@ class RowCache:
 
     SLACK_MS = 30 * 1000
 
-    def __init__(self, client, study: str):
+    def __init__(self, client, study: str, experiment_id: str | None = None):
         self.client, self.study = client, study
-        self.experiment_id: str | None = None
+        self.experiment_id = experiment_id
         # trial number -> (recency, row) of its latest run: a run is made into a row once per
         # change, and an unchanged run keeps its row object (what table.RenderCache recognises)
         self._chosen: dict[int, tuple[tuple[int, str], TrialRow]] = {}
@@ -156,26 +160,34 @@ class RowCache:
         self._since: int | None = None  # ms: the runs that ended before it are all in _chosen
 
     def rows(self) -> list[TrialRow]:
-        import time
-
         now = int(time.time() * 1000)
         if self.experiment_id is None:
             self.experiment_id = study_experiment(self.client, self.study).experiment_id
         # after the first look, the end time alone: a tag filter joins every run's tags in
         # the store's query (most of its cost at 10,000 runs); the role is checked here
         where = TRIAL_ROLE if self._since is None else f"attributes.end_time >= {self._since}"
+        self._take(search_all(self.client, self.experiment_id, where), now)
+        return list(self._rows)
+
+    def seed(self, runs: Iterable[Run], looked_at: int) -> None:
+        """The first look, from a read made elsewhere: every trial run of the study, as a
+        search begun at `looked_at` (ms since the epoch) returned them. A worker's start reads
+        them all once (reconcile) and hands them here, instead of the table reading them again."""
+        self._take(runs, looked_at)
+
+    def _take(self, runs: Iterable[Run], looked_at: int) -> None:
         changed = False
-        for run in search_all(self.client, self.experiment_id, where):
-            number = _trial_number(run)
-            if run.data.tags.get("vqlog.role") != "trial" or number is None:
-                continue
-            recency = _recency(run)
-            chosen = self._chosen.get(number)
-            # the latest run wins (a run's recency, its start and id, never changes)
-            if chosen is None or recency >= chosen[0]:
-                self._chosen[number] = (recency, _row(number, run))
-                changed = True
-        self._since = now - self.SLACK_MS
+        with gc_paused():  # the first look makes a row of every run
+            for run in runs:
+                number = _trial_number(run)
+                if run.data.tags.get("vqlog.role") != "trial" or number is None:
+                    continue
+                recency = _recency(run)
+                chosen = self._chosen.get(number)
+                # the latest run wins (a run's recency, its start and id, never changes)
+                if chosen is None or recency >= chosen[0]:
+                    self._chosen[number] = (recency, _row(number, run))
+                    changed = True
+        self._since = looked_at - self.SLACK_MS
         if changed:
             self._rows = [self._chosen[number][1] for number in sorted(self._chosen)]
-        return list(self._rows)

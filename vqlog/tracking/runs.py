@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from vqlog.bulk import gc_paused
 from vqlog.errors import UserError
 from vqlog.files import write_text
 from vqlog.tracking import artifacts, lineage, plots, table
@@ -195,7 +196,7 @@ class Tracker:
         return path
 
     def refresh_table(self) -> str:
-        if self._rows is None:
+        if self._rows is None or self._rows.study != self.study_name:
             self._rows = RowCache(self.client, self.study_name)
         rows = self._rows.rows()
         path = table.table_path(self.table_dir, self.study_name)
@@ -208,9 +209,10 @@ class Tracker:
         return str(path)
 
     def refresh_study_plots(self, study: optuna.Study) -> None:
-        for name, fig in plots.study_figures(study):
-            self.client.log_figure(self.parent_id, fig, f"optuna/{name}.png")
-            plots.close(fig)
+        with gc_paused():  # the plots read every trial
+            for name, fig in plots.study_figures(study):
+                self.client.log_figure(self.parent_id, fig, f"optuna/{name}.png")
+                plots.close(fig)
 
     def reconcile(self, study: optuna.Study, everything: bool = False) -> None:
         """Give trial runs the state Optuna settled on, where a killed worker left them apart:
@@ -218,9 +220,16 @@ class Tracker:
         the result (Optuna fails that trial and retries it). Only runs that can be out of step
         are read: the RUNNING ones, and those of trials that failed since the last look;
         `everything` (a worker's start) reads every trial run once."""
-        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        with gc_paused():  # a worker's first read of the study loads every trial
+            trials = {t.number: t for t in study.get_trials(deepcopy=False)}
         if everything:
+            looked_at = int(time.time() * 1000)
             runs = search_all(self.client, self.experiment_id, TRIAL_ROLE)
+            if self._rows is None or self._rows.study != self.study_name:
+                # the table's first look; the runs changed below get new end times, which its
+                # next look reads again
+                self._rows = RowCache(self.client, self.study_name, self.experiment_id)
+                self._rows.seed(runs, looked_at)
         else:
             # the status alone (a tag filter joins every run's tags in the store's query);
             # the role is checked below
