@@ -12,7 +12,8 @@ the two topologies a user runs:
 Each store starts from one real trial (the smoke spec, cut to 40 iterations and random
 sampling), whose Optuna trial and MLflow run (tags, params, metrics) are then copied until the
 study has N of each. The existing runs are then read once by the measuring worker, as any worker
-reads them once when it starts (reconcile at `start_study`, the table's first full fetch).
+reads them once when it starts (reconcile at `start_study`, whose read also gives the table its
+first rows); that start and the worker's first table are reported apart.
 
 A round then runs one more trial in every store in turn (sizes and topologies interleaved, so
 that other load hits them alike) with `vqlog.study.worker.run`, exactly as `vqlog-sweep` runs

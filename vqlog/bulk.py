@@ -19,8 +19,9 @@ def gc_paused():
     Reference counting still frees what dies meanwhile; the collector looks at the rest once it
     is back on.
 
-    The switch is process-wide: other threads run without the collector meanwhile too, and when
-    two such blocks overlap, the first to end turns it back on for the other."""
+    The switch is process-wide: other threads run without the collector meanwhile too. When two
+    such blocks overlap in two threads, the one that turned it off turns it back on when it
+    ends, even if the other is still running."""
     was_on = gc.isenabled()
     gc.disable()
     try:
