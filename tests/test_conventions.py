@@ -230,8 +230,14 @@ df = vqlog.results("nb", tracking_uri="sqlite:///{tmp_path}/m.db")
 print(json.dumps([before, state(), summary.finished, df["number"].tolist(),
                   sorted(c for c in df.columns if c.startswith("metrics."))]))
 """
+    # a notebook's environment: not what an earlier in-process command line of this test run
+    # set in os.environ (configure_process: MLflow's log level, retries, progress bar), which
+    # MLflow would act on in the child
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+                        "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     before, after, finished, numbers, metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in before:

@@ -106,6 +106,53 @@ class CountingClient:
         return page
 
 
+class TagCountingClient(CountingClient):
+    """A CountingClient that also records the keys of the tags set one by one."""
+
+    def __init__(self, client):
+        super().__init__(client)
+        self.tags_set: list[str] = []
+
+    def set_tag(self, run_id, key, value, *args, **kwargs):
+        self.tags_set.append(key)
+        return self.client.set_tag(run_id, key, value, *args, **kwargs)
+
+
+def test_a_tracker_marks_the_study_run_as_holding_a_table_once(tmp_path):
+    """`mlflow.loggedArtifacts` (what makes the JSON a table for `load_table` and the UI) never
+    changes: the first refresh sets it, later ones only the table and its description."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.tracking.client import RetryingClient
+    from vqlog.tracking.runs import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = optuna.create_study(study_name="marked")
+    spec = dataclasses.replace(load_sweep("smoke"), name="marked")
+    tracker = Tracker(uri, table_dir=tmp_path / "results")
+    counting = TagCountingClient(MlflowClient(tracking_uri=tracker.uri))
+    tracker._client = RetryingClient(counting, "test store")
+    tracker.start_study(study, spec)
+    trial = study.ask()
+    tracker.start_trial(trial.number, spec.base_config()).finish(
+        "COMPLETE", {"best_val_mse": 0.08, "final_val_mse": 0.09, "iterations_run": 10.0})
+    study.tell(trial, 0.09)
+    counting.tags_set.clear()
+    for _ in range(3):
+        tracker.refresh_table()
+    assert counting.tags_set.count("mlflow.loggedArtifacts") == 1
+    assert counting.tags_set.count("mlflow.note.content") == 3
+    parent = MlflowClient(tracking_uri=uri).get_run(tracker.parent_id)
+    assert json.loads(parent.data.tags["mlflow.loggedArtifacts"]) == [
+        {"path": "experiment_table.json", "type": "table"}]
+    run = MlflowClient(tracking_uri=uri).search_runs(
+        [tracker.experiment_id], "tags.`vqlog.role` = 'trial'")[0]
+    assert run.data.tags["optuna.state"] == "COMPLETE" and run.info.status == "FINISHED"
+    assert run.data.metrics["final_val_mse"] == 0.09  # sent with the state, in one request
+
+
 def test_gc_paused_turns_the_collector_off_for_its_block_and_back_as_it_was():
     assert gc.isenabled()
     with gc_paused():

@@ -79,6 +79,7 @@ class Tracker:
         self._rows: RowCache | None = None  # the table's rows, fetched incrementally
         self._rendered = table.RenderCache()  # and rendered once each
         self._failed_seen: set[int] = set()  # FAIL trials whose runs reconcile has looked at
+        self._marked: str | None = None  # the study run this tracker marked as holding a table
         self._table_at = self._plots_at = -math.inf  # monotonic times of the last refreshes
         self.table_seconds = table_seconds  # after_trial's throttles (0: the table every trial)
         self.plots_seconds = self._plots_every = plots_seconds
@@ -204,7 +205,8 @@ class Tracker:
                                   cache=self._rendered)
         write_text(path, text, crash_point="table.write")
         publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
-                      self._rendered)
+                      self._rendered, mark=self._marked != self.parent_id)
+        self._marked = self.parent_id
         self._rendered.keep(rows)
         return str(path)
 
@@ -334,14 +336,15 @@ def _space_text(p) -> str:
 
 
 def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str,
-                  cache: table.RenderCache | None = None) -> None:
+                  cache: table.RenderCache | None = None, mark: bool = True) -> None:
     """The table on the study run: `experiment_table.md` (the whole of it, `text`), the run's
     description in the MLflow UI (what fits MLflow's tag limit, in whole rows), and
     `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
 
     The JSON is written in the layout `log_table` writes (pandas' "split" orientation) and
     marked as a table with MLflow's `mlflow.loggedArtifacts` tag, because `log_table` appends
-    to an existing file: each refresh would add the whole table again."""
+    to an existing file: each refresh would add the whole table again. That tag never changes:
+    `mark=False` leaves it as an earlier refresh set it (one request fewer)."""
     import json
 
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
@@ -350,5 +353,6 @@ def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str
     client.set_tag(parent_id, "mlflow.note.content",
                    table.render_description(rows, lang, study, text=text, cache=cache))
     client.log_text(parent_id, table.table_json(rows, lang, cache), TABLE_JSON)
-    client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
-                   json.dumps([{"path": TABLE_JSON, "type": "table"}]))
+    if mark:
+        client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
+                       json.dumps([{"path": TABLE_JSON, "type": "table"}]))

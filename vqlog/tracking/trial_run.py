@@ -11,6 +11,7 @@ from vqlog.failpoints import failpoint
 from vqlog.tracking import artifacts, lineage, plots
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+BATCH_LIMIT = 1000  # MLflow's entities (metrics, params, tags) per log_batch request
 
 
 class TrialRun:
@@ -57,23 +58,32 @@ class TrialRun:
             if math.isfinite(value):
                 self._pending.append(Metric(key, float(value), now, record.step))
 
-    def flush(self, wait: bool = True) -> bool:
-        """Send the buffer in MLflow's 1,000-metric requests. wait=False: one attempt, and False
-        if the store is away (TrackingUnavailable once that has lasted past the limit)."""
-        while self._pending:
-            chunk = self._pending[:1000]  # MLflow's per-request limit
+    def flush(self, wait: bool = True, tags: dict[str, str] | None = None) -> bool:
+        """Send the buffer in MLflow's 1,000-entity requests, `tags` with the last one (alone if
+        the buffer is empty). wait=False: one attempt, and False if the store is away
+        (TrackingUnavailable once that has lasted past the limit)."""
+        from mlflow.entities import RunTag
+
+        extra = [RunTag(k, v) for k, v in (tags or {}).items()]
+        while self._pending or extra:
+            last = len(self._pending) + len(extra) <= BATCH_LIMIT
+            chunk = self._pending[:BATCH_LIMIT - len(extra) if last else BATCH_LIMIT]
+            with_tags = extra if last else []
             failpoint("tracking.log")
             if wait:
-                self.client.call("log_batch", self.run_id, metrics=chunk)
-            elif not self.client.try_call("log_batch", self.run_id, metrics=chunk)[0]:
+                self.client.call("log_batch", self.run_id, metrics=chunk, tags=with_tags)
+            elif not self.client.try_call("log_batch", self.run_id, metrics=chunk,
+                                          tags=with_tags)[0]:
                 return False
             del self._pending[:len(chunk)]
+            if last:
+                extra = []
         return True
 
     def finish(self, state: str, summary: dict | None = None, reason: str | None = None,
                result=None, windows=None) -> None:
-        """Buffered metrics, summary metrics, plots, the Optuna state as a tag, and a terminal
-        run status."""
+        """Buffered metrics, summary metrics and the Optuna state as a tag (one request), weights
+        and plots, and a terminal run status."""
         from mlflow.entities import Metric
 
         if self._monitor is not None:
@@ -85,7 +95,12 @@ class TrialRun:
                 now = int(time.time() * 1000)
                 self._pending += [Metric(k, float(v), now, 0) for k, v in summary.items()
                                   if math.isfinite(v)]
-            self.flush()
+            # the Optuna state rides with the last metrics; the run stays RUNNING until the
+            # end, so a worker killed before it is still reconciled
+            tags = {"optuna.state": state}
+            if reason:
+                tags["vqlog.fail_reason"] = reason[:5000]
+            self.flush(tags=tags)
             if result is not None:
                 if state == "COMPLETE":
                     artifacts.upload_weights(self.client, self.run_id, result.config, result.model)
@@ -93,11 +108,6 @@ class TrialRun:
                 if windows is not None and len(windows):
                     fig = plots.reconstruction_figure(result.model, windows)
                     self.client.log_figure(self.run_id, fig, "reconstruction.png")
-            tags = {"optuna.state": state}
-            if reason:
-                tags["vqlog.fail_reason"] = reason[:5000]
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
         except TrackingUnavailable:
             raise  # the run stays RUNNING; the rerun's reconcile gives it Optuna's state
         except BaseException:
