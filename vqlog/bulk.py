@@ -3,7 +3,7 @@
 A worker's start reads every trial of the study from Optuna's storage and every trial run from
 MLflow: at 10,000 trials a few million objects, all of which stay alive. While they are built,
 each full collection walks the whole heap again, and Python 3.11 runs one whenever a quarter as
-many objects as the heap holds have survived the young generations: 20 or more of them were two
+many objects as the heap holds have survived the young generations: 17 to 25 of them were two
 thirds of a worker's start at 10,000 runs (benchmarks/README.md, scale).
 """
 
