@@ -31,6 +31,21 @@ def pytest_configure(config):
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test, with its fixtures' setup and teardown, leaves os.environ as it found it.
+
+    A command run in-process sets process-wide variables (`configure_process`: MLflow's log
+    level, its HTTP retries, its progress bar), and a module fixture that runs one did so for
+    every later test: a child process those tests started inherited them and behaved unlike a
+    user's. The snapshot is taken before the item's setup, so a module fixture's command is
+    undone after the first test that used it; no fixture here sets variables for later tests."""
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """`tiny(**overrides)`: a tiny Config (TINY above, then the overrides, log names allowed);
