@@ -1,21 +1,26 @@
 """Figures logged to MLflow: per trial the curves and reconstructions, per study Optuna's plots.
 
 The trial figures are built on `matplotlib.figure.Figure`, not pyplot: no global state, no GUI
-backend, nothing to close. Optuna's plots go through pyplot; `study_figures` picks the Agg
-backend when it first draws, unless the process already chose one (a notebook's inline backend).
+backend, nothing to close. Each thread keeps one figure of each layout and redraws it for the
+next trial: building the axes and their tick objects anew was about a third of a figure's time
+(benchmarks/README.md, tracking), and a worker draws two figures after every trial. So a trial
+figure is only valid until the next call in the same thread; `TrialRun.finish` saves it at once.
+Optuna's plots go through pyplot; `study_figures` picks the Agg backend when it first draws,
+unless the process already chose one (a notebook's inline backend).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 import warnings
 from typing import Iterator
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
+from matplotlib.ticker import LogFormatter, LogLocator, MaxNLocator, NullLocator
 
 
 def close(fig) -> None:
@@ -25,23 +30,42 @@ def close(fig) -> None:
     plt.close(fig)
 
 
-def curves_figure(result) -> Figure:
-    """Train loss and val MSE against step, with val perplexity on a second panel."""
+class _Kept(threading.local):
+    """This thread's figures, by layout."""
+
+    def __init__(self):
+        self.figures: dict[tuple, Figure] = {}
+
+
+_kept = _Kept()
+
+
+def forget() -> None:
+    """Drop this thread's kept figures: the next call builds new ones."""
+    _kept.figures.clear()
+
+
+def _rescale(ax, **which) -> None:
+    ax.relim()
+    ax.autoscale_view(**which)
+
+
+def _curves_layout(with_ppl: bool) -> Figure:
     fig = Figure(figsize=(8, 3), dpi=80)
     ax1, ax2 = fig.subplots(1, 2)
-    tp = result.train_points
-    ax1.plot([p.step for p in tp], [p.loss for p in tp], lw=0.8, label="train/loss")
-    ax1.plot([e.step for e in result.evals], [e.val_mse for e in result.evals], "o-", ms=3,
-             label="val/mse")
+    ax1.plot([], [], lw=0.8, label="train/loss")
+    ax1.plot([], [], "o-", ms=3, label="val/mse")
     ax1.set_yscale("log")
     # Minor ticks at 2 and 5 only (not 2..9 in every decade): drawing ticks is most of a figure's
-    # time, and a range within one decade still gets labels.
+    # time, and a range within one decade still gets labels. Plain numbers ("0.05"), not
+    # mathtext powers of ten, which matplotlib parses and lays out glyph by glyph.
     ax1.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax1.yaxis.set_major_formatter(LogFormatter())
+    ax1.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax1.set_xlabel("iteration")
     ax1.legend(fontsize=8)
-    ppl = [(e.step, e.val_perplexity) for e in result.evals if not math.isnan(e.val_perplexity)]
-    if ppl:
-        ax2.plot(*zip(*ppl), "o-", ms=3, color="tab:green", label="val/perplexity")
+    if with_ppl:
+        ax2.plot([], [], "o-", ms=3, color="tab:green", label="val/perplexity")
         ax2.set_xlabel("iteration")
         ax2.legend(fontsize=8)
     else:
@@ -53,31 +77,66 @@ def curves_figure(result) -> Figure:
     return fig
 
 
-@torch.no_grad()
-def reconstruction_figure(model, windows: np.ndarray, n: int = 4) -> Figure:
-    """The first `n` validation windows (B, L) against the model's reconstructions."""
-    model.eval()
-    device = next(model.parameters()).device
-    x = torch.as_tensor(np.asarray(windows[:n]), device=device)  # (n L)
-    recon = model(x).recon.cpu().numpy()  # (n L)
-    model.train()
-    x = x.cpu().numpy()
-    fig = Figure(figsize=(8, 1.6 * len(x)), dpi=80)
-    axes = np.atleast_1d(fig.subplots(len(x), 1))
+def curves_figure(result) -> Figure:
+    """Train loss and val MSE against step, with val perplexity on a second panel. The figure is
+    this thread's, redrawn by its next call (see the module's doc)."""
+    ppl = [(e.step, e.val_perplexity) for e in result.evals if not math.isnan(e.val_perplexity)]
+    key = ("curves", bool(ppl))
+    fig = _kept.figures.get(key)
+    if fig is None:
+        fig = _kept.figures[key] = _curves_layout(bool(ppl))
+    ax1, ax2 = fig.axes
+    loss, mse = ax1.lines
+    tp = result.train_points
+    loss.set_data([p.step for p in tp], [p.loss for p in tp])
+    mse.set_data([e.step for e in result.evals], [e.val_mse for e in result.evals])
+    _rescale(ax1)
+    if ppl:
+        ax2.lines[0].set_data(*zip(*ppl))
+        _rescale(ax2)
+    return fig
+
+
+def _reconstruction_layout(n: int) -> Figure:
+    fig = Figure(figsize=(8, 1.6 * n), dpi=80)
+    axes = np.atleast_1d(fig.subplots(n, 1))
     # Drawing ticks is most of a figure's time: the sample axis is labelled on the last panel
     # only (all windows have one length, so the panels line up) and the values get 3 ticks.
-    for i, (ax, sig, rec) in enumerate(zip(axes, x, recon)):
-        ax.plot(sig, lw=1.0, label="signal")
-        ax.plot(rec, lw=1.0, label="reconstruction")
-        ax.set_xlim(0, len(sig) - 1)
+    for i, ax in enumerate(axes):
+        ax.plot([], [], lw=1.0, label="signal")
+        ax.plot([], [], lw=1.0, label="reconstruction")
         ax.yaxis.set_major_locator(MaxNLocator(3))
-        if i < len(x) - 1:
+        if i < n - 1:
             ax.xaxis.set_major_locator(NullLocator())
     axes[0].legend(fontsize=8, loc="upper right")
     axes[-1].set_xlabel("sample")
     height = fig.get_figheight()
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / height, top=1 - 0.1 / height,
                         hspace=0.15)
+    return fig
+
+
+@torch.no_grad()
+def reconstruction_figure(model, windows: np.ndarray, n: int = 4) -> Figure:
+    """The first `n` validation windows (B, L) against the model's reconstructions. The figure is
+    this thread's, redrawn by its next call (see the module's doc)."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(np.asarray(windows[:n]), device=device)  # (n L)
+    recon = model(x).recon.cpu().numpy()  # (n L)
+    model.train()
+    x = x.cpu().numpy()
+    key = ("reconstruction", len(x))
+    fig = _kept.figures.get(key)
+    if fig is None:
+        fig = _kept.figures[key] = _reconstruction_layout(len(x))
+    steps = np.arange(x.shape[1])
+    for ax, sig, rec in zip(fig.axes, x, recon):
+        signal, reconstruction = ax.lines
+        signal.set_data(steps, sig)
+        reconstruction.set_data(steps, rec)
+        ax.set_xlim(0, len(sig) - 1)
+        _rescale(ax, scalex=False)
     return fig
 
 
