@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -366,3 +367,22 @@ def test_bad_input_creates_no_study_in_a_reachable_postgresql_database(pg_storag
             assert cur.fetchall() == []  # not even Optuna's tables
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("command", [
+    ["vqlog-sweep", "--config", "no-such-spec"],
+    ["vqlog-sweep", "--config", "smoke", "--study", "bad/name"],
+    ["vqlog", "train", "--set", "no_such_key=1"],
+    ["vqlog", "train", "--set", "lr=fast"],
+])
+def test_a_typo_in_the_spec_or_config_is_reported_before_torch_is_imported(tmp_path, command):
+    """The commonest mistakes cost a user well under a second, not torch's start-up."""
+    entry = "sweep_main" if command[0] == "vqlog-sweep" else "main"
+    script = (f"import sys\nfrom vqlog.cli import {entry}\ncode = {entry}({command[1:]!r})\n"
+              "print('torch' in sys.modules, code)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, **SUBPROCESS_ENV}, timeout=120)
+    assert proc.stdout.split() == ["False", "2"], proc.stdout + proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("Error: ")
+    assert list(tmp_path.iterdir()) == []

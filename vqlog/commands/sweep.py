@@ -44,13 +44,13 @@ def sweep_command(args: argparse.Namespace) -> int:
     api.check_options(args.trials, args.timeout, args.seed)
 
     from vqlog.errors import TrackingUnavailable
-    from vqlog.study import worker
     from vqlog.urls import mask, mask_urls
 
     gpus = api.gpu_list(args.gpus)
     spec = api.study_spec(args.config, args.study, args.data, args.sample_rate, args.channel)
     storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
     workers = api.worker_count(args.workers, args.device, gpus)
+    from vqlog.study import worker  # torch: after the spec and the stores are checked
     uri = tracker.given_uri
     print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
           f"storage {mask(storage)}, tracking {mask(uri)}"

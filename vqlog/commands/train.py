@@ -27,11 +27,11 @@ def train_command(args: argparse.Namespace) -> int:
     from vqlog.config import Config, load_config_file, parse_overrides
     from vqlog.data import prepare
     from vqlog.errors import DivergedError, UserError
-    from vqlog.train import fit, resolve_device
 
     values = load_config_file(args.config) if args.config is not None else {}
     values.update(parse_overrides(args.set))
     cfg = Config.from_mapping(values)
+    from vqlog.train import fit, resolve_device  # torch: after a typo in the config is reported
     resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
     if args.save:
         check_out_file(args.save, "--save", "model.pt")

@@ -18,7 +18,6 @@ import warnings
 from typing import Iterator
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, LogLocator, MaxNLocator, NullLocator
 
@@ -116,14 +115,16 @@ def _reconstruction_layout(n: int) -> Figure:
     return fig
 
 
-@torch.no_grad()
 def reconstruction_figure(model, windows: np.ndarray, n: int = 4) -> Figure:
     """The first `n` validation windows (B, L) against the model's reconstructions. The figure is
     this thread's, redrawn by its next call (see the module's doc)."""
+    import torch  # here, not at the top: a command's bad flags are reported without it
+
     model.eval()
     device = next(model.parameters()).device
-    x = torch.as_tensor(np.asarray(windows[:n]), device=device)  # (n L)
-    recon = model(x).recon.cpu().numpy()  # (n L)
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(windows[:n]), device=device)  # (n L)
+        recon = model(x).recon.cpu().numpy()  # (n L)
     model.train()
     x = x.cpu().numpy()
     key = ("reconstruction", len(x))
