@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, LogLocator, MaxNLocator, NullLocator
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 
 def close(fig) -> None:
@@ -56,11 +56,8 @@ def _curves_layout(with_ppl: bool) -> Figure:
     ax1.plot([], [], "o-", ms=3, label="val/mse")
     ax1.set_yscale("log")
     # Minor ticks at 2 and 5 only (not 2..9 in every decade): drawing ticks is most of a figure's
-    # time, and a range within one decade still gets labels. Plain numbers ("0.05"), not
-    # mathtext powers of ten, which matplotlib parses and lays out glyph by glyph.
+    # time, and a range within one decade still gets labels.
     ax1.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    ax1.yaxis.set_major_formatter(LogFormatter())
-    ax1.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax1.set_xlabel("iteration")
     ax1.legend(fontsize=8)
     if with_ppl:
