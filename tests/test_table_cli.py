@@ -221,5 +221,62 @@ def test_watch_regenerates_when_a_run_finishes(store, tmp_path, tiny):
     assert "| Seq1 |" in text  # no longer the best
     lines = log.read_text().splitlines()
     assert "table: results/alpha.md (2 trials)" in lines and "table: results/alpha.md (3 trials)" in lines
-    # 0 when Ctrl-C lands in the sleep between checks, 130 ("Interrupted.") during a fetch.
-    assert code in (0, 130), log.read_text()
+    assert code == 0, log.read_text()
+
+
+def test_ctrl_c_during_a_read_finishes_the_read_and_ends_the_watch(store, tmp_path):
+    """Checking every 10 ms, --watch is often inside a database call when Ctrl-C comes: the call
+    is finished, not broken off, and --watch ends with 0 and its table whole. (Broken off inside
+    a fetch, SQLAlchemy printed a traceback for the cursor it could not close; that timing is
+    rare, so this guards it at two moments rather than reproducing it. test_a_second_ctrl_c_...
+    tests the stop itself.)"""
+    out = tmp_path / "results" / "alpha.md"
+    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.01",
+           "--study", "alpha", "--tracking-uri", store]
+    for attempt in range(2):
+        out.unlink(missing_ok=True)  # this process's first table, before the signal
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            _wait_for(out.is_file, 120, "the first table", proc)
+            time.sleep(0.5 + 0.37 * attempt)  # some hundred reads in
+            proc.send_signal(signal.SIGINT)
+            output, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, output
+        assert "Traceback" not in output and "Interrupted" not in output, output
+        assert output == "table: results/alpha.md (2 trials)\n"
+        assert out.read_text() == EXPECTED_EN
+
+
+def test_a_second_ctrl_c_ends_the_wait_at_once():
+    """The first stop is kept for the next wait; a second one ends --watch where it is (a
+    store being waited out for minutes, say)."""
+    from vqlog.commands.table import _Stop
+
+    stop = _Stop()
+    start = time.monotonic()
+    stop.sleep(0.05)  # no stop asked: a plain wait
+    assert time.monotonic() - start >= 0.05
+    stop.signal(signal.SIGINT, None)
+    assert stop.asked
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        stop.sleep(30)
+    assert time.monotonic() - start < 5
+    with pytest.raises(KeyboardInterrupt):
+        stop.signal(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan"])
+def test_a_watch_interval_of_zero_or_less_is_refused(store, tmp_path, interval):
+    proc = subprocess.run([str(Path(sys.executable).with_name("vqlog")), "table", "--watch",
+                           "--interval", interval, "--study", "alpha", "--tracking-uri", store],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Error: --interval must be a number of seconds above 0")
+    assert len(proc.stderr.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]  # no results/

@@ -29,9 +29,13 @@ def table_command(args: argparse.Namespace) -> int:
     from vqlog.tracking.client import existing_store, open_client
     from vqlog.tracking.runs import study_names, study_run
 
+    if not args.interval > 0:
+        raise UserError(f"--interval must be a number of seconds above 0, not {args.interval:g}")
     # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
-    # waited out (RetryingClient), as the sweep's own tracker does.
-    client = open_client(existing_store(args.tracking_uri))
+    # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
+    # the wait.
+    stop = _Stop()
+    client = open_client(existing_store(args.tracking_uri), sleep=stop.sleep)
     study = args.study
     if study is None:
         names = study_names(client)
@@ -42,25 +46,47 @@ def table_command(args: argparse.Namespace) -> int:
         study = names[0]
     parent = study_run(client, study)
     try:
-        with _ended_by_signals(args.watch):
-            return _table_loop(args, client, study, parent)
+        with _ended_by_signals(args.watch, stop):
+            return _table_loop(args, client, study, parent, stop)
     except KeyboardInterrupt:
         return 0  # --watch ends with Ctrl-C or SIGTERM; what was written stays
 
 
+class _Stop:
+    """A stop asked of --watch. The first Ctrl-C or SIGTERM only sets `asked`: the table being
+    read or written is finished (an exception raised inside a database call would leave SQLAlchemy
+    printing tracebacks and a file half-written), and the next wait ends at once. A second one
+    ends it where it is."""
+
+    def __init__(self):
+        self.asked = False
+
+    def signal(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def sleep(self, seconds: float) -> None:
+        """time.sleep(seconds), cut short by a stop: KeyboardInterrupt, raised here, between
+        calls."""
+        end = time.monotonic() + seconds
+        while not self.asked:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _ended_by_signals(watch: bool):
+def _ended_by_signals(watch: bool, stop: _Stop):
     """--watch ends on Ctrl-C and on SIGTERM (`docker compose stop`), also when it was started
-    with them ignored (a background job of a script, nohup): both raise KeyboardInterrupt. The
-    handlers before are put back after."""
+    with them ignored (a background job of a script, nohup). The handlers before are put back
+    after."""
     if not watch or threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.signal(s, stop.signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -68,7 +94,7 @@ def _ended_by_signals(watch: bool):
             signal.signal(s, handler)
 
 
-def _table_loop(args, client, study: str, parent: str | None) -> int:
+def _table_loop(args, client, study: str, parent: str | None, stop: _Stop) -> int:
     from vqlog.files import write_text
     from vqlog.tracking import table
     from vqlog.tracking.rows import RowCache
@@ -92,4 +118,4 @@ def _table_loop(args, client, study: str, parent: str | None) -> int:
             rendered.keep(rows)
         if not args.watch:
             return 0
-        time.sleep(args.interval)
+        stop.sleep(args.interval)

@@ -131,11 +131,12 @@ def quiet_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT)
 
 
-def open_client(uri: str) -> RetryingClient:
-    """A RetryingClient on a URI that `store_uri` or `existing_store` returned."""
+def open_client(uri: str, sleep: Callable[[float], None] = time.sleep) -> RetryingClient:
+    """A RetryingClient on a URI that `store_uri` or `existing_store` returned; `sleep` waits
+    between its retries."""
     from mlflow.tracking import MlflowClient
 
-    return RetryingClient(MlflowClient(tracking_uri=uri), mask(uri))
+    return RetryingClient(MlflowClient(tracking_uri=uri), mask(uri), sleep=sleep)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
