@@ -8,6 +8,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TRIALS ?= 50
+# pytest processes for `make test` (pytest-xdist), each running one test file at a time so that a
+# file's shared fixtures (stores, servers, a browser) are built once; TEST_JOBS=1 runs them in one.
+TEST_JOBS ?= 2
 
 .PHONY: install sweep train test chromium clean
 
@@ -27,7 +30,7 @@ train: install
 	$(BIN)/vqlog train
 
 test: install chromium
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15
 
 # The browser tests (tests/test_browser.py) drive Debian's Chromium. As root with apt-get (CI), it
 # is installed when missing; elsewhere those tests skip, and fail when CI is set.
