@@ -91,7 +91,8 @@ def configure_process() -> None:
 
     vqlog prints its own line per trial; Optuna's INFO lines, its WARNING with the whole
     traceback of every failed trial, the ExperimentalWarnings of the heartbeat API it
-    recommends, and MLflow's and alembic's lines per schema migration would drown them."""
+    recommends, and MLflow's and alembic's lines per schema migration would drown them. And
+    glibc's malloc keeps freed memory for the next training step (`vqlog.alloc`)."""
     import logging
     import os
     import warnings
@@ -109,6 +110,9 @@ def configure_process() -> None:
     from vqlog.tracking.client import quiet_http_retries
 
     quiet_http_retries()
+    from vqlog.alloc import keep_freed_memory
+
+    keep_freed_memory()
 
 
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
