@@ -5,7 +5,7 @@ memory to the kernel as soon as it is freed: a block above the mmap threshold is
 the top of the heap is trimmed once more than the trim threshold of it is free (glibc raises both
 as it sees large frees, but only to the largest block freed so far and twice that). The next
 step's tensors then land in fresh pages, and every 4 KiB page costs a fault and a zero-fill: at
-the seed spec's shape 3,000 to 4,000 page faults a step, 5 to 7 ms of kernel time and the cache
+the seed spec's shape about 4,000 page faults a step, 5 to 7 ms of kernel time and the cache
 misses that come with it (`benchmarks/bench_alloc.py`).
 
 `keep_freed_memory()` fixes the three settings with glibc's `mallopt`, for the whole process:
