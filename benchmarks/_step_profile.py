@@ -255,6 +255,45 @@ class S4DInPlaceFFT(S4D):
         return F.glu(self.output(y), dim=-2)
 
 
+class FFTConvVecdot(torch.autograd.Function):
+    """`vqlog.model.s4d._FFTConv` with the kernel's gradient as one reduction,
+    `torch.linalg.vecdot(u_f, g_f)` = sum over the batch of conj(u_f)·g_f (no product tensor,
+    no lazy-conj copy), and grad_u's product against a physically conjugated kernel spectrum."""
+
+    @staticmethod
+    def forward(ctx, u, k):
+        L = u.shape[-1]
+        u_f = torch.fft.rfft(u, n=2 * L)  # (B H L+1)
+        k_f = torch.fft.rfft(k, n=2 * L)  # (H L+1)
+        ctx.save_for_backward(u_f, k_f)
+        return torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]  # (B H L)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        u_f, k_f = ctx.saved_tensors
+        L = grad_y.shape[-1]
+        g_f = torch.fft.rfft(grad_y, n=2 * L)  # (B H L+1)
+        grad_u = grad_k = None
+        if ctx.needs_input_grad[1]:
+            rows = (-1, *k_f.shape)  # the batch dims as one
+            g_u = torch.linalg.vecdot(u_f.reshape(rows), g_f.reshape(rows), dim=0)  # (H L+1)
+            grad_k = torch.fft.irfft(g_u, n=2 * L)[..., :L]  # (H L)
+        if ctx.needs_input_grad[0]:
+            grad_u = torch.fft.irfft(g_f * torch.conj_physical(k_f), n=2 * L)[..., :L]
+        return grad_u, grad_k
+
+
+class S4DVecdotFFT(S4D):
+    """S4D.forward with FFTConvVecdot."""
+
+    def forward(self, u: Tensor) -> Tensor:
+        L = u.shape[-1]
+        k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))  # (H L)
+        y = self.dropout(F.gelu(FFTConvVecdot.apply(u, k)))  # (B H L)
+        return F.glu(self.output(y), dim=-2)
+
+
 class _BatchedProj(torch.autograd.Function):
     """A 1x1 conv on (B, C, L) as B GEMMs (baddbmm) instead of oneDNN's convolution."""
 
@@ -355,6 +394,8 @@ Transform = Callable[[nn.Module], nn.Module]
 PROTOTYPES: dict[str, tuple[str, Transform]] = {
     "fft-bwd-inplace": ("s4d.py _FFTConv.backward: conj and products in the saved buffers",
                         lambda m: swap(m, s4d=S4DInPlaceFFT)),
+    "fft-bwd-vecdot": ("s4d.py _FFTConv.backward: grad_k by linalg.vecdot, conj_physical(k_f)",
+                       lambda m: swap(m, s4d=S4DVecdotFFT)),
     "s4d-proj-baddbmm": ("S4D output 1x1 conv as baddbmm (+ fft-bwd-inplace)",
                          lambda m: swap(m, s4d=S4DBatchedProj)),
     "vq-gather-st": ("quantizer.py: z_q = gathered e, codebook grad by index_add",
