@@ -295,6 +295,8 @@ def summarize(per_trial, plots, start_s, sizes, args, info) -> dict:
             ok = median <= TARGET_S and (size == sizes[0] or ratio <= TARGET_RATIO)
             results[topology][size] = {"per_trial_s": totals, "per_trial_s_median": median,
                                        "ratio_to_smallest": ratio, "calls_s_median": calls,
+                                       "calls_s_rounds": [{k: t.get(k, 0.0) for k in TRIAL_CALLS}
+                                                          for t in trials],
                                        "worker_start_s": start_s[topology][size][0],
                                        "first_after_trial_s": start_s[topology][size][1],
                                        "study_plots_s": plots[topology][size]}
