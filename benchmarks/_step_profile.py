@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from vqlog.config import Config
 from vqlog.model.quantizer import VQ, QuantizerOutput, nearest_code
 from _assembly import optimizer_for
-from vqlog.model.s4d import S4D
+from vqlog.model.s4d import S4D, _FFTConv
 from vqlog.train import train_step
 
 # --------------------------------------------------------------------------- module profile
@@ -246,27 +246,21 @@ class FFTConvInPlace(torch.autograd.Function):
 
 
 class S4DInPlaceFFT(S4D):
-    """S4D.forward with FFTConvInPlace."""
+    """S4D.forward with FFTConvInPlace (or a subclass's `conv`)."""
+
+    conv = FFTConvInPlace
 
     def forward(self, u: Tensor) -> Tensor:
         L = u.shape[-1]
         k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))  # (H L)
-        y = self.dropout(F.gelu(FFTConvInPlace.apply(u, k)))  # (B H L)
+        y = self.dropout(F.gelu(self.conv.apply(u, k)))  # (B H L)
         return F.glu(self.output(y), dim=-2)
 
 
-class FFTConvVecdot(torch.autograd.Function):
-    """`vqlog.model.s4d._FFTConv` with the kernel's gradient as one reduction,
+class FFTConvVecdot(_FFTConv):
+    """`vqlog.model.s4d._FFTConv` (its forward) with the kernel's gradient as one reduction,
     `torch.linalg.vecdot(u_f, g_f)` = sum over the batch of conj(u_f)·g_f (no product tensor,
     no lazy-conj copy), and grad_u's product against a physically conjugated kernel spectrum."""
-
-    @staticmethod
-    def forward(ctx, u, k):
-        L = u.shape[-1]
-        u_f = torch.fft.rfft(u, n=2 * L)  # (B H L+1)
-        k_f = torch.fft.rfft(k, n=2 * L)  # (H L+1)
-        ctx.save_for_backward(u_f, k_f)
-        return torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]  # (B H L)
 
     @staticmethod
     @once_differentiable
@@ -284,14 +278,10 @@ class FFTConvVecdot(torch.autograd.Function):
         return grad_u, grad_k
 
 
-class S4DVecdotFFT(S4D):
+class S4DVecdotFFT(S4DInPlaceFFT):
     """S4D.forward with FFTConvVecdot."""
 
-    def forward(self, u: Tensor) -> Tensor:
-        L = u.shape[-1]
-        k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))  # (H L)
-        y = self.dropout(F.gelu(FFTConvVecdot.apply(u, k)))  # (B H L)
-        return F.glu(self.output(y), dim=-2)
+    conv = FFTConvVecdot
 
 
 class _BatchedProj(torch.autograd.Function):
