@@ -53,6 +53,15 @@ def test_nearest_code_finds_codes_placed_exactly():
     assert torch.equal(nearest_code(codebook[idx] + 1e-4, codebook), idx)
 
 
+def test_nearest_code_takes_the_first_of_equal_codes():
+    # codes 2, 5 and 9 are the same vector: every row near it gets 2, as the reference's argmin
+    codebook = torch.randn(12, 6, generator=torch.Generator().manual_seed(2))
+    codebook[5] = codebook[9] = codebook[2]
+    z = codebook[[2, 5, 9, 0]] + 1e-3
+    assert nearest_code(z, codebook).tolist() == [2, 2, 2, 0]
+    assert torch.equal(nearest_code(z, codebook), nearest_code_reference(z, codebook))
+
+
 # --------------------------------------------------------------------------- index -> code
 
 
