@@ -48,6 +48,16 @@ def test_init_then_two_workers_reach_exactly_the_target(stack, study):
     assert len(ran) == 2 and sum(ran) == len(study.trials), stack.worker_outputs
 
 
+def test_workers_print_only_their_own_lines(stack, study):
+    """Against a server MLflow would print two "View run ... / View experiment ..." lines each
+    time a run ends; a worker's output is its own lines: one per trial and its summary."""
+    for out in [stack.init_output, *stack.worker_outputs]:
+        assert "View run" not in out and "View experiment" not in out, out[-3000:]
+    trial_lines = [line for out in stack.worker_outputs for line in out.splitlines()
+                   if re.match(r"Seq\d+ +(COMPLETE|PRUNED|FAIL) ", line)]
+    assert len(trial_lines) == len(study.trials), stack.worker_outputs
+
+
 def test_every_trial_is_one_child_run_of_the_study_run(stack, study, client):
     exp = client.get_experiment_by_name(stack.study)
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")

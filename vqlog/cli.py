@@ -105,6 +105,10 @@ def configure_process() -> None:
     # during a tracking outage): what matters, vqlog says itself, in one line.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # read when mlflow is imported
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Against a tracking server MLflow writes "View run ... / View experiment ..." to stdout each
+    # time a run ends (two lines per trial in the sweep's output), and reads the run back for
+    # them: one more request per trial. vqlog prints the UI's link once, at the end.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):  # in case it already was
         logging.getLogger(name).setLevel(logging.ERROR)
     from vqlog.tracking.client import quiet_http_retries
