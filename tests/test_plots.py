@@ -79,3 +79,31 @@ def test_each_thread_draws_on_figures_of_its_own(trials):
     thread.join()
     assert there[0] is not here
     assert np.array_equal(pixels(here), pixels(there[0]))
+
+
+@pytest.mark.parametrize("low, high", [(0.03, 1.2), (0.5, 0.8), (2e-5, 3.0), (0.91, 0.99)])
+def test_the_loss_axis_labels_the_default_ticks_as_plain_distinct_numbers(low, high):
+    """The same ticks get labels as with matplotlib's own log formatter, each its tick's value
+    as a plain number (no mathtext to parse), and no two alike (a plain LogFormatter wrote
+    "9e-01" on several ticks of a range within one decade)."""
+    from matplotlib.figure import Figure
+
+    def labelled(ax) -> list[tuple[float, str]]:
+        FigureCanvasAgg(ax.figure).draw()
+        ticks = list(ax.yaxis.get_major_ticks()) + list(ax.yaxis.get_minor_ticks())
+        return sorted((t.get_loc(), t.label1.get_text()) for t in ticks
+                      if t.label1.get_visible() and t.label1.get_text()
+                      and low <= t.get_loc() <= high)
+
+    fig = plots._curves_layout(with_ppl=True)
+    ax = fig.axes[0]
+    ax.set_ylim(low, high)
+    ours = labelled(ax)
+    default = Figure().subplots()
+    default.set_yscale("log")
+    default.yaxis.set_minor_locator(ax.yaxis.get_minor_locator().__class__(subs=(2.0, 5.0)))
+    default.set_ylim(low, high)
+    theirs = labelled(default)
+    assert [loc for loc, _ in ours] == [loc for loc, _ in theirs] and ours
+    assert all("$" not in text and float(text) == pytest.approx(loc, rel=1e-6) for loc, text in ours)
+    assert len({text for _, text in ours}) == len(ours)
