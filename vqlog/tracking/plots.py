@@ -29,6 +29,11 @@ def close(fig) -> None:
     plt.close(fig)
 
 
+# How a trial figure is saved: zlib level 1 rather than PIL's 6 takes 0.83x the time of a
+# reconstruction figure's savefig for a file 6 % larger (about 100 KB).
+SAVE_KWARGS = {"pil_kwargs": {"compress_level": 1}}
+
+
 class _Kept(threading.local):
     """This thread's figures, by layout."""
 

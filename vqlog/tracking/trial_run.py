@@ -104,10 +104,12 @@ class TrialRun:
             if result is not None:
                 if state == "COMPLETE":
                     artifacts.upload_weights(self.client, self.run_id, result.config, result.model)
-                self.client.log_figure(self.run_id, plots.curves_figure(result), "curves.png")
+                self.client.log_figure(self.run_id, plots.curves_figure(result), "curves.png",
+                                       save_kwargs=plots.SAVE_KWARGS)
                 if windows is not None and len(windows):
                     fig = plots.reconstruction_figure(result.model, windows)
-                    self.client.log_figure(self.run_id, fig, "reconstruction.png")
+                    self.client.log_figure(self.run_id, fig, "reconstruction.png",
+                                           save_kwargs=plots.SAVE_KWARGS)
         except TrackingUnavailable:
             raise  # the run stays RUNNING; the rerun's reconcile gives it Optuna's state
         except BaseException:
