@@ -22,12 +22,22 @@ ALIAS = "best"
 def upload_checkpoint(client, run_id: str, state: dict) -> bool:
     """The training state as the run's `checkpoint/latest.pt`, in one attempt: False while the
     store is away (training goes on; the next checkpoint is sent instead)."""
+    with tempfile.TemporaryDirectory(prefix="vqlog-ckpt-") as folder:
+        return send_checkpoint(client, run_id, write_checkpoint(state, folder))
+
+
+def write_checkpoint(state: dict, folder: str | Path) -> Path:
+    """The training state as it is now, in `folder`, under the artifact's file name."""
     from vqlog.checkpoint import write_state
 
-    with tempfile.TemporaryDirectory(prefix="vqlog-ckpt-") as folder:
-        path = Path(folder) / Path(CHECKPOINT).name
-        write_state(path, state)
-        ok, _ = client.try_call("log_artifact", run_id, str(path), Path(CHECKPOINT).parent.name)
+    path = Path(folder) / Path(CHECKPOINT).name
+    write_state(path, state)
+    return path
+
+
+def send_checkpoint(client, run_id: str, path: Path) -> bool:
+    """A file `write_checkpoint` wrote, as the run's `checkpoint/latest.pt`, in one attempt."""
+    ok, _ = client.try_call("log_artifact", run_id, str(path), Path(CHECKPOINT).parent.name)
     return ok
 
 

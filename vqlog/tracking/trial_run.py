@@ -1,10 +1,23 @@
 """One trial's MLflow run while it trains: buffered step metrics, its checkpoints, its dataset,
-and how it ends (summary metrics, figures, final weights, the Optuna state, a terminal status)."""
+and how it ends (summary metrics, figures, final weights, the Optuna state, a terminal status).
+
+While the trial trains, its metric batches and checkpoint uploads go to the store from a thread
+of the run's own, so the training loop never waits on a request: on a GPU a step is a few
+milliseconds, a request to a tracking server tens of them, a checkpoint upload more. The
+checkpoint file itself is written before `log_checkpoint` returns (the weights train on
+afterwards); only its upload waits. `finish` waits for what is under way, so a run is never
+ended with a send still to come, and a send's error reaches the training loop at its next call
+(an outage past the limit ends the trial as it did when the sends were made in line).
+"""
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from vqlog.errors import TrackingUnavailable
 from vqlog.failpoints import failpoint
@@ -21,7 +34,11 @@ class TrialRun:
     def __init__(self, client, run_id: str, cfg, monitor=None):
         self.client, self.run_id, self.cfg = client, run_id, cfg
         self._pending: list = []  # Metric entities not yet accepted by the store
+        self._lock = threading.Lock()  # _pending: appended here, sent from the sender thread
         self._monitor = monitor  # MLflow's system-metrics monitor, stopped when the run ends
+        self._sender: ThreadPoolExecutor | None = None  # one thread: sends stay in order
+        self._sends: list[Future] = []  # queued or under way
+        self._checkpoint: tuple[Future, str] | None = None  # the latest upload and its folder
 
     def log_dataset(self, data, source: str, channel: str | None = None) -> None:
         """The trial's data as the run's dataset input (name, source, digest, shape)."""
@@ -29,34 +46,90 @@ class TrialRun:
         self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_eval(self, record) -> None:
+        """An evaluation and the train points before it, sent in the background (one attempt;
+        while the store is away they wait for the next send)."""
         self._add(record)
-        self.flush(wait=False)
+        self._send(lambda: self.flush(wait=False))
 
     def log_history(self, evals) -> None:
         """The curves up to where a retry resumed (its checkpoint's evaluations and the train
         points logged with them), so the retry's run holds them whole; later points follow."""
         for record in evals:
             self._add(record)
-        self.flush(wait=False)
+        self._send(lambda: self.flush(wait=False))
 
     def log_checkpoint(self, state: dict) -> None:
-        """The latest training state, replacing the previous one (skipped while the store is
-        away: the next one goes instead)."""
-        artifacts.upload_checkpoint(self.client, self.run_id, state)
+        """The latest training state, replacing the previous one: written now, uploaded in the
+        background in one attempt (skipped while the store is away: the next one goes instead).
+        An upload still queued behind other sends is dropped for this newer one."""
+        self._raise_failed()
+        folder = tempfile.mkdtemp(prefix="vqlog-ckpt-")
+        try:
+            path = artifacts.write_checkpoint(state, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if self._checkpoint is not None:
+            queued, old_folder = self._checkpoint
+            if queued.cancel():  # not started: the newer state replaces it anyway
+                shutil.rmtree(old_folder, ignore_errors=True)
+
+        def upload() -> None:
+            try:
+                artifacts.send_checkpoint(self.client, self.run_id, path)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        self._checkpoint = (self._send(upload), folder)
+
+    def _send(self, call) -> Future:
+        """`call()` on the run's sender thread, after the sends before it; an earlier send's
+        error is raised here first."""
+        self._raise_failed()
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="vqlog-send")
+        future = self._sender.submit(call)
+        self._sends.append(future)
+        return future
+
+    def _raise_failed(self) -> None:
+        """Forget the sends that are over; raise the first one's error, if one failed."""
+        done = [f for f in self._sends if f.done()]
+        self._sends = [f for f in self._sends if not f.done()]
+        for future in done:
+            if not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+
+    def _drain(self) -> None:
+        """Wait for every send under way or queued, then stop the sender thread; the first
+        error among them is raised."""
+        if self._sender is None:
+            return
+        sender, self._sender = self._sender, None
+        try:
+            for future in list(self._sends):
+                if not future.cancelled():
+                    future.exception()  # waits
+        finally:
+            sender.shutdown(wait=True)
+        self._raise_failed()
 
     def _add(self, record) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        metrics = []
         for p in record.train_points:
             for key, value in (("train/loss", p.loss), ("train/mse", p.mse),
                                ("train/commitment", p.commitment), ("train/perplexity", p.perplexity)):
                 if math.isfinite(value):
-                    self._pending.append(Metric(key, value, now, p.step))
+                    metrics.append(Metric(key, value, now, p.step))
         for key, value in (("val/mse", record.val_mse), ("val/perplexity", record.val_perplexity),
                            ("val/usage", record.val_usage), ("val/dead_codes", record.val_dead_codes)):
             if math.isfinite(value):
-                self._pending.append(Metric(key, float(value), now, record.step))
+                metrics.append(Metric(key, float(value), now, record.step))
+        with self._lock:
+            self._pending += metrics
 
     def flush(self, wait: bool = True, tags: dict[str, str] | None = None) -> bool:
         """Send the buffer in MLflow's 1,000-entity requests, `tags` with the last one (alone if
@@ -66,8 +139,9 @@ class TrialRun:
 
         extra = [RunTag(k, v) for k, v in (tags or {}).items()]
         while self._pending or extra:
-            last = len(self._pending) + len(extra) <= BATCH_LIMIT
-            chunk = self._pending[:BATCH_LIMIT - len(extra) if last else BATCH_LIMIT]
+            with self._lock:  # the training thread appends behind what is sent here
+                last = len(self._pending) + len(extra) <= BATCH_LIMIT
+                chunk = self._pending[:BATCH_LIMIT - len(extra) if last else BATCH_LIMIT]
             with_tags = extra if last else []
             failpoint("tracking.log")
             if wait:
@@ -75,15 +149,16 @@ class TrialRun:
             elif not self.client.try_call("log_batch", self.run_id, metrics=chunk,
                                           tags=with_tags)[0]:
                 return False
-            del self._pending[:len(chunk)]
+            with self._lock:
+                del self._pending[:len(chunk)]
             if last:
                 extra = []
         return True
 
     def finish(self, state: str, summary: dict | None = None, reason: str | None = None,
                result=None, windows=None) -> None:
-        """Buffered metrics, summary metrics and the Optuna state as a tag (one request), weights
-        and plots, and a terminal run status."""
+        """The sends under way, then buffered metrics, summary metrics and the Optuna state as a
+        tag (one request), weights and plots, and a terminal run status."""
         from mlflow.entities import Metric
 
         if self._monitor is not None:
@@ -91,6 +166,7 @@ class TrialRun:
             monitor.finish()
 
         try:
+            self._drain()
             if summary:
                 now = int(time.time() * 1000)
                 self._pending += [Metric(k, float(v), now, 0) for k, v in summary.items()

@@ -1,0 +1,86 @@
+"""A trial's sends while it trains (metric batches, checkpoint uploads) go from a thread of its
+run's own: the training loop does not wait on the tracking store, nothing is lost or reordered,
+the run ends only after them, and a send's error still reaches the trial.
+
+Real components: an `mlflow server` process that the test freezes with SIGSTOP (it accepts
+connections and answers nothing, as a server stuck behind a slow disk or network would), and an
+embedded SQLite store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from vqlog.checkpoint import read_state
+from vqlog.data import prepare
+from vqlog.tracking.client import open_client
+from vqlog.tracking.trial_run import TrialRun
+from vqlog.train import fit
+
+pytestmark = pytest.mark.slow
+
+ITERATION, EVERY = 30, 10
+
+
+def new_run(uri: str, cfg) -> TrialRun:
+    client = open_client(uri)
+    experiment = client.create_experiment(f"sends-{time.monotonic_ns()}")
+    return TrialRun(client, client.create_run(experiment).info.run_id, cfg)
+
+
+def test_a_frozen_server_does_not_hold_up_training_and_loses_nothing(tmp_path, tiny,
+                                                                      mlflow_server):
+    cfg = tiny(iteration=ITERATION, eval_every=EVERY)
+    data = prepare("synthetic", cfg)
+    with mlflow_server(tmp_path / "server") as server:
+        run = new_run(server.url, cfg)
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        try:
+            results = []
+            training = threading.Thread(target=lambda: results.append(fit(
+                cfg, data, on_eval=run.log_eval, checkpoint_every=EVERY,
+                on_checkpoint=run.log_checkpoint)))
+            training.start()
+            # In line, the first evaluation's request would wait for the frozen server until
+            # MLflow's request timeout (120 s); from the run's thread, training goes on.
+            training.join(timeout=90)
+            assert not training.is_alive() and results, "training waited for the frozen server"
+        finally:
+            os.killpg(server.proc.pid, signal.SIGCONT)
+        run.finish("COMPLETE", results[0].summary())
+
+        client = MlflowClient(tracking_uri=server.url)
+        logged = client.get_run(run.run_id)
+        steps = {key: [m.step for m in client.get_metric_history(run.run_id, key)]
+                 for key in ("val/mse", "train/loss")}
+        folder = tmp_path / "download"
+        folder.mkdir()
+        state = read_state(client.download_artifacts(run.run_id, "checkpoint/latest.pt",
+                                                     str(folder)))
+    assert logged.info.status == "FINISHED"
+    assert steps["val/mse"] == list(range(EVERY, ITERATION + 1, EVERY))  # each once, in order
+    assert steps["train/loss"] == [p.step for p in results[0].train_points]
+    assert "final_val_mse" in logged.data.metrics
+    # checkpoints at 10 and 20 (none at the last step): the run keeps the latest
+    assert state["step"] == ITERATION - EVERY
+
+
+def test_an_error_of_a_background_send_reaches_the_training_loop(tmp_path, tiny, mlflow_store):
+    cfg = tiny(iteration=ITERATION, eval_every=EVERY)
+    run = new_run(mlflow_store(), cfg)
+    records = []
+    fit(cfg, prepare("synthetic", cfg), on_eval=records.append)
+    run.client.delete_run(run.run_id)  # MLflow refuses metrics for a deleted run: not transient
+    run.log_eval(records[0])  # its send fails on the run's thread ...
+    deadline = time.monotonic() + 60
+    with pytest.raises(MlflowException, match="active"):
+        while time.monotonic() < deadline:  # ... and a later call of the trial raises it
+            run.log_eval(records[1])
+            time.sleep(0.05)
