@@ -64,15 +64,6 @@ class TrialRun:
         An upload still queued behind other sends is dropped for this newer one."""
         self._raise_failed()
         folder = tempfile.mkdtemp(prefix="vqlog-ckpt-")
-        try:
-            path = artifacts.write_checkpoint(state, folder)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        if self._checkpoint is not None:
-            queued, old_folder = self._checkpoint
-            if queued.cancel():  # not started: the newer state replaces it anyway
-                shutil.rmtree(old_folder, ignore_errors=True)
 
         def upload() -> None:
             try:
@@ -80,7 +71,16 @@ class TrialRun:
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
 
-        self._checkpoint = (self._send(upload), folder)
+        try:
+            path = artifacts.write_checkpoint(state, folder)
+            if self._checkpoint is not None:
+                queued, old_folder = self._checkpoint
+                if queued.cancel():  # not started: the newer state replaces it anyway
+                    shutil.rmtree(old_folder, ignore_errors=True)
+            self._checkpoint = (self._send(upload), folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _send(self, call) -> Future:
         """`call()` on the run's sender thread, after the sends before it; an earlier send's
@@ -94,8 +94,10 @@ class TrialRun:
 
     def _raise_failed(self) -> None:
         """Forget the sends that are over; raise the first one's error, if one failed."""
-        done = [f for f in self._sends if f.done()]
-        self._sends = [f for f in self._sends if not f.done()]
+        done, running = [], []
+        for future in self._sends:  # each looked at once: one may end while this runs
+            (done if future.done() else running).append(future)
+        self._sends = running
         for future in done:
             if not future.cancelled() and future.exception() is not None:
                 raise future.exception()
