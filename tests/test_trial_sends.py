@@ -84,3 +84,36 @@ def test_an_error_of_a_background_send_reaches_the_training_loop(tmp_path, tiny,
         while time.monotonic() < deadline:  # ... and a later call of the trial raises it
             run.log_eval(records[1])
             time.sleep(0.05)
+
+
+def test_a_trial_given_up_on_leaves_no_thread_or_checkpoint_file(tmp_path, tiny, monkeypatch):
+    """The store unreachable past the limit: the trial ends without `finish` (its run stays
+    RUNNING for the rerun); `abandon` drops the queued sends, and neither the sender thread nor
+    a checkpoint file outlives them."""
+    import tempfile
+
+    from _servers import free_port
+    from vqlog.errors import TrackingUnavailable
+    from vqlog.tracking.client import RetryingClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, as vqlog sets
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the checkpoint files go
+    before = {t for t in threading.enumerate() if t.name.startswith("vqlog-send")}
+    nowhere = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")  # nothing listens
+    cfg = tiny(iteration=ITERATION, eval_every=EVERY)
+    run = TrialRun(RetryingClient(nowhere, "nowhere", limit=0), "0" * 32, cfg)
+    records, states = [], []
+    fit(cfg, prepare("synthetic", cfg), on_eval=records.append, checkpoint_every=EVERY,
+        on_checkpoint=states.append)
+    deadline = time.monotonic() + 60
+    with pytest.raises(TrackingUnavailable):
+        while time.monotonic() < deadline:
+            run.log_checkpoint(states[-1])
+            run.log_eval(records[0])
+            time.sleep(0.05)
+    run.abandon()
+    while time.monotonic() < deadline and any(
+            t.name.startswith("vqlog-send") and t not in before for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name.startswith("vqlog-send") and t not in before]
+    assert not list(tmp_path.glob("vqlog-ckpt-*"))

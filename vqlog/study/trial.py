@@ -155,6 +155,8 @@ class Objective:
                 if run is not None and not isinstance(exc, TrackingUnavailable):
                     run.finish("FAIL", reason=reason)  # (with the tracking down it stays RUNNING
                     # and the rerun's reconcile closes it)
+                elif run is not None:
+                    run.abandon()
                 if not isinstance(exc, StorageOutageError):
                     self._db(lambda: trial.set_user_attr("fail_reason", reason))
             except OUTAGES as outage:

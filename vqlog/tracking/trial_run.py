@@ -116,6 +116,17 @@ class TrialRun:
             sender.shutdown(wait=True)
         self._raise_failed()
 
+    def abandon(self) -> None:
+        """Stop sending, for a trial that ends without `finish` (the store unreachable past the
+        limit: the run stays RUNNING for the rerun's reconcile). Queued sends are dropped; one
+        under way ends on its own, and the sender thread with it."""
+        if self._sender is None:
+            return
+        sender, self._sender = self._sender, None
+        sender.shutdown(wait=False, cancel_futures=True)
+        if self._checkpoint is not None and self._checkpoint[0].cancelled():
+            shutil.rmtree(self._checkpoint[1], ignore_errors=True)
+
     def _add(self, record) -> None:
         from mlflow.entities import Metric
 
