@@ -117,3 +117,70 @@ def test_a_trial_given_up_on_leaves_no_thread_or_checkpoint_file(tmp_path, tiny,
         time.sleep(0.05)
     assert not [t for t in threading.enumerate() if t.name.startswith("vqlog-send") and t not in before]
     assert not list(tmp_path.glob("vqlog-ckpt-*"))
+
+
+ROUNDS, RACERS = 12, 4
+
+
+def _log_datasets(uri: str, run_id: str, barrier, errors) -> None:
+    """A child process: one trial run logging a new dataset each round, all children at once."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    run = TrialRun(open_client(uri), run_id, cfg=None)
+    for i in range(ROUNDS):
+        data = SimpleNamespace(train=np.full((4, 8), i, dtype=np.float32))  # what lineage reads
+        barrier.wait(timeout=60)
+        try:
+            run.log_dataset(data, f"/data/round-{i}.npy")
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors.put(f"round {i}: {type(exc).__name__}: {exc}"[:300])
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql", "server on postgresql"])
+def test_workers_starting_trials_on_the_same_data_at_once_all_log_it(
+        store, tmp_path, mlflow_store, pg_database, mlflow_server):
+    """MLflow looks a dataset up before it inserts it: trials starting together on the same data
+    race to insert it, and one got a unique-key error (a FAIL at the start of `--workers auto`)."""
+    import contextlib
+
+    from vqlog.tracking.client import store_uri
+
+    with contextlib.ExitStack() as stack:
+        if store == "sqlite":
+            uri = store_uri(mlflow_store())
+        elif store == "postgresql":
+            uri = store_uri(pg_database())
+        else:
+            server = stack.enter_context(mlflow_server(
+                tmp_path / "server", backend_uri=store_uri(pg_database()),
+                extra=["--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts"]))
+            uri = server.url
+        race_to_log_datasets(uri)
+
+
+def race_to_log_datasets(uri: str) -> None:
+    """RACERS processes, each with a run of its own, log the same new dataset each round at once;
+    none may fail, and every run must link every dataset."""
+    import multiprocessing
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("race")
+    runs = [client.create_run(experiment).info.run_id for _ in range(RACERS)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(RACERS), ctx.Queue()
+    procs = [ctx.Process(target=_log_datasets, args=(uri, run_id, barrier, errors))
+             for run_id in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, failures
+    assert [p.exitcode for p in procs] == [0] * RACERS
+    for run_id in runs:  # every run links all its datasets, each stored once per experiment
+        names = sorted(d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs)
+        assert names == sorted(f"round-{i}.npy" for i in range(ROUNDS))

@@ -41,9 +41,22 @@ class TrialRun:
         self._checkpoint: tuple[Future, str] | None = None  # the latest upload and its folder
 
     def log_dataset(self, data, source: str, channel: str | None = None) -> None:
-        """The trial's data as the run's dataset input (name, source, digest, shape)."""
+        """The trial's data as the run's dataset input (name, source, digest, shape).
+
+        MLflow looks the dataset up, then inserts it if it found none: two workers whose trials
+        start at the same moment on the same data can both insert it, and the store refuses
+        the second with a unique-key error (seen as a FAIL at the start of `--workers auto`).
+        The dataset is there by then, so the call is made once more: it links the existing one.
+        """
+        from mlflow.exceptions import MlflowException
+
         inputs = [lineage.dataset_input(data, source, channel)]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as exc:
+            if not _duplicate_key(exc):
+                raise
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_eval(self, record) -> None:
         """An evaluation and the train points before it, sent in the background (one attempt;
@@ -206,3 +219,8 @@ class TrialRun:
             raise
         self.client.set_terminated(self.run_id, STATUS[state])
 
+
+def _duplicate_key(exc: Exception) -> bool:
+    """A store's unique-key violation, as SQLite and PostgreSQL word it."""
+    text = str(exc).lower()
+    return "unique constraint failed" in text or "duplicate key value" in text
