@@ -2,9 +2,10 @@
 
 The compose stack's one-shot `init` service (and the native stack test) run this. It creates the
 Optuna schema and study (the spec's directions, its enqueued rows) and the MLflow experiment with
-its study run, so workers that start together only load them: concurrent first-time creation
-races in both libraries (Optuna's schema, optuna/optuna#820; MLflow's experiment,
-mlflow/mlflow#4123). Running it again is harmless: everything is loaded if it exists.
+its study run, so workers that start together only load them, and a bad spec or an unreachable
+store is one error before any of them starts. (Workers started without it are safe too: each
+first-time creation, which races in both libraries, optuna/optuna#820 and mlflow/mlflow#4123, is
+done under a lock they share.) Running it again is harmless: everything is loaded if it exists.
 
     vqlog init --config seed --storage postgresql://vqlog@postgres:5432/optuna \\
         --tracking-uri http://mlflow:5000

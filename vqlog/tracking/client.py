@@ -131,12 +131,79 @@ def quiet_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT)
 
 
+STORE_LOCK = "<mlflow store>"  # the PostgreSQL advisory lock under which a store is opened
+
+
 def open_client(uri: str, sleep: Callable[[float], None] = time.sleep) -> RetryingClient:
     """A RetryingClient on a URI that `store_uri` or `existing_store` returned; `sleep` waits
-    between its retries."""
+    between its retries.
+
+    A database store is opened under a lock that every vqlog process on it takes: MLflow creates
+    a new store's tables and runs its schema migrations in the first process that opens it, and
+    two processes doing that at once break it ("Online migration expected to match one row",
+    "table ... already exists"; an SQLite store can be left half migrated for good)."""
     from mlflow.tracking import MlflowClient
 
-    return RetryingClient(MlflowClient(tracking_uri=uri), mask(uri), sleep=sleep)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)  # opens the store: creates and migrates a new one
+    return RetryingClient(client, mask(uri), sleep=sleep)
+
+
+def _store_lock(uri: str):
+    """The lock `open_client` holds while MLflow opens a database store: an advisory lock on
+    PostgreSQL, a passing lock file beside an SQLite file. None for a server (it made its store
+    when it started)."""
+    import contextlib
+
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "postgresql":
+        from vqlog.study.storage import StudyLock
+
+        return StudyLock(uri, STORE_LOCK)
+    path = sqlite_path(uri) if scheme == "sqlite" else None
+    if path is None:
+        return contextlib.nullcontext()
+    return PassingLock(path.with_name(path.name + ".store.lock"))
+
+
+class PassingLock:
+    """An exclusive file lock whose file exists only while it is held: taken around a moment
+    (opening a store), it leaves nothing in the user's folder. The holder unlinks the file before
+    it lets go; a waiter that then gets the lock of the unlinked file sees that the path no
+    longer names it and tries again on a new file. A folder this process cannot write in gets no
+    lock: a store there is only read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = None
+
+    def __enter__(self) -> PassingLock:
+        import fcntl
+
+        while True:
+            try:
+                fh = open(self.path, "a")
+            except OSError:
+                return self
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fh = fh
+                return self
+            fh.close()  # the holder before us unlinked it: the lock is on a new file now
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:  # pragma: no cover - only a holder unlinks it
+            pass
+        self._fh.close()  # releases the flock
+        self._fh = None
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

@@ -1,0 +1,108 @@
+"""A new MLflow store is created once, however many vqlog processes open it at the same moment.
+
+MLflow creates a store's tables and runs its ~40 schema migrations the first time a process opens
+it. Two processes doing that together break it: one fails with "Online migration expected to
+match one row" or "table ... already exists", and an SQLite store can be left with a half-done
+migration that every later open fails on. That happens when `vqlog-sweep` and `vqlog table
+--watch` (or two sweeps, or a sweep and a script) start together in a fresh folder.
+
+Real components: fresh SQLite files and fresh databases on the machine's PostgreSQL, opened by
+separate processes released by one barrier.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy
+
+from _sweep_helpers import finished, mlflow_runs, study_trials, write_spec
+
+pytestmark = pytest.mark.slow
+
+ROUNDS, RACERS = 3, 4
+
+
+def _open(uri: str, barrier, errors) -> None:
+    """A child process: open the store as every vqlog command does, all children at once."""
+    from vqlog.tracking.client import open_client
+
+    barrier.wait(timeout=120)
+    try:
+        client = open_client(uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        errors.put(f"{type(exc).__name__}: {exc}"[:300])
+
+
+def race_to_open(uri: str) -> list[str]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(RACERS), ctx.Queue()
+    procs = [ctx.Process(target=_open, args=(uri, barrier, errors)) for _ in range(RACERS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert [p.exitcode for p in procs] == [0] * RACERS, failures
+    return failures
+
+
+def assert_store_is_whole(uri: str) -> None:
+    """A process that comes later opens it (MLflow checks the schema is at its newest) and finds
+    no table a migration left behind."""
+    from mlflow.tracking import MlflowClient
+
+    assert "Default" in [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()]
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        tables = sqlalchemy.inspect(engine).get_table_names()
+        with engine.connect() as conn:
+            versions = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).all()
+    finally:
+        engine.dispose()
+    assert not [t for t in tables if t.startswith("_alembic_tmp")], tables
+    assert len(versions) == 1
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_processes_opening_a_new_store_at_once_create_it_once(store, tmp_path, pg_database):
+    from vqlog.tracking.client import store_uri
+
+    for i in range(ROUNDS):
+        uri = store_uri(f"sqlite:///{tmp_path}/round-{i}.db" if store == "sqlite" else pg_database())
+        failures = race_to_open(uri)
+        assert not failures, f"round {i}: {failures}"
+        assert_store_is_whole(uri)
+
+
+def test_two_sweeps_started_together_in_a_new_folder_share_one_study(tmp_path):
+    """The user's case: `vqlog-sweep` started twice at once in a new folder (two terminals, two
+    jobs of a scheduler) on the SQLite defaults, without `vqlog init` first: the Optuna tables,
+    the study, the MLflow store and its experiment are each created once, and the two sweeps
+    finish the target between them."""
+    spec = write_spec(tmp_path, "together", budget={"iteration": 40, "eval_every": 20},
+                      pruner="none")
+    cmd = [f"{sys.prefix}/bin/vqlog-sweep", "--trials", "3", "--config", str(spec)]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trials = study_trials(f"sqlite:///{tmp_path}/optuna.db", "together")
+    assert len(finished(trials)) == len(trials) == 3
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in mlflow_runs(uri, "together")) \
+        == [0, 1, 2]
+    assert len(mlflow_runs(uri, "together", role="study")) == 1
+    assert_store_is_whole(uri)
