@@ -61,10 +61,17 @@ def write_spec(folder: Path, name: str, *, budget: dict | None = None, fixed: di
 
 
 def mlflow_runs(uri: str, study: str, role: str = "trial", missing_ok: bool = False) -> list:
-    """The study's MLflow runs of a role (`trial` children or the `study` parent)."""
-    from mlflow.tracking import MlflowClient
+    """The study's MLflow runs of a role (`trial` children or the `study` parent). `missing_ok`:
+    [] while the store or the experiment does not exist yet. The store is opened as vqlog opens
+    it (`open_client`): a poll while a sweep is creating it must not migrate it too."""
+    from vqlog.tracking.client import open_client
+    from vqlog.urls import sqlite_path, with_psycopg2
 
-    client = MlflowClient(tracking_uri=uri)
+    uri = with_psycopg2(uri)
+    path = sqlite_path(uri)
+    if missing_ok and path is not None and not path.is_file():
+        return []
+    client = open_client(uri)
     exp = client.get_experiment_by_name(study)
     if exp is None and missing_ok:
         return []

@@ -126,8 +126,9 @@ def one_config_spec(folder, name: str, **budget):
 def has_checkpoint(uri: str, study: str) -> bool:
     from mlflow.tracking import MlflowClient
 
+    runs = mlflow_runs(uri, study, missing_ok=True)  # first: it waits for a store being created
     client = MlflowClient(tracking_uri=uri)
-    for run in mlflow_runs(uri, study, missing_ok=True):
+    for run in runs:
         if any(a.path == "checkpoint/latest.pt"
                for a in client.list_artifacts(run.info.run_id, "checkpoint")):
             return True
