@@ -195,6 +195,8 @@ CASES: dict[str, Case] = {
                              program="vqlog"),
     "table-no-store": Case(("table", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"), "no MLflow store at",
                            program="vqlog"),
+    "ui-no-store": Case(("ui", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"), "no MLflow store at",
+                        program="vqlog"),
     # --- data files -------------------------------------------------------------------------
     "data-missing": Case(("--data", "missing.npy", *DATA), "data file not found: missing.npy"),
     "data-unknown-source": Case(("--data", "nowhere"), "unknown data source 'nowhere'"),

@@ -21,10 +21,13 @@ def ui_command_parser(sub) -> None:
 
 def ui_command(args: argparse.Namespace) -> int:
     from vqlog.errors import UserError
-    from vqlog.tracking.client import existing_store
+    from vqlog.tracking.client import existing_store, open_client
     from vqlog.urls import sqlite_path
 
     uri = existing_store(args.tracking_uri)
+    # A store a sweep is creating right now is waited for (the lock vqlog's processes share):
+    # `mlflow ui` would start migrating it too.
+    open_client(uri)
     beside = os.path.join(os.path.dirname(sys.executable), "mlflow")  # the same environment's
     mlflow = beside if os.access(beside, os.X_OK) else shutil.which("mlflow")
     if mlflow is None:

@@ -1,0 +1,53 @@
+"""`vqlog ui`: the README's way to look at a sweep. A real `mlflow ui` process, started by the
+command in the sweep's folder on its embedded store, answers with the study's experiment, its
+runs' curves and their artifacts."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from _servers import BIN, free_port, serve
+
+pytestmark = pytest.mark.slow
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - the test's own server
+        return resp.read()
+
+
+def test_vqlog_ui_serves_the_folders_store_its_curves_and_artifacts(tmp_path, mlflow_store):
+    uri = mlflow_store(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(
+        "demo", artifact_location=(tmp_path / "mlartifacts" / "demo").as_uri())
+    run = client.create_run(experiment).info.run_id
+    for step, value in enumerate((0.5, 0.25, 0.125), start=1):
+        client.log_metric(run, "val/mse", value, step=step)
+    (tmp_path / "notes.txt").write_text("peaks and troughs\n")
+    client.log_artifact(run, str(tmp_path / "notes.txt"))
+    client.set_terminated(run)
+
+    port = free_port()
+    with serve([str(BIN / "vqlog"), "ui", "--port", str(port)], tmp_path / "ui", port,
+               cwd=tmp_path) as server:
+        api = f"{server.url}/api/2.0/mlflow"
+        found = json.loads(get(f"{api}/experiments/get-by-name?experiment_name=demo"))
+        history = json.loads(get(f"{api}/metrics/get-history?"
+                                 + urllib.parse.urlencode({"run_id": run, "metric_key": "val/mse"})))
+        artifact = get(f"{server.url}/get-artifact?"
+                       + urllib.parse.urlencode({"path": "notes.txt", "run_uuid": run}))
+        page = get(server.url + "/")
+        log = server.log_text()
+    assert found["experiment"]["experiment_id"] == experiment
+    assert [(m["step"], m["value"]) for m in history["metrics"]] == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert artifact == b"peaks and troughs\n"
+    assert b"<html" in page.lower()
+    assert f"MLflow UI on http://127.0.0.1:{port}" in log
+    # the embedded store was opened where the user stands, and nothing was created beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db", "notes.txt", "ui"]
