@@ -80,6 +80,26 @@ def mlflow_runs(uri: str, study: str, role: str = "trial", missing_ok: bool = Fa
                               max_results=1000)
 
 
+def race(target: Callable, argsets: list[tuple], timeout: float = 300) -> list[str]:
+    """One spawned process per tuple in `argsets`, running `target(*args, barrier, errors)`: the
+    barrier, shared by all of them, lines up the calls they race with, and they put what failed
+    on `errors` (a queue). Waits for them, asserts that each exited 0, and returns the failures."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(len(argsets)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, errors)) for args in argsets]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert [p.exitcode for p in procs] == [0] * len(procs), failures
+    return failures
+
+
 # ------------------------------------------------------------------------------------ Optuna
 
 

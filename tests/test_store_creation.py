@@ -12,14 +12,13 @@ separate processes released by one barrier.
 
 from __future__ import annotations
 
-import multiprocessing
 import subprocess
 import sys
 
 import pytest
 import sqlalchemy
 
-from _sweep_helpers import finished, mlflow_runs, study_trials, write_spec
+from _sweep_helpers import finished, mlflow_runs, race, study_trials, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -36,21 +35,6 @@ def _open(uri: str, barrier, errors) -> None:
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - reported to the test
         errors.put(f"{type(exc).__name__}: {exc}"[:300])
-
-
-def race_to_open(uri: str) -> list[str]:
-    ctx = multiprocessing.get_context("spawn")
-    barrier, errors = ctx.Barrier(RACERS), ctx.Queue()
-    procs = [ctx.Process(target=_open, args=(uri, barrier, errors)) for _ in range(RACERS)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert [p.exitcode for p in procs] == [0] * RACERS, failures
-    return failures
 
 
 def assert_store_is_whole(uri: str) -> None:
@@ -76,7 +60,7 @@ def test_processes_opening_a_new_store_at_once_create_it_once(store, tmp_path, p
 
     for i in range(ROUNDS):
         uri = store_uri(f"sqlite:///{tmp_path}/round-{i}.db" if store == "sqlite" else pg_database())
-        failures = race_to_open(uri)
+        failures = race(_open, [(uri,)] * RACERS)
         assert not failures, f"round {i}: {failures}"
         assert_store_is_whole(uri)
 

@@ -17,6 +17,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from _sweep_helpers import race
 
 from vqlog.checkpoint import read_state
 from vqlog.data import prepare
@@ -163,24 +164,11 @@ def test_workers_starting_trials_on_the_same_data_at_once_all_log_it(
 def race_to_log_datasets(uri: str) -> None:
     """RACERS processes, each with a run of its own, log the same new dataset each round at once;
     none may fail, and every run must link every dataset."""
-    import multiprocessing
-
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("race")
     runs = [client.create_run(experiment).info.run_id for _ in range(RACERS)]
-    ctx = multiprocessing.get_context("spawn")
-    barrier, errors = ctx.Barrier(RACERS), ctx.Queue()
-    procs = [ctx.Process(target=_log_datasets, args=(uri, run_id, barrier, errors))
-             for run_id in runs]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
+    failures = race(_log_datasets, [(uri, run_id) for run_id in runs])
     assert not failures, failures
-    assert [p.exitcode for p in procs] == [0] * RACERS
     for run_id in runs:  # every run links all its datasets, each stored once per experiment
         names = sorted(d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs)
         assert names == sorted(f"round-{i}.npy" for i in range(ROUNDS))
