@@ -1,10 +1,12 @@
 """Scale: several worker processes on one host (`--workers`), a flat cost per trial (the table's
 rows fetched incrementally), and a study-run description that always fits MLflow's tag limit."""
 
+import contextlib
 import dataclasses
 import gc
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -300,6 +302,61 @@ def test_workers_split_the_cores_and_take_the_gpus_in_turn():
     assert placements(64, "cpu", None) == [("cpu", 1)] * 64  # never 0 threads
     assert [d for d, _ in placements(5, "cuda", [2, 0])] == \
         ["cuda:2", "cuda:0", "cuda:2", "cuda:0", "cuda:2"]  # several workers on one GPU
+
+
+@contextlib.contextmanager
+def cpu_quota(cpus: float):
+    """A command prefix that runs a process under a CFS CPU quota of `cpus`, seeing its cgroup as
+    the root of /sys/fs/cgroup/cpu, as a process in a container does (`docker run --cpus`, a
+    Kubernetes CPU limit): a child of this machine's cgroup, bind-mounted over the hierarchy's
+    root in a mount namespace of the process's own. Skips where that cannot be made: not root,
+    no cgroup v1 cpu hierarchy, no unshare."""
+    import shutil
+
+    root = Path("/sys/fs/cgroup/cpu")
+    if os.geteuid() != 0 or not (root / "cpu.cfs_quota_us").is_file() or not shutil.which("unshare"):
+        pytest.skip("needs root, a cgroup v1 cpu hierarchy and unshare to set a CPU quota")
+    group = root / f"vqlog-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup: {exc}")
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text(str(round(cpus * 100000)))
+        script = f'echo $$ > {group}/cgroup.procs && mount --bind {group} {root} && exec "$@"'
+        yield ["unshare", "--mount", "sh", "-c", script, "sh"]
+    finally:
+        deadline = time.monotonic() + 30
+        while True:  # empty once its processes have exited
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_workers_auto_keeps_to_a_containers_cpu_quota(tmp_path):
+    """On this host `auto` means one worker per core; in a container granted one CPU it means
+    one worker with one torch thread, not one per core of the machine under it."""
+    from _servers import BIN
+    from vqlog.study.pool import cores
+
+    if cores() < 2:
+        pytest.skip("needs 2 or more cores to tell the quota from the host")
+    spec = write_spec(tmp_path, "quota", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    with cpu_quota(1.0) as prefix:
+        done = subprocess.run([*prefix, str(BIN / "vqlog-sweep"), "--trials", "2", "--config",
+                               str(spec), "--workers", "auto"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not done.stdout.splitlines()[0].endswith(" workers")  # one worker: no pool
+    runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "quota")
+    assert [r.data.tags["vqlog.torch_threads"] for r in runs] == ["1", "1"]
+    assert len({r.data.tags["vqlog.worker"] for r in runs}) == 1
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -88,10 +88,12 @@ def worker_count(workers, device: str, gpus: list[int] | None) -> int:
 def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device: str = "auto",
               gpus: list[int] | None = None, timeout: float | None = None,
               seed: int | None = None, stop=None, out: Callable[[str], None] = print):
-    """One worker in this process, or `workers` worker processes (vqlog.study.pool)."""
+    """One worker in this process (its torch threads kept to the cores it may use), or `workers`
+    worker processes (vqlog.study.pool)."""
     from vqlog.study import pool, worker
 
     if workers == 1:
+        pool.keep_to_cores()
         return worker.run(spec, trials, storage, tracker=tracker, device=device,
                           timeout=timeout, seed=seed, out=out, stop=stop)
     from vqlog.train import resolve_device

@@ -24,16 +24,19 @@ POLL_SECONDS = 1.0
 
 
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity, as taskset, cgroups' cpusets and
-    Slurm set it), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    """The cores this process may use, as joblib counts them: its CPU affinity (what taskset, a
+    cpuset and Slurm grant), capped by a cgroup CPU quota (docker --cpus, compose `cpus:`,
+    Kubernetes limits.cpu; 2.5 CPUs count as 3), and one per physical core where neither limits
+    it, as torch sizes its own thread pool: two workers on the two hardware threads of one core
+    share its floating-point units and only double the memory."""
+    import joblib
+
+    return joblib.cpu_count(only_physical_cores=True)
 
 
 def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> int:
-    """`--workers`: a number, or `auto`: one per core on the CPU, one per GPU with CUDA."""
+    """`--workers`: a number, or `auto`: one per core (`cores`) on the CPU, one per GPU with
+    CUDA."""
     from vqlog.errors import UserError
 
     if str(requested) == "auto":
@@ -47,6 +50,18 @@ def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> i
     if n < 1:
         raise UserError(f"--workers must be a number of workers (1 or more) or auto, got {requested!r}")
     return n
+
+
+def keep_to_cores() -> None:
+    """One worker in this process: torch's threads at most `cores()` (torch sizes its pool by
+    the machine's cores, over a container's CPU quota), unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    n = cores()
+    if torch.get_num_threads() > n:
+        torch.set_num_threads(n)
 
 
 def _cuda_count() -> int:
