@@ -6,13 +6,15 @@ import dataclasses
 import gc
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from _sweep_helpers import Worker, finished, mlflow_runs, states, study_trials, wait_until, write_spec
+from _sweep_helpers import (Worker, finished, mlflow_runs, retried_from, states, study_trials,
+                            wait_until, write_spec)
 
 from vqlog.bulk import gc_paused
 from vqlog.tracking.rows import RowCache, TrialRow, fetch_rows
@@ -302,6 +304,61 @@ def test_workers_split_the_cores_and_take_the_gpus_in_turn():
     assert placements(64, "cpu", None) == [("cpu", 1)] * 64  # never 0 threads
     assert [d for d, _ in placements(5, "cuda", [2, 0])] == \
         ["cuda:2", "cuda:0", "cuda:2", "cuda:0", "cuda:2"]  # several workers on one GPU
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_sweep_is_replaced_and_the_sweep_ends_well(tmp_path):
+    """SIGKILL to one worker of two (as the kernel's out-of-memory killer sends it): the parent
+    says so, starts a new worker in its place, the killed trial is retried once its heartbeat is
+    stale, and the sweep ends with exactly N finished and exit 0 (before: "Interrupted", 130)."""
+    spec = write_spec(tmp_path, "lost", budget={"iteration": 600, "eval_every": 50},
+                      pruner="none")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = Worker(["--trials", "5", "--config", str(spec), "--workers", "2"], tmp_path,
+                   env={"VQLOG_HEARTBEAT_INTERVAL": "2", "VQLOG_HEARTBEAT_GRACE": "10"})
+    try:
+        def a_worker_in_its_second_trial():
+            runs = mlflow_runs(uri, "lost", missing_ok=True)
+            ended = {r.data.tags["vqlog.worker"].split(":")[1] for r in runs
+                     if r.info.status == "FINISHED"}
+            running = [r.data.tags["vqlog.worker"].split(":")[1] for r in runs
+                       if r.info.status == "RUNNING"]
+            return next((int(p) for p in running if p in ended), None)
+
+        victim = wait_until(a_worker_in_its_second_trial, 240, "a worker in its second trial",
+                            alive=[sweep])
+        os.kill(victim, signal.SIGKILL)
+        assert sweep.wait(600) == 0, sweep.output()
+    finally:
+        sweep.kill()
+    out = sweep.stdout
+    assert (f"(pid {victim}) was killed by SIGKILL; perhaps out of memory; a new worker takes "
+            "its place") in out, out
+    assert "Interrupted" not in out and "1 worker died" in out
+    trials = study_trials(f"sqlite:///{tmp_path}/optuna.db", "lost")
+    assert len(finished(trials)) == 5 and "RUNNING" not in states(trials)
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1  # the killed trial, retried with its parameters
+    assert any(retried_from(t) == failed[0].number for t in finished(trials))
+    pids = {r.data.tags["vqlog.worker"].split(":")[1] for r in mlflow_runs(uri, "lost")}
+    assert str(victim) in pids and len(pids) == 3  # the new worker ran trials too
+
+
+def test_workers_that_die_before_ending_a_trial_are_not_replaced(tmp_path):
+    """A worker that dies in its first trial (no memory for its model, a broken device) would
+    die again: the others go on without it, and once none is left the sweep ends with one Error
+    line and exit 1, keeping what finished."""
+    spec = write_spec(tmp_path, "doomed", budget={"iteration": 40, "eval_every": 10},
+                      pruner="none")
+    # every worker process kills itself with SIGKILL at its first evaluation
+    sweep = Worker(["--trials", "3", "--config", str(spec), "--workers", "2"], tmp_path,
+                   env={"VQLOG_FAILPOINT": "trial.eval:1"})
+    assert sweep.wait(300) == 1, sweep.output()
+    out, err = sweep.stdout, sweep.stderr
+    assert out.count("was killed by SIGKILL") == 2, out
+    assert out.count("it had not ended a trial, so no new worker takes its place") == 2
+    assert err.startswith("Error: worker ") and len(err.strip().splitlines()) == 1, err
+    assert "no worker is left: 0/3 trials finished" in err and "rerun the same command" in err
 
 
 @contextlib.contextmanager

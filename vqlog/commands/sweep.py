@@ -122,7 +122,10 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         "",
         f"study {r.study}: {r.finished}/{r.target} trials finished "
         f"({r.ran_here} ran here{f' by {r.workers} workers' if r.workers > 1 else ''}, "
-        f"{r.failed_here} failed) in {seconds / 60:.1f} min"
+        f"{r.failed_here} failed"
+        + (f"; {r.workers_lost} worker{'s' if r.workers_lost > 1 else ''} died"
+           if r.workers_lost else "")
+        + f") in {seconds / 60:.1f} min"
         + ("; --timeout reached" if r.timed_out else ""),
     ]
     if r.best:

@@ -111,23 +111,57 @@ def _child(index: int, job: dict, device: str, threads: int, messages) -> None:
 
 def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
              out: Callable[[str], None] = print,
-             tick: Callable[[], None] = lambda: None) -> list[dict | None]:
+             tick: Callable[[], None] = lambda: None) -> tuple[list[dict | None], list[str]]:
     """Start `n` workers on `job` (spec, trials, storage, tracking_uri, lang, timeout, seed),
     relay their lines to `out` (calling `tick` about every second) until all have exited, and
-    return their summaries (as dicts; None for one stopped at once). `stop` (a StopRequest) set: every worker is asked to stop.
-    A worker's error ends the others too, and is raised as SweepError once all have exited."""
+    return their summaries (as dicts; None for one stopped at once) and the workers that died.
+    `stop` (a StopRequest) set: every worker is asked to stop. A worker's error ends the others
+    too, and is raised as SweepError once all have exited.
+
+    A worker that dies without a word (SIGKILL from the kernel's out-of-memory killer or from a
+    person, a crash in native code) is replaced by a new one on the same device if it had ended
+    a trial; its own trial is retried by the study once its heartbeat is stale. One that died
+    before it ended any trial would most likely die again (no memory for its model, a broken
+    device): the others go on without it."""
     ctx = multiprocessing.get_context("spawn")
     messages = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(i, job, dev, threads, messages), daemon=False,
-                         name=f"vqlog-worker-{i}")
-             for i, (dev, threads) in enumerate(placements(n, device, gpus))]
-    for p in procs:
+    places = placements(n, device, gpus)
+
+    def start(i: int):
+        dev, threads = places[i]
+        p = ctx.Process(target=_child, args=(i, job, dev, threads, messages), daemon=False,
+                        name=f"vqlog-worker-{i}")
         p.start()
-    summaries: list[dict | None] = [None] * n
+        return p
+
+    procs = [start(i) for i in range(n)]
+    said = [False] * n  # the worker in slot i reported its end (done or error)
+    worked = [False] * n  # ... and it ended a trial (sent a line)
+    summaries: list[dict | None] = []
     errors: list[str] = []
+    lost: list[str] = []
     forwarded = False
+
+    def bury_the_dead() -> None:
+        """Called with no message waiting: a worker's last words are always read before this."""
+        for i, p in enumerate(procs):
+            if said[i] or p.exitcode is None:
+                continue
+            said[i] = True
+            how = _death(p.exitcode)
+            replace = worked[i] and not stop.is_set()
+            lost.append(f"worker {i} (pid {p.pid}) {how}")
+            out(f"worker {i} (pid {p.pid}) {how}"
+                + ("; perhaps out of memory" if p.exitcode == -signal.SIGKILL else "")
+                + ("; a new worker takes its place, and its trial is retried once its "
+                   "heartbeat is stale" if replace else
+                   "; it had not ended a trial, so no new worker takes its place"))
+            if replace:
+                procs[i] = start(i)
+                said[i] = worked[i] = False
+
     try:
-        while any(p.is_alive() for p in procs) or not messages.empty():
+        while any(p.is_alive() for p in procs) or not messages.empty() or not all(said):
             if stop.is_set() and not forwarded:
                 forwarded = True
                 for p in procs:  # SIGTERM: a clean stop, also where the terminal's Ctrl-C did not reach
@@ -137,12 +171,16 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             try:
                 kind, index, payload = messages.get(timeout=POLL_SECONDS)
             except queue.Empty:
+                bury_the_dead()
                 continue
             if kind == "line":
+                worked[index] = True
                 out(payload)
             elif kind == "done":
-                summaries[index] = payload
+                said[index] = True
+                summaries.append(payload)
             else:
+                said[index] = True
                 errors.append(f"worker {index}: {payload}")
                 stop.request(stop.signal or "error")
     finally:
@@ -153,7 +191,16 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                 p.join()
     if errors:
         raise SweepError("; ".join(errors))
-    return summaries
+    return summaries, lost
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with {exitcode} without a word"
 
 
 def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = "cpu",
@@ -190,16 +237,22 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     job = {"spec": spec, "trials": trials, "storage": storage, "lang": tracker.lang,
            "tracking_uri": tracker.given_uri, "timeout": timeout, "seed": seed}
     try:
-        summaries = run_pool(job, workers, device, gpus, stop, out=progress.line, tick=tick)
+        summaries, lost = run_pool(job, workers, device, gpus, stop, out=progress.line, tick=tick)
     finally:
         progress.close()
     done = [s for s in summaries if s is not None]
     stopped_at = [s["stopped_at"] for s in done if s["stopped_at"] is not None]
+    timed_out = any(s["timed_out"] for s in done)
+    if lost and not stop.is_set() and not timed_out and finished() < trials:
+        raise SweepError(
+            f"{'; '.join(lost)}, and no worker is left: {finished()}/{trials} trials finished. "
+            "Everything finished is kept; rerun the same command to go on (with fewer "
+            "--workers if they ran out of memory)")
     return SweepSummary(
         study=spec.name, finished=finished(), target=trials,
         ran_here=sum(s["ran_here"] for s in done), failed_here=sum(s["failed_here"] for s in done),
         interrupted=len(done) < len(summaries) or any(s["interrupted"] for s in done),
         stopped=stop.signal if stop.is_set() else None,
         stopped_at=min(stopped_at) if stopped_at else None,
-        timed_out=any(s["timed_out"] for s in done), best=best_trial_info(study, spec),
-        table_path=tracker.finish_study(study), workers=workers)
+        timed_out=timed_out, best=best_trial_info(study, spec),
+        table_path=tracker.finish_study(study), workers=workers, workers_lost=len(lost))

@@ -54,6 +54,7 @@ class SweepSummary:
     best: dict[str, Any] | None = None
     table_path: str | None = None
     workers: int = 1  # processes on this host (vqlog-sweep --workers)
+    workers_lost: int = 0  # of those, how many died without a word (SIGKILL, a crash)
 
 
 class StopRequest(threading.Event):
