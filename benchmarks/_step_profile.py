@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vqlog.config import Config
-from vqlog.model.quantizer import VQ, QuantizerOutput, nearest_code
+from vqlog.model.quantizer import VQ, QuantizerOutput, straight_through
 from _assembly import optimizer_for
-from vqlog.model.s4d import S4D, _FFTConv
+from vqlog.model.s4d import S4D, S4DBlock, _FFTConv
 from vqlog.train import train_step
 
 # --------------------------------------------------------------------------- module profile
@@ -210,142 +210,80 @@ def op_profile(model: nn.Module, cfg: Config, x: Tensor, steps: int = 3, top: in
 # --------------------------------------------------------------------------- prototypes
 
 
-class FFTConvInPlace(torch.autograd.Function):
-    """`vqlog.model.s4d._FFTConv` with a backward that works in its own buffers: the saved u_f is
-    conjugated in place (no conj() copy of a (B, H, L+1) complex tensor) and both products are
-    written in place. The spectrum is consumed, so a second backward through the same graph
-    (retain_graph=True) raises instead of returning wrong gradients."""
-
-    @staticmethod
-    def forward(ctx, u, k):
-        L = u.shape[-1]
-        u_f = torch.fft.rfft(u, n=2 * L)  # (B H L+1)
-        k_f = torch.fft.rfft(k, n=2 * L)  # (H L+1)
-        ctx.save_for_backward(u_f, k_f)
-        ctx.consumed = False
-        return torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]  # (B H L)
+class FFTConvVecdot(_FFTConv):
+    """`vqlog.model.s4d._FFTConv` with grad_k by torch.linalg.vecdot (which conjugates its first
+    argument) over the batch instead of the in-place conj and product."""
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        if ctx.consumed:
-            raise RuntimeError("FFTConvInPlace's backward consumed its saved spectrum: "
-                               "a second backward (retain_graph=True) is not supported")
         u_f, k_f = ctx.saved_tensors
         L = grad_y.shape[-1]
         g_f = torch.fft.rfft(grad_y, n=2 * L)  # (B H L+1)
-        grad_u = grad_k = None
-        if ctx.needs_input_grad[1]:
-            ctx.consumed = True
-            torch.view_as_real(u_f)[..., 1].neg_()  # u_f <- conj(u_f)
-            batch_dims = tuple(range(g_f.dim() - k_f.dim()))
-            grad_k = torch.fft.irfft(u_f.mul_(g_f).sum(batch_dims), n=2 * L)[..., :L]  # (H L)
-        if ctx.needs_input_grad[0]:
-            grad_u = torch.fft.irfft(g_f.mul_(k_f.conj()), n=2 * L)[..., :L]  # (B H L)
-        return grad_u, grad_k
+        grad_u = torch.fft.irfft(g_f * k_f.conj_physical(), n=2 * L)[..., :L]
+        g_u = torch.linalg.vecdot(u_f, g_f, dim=0)  # Σ_b conj(U)·G, (H L+1)
+        return grad_u, torch.fft.irfft(g_u, n=2 * L)[..., :L]
 
 
-class S4DInPlaceFFT(S4D):
-    """S4D.forward with FFTConvInPlace (or a subclass's `conv`)."""
-
-    conv = FFTConvInPlace
+class S4DVecdotFFT(S4D):
+    """vqlog's S4D.forward with FFTConvVecdot."""
 
     def forward(self, u: Tensor) -> Tensor:
         L = u.shape[-1]
         k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))  # (H L)
-        y = self.dropout(F.gelu(self.conv.apply(u, k)))  # (B H L)
-        return F.glu(self.output(y), dim=-2)
+        y = FFTConvVecdot.apply(u, k).transpose(1, 2).contiguous()  # (B L H)
+        y = self.dropout(F.gelu(y))
+        o = F.linear(y, self.output.weight[:, :, 0], self.output.bias)  # (B L 2H)
+        return F.glu(o, dim=-1).transpose(1, 2)
 
 
-class FFTConvVecdot(_FFTConv):
-    """`vqlog.model.s4d._FFTConv` (its forward) with the kernel's gradient as one reduction,
-    `torch.linalg.vecdot(u_f, g_f)` = sum over the batch of conj(u_f)·g_f (no product tensor,
-    no lazy-conj copy), and grad_u's product against a physically conjugated kernel spectrum."""
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        u_f, k_f = ctx.saved_tensors
-        L = grad_y.shape[-1]
-        g_f = torch.fft.rfft(grad_y, n=2 * L)  # (B H L+1)
-        grad_u = grad_k = None
-        if ctx.needs_input_grad[1]:
-            rows = (-1, *k_f.shape)  # the batch dims as one
-            g_u = torch.linalg.vecdot(u_f.reshape(rows), g_f.reshape(rows), dim=0)  # (H L+1)
-            grad_k = torch.fft.irfft(g_u, n=2 * L)[..., :L]  # (H L)
-        if ctx.needs_input_grad[0]:
-            grad_u = torch.fft.irfft(g_f * torch.conj_physical(k_f), n=2 * L)[..., :L]
-        return grad_u, grad_k
+aten = torch.ops.aten
 
 
-class S4DVecdotFFT(S4DInPlaceFFT):
-    """S4D.forward with FFTConvVecdot."""
-
-    conv = FFTConvVecdot
-
-
-class _BatchedProj(torch.autograd.Function):
-    """A 1x1 conv on (B, C, L) as B GEMMs (baddbmm) instead of oneDNN's convolution."""
+class _FusedBlock(torch.autograd.Function):
+    """A whole channel-last S4D block (LayerNorm, FFT convolution, GELU, projection, GLU and the
+    residual add) as one autograd node with a hand-written backward: the GLU and the residual
+    add are one addcmul, and the backward adds the residual gradient in place."""
 
     @staticmethod
-    def forward(ctx, y, W, b):
-        ctx.save_for_backward(y, W)
-        return torch.baddbmm(b[:, None].expand(W.shape[0], y.shape[-1]),
-                             W.expand(y.shape[0], *W.shape), y)
+    def forward(ctx, x, gamma, beta, eps, k, W, b):
+        B, L, H = x.shape
+        n, mu, rstd = torch.native_layer_norm(x, (H,), gamma, beta, eps)  # (B L H)
+        u_f = torch.fft.rfft(n.transpose(1, 2), n=2 * L)  # (B H L+1)
+        k_f = torch.fft.rfft(k, n=2 * L)  # (H L+1)
+        y = torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L].transpose(1, 2).contiguous()  # (B L H)
+        a = F.gelu(y)
+        o = torch.addmm(b, a.view(-1, H), W.t())  # (BL 2H)
+        out = torch.addcmul(x.view(-1, H), o[:, :H], torch.sigmoid(o[:, H:])).view(B, L, H)
+        ctx.save_for_backward(x, mu, rstd, gamma, beta, u_f, k_f, y, a, o, W)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        y, W = ctx.saved_tensors
-        return torch.matmul(W.t(), g), torch.bmm(g, y.transpose(1, 2)).sum(0), g.sum((0, 2))
+        x, mu, rstd, gamma, beta, u_f, k_f, y, a, o, W = ctx.saved_tensors
+        B, L, H = x.shape
+        do = aten.glu_backward(g.reshape(-1, H), o, -1)  # (BL 2H)
+        dW, db = do.t() @ a.view(-1, H), do.sum(0)
+        dy = aten.gelu_backward(do @ W, y.view(-1, H))  # (BL H)
+        g_f = torch.fft.rfft(dy.view(B, L, H).transpose(1, 2), n=2 * L)  # (B H L+1)
+        du = torch.fft.irfft(g_f * k_f.conj(), n=2 * L)[..., :L]  # (B H L)
+        torch.view_as_real(g_f)[..., 1].neg_()
+        dk = torch.fft.irfft(g_f.mul_(u_f).sum(0).conj(), n=2 * L)[..., :L]  # (H L)
+        dx, dgamma, dbeta = aten.native_layer_norm_backward(
+            du.transpose(1, 2), x, (H,), mu, rstd, gamma, beta, [True, True, True])
+        return dx.add_(g), dgamma, dbeta, None, dk, dW, db
 
 
-class S4DBatchedProj(S4DInPlaceFFT):
-    """S4DInPlaceFFT with the output projection as baddbmm."""
+class FusedS4DBlock(S4DBlock):
+    """A channel-last S4DBlock computed by _FusedBlock (no dropout: the seed spec has none)."""
 
-    def forward(self, u: Tensor) -> Tensor:
-        L = u.shape[-1]
-        k = self.kernel(L) + F.pad(self.D[:, None], (0, L - 1))
-        y = self.dropout(F.gelu(FFTConvInPlace.apply(u, k)))
-        o = _BatchedProj.apply(y, self.output.weight[:, :, 0], self.output.bias)
-        return F.glu(o, dim=-2)
-
-
-class _StraightThroughGather(torch.autograd.Function):
-    """The VQ's straight-through estimator and losses with the code gather inside: z_q is the
-    gathered e itself (no z + (e - z) pass over (B, T, D)), and the codebook gradient is one
-    index_add of r into (K, D) (no (B, T, D) grad_e and no embedding backward)."""
-
-    @staticmethod
-    def forward(ctx, z, codebook, indices, beta):
-        e = codebook.index_select(0, indices).view_as(z)  # (B T D)
-        r = e - z
-        flat = r.view(-1)
-        mse = torch.dot(flat, flat) / flat.numel()
-        ctx.save_for_backward(r, indices)
-        ctx.beta, ctx.K = beta, codebook.shape[0]
-        commitment = mse.detach().clone()
-        ctx.mark_non_differentiable(commitment)
-        return e, (1 + beta) * mse, commitment
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_zq, grad_loss, _):
-        r, indices = ctx.saved_tensors
-        scale = grad_loss * (2.0 / r.numel())
-        D = r.shape[-1]
-        grad_cb = r.new_zeros(ctx.K, D).index_add_(0, indices, r.view(-1, D)).mul_(scale)
-        grad_z = torch.addcmul(grad_zq, r, scale, value=-ctx.beta)
-        return grad_z, grad_cb, None, None
-
-
-class VQGather(VQ):
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        B, T, D = z.shape
-        indices = nearest_code(z.reshape(B * T, D).detach(), self.codebook.detach())  # (BT)
-        z_q, loss, commitment = _StraightThroughGather.apply(z, self.codebook, indices,
-                                                             self.commitment_weight)
-        return QuantizerOutput(z_q, indices.view(B, T), loss, commitment)
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.s4d
+        L = x.shape[1]
+        k = s.kernel(L) + F.pad(s.D[:, None], (0, L - 1))  # (H L)
+        return _FusedBlock.apply(x, self.norm.weight, self.norm.bias, self.norm.eps, k,
+                                 s.output.weight[:, :, 0], s.output.bias)
 
 
 def nearest_code_chunked(z: Tensor, codebook: Tensor, chunk: int = 512) -> Tensor:
@@ -360,38 +298,36 @@ def nearest_code_chunked(z: Tensor, codebook: Tensor, chunk: int = 512) -> Tenso
     return out
 
 
-class VQGatherChunked(VQ):
+class VQChunked(VQ):
     def forward(self, z: Tensor) -> QuantizerOutput:
         B, T, D = z.shape
         indices = nearest_code_chunked(z.reshape(B * T, D).detach(), self.codebook.detach())
-        z_q, loss, commitment = _StraightThroughGather.apply(z, self.codebook, indices,
-                                                             self.commitment_weight)
+        z_q, loss, commitment = straight_through(z, self.codebook, indices, self.commitment_weight)
         return QuantizerOutput(z_q, indices.view(B, T), loss, commitment)
 
 
-def swap(model: nn.Module, s4d: type | None = None, vq: type | None = None) -> nn.Module:
+def swap(model: nn.Module, s4d: type | None = None, vq: type | None = None,
+         block: type | None = None) -> nn.Module:
     for m in model.modules():
         if s4d is not None and type(m) is S4D:
             m.__class__ = s4d
         elif vq is not None and type(m) is VQ:
             m.__class__ = vq
+        elif block is not None and type(m) is S4DBlock and m.channel_last:
+            m.__class__ = block
     return model
 
 
-# name -> (what it changes, model transform). vqlog's channel-last stacks and fused AdamW were
-# prototypes here and are vqlog's own now.
+# name -> (what it changes, model transform). vqlog's channel-last stacks, fused AdamW, in-place
+# FFT backward, GEMM output projection and gather straight-through were prototypes here and are
+# vqlog's own now.
 Transform = Callable[[nn.Module], nn.Module]
 PROTOTYPES: dict[str, tuple[str, Transform]] = {
-    "fft-bwd-inplace": ("s4d.py _FFTConv.backward: conj and products in the saved buffers",
-                        lambda m: swap(m, s4d=S4DInPlaceFFT)),
     "fft-bwd-vecdot": ("s4d.py _FFTConv.backward: grad_k by linalg.vecdot, conj_physical(k_f)",
                        lambda m: swap(m, s4d=S4DVecdotFFT)),
-    "s4d-proj-baddbmm": ("S4D output 1x1 conv as baddbmm (+ fft-bwd-inplace)",
-                         lambda m: swap(m, s4d=S4DBatchedProj)),
-    "vq-gather-st": ("quantizer.py: z_q = gathered e, codebook grad by index_add",
-                     lambda m: swap(m, vq=VQGather)),
-    "vq-chunked-search": ("vq-gather-st + nearest_code in 512-row blocks",
-                          lambda m: swap(m, vq=VQGatherChunked)),
+    "fused-s4d-block": ("each S4D block one autograd node, GLU + residual as one addcmul",
+                        lambda m: swap(m, block=FusedS4DBlock)),
+    "vq-chunked-search": ("nearest_code in 512-row blocks", lambda m: swap(m, vq=VQChunked)),
 }
 
 

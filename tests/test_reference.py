@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vqlog.config import QUANTIZERS
@@ -93,6 +94,19 @@ def test_fft_conv_gradients_equal_the_direct_convolution(B, H, L):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_fft_conv_backward_leaves_the_graph_as_it_was():
+    """The backward works in place on its own spectrum only: a second backward through the same
+    graph (retain_graph) gives the same gradients, which a consumed saved tensor would not."""
+    u = torch.randn(3, 4, 32, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    y = fft_conv(u, k)
+    weight = torch.randn_like(y)
+    first = torch.autograd.grad((y * weight).sum(), (u, k), retain_graph=True)
+    second = torch.autograd.grad((y * weight).sum(), (u, k))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_fft_conv_passes_gradcheck():
     u = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
     k = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
@@ -115,20 +129,28 @@ def test_fft_conv_gradient_of_one_input_only():
 def test_fused_straight_through_equals_the_papers_losses(beta, use):
     g = torch.Generator().manual_seed(3)
     z0 = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
-    e0 = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    codebook0 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    # Codes used several times (their gradients add up), once, and not at all (zero gradient).
+    indices = torch.tensor([0, 3, 3, 1, 0, 3, 5, 1, 0, 3])
     weight = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)  # a decoder's generic loss
+
+    def reference(z, codebook, indices, beta):
+        return straight_through_reference(z, F.embedding(indices, codebook).view_as(z), beta)
+
     results = []
-    for fn in (straight_through, straight_through_reference):
-        z, e = z0.clone().requires_grad_(), e0.clone().requires_grad_()
-        z_q, loss, commitment = fn(z, e, beta)
+    for fn in (straight_through, reference):
+        z, codebook = z0.clone().requires_grad_(), codebook0.clone().requires_grad_()
+        z_q, loss, commitment = fn(z, codebook, indices, beta)
         decoded = (z_q * weight).sum()
         total = {"both": decoded + loss, "z_q": decoded, "loss": loss}[use]
-        grads = torch.autograd.grad(total, (z, e), allow_unused=True)  # e unused: no loss
-        grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, (z, e))]
+        grads = torch.autograd.grad(total, (z, codebook), allow_unused=True)  # no loss: unused
+        grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, (z, codebook))]
         results.append((z_q.detach(), loss.detach(), commitment, *grads))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert not results[0][2].requires_grad  # the commitment is for logging only
+    if use != "z_q":  # the codebook loss reaches exactly the codes in use
+        assert results[0][4][[2, 4]].abs().sum() == 0 and results[0][4][[0, 1, 3, 5]].abs().min() > 0
 
 
 # --------------------------------------------------------------------------- pointwise conv

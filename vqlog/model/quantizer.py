@@ -38,39 +38,49 @@ def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """The VQ-VAE's straight-through estimator and its two losses in one pass over the (B, T, D)
-    tensors each way. Both losses are mean((e - z)^2) in value and differ only in where the
-    gradient goes, so with r = e - z and n elements: loss = (1 + beta)·|r|^2/n,
-    d loss/d e = 2r/n, d loss/d z = -beta·2r/n. Autograd of the paper's formulation walks the
-    tensors ~9 times (two MSEs and their zero-filled backward buffers, the detached difference,
-    the sum of z's two gradients)."""
+    """The VQ-VAE's code lookup, straight-through estimator and two losses in one pass over the
+    (B, T, D) tensors each way. Both losses are mean((e - z)^2) in value and differ only in where
+    the gradient goes, so with r = e - z and n elements: loss = (1 + beta)·|r|^2/n,
+    d loss/d e = 2r/n, d loss/d z = -beta·2r/n. z_q is the gathered codes e themselves, and the
+    codebook's gradient is one index_add of r into (K, D): no (B, T, D) gradient of e and no
+    embedding backward. Autograd of the paper's formulation walks the tensors ~9 times (two MSEs
+    and their zero-filled backward buffers, the detached difference, the sum of z's two
+    gradients, the embedding's scatter)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, e: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, z: Tensor, codebook: Tensor, indices: Tensor,
+                beta: float) -> tuple[Tensor, Tensor, Tensor]:
+        e = codebook.index_select(0, indices).view_as(z)  # (B T D)
         r = e - z  # (B T D)
-        flat = r.reshape(-1)  # (BTD)
+        flat = r.view(-1)  # (BTD)
         mse = torch.dot(flat, flat) / flat.numel()
-        ctx.save_for_backward(r)
-        ctx.beta = beta
+        ctx.save_for_backward(r, indices)
+        ctx.beta, ctx.codebook_size = beta, codebook.shape[0]
         commitment = mse.detach().clone()
         ctx.mark_non_differentiable(commitment)
-        return z + r, (1 + beta) * mse, commitment  # z + r: e, rounded as the reference rounds it
+        return e, (1 + beta) * mse, commitment
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_zq: Tensor, grad_loss: Tensor, _: Tensor) -> tuple[Tensor, Tensor, None]:
-        (r,) = ctx.saved_tensors
+    def backward(ctx, grad_zq: Tensor, grad_loss: Tensor,
+                 _: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        r, indices = ctx.saved_tensors
+        D = r.shape[-1]
         scale = grad_loss * (2.0 / r.numel())  # a 0-dim tensor: no device sync on a GPU
-        grad_e = r * scale  # the codebook loss pulls e towards z
+        # The codebook loss pulls each used code towards the mean of its z's.
+        grad_codebook = r.new_zeros(ctx.codebook_size, D).index_add_(0, indices, r.view(-1, D))
+        grad_codebook.mul_(scale)
         grad_z = torch.addcmul(grad_zq, r, scale, value=-ctx.beta)  # straight-through + commitment
-        return grad_z, grad_e, None
+        return grad_z, grad_codebook, None, None
 
 
-def straight_through(z: Tensor, e: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """z, e (B, T, D) -> z_q (B, T, D) = e with the gradient of z, the loss
-    ||sg(z) - e||^2 + beta ||z - sg(e)||^2 (means over elements) and the commitment
-    ||z - sg(e)||^2 (detached). Fused: see _StraightThrough."""
-    return _StraightThrough.apply(z, e, beta)
+def straight_through(z: Tensor, codebook: Tensor, indices: Tensor,
+                     beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """z (B, T, D), codebook (K, D), indices (B·T,) -> z_q (B, T, D) = the codes e =
+    codebook[indices] with the gradient of z, the loss ||sg(z) - e||^2 + beta ||z - sg(e)||^2
+    (means over elements) and the commitment ||z - sg(e)||^2 (detached). Fused: see
+    _StraightThrough."""
+    return _StraightThrough.apply(z, codebook, indices, beta)
 
 
 class VQ(nn.Module):
@@ -90,8 +100,7 @@ class VQ(nn.Module):
         B, T, D = z.shape
         flat = z.reshape(B * T, D)  # (BT D)
         indices = nearest_code(flat.detach(), self.codebook.detach())  # (BT)
-        e = F.embedding(indices, self.codebook).view(B, T, D)  # (B T D)
-        z_q, loss, commitment = straight_through(z, e, self.commitment_weight)
+        z_q, loss, commitment = straight_through(z, self.codebook, indices, self.commitment_weight)
         return QuantizerOutput(z_q, indices.view(B, T), loss, commitment)
 
 

@@ -62,7 +62,7 @@ def nearest_code_reference(z: Tensor, codebook: Tensor) -> Tensor:
 
 def straight_through_reference(z: Tensor, e: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
     """The VQ-VAE's straight-through estimator and losses as the paper writes them, the oracle of
-    `quantizer.straight_through`: z, e (B, T, D) -> z_q (B, T, D), the loss
+    `quantizer.straight_through` (which gathers e itself): z, e (B, T, D) -> z_q (B, T, D), the loss
     ||sg(z) - e||^2 + beta ||z - sg(e)||^2 and the commitment ||z - sg(e)||^2 (detached)."""
     codebook_loss = F.mse_loss(e, z.detach())
     commitment = F.mse_loss(z, e.detach())
