@@ -295,10 +295,10 @@ def render_records_columns(rows, lang):
 
 
 def test_workers_split_the_cores_and_take_the_gpus_in_turn():
-    from vqlog.study.pool import cores, placements, worker_count
+    from vqlog.study.pool import WORKER_MEMORY, cores, memory_available, placements, worker_count
 
     n = cores()
-    assert worker_count("auto", "cpu", None) == n
+    assert worker_count("auto", "cpu", None) == min(n, max(1, memory_available() // WORKER_MEMORY))
     assert worker_count("auto", "cuda", [0, 1, 3]) == 3
     assert placements(2, "cpu", None) == [("cpu", max(1, n // 2))] * 2
     assert placements(64, "cpu", None) == [("cpu", 1)] * 64  # never 0 threads
@@ -379,25 +379,25 @@ def test_workers_that_die_before_ending_a_trial_are_not_replaced(tmp_path):
 
 
 @contextlib.contextmanager
-def cpu_quota(cpus: float):
-    """A command prefix that runs a process under a CFS CPU quota of `cpus`, seeing its cgroup as
-    the root of /sys/fs/cgroup/cpu, as a process in a container does (`docker run --cpus`, a
-    Kubernetes CPU limit): a child of this machine's cgroup, bind-mounted over the hierarchy's
+def cgroup_limit(controller: str, settings: dict[str, str]):
+    """A command prefix that runs a process in a new child cgroup of this machine's cgroup v1
+    `controller` hierarchy, with `settings` written to its files, and that sees the group as the
+    hierarchy's root, as a process in a container sees its own: the group bind-mounted over the
     root in a mount namespace of the process's own. Skips where that cannot be made: not root,
-    no cgroup v1 cpu hierarchy, no unshare."""
+    no such cgroup v1 hierarchy, no unshare."""
     import shutil
 
-    root = Path("/sys/fs/cgroup/cpu")
-    if os.geteuid() != 0 or not (root / "cpu.cfs_quota_us").is_file() or not shutil.which("unshare"):
-        pytest.skip("needs root, a cgroup v1 cpu hierarchy and unshare to set a CPU quota")
+    root = Path("/sys/fs/cgroup") / controller
+    if os.geteuid() != 0 or not (root / next(iter(settings))).is_file() or not shutil.which("unshare"):
+        pytest.skip(f"needs root, a cgroup v1 {controller} hierarchy and unshare")
     group = root / f"vqlog-test-{os.getpid()}-{time.monotonic_ns()}"
     try:
         group.mkdir()
     except OSError as exc:
         pytest.skip(f"cannot make a cgroup: {exc}")
     try:
-        (group / "cpu.cfs_period_us").write_text("100000")
-        (group / "cpu.cfs_quota_us").write_text(str(round(cpus * 100000)))
+        for name, value in settings.items():
+            (group / name).write_text(value)
         script = f'echo $$ > {group}/cgroup.procs && mount --bind {group} {root} && exec "$@"'
         yield ["unshare", "--mount", "sh", "-c", script, "sh"]
     finally:
@@ -410,6 +410,13 @@ def cpu_quota(cpus: float):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+
+def cpu_quota(cpus: float):
+    """`cgroup_limit` with a CFS CPU quota of `cpus` (`docker run --cpus`, a Kubernetes CPU
+    limit)."""
+    return cgroup_limit("cpu", {"cpu.cfs_period_us": "100000",
+                                "cpu.cfs_quota_us": str(round(cpus * 100000))})
 
 
 def test_workers_auto_keeps_to_a_containers_cpu_quota(tmp_path):
@@ -431,6 +438,28 @@ def test_workers_auto_keeps_to_a_containers_cpu_quota(tmp_path):
     runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "quota")
     assert [r.data.tags["vqlog.torch_threads"] for r in runs] == ["1", "1"]
     assert len({r.data.tags["vqlog.worker"] for r in runs}) == 1
+
+
+def test_workers_auto_keeps_to_a_containers_memory_limit(tmp_path):
+    """In a container with a 3 GiB memory limit, `auto` starts as many workers as 2 GiB each
+    fit (one), not one per core, and says why in the sweep's first line."""
+    from _servers import BIN
+    from vqlog.study.pool import WORKER_MEMORY, cores, memory_available
+
+    if cores() < 2 or memory_available() < 2 * WORKER_MEMORY:
+        pytest.skip("needs 2 or more cores and memory for two workers to tell the limit apart")
+    spec = write_spec(tmp_path, "memlimit", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    with cgroup_limit("memory", {"memory.limit_in_bytes": str(3 * 1024**3)}) as prefix:
+        done = subprocess.run([*prefix, str(BIN / "vqlog-sweep"), "--trials", "2", "--config",
+                               str(spec), "--workers", "auto"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = done.stdout.splitlines()[0]
+    assert "(auto: 1 worker for " in first, first
+    assert f" GiB of free memory at 2 GiB each, fewer than the {cores()} cores)" in first, first
+    runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "memlimit")
+    assert len(runs) == 2 and len({r.data.tags["vqlog.worker"] for r in runs}) == 1
 
 
 @pytest.mark.parametrize("flags, message", [

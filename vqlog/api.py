@@ -78,11 +78,20 @@ def gpu_list(text: str | None) -> list[int] | None:
 
 
 def worker_count(workers, device: str, gpus: list[int] | None) -> int:
-    """--workers N or auto (one per core; one per GPU with CUDA)."""
-    from vqlog.study.pool import worker_count as count
+    """--workers N or auto (one per core as the memory allows; one per GPU with CUDA)."""
+    return worker_plan(workers, device, gpus)[0]
+
+
+def worker_plan(workers, device: str, gpus: list[int] | None) -> tuple[int, str | None]:
+    """The number of workers for --workers N or auto, and for auto cut by the memory, a note
+    that says so."""
+    from vqlog.study import pool
     from vqlog.train import resolve_device
 
-    return count(workers, resolve_device(device).type, gpus)
+    kind = resolve_device(device).type
+    if str(workers) == "auto":
+        return pool.auto_workers(kind, gpus)
+    return pool.worker_count(workers, kind, gpus), None
 
 
 def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device: str = "auto",

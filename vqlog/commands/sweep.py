@@ -24,7 +24,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lang", default="en", choices=("en", "zh"), help="language of the table")
     p.add_argument("--workers", default="1", metavar="N|auto",
                    help="worker processes on this host sharing the study, the cores split "
-                        "between them; auto: one per core (per GPU with --device cuda)")
+                        "between them; auto: one per core, as many as 2 GiB each fit in free memory "
+                        "(one per GPU with --device cuda)")
     p.add_argument("--gpus", metavar="0,1,...",
                    help="with --device cuda and --workers: the GPUs the workers take in turn "
                         "(default: every visible one)")
@@ -49,12 +50,13 @@ def sweep_command(args: argparse.Namespace) -> int:
     gpus = api.gpu_list(args.gpus)
     spec = api.study_spec(args.config, args.study, args.data, args.sample_rate, args.channel)
     storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
-    workers = api.worker_count(args.workers, args.device, gpus)
+    workers, note = api.worker_plan(args.workers, args.device, gpus)
     from vqlog.study import worker  # torch: after the spec and the stores are checked
     uri = tracker.given_uri
     print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
           f"storage {mask(storage)}, tracking {mask(uri)}"
-          + (f", {workers} workers" if workers > 1 else ""), flush=True)
+          + (f", {workers} workers" if workers > 1 else "")
+          + (f" ({note})" if note else ""), flush=True)
     start = time.perf_counter()
     stop = worker.StopRequest()
     try:

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import queue
 import signal
+from pathlib import Path
 from typing import Callable
 
 from vqlog.errors import SweepError, VqlogError
@@ -34,15 +35,64 @@ def cores() -> int:
     return joblib.cpu_count(only_physical_cores=True)
 
 
+GiB = 1024**3
+# What `--workers auto` plans a CPU worker to take: bench_e2e's budget for one (the seed spec's
+# workers peak at 1.1 to 1.5 GiB); a host's or a container's memory caps the count by it.
+WORKER_MEMORY = 2 * GiB
+
+# cgroup memory files as a process in a container sees its own group: (limit, usage, stat key of
+# the reclaimable page cache in memory.stat), v2 first.
+CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "total_inactive_file"),
+)
+
+
+def memory_available() -> int:
+    """Bytes that new processes here may still take: the host's available memory (psutil: free
+    plus reclaimable cache), and no more than a cgroup memory limit (docker --memory, compose
+    `mem_limit`, Kubernetes limits.memory) less the group's working set (its usage less its
+    inactive page cache, as the kubelet counts it)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    for limit_file, usage_file, cache_key in CGROUP_MEMORY:
+        limit_path = Path(limit_file)
+        try:
+            limit = int(limit_path.read_text())  # "max" (no limit): ValueError
+            usage = int(Path(usage_file).read_text())
+            stat = dict(line.split() for line in
+                        (limit_path.parent / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if limit < 1 << 60:  # v1 writes "no limit" as about 2^63
+            available = min(available, max(0, limit - usage + int(stat.get(cache_key, 0))))
+        break
+    return available
+
+
+def auto_workers(device: str, gpus: list[int] | None) -> tuple[int, str | None]:
+    """`--workers auto`: one per GPU with CUDA; on the CPU one per core (`cores`), as many as
+    the memory holds at WORKER_MEMORY each (at least one). Returns the count and, when the
+    memory cut it, a note saying so."""
+    if device == "cuda":
+        return max(1, len(gpus) if gpus else _cuda_count()), None
+    n = cores()
+    memory = memory_available()
+    fit = max(1, memory // WORKER_MEMORY)
+    if fit >= n:
+        return n, None
+    return fit, (f"auto: {fit} worker{'s' if fit > 1 else ''} for {memory / GiB:.1f} GiB of free "
+                 f"memory at {WORKER_MEMORY // GiB} GiB each, fewer than the {n} cores")
+
+
 def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> int:
-    """`--workers`: a number, or `auto`: one per core (`cores`) on the CPU, one per GPU with
-    CUDA."""
+    """`--workers`: a number, or `auto` (`auto_workers`)."""
     from vqlog.errors import UserError
 
     if str(requested) == "auto":
-        if device == "cuda":
-            return max(1, len(gpus) if gpus else _cuda_count())
-        return cores()
+        return auto_workers(device, gpus)[0]
     try:
         n = int(requested)
     except ValueError:
