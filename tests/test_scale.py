@@ -388,7 +388,8 @@ def cgroup_limit(controller: str, settings: dict[str, str]):
     import shutil
 
     root = Path("/sys/fs/cgroup") / controller
-    if os.geteuid() != 0 or not (root / next(iter(settings))).is_file() or not shutil.which("unshare"):
+    first = root / next(iter(settings))
+    if os.geteuid() != 0 or not first.is_file() or not shutil.which("unshare"):
         pytest.skip(f"needs root, a cgroup v1 {controller} hierarchy and unshare")
     group = root / f"vqlog-test-{os.getpid()}-{time.monotonic_ns()}"
     try:

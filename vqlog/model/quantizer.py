@@ -52,7 +52,7 @@ class _StraightThrough(torch.autograd.Function):
                 beta: float) -> tuple[Tensor, Tensor, Tensor]:
         e = codebook.index_select(0, indices).view_as(z)  # (B T D)
         r = e - z  # (B T D)
-        flat = r.view(-1)  # (BTD)
+        flat = r.reshape(-1)  # (BTD)
         mse = torch.dot(flat, flat) / flat.numel()
         ctx.save_for_backward(r, indices)
         ctx.beta, ctx.codebook_size = beta, codebook.shape[0]
@@ -68,7 +68,7 @@ class _StraightThrough(torch.autograd.Function):
         D = r.shape[-1]
         scale = grad_loss * (2.0 / r.numel())  # a 0-dim tensor: no device sync on a GPU
         # The codebook loss pulls each used code towards the mean of its z's.
-        grad_codebook = r.new_zeros(ctx.codebook_size, D).index_add_(0, indices, r.view(-1, D))
+        grad_codebook = r.new_zeros(ctx.codebook_size, D).index_add_(0, indices, r.reshape(-1, D))
         grad_codebook.mul_(scale)
         grad_z = torch.addcmul(grad_zq, r, scale, value=-ctx.beta)  # straight-through + commitment
         return grad_z, grad_codebook, None, None
