@@ -9,16 +9,21 @@ torch thread, after a short warm-up fit in the same process. Every variant runs 
 interpreter of its own, since an allocator is chosen when a process starts:
 
 - `glibc`: the C library's malloc as it comes, what a user's own training script runs with;
-- `vqlog`: the same malloc after `vqlog.alloc.keep_freed_memory()`, what every vqlog command and
-  sweep worker runs with;
+- `torch-thp`: the same with `THP_MEM_ALLOC_ENABLE=1`, which PyTorch's CPU performance tuning
+  guide gives: torch's CPU allocator asks for transparent huge pages for its large tensors;
+- `mallopt`: glibc's malloc after `vqlog.alloc.keep_freed_memory()` made its three settings with
+  mallopt, what a vqlog command runs with where it cannot restart itself;
+- `vqlog`: the same three settings and huge pages for the heap as glibc tunables
+  (`vqlog.alloc.TUNABLES` in GLIBC_TUNABLES), what every vqlog command line and sweep worker runs
+  with (`vqlog.alloc.restart_tuned`);
 - `jemalloc`: jemalloc loaded with LD_PRELOAD, what the usual PyTorch CPU tuning guides suggest
   instead, with its own defaults, and `jemalloc+conf`: with the MALLOC_CONF that PyTorch's CPU
   performance tuning guide gives (both only when libjemalloc is installed: Debian's libjemalloc2).
 
-The child processes run in turn, one round at a time (glibc, vqlog, jemalloc, jemalloc+conf, glibc, ...), and
+The child processes run in turn, one round at a time (glibc, torch-thp, mallopt, vqlog, jemalloc, ...), and
 the figures are ratios to vqlog's time in the same round: medians and spread over rounds. Next
 to the wall time each child reports its CPU time (user and kernel), its minor page faults per
-step and its peak RSS.
+step, its peak RSS and how much of its memory is in transparent huge pages at the end.
 """
 
 from __future__ import annotations
@@ -58,9 +63,11 @@ cfg = dataclasses.replace(cfg, iteration=steps, eval_every=steps, log_every=50)
 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 fit(cfg, data)
 wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+huge = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")]
 print(json.dumps({"outcome": outcome, "wall": wall, "user": r1.ru_utime - r0.ru_utime,
                   "sys": r1.ru_stime - r0.ru_stime, "minflt": r1.ru_minflt - r0.ru_minflt,
-                  "maxrss_mib": r1.ru_maxrss / 1024}))
+                  "maxrss_mib": r1.ru_maxrss / 1024,
+                  "huge_mib": int(huge[0].split()[1]) / 1024 if huge else 0.0}))
 """
 
 
@@ -68,13 +75,19 @@ def base_env() -> dict:
     """This environment without any allocator setting of its own."""
     from vqlog import alloc
 
-    drop = set(alloc.GLIBC_VARIABLES) | {"LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF", alloc.OPT_OUT}
+    drop = set(alloc.GLIBC_VARIABLES) | {"LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF",
+                                         "THP_MEM_ALLOC_ENABLE", alloc.OPT_OUT}
     return {k: v for k, v in os.environ.items() if k not in drop} | {"OMP_NUM_THREADS": "1"}
 
 
 def variants() -> dict[str, dict]:
     """Variant name -> (mode, extra environment)."""
-    out = {"glibc": {"mode": "glibc", "env": {}}, "vqlog": {"mode": "vqlog", "env": {}}}
+    from vqlog import alloc
+
+    out = {"glibc": {"mode": "glibc", "env": {}},
+           "torch-thp": {"mode": "glibc", "env": {"THP_MEM_ALLOC_ENABLE": "1"}},
+           "mallopt": {"mode": "vqlog", "env": {}},
+           "vqlog": {"mode": "vqlog", "env": {"GLIBC_TUNABLES": alloc.TUNABLES}}}
     lib = next((p for p in JEMALLOC if Path(p).exists()), None)
     if lib:
         out["jemalloc"] = {"mode": "jemalloc", "env": {"LD_PRELOAD": lib}}
@@ -116,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([shape, name, f"{1000 * med('wall') / args.steps:.1f}",
                          f"{1000 * med('user') / args.steps:.1f} / {1000 * med('sys') / args.steps:.1f}",
                          f"{med('minflt') / args.steps:.0f}", f"{med('maxrss_mib'):.0f}",
+                         f"{med('huge_mib'):.0f}",
                          "" if name == "vqlog" else
                          f"{_common.median(ratios[name]):.3f}x ({lo:.3f}-{hi:.3f})"])
     text = _common.render_table(
         ["shape", "allocator", "ms/step (median)", "user / kernel CPU ms/step", "page faults/step",
-         "peak RSS MiB", "time / vqlog's per round (min-max)"], rows)
+         "peak RSS MiB", "huge pages MiB", "time / vqlog's per round (min-max)"], rows)
     print()
     print(text)
     path = _common.write_json("alloc", {

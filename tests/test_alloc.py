@@ -110,3 +110,55 @@ def test_cli_refuses_an_unknown_choice(tmp_path):
     assert got.stderr.splitlines() == [
         "Error: VQLOG_MALLOC must be 'vqlog' (the default) or 'system', not 'tcmalloc'"]
     assert list(tmp_path.iterdir()) == []
+
+
+# A command line's start in small: what `vqlog.cli.main` does first, then a step's worth of 4 MiB
+# buffers touched, and how much of the process's memory is in transparent huge pages.
+RESTART = textwrap.dedent("""
+    import os, sys
+    print(os.getpid(), flush=True)
+    from vqlog.cli import start_tuned
+    start_tuned(None)
+    from vqlog import alloc
+    bufs = [bytearray(b"x" * (4 << 20)) for _ in range(16)]
+    huge = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")]
+    print(os.environ.get("GLIBC_TUNABLES", ""))
+    print(alloc.keep_freed_memory())
+    print(int(huge[0].split()[1]))
+""")
+
+tunable_glibc = pytest.mark.skipif(
+    alloc.glibc() is None or alloc.glibc_version(alloc.glibc()) < (2, 35)
+    or not alloc.huge_pages_on_request(),
+    reason="needs glibc 2.35 or later and transparent huge pages on request (madvise or always)")
+
+
+def run_restart(**env) -> list[str]:
+    got = subprocess.run([sys.executable, "-c", RESTART], env=clean_env(**env),
+                         capture_output=True, text=True, check=True)
+    return got.stdout.splitlines()
+
+
+@tunable_glibc
+def test_a_command_line_restarts_itself_with_tunables_and_huge_pages():
+    """The same process (pid) runs again with the settings as glibc tunables, and its tensors'
+    memory comes in huge pages; with VQLOG_MALLOC=system it runs once, as it is, without."""
+    pid, pid_again, tunables, outcome, huge_kib = run_restart()
+    assert pid == pid_again  # execve: the same process, once more from the start
+    assert alloc.TUNABLES in tunables
+    assert outcome == "applied at start, with huge pages (GLIBC_TUNABLES)"
+    assert int(huge_kib) >= 2048, huge_kib  # 64 MiB touched: at least one 2 MiB page
+    pid, tunables, outcome, huge_kib = run_restart(VQLOG_MALLOC="system")
+    assert tunables == "" and outcome == "left as it is: VQLOG_MALLOC=system"
+    if "[madvise]" in open(alloc.THP_MODE).read():  # only asked-for memory gets huge pages
+        assert int(huge_kib) == 0, huge_kib
+
+
+@tunable_glibc
+def test_the_users_own_tunables_are_kept_and_a_malloc_tunable_is_left_alone():
+    lines = run_restart(GLIBC_TUNABLES="glibc.cpu.x86_rep_movsb_threshold=4096")
+    assert lines[0] == lines[1]
+    assert lines[2] == "glibc.cpu.x86_rep_movsb_threshold=4096:" + alloc.TUNABLES
+    pid, tunables, outcome, _ = run_restart(GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+    assert tunables == "glibc.malloc.arena_max=2"
+    assert outcome == "left as it is: GLIBC_TUNABLES sets glibc.malloc"

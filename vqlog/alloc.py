@@ -14,8 +14,18 @@ grows 64 MiB at a time) instead of handing it back. A process then holds on to t
 largest step; that is the high-water mark it reaches anyway. Tensors above 32 MiB (a long
 evaluation chunk) are still mapped and unmapped on their own.
 
+Huge pages. A step's tensors are 1 to 8 MiB each, read and written a few dozen times a step: in
+4 KiB pages each pass over them walks the page tables for a few thousand pages, and the TLB
+misses that cost. Linux backs memory with 2 MiB transparent huge pages where a program asks for
+them (`madvise`, most distributions' setting), and glibc asks for its heap when its
+`glibc.malloc.hugetlb=1` tunable is set. Tunables are read only when a process starts, so a
+vqlog command line, as it starts, runs itself again (the same process, `execve`) with
+GLIBC_TUNABLES holding the three settings and the huge pages (`restart_tuned`); the sweep's
+worker processes inherit them. Where that is not possible or not wanted, `keep_freed_memory`
+makes the three settings with `mallopt`, without huge pages.
+
 It is a command line's choice, not a library's: the CLI and the sweep's worker processes call it
-(`vqlog.cli.configure_process`), `import vqlog` does not. It leaves malloc as it is where the
+(`vqlog.cli.main` and `vqlog.cli.configure_process`), `import vqlog` does not. It leaves malloc as it is where the
 user has a say already: `VQLOG_MALLOC=system`, any of glibc's own `MALLOC_*_` variables or
 `glibc.malloc` tunables, or another allocator loaded with LD_PRELOAD (jemalloc, tcmalloc). Off
 Linux or on a C library that is not glibc (musl) it does nothing.
@@ -38,6 +48,15 @@ SETTINGS = {  # mallopt parameter -> value
     M_TRIM_THRESHOLD: 256 * MiB,
     M_TOP_PAD: 64 * MiB,
 }
+
+# The same settings as glibc tunables, with huge pages for the heap (glibc 2.35 and later).
+TUNABLES = ":".join([
+    f"glibc.malloc.mmap_threshold={SETTINGS[M_MMAP_THRESHOLD]}",
+    f"glibc.malloc.trim_threshold={SETTINGS[M_TRIM_THRESHOLD]}",
+    f"glibc.malloc.top_pad={SETTINGS[M_TOP_PAD]}",
+    "glibc.malloc.hugetlb=1",
+])
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"  # "always [madvise] never"
 
 OPT_OUT = "VQLOG_MALLOC"  # "system": leave glibc's malloc as it is
 # glibc's own environment variables for these settings, read when the process starts.
@@ -80,13 +99,61 @@ def glibc():
     return libc
 
 
+def huge_pages_on_request() -> bool:
+    """Whether the kernel backs memory with transparent huge pages where a program asks
+    (`madvise`) or always."""
+    try:
+        with open(THP_MODE) as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[madvise]" in mode or "[always]" in mode
+
+
+def glibc_version(libc) -> tuple[int, int]:
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    major, minor = libc.gnu_get_libc_version().decode().split(".")[:2]
+    return int(major), int(minor)
+
+
+def restart_tuned(environ=os.environ) -> None:
+    """Run this command line again in this process (`execve`) with TUNABLES in GLIBC_TUNABLES,
+    unless malloc is to be left alone (`reason_to_leave`; an unknown VQLOG_MALLOC is left for
+    `keep_freed_memory` to report), they are set already, glibc is older than 2.35, or the kernel
+    gives no huge pages on request. Returns only when it does not restart. Call it first thing,
+    before anything is printed or started."""
+    try:
+        if reason_to_leave(environ) is not None or TUNABLES in environ.get("GLIBC_TUNABLES", ""):
+            return
+    except Exception:  # noqa: BLE001 - an unknown VQLOG_MALLOC: reported by keep_freed_memory
+        return
+    libc = glibc()
+    if libc is None or glibc_version(libc) < (2, 35) or not huge_pages_on_request():
+        return
+    argv = getattr(sys, "orig_argv", None)  # the interpreter's own command line (3.10+)
+    if not argv or not sys.executable:
+        return
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [environ.get("GLIBC_TUNABLES", ""), TUNABLES]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    except OSError:
+        return  # run on as we are: keep_freed_memory makes the settings
+
+
 def keep_freed_memory(environ=os.environ) -> str:
     """Apply SETTINGS with mallopt, unless the environment says otherwise; returns what was done
-    ("applied", or why not). The settings are made once per process: later calls return the
-    first outcome (after checking VQLOG_MALLOC again: an unknown value raises UserError)."""
+    ("applied", "applied at start" when `restart_tuned` set them with huge pages, or why not).
+    The settings are made once per process: later calls return the first outcome (after
+    checking VQLOG_MALLOC again: an unknown value raises UserError)."""
     global _outcome
     reason = reason_to_leave(environ)
     if _outcome is not None:
+        return _outcome
+    if TUNABLES in environ.get("GLIBC_TUNABLES", ""):
+        _outcome = "applied at start, with huge pages (GLIBC_TUNABLES)"
         return _outcome
     libc = None if reason else glibc()
     if reason is None and libc is None:

@@ -148,13 +148,24 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
         return 1
 
 
+def start_tuned(argv: Sequence[str] | None) -> None:
+    """A command line (argv None: the process's own) starts again with glibc's malloc tuned and
+    huge pages (`vqlog.alloc.restart_tuned`); a call with arguments, from Python, runs as it is."""
+    if argv is None:
+        from vqlog.alloc import restart_tuned
+
+        restart_tuned()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    start_tuned(argv)
     args = build_parser().parse_args(argv)
     return run(args.func, args)
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     """`vqlog-sweep`: the same as `vqlog sweep`."""
+    start_tuned(argv)
     from vqlog.commands import sweep
 
     parser = Parser(prog="vqlog-sweep", description="Run (or join) an Optuna study of the S4D-VQ-VAE.")
