@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from vqlog.config import Config
-from vqlog.model.quantizer import VQ, QuantizerOutput, straight_through
 from _assembly import optimizer_for
 from vqlog.model.s4d import S4D, S4DBlock, _FFTConv
 from vqlog.train import train_step
@@ -286,48 +285,24 @@ class FusedS4DBlock(S4DBlock):
                                  s.output.weight[:, :, 0], s.output.bias)
 
 
-def nearest_code_chunked(z: Tensor, codebook: Tensor, chunk: int = 512) -> Tensor:
-    """nearest_code in row blocks, so the (chunk, K) scores stay in cache."""
-    e2 = (codebook * codebook).sum(1)
-    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    buf = z.new_empty(chunk, codebook.shape[0])
-    for i in range(0, z.shape[0], chunk):
-        zz = z[i:i + chunk]
-        s = torch.addmm(e2, zz, codebook.t(), alpha=-2.0, out=buf[: zz.shape[0]])
-        torch.argmin(s, dim=1, out=out[i:i + zz.shape[0]])
-    return out
-
-
-class VQChunked(VQ):
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        B, T, D = z.shape
-        indices = nearest_code_chunked(z.reshape(B * T, D).detach(), self.codebook.detach())
-        z_q, loss, commitment = straight_through(z, self.codebook, indices, self.commitment_weight)
-        return QuantizerOutput(z_q, indices.view(B, T), loss, commitment)
-
-
-def swap(model: nn.Module, s4d: type | None = None, vq: type | None = None,
-         block: type | None = None) -> nn.Module:
+def swap(model: nn.Module, s4d: type | None = None, block: type | None = None) -> nn.Module:
     for m in model.modules():
         if s4d is not None and type(m) is S4D:
             m.__class__ = s4d
-        elif vq is not None and type(m) is VQ:
-            m.__class__ = vq
         elif block is not None and type(m) is S4DBlock and m.channel_last:
             m.__class__ = block
     return model
 
 
 # name -> (what it changes, model transform). vqlog's channel-last stacks, fused AdamW, in-place
-# FFT backward, GEMM output projection and gather straight-through were prototypes here and are
-# vqlog's own now.
+# FFT backward, GEMM output projection, gather straight-through and blocked code search were
+# prototypes here and are vqlog's own now.
 Transform = Callable[[nn.Module], nn.Module]
 PROTOTYPES: dict[str, tuple[str, Transform]] = {
     "fft-bwd-vecdot": ("s4d.py _FFTConv.backward: grad_k by linalg.vecdot, conj_physical(k_f)",
                        lambda m: swap(m, s4d=S4DVecdotFFT)),
     "fused-s4d-block": ("each S4D block one autograd node, GLU + residual as one addcmul",
                         lambda m: swap(m, block=FusedS4DBlock)),
-    "vq-chunked-search": ("nearest_code in 512-row blocks", lambda m: swap(m, vq=VQChunked)),
 }
 
 

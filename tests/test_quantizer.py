@@ -15,6 +15,7 @@ from vqlog.model.quantizer import (
     QuantizerOutput,
     build_quantizer,
     fsq_levels,
+    SEARCH_BLOCK,
     nearest_code,
 )
 from vqlog.model.reference import nearest_code_reference
@@ -45,6 +46,27 @@ def test_nearest_code_matches_the_reference(M, K, D, dtype):
         rows = torch.arange(M)
         torch.testing.assert_close(dist[rows, fast], dist[rows, ref], rtol=1e-5, atol=1e-5)
         assert (fast == ref).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("M", [256, 1000])
+def test_nearest_code_in_blocks_of_rows_matches_the_reference(M):
+    # K 2048: the CPU search goes 256 rows at a time, so 1000 rows end in a shorter block
+    g = torch.Generator().manual_seed(M)
+    z = torch.randn(M, 16, generator=g, dtype=torch.float64)
+    codebook = torch.randn(2048, 16, generator=g, dtype=torch.float64)
+    assert SEARCH_BLOCK // 2048 == 256  # one whole block, or three and a shorter one
+    assert torch.equal(nearest_code(z, codebook), nearest_code_reference(z, codebook))
+
+
+def test_nearest_code_of_a_nan_row_is_a_valid_index():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 4, generator=g)
+    codebook = torch.randn(10, 4, generator=g)
+    z[2, 1] = float("nan")
+    fast = nearest_code(z, codebook)
+    assert 0 <= int(fast[2]) < 10  # a code of the codebook, so the gather that follows works
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    assert torch.equal(fast[keep], nearest_code_reference(z[keep], codebook))
 
 
 def test_nearest_code_finds_codes_placed_exactly():
