@@ -69,6 +69,14 @@ def test_nearest_code_of_a_nan_row_is_a_valid_index():
     assert torch.equal(fast[keep], nearest_code_reference(z[keep], codebook))
 
 
+def test_nearest_code_takes_no_rows_and_tensors_that_want_gradients():
+    codebook = torch.randn(8, 4, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    assert nearest_code(torch.empty(0, 4), codebook.detach()).shape == (0,)
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    ref = nearest_code_reference(z.detach(), codebook.detach())
+    assert torch.equal(nearest_code(z, codebook), ref)
+
+
 def test_nearest_code_finds_codes_placed_exactly():
     codebook = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
     idx = torch.tensor([3, 0, 15, 3, 7])

@@ -42,25 +42,27 @@ def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
     index with a kernel vectorised across rows. `Tensor.min(dim=1)` on (rows, K) finds the index
     one row at a time. At M 2048 to 8192, K 128 to 1024 (batch 32 to 128 at the seed spec's code
     rate; torch 2.13, one thread) the search takes 0.55x to 0.92x the time of the whole (M, K)
-    GEMM and `min` (`benchmarks/bench_nearest.py`). On a GPU it is that GEMM and `min`: one kernel each, no
-    host loop. A row holding NaN gets the index of one of its NaN scores, as with `min`.
+    GEMM and `min` (`benchmarks/bench_nearest.py`). On a GPU it is that GEMM and `min`: one
+    kernel each, no host loop. A row holding NaN gets the index of one of its NaN scores, as with
+    `min`. No gradient flows through an index, so none is recorded.
     """
     if z.device.type != "cpu":
         scores = torch.addmm((codebook * codebook).sum(1), z, codebook.t(), alpha=-2.0)  # (M K)
         return scores.min(dim=1).indices  # (M)
     K, M = codebook.shape[0], z.shape[0]
-    rows = min(M, max(64, SEARCH_BLOCK // K))
-    norms = (codebook * codebook).sum(1)[:, None]  # (K 1)
-    block = z.new_empty(K, rows)  # (K rows), reused by every full block
+    rows = max(1, min(M, max(64, SEARCH_BLOCK // K)))
     indices = torch.empty(M, dtype=torch.long, device=z.device)  # (M)
-    for start in range(0, M, rows):
-        part = z[start:start + rows]  # (m D)
-        m = part.shape[0]
-        out = block if m == rows else z.new_empty(K, m)  # the last, shorter block
-        torch.addmm(norms, codebook, part.t(), beta=-1.0, alpha=2.0, out=out)  # (K m) = -scores
-        image = out.view(1, K, 1, m).permute(0, 3, 1, 2)  # (1 m K 1), channels-last memory
-        _, best = F.max_pool2d(image, kernel_size=(K, 1), return_indices=True)  # (1 m 1 1)
-        indices[start:start + m] = best.view(m)
+    with torch.no_grad():
+        norms = (codebook * codebook).sum(1)[:, None]  # (K 1)
+        block = z.new_empty(K, rows)  # (K rows), reused by every full block
+        for start in range(0, M, rows):
+            part = z[start:start + rows]  # (m D)
+            m = part.shape[0]
+            out = block if m == rows else z.new_empty(K, m)  # the last, shorter block
+            torch.addmm(norms, codebook, part.t(), beta=-1.0, alpha=2.0, out=out)  # (K m) = -scores
+            image = out.view(1, K, 1, m).permute(0, 3, 1, 2)  # (1 m K 1), channels-last memory
+            _, best = F.max_pool2d(image, kernel_size=(K, 1), return_indices=True)  # (1 m 1 1)
+            indices[start:start + m] = best.view(m)
     return indices
 
 
