@@ -105,6 +105,18 @@ def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:
     return path
 
 
+def write_device_result(name: str, device: str, info: dict, payload: dict,
+                        out: str | Path | None = None) -> Path:
+    """benchmarks/results/<name>[-<device>].json (or `out`) for a benchmark run on `device`:
+    its command, the machine `info` taken as it began with the load at the end, `payload`, and
+    when it finished."""
+    flag = "" if device == "cpu" else f" --device {device}"
+    return write_json(name + ("" if device == "cpu" else f"-{device}"), {
+        "benchmark": name, "command": f"python benchmarks/bench_{name}.py{flag}",
+        "machine": {**info, "load_average_end": machine()["load_average_1_5_15"]},
+        **payload, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, out)
+
+
 def set_threads(threads: int) -> None:
     """torch intra-op threads, set explicitly: on a shared 2-core machine two spinning OpenMP
     threads per process made steps up to 50x slower than one."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import _common
 import torch
@@ -94,13 +93,8 @@ def main(argv: list[str] | None = None) -> int:
          "gemm+min / vqlog"], rows)
     print()
     print(text)
-    suffix = "" if args.device == "cpu" else f"-{args.device}"
-    path = _common.write_json(f"nearest{suffix}", {
-        "benchmark": "nearest", "command": "python benchmarks/bench_nearest.py"
-        + ("" if args.device == "cpu" else f" --device {args.device}"),
-        "machine": {**info, "load_average_end": _common.machine()["load_average_1_5_15"]},
-        "rounds": args.rounds, "results": results, "table": text,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, args.out)
+    path = _common.write_device_result("nearest", args.device, info, {
+        "rounds": args.rounds, "results": results, "table": text}, args.out)
     print(f"\nwrote {path}")
     return 0
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 
 import numpy as np
 import torch
@@ -102,13 +101,8 @@ def main(argv: list[str] | None = None) -> int:
          "CPU target: vqlog not slower"], rows)
     print()
     print(text)
-    suffix = "" if args.device == "cpu" else f"-{args.device}"
-    path = _common.write_json(f"syncs{suffix}", {
-        "benchmark": "syncs", "command": "python benchmarks/bench_syncs.py"
-        + ("" if args.device == "cpu" else f" --device {args.device}"),
-        "machine": {**info, "load_average_end": _common.machine()["load_average_1_5_15"]},
-        "steps": args.steps, "rounds": args.rounds, "results": results, "table": text,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, args.out)
+    path = _common.write_device_result("syncs", args.device, info, {
+        "steps": args.steps, "rounds": args.rounds, "results": results, "table": text}, args.out)
     print(f"\nwrote {path}")
     return 0
 
