@@ -1,4 +1,4 @@
-"""Benchmark of issue 13: the classic VQ's nearest-code search (`vqlog.model.quantizer.nearest_code`).
+"""Benchmark of issue 13: the classic VQ's nearest-code search (`quantizer.nearest_code`).
 
     python benchmarks/bench_nearest.py               # CPU, one torch thread, the seed spec's sizes
     python benchmarks/bench_nearest.py --device cuda # the GPU (vqlog runs the GEMM + min there)
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         _common.interleave(fns, 2, sync)  # warm-up
         times = _common.interleave(fns, args.rounds, sync)
         ms = {k: 1000 * _common.median(v) for k, v in times.items()}
-        ratios = {k: _common.round_ratios(times[k], times["vqlog"]) for k in ("library", "gemm+min")}
+        ratios = {k: _common.round_ratios(times[k], times["vqlog"])
+                  for k in ("library", "gemm+min")}
         results.append({"M": M, "K": K, "D": D, "seconds": times, "ms_median": ms,
                         "ratio_to_vqlog_median": {k: _common.median(r) for k, r in ratios.items()}})
         cells = [f"{ms[k]:.2f}" for k in VARIANTS]
