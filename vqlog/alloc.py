@@ -26,9 +26,9 @@ makes the three settings with `mallopt`, without huge pages.
 
 It is a command line's choice, not a library's: the CLI and the sweep's worker processes call it
 (`vqlog.cli.main` and `vqlog.cli.configure_process`), `import vqlog` does not. It leaves malloc
-as it is where the user has a say already: `VQLOG_MALLOC=system`, any of glibc's own `MALLOC_*_` variables or
-`glibc.malloc` tunables, or another allocator loaded with LD_PRELOAD (jemalloc, tcmalloc). Off
-Linux or on a C library that is not glibc (musl) it does nothing.
+as it is where the user has a say already: `VQLOG_MALLOC=system`, any of glibc's own
+`MALLOC_*_` variables or `glibc.malloc` tunables, or another allocator loaded with LD_PRELOAD
+(jemalloc, tcmalloc). Off Linux or on a C library that is not glibc (musl) it does nothing.
 """
 
 from __future__ import annotations
