@@ -164,14 +164,16 @@ def finished(trials: list) -> list:
 class Worker:
     """One `vqlog-sweep` process; its output goes to files (a full pipe would block it)."""
 
-    def __init__(self, args: list[str], cwd: Path, name: str = "worker", env: dict | None = None):
+    def __init__(self, args: list[str], cwd: Path, name: str = "worker", env: dict | None = None,
+                 start_new_session: bool = False):
+        """`start_new_session`: a process group of its own, to signal it as a terminal does."""
         self.cwd, self.name = cwd, name
         cwd.mkdir(parents=True, exist_ok=True)
         self.out_path, self.err_path = cwd / f"{name}.out", cwd / f"{name}.err"
         full_env = {**os.environ, **SUBPROCESS_ENV, **(env or {})}
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen([str(SWEEP_BIN), *args], cwd=cwd, stdout=out, stderr=err,
-                                         env=full_env)
+                                         env=full_env, start_new_session=start_new_session)
 
     def wait(self, timeout: float) -> int:
         try:

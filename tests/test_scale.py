@@ -378,6 +378,117 @@ def test_workers_that_die_before_ending_a_trial_are_not_replaced(tmp_path):
     assert "no worker is left: 0/3 trials finished" in err and "rerun the same command" in err
 
 
+def started_workers(sweep: Worker, n: int) -> set[int]:
+    """The pids of a sweep's `n` worker processes, as soon as all have been spawned."""
+    return wait_until(lambda: (found := worker_processes(sweep.proc.pid)) and len(found) == n
+                      and found, 60, f"{n} worker processes", alive=[sweep], interval=0.02)
+
+
+def gone(pids: set[int], timeout: float) -> bool:
+    import psutil
+
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                 timeout=timeout)
+    return not alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_workers_start_is_a_clean_stop(tmp_path, sig):
+    """SIGTERM or Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the
+    workers are still importing torch: the workers hold the signal until their handlers are in,
+    then stop as they would mid-trial. No worker is reported dead, no traceback is printed, no
+    process is left, and nothing is left RUNNING (before: "worker 0 was killed by SIGTERM" and
+    KeyboardInterrupt tracebacks from `import torch`)."""
+    spec = write_spec(tmp_path, "early", budget={"iteration": 400, "eval_every": 50},
+                      pruner="none")
+    sweep = Worker(["--trials", "3", "--config", str(spec), "--workers", "2"], tmp_path,
+                   start_new_session=True)
+    try:
+        pids = started_workers(sweep, 2)
+        if sig == signal.SIGINT:
+            os.killpg(sweep.proc.pid, signal.SIGINT)
+        else:
+            sweep.signal(sig)
+        code = sweep.wait(120)
+    finally:
+        sweep.kill()
+    assert code == 128 + sig, sweep.output()
+    assert gone(pids, 30)
+    assert "was killed" not in sweep.stdout and "died" not in sweep.stdout, sweep.output()
+    assert "Traceback" not in sweep.stderr, sweep.stderr
+    assert f"Stopped ({sig.name})" in sweep.stdout, sweep.output()
+    trials = study_trials(f"sqlite:///{tmp_path}/optuna.db", "early")
+    assert "RUNNING" not in states(trials) and not finished(trials)
+
+
+@pytest.mark.slow
+def test_workers_stop_cleanly_when_the_sweep_process_is_killed(tmp_path):
+    """SIGKILL to the sweep's own process (`kill -9`, the out-of-memory killer): its workers do
+    not train on unseen, with nobody reading their lines. Each checkpoints its trial, marks it
+    FAIL and exits, as on SIGTERM, and the same command run again finishes exactly N."""
+    spec = write_spec(tmp_path, "orphans", budget={"iteration": 400, "eval_every": 50},
+                      pruner="none")
+    args = ["--trials", "3", "--config", str(spec), "--workers", "2"]
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    first = Worker(args, tmp_path, "first")
+    try:
+        pids = started_workers(first, 2)
+        wait_until(lambda: len([r for r in mlflow_runs(uri, "orphans", missing_ok=True)
+                                if r.info.status == "RUNNING"]) == 2,
+                   180, "two trials running", alive=[first])
+        first.proc.kill()
+        first.proc.wait()
+        assert gone(pids, 60), "the workers went on after their sweep process was killed"
+    finally:
+        first.kill()
+    trials = study_trials(storage, "orphans")
+    stopped = [t for t in trials if t.state.name == "FAIL"]
+    assert {t.user_attrs["fail_reason"] for t in stopped} == {
+        "stopped (the sweep's main process ended); resumes on rerun"}, states(trials)
+    assert len(stopped) == 2 and "RUNNING" not in states(trials)
+    rerun = Worker(args, tmp_path, "rerun")
+    assert rerun.wait(600) == 0, rerun.output()
+    assert len(finished(study_trials(storage, "orphans"))) == 3
+
+
+def test_a_stop_after_the_last_trial_is_not_a_stop(tmp_path, monkeypatch):
+    """A Ctrl-C or SIGTERM that comes once the study has its N trials stops nothing: the sweep
+    does not say "Stopped ... rerun" (and exits 0), as with one worker."""
+    from vqlog import api
+    from vqlog.study import pool
+    from vqlog.study.worker import StopRequest
+
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(tmp_path, "late", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    spec = api.study_spec(str(path), None, None, None, None)
+    storage, tracker = api.prepare(spec, f"sqlite:///{tmp_path}/optuna.db",
+                                   f"sqlite:///{tmp_path}/mlflow.db", "en")
+    stop, lines = StopRequest(), []
+
+    def out(line: str) -> None:
+        lines.append(line)
+        if sum(x.startswith("Seq") for x in lines) == 2:
+            stop.request("SIGTERM")  # as the handler does, on the last trial's line
+
+    summary = pool.sweep(spec, 2, storage, tracker, 2, "cpu", stop=stop, out=out)
+    assert stop.is_set() and summary.finished == 2
+    assert summary.stopped is None and not summary.interrupted
+
+
+def test_a_stop_names_each_checkpointed_trial():
+    from vqlog.commands.sweep import checkpointed_text
+    from vqlog.study.worker import SweepSummary
+
+    one = SweepSummary("s", 1, 3, stopped="SIGTERM", stopped_at=120, stopped_iterations=[120])
+    assert checkpointed_text(one) == ("the running trial was checkpointed at iteration 120 and "
+                                      "marked FAIL; ")
+    three = dataclasses.replace(one, stopped_iterations=[120, 340, 350])
+    assert checkpointed_text(three) == ("the 3 running trials were checkpointed at iterations "
+                                        "120, 340 and 350 and marked FAIL; ")
+    assert checkpointed_text(dataclasses.replace(one, stopped_at=None, stopped_iterations=[])) == ""
+
+
 @contextlib.contextmanager
 def cgroup_limit(controller: str, settings: dict[str, str]):
     """A command prefix that runs a process in a new child cgroup of this machine's cgroup v1
@@ -467,6 +578,9 @@ def test_workers_auto_keeps_to_a_containers_memory_limit(tmp_path):
     (["--workers", "0"], "--workers must be"),
     (["--workers", "many"], "--workers must be"),
     (["--gpus", "a,b"], "--gpus must be"),
+    (["--workers", "99999999999999999999"], "more than the 1024 worker processes"),
+    pytest.param(["--gpus", "0"], "--gpus 0 was given, but the sweep runs on the CPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
     pytest.param(["--workers", "2", "--device", "cuda"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])

@@ -89,9 +89,27 @@ def worker_plan(workers, device: str, gpus: list[int] | None) -> tuple[int, str 
     from vqlog.train import resolve_device
 
     kind = resolve_device(device).type
+    check_gpus(gpus, kind)
     if str(workers) == "auto":
         return pool.auto_workers(kind, gpus)
     return pool.worker_count(workers, kind, gpus), None
+
+
+def check_gpus(gpus: list[int] | None, kind: str) -> None:
+    """--gpus names GPUs this sweep can use: it asks for CUDA, and each index is a visible GPU."""
+    if gpus is None:
+        return
+    import torch
+
+    given = ",".join(map(str, gpus))
+    if kind != "cuda":
+        raise UserError(f"--gpus {given} was given, but the sweep runs on the CPU: add --device "
+                        "cuda (and check that a CUDA GPU is visible), or leave --gpus out")
+    count = torch.cuda.device_count()
+    missing = [i for i in gpus if i >= count]
+    if missing:
+        raise UserError(f"--gpus {given}: GPU {missing[0]} is not visible here, only "
+                        f"{count} GPU{'s' if count != 1 else ''} (0 to {count - 1})")
 
 
 def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device: str = "auto",
@@ -103,6 +121,8 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
 
     if workers == 1:
         pool.keep_to_cores()
+        if gpus:  # the one worker takes the first GPU named, as the first of several would
+            device = f"cuda:{gpus[0]}"
         return worker.run(spec, trials, storage, tracker=tracker, device=device,
                           timeout=timeout, seed=seed, out=out, stop=stop)
     from vqlog.train import resolve_device

@@ -74,8 +74,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if (note := tracker.outage_note()) is not None:
         print(note)
     if result.stopped:
-        at = (f"the running trial was checkpointed at iteration {result.stopped_at} and "
-              "marked FAIL; " if result.stopped_at is not None else "")
+        at = checkpointed_text(result)
         print(f"Stopped ({result.stopped}): {at}everything finished is kept. Rerun the same "
               "command to resume.")
         return EXIT_CODES.get(result.stopped, 1)
@@ -84,6 +83,18 @@ def sweep_command(args: argparse.Namespace) -> int:
               "Rerun the same command to continue.")
         return 130
     return 0
+
+
+def checkpointed_text(result) -> str:
+    """What a clean stop did to the running trials: one, or one per worker of --workers."""
+    its = result.stopped_iterations or (
+        [result.stopped_at] if result.stopped_at is not None else [])
+    if not its:
+        return ""
+    if len(its) == 1:
+        return f"the running trial was checkpointed at iteration {its[0]} and marked FAIL; "
+    at = ", ".join(map(str, its[:-1])) + f" and {its[-1]}"
+    return f"the {len(its)} running trials were checkpointed at iterations {at} and marked FAIL; "
 
 
 EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as shells report it

@@ -11,6 +11,7 @@ queued again) and the parent exits 143 (130 for Ctrl-C).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -22,6 +23,12 @@ from typing import Callable
 from vqlog.errors import SweepError, VqlogError
 
 POLL_SECONDS = 1.0
+# More worker processes than this on one host is taken for a typo: each is a Python interpreter
+# with torch loaded (some 300 MB before it trains), so `--workers 100000` would only exhaust the
+# host's memory and process table. `auto` stays far below it.
+MAX_WORKERS = 1024
+# The signals a worker stops cleanly on; blocked in it from its start until its handlers are in.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def cores() -> int:
@@ -99,6 +106,9 @@ def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> i
         n = 0
     if n < 1:
         raise UserError(f"--workers must be a number of workers (1 or more) or auto, got {requested!r}")
+    if n > MAX_WORKERS:
+        raise UserError(f"--workers {n} is more than the {MAX_WORKERS} worker processes one host "
+                        "can take; use auto for one per core")
     return n
 
 
@@ -130,8 +140,13 @@ def placements(n: int, device: str, gpus: list[int] | None) -> list[tuple[str, i
     return [(f"cuda:{ids[i % len(ids)]}", threads) for i in range(n)]
 
 
-def _child(index: int, job: dict, device: str, threads: int, messages) -> None:
-    """One worker process: its threads, its own clean stop on signals, its lines to the parent."""
+def _child(index: int, job: dict, device: str, threads: int, messages, parent: int) -> None:
+    """One worker process: its threads, its own clean stop on signals, its lines to the parent.
+
+    It starts with SIGINT and SIGTERM blocked (`_signals_blocked`, inherited through the spawn):
+    a Ctrl-C or the parent's SIGTERM that comes while it imports torch waits until its handlers
+    are in, and then asks for the same clean stop as one that comes mid-trial, instead of a
+    KeyboardInterrupt traceback from an import or a death by SIGTERM's default action."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool
     import torch
 
@@ -145,6 +160,9 @@ def _child(index: int, job: dict, device: str, threads: int, messages) -> None:
     stop = worker.StopRequest()
     try:
         with stop_on_signals(stop, quiet=True):
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one: now
+            _watch_parent(parent, stop, messages)
             tracker = Tracker(job["tracking_uri"], lang=job["lang"])
             summary = worker.run(job["spec"], job["trials"], job["storage"], tracker=tracker,
                                  device=device, timeout=job["timeout"], seed=job["seed"],
@@ -157,6 +175,42 @@ def _child(index: int, job: dict, device: str, threads: int, messages) -> None:
         messages.put(("done", index, None))
     except BaseException as exc:  # noqa: BLE001 - reported by the parent as this worker's
         messages.put(("error", index, f"{type(exc).__name__}: {exc}"))
+
+
+PARENT_GONE = "the sweep's main process ended"
+
+
+def _watch_parent(parent: int, stop, messages) -> None:
+    """Stop this worker cleanly, as SIGTERM would, once the process that started it is gone
+    (killed with SIGKILL, or by the out-of-memory killer): a worker must not go on training
+    unseen, with nobody to read its lines. Its queue's feeder thread is then not waited for at
+    exit, since nothing reads the pipe any more."""
+    import threading
+
+    def watch() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent:
+                messages.cancel_join_thread()
+                stop.request(PARENT_GONE)
+                return
+            stop.wait(POLL_SECONDS)
+
+    threading.Thread(target=watch, name="vqlog-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _signals_blocked():
+    """SIGINT and SIGTERM held back in this thread, and in a process started meanwhile: a
+    signal mask survives fork and exec, so a spawned worker begins with them blocked (pending,
+    not lost) until `_child` has its handlers. The mask before is put back after."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
@@ -179,14 +233,19 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
 
     def start(i: int):
         dev, threads = places[i]
-        p = ctx.Process(target=_child, args=(i, job, dev, threads, messages), daemon=False,
-                        name=f"vqlog-worker-{i}")
-        p.start()
+        p = ctx.Process(target=_child, args=(i, job, dev, threads, messages, os.getpid()),
+                        daemon=False, name=f"vqlog-worker-{i}")
+        with _signals_blocked():
+            p.start()
         return p
 
-    procs = [start(i) for i in range(n)]
-    said = [False] * n  # the worker in slot i reported its end (done or error)
-    worked = [False] * n  # ... and it ended a trial (sent a line)
+    procs = []
+    for i in range(n):
+        if stop.is_set():  # a stop asked while the others started: start no more
+            break
+        procs.append(start(i))
+    said = [False] * len(procs)  # the worker in slot i reported its end (done or error)
+    worked = [False] * len(procs)  # ... and it ended a trial (sent a line)
     summaries: list[dict | None] = []
     errors: list[str] = []
     lost: list[str] = []
@@ -198,6 +257,9 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             if said[i] or p.exitcode is None:
                 continue
             said[i] = True
+            if stop.is_set() and -p.exitcode in STOP_SIGNALS:
+                summaries.append(None)  # asked to stop, and ended by the signal itself
+                continue
             how = _death(p.exitcode)
             replace = worked[i] and not stop.is_set()
             lost.append(f"worker {i} (pid {p.pid}) {how}")
@@ -290,6 +352,8 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         summaries, lost = run_pool(job, workers, device, gpus, stop, out=progress.line, tick=tick)
     finally:
         progress.close()
+    # A stop that came after the last trial had finished stopped nothing.
+    stopped = stop.signal if stop.is_set() and finished() < trials else None
     done = [s for s in summaries if s is not None]
     stopped_at = [s["stopped_at"] for s in done if s["stopped_at"] is not None]
     timed_out = any(s["timed_out"] for s in done)
@@ -302,7 +366,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         study=spec.name, finished=finished(), target=trials,
         ran_here=sum(s["ran_here"] for s in done), failed_here=sum(s["failed_here"] for s in done),
         interrupted=len(done) < len(summaries) or any(s["interrupted"] for s in done),
-        stopped=stop.signal if stop.is_set() else None,
-        stopped_at=min(stopped_at) if stopped_at else None,
+        stopped=stopped, stopped_at=min(stopped_at) if stopped_at else None,
+        stopped_iterations=sorted(stopped_at),
         timed_out=timed_out, best=best_trial_info(study, spec),
         table_path=tracker.finish_study(study), workers=workers, workers_lost=len(lost))

@@ -87,6 +87,15 @@ class Heartbeat:
                     self._warned = True
 
 
+def worker_device(device: str) -> torch.device:
+    """The device a worker trains on, as its `vqlog.worker` tag names it: a GPU by its index
+    (cuda:0) also when --device cuda left the choice to torch."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
 class Objective:
     """Runs one trial: suggest its Config, train it with `fit`, report every evaluation for
     pruning, and log it to the tracker (if any): curves, checkpoints every
@@ -97,7 +106,7 @@ class Objective:
                  storage: optuna.storages.BaseStorage, stop=None):
         self.spec, self.cache, self.tracker = spec, cache, tracker
         self.device, self.seed, self.storage, self.stop = device, seed, storage, stop
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{resolve_device(device)}"
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{worker_device(device)}"
 
     def __call__(self, trial: optuna.Trial, retry_history: list[int] = (),
                  queued: bool = False) -> Outcome:

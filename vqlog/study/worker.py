@@ -18,7 +18,7 @@ import contextlib
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
@@ -50,6 +50,8 @@ class SweepSummary:
     interrupted: bool = False  # KeyboardInterrupt
     stopped: str | None = None  # the signal of a clean stop (SIGTERM, SIGINT)
     stopped_at: int | None = None  # the iteration the running trial was checkpointed at
+    # with --workers: every worker's (stopped_at is the earliest)
+    stopped_iterations: list[int] = field(default_factory=list)
     timed_out: bool = False
     best: dict[str, Any] | None = None
     table_path: str | None = None
@@ -183,6 +185,7 @@ class Worker:
         if outcome.stopped_at is not None:
             self._queue_again(trial_id)
             self.summary.stopped_at = outcome.stopped_at
+            self.summary.stopped_iterations = [outcome.stopped_at]
         elif outcome.state == TrialState.COMPLETE and self.tracker is not None:
             self._register_best()
         return outcome
