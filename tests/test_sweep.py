@@ -49,6 +49,56 @@ def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, mlflow_store, mon
     assert len(mlflow_runs(uri, "smoke", role="study")) == 1
 
 
+def test_a_spec_whose_choices_differ_from_the_study_is_one_error(tmp_path, mlflow_store,
+                                                                 monkeypatch, capsys):
+    """Rerunning a study with other choices for a parameter (Optuna keeps one distribution per
+    name in a study) is one Error line and exit 2, the study and the runs as they were; before,
+    every trial failed with "CategoricalDistribution does not support dynamic value space". A
+    range that only widens is fine."""
+    monkeypatch.chdir(tmp_path)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
+    base = smoke_space()
+    first = write_spec(tmp_path, "respec", space=base)
+    assert sweep_main(["--trials", "1", "--config", str(first), "--storage", storage,
+                       "--tracking-uri", uri]) == 0
+    capsys.readouterr()
+
+    changed = write_spec(folder(tmp_path, "changed"), "respec", space={**base, "batch": [4, 8, 16]})
+    code = sweep_main(["--trials", "2", "--config", str(changed), "--storage", storage,
+                       "--tracking-uri", uri])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("Error: study 'respec' already searches batch over the "
+                                        "choices [8, 16]; this spec asks for the choices "
+                                        "[4, 8, 16]"), err
+    assert len(err.strip().splitlines()) == 1
+    assert states(study_trials(storage, "respec")) == {"COMPLETE": 1}
+    assert len(mlflow_runs(uri, "respec")) == 1
+
+    scale = write_spec(folder(tmp_path, "scale"), "respec",
+                       space={**base, "lr": {"type": "float", "low": 1e-3, "high": 1e-2}})
+    assert sweep_main(["--trials", "2", "--config", str(scale), "--storage", storage,
+                       "--tracking-uri", uri]) == 2
+    assert "already searches lr over a float range [0.001, 0.01] (log)" in capsys.readouterr().err
+
+    wider = write_spec(folder(tmp_path, "wider"), "respec",
+                       space={**base, "lr": {"type": "float", "low": 1e-4, "high": 1e-2,
+                                             "log": True}})
+    assert sweep_main(["--trials", "2", "--config", str(wider), "--storage", storage,
+                       "--tracking-uri", uri]) == 0
+    assert len(finished(study_trials(storage, "respec"))) == 2
+
+
+def folder(parent, name: str):
+    (parent / name).mkdir()
+    return parent / name
+
+
+def smoke_space() -> dict:
+    from _sweep_helpers import smoke_raw
+
+    return smoke_raw()["space"]
+
+
 @pytest.mark.slow
 def test_same_seed_gives_the_same_trials(tmp_path, mlflow_store, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -344,3 +394,18 @@ def test_storage_password_is_never_printed(tmp_path, mlflow_store, monkeypatch, 
     assert "s3cr3t" not in out + err
     errors = [line for line in err.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "***@127.0.0.1" in errors[0], err
+
+
+def test_the_closing_dashboard_line_names_a_driver_vqlog_installs():
+    """optuna-dashboard gives the URL to SQLAlchemy as it is, whose bare postgresql:// asks for
+    psycopg (3); vqlog installs psycopg2. The password stays masked."""
+    from vqlog.commands.sweep import summary_text
+    from vqlog.study.worker import SweepSummary
+
+    text = summary_text(SweepSummary("s", 1, 1), 60.0, "postgresql://vq:secret@db:5432/optuna",
+                        "sqlite:///mlflow.db", "http://127.0.0.1:5000")
+    assert "optuna: optuna-dashboard postgresql+psycopg2://vq:***@db:5432/optuna" in text, text
+    assert "secret" not in text
+    text = summary_text(SweepSummary("s", 1, 1), 60.0, "sqlite:///optuna.db",
+                        "sqlite:///mlflow.db", "http://127.0.0.1:5000")
+    assert "optuna: optuna-dashboard sqlite:///optuna.db" in text

@@ -129,7 +129,7 @@ def stop_on_signals(stop, quiet: bool = False):
 def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     """The sweep's closing lines: what finished, the best trial, and where to look."""
     from vqlog.tracking.rows import run_name
-    from vqlog.urls import mask
+    from vqlog.urls import mask, with_psycopg2
 
     lines = [
         "",
@@ -153,7 +153,9 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         lines.append(f"mlflow: {ui}")
     else:
         lines.append(f"mlflow: vqlog ui --tracking-uri {mask(uri)}   then open {ui}")
-    lines.append(f"optuna: optuna-dashboard {mask(storage)}")
+    # optuna-dashboard hands the URL to SQLAlchemy as it is: a bare postgresql:// would ask for
+    # psycopg (3), which vqlog does not install; psycopg2 comes with it.
+    lines.append(f"optuna: optuna-dashboard {mask(with_psycopg2(storage))}")
     return "\n".join(lines)
 
 

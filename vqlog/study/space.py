@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vqlog.config import ALIASES, Config, coerce, known_keys
 from vqlog.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
 
 BUDGET_KEYS = ("iteration", "eval_every", "checkpoint_every")
 # Keys valid only together (window must be a multiple of downsample): checked per combination.
@@ -34,6 +37,16 @@ class Param:
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution `suggest` asks for."""
+        import optuna
+
+        if self.kind == "categorical":
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
 
     def contains(self, value: Any) -> bool:
         if self.kind == "categorical":

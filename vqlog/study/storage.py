@@ -165,6 +165,39 @@ def check_directions(study: optuna.Study, spec) -> None:
         )
 
 
+def check_space(study: optuna.Study, spec) -> None:
+    """The spec searches each parameter in a way the study's trials can share: Optuna keeps one
+    distribution per name within a study and fails every trial that asks a categorical
+    parameter for other choices, or a range on another scale (log or not). A range may widen
+    or narrow. Checked against the latest trial that has the parameter, once per open."""
+    wanted = {p.name: p for p in spec.space}
+    seen: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in reversed(study.get_trials(deepcopy=False)):
+        for name, dist in trial.distributions.items():
+            if name in wanted and name not in seen:
+                seen[name] = dist
+        if len(seen) == len(wanted):
+            break
+    for name, old in seen.items():
+        new = wanted[name].distribution()
+        try:
+            optuna.distributions.check_distribution_compatibility(old, new)
+        except ValueError:
+            raise UserError(
+                f"study '{spec.name}' already searches {name} over {describe_distribution(old)}; "
+                f"this spec asks for {describe_distribution(new)}, which Optuna cannot mix in "
+                "one study: use another --study name, or the study's own spec"
+            ) from None
+
+
+def describe_distribution(dist: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return "the choices [" + ", ".join(map(str, dist.choices)) + "]"
+    scale = " (log)" if getattr(dist, "log", False) else ""
+    kind = "an int" if isinstance(dist, optuna.distributions.IntDistribution) else "a float"
+    return f"{kind} range [{dist.low:g}, {dist.high:g}]{scale}"
+
+
 def open_study(spec, url: str, seed: int | None = None
                ) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """The spec's study in the storage at `url`, created or loaded, with the spec's sampler and
@@ -176,6 +209,7 @@ def open_study(spec, url: str, seed: int | None = None
             storage=storage, study_name=spec.name, directions=spec.directions,
             sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True))
         check_directions(study, spec)
+        retrying(storage, lambda: check_space(study, spec))
         names = METRIC_NAMES[spec.objective]
         if retrying(storage, lambda: study.metric_names) != names:
             with warnings.catch_warnings():  # set_metric_names is marked experimental
