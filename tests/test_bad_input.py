@@ -376,6 +376,10 @@ def test_bad_input_creates_no_study_in_a_reachable_postgresql_database(pg_storag
     ["vqlog-sweep", "--config", "smoke", "--study", "bad/name"],
     ["vqlog", "train", "--set", "no_such_key=1"],
     ["vqlog", "train", "--set", "lr=fast"],
+    ["vqlog-sweep", "--config", "smoke", "--workers", "0"],
+    ["vqlog-sweep", "--config", "smoke", "--storage",
+     f"postgresql://postgres@127.0.0.1:5432/{NO_SUCH_DB}"],
+    ["vqlog-sweep", "--config", "smoke", "--storage", "postgresql://postgres@127.0.0.1:1/optuna"],
 ])
 def test_a_typo_in_the_spec_or_config_is_reported_before_torch_is_imported(tmp_path, command):
     """The commonest mistakes cost a user well under a second, not torch's start-up."""

@@ -56,11 +56,11 @@ def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str |
 def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en"):
     """(storage URL, Tracker) for a sweep of `spec`: flag or argument, else $OPTUNA_STORAGE and
     $MLFLOW_TRACKING_URI, else the embedded files; both checked before anything is created."""
-    from vqlog.study.storage import parse_url, resolve_storage
+    from vqlog.study.storage import check_reachable, resolve_storage
     from vqlog.tracking.runs import Tracker
 
     storage = resolve_storage(storage)
-    parse_url(storage)
+    check_reachable(storage)
     return storage, Tracker(tracking_uri, lang=lang)
 
 

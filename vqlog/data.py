@@ -150,8 +150,8 @@ def _too_short(split: str, per_rec: list[dict], window: int) -> str:
     if len(per_rec) > 4:
         lengths += f", ... {len(per_rec) - 4} more"
     longest = max(r["blocks"][split] for r in per_rec)
-    fix = (f"use a smaller window (at most {longest}) or a higher resample_hz (or none)"
-           if longest else "use longer recordings")
+    fix = (f"use a smaller window (at most {longest}) or a higher resample_hz (or "
+           "resample_hz=null: the native rate)" if longest else "use longer recordings")
     return (f"the {split} split has no windows: every recording's {split} block is shorter than "
             f"window={window} samples ({lengths}); {fix}")
 

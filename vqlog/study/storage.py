@@ -137,6 +137,24 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     return storage
 
 
+def check_reachable(url: str) -> None:
+    """A PostgreSQL storage answers (server, database, credentials), checked with one plain
+    connection that creates nothing: a wrong one is found before a sweep loads torch. SQLite
+    files are checked by `parse_url`."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return
+    engine = sqlalchemy.create_engine(with_psycopg2(parsed.render_as_string(hide_password=False)),
+                                      **_engine_kwargs(parsed))
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - connection, auth, missing database ...
+        raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
+    finally:
+        engine.dispose()
+
+
 def load_existing_study(url: str, name: str) -> optuna.Study:
     """An existing study, read-only: no file, table or study is created (commands that only
     read, like `vqlog export`). UserError names what is missing."""
