@@ -313,6 +313,19 @@ def test_too_short_for_a_window_names_the_split_lengths_and_a_fix(tmp_path):
         make_splits([ramp(100)], window=256, stride=64)
 
 
+def test_a_table_of_channels_read_as_rows_says_to_take_one_with_channel(tmp_path):
+    """A CSV whose columns are channels (time, ppg), given without --channel, is read as one
+    signal per row, of two samples each: the error says so and names the fix."""
+    path = tmp_path / "two.csv"
+    path.write_text("time,ppg\n" + "".join(f"{i / 100},{500 + 5 * np.sin(i / 7):.4f}\n" for i in range(500)))
+    with pytest.raises(DataError, match=r"use a smaller window \(at most 2\).*; the file is read "
+                                        r"as one signal per row \(500 rows\): if its columns are "
+                                        r"channels, take one with --channel"):
+        prepare(str(path), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
+    recs = load_source(str(path), sample_rate=100, channel="ppg")  # the fix works
+    assert len(recs) == 1 and recs[0].signal.size == 500
+
+
 def test_constant_train_split_under_dataset_standardization():
     x = np.r_[np.zeros(800), np.arange(200.0)]
     with pytest.raises(DataError, match="train split is constant"):

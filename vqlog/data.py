@@ -152,6 +152,10 @@ def _too_short(split: str, per_rec: list[dict], window: int) -> str:
     longest = max(r["blocks"][split] for r in per_rec)
     fix = (f"use a smaller window (at most {longest}) or a higher resample_hz (or "
            "resample_hz=null: the native rate)" if longest else "use longer recordings")
+    if len(per_rec) > 1 and all(r["name"].endswith("]") for r in per_rec):
+        # rows of one table: perhaps its columns were meant as channels
+        fix += (f"; the file is read as one signal per row ({len(per_rec)} rows): if its columns "
+                "are channels, take one with --channel")
     return (f"the {split} split has no windows: every recording's {split} block is shorter than "
             f"window={window} samples ({lengths}); {fix}")
 
