@@ -92,6 +92,29 @@ def test_nearest_code_takes_the_first_of_equal_codes():
     assert torch.equal(nearest_code(z, codebook), nearest_code_reference(z, codebook))
 
 
+def test_twin_codes_map_to_the_first_and_codes_of_equal_norm_stay_apart():
+    from vqlog.model.quantizer import first_of_equal_codes
+
+    codebook = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+    codebook[[40, 7, 299]] = codebook[120].clone()  # twins before and after the code they copy
+    codebook[9] = torch.zeros(16)
+    codebook[10] = torch.zeros(16)
+    codebook[11, :] = 0.0
+    codebook[11, :2] = torch.tensor([1.0, 2.0])
+    codebook[12, :] = 0.0
+    codebook[12, :2] = torch.tensor([2.0, 1.0])  # the same norm as code 11, another vector
+    first = first_of_equal_codes(codebook)
+    assert first[[7, 40, 120, 299]].tolist() == [7, 7, 7, 7]
+    assert first[[9, 10, 11, 12]].tolist() == [9, 9, 11, 12]
+    untouched = torch.ones(300, dtype=torch.bool)
+    untouched[[40, 120, 299, 10]] = False
+    assert torch.equal(first[untouched], torch.arange(300)[untouched])
+    z = codebook[torch.randint(0, 300, (500,), generator=torch.Generator().manual_seed(4))]
+    assert torch.equal(nearest_code(z + 1e-4, codebook), nearest_code_reference(z + 1e-4, codebook))
+    same = torch.randn(1, 8).repeat(64, 1)  # a codebook of one vector: every row gets code 0
+    assert nearest_code(torch.randn(100, 8), same).eq(0).all()
+
+
 # --------------------------------------------------------------------------- index -> code
 
 

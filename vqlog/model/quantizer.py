@@ -45,10 +45,16 @@ def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
     GEMM and `min` (`benchmarks/bench_nearest.py`). On a GPU it is that GEMM and `min`: one
     kernel each, no host loop. A row holding NaN gets the index of one of its NaN scores, as with
     `min`. No gradient flows through an index, so none is recorded.
+
+    Codes that are the very same vector share the first one's index, as the reference's
+    distances make them (`first_of_equal_codes`): a GEMM may round their scores apart, since
+    its kernel computes different rows of its output in different orders (MKL on AVX-512 did).
     """
+    with torch.no_grad():
+        first = first_of_equal_codes(codebook)
     if z.device.type != "cpu":
         scores = torch.addmm((codebook * codebook).sum(1), z, codebook.t(), alpha=-2.0)  # (M K)
-        return scores.min(dim=1).indices  # (M)
+        return first[scores.min(dim=1).indices]  # (M)
     K, M = codebook.shape[0], z.shape[0]
     rows = max(1, min(M, max(64, SEARCH_BLOCK // K)))
     indices = torch.empty(M, dtype=torch.long, device=z.device)  # (M)
@@ -63,7 +69,26 @@ def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
             image = out.view(1, K, 1, m).permute(0, 3, 1, 2)  # (1 m K 1), channels-last memory
             _, best = F.max_pool2d(image, kernel_size=(K, 1), return_indices=True)  # (1 m 1 1)
             indices[start:start + m] = best.view(m)
-    return indices
+    return first[indices]
+
+
+def first_of_equal_codes(codebook: Tensor) -> Tensor:
+    """For each code of codebook (K, D), the smallest index of a code that is exactly the same
+    vector (itself when it has no twin), (K,). Exactly equal codes have exactly equal squared
+    norms, so only codes with the norm of an earlier one are compared, against the first code of
+    that norm: O(K log K + K·D), with no host sync on a GPU. (Two different codes of the same
+    norm before a twin would hide it; that takes equal float norms of different vectors.)"""
+    norms = (codebook * codebook).sum(1)  # (K)
+    order = norms.argsort(stable=True)  # equal norms stay in index order
+    sorted_norms = norms[order]
+    first = order[torch.searchsorted(sorted_norms, norms)]  # the first code of each one's norm
+    own = torch.arange(len(norms), device=codebook.device)  # (K)
+    if codebook.device.type == "cpu":  # only the codes with an earlier code's norm (often none)
+        late = (first != own).nonzero().squeeze(1)
+        same = (codebook[first[late]] == codebook[late]).all(1)
+        return own.index_put_((late,), torch.where(same, first[late], late))
+    same = (codebook[first] == codebook).all(1)  # (K): every code, no data-dependent shape
+    return torch.where(same, first, own)
 
 
 class _StraightThrough(torch.autograd.Function):
