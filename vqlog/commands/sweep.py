@@ -105,9 +105,10 @@ EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as sh
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop, quiet: bool = False):
+def stop_on_signals(stop, quiet: bool = False, restore: bool = True):
     """SIGTERM (docker compose stop, Kubernetes, Slurm) and SIGINT (Ctrl-C) ask the worker to
-    stop cleanly; a second Ctrl-C stops it at once. The handlers before are put back after.
+    stop cleanly; a second Ctrl-C stops it at once. The handlers before are put back after,
+    unless `restore` is False (a worker process of --workers, which sets its own for its exit).
     `quiet`: no line about it (a worker of --workers, whose parent says it once)."""
 
     def handle(signum, frame):
@@ -126,7 +127,7 @@ def stop_on_signals(stop, quiet: bool = False):
     try:
         yield stop
     finally:
-        for sig, handler in before.items():
+        for sig, handler in before.items() if restore else ():
             signal.signal(sig, handler)
 
 

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import queue
 import signal
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Callable
 
@@ -158,8 +159,8 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
 
     configure_process()
     stop = worker.StopRequest()
-    try:
-        with stop_on_signals(stop, quiet=True):
+    with stop_on_signals(stop, quiet=True, restore=False):
+        try:
             if hasattr(signal, "pthread_sigmask"):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one: now
             _watch_parent(parent, stop, messages)
@@ -168,13 +169,20 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
                                  device=device, timeout=job["timeout"], seed=job["seed"],
                                  out=lambda line: messages.put(("line", index, line)),
                                  stop=stop, bar=False)
-        messages.put(("done", index, dataclasses.asdict(summary)))
-    except VqlogError as exc:
-        messages.put(("error", index, str(exc)))
-    except KeyboardInterrupt:
-        messages.put(("done", index, None))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent as this worker's
-        messages.put(("error", index, f"{type(exc).__name__}: {exc}"))
+            report = ("done", index, dataclasses.asdict(summary))
+        except VqlogError as exc:
+            report = ("error", index, str(exc))
+        except KeyboardInterrupt:
+            report = ("done", index, None)
+        except BaseException as exc:  # noqa: BLE001 - reported by the parent as this worker's
+            report = ("error", index, f"{type(exc).__name__}: {exc}")
+        # The queue's writer thread sends the report while this process exits. A stop signal
+        # then (the parent forwards one to every worker it sees alive) must neither kill the
+        # process (SIGTERM's default action), losing the report and perhaps leaving the queue's
+        # shared write lock held, nor raise in it: ignored from here on, process-wide.
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        messages.put(report)
 
 
 PARENT_GONE = "the sweep's main process ended"
@@ -231,21 +239,22 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     messages = ctx.Queue()
     places = placements(n, device, gpus)
 
-    def start(i: int):
+    procs: list = []  # slot i: worker i's process (a replacement takes its slot)
+
+    def start(i: int) -> None:
         dev, threads = places[i]
         p = ctx.Process(target=_child, args=(i, job, dev, threads, messages, os.getpid()),
                         daemon=False, name=f"vqlog-worker-{i}")
+        # The tracker that multiprocessing starts for a process's shared resources unblocks
+        # SIGINT and SIGTERM in this thread when it is (re)started inside `start()`: started
+        # first, so that the worker is spawned with them still blocked.
+        resource_tracker.ensure_running()
         with _signals_blocked():
             p.start()
-        return p
+            procs[i:i + 1] = [p]
 
-    procs = []
-    for i in range(n):
-        if stop.is_set():  # a stop asked while the others started: start no more
-            break
-        procs.append(start(i))
-    said = [False] * len(procs)  # the worker in slot i reported its end (done or error)
-    worked = [False] * len(procs)  # ... and it ended a trial (sent a line)
+    said: list[bool] = []  # the worker in slot i reported its end (done or error)
+    worked: list[bool] = []  # ... and it ended a trial (sent a line)
     summaries: list[dict | None] = []
     errors: list[str] = []
     lost: list[str] = []
@@ -258,8 +267,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                 continue
             said[i] = True
             if stop.is_set() and -p.exitcode in STOP_SIGNALS:
-                summaries.append(None)  # asked to stop, and ended by the signal itself
-                continue
+                continue  # asked to stop, and ended by the signal itself: not a death
             how = _death(p.exitcode)
             replace = worked[i] and not stop.is_set()
             lost.append(f"worker {i} (pid {p.pid}) {how}")
@@ -269,10 +277,16 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                    "heartbeat is stale" if replace else
                    "; it had not ended a trial, so no new worker takes its place"))
             if replace:
-                procs[i] = start(i)
+                start(i)
                 said[i] = worked[i] = False
 
     try:
+        for i in range(n):
+            if stop.is_set():  # a stop asked while the others started: start no more
+                break
+            start(i)
+            said.append(False)
+            worked.append(False)
         while any(p.is_alive() for p in procs) or not messages.empty() or not all(said):
             if stop.is_set() and not forwarded:
                 forwarded = True
@@ -296,6 +310,9 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                 errors.append(f"worker {index}: {payload}")
                 stop.request(stop.signal or "error")
     finally:
+        for p in procs:  # alive only when leaving by an exception: ask them to stop first
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
         for p in procs:
             p.join(timeout=60)
             if p.is_alive():
