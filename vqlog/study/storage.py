@@ -183,29 +183,54 @@ def check_directions(study: optuna.Study, spec) -> None:
         )
 
 
-def check_space(study: optuna.Study, spec) -> None:
-    """The spec searches each parameter in a way the study's trials can share: Optuna keeps one
-    distribution per name within a study and fails every trial that asks a categorical
-    parameter for other choices, or a range on another scale (log or not). A range may widen
-    or narrow. Checked against the latest trial that has the parameter, once per open."""
-    wanted = {p.name: p for p in spec.space}
+# Trials read one by one, newest first, to find the distributions a study uses; past these, the
+# rest are read in one go (a parameter the spec searches that the latest trials do not have).
+SPACE_LOOKBACK = 50
+
+
+def check_space(storage: optuna.storages.BaseStorage, spec) -> None:
+    """The spec searches each parameter in a way the study's trials can share. Optuna keeps one
+    distribution per name within a study and fails every trial that asks a list parameter for
+    other choices, or asks for another kind (int, float, list) or scale (log or not); a range
+    may widen or narrow. Optuna's rule makes every trial's distribution of a name compatible
+    with every other's, so the newest trial that has it tells: most often one trial is read."""
+    wanted = {p.name: p.distribution() for p in spec.space}
+    study_id = storage.get_study_id_from_name(spec.name)
     seen: dict[str, optuna.distributions.BaseDistribution] = {}
-    for trial in reversed(study.get_trials(deepcopy=False)):
+
+    def note(trial: FrozenTrial) -> None:
         for name, dist in trial.distributions.items():
-            if name in wanted and name not in seen:
-                seen[name] = dist
-        if len(seen) == len(wanted):
-            break
+            if name in wanted:
+                seen.setdefault(name, dist)
+
+    total = storage.get_n_trials(study_id)
+    number = total
+    while number > max(0, total - SPACE_LOOKBACK) and len(seen) < len(wanted):
+        number -= 1
+        note(storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number)))
+    if number > 0 and len(seen) < len(wanted):
+        with gc_paused():
+            for trial in storage.get_all_trials(study_id, deepcopy=False):
+                note(trial)
     for name, old in seen.items():
-        new = wanted[name].distribution()
-        try:
-            optuna.distributions.check_distribution_compatibility(old, new)
-        except ValueError:
+        new = wanted[name]
+        if not same_kind(old, new):
             raise UserError(
                 f"study '{spec.name}' already searches {name} over {describe_distribution(old)}; "
                 f"this spec asks for {describe_distribution(new)}, which Optuna cannot mix in "
                 "one study: use another --study name, or the study's own spec"
-            ) from None
+            )
+
+
+def same_kind(old: optuna.distributions.BaseDistribution,
+              new: optuna.distributions.BaseDistribution) -> bool:
+    """Whether one study's trials may ask for both: the same class, and the same choices (a
+    list) or the same scale (a range)."""
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, optuna.distributions.CategoricalDistribution):
+        return tuple(old.choices) == tuple(new.choices)
+    return old.log == new.log
 
 
 def describe_distribution(dist: optuna.distributions.BaseDistribution) -> str:
@@ -227,7 +252,7 @@ def open_study(spec, url: str, seed: int | None = None
             storage=storage, study_name=spec.name, directions=spec.directions,
             sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True))
         check_directions(study, spec)
-        retrying(storage, lambda: check_space(study, spec))
+        retrying(storage, lambda: check_space(storage, spec))
         names = METRIC_NAMES[spec.objective]
         if retrying(storage, lambda: study.metric_names) != names:
             with warnings.catch_warnings():  # set_metric_names is marked experimental
