@@ -157,3 +157,67 @@ def parse_param(key: str, value: Any) -> Param:
     for bound in (low, high):
         valid_alone(key, bound, where)
     return Param(name, kind, low=low, high=high, log=log)
+
+
+# Trials read one by one, newest first, to find the distributions a study uses; past these, the
+# rest are read in one go (a parameter the spec searches that the latest trials do not have).
+SPACE_LOOKBACK = 50
+
+
+def check_space(storage: optuna.storages.BaseStorage, spec) -> None:
+    """The spec searches each parameter in a way the study's trials can share. Optuna keeps one
+    distribution per name within a study and fails every trial that asks a list parameter for
+    other choices, or asks for another kind (int, float, list) or scale (log or not); a range
+    may widen or narrow. Optuna's rule makes every trial's distribution of a name compatible
+    with every other's, so the newest trial that has it tells: most often one trial is read."""
+    from vqlog.bulk import gc_paused
+
+    wanted = {p.name: p.distribution() for p in spec.space}
+    study_id = storage.get_study_id_from_name(spec.name)
+    seen: dict[str, optuna.distributions.BaseDistribution] = {}
+
+    def note(trial: optuna.trial.FrozenTrial) -> None:
+        for name, dist in trial.distributions.items():
+            if name in wanted:
+                seen.setdefault(name, dist)
+
+    total = storage.get_n_trials(study_id)
+    number = total
+    while number > max(0, total - SPACE_LOOKBACK) and len(seen) < len(wanted):
+        number -= 1
+        note(storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number)))
+    if number > 0 and len(seen) < len(wanted):
+        with gc_paused():
+            for trial in storage.get_all_trials(study_id, deepcopy=False):
+                note(trial)
+    for name, old in seen.items():
+        new = wanted[name]
+        if not same_kind(old, new):
+            raise ConfigError(
+                f"study '{spec.name}' already searches {name} over {describe_distribution(old)}; "
+                f"this spec asks for {describe_distribution(new)}, which Optuna cannot mix in "
+                "one study: use another --study name, or the study's own spec"
+            )
+
+
+def same_kind(old: optuna.distributions.BaseDistribution,
+              new: optuna.distributions.BaseDistribution) -> bool:
+    """Whether one study's trials may ask for both: the same class, and the same choices (a
+    list) or the same scale (a range)."""
+    import optuna
+
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, optuna.distributions.CategoricalDistribution):
+        return tuple(old.choices) == tuple(new.choices)
+    return old.log == new.log
+
+
+def describe_distribution(dist: optuna.distributions.BaseDistribution) -> str:
+    import optuna
+
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return "the choices [" + ", ".join(map(str, dist.choices)) + "]"
+    scale = " (log)" if getattr(dist, "log", False) else ""
+    kind = "an int" if isinstance(dist, optuna.distributions.IntDistribution) else "a float"
+    return f"{kind} range [{dist.low:g}, {dist.high:g}]{scale}"

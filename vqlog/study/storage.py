@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL, make_url
 
 from vqlog.bulk import gc_paused
 from vqlog.errors import UserError
+from vqlog.study.space import check_space
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.urls import mask, with_psycopg2
 
@@ -181,64 +182,6 @@ def check_directions(study: optuna.Study, spec) -> None:
             f"study '{spec.name}' already exists with directions {have}, but this spec's objective "
             f"'{spec.objective}' needs {spec.directions}; use another --study name"
         )
-
-
-# Trials read one by one, newest first, to find the distributions a study uses; past these, the
-# rest are read in one go (a parameter the spec searches that the latest trials do not have).
-SPACE_LOOKBACK = 50
-
-
-def check_space(storage: optuna.storages.BaseStorage, spec) -> None:
-    """The spec searches each parameter in a way the study's trials can share. Optuna keeps one
-    distribution per name within a study and fails every trial that asks a list parameter for
-    other choices, or asks for another kind (int, float, list) or scale (log or not); a range
-    may widen or narrow. Optuna's rule makes every trial's distribution of a name compatible
-    with every other's, so the newest trial that has it tells: most often one trial is read."""
-    wanted = {p.name: p.distribution() for p in spec.space}
-    study_id = storage.get_study_id_from_name(spec.name)
-    seen: dict[str, optuna.distributions.BaseDistribution] = {}
-
-    def note(trial: FrozenTrial) -> None:
-        for name, dist in trial.distributions.items():
-            if name in wanted:
-                seen.setdefault(name, dist)
-
-    total = storage.get_n_trials(study_id)
-    number = total
-    while number > max(0, total - SPACE_LOOKBACK) and len(seen) < len(wanted):
-        number -= 1
-        note(storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number)))
-    if number > 0 and len(seen) < len(wanted):
-        with gc_paused():
-            for trial in storage.get_all_trials(study_id, deepcopy=False):
-                note(trial)
-    for name, old in seen.items():
-        new = wanted[name]
-        if not same_kind(old, new):
-            raise UserError(
-                f"study '{spec.name}' already searches {name} over {describe_distribution(old)}; "
-                f"this spec asks for {describe_distribution(new)}, which Optuna cannot mix in "
-                "one study: use another --study name, or the study's own spec"
-            )
-
-
-def same_kind(old: optuna.distributions.BaseDistribution,
-              new: optuna.distributions.BaseDistribution) -> bool:
-    """Whether one study's trials may ask for both: the same class, and the same choices (a
-    list) or the same scale (a range)."""
-    if type(old) is not type(new):
-        return False
-    if isinstance(old, optuna.distributions.CategoricalDistribution):
-        return tuple(old.choices) == tuple(new.choices)
-    return old.log == new.log
-
-
-def describe_distribution(dist: optuna.distributions.BaseDistribution) -> str:
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return "the choices [" + ", ".join(map(str, dist.choices)) + "]"
-    scale = " (log)" if getattr(dist, "log", False) else ""
-    kind = "an int" if isinstance(dist, optuna.distributions.IntDistribution) else "a float"
-    return f"{kind} range [{dist.low:g}, {dist.high:g}]{scale}"
 
 
 def open_study(spec, url: str, seed: int | None = None
