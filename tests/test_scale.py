@@ -384,6 +384,15 @@ def started_workers(sweep: Worker, n: int) -> set[int]:
                       and found, 60, f"{n} worker processes", alive=[sweep], interval=0.02)
 
 
+def two_worker_sweep(tmp_path, name: str) -> tuple[list[str], str, str, Worker]:
+    """A sweep of 3 trials of 400 iterations by 2 workers on SQLite files in tmp_path, started:
+    its arguments, storage URL, tracking URI and process."""
+    spec = write_spec(tmp_path, name, budget={"iteration": 400, "eval_every": 50}, pruner="none")
+    args = ["--trials", "3", "--config", str(spec), "--workers", "2"]
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    return args, storage, uri, Worker(args, tmp_path, "first")
+
+
 def gone(pids: set[int], timeout: float) -> bool:
     import psutil
 
@@ -426,11 +435,7 @@ def test_workers_stop_cleanly_when_the_sweep_process_is_killed(tmp_path):
     """SIGKILL to the sweep's own process (`kill -9`, the out-of-memory killer): its workers do
     not train on unseen, with nobody reading their lines. Each checkpoints its trial, marks it
     FAIL and exits, as on SIGTERM, and the same command run again finishes exactly N."""
-    spec = write_spec(tmp_path, "orphans", budget={"iteration": 400, "eval_every": 50},
-                      pruner="none")
-    args = ["--trials", "3", "--config", str(spec), "--workers", "2"]
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    first = Worker(args, tmp_path, "first")
+    args, storage, uri, first = two_worker_sweep(tmp_path, "orphans")
     try:
         pids = started_workers(first, 2)
         wait_until(lambda: len([r for r in mlflow_runs(uri, "orphans", missing_ok=True)
@@ -618,11 +623,7 @@ def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
     # Long enough that both first trials are still training when the signal comes, a second
     # after both runs show RUNNING (a few iterations in); the rerun trains what is left of them
     # and the third trial, most of this test's time (3000 iterations took 159 s of CI's 23 min).
-    spec = write_spec(tmp_path, "pooled", budget={"iteration": 400, "eval_every": 50},
-                      pruner="none")
-    args = ["--trials", "3", "--config", str(spec), "--workers", "2"]
-    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    first = Worker(args, tmp_path, "first")
+    args, storage, uri, first = two_worker_sweep(tmp_path, "pooled")
     try:
         def two_running():
             runs = [r for r in mlflow_runs(uri, "pooled", missing_ok=True)
