@@ -208,3 +208,25 @@ def test_workers_stop_cleanly_on_docker_compose_stop(services):
     assert sweep.get("init") is True
     grace = re.fullmatch(r"(\d+)s", str(sweep.get("stop_grace_period", "")))
     assert grace and int(grace.group(1)) >= 30, sweep.get("stop_grace_period")
+
+
+def test_the_commands_run_with_the_env_example_values(services, tmp_path, monkeypatch, cli):
+    """.env.example leaves STUDY empty, so compose passes `--study ""`: that is the spec's name
+    for init (and the sweep) and the only study for the table, not an error. Run here with the
+    storage and tracking URI on SQLite files in place of the stack's services."""
+    monkeypatch.chdir(tmp_path)
+    local = {"--storage": f"sqlite:///{tmp_path}/optuna.db",
+             "--tracking-uri": f"sqlite:///{tmp_path}/mlflow.db"}
+
+    def here(args: list[str]) -> list[str]:
+        return [local.get(prev, arg) for prev, arg in zip([None, *args], args)]
+
+    init, table = command(services, "init"), command(services, "table")
+    assert init[init.index("--study") + 1] == "" == table[table.index("--study") + 1]
+    code, out, err = cli(*here(init[1:]))
+    assert code == 0, err
+    spec = env_example().get("SPEC") or "seed"
+    assert out.startswith(f"study {spec}: Optuna study ready in {local['--storage']} (")
+    once = [a for a in here(table[1:]) if a != "--watch"]
+    code, out, err = cli(*once)
+    assert (code, out, err) == (0, f"table: results/{spec}.md (0 trials)\n", "")

@@ -53,9 +53,16 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_SPEC,
                    help="sweep spec: a YAML file or a bundled name (seed, quantizers, baseline, "
                         f"smoke, gpu); default {DEFAULT_SPEC}")
-    p.add_argument("--study", help="study name (default: the spec's name)")
+    p.add_argument("--study", type=default_if_empty,
+                   help="study name (default, also when empty: the spec's name)")
     p.add_argument("--storage", default=None, help=STORAGE_HELP)
     p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+
+
+def default_if_empty(value: str) -> str | None:
+    """An optional name given as '' means the default: compose passes `--study ""` where `STUDY`
+    is left empty in `.env`."""
+    return value or None
 
 
 def check_out_file(out: str, flag: str, example: str):
