@@ -155,6 +155,53 @@ def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatc
     assert "no MLflow store at sqlite:///mlflow.db" in err
 
 
+def test_an_empty_study_means_the_only_study(store, tmp_path, cli):
+    """compose passes `--study ""` when STUDY is left empty in .env."""
+    client = MlflowClient(tracking_uri=store)
+    client.delete_experiment(client.get_experiment_by_name("beta").experiment_id)
+    code, out, err = cli("table", "--study", "", "--tracking-uri", store)
+    assert (code, out, err) == (0, "table: results/alpha.md (2 trials)\n", "")
+
+
+def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
+    """--watch started before the sweep (or beside `vqlog init`) waits for the store, then for
+    the study's experiment, saying so once, and writes the table when the study is there; its
+    description goes to the study run found then. (Without --watch both are errors: above.)"""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "results" / "gamma.md"
+    log = tmp_path / "watch.log"
+    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.2",
+           "--study", "gamma", "--tracking-uri", uri]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: "waiting" in log.read_text(), 120, "the waiting line", proc)
+        staged = tmp_path / "staged.db"  # the store appears whole, as a first open leaves it
+        shutil.copy(template, staged)
+        staged.replace(tmp_path / "mlflow.db")
+        time.sleep(1.0)  # some checks against a store without the study
+        assert proc.poll() is None and not out.exists()
+        client = MlflowClient(tracking_uri=uri)
+        exp, parent = add_study(client, tmp_path, "gamma")
+        add_trial(client, tiny(**BASE), exp, parent, "gamma", 0, "COMPLETE", SEQ1)
+        _wait_for(out.is_file, 60, "the table", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    lines = log.read_text().splitlines()
+    assert code == 0, lines
+    assert lines[0] == f"table: waiting for an MLflow store at {uri} (checking every 0.2 s; Ctrl-C " \
+                       "to stop)" and len(lines) == 2, lines
+    assert lines[1] == "table: results/gamma.md (1 trial)"
+    assert "| Seq1 ★ | 16 | 1e-3 | 8 | 16 | 20 |" in out.read_text()
+    assert client.get_run(parent).data.tags["mlflow.note.content"] == out.read_text()
+
+
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -9,12 +9,14 @@ import threading
 import time
 from pathlib import Path
 
-from vqlog.cli import TRACKING_HELP, add_debug
+from vqlog.cli import TRACKING_HELP, add_debug, default_if_empty
 
 
 def table_command_parser(sub) -> None:
     p = sub.add_parser("table", help="regenerate the experiment table from MLflow")
-    p.add_argument("--study", help="study (MLflow experiment) name; default: the only vqlog study")
+    p.add_argument("--study", type=default_if_empty,
+                   help="study (MLflow experiment) name; default, also when empty: the only vqlog "
+                        "study")
     p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     p.add_argument("--lang", default="en", choices=("en", "zh"))
     p.add_argument("--out", help="output file (default results/<study>.md; - for stdout)")
@@ -26,8 +28,6 @@ def table_command_parser(sub) -> None:
 
 def table_command(args: argparse.Namespace) -> int:
     from vqlog.errors import UserError
-    from vqlog.tracking.client import existing_store, open_client
-    from vqlog.tracking.runs import study_names, study_run
 
     if not args.interval > 0:
         raise UserError(f"--interval must be a number of seconds above 0, not {args.interval:g}")
@@ -35,21 +35,63 @@ def table_command(args: argparse.Namespace) -> int:
     # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
     # the wait.
     stop = _Stop()
-    client = open_client(existing_store(args.tracking_uri), sleep=stop.sleep)
-    study = args.study
-    if study is None:
-        names = study_names(client)
-        if not names:
-            raise UserError("no vqlog study in this MLflow store; run vqlog-sweep first")
-        if len(names) > 1:
-            raise UserError(f"several studies here ({', '.join(names)}); choose one with --study")
-        study = names[0]
-    parent = study_run(client, study)
     try:
         with _ended_by_signals(args.watch, stop):
-            return _table_loop(args, client, study, parent, stop)
+            client, study = _open_study(args, stop)
+            return _table_loop(args, client, study, stop)
     except KeyboardInterrupt:
         return 0  # --watch ends with Ctrl-C or SIGTERM; what was written stays
+
+
+def _open_study(args, stop: _Stop):
+    """(client, study name). Without --watch a missing store or study is an error; --watch waits
+    for them (started before the sweep, or beside `vqlog init` in compose), saying so once."""
+    from vqlog.errors import UserError
+    from vqlog.tracking.client import (MissingStore, existing_store, open_client,
+                                       resolve_tracking_uri)
+
+    said = False
+    while True:
+        try:
+            client = open_client(existing_store(args.tracking_uri), sleep=stop.sleep)
+        except MissingStore:
+            if not args.watch:
+                raise
+            what = f"an MLflow store at {resolve_tracking_uri(args.tracking_uri)}"
+        else:
+            study, missing = _find_study(client, args.study)
+            if study is not None:
+                return client, study
+            if not args.watch:
+                raise UserError(missing)
+            what = f"{'a vqlog study' if args.study is None else f'the study {args.study!r}'} in " \
+                   f"{client.describe}"
+        if not said:
+            print(f"table: waiting for {what} (checking every {args.interval:g} s; Ctrl-C to "
+                  "stop)", flush=True)
+            said = True
+        stop.sleep(args.interval)
+
+
+def _find_study(client, study: str | None) -> tuple[str | None, str]:
+    """(the study, "") when it is in the store, (None, why not) while it is not. UserError for
+    what waiting cannot mend: several studies and no --study, or a deleted experiment."""
+    from vqlog.errors import UserError
+    from vqlog.tracking.rows import MissingExperiment, study_experiment
+    from vqlog.tracking.runs import study_names
+
+    if study is None:
+        names = study_names(client)
+        if len(names) > 1:
+            raise UserError(f"several studies here ({', '.join(names)}); choose one with --study")
+        if not names:
+            return None, "no vqlog study in this MLflow store; run vqlog-sweep first"
+        study = names[0]
+    try:
+        study_experiment(client, study)
+    except MissingExperiment as exc:
+        return None, str(exc)
+    return study, ""
 
 
 class _Stop:
@@ -94,12 +136,13 @@ def _ended_by_signals(watch: bool, stop: _Stop):
             signal.signal(s, handler)
 
 
-def _table_loop(args, client, study: str, parent: str | None, stop: _Stop) -> int:
+def _table_loop(args, client, study: str, stop: _Stop) -> int:
     from vqlog.files import write_text
     from vqlog.tracking import table
     from vqlog.tracking.rows import RowCache
-    from vqlog.tracking.runs import publish_table
+    from vqlog.tracking.runs import publish_table, study_run
 
+    parent = None
     last, cache = None, RowCache(client, study)  # --watch: only the runs that ended since
     rendered = table.RenderCache()  # and only those rendered again
     while True:
@@ -111,7 +154,8 @@ def _table_loop(args, client, study: str, parent: str | None, stop: _Stop) -> in
             else:
                 out = Path(args.out) if args.out else table.table_path("results", study)
                 write_text(out, text, crash_point="table.write")
-                print(f"table: {out} ({len(rows)} trials)", flush=True)
+                print(f"table: {out} ({len(rows)} trial{'s' * (len(rows) != 1)})", flush=True)
+            parent = parent or study_run(client, study)  # made by the study's first worker
             if parent:
                 publish_table(client, parent, rows, study, args.lang, text, rendered)
             last = text

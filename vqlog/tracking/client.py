@@ -220,14 +220,19 @@ def store_uri(uri: str | None) -> str:
     return with_psycopg2(uri)
 
 
+class MissingStore(UserError):
+    """An SQLite tracking store that does not exist (yet)."""
+
+
 def existing_store(uri: str | None) -> str:
-    """`store_uri` for commands that only read: an SQLite file that does not exist is an error
-    (MLflow would silently create an empty store there)."""
+    """`store_uri` for commands that only read: an SQLite file that does not exist is an error,
+    MissingStore (MLflow would silently create an empty store there)."""
     given = resolve_tracking_uri(uri)
     checked = store_uri(given)
     path = sqlite_path(checked)
     if path is not None and not path.is_file():
-        raise UserError(f"no MLflow store at {given}; run vqlog-sweep first or pass --tracking-uri")
+        raise MissingStore(f"no MLflow store at {given}; run vqlog-sweep first or pass "
+                           "--tracking-uri")
     return checked
 
 

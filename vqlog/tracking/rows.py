@@ -100,11 +100,16 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+class MissingExperiment(UserError):
+    """A study with no MLflow experiment (yet)."""
+
+
 def study_experiment(client: MlflowClient, study: str):
-    """The study's MLflow experiment; UserError if there is none or it is deleted."""
+    """The study's MLflow experiment; MissingExperiment if there is none, UserError if it is
+    deleted."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
-        raise UserError(
+        raise MissingExperiment(
             f"no MLflow experiment named '{study}' at {client.tracking_uri}: check the study name "
             "(each study is one experiment) and the tracking URI"
         )
