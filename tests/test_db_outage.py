@@ -299,3 +299,72 @@ def test_a_worker_goes_on_through_postgresql_restarts(pg, db, tmp_path, mlflow_s
     assert f"outage: 4/4 trials finished ({ran} ran here, {ran - 4} failed)" in worker.stdout
     assert "lost the connection to the Optuna storage" in worker.stderr
     assert "lost the connection to the Optuna storage" in worker.stderr
+
+
+class _BreaksReads:
+    """The storage's connection dies just before its next `n` reads of the `trials` table: the
+    server ends the session (`pg_terminate_backend`) and the statement fails in flight, as in a
+    restart that comes between a connection's check-out and its query."""
+
+    def __init__(self, storage, url: str):
+        import psycopg2
+        import sqlalchemy
+
+        self.n = self.broken = 0
+        self.url = url
+
+        def before(conn, cursor, statement, *_):
+            if self.n and re.match(r"\s*SELECT\b.*\bFROM trials\b", statement, re.I | re.S):
+                self.n -= 1
+                self.broken += 1
+                pid = cursor.connection.get_backend_pid()
+                admin = psycopg2.connect(self.url, connect_timeout=5)
+                try:
+                    admin.autocommit = True
+                    with admin.cursor() as cur:
+                        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                finally:
+                    admin.close()
+
+        sqlalchemy.event.listen(storage.engine, "before_cursor_execute", before)
+
+
+def test_the_trackers_reads_of_the_study_ride_out_a_dropped_connection(pg, db, tmp_path):
+    """The tracker reads the Optuna study after every trial (reconcile, the best so far, the
+    study plots). A connection that dies under such a read is sent again through the worker's
+    `retrying`, like the worker's own calls: before, the StorageInternalError ended the sweep
+    (exit 1, seen once in CI after a restart)."""
+    import dataclasses
+
+    import optuna
+
+    from vqlog.study.outage import retrying
+    from vqlog.study.spec import load_sweep
+    from vqlog.study.storage import open_storage
+    from vqlog.tracking.runs import Tracker
+
+    storage = open_storage(db)
+    study = optuna.create_study(study_name="reads", storage=storage)
+    for lr in (1e-3, 2e-3, 3e-3):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        study.tell(trial, lr * 10)
+    spec = dataclasses.replace(load_sweep("smoke"), name="reads")
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", table_dir=tmp_path / "results")
+    breaks = _BreaksReads(storage, db)
+    # Without the worker's retrying the read fails: the break is real.
+    tracker.start_study(study, spec)
+    breaks.n = 1
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        tracker.reconcile(study)
+    assert breaks.broken == 1
+    tracker.start_study(study, spec, db=lambda call: retrying(storage, call))
+    breaks.n = 1
+    tracker.reconcile(study)
+    breaks.n = 1
+    tracker.refresh_study_plots(study)
+    breaks.n = 1
+    assert tracker.finish_study(study).endswith("reads.md")
+    assert breaks.broken == 4 and breaks.n == 0
+    names = {a.path for a in tracker.client.list_artifacts(tracker.parent_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= names

@@ -342,6 +342,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
 
     from vqlog.data import DataCache
     from vqlog.study.progress import TrialProgress
+    from vqlog.study.outage import retrying
     from vqlog.study.storage import StudyLock, open_study
     from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
                                     check_data)
@@ -349,12 +350,16 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     stop = stop if stop is not None else StopRequest()
     check_data(spec, DataCache(spec.source, spec.sample_rate, spec.channel), seed)
     tracker.check_experiment(spec.name)
-    study, _ = open_study(spec, storage, seed)
+    study, optuna_storage = open_study(spec, storage, seed)
+
+    def db(call):  # this process's reads of the study ride out a database restart
+        return retrying(optuna_storage, call)
+
     with StudyLock(storage, spec.name):
-        tracker.start_study(study, spec)
+        tracker.start_study(study, spec, db=db)
 
     def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=FINISHED))
+        return len(db(lambda: study.get_trials(deepcopy=False, states=FINISHED)))
 
     progress, last = TrialProgress(trials, out), [0.0]
 
@@ -385,5 +390,5 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         interrupted=len(done) < len(summaries) or any(s["interrupted"] for s in done),
         stopped=stopped, stopped_at=min(stopped_at) if stopped_at else None,
         stopped_iterations=sorted(stopped_at),
-        timed_out=timed_out, best=best_trial_info(study, spec),
+        timed_out=timed_out, best=db(lambda: best_trial_info(study, spec)),
         table_path=tracker.finish_study(study), workers=workers, workers_lost=len(lost))

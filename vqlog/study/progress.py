@@ -28,8 +28,9 @@ class TrialProgress:
             self.bar.n = min(finished, self.total)
             self.bar.refresh()
 
-    def trial_line(self, study: optuna.Study, t: FrozenTrial, reason: str = "") -> None:
-        """`Seq7  COMPLETE  val mse 0.0412  perplexity max 87.1 (300 it, 21 s) | best ...`"""
+    def trial_line(self, best: str, t: FrozenTrial, reason: str = "") -> None:
+        """`Seq7  COMPLETE  val mse 0.0412  perplexity max 87.1 (300 it, 21 s) | best ...`, with
+        `best` from `best_so_far`."""
         a = t.user_attrs
         if t.state == TrialState.FAIL:
             what = f"FAIL      {reason or a.get('fail_reason') or ''}"
@@ -40,7 +41,6 @@ class TrialProgress:
             if ppl is not None:
                 what += f"  perplexity max {ppl:.1f}"
             what += f"  ({int(a.get('iterations_run', 0))} it, {a.get('train_seconds', 0):.0f} s)"
-        best = best_so_far(study)
         self.line(f"{run_name(t.number):<7} {what}" + (f"  | best {best}" if best else ""))
         if self.bar is not None:
             self.bar.set_postfix_str(best or "", refresh=True)

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from vqlog.config import Config
 from vqlog.data import DataCache
 from vqlog.errors import StorageOutageError, SweepError, TrackingUnavailable, find_cause
-from vqlog.study.progress import TrialProgress
+from vqlog.study.progress import TrialProgress, best_so_far
 from vqlog.study.spec import SweepSpec
 from vqlog.study.outage import retrying
 from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
@@ -106,7 +106,7 @@ class Worker:
         finally:
             self.progress.close()
         self.summary.finished = self._count()[0]
-        self.summary.best = best_trial_info(self.study, self.spec)
+        self.summary.best = self._db(lambda: best_trial_info(self.study, self.spec))
         if self.tracker is not None:
             self.summary.table_path = self.tracker.finish_study(self.study)
         return self.summary
@@ -128,7 +128,7 @@ class Worker:
             fail_stale_trials(self.study, self.storage)
             if self.tracker is not None:
                 # Under the lock: two workers starting together would each create a study run.
-                self.tracker.start_study(self.study, self.spec)
+                self.tracker.start_study(self.study, self.spec, db=self._db)
 
     def _next_trial(self, started: float) -> optuna.Trial | None:
         """The next trial, asked for under the study lock while the finished and running trials
@@ -239,7 +239,8 @@ class Worker:
         if isinstance(outcome.fatal, StorageOutageError):
             return  # nothing can be read back now
         frozen = self._db(lambda: self.storage.get_trial(trial_id))
-        self.progress.trial_line(self.study, frozen, outcome.reason if failed else "")
+        best = self._db(lambda: best_so_far(self.study))
+        self.progress.trial_line(best, frozen, outcome.reason if failed else "")
         if self.tracker is not None and not isinstance(outcome.fatal, TrackingUnavailable):
             written = self.tracker.after_trial(self.study, self.table_lock)
             self.summary.table_path = written or self.summary.table_path

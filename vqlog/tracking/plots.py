@@ -15,7 +15,6 @@ import math
 import sys
 import threading
 import warnings
-from typing import Iterator
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -157,9 +156,11 @@ def reconstruction_figure(model, windows: np.ndarray, n: int = 4) -> Figure:
     return fig
 
 
-def study_figures(study) -> Iterator[tuple[str, object]]:
+def study_figures(study) -> list[tuple[str, object]]:
     """Optuna's optimization history, parameter importances and parallel coordinates, as far as
-    the study has enough finished trials for each."""
+    the study has enough finished trials for each. Drawn all before any is returned: an error
+    part way (the study's database restarting) leaves no figure open, and the caller may send
+    the whole drawing again."""
     import matplotlib
     import optuna
 
@@ -169,7 +170,7 @@ def study_figures(study) -> Iterator[tuple[str, object]]:
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not done:
-        return
+        return []
     multi = len(study.directions) > 1
     target = (lambda t: t.values[0]) if multi else None
     name = "val mse" if multi else None
@@ -177,15 +178,22 @@ def study_figures(study) -> Iterator[tuple[str, object]]:
     if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
         makers.append(("param_importances", lambda: ovm.plot_param_importances(study, target=target)))
         makers.append(("parallel_coordinate", lambda: ovm.plot_parallel_coordinate(study, target=target)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ExperimentalWarning on every matplotlib plot
-        for key, make in makers:
-            try:
-                ax = make()
-            except (ValueError, RuntimeError):  # e.g. importances with a single distinct value
-                continue
-            ax = np.atleast_1d(ax).ravel()[0]
-            fig = ax.figure
-            fig.set_size_inches(8, 5)
-            fig.tight_layout()
-            yield key, fig
+    figures = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning on every matplotlib plot
+            for key, make in makers:
+                try:
+                    ax = make()
+                except (ValueError, RuntimeError):  # e.g. importances with a single distinct value
+                    continue
+                ax = np.atleast_1d(ax).ravel()[0]
+                fig = ax.figure
+                fig.set_size_inches(8, 5)
+                fig.tight_layout()
+                figures.append((key, fig))
+    except BaseException:
+        for _, fig in figures:
+            close(fig)
+        raise
+    return figures

@@ -11,7 +11,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -83,6 +83,7 @@ class Tracker:
         self._table_at = self._plots_at = -math.inf  # monotonic times of the last refreshes
         self.table_seconds = table_seconds  # after_trial's throttles (0: the table every trial)
         self.plots_seconds = self._plots_every = plots_seconds
+        self._db = _direct  # how reads of the Optuna study are sent (start_study)
 
     @property
     def client(self):
@@ -102,8 +103,11 @@ class Tracker:
         if exp is not None and exp.lifecycle_stage == "deleted":
             raise UserError(_deleted(name))
 
-    def start_study(self, study: optuna.Study, spec) -> None:
-        """The experiment and its parent run, created once (any worker may be first)."""
+    def start_study(self, study: optuna.Study, spec, db: Callable | None = None) -> None:
+        """The experiment and its parent run, created once (any worker may be first). `db(call)`
+        sends this tracker's reads of the Optuna study from then on: the worker's
+        `vqlog.study.outage.retrying`, so that they ride out a database restart like its own."""
+        self._db = db or _direct
         self.study_name = study.study_name
         self.experiment_id = self._experiment(study.study_name, spec.description)
         self.parent_id = self._parent_run(study, spec)
@@ -212,8 +216,12 @@ class Tracker:
 
     def refresh_study_plots(self, study: optuna.Study) -> None:
         with gc_paused():  # the plots read every trial
-            for name, fig in plots.study_figures(study):
+            figures = self._db(lambda: plots.study_figures(study))
+        try:
+            for name, fig in figures:
                 self.client.log_figure(self.parent_id, fig, f"optuna/{name}.png")
+        finally:
+            for _, fig in figures:
                 plots.close(fig)
 
     def reconcile(self, study: optuna.Study, everything: bool = False) -> None:
@@ -223,7 +231,7 @@ class Tracker:
         are read: the RUNNING ones, and those of trials that failed since the last look;
         `everything` (a worker's start) reads every trial run once."""
         with gc_paused():  # a worker's first read of the study loads every trial
-            trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+            trials = {t.number: t for t in self._db(lambda: study.get_trials(deepcopy=False))}
         if everything:
             looked_at = int(time.time() * 1000)
             runs = search_all(self.client, self.experiment_id, TRIAL_ROLE)
@@ -356,3 +364,7 @@ def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str
     if mark:
         client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
                        json.dumps([{"path": TABLE_JSON, "type": "table"}]))
+
+
+def _direct(call: Callable[[], Any]) -> Any:
+    return call()
