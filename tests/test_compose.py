@@ -162,7 +162,8 @@ def test_commands_use_the_tested_entry_points_with_valid_flags(services):
     table = command(services, "table")
     assert table[0] == "vqlog" and "vqlog" in scripts
     t = build_parser().parse_args(table[1:])
-    assert t.command == "table" and t.watch and (t.tracking_uri, t.study) == (a.tracking_uri, a.study)
+    assert t.command == "table" and t.watch
+    assert (t.tracking_uri, t.study, t.config) == (a.tracking_uri, a.study, a.config)
     dash = command(services, "dashboard")
     assert dash[0] == "optuna-dashboard" and dash[1] == a.storage
     # One Optuna database on the postgres service, one MLflow server, for every service.

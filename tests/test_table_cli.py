@@ -163,6 +163,20 @@ def test_an_empty_study_means_the_only_study(store, tmp_path, cli):
     assert (code, out, err) == (0, "table: results/alpha.md (2 trials)\n", "")
 
 
+def test_config_names_the_study_as_the_sweep_does(store, tmp_path, cli):
+    """With several studies in one store, --config picks the one `vqlog-sweep --config` made
+    (compose's table service gets SPEC): the spec's name, unless --study is given."""
+    spec = tmp_path / "beta.yaml"
+    spec.write_text((Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml").read_text()
+                    .replace("name: smoke", "name: beta"))
+    code, out, err = cli("table", "--config", str(spec), "--study", "", "--tracking-uri", store)
+    assert (code, out, err) == (0, "table: results/beta.md (1 trial)\n", "")
+    code, out, err = cli("table", "--config", str(spec), "--study", "alpha", "--tracking-uri", store)
+    assert (code, out) == (0, "table: results/alpha.md (2 trials)\n")
+    code, out, err = cli("table", "--config", "nope", "--tracking-uri", store)
+    assert code == 2 and err.startswith("Error: ") and err.count("\n") == 1, err
+
+
 def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
     """--watch started before the sweep (or beside `vqlog init`) waits for the store, then for
     the study's experiment, saying so once, and writes the table when the study is there; its

@@ -15,8 +15,10 @@ from vqlog.cli import TRACKING_HELP, add_debug, default_if_empty
 def table_command_parser(sub) -> None:
     p = sub.add_parser("table", help="regenerate the experiment table from MLflow")
     p.add_argument("--study", type=default_if_empty,
-                   help="study (MLflow experiment) name; default, also when empty: the only vqlog "
-                        "study")
+                   help="study (MLflow experiment) name; default, also when empty: the --config "
+                        "spec's name, else the only vqlog study")
+    p.add_argument("--config", help="sweep spec (a bundled name or a YAML file) whose study to "
+                                    "show when --study is not given, as vqlog-sweep names it")
     p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     p.add_argument("--lang", default="en", choices=("en", "zh"))
     p.add_argument("--out", help="output file (default results/<study>.md; - for stdout)")
@@ -34,6 +36,10 @@ def table_command(args: argparse.Namespace) -> int:
     # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
     # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
     # the wait.
+    if args.study is None and args.config:
+        from vqlog.study.spec import load_sweep
+
+        args.study = load_sweep(args.config).name  # the study vqlog-sweep --config makes
     stop = _Stop()
     try:
         with _ended_by_signals(args.watch, stop):
