@@ -213,8 +213,8 @@ def test_workers_stop_cleanly_on_docker_compose_stop(services):
 
 def test_the_commands_run_with_the_env_example_values(services, tmp_path, monkeypatch, cli):
     """.env.example leaves STUDY empty, so compose passes `--study ""`: that is the spec's name
-    for init (and the sweep) and the only study for the table, not an error. Run here with the
-    storage and tracking URI on SQLite files in place of the stack's services."""
+    for init, the sweep and the table (which gets the spec as --config), not an error. Run here
+    with the storage and tracking URI on SQLite files in place of the stack's services."""
     monkeypatch.chdir(tmp_path)
     local = {"--storage": f"sqlite:///{tmp_path}/optuna.db",
              "--tracking-uri": f"sqlite:///{tmp_path}/mlflow.db"}

@@ -179,7 +179,7 @@ def test_config_names_the_study_as_the_sweep_does(store, tmp_path, cli):
 
 def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
     """--watch started before the sweep (or beside `vqlog init`) waits for the store, then for
-    the study's experiment, saying so once, and writes the table when the study is there; its
+    the study's experiment, with a line for each, and writes the table when the study is there; its
     description goes to the study run found then. (Without --watch both are errors: above.)"""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "results" / "gamma.md"
@@ -193,12 +193,14 @@ def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
         staged = tmp_path / "staged.db"  # the store appears whole, as a first open leaves it
         shutil.copy(template, staged)
         staged.replace(tmp_path / "mlflow.db")
-        time.sleep(1.0)  # some checks against a store without the study
+        _wait_for(lambda: "waiting for the study" in log.read_text(), 60, "the store", proc)
+        time.sleep(0.5)  # some checks against a store without the study
         assert proc.poll() is None and not out.exists()
         client = MlflowClient(tracking_uri=uri)
         exp, parent = add_study(client, tmp_path, "gamma")
         add_trial(client, tiny(**BASE), exp, parent, "gamma", 0, "COMPLETE", SEQ1)
-        _wait_for(out.is_file, 60, "the table", proc)
+        # the watcher may see the experiment before its trial run: a first table of 0 trials
+        _wait_for(lambda: "(1 trial)" in log.read_text(), 60, "the table", proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -209,11 +211,36 @@ def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
             raise
     lines = log.read_text().splitlines()
     assert code == 0, lines
-    assert lines[0] == f"table: waiting for an MLflow store at {uri} (checking every 0.2 s; Ctrl-C " \
-                       "to stop)" and len(lines) == 2, lines
-    assert lines[1] == "table: results/gamma.md (1 trial)"
+    assert lines[:2] == [
+        f"table: waiting for an MLflow store at {uri} (checking every 0.2 s; Ctrl-C to stop)",
+        f"table: waiting for the study 'gamma' in {uri} (checking every 0.2 s; Ctrl-C to stop)"]
+    assert lines[2:] in (["table: results/gamma.md (1 trial)"],
+                         ["table: results/gamma.md (0 trials)", "table: results/gamma.md (1 trial)"])
     assert "| Seq1 ★ | 16 | 1e-3 | 8 | 16 | 20 |" in out.read_text()
     assert client.get_run(parent).data.tags["mlflow.note.content"] == out.read_text()
+
+
+def test_watch_waits_for_a_server_that_does_not_answer_yet(tmp_path, free_port, cli):
+    """A table service started before its tracking server (or during its restart): without
+    --watch that is an Error: line, with --watch a waiting line until Ctrl-C or SIGTERM."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    code, out, err = cli("table", "--tracking-uri", uri)
+    assert code == 2 and err.startswith(f"Error: cannot reach the MLflow server {uri}"), err
+    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.2",
+           "--tracking-uri", uri]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        time.sleep(3)  # tens of checks
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, output) == (0, f"table: waiting for the MLflow server {uri} "
+                                            "(checking every 0.2 s; Ctrl-C to stop)\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:

@@ -36,47 +36,59 @@ def table_command(args: argparse.Namespace) -> int:
     # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
     # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
     # the wait.
-    if args.study is None and args.config:
-        from vqlog.study.spec import load_sweep
+    study = args.study
+    if args.config or study is not None:
+        from vqlog.api import study_spec
+        from vqlog.study.spec import check_study_name
 
-        args.study = load_sweep(args.config).name  # the study vqlog-sweep --config makes
+        # the study `vqlog-sweep --config C [--study S]` makes
+        study = study_spec(args.config, study).name if args.config else check_study_name(study)
     stop = _Stop()
     try:
         with _ended_by_signals(args.watch, stop):
-            client, study = _open_study(args, stop)
+            client, study = _open_study(args, study, stop)
             return _table_loop(args, client, study, stop)
     except KeyboardInterrupt:
         return 0  # --watch ends with Ctrl-C or SIGTERM; what was written stays
 
 
-def _open_study(args, stop: _Stop):
-    """(client, study name). Without --watch a missing store or study is an error; --watch waits
-    for them (started before the sweep, or beside `vqlog init` in compose), saying so once."""
+def _open_study(args, study: str | None, stop: _Stop):
+    """(client, study name). Without --watch a missing store, an unreachable server or a missing
+    study is an error; --watch waits for them (started before the sweep, or beside `vqlog init`
+    in compose), with a line for each thing it waits for."""
     from vqlog.errors import UserError
-    from vqlog.tracking.client import (MissingStore, existing_store, open_client,
-                                       resolve_tracking_uri)
+    from vqlog.tracking.client import (MissingStore, StoreUnreachable, existing_store,
+                                       open_client, resolve_tracking_uri)
+    from vqlog.urls import mask
 
-    said = False
+    said = None
+
+    def wait(what: str) -> None:
+        nonlocal said
+        if what != said:
+            print(f"table: waiting for {what} (checking every {args.interval:g} s; Ctrl-C to "
+                  "stop)", flush=True)
+            said = what
+        stop.sleep(args.interval)
+
     while True:
         try:
             client = open_client(existing_store(args.tracking_uri), sleep=stop.sleep)
-        except MissingStore:
+            break
+        except (MissingStore, StoreUnreachable) as exc:
             if not args.watch:
                 raise
-            what = f"an MLflow store at {resolve_tracking_uri(args.tracking_uri)}"
-        else:
-            study, missing = _find_study(client, args.study)
-            if study is not None:
-                return client, study
-            if not args.watch:
-                raise UserError(missing)
-            what = f"{'a vqlog study' if args.study is None else f'the study {args.study!r}'} in " \
-                   f"{client.describe}"
-        if not said:
-            print(f"table: waiting for {what} (checking every {args.interval:g} s; Ctrl-C to "
-                  "stop)", flush=True)
-            said = True
-        stop.sleep(args.interval)
+            where = mask(resolve_tracking_uri(args.tracking_uri))
+            wait(f"the MLflow server {where}" if isinstance(exc, StoreUnreachable)
+                 else f"an MLflow store at {where}")
+    while True:
+        found, missing = _find_study(client, study)
+        if found is not None:
+            return client, found
+        if not args.watch:
+            raise UserError(missing)
+        wait(f"{'a vqlog study' if study is None else f'the study {study!r}'} in "
+             f"{client.describe}")
 
 
 def _find_study(client, study: str | None) -> tuple[str | None, str]:

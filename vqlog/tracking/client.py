@@ -224,6 +224,10 @@ class MissingStore(UserError):
     """An SQLite tracking store that does not exist (yet)."""
 
 
+class StoreUnreachable(UserError):
+    """A tracking server that does not answer (yet): down, starting, or a wrong address."""
+
+
 def existing_store(uri: str | None) -> str:
     """`store_uri` for commands that only read: an SQLite file that does not exist is an error,
     MissingStore (MLflow would silently create an empty store there)."""
@@ -251,7 +255,8 @@ def check_tracking_uri(uri: str) -> None:
                     raise OSError(f"HTTP {resp.status}")
         except urllib.error.HTTPError as exc:
             if exc.code != 401:  # basic-auth servers guard /health too; the server is up
-                raise UserError(f"MLflow server {mask(uri)} answered HTTP {exc.code} on /health") from None
+                error = StoreUnreachable if exc.code in (502, 503, 504) else UserError  # a proxy
+                raise error(f"MLflow server {mask(uri)} answered HTTP {exc.code} on /health") from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
             reason = one_line(getattr(exc, "reason", None) or exc, 200)
             secret = password(uri)
@@ -261,7 +266,7 @@ def check_tracking_uri(uri: str) -> None:
                 reason = "malformed URL; percent-encode / ? # @ : in the user name and password"
             elif secret:
                 reason = reason.replace(secret, "***")
-            raise UserError(
+            raise (StoreUnreachable if isinstance(exc, OSError) else UserError)(
                 f"cannot reach the MLflow server {mask(uri)} ({reason}); start it or pass "
                 "another --tracking-uri"
             ) from None
