@@ -330,8 +330,8 @@ class _BreaksReads:
 
 
 def test_the_trackers_reads_of_the_study_ride_out_a_dropped_connection(pg, db, tmp_path):
-    """The tracker reads the Optuna study after every trial (reconcile, the best so far, the
-    study plots). A connection that dies under such a read is sent again through the worker's
+    """The tracker reads the Optuna study after every trial (reconcile, the study plots, and at
+    the end both). A connection that dies under such a read is sent again through the worker's
     `retrying`, like the worker's own calls: before, the StorageInternalError ended the sweep
     (exit 1, seen once in CI after a restart)."""
     import dataclasses

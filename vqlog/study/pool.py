@@ -342,7 +342,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
 
     from vqlog.data import DataCache
     from vqlog.study.progress import TrialProgress
-    from vqlog.study.outage import retrying
+    from vqlog.study.outage import is_connection_error, retrying
     from vqlog.study.storage import StudyLock, open_study
     from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
                                     check_data)
@@ -358,15 +358,20 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     with StudyLock(storage, spec.name):
         tracker.start_study(study, spec, db=db)
 
-    def finished() -> int:
-        return len(db(lambda: study.get_trials(deepcopy=False, states=FINISHED)))
+    def finished(send=db) -> int:
+        return len(send(lambda: study.get_trials(deepcopy=False, states=FINISHED)))
 
     progress, last = TrialProgress(trials, out), [0.0]
 
-    def tick() -> None:
+    def tick() -> None:  # one attempt: the loop that calls it passes stops on and reaps workers
         if time.monotonic() - last[0] >= POLL_SECONDS:
             last[0] = time.monotonic()
-            progress.update(finished())
+            try:
+                progress.update(finished(send=lambda call: call()))
+            except Exception as exc:  # noqa: BLE001 - the workers ride the outage out
+                if not is_connection_error(exc):
+                    raise
+                optuna_storage.remove_session()
 
     job = {"spec": spec, "trials": trials, "storage": storage, "lang": tracker.lang,
            "tracking_uri": tracker.given_uri, "timeout": timeout, "seed": seed}

@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Callable
 
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from vqlog.tracking.rows import run_name
@@ -30,7 +29,7 @@ class TrialProgress:
 
     def trial_line(self, best: str, t: FrozenTrial, reason: str = "") -> None:
         """`Seq7  COMPLETE  val mse 0.0412  perplexity max 87.1 (300 it, 21 s) | best ...`, with
-        `best` from `best_so_far`."""
+        `best` from `best_text`."""
         a = t.user_attrs
         if t.state == TrialState.FAIL:
             what = f"FAIL      {reason or a.get('fail_reason') or ''}"
@@ -56,9 +55,6 @@ class TrialProgress:
             self.bar.close()
 
 
-def best_so_far(study: optuna.Study) -> str:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
-        return ""
-    best = min(done, key=lambda t: t.values[0])
-    return f"{best.values[0]:.4f} ({run_name(best.number)})"
+def best_text(best: FrozenTrial | None) -> str:
+    """The best trial so far (`vqlog.study.worker.best_trial`) as a trial line ends with it."""
+    return "" if best is None else f"{best.values[0]:.4f} ({run_name(best.number)})"

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from vqlog.config import Config
 from vqlog.data import DataCache
 from vqlog.errors import StorageOutageError, SweepError, TrackingUnavailable, find_cause
-from vqlog.study.progress import TrialProgress, best_so_far
+from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.outage import retrying
 from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
@@ -239,8 +239,8 @@ class Worker:
         if isinstance(outcome.fatal, StorageOutageError):
             return  # nothing can be read back now
         frozen = self._db(lambda: self.storage.get_trial(trial_id))
-        best = self._db(lambda: best_so_far(self.study))
-        self.progress.trial_line(best, frozen, outcome.reason if failed else "")
+        best = self._db(lambda: best_trial(self.study))
+        self.progress.trial_line(best_text(best), frozen, outcome.reason if failed else "")
         if self.tracker is not None and not isinstance(outcome.fatal, TrackingUnavailable):
             written = self.tracker.after_trial(self.study, self.table_lock)
             self.summary.table_path = written or self.summary.table_path
