@@ -36,13 +36,11 @@ def table_command(args: argparse.Namespace) -> int:
     # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
     # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
     # the wait.
-    study = args.study
-    if args.config or study is not None:
-        from vqlog.api import study_spec
-        from vqlog.study.spec import check_study_name
+    study = args.study  # any name: a shared store may hold studies other tools named
+    if study is None and args.config:
+        from vqlog.study.spec import load_sweep
 
-        # the study `vqlog-sweep --config C [--study S]` makes
-        study = study_spec(args.config, study).name if args.config else check_study_name(study)
+        study = load_sweep(args.config).name  # the study `vqlog-sweep --config` makes
     stop = _Stop()
     try:
         with _ended_by_signals(args.watch, stop):
