@@ -147,7 +147,8 @@ def straight_value(folder, uri: str, storage: str) -> float:
 
 def check_resumed(uri: str, storage: str, study: str, expected: float) -> tuple:
     """One finished trial, a retry of the FAIL one that resumed from its checkpoint, with the
-    uninterrupted value; its run's curves whole and without a repeated step; one table row."""
+    uninterrupted value; its run's curves whole and without a repeated step; one table row; no
+    checkpoint left once the retry is COMPLETE."""
     from mlflow.tracking import MlflowClient
 
     trials = study_trials(storage, study)
@@ -164,6 +165,9 @@ def check_resumed(uri: str, storage: str, study: str, expected: float) -> tuple:
     for key, every in (("train/loss", 4), ("val/mse", 50)):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(every, ITERATION + 1, every)), key  # whole, once each
+    # Nothing resumes a COMPLETE trial, nor one whose retry is over: no checkpoint is kept.
+    assert not has_checkpoint(uri, study)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
     return first, retry, resumed_at
 
 

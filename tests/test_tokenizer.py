@@ -42,7 +42,7 @@ def best_of(trials):
     return min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
 
 
-def test_complete_trials_keep_weights_and_best_follows_the_objective(swept):
+def test_complete_trials_keep_weights_not_checkpoints_and_best_follows_the_objective(swept):
     from mlflow.tracking import MlflowClient
 
     from vqlog import checkpoint
@@ -52,6 +52,8 @@ def test_complete_trials_keep_weights_and_best_follows_the_objective(swept):
         files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
         complete = run.data.tags["optuna.state"] == "COMPLETE"
         assert files == ({"model/model.pt"} if complete else set()), run.info.run_name
+        if run.data.tags["optuna.state"] in ("COMPLETE", "PRUNED"):  # nothing resumes it
+            assert not client.list_artifacts(run.info.run_id, "checkpoint"), run.info.run_name
     best = best_of(swept.trials)
     version = client.get_model_version_by_alias("tok", "best")
     assert version.tags["optuna.trial_number"] == str(best.number)

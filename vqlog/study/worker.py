@@ -182,6 +182,8 @@ class Worker:
                 self._tell(trial, Outcome(TrialState.FAIL, reason=describe(KeyboardInterrupt())))
                 raise
             self._tell(trial, outcome)
+        if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED) and outcome.run is not None:
+            self.tracker.drop_checkpoints(outcome.run.run_id, history)  # none resumes it now
         if outcome.stopped_at is not None:
             self._queue_again(trial_id)
             self.summary.stopped_at = outcome.stopped_at

@@ -41,6 +41,17 @@ def send_checkpoint(client, run_id: str, path: Path) -> bool:
     return ok
 
 
+def drop_checkpoint(client, run) -> None:
+    """Delete the checkpoint folder of `run` (a Run, as search_runs returns it). MLflow's client
+    has no call that deletes an artifact; the artifact repository behind the run's artifact URI
+    has (`get_artifact_repository`, MLflow's public registry of them): a local folder, a
+    server's `mlflow-artifacts:` store, an object store."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
+    repo.delete_artifacts(Path(CHECKPOINT).parent.name)
+
+
 def upload_weights(client, run_id: str, cfg, model) -> None:
     """The final weights as the run's `model/model.pt` (a model file `checkpoint.load` reads)."""
     from vqlog.checkpoint import save

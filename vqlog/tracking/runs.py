@@ -7,23 +7,26 @@ and never touches MLflow's global state.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import optuna
 from optuna.trial import TrialState
 
 from vqlog.bulk import gc_paused
-from vqlog.errors import UserError
+from vqlog.errors import UserError, one_line
 from vqlog.files import write_text
 from vqlog.tracking import artifacts, lineage, plots, table
 from vqlog.tracking.trial_run import STATUS, TrialRun
 from vqlog.tracking.rows import TRIAL_ROLE, RowCache, run_name, search_all
 from vqlog.tracking.client import open_client, resolve_tracking_uri, store_uri
-from vqlog.urls import sqlite_path
+from vqlog.urls import mask_urls, sqlite_path
+
+log = logging.getLogger("vqlog")
 
 OPTUNA_STATE = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL"}
 TABLE_JSON = "experiment_table.json"
@@ -84,6 +87,7 @@ class Tracker:
         self.table_seconds = table_seconds  # after_trial's throttles (0: the table every trial)
         self.plots_seconds = self._plots_every = plots_seconds
         self._db = _direct  # how reads of the Optuna study are sent (start_study)
+        self._kept_checkpoints = False  # drop_checkpoints failed (warned once)
 
     @property
     def client(self):
@@ -300,6 +304,23 @@ class Tracker:
         """The most advanced training state the runs of trials `numbers` left (on the CPU:
         resuming puts it on the trial's device), or None."""
         return artifacts.latest_checkpoint(self.client, self.experiment_id, numbers)
+
+    def drop_checkpoints(self, run_id: str, retried: Iterable[int] = ()) -> None:
+        """Once Optuna holds a trial as COMPLETE or PRUNED nothing resumes it: delete its run's
+        checkpoint, and those of the trials it retried (their retry is over). At thousands of
+        trials the dead checkpoints would be most of the artifact store (3x a model file
+        each). A store that refuses keeps them, with one warning per worker."""
+        try:
+            runs = [self.client.get_run(run_id)]
+            for number in retried:
+                runs += artifacts.trial_runs(self.client, self.experiment_id, number)
+            for run in runs:
+                artifacts.drop_checkpoint(self.client, run)
+        except Exception as exc:  # noqa: BLE001 - a checkpoint left is only disk space
+            if not self._kept_checkpoints:
+                log.warning("vqlog: finished trials keep their checkpoints here: deleting "
+                            "checkpoint/ of run %s failed (%s)", run_id, mask_urls(one_line(exc, 300)))
+            self._kept_checkpoints = True
 
     def register_best(self, number: int, run_id: str | None = None) -> bool:
         """Alias `best` of the model `<study>` -> trial `number`'s weights (see artifacts).
