@@ -202,13 +202,7 @@ def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
         # the watcher may see the experiment before its trial run: a first table of 0 trials
         _wait_for(lambda: "(1 trial)" in log.read_text(), 60, "the table", proc)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+        code = _stop(proc, signal.SIGTERM)
     lines = log.read_text().splitlines()
     assert code == 0, lines
     assert lines[:2] == [
@@ -241,6 +235,17 @@ def test_watch_waits_for_a_server_that_does_not_answer_yet(tmp_path, free_port, 
     assert (proc.returncode, output) == (0, f"table: waiting for the MLflow server {uri} "
                                             "(checking every 0.2 s; Ctrl-C to stop)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> int:
+    """Send `sig` and return the exit code (killed, and the timeout raised, after 30 s)."""
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
@@ -297,13 +302,7 @@ def test_watch_regenerates_when_a_run_finishes(store, tmp_path, tiny):
                   {**SEQ1, "final_val_mse": 0.0305, "best_val_mse": 0.0299}, embedding_num=32)
         _wait_for(lambda: "| Seq3 ★ |" in out.read_text(), 60, "the new run in the table", proc)
     finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C ends --watch
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+        code = _stop(proc, signal.SIGINT)  # Ctrl-C ends --watch
     text = out.read_text()
     assert "| Seq3 ★ | 16 | 1e-3 | 8 | 32 | 20 | yes | +relu | s4d-all | 0.0305 (best 0.0299), stable |" in text
     assert "| Seq1 |" in text  # no longer the best
