@@ -144,6 +144,29 @@ def test_init_and_the_tracker_work_with_credentials_from_the_environment(server,
         MlflowClient(tracking_uri=server.url).search_experiments()
 
 
+def test_a_sweep_through_basic_auth_deletes_its_finished_checkpoints(server, monkeypatch,
+                                                                    tmp_path, cli):
+    """The compose workers' setting: a COMPLETE trial's checkpoint goes by an authenticated
+    DELETE through the server's proxied artifacts; its weights stay, and nothing is warned."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli.sweep("--config", "smoke", "--trials", "1", "--study", "auth-ckpt",
+                               "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                               "--tracking-uri", server.url)
+    assert code == 0, err
+    assert "checkpoint" not in err, err
+    client = MlflowClient(tracking_uri=server.url)
+    exp = client.get_experiment_by_name("auth-ckpt")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'trial'")
+    assert run.data.tags["optuna.state"] == "COMPLETE"
+    assert run.data.metrics["iterations_run"] >= 10  # it took checkpoints on the way
+    assert client.list_artifacts(run.info.run_id, "checkpoint") == []
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+
+
 def test_the_password_is_in_no_argument_file_or_log(server):
     conf = Path(server.log).parent / "conf" / "basic_auth.ini"
     assert conf.is_file() and (conf.stat().st_mode & 0o777) == 0o600
