@@ -197,9 +197,14 @@ def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
         time.sleep(0.5)  # some checks against a store without the study
         assert proc.poll() is None and not out.exists()
         client = MlflowClient(tracking_uri=uri)
-        exp, parent = add_study(client, tmp_path, "gamma")
+        # made whole under another name, then renamed in one step: the watcher never sees the
+        # study half made (a run created but not yet logged)
+        exp = client.create_experiment("staged", artifact_location=(tmp_path / "a").as_uri())
+        parent = client.create_run(exp, run_name="gamma", tags={
+            "vqlog.role": "study", "optuna.study": "gamma"}).info.run_id
+        client.set_terminated(parent, "FINISHED")
         add_trial(client, tiny(**BASE), exp, parent, "gamma", 0, "COMPLETE", SEQ1)
-        # the watcher may see the experiment before its trial run: a first table of 0 trials
+        client.rename_experiment(exp, "gamma")
         _wait_for(lambda: "(1 trial)" in log.read_text(), 60, "the table", proc)
     finally:
         code = _stop(proc, signal.SIGTERM)
@@ -208,8 +213,7 @@ def test_watch_waits_for_the_store_and_the_study(template, tmp_path, tiny):
     assert lines[:2] == [
         f"table: waiting for an MLflow store at {uri} (checking every 0.2 s; Ctrl-C to stop)",
         f"table: waiting for the study 'gamma' in {uri} (checking every 0.2 s; Ctrl-C to stop)"]
-    assert lines[2:] in (["table: results/gamma.md (1 trial)"],
-                         ["table: results/gamma.md (0 trials)", "table: results/gamma.md (1 trial)"])
+    assert lines[2:] == ["table: results/gamma.md (1 trial)"]
     assert "| Seq1 ★ | 16 | 1e-3 | 8 | 16 | 20 |" in out.read_text()
     assert client.get_run(parent).data.tags["mlflow.note.content"] == out.read_text()
 
