@@ -363,7 +363,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
 
     progress, last = TrialProgress(trials, out), [0.0]
 
-    def tick() -> None:  # one attempt: the loop that calls it passes stops on and reaps workers
+    def tick() -> None:  # not sent again (a new connection still waits for a server that is down)
         if time.monotonic() - last[0] >= POLL_SECONDS:
             last[0] = time.monotonic()
             try:
