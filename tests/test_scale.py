@@ -295,7 +295,7 @@ def render_records_columns(rows, lang):
 
 
 def test_workers_split_the_cores_and_take_the_gpus_in_turn():
-    from vqlog.study.pool import WORKER_MEMORY, cores, memory_available, placements, worker_count
+    from vqlog.study.hosts import WORKER_MEMORY, cores, memory_available, placements, worker_count
 
     n = cores()
     assert worker_count("auto", "cpu", None) == min(n, max(1, memory_available() // WORKER_MEMORY))
@@ -540,7 +540,7 @@ def test_workers_auto_keeps_to_a_containers_cpu_quota(tmp_path):
     """On this host `auto` means one worker per core; in a container granted one CPU it means
     one worker with one torch thread, not one per core of the machine under it."""
     from _servers import BIN
-    from vqlog.study.pool import cores
+    from vqlog.study.hosts import cores
 
     if cores() < 2:
         pytest.skip("needs 2 or more cores to tell the quota from the host")
@@ -561,7 +561,7 @@ def test_workers_auto_keeps_to_a_containers_memory_limit(tmp_path):
     """In a container with a 3 GiB memory limit, `auto` starts as many workers as 2 GiB each
     fit (one), not one per core, and says why in the sweep's first line."""
     from _servers import BIN
-    from vqlog.study.pool import WORKER_MEMORY, cores, memory_available
+    from vqlog.study.hosts import WORKER_MEMORY, cores, memory_available
 
     if cores() < 2 or memory_available() < 2 * WORKER_MEMORY:
         pytest.skip("needs 2 or more cores and memory for two workers to tell the limit apart")

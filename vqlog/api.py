@@ -85,14 +85,14 @@ def worker_count(workers, device: str, gpus: list[int] | None) -> int:
 def worker_plan(workers, device: str, gpus: list[int] | None) -> tuple[int, str | None]:
     """The number of workers for --workers N or auto, and for auto cut by the memory, a note
     that says so."""
-    from vqlog.study import pool
+    from vqlog.study import hosts
     from vqlog.train import resolve_device
 
     kind = resolve_device(device).type
     check_gpus(gpus, kind)
     if str(workers) == "auto":
-        return pool.auto_workers(kind, gpus)
-    return pool.worker_count(workers, kind, gpus), None
+        return hosts.auto_workers(kind, gpus)
+    return hosts.worker_count(workers, kind, gpus), None
 
 
 def check_gpus(gpus: list[int] | None, kind: str) -> None:
@@ -117,10 +117,10 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
               seed: int | None = None, stop=None, out: Callable[[str], None] = print):
     """One worker in this process (its torch threads kept to the cores it may use), or `workers`
     worker processes (vqlog.study.pool)."""
-    from vqlog.study import pool, worker
+    from vqlog.study import hosts, pool, worker
 
     if workers == 1:
-        pool.keep_to_cores()
+        hosts.keep_to_cores()
         if gpus:  # the one worker takes the first GPU named, as the first of several would
             device = f"cuda:{gpus[0]}"
         return worker.run(spec, trials, storage, tracker=tracker, device=device,

@@ -44,7 +44,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     # The flags first: a typo is reported before torch and MLflow are imported.
     api.check_options(args.trials, args.timeout, args.seed)
     if str(args.workers) != "auto":
-        from vqlog.study.pool import worker_count
+        from vqlog.study.hosts import worker_count
 
         worker_count(args.workers, "cpu", None)  # a number of workers, or one Error line
 
