@@ -80,6 +80,22 @@ def mlflow_runs(uri: str, study: str, role: str = "trial", missing_ok: bool = Fa
                               max_results=1000)
 
 
+def checkpointed_runs(uri: str, study: str) -> int:
+    """How many trial runs of the study hold a checkpoint (`checkpoint/latest.pt`)."""
+    from mlflow.tracking import MlflowClient
+
+    runs = mlflow_runs(uri, study, missing_ok=True)  # first: it waits for a store being created
+    client = MlflowClient(tracking_uri=uri)
+    return sum(1 for run in runs
+               if any(a.path == "checkpoint/latest.pt"
+                      for a in client.list_artifacts(run.info.run_id, "checkpoint")))
+
+
+def has_checkpoint(uri: str, study: str) -> bool:
+    """Some trial run of the study holds a checkpoint."""
+    return checkpointed_runs(uri, study) > 0
+
+
 def race(target: Callable, argsets: list[tuple], timeout: float = 300) -> list[str]:
     """One spawned process per tuple in `argsets`, running `target(*args, barrier, errors)`: the
     barrier, shared by all of them, lines up the calls they race with, and they put what failed

@@ -12,8 +12,8 @@ import time
 
 import pytest
 from _pg_cluster import private_cluster
-from _sweep_helpers import (Worker, finished, mlflow_runs, retried_from, states, study_trials,
-                            wait_until, write_spec)
+from _sweep_helpers import (Worker, checkpointed_runs, finished, mlflow_runs, retried_from,
+                            states, study_trials, wait_until, write_spec)
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +299,52 @@ def test_a_worker_goes_on_through_postgresql_restarts(pg, db, tmp_path, mlflow_s
     assert f"outage: 4/4 trials finished ({ran} ran here, {ran - 4} failed)" in worker.stdout
     assert "lost the connection to the Optuna storage" in worker.stderr
     assert "lost the connection to the Optuna storage" in worker.stderr
+
+
+def test_the_workers_parent_passes_a_stop_on_while_the_database_is_down(pg, db, tmp_path,
+                                                                         mlflow_store):
+    """`vqlog-sweep --workers 2`, SIGTERM (docker compose stop, Slurm) while PostgreSQL is down:
+    the parent passes the stop on at once, and both workers checkpoint their trials before the
+    server is back. Before, the parent's progress read waited out the outage in its connect
+    (up to VQLOG_DB_OUTAGE_LIMIT) and only then passed the stop on: a container's 10 s grace
+    ran out with the trials unsaved. Once the server is back, the trials are queued again and
+    the sweep exits 143."""
+    import signal
+
+    spec = write_spec(tmp_path, "downstop", pruner="none",
+                      budget={"iteration": 100000, "eval_every": 100000, "checkpoint_every": 0})
+    uri = mlflow_store()
+    worker = Worker(["--trials", "4", "--workers", "2", "--config", str(spec), "--storage", db,
+                     "--tracking-uri", uri, "--debug"], tmp_path,
+                    env={"VQLOG_DB_OUTAGE_LIMIT": "300"})
+    down = False
+    try:
+        def training():  # both trials have their run: past every database call before fit's
+            trials = [t for t in study_trials(db, "downstop") if t.state.name == "RUNNING"]
+            return len(trials) == 2 and all("mlflow.run_id" in t.user_attrs for t in trials)
+
+        wait_until(training, 240, "two trials training", alive=[worker])
+        time.sleep(2)
+        pg.stop()
+        down = True
+        time.sleep(3)  # the parent's next progress reads find the server gone
+        worker.signal(signal.SIGTERM)
+
+        wait_until(lambda: checkpointed_runs(uri, "downstop") == 2, 60, "both trials checkpointed, server down",
+                   alive=[worker])
+        assert not pg.running()
+        pg.start()
+        down = False
+        assert worker.wait(120) == 143, worker.output()
+    finally:
+        if down:
+            pg.start()
+        worker.kill()
+    trials = study_trials(db, "downstop")
+    assert "RUNNING" not in states(trials) and not finished(trials), states(trials)
+    assert states(trials).get("WAITING") == 2  # each stopped trial queued again, to resume
+    assert "Traceback" not in worker.stderr, worker.stderr
+    assert "Stopped" in worker.stdout, worker.output()
 
 
 class _BreaksReads:

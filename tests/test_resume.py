@@ -14,8 +14,8 @@ import signal
 import time
 
 import pytest
-from _sweep_helpers import (FAST_HEARTBEAT, Worker, mlflow_runs, retried_from, states,
-                            study_trials, wait_until, write_spec)
+from _sweep_helpers import (FAST_HEARTBEAT, Worker, has_checkpoint, mlflow_runs, retried_from,
+                            states, study_trials, wait_until, write_spec)
 
 from vqlog.checkpoint import read_state, write_state
 from vqlog.config import QUANTIZERS
@@ -121,18 +121,6 @@ def one_config_spec(folder, name: str, **budget):
                       pruner="none", sampler="random",
                       space={"batch": [8], "lr": [5.0e-3], "embedding_dim": [8],
                              "embedding_num": [16]})
-
-
-def has_checkpoint(uri: str, study: str) -> bool:
-    from mlflow.tracking import MlflowClient
-
-    runs = mlflow_runs(uri, study, missing_ok=True)  # first: it waits for a store being created
-    client = MlflowClient(tracking_uri=uri)
-    for run in runs:
-        if any(a.path == "checkpoint/latest.pt"
-               for a in client.list_artifacts(run.info.run_id, "checkpoint")):
-            return True
-    return False
 
 
 def straight_value(folder, uri: str, storage: str) -> float:

@@ -210,6 +210,44 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     return summaries, lost
 
 
+class FinishedCount:
+    """The study's finished-trial count for the parent's progress bar, read on a thread of its
+    own about every POLL_SECONDS: the parent's loop (the workers' lines, stops passed on, deaths)
+    never waits on the database, not even while a new connection waits out an outage
+    (`storage.open_study`'s connect listener). A read that fails on a lost connection is skipped
+    (the workers ride the outage out); any other error is raised in the loop by `raise_failed`."""
+
+    def __init__(self, read: Callable[[], int], storage) -> None:
+        import threading
+
+        self.value: int | None = None
+        self._read, self._storage = read, storage
+        self._error: BaseException | None = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._run, name="vqlog-progress-count", daemon=True).start()
+
+    def _run(self) -> None:
+        from vqlog.study.outage import is_connection_error
+
+        while not self._closed.is_set():
+            try:
+                self.value = self._read()
+            except Exception as exc:  # noqa: BLE001 - handed to the loop unless a lost connection
+                if not is_connection_error(exc):
+                    self._error = exc
+                    return
+                self._storage.remove_session()  # this thread's session: a new connection next
+            self._closed.wait(POLL_SECONDS)
+
+    def raise_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """No more reads; one under way (perhaps waiting for the database) is not waited for."""
+        self._closed.set()
+
+
 def _death(exitcode: int) -> str:
     if exitcode < 0:
         try:
@@ -225,11 +263,9 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     """`workers` processes on one study until it has `trials` finished trials; one combined
     `SweepSummary`. The parent checks the data and creates the study and its MLflow
     experiment and study run first, so the workers only load them."""
-    import time
-
     from vqlog.data import DataCache
     from vqlog.study.progress import TrialProgress
-    from vqlog.study.outage import is_connection_error, retrying
+    from vqlog.study.outage import retrying
     from vqlog.study.storage import StudyLock, open_study
     from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
                                     check_data)
@@ -245,26 +281,26 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     with StudyLock(storage, spec.name):
         tracker.start_study(study, spec, db=db)
 
-    def finished(send=db) -> int:
-        return len(send(lambda: study.get_trials(deepcopy=False, states=FINISHED)))
+    def finished_once() -> int:
+        return len(study.get_trials(deepcopy=False, states=FINISHED))
 
-    progress, last = TrialProgress(trials, out), [0.0]
+    def finished() -> int:
+        return db(finished_once)
 
-    def tick() -> None:  # not sent again (a new connection still waits for a server that is down)
-        if time.monotonic() - last[0] >= POLL_SECONDS:
-            last[0] = time.monotonic()
-            try:
-                progress.update(finished(send=lambda call: call()))
-            except Exception as exc:  # noqa: BLE001 - the workers ride the outage out
-                if not is_connection_error(exc):
-                    raise
-                optuna_storage.remove_session()
+    progress = TrialProgress(trials, out)
+    count = FinishedCount(finished_once, optuna_storage)
+
+    def tick() -> None:
+        count.raise_failed()
+        if count.value is not None:
+            progress.update(count.value)
 
     job = {"spec": spec, "trials": trials, "storage": storage, "lang": tracker.lang,
            "tracking_uri": tracker.given_uri, "timeout": timeout, "seed": seed}
     try:
         summaries, lost = run_pool(job, workers, device, gpus, stop, out=progress.line, tick=tick)
     finally:
+        count.close()
         progress.close()
     # A stop that came after the last trial had finished stopped nothing.
     stopped = stop.signal if stop.is_set() and finished() < trials else None
