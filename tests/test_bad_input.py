@@ -299,6 +299,7 @@ def assert_refused(case: Case, got: Outcome) -> str:
     assert got.rc == 2, shown
     lines = got.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), shown
+    assert got.stdout == "", shown  # nothing before it either (the sweep's study line)
     assert case.expect in lines[0], f"{case.expect!r} not in: {lines[0]}"
     assert got.left == sorted(case.files), f"left behind: {sorted(set(got.left) - set(case.files))}"
     return lines[0]

@@ -114,9 +114,10 @@ def check_gpus(gpus: list[int] | None, kind: str) -> None:
 
 def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device: str = "auto",
               gpus: list[int] | None = None, timeout: float | None = None,
-              seed: int | None = None, stop=None, out: Callable[[str], None] = print):
+              seed: int | None = None, stop=None, out: Callable[[str], None] = print,
+              cache=None):
     """One worker in this process (its torch threads kept to the cores it may use), or `workers`
-    worker processes (vqlog.study.pool)."""
+    worker processes (vqlog.study.pool). `cache`: the data `load_data` checked."""
     from vqlog.study import hosts, pool, worker
 
     if workers == 1:
@@ -124,11 +125,23 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
         if gpus:  # the one worker takes the first GPU named, as the first of several would
             device = f"cuda:{gpus[0]}"
         return worker.run(spec, trials, storage, tracker=tracker, device=device,
-                          timeout=timeout, seed=seed, out=out, stop=stop)
+                          timeout=timeout, seed=seed, out=out, stop=stop, cache=cache)
     from vqlog.train import resolve_device
 
     return pool.sweep(spec, trials, storage, tracker, workers, resolve_device(device).type,
-                      gpus, timeout, seed, stop, out)
+                      gpus, timeout, seed, stop, out, cache=cache)
+
+
+def load_data(spec, seed: int | None = None):
+    """The spec's data, loaded and windowed for the base config and every categorical window
+    the space holds: bad data is one error before the sweep says anything. Returns the
+    `DataCache` for `run_sweep`, so that the data is read once."""
+    from vqlog.data import DataCache
+    from vqlog.study.worker import check_data
+
+    cache = DataCache(spec.source, spec.sample_rate, spec.channel)
+    check_data(spec, cache, seed)
+    return cache
 
 
 def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = None,

@@ -56,6 +56,9 @@ def sweep_command(args: argparse.Namespace) -> int:
     storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
     workers, note = api.worker_plan(args.workers, args.device, gpus)
     from vqlog.study import worker  # torch: after the spec and the stores are checked
+    # Bad data or a deleted experiment: its Error line alone, before the study line.
+    data = api.load_data(spec, args.seed)
+    tracker.check_experiment(spec.name)
     uri = tracker.given_uri
     print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
           f"storage {mask(storage)}, tracking {mask(uri)}"
@@ -66,7 +69,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     try:
         with stop_on_signals(stop):
             result = api.run_sweep(spec, args.trials, storage, tracker, workers, args.device,
-                                   gpus, args.timeout, args.seed, stop)
+                                   gpus, args.timeout, args.seed, stop, cache=data)
     except TrackingUnavailable as exc:
         sys.stderr.write(
             f"Error: {mask_urls(str(exc))}. Everything finished is kept in the study and MLflow; "

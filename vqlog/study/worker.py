@@ -77,12 +77,13 @@ class Worker:
     def __init__(self, spec: SweepSpec, trials: int, storage_url: str, tracker=None,
                  device: str = "cpu", timeout: float | None = None, seed: int | None = None,
                  out: Callable[[str], None] = print, stop: StopRequest | None = None,
-                 bar: bool = True):
+                 bar: bool = True, cache: DataCache | None = None):
         self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
         self.stop = stop if stop is not None else StopRequest()
         self.bar = bar  # a progress bar on a terminal (not in a worker of --workers)
-        self.cache = DataCache(spec.source, spec.sample_rate, spec.channel)
+        # `cache`: the data the caller has already checked (`api.load_data`), loaded once
+        self.cache = cache or DataCache(spec.source, spec.sample_rate, spec.channel)
         self.summary = SweepSummary(study=spec.name, finished=0, target=trials)
         self.fails_in_a_row = 0
         self.last_fail_reason = ""
