@@ -231,3 +231,26 @@ def test_the_commands_run_with_the_env_example_values(services, tmp_path, monkey
     once = [a for a in here(table[1:]) if a != "--watch"]
     code, out, err = cli(*once)
     assert (code, out, err) == (0, f"table: results/{spec}.md (0 trials)\n", "")
+
+
+def test_the_closing_lines_give_the_addresses_published_on_the_host(services, monkeypatch):
+    """Inside the stack the workers reach http://mlflow:5000 and postgres:5432, which a user on
+    the host cannot open: the sweep's closing lines link to the published ports instead
+    (VQLOG_UI_URL, VQLOG_DASHBOARD_URL), following PUBLISH_*_PORT."""
+    from vqlog.commands.sweep import summary_text
+    from vqlog.study.worker import SweepSummary
+    from vqlog.tracking.lineage import ui_link
+
+    env = {**env_example(), "POSTGRES_PASSWORD": "x", "PUBLISH_MLFLOW_PORT": "5999",
+           "PUBLISH_DASHBOARD_PORT": "8999"}
+    sweep = services["sweep"]
+    for name in ("VQLOG_UI_URL", "VQLOG_DASHBOARD_URL"):
+        monkeypatch.setenv(name, interpolate(sweep["environment"][name], env))
+    uri = command(services, "sweep")[command(services, "sweep").index("--tracking-uri") + 1]
+    storage = command(services, "sweep")[command(services, "sweep").index("--storage") + 1]
+    assert uri == "http://mlflow:5000" and "@postgres:5432/" in storage
+    text = summary_text(SweepSummary("seed", 50, 50), 60.0, storage, uri, ui_link(uri, "1"))
+    assert "mlflow: http://127.0.0.1:5999/#/experiments/1/runs?workflowType=machine_learning" \
+        in text, text
+    assert "optuna: http://127.0.0.1:8999\n" in text + "\n", text
+    assert "mlflow:5000" not in text and "postgres:5432" not in text, text

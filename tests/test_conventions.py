@@ -189,6 +189,23 @@ def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, 
     assert out.splitlines()[0].split()[:4] == ["number", "run", "state", "final_val_mse"]
 
 
+def test_vqlog_ui_url_is_where_the_links_point(swept, monkeypatch, cli):
+    """VQLOG_UI_URL: the UI's address as users open it (a published port, a proxy, a tunnel),
+    for the links vqlog prints, in place of the tracking URI's."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=swept.uri).get_experiment_by_name("conv")
+    best = min(optuna.load_study(study_name="conv", storage=swept.storage).trials,
+               key=lambda t: t.value)
+    monkeypatch.setenv("VQLOG_UI_URL", "http://lab.example:5999/")
+    code, out, err = cli("best", "--study", "conv", "--storage", swept.storage,
+                         "--tracking-uri", swept.uri)
+    assert code == 0, err
+    run_id = best.user_attrs["mlflow.run_id"]
+    assert f"run:  http://lab.example:5999/#/experiments/{exp.experiment_id}/runs/{run_id}\n" in out
+
+
 def test_flags_beat_the_environment(swept, tmp_path, monkeypatch, cli):
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path}/no/such/folder/o.db")
     code, out, err = cli("best", "--study", "conv", "--storage", swept.storage,

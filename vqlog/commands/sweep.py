@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -134,6 +135,10 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True):
             signal.signal(sig, handler)
 
 
+# Where an optuna-dashboard already serves the study, as users open it (compose sets it).
+DASHBOARD_URL_ENV = "VQLOG_DASHBOARD_URL"
+
+
 def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     """The sweep's closing lines: what finished, the best trial, and where to look."""
     from vqlog.tracking.rows import run_name
@@ -161,9 +166,13 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         lines.append(f"mlflow: {ui}")
     else:
         lines.append(f"mlflow: vqlog ui --tracking-uri {mask(uri)}   then open {ui}")
-    # optuna-dashboard hands the URL to SQLAlchemy as it is: a bare postgresql:// would ask for
-    # psycopg (3), which vqlog does not install; psycopg2 comes with it.
-    lines.append(f"optuna: optuna-dashboard {mask(with_psycopg2(storage))}")
+    dashboard = os.environ.get(DASHBOARD_URL_ENV, "").strip()
+    if dashboard:  # one serves the study already (compose's dashboard service)
+        lines.append(f"optuna: {mask(dashboard)}")
+    else:
+        # optuna-dashboard hands the URL to SQLAlchemy as it is: a bare postgresql:// would ask
+        # for psycopg (3), which vqlog does not install; psycopg2 comes with it.
+        lines.append(f"optuna: optuna-dashboard {mask(with_psycopg2(storage))}")
     return "\n".join(lines)
 
 

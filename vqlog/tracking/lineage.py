@@ -72,11 +72,23 @@ def system_metrics(run_id: str, tracking_uri: str):
     return monitor
 
 
-def ui_link(tracking_uri: str, experiment_id: str) -> str:
-    """The experiment's training view in the MLflow UI: the server's address, or the one
-    `vqlog ui` serves for a local store."""
+# Where users open the MLflow UI, where that is not the tracking URI: a container's service name
+# (compose sets the published port), a proxy, an SSH tunnel.
+UI_URL_ENV = "VQLOG_UI_URL"
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The MLflow UI's address as users open it: VQLOG_UI_URL if set, else the server's
+    address, or the one `vqlog ui` serves for a local store."""
     from vqlog.urls import mask
 
-    base = mask(tracking_uri).rstrip("/") if tracking_uri.startswith("http") \
+    given = os.environ.get(UI_URL_ENV, "").strip()
+    if given:
+        return mask(given if "://" in given else f"http://{given}").rstrip("/")
+    return mask(tracking_uri).rstrip("/") if tracking_uri.startswith("http") \
         else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's training view in the MLflow UI (`ui_base`)."""
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
