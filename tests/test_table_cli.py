@@ -315,6 +315,52 @@ def test_watch_regenerates_when_a_run_finishes(store, tmp_path, tiny):
     assert code == 0, log.read_text()
 
 
+def test_the_line_says_how_many_trials_still_run(store, tmp_path, cli):
+    """A trial run still RUNNING is a row of the table, and the line counts it apart."""
+    client = MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("alpha")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'study'")
+    run = client.create_run(exp.experiment_id, run_name="Seq3", tags={
+        "mlflow.parentRunId": parent.info.run_id, "vqlog.role": "trial", "optuna.study": "alpha",
+        "optuna.trial_number": "2", "optuna.state": "RUNNING"})
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    assert (code, out, err) == (0, "table: results/alpha.md (3 trials, 1 running)\n", "")
+    client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+    client.set_terminated(run.info.run_id, "FAILED")
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    assert (code, out, err) == (0, "table: results/alpha.md (3 trials)\n", "")
+
+
+@pytest.mark.slow
+def test_watch_says_a_line_once_when_only_a_row_changed(store, tmp_path, tiny):
+    """A rewrite that leaves the counts as they were (a run's state set again by a reconcile)
+    writes the table but does not print the same line twice."""
+    out = tmp_path / "results" / "alpha.md"
+    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.3",
+           "--study", "alpha", "--tracking-uri", store]
+    log = tmp_path / "watch.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(out.is_file, 120, "the first table", proc)
+        first = out.read_text()
+        client = MlflowClient(tracking_uri=store)
+        exp = client.get_experiment_by_name("alpha")
+        (seq2,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'Seq2'")
+        client.set_tag(seq2.info.run_id, "optuna.state", "FAIL")  # PRUNED before
+        client.set_terminated(seq2.info.run_id, "FAILED")
+        _wait_for(lambda: out.read_text() != first, 60, "Seq2's row rewritten", proc)
+        (parent,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'study'")
+        add_trial(client, tiny(**BASE), exp.experiment_id, parent.info.run_id, "alpha", 2,
+                  "COMPLETE", SEQ1)
+        _wait_for(lambda: "| Seq3" in out.read_text(), 60, "the new run in the table", proc)
+    finally:
+        code = _stop(proc, signal.SIGINT)
+    assert code == 0, log.read_text()
+    assert log.read_text().splitlines() == ["table: results/alpha.md (2 trials)",
+                                            "table: results/alpha.md (3 trials)"]
+
+
 def test_ctrl_c_during_a_read_finishes_the_read_and_ends_the_watch(store, tmp_path):
     """Checking every 10 ms, --watch is often inside a database call when Ctrl-C comes: the call
     is finished, not broken off, and --watch ends with 0 and its table whole. (Broken off inside

@@ -158,7 +158,7 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
     from vqlog.tracking.rows import RowCache
     from vqlog.tracking.runs import publish_table, study_run
 
-    parent = None
+    parent = said = None
     last, cache = None, RowCache(client, study)  # --watch: only the runs that ended since
     rendered = table.RenderCache()  # and only those rendered again
     while True:
@@ -170,7 +170,10 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
             else:
                 out = Path(args.out) if args.out else table.table_path("results", study)
                 write_text(out, text, crash_point="table.write")
-                print(f"table: {out} ({len(rows)} trial{'s' * (len(rows) != 1)})", flush=True)
+                line = f"table: {out} ({_counts(rows)})"
+                if line != said:  # a row changed, not the counts: the same line once
+                    print(line, flush=True)
+                said = line
             parent = parent or study_run(client, study)  # made by the study's first worker
             if parent:
                 publish_table(client, parent, rows, study, args.lang, text, rendered)
@@ -179,3 +182,10 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
         if not args.watch:
             return 0
         stop.sleep(args.interval)
+
+
+def _counts(rows) -> str:
+    """"3 trials", and how many of them are still running: "3 trials, 1 running"."""
+    running = sum(row.state == "RUNNING" for row in rows)
+    return (f"{len(rows)} trial{'s' * (len(rows) != 1)}"
+            + (f", {running} running" if running else ""))
