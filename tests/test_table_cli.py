@@ -288,14 +288,20 @@ def test_watch_ends_on_ctrl_c_and_sigterm_even_when_started_with_them_ignored(st
     assert out.read_text() == EXPECTED_EN
 
 
+def _watch_alpha(store: str, folder: Path) -> tuple[subprocess.Popen, Path]:
+    """`vqlog table --watch` on study alpha, checking every 0.3 s; its output in folder/watch.log."""
+    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.3",
+           "--study", "alpha", "--tracking-uri", store]
+    log = folder / "watch.log"
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, cwd=folder, stdout=fh, stderr=subprocess.STDOUT,
+                                text=True), log
+
+
 @pytest.mark.slow
 def test_watch_regenerates_when_a_run_finishes(store, tmp_path, tiny):
     out = tmp_path / "results" / "alpha.md"
-    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.3",
-           "--study", "alpha", "--tracking-uri", store]
-    log = tmp_path / "watch.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    proc, log = _watch_alpha(store, tmp_path)
     try:
         _wait_for(out.is_file, 120, "the first table", proc)
         assert out.read_text() == EXPECTED_EN
@@ -336,11 +342,7 @@ def test_watch_says_a_line_once_when_only_a_row_changed(store, tmp_path, tiny):
     """A rewrite that leaves the counts as they were (a run's state set again by a reconcile)
     writes the table but does not print the same line twice."""
     out = tmp_path / "results" / "alpha.md"
-    cmd = [str(Path(sys.executable).with_name("vqlog")), "table", "--watch", "--interval", "0.3",
-           "--study", "alpha", "--tracking-uri", store]
-    log = tmp_path / "watch.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    proc, log = _watch_alpha(store, tmp_path)
     try:
         _wait_for(out.is_file, 120, "the first table", proc)
         first = out.read_text()
