@@ -306,8 +306,9 @@ def test_the_workers_parent_passes_a_stop_on_while_the_database_is_down(pg, db, 
     """`vqlog-sweep --workers 2`, SIGTERM (docker compose stop, Slurm) while PostgreSQL is down:
     the parent passes the stop on at once, and both workers checkpoint their trials before the
     server is back. Before, the parent's progress read waited out the outage in its connect
-    (up to VQLOG_DB_OUTAGE_LIMIT) and only then passed the stop on: a container's 10 s grace
-    ran out with the trials unsaved. Once the server is back, the trials are queued again and
+    (up to VQLOG_DB_OUTAGE_LIMIT) and only then passed the stop on: a grace period shorter
+    than the outage (docker stop's default 10 s, compose's 60 s here) ran out with the trials
+    unsaved. Once the server is back, the trials are queued again and
     the sweep exits 143."""
     import signal
 
