@@ -321,8 +321,9 @@ def test_watch_regenerates_when_a_run_finishes(store, tmp_path, tiny):
     assert code == 0, log.read_text()
 
 
-def test_the_line_says_how_many_trials_still_run(store, tmp_path, cli):
-    """A trial run still RUNNING is a row of the table, and the line counts it apart."""
+def test_the_line_counts_the_rows_the_table_shows(store, tmp_path, cli):
+    """A trial run still RUNNING has no row in the table (finished trials only), and the line's
+    count leaves it out too."""
     client = MlflowClient(tracking_uri=store)
     exp = client.get_experiment_by_name("alpha")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'study'")
@@ -330,11 +331,13 @@ def test_the_line_says_how_many_trials_still_run(store, tmp_path, cli):
         "mlflow.parentRunId": parent.info.run_id, "vqlog.role": "trial", "optuna.study": "alpha",
         "optuna.trial_number": "2", "optuna.state": "RUNNING"})
     code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
-    assert (code, out, err) == (0, "table: results/alpha.md (3 trials, 1 running)\n", "")
+    assert (code, out, err) == (0, "table: results/alpha.md (2 trials)\n", "")
+    assert "| Seq3 |" not in (tmp_path / "results" / "alpha.md").read_text()
     client.set_tag(run.info.run_id, "optuna.state", "FAIL")
     client.set_terminated(run.info.run_id, "FAILED")
     code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
     assert (code, out, err) == (0, "table: results/alpha.md (3 trials)\n", "")
+    assert "| Seq3 |" in (tmp_path / "results" / "alpha.md").read_text()
 
 
 @pytest.mark.slow

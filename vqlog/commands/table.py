@@ -171,7 +171,7 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
                 out = Path(args.out) if args.out else table.table_path("results", study)
                 write_text(out, text, crash_point="table.write")
                 line = f"table: {out} ({_counts(rows)})"
-                if line != said:  # a row changed, not the counts: the same line once
+                if line != said:  # a row changed, not the count: the same line once
                     print(line, flush=True)
                 said = line
             parent = parent or study_run(client, study)  # made by the study's first worker
@@ -185,7 +185,8 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
 
 
 def _counts(rows) -> str:
-    """"3 trials", and how many of them are still running: "3 trials, 1 running"."""
-    running = sum(row.state == "RUNNING" for row in rows)
-    return (f"{len(rows)} trial{'s' * (len(rows) != 1)}"
-            + (f", {running} running" if running else ""))
+    """"3 trials": the rows the table shows (finished trials; a trial still running has none)."""
+    from vqlog.tracking.table import SHOWN_STATES
+
+    shown = sum(row.state in SHOWN_STATES for row in rows)
+    return f"{shown} trial{'s' * (shown != 1)}"
