@@ -206,6 +206,20 @@ def test_vqlog_ui_url_is_where_the_links_point(swept, monkeypatch, cli):
     assert f"run:  http://lab.example:5999/#/experiments/{exp.experiment_id}/runs/{run_id}\n" in out
 
 
+@pytest.mark.parametrize("given, base", [
+    ("http://127.0.0.1:5999/#/", "http://127.0.0.1:5999"),  # pasted from the address bar
+    ("https://proxy.lab/mlflow/?token=abc#/experiments/3", "https://proxy.lab/mlflow"),
+    ("alice:s3cr3t@lab:5000", "http://lab:5000"),  # no scheme; no credentials in a link
+    ("  ", "http://mlflow:5000"),  # blank: the tracking URI's
+])
+def test_vqlog_ui_url_as_users_paste_it(given, base, monkeypatch):
+    from vqlog.tracking.lineage import ui_link
+
+    monkeypatch.setenv("VQLOG_UI_URL", given)
+    assert ui_link("http://mlflow:5000", "7") == \
+        f"{base}/#/experiments/7/runs?workflowType=machine_learning"
+
+
 def test_flags_beat_the_environment(swept, tmp_path, monkeypatch, cli):
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path}/no/such/folder/o.db")
     code, out, err = cli("best", "--study", "conv", "--storage", swept.storage,

@@ -78,13 +78,17 @@ UI_URL_ENV = "VQLOG_UI_URL"
 
 
 def ui_base(tracking_uri: str) -> str:
-    """The MLflow UI's address as users open it: VQLOG_UI_URL if set, else the server's
-    address, or the one `vqlog ui` serves for a local store."""
+    """The MLflow UI's address as users open it: VQLOG_UI_URL if set (as pasted from the
+    browser's address bar: its `#/...` view, a query and any credentials are left out), else
+    the server's address, or the one `vqlog ui` serves for a local store."""
+    from urllib.parse import urlsplit
+
     from vqlog.urls import mask
 
     given = os.environ.get(UI_URL_ENV, "").strip()
     if given:
-        return mask(given if "://" in given else f"http://{given}").rstrip("/")
+        parts = urlsplit(given if "://" in given else f"http://{given}")
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
     return mask(tracking_uri).rstrip("/") if tracking_uri.startswith("http") \
         else "http://127.0.0.1:5000"
 
