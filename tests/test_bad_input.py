@@ -91,6 +91,22 @@ def deleted_experiment(path: Path) -> None:
     client.delete_experiment(client.create_experiment("smoke"))
 
 
+def maximized_study(path: Path) -> None:
+    """An Optuna storage whose study `smoke` maximizes, where the smoke spec minimizes."""
+    import optuna
+
+    optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}", direction="maximize")
+
+
+def float_batch_study(path: Path) -> None:
+    """An Optuna storage whose study `smoke` searched batch as a float (the spec: a list)."""
+    import optuna
+
+    study = optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}")
+    trial = study.ask()
+    study.tell(trial, trial.suggest_float("batch", 1.0, 2.0))
+
+
 class Touch:
     """Unpickled, creates the file `path` (`open(path, "w")` runs): a stand-in for any code a
     pickle can run. The folder check of every case shows that nothing unpickled it."""
@@ -233,6 +249,14 @@ CASES: dict[str, Case] = {
         ("--storage", f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{NO_SUCH_DB}"),
         f"cannot open the Optuna storage postgresql://postgres:***@127.0.0.1:5432/{NO_SUCH_DB}",
         check=no_such_db_was_not_created),
+    "storage-study-other-directions": Case(
+        (), "study 'smoke' already exists with directions ['maximize']",
+        {"optuna.db": maximized_study}),
+    "storage-study-other-directions-workers": Case(
+        ("--workers", "2"), "study 'smoke' already exists with directions ['maximize']",
+        {"optuna.db": maximized_study}),
+    "storage-study-other-space": Case(
+        (), "study 'smoke' already searches batch over", {"optuna.db": float_batch_study}),
     "tracking-wrong-scheme": Case(("--tracking-uri", f"ftp://me:{PASSWORD}@127.0.0.1/mlflow"),
                                   "--tracking-uri must be sqlite:///FILE, a database URL or http(s)"),
     "tracking-malformed": Case(("--tracking-uri", f"http://me:{PASSWORD}@127.0.0.1:notaport/"),

@@ -130,3 +130,36 @@ def test_an_outage_past_the_limit_fails_the_trial_exits_1_and_the_rerun_resumes(
     assert runs[0].info.status == "FAILED" and runs[0].data.tags["optuna.state"] == "FAIL"
     assert runs[1].info.status == "FINISHED"
     assert "RUNNING" not in {r.info.status for r in runs.values()}
+
+
+def test_a_store_that_stays_away_at_start_up_says_how_to_resume(tmp_path, monkeypatch, cli,
+                                                                 mlflow_store):
+    """The MLflow store goes away between the sweep's first look at it and its check for a
+    deleted experiment (here: another process holds SQLite's write lock past the outage limit):
+    one `Error:` line that says to bring the store back and rerun, exit 1, and no study line
+    before it (the checks come before that line)."""
+    import sqlite3
+
+    from vqlog import api
+    from vqlog.tracking import client
+
+    monkeypatch.chdir(tmp_path)
+    uri = mlflow_store()
+    monkeypatch.setattr(client, "OUTAGE_LIMIT", 2.0)
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    load_data = api.load_data
+
+    def load_then_lock(*args, **kwargs):  # the store goes away once the data is in
+        cache = load_data(*args, **kwargs)
+        holder.execute("BEGIN EXCLUSIVE")
+        return cache
+
+    monkeypatch.setattr(api, "load_data", load_then_lock)
+    try:
+        code, out, err = cli.sweep("--trials", "1", "--config", "smoke", "--tracking-uri", uri)
+    finally:
+        holder.close()
+    assert code == 1 and out == "", out + err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("Error: MLflow tracking at ") and "database is locked" in line, line
+    assert "Start the tracking server, then rerun the same command to resume" in line

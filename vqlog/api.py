@@ -115,9 +115,11 @@ def check_gpus(gpus: list[int] | None, kind: str) -> None:
 def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device: str = "auto",
               gpus: list[int] | None = None, timeout: float | None = None,
               seed: int | None = None, stop=None, out: Callable[[str], None] = print,
-              cache=None):
+              cache=None, data_checked: bool = False):
     """One worker in this process (its torch threads kept to the cores it may use), or `workers`
-    worker processes (vqlog.study.pool). `cache`: the data `load_data` checked."""
+    worker processes (vqlog.study.pool). `cache`: the data `load_data` loaded, for the one
+    worker here; `data_checked`: `load_data` has checked it (the workers of --workers load
+    their own, so the parent need not check it again)."""
     from vqlog.study import hosts, pool, worker
 
     if workers == 1:
@@ -129,7 +131,7 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
     from vqlog.train import resolve_device
 
     return pool.sweep(spec, trials, storage, tracker, workers, resolve_device(device).type,
-                      gpus, timeout, seed, stop, out, cache=cache)
+                      gpus, timeout, seed, stop, out, data_checked=data_checked)
 
 
 def load_data(spec, seed: int | None = None):

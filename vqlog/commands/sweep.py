@@ -57,20 +57,26 @@ def sweep_command(args: argparse.Namespace) -> int:
     storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
     workers, note = api.worker_plan(args.workers, args.device, gpus)
     from vqlog.study import worker  # torch: after the spec and the stores are checked
-    # Bad data or a deleted experiment: its Error line alone, before the study line.
-    data = api.load_data(spec, args.seed)
-    tracker.check_experiment(spec.name)
+    from vqlog.study.storage import check_study
     uri = tracker.given_uri
-    print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
-          f"storage {mask(storage)}, tracking {mask(uri)}"
-          + (f", {workers} workers" if workers > 1 else "")
-          + (f" ({note})" if note else ""), flush=True)
-    start = time.perf_counter()
     stop = worker.StopRequest()
     try:
+        # Bad data, a deleted experiment, a study of that name with other directions or space:
+        # its Error line alone, before the study line.
+        data = api.load_data(spec, args.seed)
+        tracker.check_experiment(spec.name)
+        check_study(spec, storage)
+        if workers > 1:
+            data = None  # checked: each worker process loads its own, the parent keeps none
+        print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
+              f"storage {mask(storage)}, tracking {mask(uri)}"
+              + (f", {workers} workers" if workers > 1 else "")
+              + (f" ({note})" if note else ""), flush=True)
+        start = time.perf_counter()
         with stop_on_signals(stop):
             result = api.run_sweep(spec, args.trials, storage, tracker, workers, args.device,
-                                   gpus, args.timeout, args.seed, stop, cache=data)
+                                   gpus, args.timeout, args.seed, stop, cache=data,
+                                   data_checked=True)
     except TrackingUnavailable as exc:
         sys.stderr.write(
             f"Error: {mask_urls(str(exc))}. Everything finished is kept in the study and MLflow; "

@@ -259,10 +259,11 @@ def _death(exitcode: int) -> str:
 
 def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = "cpu",
           gpus: list[int] | None = None, timeout: float | None = None, seed: int | None = None,
-          stop=None, out: Callable[[str], None] = print, cache=None):
+          stop=None, out: Callable[[str], None] = print, data_checked: bool = False):
     """`workers` processes on one study until it has `trials` finished trials; one combined
-    `SweepSummary`. The parent checks the data (unless `cache` holds it checked) and creates the
-    study and its MLflow experiment and study run first, so the workers only load them."""
+    `SweepSummary`. The parent checks the data (unless the caller has: `data_checked`) and
+    creates the study and its MLflow experiment and study run first, so the workers only load
+    them."""
     from vqlog.data import DataCache
     from vqlog.study.progress import TrialProgress
     from vqlog.study.outage import retrying
@@ -271,7 +272,8 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
                                     check_data)
 
     stop = stop if stop is not None else StopRequest()
-    check_data(spec, cache or DataCache(spec.source, spec.sample_rate, spec.channel), seed)
+    if not data_checked:  # loaded to be checked, then dropped: the workers load their own
+        check_data(spec, DataCache(spec.source, spec.sample_rate, spec.channel), seed)
     tracker.check_experiment(spec.name)
     study, optuna_storage = open_study(spec, storage, seed)
 

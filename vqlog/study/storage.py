@@ -156,6 +156,14 @@ def check_reachable(url: str) -> None:
         engine.dispose()
 
 
+def _read_only(url: str) -> optuna.storages.RDBStorage:
+    """The storage at `url` as it is: no table created, no lock taken."""
+    parsed = parse_url(url)
+    return optuna.storages.RDBStorage(with_psycopg2(parsed.render_as_string(hide_password=False)),
+                                      engine_kwargs=_engine_kwargs(parsed),
+                                      skip_table_creation=True)
+
+
 def load_existing_study(url: str, name: str) -> optuna.Study:
     """An existing study, read-only: no file, table or study is created (commands that only
     read, like `vqlog export`). UserError names what is missing."""
@@ -163,9 +171,7 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
         raise UserError(f"no Optuna storage at {mask(url)}; run vqlog-sweep first or pass --storage")
     try:
-        storage = optuna.storages.RDBStorage(
-            with_psycopg2(parsed.render_as_string(hide_password=False)),
-            engine_kwargs=_engine_kwargs(parsed), skip_table_creation=True)
+        storage = _read_only(url)
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - connection, auth, not an Optuna database ...
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
@@ -206,6 +212,31 @@ def open_study(spec, url: str, seed: int | None = None
                 retrying(storage, lambda row=row: study.enqueue_trial(row, skip_if_exists=True))
             retrying(storage, lambda: study.set_user_attr(ENQUEUED, True))
     return study, storage
+
+
+def check_study(spec, url: str) -> None:
+    """What `open_study` would refuse in a study of the spec's name that exists already: other
+    directions, another search space. Read-only (no file, table, lock or study is created), so
+    that such a study is one error before a sweep says anything. A storage or study that is not
+    there yet, or cannot be read now, is left to `open_study`."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
+        return
+    try:
+        storage = _read_only(url)
+    except Exception:  # noqa: BLE001 - no tables yet, an outage: open_study says it, or waits
+        return
+    try:
+        try:
+            if spec.name not in optuna.get_all_study_names(storage):
+                return
+            study = optuna.load_study(study_name=spec.name, storage=storage)
+        except Exception:  # noqa: BLE001 - as above
+            return
+        check_directions(study, spec)
+        check_space(storage, spec)
+    finally:
+        storage.engine.dispose()
 
 
 def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:

@@ -142,10 +142,17 @@ def open_client(uri: str, sleep: Callable[[float], None] = time.sleep) -> Retryi
     a new store's tables and runs its schema migrations in the first process that opens it, and
     two processes doing that at once break it ("Online migration expected to match one row",
     "table ... already exists"; an SQLite store can be left half migrated for good)."""
+    from types import SimpleNamespace
+
     from mlflow.tracking import MlflowClient
 
-    with _store_lock(uri):
-        client = MlflowClient(tracking_uri=uri)  # opens the store: creates and migrates a new one
+    def store() -> MlflowClient:
+        with _store_lock(uri):
+            return MlflowClient(tracking_uri=uri)  # opens the store: creates and migrates a new one
+
+    # Opening it rides out an outage as every later call does (a database store restarting, an
+    # SQLite file another process holds locked): retried, then TrackingUnavailable past the limit.
+    client = RetryingClient(SimpleNamespace(open=store), mask(uri), sleep=sleep).call("open")
     return RetryingClient(client, mask(uri), sleep=sleep)
 
 
