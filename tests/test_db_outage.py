@@ -415,3 +415,43 @@ def test_the_trackers_reads_of_the_study_ride_out_a_dropped_connection(pg, db, t
     assert breaks.broken == 4 and breaks.n == 0
     names = {a.path for a in tracker.client.list_artifacts(tracker.parent_id, "optuna")}
     assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= names
+
+
+def test_the_table_waits_for_a_database_store_that_is_down(pg, tmp_path):
+    """An MLflow store on PostgreSQL whose server is down is not bad input: `vqlog table` says
+    to start it (before: "create it"), and `--watch` waits for it, then for a study in it."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    uri = pg.create_database("t_table_store_down")
+    vqlog = str(Path(sys.executable).with_name("vqlog"))
+    log = tmp_path / "watch.log"
+    pg.stop()
+    try:
+        once = subprocess.run([vqlog, "table", "--study", "s", "--tracking-uri", uri],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert once.returncode == 2 and once.stdout == "", once.stdout + once.stderr
+        (line,) = once.stderr.splitlines()
+        assert line.startswith(f"Error: cannot reach the MLflow store {uri}") and "start it" in line
+        with open(log, "w") as fh:
+            watch = subprocess.Popen([vqlog, "table", "--watch", "--interval", "0.5",
+                                      "--tracking-uri", uri], cwd=tmp_path, stdout=fh,
+                                     stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(lambda: f"waiting for the MLflow store {uri}" in log.read_text(), 120,
+                       "the wait for the store")
+            pg.start()
+            wait_until(lambda: "waiting for a vqlog study in" in log.read_text(), 120,
+                       "the wait for a study, once the store is up")
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(60) == 0, log.read_text()
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
+    finally:
+        if not pg.running():
+            pg.start()
+    assert "Traceback" not in log.read_text(), log.read_text()

@@ -77,7 +77,8 @@ def _open_study(args, study: str | None, stop: _Stop):
             if not args.watch:
                 raise
             where = mask(resolve_tracking_uri(args.tracking_uri))
-            wait(f"the MLflow server {where}" if isinstance(exc, StoreUnreachable)
+            kind = "server" if where.startswith(("http://", "https://")) else "store"
+            wait(f"the MLflow {kind} {where}" if isinstance(exc, StoreUnreachable)
                  else f"an MLflow store at {where}")
     while True:
         found, missing = _find_study(client, study)

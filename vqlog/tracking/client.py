@@ -232,7 +232,8 @@ class MissingStore(UserError):
 
 
 class StoreUnreachable(UserError):
-    """A tracking server that does not answer (yet): down, starting, or a wrong address."""
+    """A tracking server or database store that does not answer (yet): down, starting, or a
+    wrong address."""
 
 
 def existing_store(uri: str | None) -> str:
@@ -315,6 +316,9 @@ def _check_database(uri: str) -> None:
         secret = password(uri)
         if secret:
             reason = reason.replace(secret, "***")
+        if is_transient(exc):  # a server that is down or restarting, a file held locked
+            raise StoreUnreachable(f"cannot reach the MLflow store {mask(uri)}: {reason}; start "
+                                   "it or pass another --tracking-uri") from None
         raise UserError(
             f"cannot open the MLflow store {mask(uri)}: {reason}; create it or pass another "
             "--tracking-uri"
