@@ -90,3 +90,30 @@ def test_two_sweeps_started_together_in_a_new_folder_share_one_study(tmp_path):
         == [0, 1, 2]
     assert len(mlflow_runs(uri, "together", role="study")) == 1
     assert_store_is_whole(uri)
+
+
+def test_the_sweeps_early_study_check_writes_nothing_to_a_storage_being_created(tmp_path):
+    """`vqlog-sweep` checks an existing study before its first line (`check_study`), without the
+    lock under which a new storage's tables are created. Caught between another process's
+    tables and their version rows, it must not write those rows itself: the other process's
+    insert would then fail ("UNIQUE constraint failed: alembic_version.version_num")."""
+    import optuna
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.study.storage import check_study
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(study_name="smoke", storage=url, direction="maximize")
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:  # the moment between the tables and their version rows
+        for table in ("version_info", "alembic_version"):
+            conn.execute(sqlalchemy.text(f"DELETE FROM {table}"))
+    check_study(load_sweep("smoke"), url)  # the study's directions are not read either
+    with engine.connect() as conn:
+        for table in ("version_info", "alembic_version"):
+            assert conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {table}")).scalar() == 0
+    engine.dispose()
+    # Once stamped, the same study is refused: the check does run on a storage that is whole.
+    optuna.storages.RDBStorage(url).engine.dispose()  # writes the version rows back
+    with pytest.raises(Exception, match="already exists with directions"):
+        check_study(load_sweep("smoke"), url)

@@ -216,27 +216,43 @@ def open_study(spec, url: str, seed: int | None = None
 
 def check_study(spec, url: str) -> None:
     """What `open_study` would refuse in a study of the spec's name that exists already: other
-    directions, another search space. Read-only (no file, table, lock or study is created), so
-    that such a study is one error before a sweep says anything. A storage or study that is not
-    there yet, or cannot be read now, is left to `open_study`."""
+    directions, another search space. Read-only (no file, table, lock, row or study is created),
+    so that such a study is one error before a sweep says anything. A storage or study that is
+    not there yet, or cannot be read now, is left to `open_study`."""
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
         return
+    if not _stamped(parsed):
+        return
+    storage = None
     try:
         storage = _read_only(url)
-    except Exception:  # noqa: BLE001 - no tables yet, an outage: open_study says it, or waits
-        return
-    try:
-        try:
-            if spec.name not in optuna.get_all_study_names(storage):
-                return
-            study = optuna.load_study(study_name=spec.name, storage=storage)
-        except Exception:  # noqa: BLE001 - as above
+        if spec.name not in optuna.get_all_study_names(storage):
             return
-        check_directions(study, spec)
+        check_directions(optuna.load_study(study_name=spec.name, storage=storage), spec)
         check_space(storage, spec)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - an outage, a schema to upgrade: open_study says it, or waits
+        return
     finally:
-        storage.engine.dispose()
+        if storage is not None:
+            storage.engine.dispose()
+
+
+def _stamped(parsed: URL) -> bool:
+    """Optuna's tables are there with their version rows: opening the storage then writes
+    nothing (else it would write them, racing a process that creates them under its lock)."""
+    engine = sqlalchemy.create_engine(with_psycopg2(parsed.render_as_string(hide_password=False)),
+                                      poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(parsed))
+    try:
+        with engine.connect() as conn:
+            return all(conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {table}")).scalar()
+                       for table in ("version_info", "alembic_version"))
+    except Exception:  # noqa: BLE001 - no such table yet, or no answer: not stamped here
+        return False
+    finally:
+        engine.dispose()
 
 
 def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
