@@ -107,6 +107,18 @@ def float_batch_study(path: Path) -> None:
     study.tell(trial, trial.suggest_float("batch", 1.0, 2.0))
 
 
+def old_schema_study(path: Path) -> None:
+    """An Optuna storage whose schema an older Optuna wrote: it needs `optuna storage upgrade`."""
+    import optuna
+    import sqlalchemy
+
+    optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}")
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = 'v3.0.0.d'"))
+    engine.dispose()
+
+
 class Touch:
     """Unpickled, creates the file `path` (`open(path, "w")` runs): a stand-in for any code a
     pickle can run. The folder check of every case shows that nothing unpickled it."""
@@ -257,6 +269,7 @@ CASES: dict[str, Case] = {
         {"optuna.db": maximized_study}),
     "storage-study-other-space": Case(
         (), "study 'smoke' already searches batch over", {"optuna.db": float_batch_study}),
+    "storage-old-schema": Case((), "optuna storage upgrade", {"optuna.db": old_schema_study}),
     "tracking-wrong-scheme": Case(("--tracking-uri", f"ftp://me:{PASSWORD}@127.0.0.1/mlflow"),
                                   "--tracking-uri must be sqlite:///FILE, a database URL or http(s)"),
     "tracking-malformed": Case(("--tracking-uri", f"http://me:{PASSWORD}@127.0.0.1:notaport/"),

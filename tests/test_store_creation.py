@@ -100,7 +100,7 @@ def test_the_sweeps_early_study_check_writes_nothing_to_a_storage_being_created(
     import optuna
 
     from vqlog.study.spec import load_sweep
-    from vqlog.study.storage import check_study
+    from vqlog.study.existing import check_study
 
     url = f"sqlite:///{tmp_path}/optuna.db"
     optuna.create_study(study_name="smoke", storage=url, direction="maximize")

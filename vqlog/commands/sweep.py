@@ -57,7 +57,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
     workers, note = api.worker_plan(args.workers, args.device, gpus)
     from vqlog.study import worker  # torch: after the spec and the stores are checked
-    from vqlog.study.storage import check_study
+    from vqlog.study.existing import check_study
     uri = tracker.given_uri
     stop = worker.StopRequest()
     try:

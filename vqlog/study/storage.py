@@ -99,7 +99,7 @@ def _is_sqlite(path: Path) -> bool:
         return False
 
 
-def _engine_kwargs(url: URL) -> dict:
+def engine_kwargs(url: URL) -> dict:
     if url.get_backend_name() == "postgresql":
         # pre-ping replaces connections a PostgreSQL restart broke; a short connect timeout makes
         # an unreachable server an error, not a hang; TCP keepalives make a query on a connection
@@ -126,7 +126,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
             storage = optuna.storages.RDBStorage(
                 with_psycopg2(parsed.render_as_string(hide_password=False)),
-                engine_kwargs=_engine_kwargs(parsed),
+                engine_kwargs=engine_kwargs(parsed),
                 heartbeat_interval=heartbeat_interval(),
                 grace_period=grace_period(),
                 heartbeat_stale_trial_callback=retry,
@@ -146,7 +146,7 @@ def check_reachable(url: str) -> None:
     if parsed.get_backend_name() != "postgresql":
         return
     engine = sqlalchemy.create_engine(with_psycopg2(parsed.render_as_string(hide_password=False)),
-                                      **_engine_kwargs(parsed))
+                                      **engine_kwargs(parsed))
     try:
         with engine.connect():
             pass
@@ -156,11 +156,11 @@ def check_reachable(url: str) -> None:
         engine.dispose()
 
 
-def _read_only(url: str) -> optuna.storages.RDBStorage:
+def read_only_storage(url: str) -> optuna.storages.RDBStorage:
     """The storage at `url` as it is: no table created, no lock taken."""
     parsed = parse_url(url)
     return optuna.storages.RDBStorage(with_psycopg2(parsed.render_as_string(hide_password=False)),
-                                      engine_kwargs=_engine_kwargs(parsed),
+                                      engine_kwargs=engine_kwargs(parsed),
                                       skip_table_creation=True)
 
 
@@ -171,7 +171,7 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
         raise UserError(f"no Optuna storage at {mask(url)}; run vqlog-sweep first or pass --storage")
     try:
-        storage = _read_only(url)
+        storage = read_only_storage(url)
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - connection, auth, not an Optuna database ...
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
@@ -212,47 +212,6 @@ def open_study(spec, url: str, seed: int | None = None
                 retrying(storage, lambda row=row: study.enqueue_trial(row, skip_if_exists=True))
             retrying(storage, lambda: study.set_user_attr(ENQUEUED, True))
     return study, storage
-
-
-def check_study(spec, url: str) -> None:
-    """What `open_study` would refuse in a study of the spec's name that exists already: other
-    directions, another search space. Read-only (no file, table, lock, row or study is created),
-    so that such a study is one error before a sweep says anything. A storage or study that is
-    not there yet, or cannot be read now, is left to `open_study`."""
-    parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
-        return
-    if not _stamped(parsed):
-        return
-    storage = None
-    try:
-        storage = _read_only(url)
-        if spec.name not in optuna.get_all_study_names(storage):
-            return
-        check_directions(optuna.load_study(study_name=spec.name, storage=storage), spec)
-        check_space(storage, spec)
-    except UserError:
-        raise
-    except Exception:  # noqa: BLE001 - an outage, a schema to upgrade: open_study says it, or waits
-        return
-    finally:
-        if storage is not None:
-            storage.engine.dispose()
-
-
-def _stamped(parsed: URL) -> bool:
-    """Optuna's tables are there with their version rows: opening the storage then writes
-    nothing (else it would write them, racing a process that creates them under its lock)."""
-    engine = sqlalchemy.create_engine(with_psycopg2(parsed.render_as_string(hide_password=False)),
-                                      poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(parsed))
-    try:
-        with engine.connect() as conn:
-            return all(conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {table}")).scalar()
-                       for table in ("version_info", "alembic_version"))
-    except Exception:  # noqa: BLE001 - no such table yet, or no answer: not stamped here
-        return False
-    finally:
-        engine.dispose()
 
 
 def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
@@ -315,7 +274,7 @@ class StudyLock:
         if self.url.get_backend_name() == "postgresql":
             self._engine = sqlalchemy.create_engine(
                 with_psycopg2(self.url.render_as_string(hide_password=False)),
-                poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(self.url))
+                poolclass=sqlalchemy.pool.NullPool, **engine_kwargs(self.url))
 
     def acquire(self) -> None:
         if self._held:
