@@ -119,6 +119,20 @@ def old_schema_study(path: Path) -> None:
     engine.dispose()
 
 
+def an_mlflow_store(path: Path) -> None:
+    """A new MLflow store (its tables, no run)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+
+
+def another_study(path: Path) -> None:
+    """An Optuna storage with a study of another name."""
+    import optuna
+
+    optuna.create_study(study_name="other", storage=f"sqlite:///{path}")
+
+
 class Touch:
     """Unpickled, creates the file `path` (`open(path, "w")` runs): a stand-in for any code a
     pickle can run. The folder check of every case shows that nothing unpickled it."""
@@ -270,6 +284,12 @@ CASES: dict[str, Case] = {
     "storage-study-other-space": Case(
         (), "study 'smoke' already searches batch over", {"optuna.db": float_batch_study}),
     "storage-old-schema": Case((), "optuna storage upgrade", {"optuna.db": old_schema_study}),
+    "storage-is-an-mlflow-store": Case(
+        ("--storage", "sqlite:///{tmp}/mlflow.db"), "is an MLflow store",
+        {"mlflow.db": an_mlflow_store}),
+    "tracking-is-an-optuna-storage": Case(
+        ("--tracking-uri", "sqlite:///{tmp}/optuna.db"), "is an Optuna storage",
+        {"optuna.db": another_study}),
     "tracking-wrong-scheme": Case(("--tracking-uri", f"ftp://me:{PASSWORD}@127.0.0.1/mlflow"),
                                   "--tracking-uri must be sqlite:///FILE, a database URL or http(s)"),
     "tracking-malformed": Case(("--tracking-uri", f"http://me:{PASSWORD}@127.0.0.1:notaport/"),

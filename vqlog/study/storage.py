@@ -139,21 +139,26 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def check_reachable(url: str) -> None:
-    """A PostgreSQL storage answers (server, database, credentials), checked with one plain
-    connection that creates nothing: a wrong one is found before a sweep loads torch. SQLite
-    files are checked by `parse_url`."""
+    """The storage answers (server, database, credentials) and is not MLflow's, checked with one
+    plain connection that creates nothing: a wrong one is found before a sweep loads torch. A
+    new SQLite file is left alone (`parse_url` checks its folder)."""
     parsed = parse_url(url)
-    if parsed.get_backend_name() != "postgresql":
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
         return
     engine = sqlalchemy.create_engine(with_psycopg2(parsed.render_as_string(hide_password=False)),
-                                      **engine_kwargs(parsed))
+                                      poolclass=sqlalchemy.pool.NullPool, **engine_kwargs(parsed))
     try:
-        with engine.connect():
-            pass
+        with engine.connect() as conn:
+            tables = set(sqlalchemy.inspect(conn).get_table_names())
     except Exception as exc:  # noqa: BLE001 - connection, auth, missing database ...
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
     finally:
         engine.dispose()
+    if {"experiments", "runs"} <= tables:  # both keep their schema version in alembic_version
+        what = ("holds both MLflow's and Optuna's tables" if "studies" in tables
+                else "is an MLflow store (it holds MLflow's tables)")
+        raise UserError(f"--storage {mask(url)} {what}; give Optuna a database of its own, "
+                        "e.g. sqlite:///optuna.db")
 
 
 def read_only_storage(url: str) -> optuna.storages.RDBStorage:

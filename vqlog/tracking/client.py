@@ -309,8 +309,7 @@ def _check_database(uri: str) -> None:
             connect_args={"connect_timeout": 10} if postgres else {},
         )
         with engine.connect() as conn:
-            if uri.startswith("sqlite"):
-                conn.execute(sqlalchemy.text("SELECT count(*) FROM sqlite_master"))
+            tables = set(sqlalchemy.inspect(conn).get_table_names())  # an SQLite file: read
     except Exception as exc:  # noqa: BLE001 - driver, auth, missing database, not a database
         reason = one_line(getattr(exc, "orig", None) or exc, 200)
         secret = password(uri)
@@ -326,6 +325,11 @@ def _check_database(uri: str) -> None:
     finally:
         if engine is not None:
             engine.dispose()
+    if {"studies", "version_info"} <= tables:  # both keep their schema version in alembic_version
+        what = ("holds both Optuna's and MLflow's tables" if "experiments" in tables
+                else "is an Optuna storage (it holds Optuna's tables)")
+        raise UserError(f"--tracking-uri {mask(uri)} {what}; give MLflow a database of its own, "
+                        "e.g. sqlite:///mlflow.db")
 
 
 def _health_request(uri: str):
