@@ -115,6 +115,22 @@ def test_twin_codes_map_to_the_first_and_codes_of_equal_norm_stay_apart():
     assert nearest_code(torch.randn(100, 8), same).eq(0).all()
 
 
+def test_a_diverged_codebook_still_gets_indices_in_range():
+    # A NaN code (a step that diverged on a GPU, where fit does not check every step) sorts last;
+    # its norm must not be searched one past the end (on a GPU, a device-side assert).
+    from vqlog.model.quantizer import first_of_equal_codes
+
+    codebook = torch.randn(32, 8, generator=torch.Generator().manual_seed(5))
+    codebook[[3, 31]] = float("nan")
+    first = first_of_equal_codes(codebook)
+    assert first.tolist() == list(range(32))  # NaN equals nothing, not even itself
+    all_nan = torch.full((32, 8), float("nan"))
+    assert first_of_equal_codes(all_nan).tolist() == list(range(32))
+    for book in (codebook, all_nan):
+        idx = nearest_code(torch.randn(200, 8), book)
+        assert ((idx >= 0) & (idx < 32)).all()
+
+
 # --------------------------------------------------------------------------- index -> code
 
 

@@ -110,6 +110,34 @@ def test_a_training_state_is_weights_only_and_for_its_own_config(tiny, tmp_path)
         fit(tiny(lr=1e-4), data, resume=read_state(tmp_path / "state.pt"))
 
 
+def test_a_state_saved_on_a_gpu_resumes_on_the_cpu(tiny, tmp_path):
+    """A retry may land on any host. The batch sampler's generator is the CPU's on every device,
+    so its state resumes anywhere; a state from a version that sampled on the GPU (a CUDA
+    generator's 16-byte state, one CUDA RNG state per visible GPU) resumes too, with the sampler
+    reseeded for that step: the same on every retry."""
+    import torch
+
+    cfg = tiny(iteration=12)
+    data = prepare("synthetic", cfg)
+    straight = fit(cfg, data)
+    saved, stop = [], StopAfter(5)
+    with pytest.raises(TrainingStopped):
+        fit(cfg, data, on_checkpoint=saved.append, should_stop=stop, progress=stop.progress)
+    state = saved[0]
+    assert state["rng"]["sampler"].numel() == torch.Generator().get_state().numel()
+    assert state["rng"]["cuda"] is None  # trained on the CPU
+    write_state(tmp_path / "cpu.pt", state)
+    write_state(tmp_path / "gpu.pt", {**state, "rng": {
+        **state["rng"], "sampler": torch.zeros(16, dtype=torch.uint8),
+        "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}})
+    resumed = fit(cfg, data, resume=read_state(tmp_path / "cpu.pt"))
+    assert repr(resumed.train_points) == repr(straight.train_points)
+    first = fit(cfg, data, resume=read_state(tmp_path / "gpu.pt"))
+    again = fit(cfg, data, resume=read_state(tmp_path / "gpu.pt"))
+    assert first.resumed_at == 5 and first.iterations_run == 12
+    assert repr(first.train_points) == repr(again.train_points)
+
+
 # ------------------------------------------------------------------------- real workers
 
 ITERATION = 600  # 4-8 s per trial here: long enough to be stopped in the middle

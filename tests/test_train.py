@@ -13,7 +13,8 @@ from vqlog.errors import DivergedError, UserError
 from vqlog.model.s4d import ssm_parameters
 from vqlog.model.vqvae import VQVAE
 from vqlog.oscillation import oscillation_score
-from vqlog.train import SSM_MAX_LR, build_optimizer, fit, lr_factor
+from vqlog import metrics
+from vqlog.train import SSM_MAX_LR, TrainingRun, build_optimizer, fit, lr_factor, train_step
 
 # The summary metrics of the MLflow contract (README, "MLflow layout") plus the ones the CLI and table read.
 SUMMARY_KEYS = {"best_val_mse", "final_val_mse", "max_val_perplexity", "max_val_perplexity_step",
@@ -106,6 +107,51 @@ def test_absurd_lr_diverges_with_the_iteration(data, grad_clip, tiny):
         fit(tiny(lr=1e6, warmup=0, grad_clip=grad_clip, iteration=20), data)
     assert 1 < exc.value.iteration <= 20
     assert f"iteration {exc.value.iteration}" in str(exc.value)
+
+
+def unchecked_steps_that_diverge(data, cfg, steps: int, nan_from: int) -> TrainingRun:
+    """`steps` steps as fit makes them on a GPU (no per-step check), the weights NaN from step
+    `nan_from` on, as a step that diverged would leave them."""
+    run = TrainingRun(cfg, torch.device("cpu"))
+    x = torch.as_tensor(data.train[: cfg.batch])
+    for step in range(1, steps + 1):
+        if step == nan_from:
+            with torch.no_grad():
+                run.model.encoder.in_proj.weight.fill_(float("nan"))
+        out, mse, loss = train_step(run.model, run.opt, x, cfg.grad_clip, step, check=False)
+        run.accumulate(out, mse, loss, step)
+    return run
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "vq_ema", "fsq"])
+def test_an_unchecked_divergence_is_caught_at_the_next_train_point(data, quantizer, tiny):
+    # The NaN goes on through the weights, the codebook included, for the rest of the logged
+    # steps: nothing may fail on the way (a NaN code's index out of range, an FSQ index below 0)
+    # before log_point's one host sync names the first bad iteration.
+    run = unchecked_steps_that_diverge(data, tiny(quantizer=quantizer, log_every=6), 6, 3)
+    with pytest.raises(DivergedError, match="at iteration 3"):
+        run.log_point(6)
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
+def test_an_evaluation_between_train_points_names_the_divergence(data, quantizer, tiny):
+    run = unchecked_steps_that_diverge(data, tiny(quantizer=quantizer, log_every=10), 4, 2)
+    with pytest.raises(DivergedError, match="iteration 2") as exc:
+        run.evaluation(4, torch.as_tensor(data.valid))
+    assert exc.value.iteration == 2
+
+
+def test_train_perplexity_counts_every_code_of_the_steps(data, tiny):
+    cfg = tiny(quantizer="vq", log_every=2)
+    run = TrainingRun(cfg, torch.device("cpu"))
+    expected = []
+    for step in (1, 2):
+        x = torch.as_tensor(data.train[step * cfg.batch:(step + 1) * cfg.batch])
+        out, mse, loss = train_step(run.model, run.opt, x, cfg.grad_clip, step)
+        run.accumulate(out, mse, loss, step)
+        expected.append(metrics.perplexity(metrics.code_histogram(out.quant.indices,
+                                                                  run.model.codebook_size)))
+    assert run.log_point(2).perplexity == pytest.approx(sum(expected) / 2, rel=1e-12)
 
 
 def test_grad_clip_zero_means_no_clipping(data, tiny):

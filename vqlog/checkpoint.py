@@ -29,10 +29,13 @@ STATE_FORMAT = "vqlog.training-state/1"
 
 
 def save(path: str | os.PathLike, cfg: Config, model) -> None:
-    """A model file, written atomically (a temp file beside `path`, then a rename)."""
+    """A model file, written atomically (a temp file beside `path`, then a rename). The weights
+    are stored as CPU tensors, so a plain `torch.load` of a GPU-trained model works on a host
+    without a GPU too."""
     import torch
 
-    state = {"config": cfg.to_params(), "state_dict": model.state_dict()}
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {"config": cfg.to_params(), "state_dict": weights}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -89,8 +92,10 @@ def training_state(run, step: int, seconds: float) -> dict:
         "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict(),
+        # The training device's own generator only: a retry may run on another GPU index, or
+        # on a host with fewer GPUs.
         "rng": {"torch": torch.get_rng_state(), "sampler": run.gen.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+                "cuda": torch.cuda.get_rng_state(run.dev) if cuda else None},
         "sums": run.sums.cpu(),
         "bad_step": int(run.bad_step),
         "evals": [_eval_dict(e) for e in result.evals],
@@ -110,10 +115,19 @@ def restore_training_state(run, state: dict) -> int:
     run.model.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    run.gen.set_state(state["rng"]["sampler"].cpu())
-    if run.dev.type == "cuda" and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    sampler = rng["sampler"].cpu()
+    if sampler.numel() == run.gen.get_state().numel():
+        run.gen.set_state(sampler)
+    else:  # a CUDA generator's state, from a version that sampled on the device: a fixed reseed
+        run.gen.manual_seed(run.cfg.seed + state["step"])
+    cuda = rng.get("cuda")
+    if isinstance(cuda, list):  # one state per visible GPU, from an earlier version
+        index = (run.dev.index or 0) if run.dev.type == "cuda" else None
+        cuda = cuda[index] if index is not None and index < len(cuda) else None
+    if run.dev.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), run.dev)
     run.sums.copy_(state["sums"])
     run.bad_step.fill_(state["bad_step"])
     result = run.result

@@ -10,7 +10,10 @@ from torch import Tensor
 
 def code_histogram(indices: Tensor, codebook_size: int) -> Tensor:
     """Counts of each code over all positions of `indices` (any shape) -> (K,) float64."""
-    return torch.bincount(indices.reshape(-1), minlength=codebook_size).double()  # (K)
+    # The clamp keeps indices a NaN made (FSQ rounds its codes to integers) in range, so such a
+    # model's evaluation reaches its NaN check instead of failing in bincount.
+    flat = indices.reshape(-1).clamp(0, codebook_size - 1)
+    return torch.bincount(flat, minlength=codebook_size).double()  # (K)
 
 
 def perplexity(counts: Tensor) -> float:

@@ -152,15 +152,16 @@ def lr_factor(step: int, cfg: Config) -> float:
 def evaluate(model: VQVAE, windows: Tensor) -> tuple[float, Tensor | None]:
     """Reconstruction MSE over all of `windows` (N, L) and the code histogram (K,) or None."""
     model.eval()
-    sq_err, counts = 0.0, None
+    sq_err = torch.zeros((), dtype=torch.float64, device=windows.device)  # read once, at the end
+    counts = None
     for chunk in windows.split(EVAL_CHUNK):
         out = model(chunk)
-        sq_err += float(F.mse_loss(out.recon, chunk, reduction="sum"))
+        sq_err += F.mse_loss(out.recon, chunk, reduction="sum").double()
         if out.quant.indices is not None:
             c = metrics.code_histogram(out.quant.indices, model.codebook_size)
             counts = c if counts is None else counts + c
     model.train()
-    return sq_err / windows.numel(), counts
+    return float(sq_err) / windows.numel(), counts
 
 
 class Encoded(NamedTuple):
@@ -183,8 +184,9 @@ def encode(model: VQVAE, windows, chunk: int = EVAL_CHUNK) -> Encoded:
     x = torch.as_tensor(np.asarray(windows, dtype=np.float32))  # (n L)
     tokens, sq_err, counts = [], 0.0, None
     for part in x.split(chunk):
-        out = model(part.to(device))
-        sq_err += float(F.mse_loss(out.recon, part.to(device), reduction="sum"))
+        part = part.to(device)
+        out = model(part)
+        sq_err += float(F.mse_loss(out.recon, part, reduction="sum"))
         tokens.append(out.quant.indices.cpu())  # (b T)
         c = metrics.code_histogram(out.quant.indices, model.codebook_size)
         counts = c if counts is None else counts + c
@@ -223,7 +225,9 @@ class TrainingRun:
         self.model = VQVAE(cfg).to(dev)
         self.opt = build_optimizer(self.model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
-        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # the batch sampler's
+        # The batch sampler's generator is on the CPU whatever the device, so a checkpoint's
+        # sampler state resumes on any device and a seed draws the same batches on all of them.
+        self.gen = torch.Generator().manual_seed(cfg.seed)
         self.result = FitResult(config=cfg, model=self.model)
         self.pending: list[TrainPoint] = []  # logged since the last evaluation
         self.sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, mse, commit., ppl
@@ -244,8 +248,14 @@ class TrainingRun:
     def accumulate(self, out: VQVAEOutput, mse: Tensor, loss: Tensor, step: int) -> None:
         """Add this step's metrics to the device-side sums: no host sync."""
         if out.quant.indices is not None:
-            counts = torch.bincount(out.quant.indices.reshape(-1),
-                                    minlength=self.model.codebook_size).double()  # (K)
+            # index_add_, not bincount: CUDA's bincount reads the indices' min and max on the host
+            # to size its output, two syncs a step. The clamp keeps a diverged step's indices
+            # (FSQ's from NaN) in range; its loss is caught at log_point. Whole-number float64
+            # sums are exact in any order, so the counts are deterministic.
+            K = self.model.codebook_size
+            idx = out.quant.indices.reshape(-1).clamp(0, K - 1)
+            counts = torch.zeros(K, dtype=torch.float64, device=self.dev).index_add_(
+                0, idx, torch.ones(idx.shape, dtype=torch.float64, device=self.dev))  # (K)
             ppl = metrics.perplexity_tensor(counts)
         else:
             ppl = torch.full((), math.nan, dtype=torch.float64, device=self.dev)
@@ -267,6 +277,9 @@ class TrainingRun:
         return point
 
     def evaluation(self, step: int, valid: Tensor) -> EvalRecord:
+        bad = int(self.bad_step)  # a non-finite step since the last train point (one sync)
+        if bad:
+            raise DivergedError(f"diverged: the training loss is not finite at iteration {bad}", bad)
         val_mse, counts = evaluate(self.model, valid)
         if not math.isfinite(val_mse):
             raise DivergedError(f"diverged: validation MSE is {val_mse} at iteration {step}", step)
@@ -339,7 +352,9 @@ def _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint, res
         return spent + time.perf_counter() - start
 
     for step in range(first, cfg.iteration + 1):
-        idx = torch.randint(len(train), (cfg.batch,), generator=run.gen, device=dev)  # (B)
+        idx = torch.randint(len(train), (cfg.batch,), generator=run.gen)  # (B)
+        if dev.type != "cpu":  # pinned, so the copy is queued without waiting for the device
+            idx = idx.pin_memory().to(dev, non_blocking=True)
         out, mse, loss = train_step(run.model, run.opt, train[idx], cfg.grad_clip, step, check)
         run.sched.step()
         run.accumulate(out, mse, loss, step)

@@ -81,7 +81,11 @@ def first_of_equal_codes(codebook: Tensor) -> Tensor:
     norms = (codebook * codebook).sum(1)  # (K)
     order = norms.argsort(stable=True)  # equal norms stay in index order
     sorted_norms = norms[order]
-    first = order[torch.searchsorted(sorted_norms, norms)]  # the first code of each one's norm
+    # The first code of each one's norm. A NaN norm (a diverged codebook) sorts last and would
+    # be searched one past the end: kept in range, the NaN goes on to the divergence check
+    # instead of an out-of-range index (on a GPU a device-side assert that ends the process).
+    at = torch.searchsorted(sorted_norms, norms).clamp_(max=len(norms) - 1)
+    first = order[at]
     own = torch.arange(len(norms), device=codebook.device)  # (K)
     if codebook.device.type == "cpu":  # only the codes with an earlier code's norm (often none)
         late = (first != own).nonzero().squeeze(1)
