@@ -130,7 +130,10 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
                           timeout=timeout, seed=seed, out=out, stop=stop, cache=cache)
     from vqlog.train import resolve_device
 
-    return pool.sweep(spec, trials, storage, tracker, workers, resolve_device(device).type,
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None and not gpus:
+        gpus = [dev.index]  # device "cuda:1": every worker on that GPU, not spread over all
+    return pool.sweep(spec, trials, storage, tracker, workers, dev.type,
                       gpus, timeout, seed, stop, out, data_checked=data_checked)
 
 

@@ -39,6 +39,8 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
     import torch
 
     torch.set_num_threads(threads)
+    if device.startswith("cuda:"):  # the current GPU too, so no library makes a context on GPU 0
+        torch.cuda.set_device(torch.device(device))
     from vqlog.cli import configure_process
     from vqlog.commands.sweep import stop_on_signals
     from vqlog.study import worker
