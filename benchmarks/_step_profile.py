@@ -32,6 +32,14 @@ from vqlog.train import train_step
 # --------------------------------------------------------------------------- module profile
 
 
+def _clock() -> float:
+    """perf_counter after the GPU's queued work is done (when CUDA is in use): without it a
+    stamp times the kernels' launch, and the work spills into the next stamp's interval."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class _Mark(torch.autograd.Function):
     """Identity; its backward appends (label, time) to a log."""
 
@@ -42,7 +50,7 @@ class _Mark(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ctx.log.append((ctx.label, time.perf_counter()))
+        ctx.log.append((ctx.label, _clock()))
         return g, None, None
 
 
@@ -86,7 +94,7 @@ class _Timer:
 
     def _pre(self, label):
         def hook(mod, args):
-            self.fwd.append((label, "start", time.perf_counter()))
+            self.fwd.append((label, "start", _clock()))
             if args[0].requires_grad:
                 return (_Mark.apply(args[0], self.bwd, ("end", label)),) + tuple(args[1:])
             return None
@@ -94,7 +102,7 @@ class _Timer:
 
     def _post(self, label):
         def hook(mod, args, out):
-            self.fwd.append((label, "end", time.perf_counter()))
+            self.fwd.append((label, "end", _clock()))
             if isinstance(out, Tensor):
                 return _Mark.apply(out, self.bwd, ("start", label))
             return out._replace(z_q=_Mark.apply(out.z_q, self.bwd, ("start", label)))
@@ -104,22 +112,22 @@ class _Timer:
         """`vqlog.train.train_step`'s body with time stamps: label -> (forward s, backward s)."""
         self.fwd.clear()
         self.bwd.clear()
-        t0 = time.perf_counter()
+        t0 = _clock()
         out = model(x)
-        t1 = time.perf_counter()
+        t1 = _clock()
         mse = F.mse_loss(out.recon, x)
         loss = mse + out.quant.loss
         if not torch.isfinite(loss):
             raise RuntimeError("non-finite loss while profiling")
         opt.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
+        t2 = _clock()
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = _clock()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        t4 = time.perf_counter()
+        t4 = _clock()
         opt.step()
-        t5 = time.perf_counter()
+        t5 = _clock()
         fwd, starts = {}, {}
         for label, kind, t in self.fwd:
             if kind == "start":
@@ -187,21 +195,27 @@ def module_table(prof: dict) -> str:
 
 
 def op_profile(model: nn.Module, cfg: Config, x: Tensor, steps: int = 3, top: int = 15) -> list[dict]:
-    """torch.profiler's top operators by self CPU time, per step."""
+    """torch.profiler's top operators by self time (CPU time, or on a GPU its kernels' time),
+    per step."""
     from torch.profiler import ProfilerActivity, profile
 
     opt = optimizer_for(model, cfg)
     for _ in range(2):
         train_step(model, opt, x, cfg.grad_clip)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             train_step(model, opt, x, cfg.grad_clip)
     events = prof.key_averages(group_by_input_shape=True)
-    total = sum(e.self_cpu_time_total for e in events)
+
+    def own(e) -> float:  # on a GPU, the kernels' time; the CPU's is mostly their launch
+        return e.self_device_time_total if x.is_cuda else e.self_cpu_time_total
+
+    total = sum(own(e) for e in events)
     out = []
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-        out.append({"op": e.key, "self_ms_per_step": e.self_cpu_time_total / steps / 1e3,
-                    "share": e.self_cpu_time_total / total, "calls_per_step": e.count // steps,
+    for e in sorted(events, key=lambda e: -own(e))[:top]:
+        out.append({"op": e.key, "self_ms_per_step": own(e) / steps / 1e3,
+                    "share": own(e) / total, "calls_per_step": e.count // steps,
                     "input_shapes": str(e.input_shapes)[:100]})
     return out
 
@@ -324,10 +338,10 @@ def prototype_table(vqlog: nn.Module, baseline: nn.Module, cfg: Config, x: Tenso
     cpu = {k: [] for k in models}
     for _ in range(rounds):
         for name, (m, opt) in steppers.items():
-            w, c = time.perf_counter(), time.thread_time()
+            w, c = _clock(), time.thread_time()
             train_step(m, opt, x, cfg.grad_clip)
             cpu[name].append(time.thread_time() - c)
-            wall[name].append(time.perf_counter() - w)
+            wall[name].append(_clock() - w)
     rows = {}
     for name in models:
         r_wall = [a / b for a, b in zip(wall[name], wall["vqlog"])]

@@ -385,7 +385,8 @@ def profile_section(name: str, cfg: Config, device: torch.device, rounds: int) -
     proto = sp.prototype_table(fresh["vqlog"], fresh["baseline"], cfg, x, max(rounds, 8),
                                lambda ms, xx: check_outputs(ms, xx, cfg.commitment))
     op_text = "\n\n".join(
-        f"top operators, {v} (torch.profiler, self CPU ms per step):\n" + _common.render_table(
+        f"top operators, {v} (torch.profiler, self {'GPU' if x.is_cuda else 'CPU'} ms per step):\n"
+        + _common.render_table(
             ["op", "ms/step", "share", "calls/step", "input shapes"],
             [[o["op"], f"{o['self_ms_per_step']:.2f}", f"{100 * o['share']:.1f} %",
               o["calls_per_step"], o["input_shapes"]] for o in rows])
@@ -420,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     _common.set_threads(args.threads)
     torch.set_flush_denormal(True)  # as fit() does
     device = torch.device(args.device)
+    # Both variants in full float32 on a GPU: cuDNN would run the baseline's Conv1d in TF32 by
+    # default, while every GEMM (vqlog's 1x1 convolutions are GEMMs) stays float32.
+    torch.backends.cudnn.allow_tf32 = False
     info = _common.machine(args.device, args.threads)
     configs = shape_configs()
     results = []
