@@ -2,7 +2,10 @@
 --seed, diverging trials, a killed worker (SIGKILL), Ctrl-C, and bad input that exits 2 before
 anything is written."""
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -396,11 +399,42 @@ def test_storage_password_is_never_printed(tmp_path, mlflow_store, monkeypatch, 
     assert len(errors) == 1 and "***@127.0.0.1" in errors[0], err
 
 
-def test_the_closing_dashboard_line_names_a_driver_vqlog_installs():
+def test_the_closing_lines_give_commands_the_shell_can_run(tmp_path, monkeypatch):
+    """Without the environment activated (`make install`, then `.venv/bin/vqlog-sweep`), the
+    hints name the environment's own `vqlog` and `optuna-dashboard` by their path."""
+    import shlex
+
+    from vqlog.commands.sweep import summary_text
+    from vqlog.study.worker import SweepSummary
+
+    bin_dir = os.path.dirname(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    for path, bare in ((os.defpath, False), (os.pathsep.join([bin_dir, os.defpath]), True)):
+        monkeypatch.setenv("PATH", path)
+        text = summary_text(SweepSummary("s", 1, 1), 60.0, "sqlite:///optuna.db",
+                            "sqlite:///mlflow.db", "http://127.0.0.1:5000")
+        ui = next(line for line in text.splitlines() if line.startswith("mlflow: "))
+        dashboard = next(line for line in text.splitlines() if line.startswith("optuna: "))
+        words = shlex.split(ui)[1:4] + shlex.split(dashboard)[1:2]
+        assert words[1:3] == ["ui", "--tracking-uri"], ui
+        if bare:
+            assert (words[0], words[3]) == ("vqlog", "optuna-dashboard"), text
+        else:
+            assert words[0] == os.path.join(bin_dir, "vqlog"), text
+            assert words[3] == os.path.join(bin_dir, "optuna-dashboard"), text
+        for exe in (words[0], words[3]):  # each runs as printed, from this shell's PATH
+            done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "PATH": path})
+            assert done.returncode == 0, (exe, done.stderr[-500:])
+
+
+def test_the_closing_dashboard_line_names_a_driver_vqlog_installs(monkeypatch):
     """optuna-dashboard gives the URL to SQLAlchemy as it is, whose bare postgresql:// asks for
     psycopg (3); vqlog installs psycopg2. The password stays masked."""
     from vqlog.commands.sweep import summary_text
     from vqlog.study.worker import SweepSummary
+
+    monkeypatch.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.defpath]))
 
     text = summary_text(SweepSummary("s", 1, 1), 60.0, "postgresql://vq:secret@db:5432/optuna",
                         "sqlite:///mlflow.db", "http://127.0.0.1:5000")

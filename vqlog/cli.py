@@ -21,6 +21,28 @@ TRACKING_HELP = ("MLflow tracking URI, e.g. http://host:5000 for a server (defau
                  "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
 
+def command_name(name: str) -> str:
+    """How to type `name`, a command this environment installs, in a hint the user copies: the
+    bare name where the shell finds this environment's copy, else its path (relative to the
+    working directory when it lies inside it, as `.venv/bin/vqlog` after `make install`)."""
+    import os
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    here = Path(sys.executable).parent / name  # the environment's bin folder, not resolved
+    if not here.is_file():
+        return name
+    found = shutil.which(name)
+    if found and os.path.samefile(found, here):
+        return name
+    try:
+        path = str(here.relative_to(Path.cwd()))
+    except ValueError:
+        path = str(here)
+    return shlex.quote(path)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the project's one-line `Error:` and exit code 2."""
 

@@ -147,6 +147,7 @@ DASHBOARD_URL_ENV = "VQLOG_DASHBOARD_URL"
 
 def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     """The sweep's closing lines: what finished, the best trial, and where to look."""
+    from vqlog.cli import command_name
     from vqlog.tracking.rows import run_name
     from vqlog.urls import mask, with_psycopg2
 
@@ -171,14 +172,15 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     if uri.startswith(("http://", "https://")):
         lines.append(f"mlflow: {ui}")
     else:
-        lines.append(f"mlflow: vqlog ui --tracking-uri {mask(uri)}   then open {ui}")
+        lines.append(f"mlflow: {command_name('vqlog')} ui --tracking-uri {mask(uri)}   "
+                     f"then open {ui}")
     dashboard = os.environ.get(DASHBOARD_URL_ENV, "").strip()
     if dashboard:  # one serves the study already (compose's dashboard service)
         lines.append(f"optuna: {mask(dashboard)}")
     else:
         # optuna-dashboard hands the URL to SQLAlchemy as it is: a bare postgresql:// would ask
         # for psycopg (3), which vqlog does not install; psycopg2 comes with it.
-        lines.append(f"optuna: optuna-dashboard {mask(with_psycopg2(storage))}")
+        lines.append(f"optuna: {command_name('optuna-dashboard')} {mask(with_psycopg2(storage))}")
     return "\n".join(lines)
 
 
