@@ -47,6 +47,7 @@ class Case:
     check: Callable[[], None] | None = None  # a further check after the run (PostgreSQL)
     bug: str = ""  # a known bug in a module this suite does not fix: the case is a strict xfail
     timeout: float = 120  # seconds on a loaded machine; every case should fail in its first few
+    env: dict[str, str] = field(default_factory=dict)  # variables set for the run ("{tmp}" too)
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,13 @@ CASES: dict[str, Case] = {
         {"notes.db": text("my notes\n")}),
     "tracking-experiment-deleted": Case(
         (), "MLflow experiment 'smoke' is deleted", {"mlflow.db": deleted_experiment}),
+    # --- a bad default from the environment: the error names the variable, not the flag ------
+    "storage-env-missing-folder": Case(
+        (), "$OPTUNA_STORAGE (the default of --storage): folder",
+        env={"OPTUNA_STORAGE": "sqlite:///{tmp}/nodir/optuna.db"}),
+    "tracking-env-bad-scheme": Case(
+        (), "$MLFLOW_TRACKING_URI (the default of --tracking-uri) must be sqlite:///FILE",
+        env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"}),
     "tracking-unreachable-server": Case(("--tracking-uri", "http://127.0.0.1:9/"),
                                         "cannot reach the MLflow server http://127.0.0.1:9/"),
     "tracking-unreachable-with-password": Case(
@@ -323,7 +331,10 @@ def command(case: Case, folder: Path) -> list[str]:
         return [str(VQLOG_BIN), *argv]
     defaults = {"--config": "smoke", "--storage": f"sqlite:///{folder}/optuna.db",
                 "--tracking-uri": f"sqlite:///{folder}/mlflow.db"}
-    return [str(SWEEP_BIN), *argv, *(x for k, v in defaults.items() if k not in argv for x in (k, v))]
+    from_env = {"--storage": "OPTUNA_STORAGE", "--tracking-uri": "MLFLOW_TRACKING_URI"}
+    return [str(SWEEP_BIN), *argv, *(x for k, v in defaults.items()
+                                     if k not in argv and from_env.get(k) not in case.env
+                                     for x in (k, v))]
 
 
 def prepare(case: Case, folder: Path) -> None:
@@ -336,7 +347,9 @@ def launch(case: Case, folder: Path, *extra: str) -> Outcome:
     start = time.monotonic()
     try:
         proc = subprocess.run([*command(case, folder), *extra], cwd=folder, capture_output=True,
-                              text=True, timeout=case.timeout, env={**os.environ, **SUBPROCESS_ENV})
+                              text=True, timeout=case.timeout,
+                              env={**os.environ, **SUBPROCESS_ENV,
+                                   **{k: v.replace("{tmp}", str(folder)) for k, v in case.env.items()}})
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:  # killed
         rc, out, err = None, _text(exc.stdout), _text(exc.stderr) + f"\n[killed after {case.timeout:g} s]"

@@ -148,6 +148,23 @@ def configure_process() -> None:
     keep_freed_memory()
 
 
+# Flags whose default comes from an environment variable: (flag, argparse dest, variable).
+FROM_ENVIRONMENT = (("--storage", "storage", "OPTUNA_STORAGE"),
+                    ("--tracking-uri", "tracking_uri", "MLFLOW_TRACKING_URI"))
+
+
+def from_environment(message: str, args: argparse.Namespace) -> str:
+    """An error about a flag's value that the user did not give, but the environment did, names
+    the variable: "--storage: folder ..." would send them looking for a flag they never typed."""
+    import os
+
+    for flag, dest, variable in FROM_ENVIRONMENT:
+        if (message.startswith(flag) and hasattr(args, dest) and getattr(args, dest) is None
+                and os.environ.get(variable)):
+            return f"${variable} (the default of {flag}){message[len(flag):]}"
+    return message
+
+
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """`func(args)`, its errors as one `Error:` line: exit 2 for bad input, 1 for the rest."""
     from vqlog.errors import UserError, VqlogError, one_line
@@ -159,7 +176,7 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"Error: {mask_urls(str(exc))}\n")
+        sys.stderr.write(f"Error: {mask_urls(from_environment(str(exc), args))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
