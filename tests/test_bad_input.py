@@ -288,6 +288,10 @@ CASES: dict[str, Case] = {
     "storage-is-an-mlflow-store": Case(
         ("--storage", "sqlite:///{tmp}/mlflow.db"), "is an MLflow store",
         {"mlflow.db": an_mlflow_store}),
+    "best-storage-is-an-mlflow-store": Case(
+        ("best", "--study", "smoke", "--storage", "sqlite:///{tmp}/mlflow.db"),
+        "mlflow.db is an MLflow store (it holds MLflow's tables)", {"mlflow.db": an_mlflow_store},
+        program="vqlog"),
     "tracking-is-an-optuna-storage": Case(
         ("--tracking-uri", "sqlite:///{tmp}/optuna.db"), "is an Optuna storage",
         {"optuna.db": another_study}),
