@@ -81,7 +81,8 @@ def test_a_spec_whose_choices_differ_from_the_study_is_one_error(tmp_path, mlflo
                        space={**base, "lr": {"type": "float", "low": 1e-3, "high": 1e-2}})
     assert sweep_main(["--trials", "2", "--config", str(scale), "--storage", storage,
                        "--tracking-uri", uri]) == 2
-    assert "already searches lr over a float range [0.001, 0.01] (log)" in capsys.readouterr().err
+    assert ("already searches lr over a float range [0.001, 0.01] (log); this spec asks for a "
+            "float range [0.001, 0.01] (linear)") in capsys.readouterr().err
 
     wider = write_spec(folder(tmp_path, "wider"), "respec",
                        space={**base, "lr": {"type": "float", "low": 1e-4, "high": 1e-2,

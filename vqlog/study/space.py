@@ -218,6 +218,6 @@ def describe_distribution(dist: optuna.distributions.BaseDistribution) -> str:
 
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         return "the choices [" + ", ".join(map(str, dist.choices)) + "]"
-    scale = " (log)" if getattr(dist, "log", False) else ""
+    scale = " (log)" if getattr(dist, "log", False) else " (linear)"  # the two that cannot mix
     kind = "an int" if isinstance(dist, optuna.distributions.IntDistribution) else "a float"
     return f"{kind} range [{dist.low:g}, {dist.high:g}]{scale}"
