@@ -236,6 +236,13 @@ CASES: dict[str, Case] = {
                                   program="vqlog"),
     "train-set-lr-abc": Case(("train", "--set", "lr=abc"), "lr must be a number, got 'abc'",
                              program="vqlog"),
+    "train-config-is-a-spec-name": Case(
+        ("train", "--config", "smoke"), "'smoke' names a sweep spec: vqlog-sweep --config smoke",
+        program="vqlog"),
+    "encode-model-is-text": Case(
+        ("encode", "--model", "notes.txt", "--data", "synthetic", "--out", "{tmp}/t.npy"),
+        "notes.txt is not a vqlog checkpoint (not a file torch.save wrote)",
+        {"notes.txt": text("my notes\n")}, program="vqlog"),
     "table-no-store": Case(("table", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"), "no MLflow store at",
                            program="vqlog"),
     "ui-no-store": Case(("ui", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"), "no MLflow store at",

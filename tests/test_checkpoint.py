@@ -35,11 +35,26 @@ class _RunsCode:
 def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:  # a bare pickle: not even opened as one
         pickle.dump({"config": {}, "state_dict": _RunsCode()}, f)
-    with pytest.raises(UserError, match="is not a vqlog checkpoint that loads safely"):
+    with pytest.raises(UserError, match=r"is not a vqlog checkpoint \(not a file torch.save wrote\)"):
         checkpoint.load(path)
+    torch.save({"config": {}, "state_dict": _RunsCode()}, tmp_path / "evil-zip.pt")  # as torch does
+    with pytest.raises(UserError, match="is not a vqlog checkpoint that loads safely"):
+        checkpoint.load(tmp_path / "evil-zip.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_file_of_another_kind_is_named_as_such(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "signals.npy", np.zeros(8))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match=r"signals.npy is not a vqlog checkpoint \(a NumPy array\); "
+                                        "give the file of vqlog train --save or vqlog export"):
+        checkpoint.load(tmp_path / "signals.npy")
+    with pytest.raises(UserError, match=r"notes.txt is not a vqlog checkpoint \(not a file"):
+        checkpoint.load(tmp_path / "notes.txt")  # before: KeyError from the unpickler, exit 1
 
 
 def test_missing_foreign_and_mismatched_files_name_the_problem(tmp_path, tiny):

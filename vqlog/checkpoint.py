@@ -41,11 +41,17 @@ def save(path: str | os.PathLike, cfg: Config, model) -> None:
 
 def _torch_load(path: Path, device: str, what: str):
     import pickle
+    import zipfile
 
     import torch
 
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; vqlog writes no other kind
+        with open(path, "rb") as f:
+            kind = "a NumPy array" if f.read(6) == b"\x93NUMPY" else "not a file torch.save wrote"
+        hint = "; give the file of vqlog train --save or vqlog export" if what == "checkpoint" else ""
+        raise UserError(f"{path} is not a vqlog {what} ({kind}){hint}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:

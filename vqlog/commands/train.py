@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file
 
@@ -28,6 +29,13 @@ def train_command(args: argparse.Namespace) -> int:
     from vqlog.data import prepare
     from vqlog.errors import DivergedError, UserError
 
+    if args.config is not None and not Path(args.config).is_file():
+        from vqlog.study.spec import bundled_specs
+
+        if args.config in bundled_specs():  # a sweep spec's name, as vqlog-sweep --config takes
+            raise UserError(f"config file not found: {args.config}; vqlog train --config takes a "
+                            f"YAML file of config keys, and '{args.config}' names a sweep spec: "
+                            f"vqlog-sweep --config {args.config}")
     values = load_config_file(args.config) if args.config is not None else {}
     values.update(parse_overrides(args.set))
     cfg = Config.from_mapping(values)
