@@ -616,6 +616,10 @@ def test_workers_share_the_sqlite_default_and_stop_at_exactly_the_target(tmp_pat
     assert "pool: 6/6 trials finished (6 ran here by 2 workers, 0 failed)" in worker.stdout
     table = (tmp_path / "results" / "pool.md").read_text()
     assert sum(line.startswith("| Seq") for line in table.splitlines()) == 6
+    again = Worker(["--trials", "6", "--config", str(spec), "--workers", "2"], tmp_path)
+    assert again.wait(300) == 0, again.output()  # at its target: no worker process starts
+    assert "pool: 6/6 trials finished (0 ran here, 0 failed)" in again.stdout, again.output()
+    assert len(study_trials(storage, "pool")) == 6 and len(mlflow_runs(uri, "pool")) == 6
 
 
 @pytest.mark.slow

@@ -68,7 +68,8 @@ def sweep_command(args: argparse.Namespace) -> int:
         check_study(spec, storage)
         if workers > 1:
             data = None  # checked: each worker process loads its own, the parent keeps none
-        print(f"study {spec.name}: {args.trials} trials, spec {spec.path}, data {spec.source}, "
+        print(f"study {spec.name}: {args.trials} trial{'s' * (args.trials != 1)}, spec {spec.path}, "
+              f"data {spec.source}, "
               f"storage {mask(storage)}, tracking {mask(uri)}"
               + (f", {workers} workers" if workers > 1 else "")
               + (f" ({note})" if note else ""), flush=True)

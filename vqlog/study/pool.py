@@ -301,8 +301,12 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
 
     job = {"spec": spec, "trials": trials, "storage": storage, "lang": tracker.lang,
            "tracking_uri": tracker.given_uri, "timeout": timeout, "seed": seed}
+    summaries: list = []
+    lost: list[str] = []
     try:
-        summaries, lost = run_pool(job, workers, device, gpus, stop, out=progress.line, tick=tick)
+        if finished() < trials:  # a study at its target starts no worker (each would only look)
+            summaries, lost = run_pool(job, workers, device, gpus, stop, out=progress.line,
+                                       tick=tick)
     finally:
         count.close()
         progress.close()
@@ -323,4 +327,4 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         stopped=stopped, stopped_at=min(stopped_at) if stopped_at else None,
         stopped_iterations=sorted(stopped_at),
         timed_out=timed_out, best=db(lambda: best_trial_info(study, spec)),
-        table_path=tracker.finish_study(study), workers=workers, workers_lost=len(lost))
+        table_path=tracker.finish_study(study), workers=len(summaries), workers_lost=len(lost))
