@@ -49,5 +49,7 @@ def test_vqlog_ui_serves_the_folders_store_its_curves_and_artifacts(tmp_path, ml
     assert artifact == b"peaks and troughs\n"
     assert b"<html" in page.lower()
     assert f"MLflow UI on http://127.0.0.1:{port}" in log
+    # nor a line per uvicorn worker's start, nor Starlette's deprecation warning once per worker
+    assert "INFO:" not in log and "DeprecationWarning" not in log, log
     # the embedded store was opened where the user stands, and nothing was created beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db", "notes.txt", "ui"]

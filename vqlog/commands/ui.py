@@ -74,7 +74,14 @@ def ui_command(args: argparse.Namespace) -> int:
     mlflow = beside if os.access(beside, os.X_OK) else shutil.which("mlflow")
     if mlflow is None:
         raise UserError("the mlflow command is not on PATH; activate the environment vqlog is installed in")
-    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           # uvicorn's INFO lines (each worker's start and stop, a dozen each time) stay out of the
+           # terminal; its warnings and errors do not.
+           "--uvicorn-opts", "--log-level warning"]
+    # Starlette's deprecation of the WSGI middleware MLflow's server imports, once per worker.
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:mlflow.server.fastapi_app")
+        if w)
     path = sqlite_path(uri)
     if path is not None:  # the embedded store keeps its artifacts beside it
         cmd += ["--default-artifact-root", str(path.resolve().parent / "mlartifacts")]
