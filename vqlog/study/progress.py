@@ -29,7 +29,8 @@ class TrialProgress:
 
     def trial_line(self, best: str, t: FrozenTrial, reason: str = "") -> None:
         """`Seq7  COMPLETE  val mse 0.0412  perplexity max 87.1 (300 it, 21 s) | best ...`, with
-        `best` from `best_text`."""
+        `best` from `best_text`; a trial that continued a checkpoint: `(300 it, resumed @ 205,
+        14 s)`."""
         a = t.user_attrs
         if t.state == TrialState.FAIL:
             what = f"FAIL      {reason or a.get('fail_reason') or ''}"
@@ -39,7 +40,9 @@ class TrialProgress:
             what = f"{t.state.name:<9} val mse {mse:.4f}" if mse is not None else t.state.name
             if ppl is not None:
                 what += f"  perplexity max {ppl:.1f}"
-            what += f"  ({int(a.get('iterations_run', 0))} it, {a.get('train_seconds', 0):.0f} s)"
+            resumed = f", resumed @ {a['resumed_at']}" if a.get("resumed_at") else ""
+            what += (f"  ({int(a.get('iterations_run', 0))} it{resumed}, "
+                     f"{a.get('train_seconds', 0):.0f} s)")
         self.line(f"{run_name(t.number):<7} {what}" + (f"  | best {best}" if best else ""))
         if self.bar is not None:
             self.bar.set_postfix_str(best or "", refresh=True)

@@ -128,6 +128,8 @@ class Objective:
                     trial.number, cfg, retry_of=retry_history[0] if retry_history else None,
                     resumed_at=state["step"] if state else 0, tags=tags)
                 self._db(lambda: trial.set_user_attr(RUN_ID, run.run_id))
+                if state is not None:  # the trial's line says so, as the table does
+                    self._db(lambda: trial.set_user_attr("resumed_at", state["step"]))
                 run.log_dataset(data, self.spec.source, self.spec.channel)
                 if state is not None:
                     from vqlog.checkpoint import history

@@ -31,7 +31,7 @@ from vqlog.errors import StorageOutageError, SweepError, TrackingUnavailable, fi
 from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.outage import retrying
-from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
+from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, grace_period, open_study
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
 
@@ -93,6 +93,7 @@ class Worker:
     def run(self) -> SweepSummary:
         self._open()
         self.progress = TrialProgress(self.target, self.out, bar=self.bar)
+        self.said_waiting = False  # the line on a wait for other workers' trials, said once
         started = time.monotonic()
         try:
             while (trial := self._next_trial(started)) is not None:
@@ -150,7 +151,16 @@ class Worker:
                         f"{self.last_fail_reason}); check the spec and data, then rerun")
                 if finished + running < self.target:
                     return self._db(self._ask)
-            self.stop.wait(POLL_SECONDS)  # the others are running the last trials: wait for them
+            # The others are running the last trials: wait for them. A worker that has run none
+            # says why it is quiet (after a kill, the dead worker's trial holds the target until
+            # its heartbeat goes stale).
+            if not self.said_waiting and self.summary.ran_here == 0:
+                self.said_waiting = True
+                self.progress.line(
+                    f"waiting: {running} trial{'s' * (running != 1)} still RUNNING "
+                    f"cover{'s' * (running == 1)} the target (a killed worker's trial is failed "
+                    f"and retried once its heartbeat is {grace_period()} s old)")
+            self.stop.wait(POLL_SECONDS)
         self.summary.stopped = self.stop.signal
         return None
 
