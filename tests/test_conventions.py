@@ -187,6 +187,15 @@ def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, 
     assert out.splitlines()[0].startswith("number,run,state,run_id,")
     code, out, _ = cli("trials", "--study", "conv")
     assert out.splitlines()[0].split()[:4] == ["number", "run", "state", "final_val_mse"]
+    # every param is in the table or on its last line, none silently left out
+    varying = {k for k in study.trials[0].params
+               if len({t.params[k] for t in study.trials}) > 1}
+    assert set(out.splitlines()[0].split()) >= varying
+    same = out.splitlines()[-1]
+    assert same.startswith("same in every trial: "), out
+    named = {item.split("=")[0] for item in same.removeprefix("same in every trial: ").split(", ")}
+    logged = {c.removeprefix("params.") for c in records[0] if c.startswith("params.")}
+    assert named == logged - varying and named, out
 
 
 def test_vqlog_ui_url_is_where_the_links_point(swept, monkeypatch, cli):

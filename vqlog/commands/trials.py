@@ -42,14 +42,20 @@ def _json(value):
 
 
 def _text_table(df) -> str:
-    """The trials, with the summary metrics and the params that vary between them."""
-    varying = [c for c in df.columns if c.startswith("params.") and df[c].nunique(dropna=False) > 1]
+    """The trials, with the summary metrics and the params that vary between them; a last line
+    gives the params that are the same in every trial."""
+    params = [c for c in df.columns if c.startswith("params.")]
+    varying = [c for c in params if df[c].nunique(dropna=False) > 1]
     columns = [c for c in SHOWN if c in df.columns] + varying
     cells = [[c.split(".", 1)[-1] for c in columns]]
     for _, row in df.iterrows():
         cells.append([_cell(row[c]) for c in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    same = [f"{c.split('.', 1)[1]}={_cell(df[c].iloc[0])}" for c in params if c not in varying]
+    if same and len(df):
+        lines.append(f"same in every trial: {', '.join(same)}")
+    return "\n".join(lines)
 
 
 def _cell(value) -> str:
