@@ -57,6 +57,7 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
             summary = worker.run(job["spec"], job["trials"], job["storage"], tracker=tracker,
                                  device=device, timeout=job["timeout"], seed=job["seed"],
                                  out=lambda line: messages.put(("line", index, line)),
+                                 note=lambda line: messages.put(("note", index, line)),
                                  stop=stop, bar=False)
             report = ("done", index, dataclasses.asdict(summary))
         except VqlogError as exc:
@@ -188,8 +189,10 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             except queue.Empty:
                 bury_the_dead()
                 continue
-            if kind == "line":
+            if kind == "line":  # a trial's line: this worker has ended a trial
                 worked[index] = True
+                out(payload)
+            elif kind == "note":
                 out(payload)
             elif kind == "done":
                 said[index] = True
@@ -269,7 +272,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     from vqlog.data import DataCache
     from vqlog.study.progress import TrialProgress
     from vqlog.study.outage import retrying
-    from vqlog.study.storage import StudyLock, open_study
+    from vqlog.study.storage import StudyLock, fail_stale_trials, open_study
     from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
                                     check_data)
 
@@ -283,6 +286,8 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         return retrying(optuna_storage, call)
 
     with StudyLock(storage, spec.name):
+        # Killed workers' trials first, as a worker starts: a study at its target starts none.
+        fail_stale_trials(study, optuna_storage)
         tracker.start_study(study, spec, db=db)
 
     def finished_once() -> int:

@@ -77,9 +77,11 @@ class Worker:
     def __init__(self, spec: SweepSpec, trials: int, storage_url: str, tracker=None,
                  device: str = "cpu", timeout: float | None = None, seed: int | None = None,
                  out: Callable[[str], None] = print, stop: StopRequest | None = None,
-                 bar: bool = True, cache: DataCache | None = None):
+                 bar: bool = True, cache: DataCache | None = None,
+                 note: Callable[[str], None] | None = None):
         self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
+        self.note = note  # a line that is not a trial's (None: as a trial's line goes)
         self.stop = stop if stop is not None else StopRequest()
         self.bar = bar  # a progress bar on a terminal (not in a worker of --workers)
         # `cache`: the data the caller has already checked (`api.load_data`), loaded once
@@ -156,7 +158,7 @@ class Worker:
             # its heartbeat goes stale).
             if not self.said_waiting and self.summary.ran_here == 0:
                 self.said_waiting = True
-                self.progress.line(
+                (self.note or self.progress.line)(
                     f"waiting: {running} trial{'s' * (running != 1)} still RUNNING "
                     f"cover{'s' * (running == 1)} the target (a killed worker's trial is failed "
                     f"and retried once its heartbeat is {grace_period()} s old)")
