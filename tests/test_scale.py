@@ -596,6 +596,17 @@ def test_bad_workers_or_gpus_are_one_error_line(cli, tmp_path, monkeypatch, flag
     assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing created
 
+def test_device_cuda_k_keeps_every_worker_on_gpu_k():
+    # The Python API takes device="cuda:1": its workers all go to GPU 1, and --workers auto counts
+    # that one GPU, not every visible one. --gpus, where given, decides.
+    from vqlog.api import placed_gpus
+
+    assert placed_gpus("cuda:1", None) == [1]
+    assert placed_gpus("cuda:1", [0, 2]) == [0, 2]
+    assert placed_gpus("cuda", None) is None and placed_gpus("cuda", [3]) == [3]
+    assert placed_gpus("cpu", None) is None and placed_gpus("auto", None) is None
+
+
 @pytest.mark.slow
 def test_workers_share_the_sqlite_default_and_stop_at_exactly_the_target(tmp_path):
     spec = write_spec(tmp_path, "pool", budget={"iteration": 40, "eval_every": 20}, pruner="none")

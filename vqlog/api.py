@@ -82,6 +82,15 @@ def worker_count(workers, device: str, gpus: list[int] | None) -> int:
     return worker_plan(workers, device, gpus)[0]
 
 
+def placed_gpus(device: str, gpus: list[int] | None) -> list[int] | None:
+    """The GPUs the workers take: `gpus`, else GPU k for device "cuda:k" (every worker there, as
+    the one worker of a plain run would be), else None (every visible GPU, or the CPU)."""
+    kind, _, index = str(device).partition(":")
+    if not gpus and kind == "cuda" and index.isdigit():
+        return [int(index)]
+    return gpus
+
+
 def worker_plan(workers, device: str, gpus: list[int] | None) -> tuple[int, str | None]:
     """The number of workers for --workers N or auto, and for auto cut by the memory, a note
     that says so."""
@@ -89,6 +98,7 @@ def worker_plan(workers, device: str, gpus: list[int] | None) -> tuple[int, str 
     from vqlog.train import resolve_device
 
     kind = resolve_device(device).type
+    gpus = placed_gpus(device, gpus)
     check_gpus(gpus, kind)
     if str(workers) == "auto":
         return hosts.auto_workers(kind, gpus)
@@ -130,11 +140,8 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
                           timeout=timeout, seed=seed, out=out, stop=stop, cache=cache)
     from vqlog.train import resolve_device
 
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is not None and not gpus:
-        gpus = [dev.index]  # device "cuda:1": every worker on that GPU, not spread over all
-    return pool.sweep(spec, trials, storage, tracker, workers, dev.type,
-                      gpus, timeout, seed, stop, out, data_checked=data_checked)
+    return pool.sweep(spec, trials, storage, tracker, workers, resolve_device(device).type,
+                      placed_gpus(device, gpus), timeout, seed, stop, out, data_checked=data_checked)
 
 
 def load_data(spec, seed: int | None = None):
