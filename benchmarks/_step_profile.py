@@ -209,7 +209,10 @@ def op_profile(model: nn.Module, cfg: Config, x: Tensor, steps: int = 3, top: in
     events = prof.key_averages(group_by_input_shape=True)
 
     def own(e) -> float:  # on a GPU, the kernels' time; the CPU's is mostly their launch
-        return e.self_device_time_total if x.is_cuda else e.self_cpu_time_total
+        if not x.is_cuda:
+            return e.self_cpu_time_total
+        device = getattr(e, "self_device_time_total", None)
+        return device if device is not None else e.self_cuda_time_total  # torch < 2.4
 
     total = sum(own(e) for e in events)
     out = []

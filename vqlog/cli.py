@@ -40,7 +40,7 @@ def command_name(name: str) -> str:
         path = str(here.relative_to(Path.cwd()))
     except ValueError:
         path = str(here)
-    return shlex.quote(path)
+    return shlex.quote(path if os.sep in path else os.path.join(".", path))
 
 
 class Parser(argparse.ArgumentParser):
@@ -159,7 +159,7 @@ def from_environment(message: str, args: argparse.Namespace) -> str:
     import os
 
     for flag, dest, variable in FROM_ENVIRONMENT:
-        if (message.startswith(flag) and hasattr(args, dest) and getattr(args, dest) is None
+        if (message.startswith(flag) and hasattr(args, dest) and not getattr(args, dest)
                 and os.environ.get(variable)):
             return f"${variable} (the default of {flag}){message[len(flag):]}"
     return message

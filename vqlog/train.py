@@ -352,7 +352,7 @@ def _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint, res
         return spent + time.perf_counter() - start
 
     for step in range(first, cfg.iteration + 1):
-        idx = torch.randint(len(train), (cfg.batch,), generator=run.gen)  # (B)
+        idx = torch.randint(len(train), (cfg.batch,), generator=run.gen, device="cpu")  # (B)
         if dev.type != "cpu":  # pinned, so the copy is queued without waiting for the device
             idx = idx.pin_memory().to(dev, non_blocking=True)
         out, mse, loss = train_step(run.model, run.opt, train[idx], cfg.grad_clip, step, check)

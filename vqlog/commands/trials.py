@@ -52,8 +52,9 @@ def _text_table(df) -> str:
         cells.append([_cell(row[c]) for c in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    same = [f"{c.split('.', 1)[1]}={_cell(df[c].iloc[0])}" for c in params if c not in varying]
-    if same and len(df):
+    same = [f"{c.split('.', 1)[1]}={_cell(df[c].iloc[0])}" for c in params
+            if c not in varying and len(df)]
+    if same:
         lines.append(f"same in every trial: {', '.join(same)}")
     return "\n".join(lines)
 

@@ -179,7 +179,8 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
         storage = read_only_storage(url)
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - connection, auth, not an Optuna database ...
-        check_reachable(url)  # an MLflow store given as --storage: says so
+        if not is_connection_error(exc):  # an MLflow store given as --storage: says so
+            check_reachable(url)
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
     if name not in names:
         there = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"

@@ -128,8 +128,10 @@ class Objective:
                     trial.number, cfg, retry_of=retry_history[0] if retry_history else None,
                     resumed_at=state["step"] if state else 0, tags=tags)
                 self._db(lambda: trial.set_user_attr(RUN_ID, run.run_id))
-                if state is not None:  # the trial's line says so, as the table does
-                    self._db(lambda: trial.set_user_attr("resumed_at", state["step"]))
+                if state is not None or retry_history:  # its line says so, as the table does
+                    # (a retry inherits its original's attrs: 0 where no checkpoint was resumed)
+                    at = state["step"] if state is not None else 0
+                    self._db(lambda: trial.set_user_attr("resumed_at", at))
                 run.log_dataset(data, self.spec.source, self.spec.channel)
                 if state is not None:
                     from vqlog.checkpoint import history
