@@ -179,8 +179,10 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
         storage = read_only_storage(url)
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - connection, auth, not an Optuna database ...
-        if not is_connection_error(exc):  # an MLflow store given as --storage: says so
-            check_reachable(url)
+        # An MLflow store given as --storage says so. (SQLite's "no such table" is an
+        # OperationalError like a lost connection, so this asks every time: on a database that
+        # does not answer it waits a second time, in a command that then fails anyway.)
+        check_reachable(url)
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
     if name not in names:
         there = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"
