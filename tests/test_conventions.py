@@ -215,6 +215,16 @@ def test_vqlog_ui_url_is_where_the_links_point(swept, monkeypatch, cli):
     assert f"run:  http://lab.example:5999/#/experiments/{exp.experiment_id}/runs/{run_id}\n" in out
 
 
+def test_best_answers_without_its_tracking_store(swept, tmp_path, cli):
+    """The study holds the answer; a tracking store that is not there costs only the link (the
+    answer used to be printed, then an Error line and exit 2)."""
+    gone = f"sqlite:///{tmp_path}/nope.db"
+    code, out, err = cli("best", "--study", "conv", "--storage", swept.storage, "--tracking-uri", gone)
+    assert code == 0 and err == "", err
+    assert out.startswith("best: Seq") and f"(no MLflow store at {gone})\n" in out, out
+    assert not (tmp_path / "nope.db").exists()
+
+
 @pytest.mark.parametrize("given, base", [
     ("http://127.0.0.1:5999/#/", "http://127.0.0.1:5999"),  # pasted from the address bar
     ("https://proxy.lab/mlflow/?token=abc#/experiments/3", "https://proxy.lab/mlflow"),

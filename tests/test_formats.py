@@ -94,6 +94,75 @@ def test_a_wfdb_channel_trains_and_sweeps(tmp_path, ppg, cli, tiny, mlflow_store
     assert f"data {record}" in out
 
 
+def test_a_multi_segment_record_reads_across_its_segments_and_splits_at_its_gaps(tmp_path, ppg):
+    """MIMIC's layout, written with wfdb's own writers: segments, a layout header, and a master
+    header. A channel that a segment lacks is a gap, and each stretch between gaps a recording."""
+    import wfdb
+
+    data2, _ = ppg
+    fs, x = data2.sample_rate, data2.signal
+    half = x.size // 2
+    ramp = np.linspace(-1.0, 1.0, x.size)
+    wfdb.wrsamp("seg_1", fs=fs, units=["mV"], sig_name=["ramp"], p_signal=ramp[:half, None],
+                fmt=["16"], write_dir=str(tmp_path))
+    wfdb.wrsamp("seg_2", fs=fs, units=["adu", "mV"], sig_name=["PPG", "ramp"],
+                p_signal=np.column_stack([x[half:], ramp[half:]]), fmt=["16", "16"],
+                write_dir=str(tmp_path))
+    wfdb.Record(record_name="seg_layout", n_sig=2, fs=fs, sig_len=0,
+                file_name=["seg_layout.dat"] * 2, fmt=["16", "16"], adc_gain=[200.0, 200.0],
+                baseline=[0, 0], units=["adu", "mV"], adc_res=[16, 16], adc_zero=[0, 0],
+                init_value=[0, 0], checksum=[0, 0], block_size=[0, 0],
+                sig_name=["PPG", "ramp"]).wrheader(write_dir=str(tmp_path))
+    master = wfdb.MultiRecord(record_name="multi", n_sig=2, fs=fs, sig_len=x.size,
+                              layout="variable", seg_name=["seg_layout", "seg_1", "seg_2"],
+                              seg_len=[0, half, x.size - half])
+    master.n_seg = 3  # a header field its constructor does not take
+    master.wrheader(write_dir=str(tmp_path))
+    record = str(tmp_path / "multi")
+    (whole,) = load_source(record, channel="ramp")
+    assert whole.name == f"{record}:ramp" and whole.signal.size == x.size
+    assert whole.sample_rate == pytest.approx(fs, rel=1e-4)
+    (ppg_part,) = load_source(record, channel="PPG")  # seg_1 has no PPG: one stretch, after it
+    assert ppg_part.name == f"{record}:PPG[{half}:{x.size}]"
+    np.testing.assert_allclose(ppg_part.signal, x[half:], atol=np.ptp(x) / 2**15)
+    with pytest.raises(DataError, match="has 2 channels \\(0: PPG, 1: ramp\\)"):
+        load_source(record)
+
+
+def test_a_channel_with_several_samples_per_frame_keeps_its_own_rate(tmp_path, ppg):
+    """wfdb averages such a channel to the frame rate unless asked not to: 4 samples a frame
+    at 29.25 frames/s is the PPG at 117 Hz, all of its samples."""
+    import wfdb
+
+    data2, _ = ppg
+    x = data2.signal[: data2.signal.size // 4 * 4]
+    slow = np.linspace(-1.0, 1.0, x.size // 4)
+    wfdb.wrsamp("mf", fs=data2.sample_rate / 4, units=["mV", "adu"], sig_name=["slow", "PPG"],
+                e_p_signal=[slow, x], samps_per_frame=[1, 4], fmt=["16", "16"],
+                write_dir=str(tmp_path))
+    (rec,) = load_source(str(tmp_path / "mf"), channel="PPG")
+    assert rec.sample_rate == pytest.approx(data2.sample_rate, rel=1e-4)
+    np.testing.assert_allclose(rec.signal, x, atol=np.ptp(x) / 2**15)
+    (frame_rate,) = load_source(str(tmp_path / "mf"), channel="slow")
+    assert frame_rate.signal.size == slow.size
+
+
+def test_a_record_path_in_a_spec_may_start_with_a_tilde(tmp_path, ppg, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_wfdb(tmp_path, ppg[0])
+    (rec,) = load_source("~/ppg2", channel="PPG")
+    assert rec.signal.size == ppg[0].signal.size
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_first_sample(tmp_path, ppg):
+    """Excel's "CSV UTF-8" starts with a BOM, which made the first number read as a header."""
+    x = ppg[0].signal[:3000]
+    path = tmp_path / "excel.csv"
+    path.write_text("\n".join(f"{v:.6f}" for v in x) + "\n", encoding="utf-8-sig")
+    (rec,) = load_source(str(path), sample_rate=117.0)
+    np.testing.assert_allclose(rec.signal, np.round(x, 6))
+
+
 BAD = {  # name: (arguments after --data, fragment of the one Error line)
     "missing header": (["{f}/nohead"], "its header {f}/nohead.hea is missing"),
     "unknown channel": (["{f}/ppg2", "--channel", "ECG"], "no channel 'ECG'; its channels are 0: PPG, 1: ramp"),
@@ -102,6 +171,11 @@ BAD = {  # name: (arguments after --data, fragment of the one Error line)
     "own rate": (["{f}/ppg2", "--channel", "PPG", "--sample-rate", "50"], "carries its own sample rate"),
     "edf channel": (["{f}/ppg.edf", "--channel", "9"], "no channel '9'"),
     "npy channel": (["{f}/x.npy", "--sample-rate", "50", "--channel", "0"], "not of a .npy array"),
+    "npy columns": (["{f}/cols.npy", "--sample-rate", "50"],
+                    "if its columns are channels, save one as a 1-D array (np.save(path, x[:, k]))"),
+    "rate far too low": (["{f}/x.npy", "--sample-rate", "1e-300"], "(over 1000x up)"),
+    "unwritable save": (["{f}/x.npy", "--sample-rate", "50", "--save", "/proc/model.pt"],
+                        "cannot write /proc/model.pt: /proc is not writable"),
 }
 
 
@@ -115,6 +189,7 @@ def test_bad_records_are_one_error_line_exit_2(tmp_path, ppg, cli, tiny, case):
     write_wfdb(tmp_path, short, "short")
     write_edf(tmp_path / "ppg.edf", data)
     np.save(tmp_path / "x.npy", data.signal)
+    np.save(tmp_path / "cols.npy", np.column_stack([data.signal, -2 * data.signal + 1]))
     args, fragment = BAD[case]
     code, out, err = cli("train", "--data", *[a.format(f=tmp_path) for a in args],
                          *tiny.args(iteration=2))

@@ -59,7 +59,8 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--data",
         default=default,
-        help="ppg (heartpy's real PPG recordings), synthetic, or a .npy/.csv/.parquet file",
+        help="ppg (heartpy's real PPG recordings), synthetic, a .npy/.csv/.parquet file, a WFDB "
+             "record (its path without .hea) or an EDF/BDF file",
     )
     p.add_argument("--sample-rate", type=float, help="sample rate in Hz of a user data file")
     p.add_argument("--channel", help="the signal of a multi-channel file: a WFDB or EDF/BDF "
@@ -90,6 +91,8 @@ def default_if_empty(value: str) -> str | None:
 def check_out_file(out: str, flag: str, example: str):
     """The Path of an output file whose folder exists: checked before any work, so that bad
     input writes nothing. `example` is a file name to suggest for a folder."""
+    import errno
+    import tempfile
     from pathlib import Path
 
     from vqlog.errors import UserError
@@ -101,6 +104,11 @@ def check_out_file(out: str, flag: str, example: str):
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UserError(f"cannot write {out}: {parent} {what}")
+    try:  # an unnamed file, gone when closed: what the write will need, tried before the work
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        why = f" ({exc.strerror})" if exc.strerror and exc.errno != errno.ENOENT else ""
+        raise UserError(f"cannot write {out}: {parent} is not writable{why}") from None
     return path
 
 

@@ -47,6 +47,9 @@ def resample(x: np.ndarray, rate: float, target: float) -> tuple[np.ndarray, flo
     if ratio == 0:
         raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x down); "
                         "use a higher resample_hz")
+    if ratio > 1000:
+        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x up); check "
+                        "the sample rate, or use a lower resample_hz")
     if ratio == 1:
         return x, rate
     # padtype="line": PPG sits on a large offset (~500 ADC units); zero padding rings at the edges
@@ -154,8 +157,11 @@ def _too_short(split: str, per_rec: list[dict], window: int) -> str:
            "resample_hz=null: the native rate)" if longest else "use longer recordings")
     if len(per_rec) > 1 and all(r["name"].endswith("]") for r in per_rec):
         # rows of one table: perhaps its columns were meant as channels
+        take = ("save one as a 1-D array (np.save(path, x[:, k]))"
+                if per_rec[0]["name"].rsplit("[", 1)[0].lower().endswith(".npy")
+                else "take one with --channel")
         fix += (f"; the file is read as one signal per row ({len(per_rec)} rows): if its columns "
-                "are channels, take one with --channel")
+                f"are channels, {take}")
     return (f"the {split} split has no windows: every recording's {split} block is shorter than "
             f"window={window} samples ({lengths}); {fix}")
 

@@ -21,7 +21,8 @@ EDF_SUFFIXES = (".edf", ".bdf")
 
 def is_wfdb_record(source: str) -> bool:
     """Whether `source` names a WFDB record: `<source>.hea` exists (or `source` is the header)."""
-    return Path(source).suffix.lower() == ".hea" or Path(f"{source}.hea").is_file()
+    path = Path(source).expanduser()
+    return path.suffix.lower() == ".hea" or path.with_name(f"{path.name}.hea").is_file()
 
 
 def pick_channel(names: list[str], channel: str | None, where: str) -> int:
@@ -40,9 +41,13 @@ def pick_channel(names: list[str], channel: str | None, where: str) -> int:
 
 
 def read_wfdb(source: str, channel: str | None) -> tuple[np.ndarray, float, str]:
-    """One channel of a WFDB record, in physical units."""
+    """One channel of a WFDB record, in physical units, at its own rate: a channel with several
+    samples per frame keeps them all (fs x samples per frame), not wfdb's per-frame average.
+    A multi-segment record (MIMIC's layout) is read across its segments; its channels are those
+    of its layout header (a variable layout) or of its segments (a fixed one)."""
     record = source[:-4] if source.lower().endswith(".hea") else source
-    if not Path(f"{record}.hea").is_file():
+    path = str(Path(record).expanduser())  # `~` in a spec file, where no shell expands it
+    if not Path(f"{path}.hea").is_file():
         raise DataError(f"WFDB record {record}: its header {record}.hea is missing; give the "
                         "record's path without extension, beside its .hea and signal files")
     with warnings.catch_warnings():  # wfdb's own deprecation warnings of pandas calls
@@ -50,15 +55,27 @@ def read_wfdb(source: str, channel: str | None) -> tuple[np.ndarray, float, str]
         import wfdb
 
         try:
-            header = wfdb.rdheader(record)
-            index = pick_channel(list(header.sig_name or []), channel, f"WFDB record {record}")
-            data = wfdb.rdrecord(record, channels=[index], physical=True)
+            index = pick_channel(wfdb_channels(path), channel, f"WFDB record {record}")
+            data = wfdb.rdrecord(path, channels=[index], physical=True, smooth_frames=False)
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - wfdb raises many kinds on broken records
             raise DataError(f"WFDB record {record} cannot be read ({one_line(exc, 200)}); "
                             "check its header and signal files") from None
-    return data.p_signal[:, 0].astype(np.float64), float(data.fs), data.sig_name[0]
+    rate = float(data.fs) * data.samps_per_frame[0]
+    return np.asarray(data.e_p_signal[0], np.float64), rate, data.sig_name[0]
+
+
+def wfdb_channels(record: str) -> list[str]:
+    """The channel names of a WFDB record; for a multi-segment record, those of the first
+    segment header that has any (the layout header of a variable layout comes first)."""
+    import wfdb
+
+    header = wfdb.rdheader(record)
+    if header.sig_name is not None:
+        return list(header.sig_name)
+    segments = wfdb.rdheader(record, rd_segments=True).segments or []
+    return next((list(seg.sig_name) for seg in segments if seg is not None and seg.sig_name), [])
 
 
 def read_edf(path: Path, channel: str | None) -> tuple[np.ndarray, float, str]:

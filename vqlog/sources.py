@@ -57,7 +57,7 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
     elif source == "synthetic":
         recordings = synthetic(seed=seed, sample_rate=sample_rate or SYNTHETIC_HZ)
     elif records.is_wfdb_record(source):
-        recordings = [_own_rate(records.read_wfdb(source, channel), source, sample_rate)]
+        recordings = split_gaps(_own_rate(records.read_wfdb(source, channel), source, sample_rate))
     else:
         path = _resolve(source)
         if path.suffix.lower() in records.EDF_SUFFIXES:
@@ -76,6 +76,21 @@ def _own_rate(read: tuple[np.ndarray, float, str], source: str,
         raise DataError(f"{source} carries its own sample rate ({rate:g} Hz); drop "
                         "--sample-rate (use resample_hz to change the rate)")
     return Recording(f"{source}:{name}", signal, rate)
+
+
+def split_gaps(rec: Recording) -> list[Recording]:
+    """A WFDB channel's stretches between gaps, one recording each: WFDB reads missing samples
+    (a segment of a multi-segment record without the channel, a gap segment, a sample stored as
+    the format's invalid value) as NaN. A record with no gap is one recording, as it was."""
+    x = rec.signal
+    finite = np.isfinite(x)
+    if finite.all():
+        return [rec]
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], finite.astype(np.int8), [0]])))
+    runs = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    if not runs:
+        raise DataError(f"{rec.name}: every one of its {x.size} samples is missing (NaN)")
+    return [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate) for a, b in runs]
 
 
 def describe_source(source: str) -> str:
@@ -253,7 +268,7 @@ def _read_csv(path: Path) -> np.ndarray | list[np.ndarray]:
     may differ in length; an empty cell inside a row becomes NaN and is reported as such.
     """
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM, as Excel writes
             reader = csv.reader(f)
             lines = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

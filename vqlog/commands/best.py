@@ -35,20 +35,22 @@ def best_command(args: argparse.Namespace) -> int:
         print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
     run_id = best.user_attrs.get(RUN_ID)
     if run_id:
-        uri = resolve_tracking_uri(args.tracking_uri)
-        link = _run_link(uri, args.study, run_id)
-        print(f"run:  {link}" if link else f"run:  {run_id} (no MLflow experiment '{args.study}' "
-                                            f"at {uri})")
+        print(f"run:  {_run_link(resolve_tracking_uri(args.tracking_uri), args.study, run_id)}")
     return 0
 
 
-def _run_link(uri: str, study: str, run_id: str) -> str | None:
-    """The run's page in the MLflow UI (through `vqlog ui` for a local store)."""
-    from vqlog.tracking.client import existing_store, open_client
+def _run_link(uri: str, study: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (through `vqlog ui` for a local store), or its id and why
+    there is no page: the study's answer stands without its tracking store."""
+    from vqlog.tracking.client import MissingStore, existing_store, open_client
     from vqlog.tracking.lineage import ui_link
+    from vqlog.urls import mask
 
-    client = open_client(existing_store(uri))
-    exp = client.get_experiment_by_name(study)
+    try:
+        store = existing_store(uri)
+    except MissingStore:
+        return f"{run_id} (no MLflow store at {mask(uri)})"
+    exp = open_client(store).get_experiment_by_name(study)
     if exp is None:
-        return None
+        return f"{run_id} (no MLflow experiment '{study}' at {mask(uri)})"
     return ui_link(uri, exp.experiment_id).split("/runs?")[0] + f"/runs/{run_id}"
