@@ -61,6 +61,21 @@ def test_an_outage_past_the_limit_raises_naming_the_store_and_the_limit():
     assert time.monotonic() - start < 1.0
 
 
+def test_an_outage_message_masks_the_password_that_mlflows_error_quotes():
+    """MLflow's requests error quotes the URL it called, credentials included; the outage's
+    message goes on to the FAIL line, Optuna's fail_reason and the run's vqlog.fail_reason."""
+    from vqlog.study.trial import describe
+
+    url = f"http://alice:Zq9SecretPW@127.0.0.1:{free_port()}"
+    client = RetryingClient(MlflowClient(tracking_uri=url), "masked", limit=0.0)
+    with pytest.raises(TrackingUnavailable) as info:
+        client.search_experiments()
+    assert "alice:***@127.0.0.1" in str(info.value) and "Zq9SecretPW" not in str(info.value)
+    raw = error_of(MlflowClient(tracking_uri=url).search_experiments)
+    assert "Zq9SecretPW" in str(raw)  # what MLflow says, and what a reason used to quote
+    assert "Zq9SecretPW" not in describe(raw) and "alice:***@" in describe(raw)
+
+
 def test_try_call_is_one_attempt_and_backs_off_only_in_call():
     url = f"http://127.0.0.1:{free_port()}"
     sleeps = []

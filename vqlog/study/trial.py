@@ -27,6 +27,7 @@ from vqlog.failpoints import failpoint
 from vqlog.study.outage import retrying
 from vqlog.study.storage import heartbeat_interval
 from vqlog.train import fit, resolve_device
+from vqlog.urls import mask_urls
 
 log = logging.getLogger("vqlog")
 OUTAGES = (StorageOutageError, TrackingUnavailable)  # stop the sweep: rerun once it is back
@@ -222,4 +223,6 @@ def describe(exc: BaseException, stop=None) -> str:
         return str(exc)
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
-    return f"{type(exc).__name__}: {exc}"
+    # A library's message may quote a URL with its password (MLflow's requests errors do); the
+    # reason goes to the FAIL line, Optuna's fail_reason and the run's vqlog.fail_reason tag.
+    return mask_urls(f"{type(exc).__name__}: {exc}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vqlog.errors import TrackingUnavailable, UserError, find_cause, one_line
-from vqlog.urls import absolute_sqlite, mask, password, sqlite_path, with_psycopg2
+from vqlog.urls import absolute_sqlite, mask, mask_urls, password, sqlite_path, with_psycopg2
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -117,7 +117,7 @@ class RetryingClient:
                 raise TrackingUnavailable(
                     f"MLflow tracking at {self.describe} has been unreachable for "
                     f"{now - self.down_since:.0f} s, longer than the limit of {self.limit:.0f} s "
-                    f"(VQLOG_TRACKING_OUTAGE_LIMIT); last error: {one_line(exc, 200)}"
+                    f"(VQLOG_TRACKING_OUTAGE_LIMIT); last error: {mask_urls(one_line(exc, 200))}"
                 ) from None
             return False, None
         self.down_since = None
