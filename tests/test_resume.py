@@ -10,6 +10,7 @@ import io
 import math
 import os
 import random
+import re
 import signal
 import time
 
@@ -240,6 +241,9 @@ def test_sigterm_checkpoints_the_trial_and_exits_143_and_the_rerun_resumes(tmp_p
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
     assert "Stopped (SIGTERM): the running trial was checkpointed at iteration" in worker.stdout
     assert "Traceback" not in worker.stderr
+    stopped_at = int(re.search(r"checkpointed at iteration (\d+)", worker.stdout).group(1))
+    # the table's iteration cell says what ran (it said the budget, ITERATION)
+    assert run.data.metrics["iterations_run"] == stopped_at < ITERATION
 
     rerun = Worker(args, tmp_path, "rerun")  # no grace period to wait: the retry is queued
     assert rerun.wait(180) == 0, rerun.output()

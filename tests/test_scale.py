@@ -157,6 +157,38 @@ def test_a_tracker_marks_the_study_run_as_holding_a_table_once(tmp_path):
     assert run.data.metrics["final_val_mse"] == 0.09  # sent with the state, in one request
 
 
+def test_a_study_run_deleted_in_the_ui_gets_a_new_one_and_the_sweep_goes_on(tmp_path):
+    """The table's next refresh found the study run deleted: MLflow refused the write, and the
+    worker ended the sweep with exit 1."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.tracking.runs import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = optuna.create_study(study_name="gone")
+    spec = dataclasses.replace(load_sweep("smoke"), name="gone")
+    tracker = Tracker(uri, table_dir=tmp_path / "results")
+    tracker.start_study(study, spec)
+    first = tracker.parent_id
+    summary = {"best_val_mse": 0.08, "final_val_mse": 0.09, "iterations_run": 10.0}
+    for _ in range(2):
+        trial = study.ask()
+        tracker.start_trial(trial.number, spec.base_config()).finish("COMPLETE", summary)
+        study.tell(trial, 0.09)
+        tracker.refresh_table()
+        MlflowClient(tracking_uri=uri).delete_run(tracker.parent_id)
+    tracker.refresh_table()
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(tracker.parent_id)
+    assert tracker.parent_id != first and parent.info.lifecycle_stage == "active"
+    assert parent.data.tags["vqlog.role"] == "study" and "| Seq2 |" in parent.data.tags[
+        "mlflow.note.content"]
+    assert json.loads(parent.data.tags["mlflow.loggedArtifacts"])[0]["type"] == "table"
+    assert client.get_run(first).info.lifecycle_stage == "deleted"
+
+
 def test_gc_paused_turns_the_collector_off_for_its_block_and_back_as_it_was():
     assert gc.isenabled()
     with gc_paused():
@@ -243,7 +275,7 @@ def test_the_row_cache_fetches_only_runs_that_ended_since_its_last_look(tmp_path
     cache = RowCache(counting, "inc")
     cache.SLACK_MS = 1000  # (30 s by default: other hosts' clocks)
     assert [r.number for r in cache.rows()] == list(range(31))
-    assert counting.returned == [31]  # the first look reads everything once
+    assert counting.returned == [0, 31]  # no deleted run; the first look reads everything once
     trial(31)
     client.set_tag(running, "optuna.state", "PRUNED")
     client.set_terminated(running, "KILLED")
@@ -261,6 +293,39 @@ def test_the_row_cache_fetches_only_runs_that_ended_since_its_last_look(tmp_path
     assert all(a is b for a, b in zip(rows[:30], unchanged[:30]))
     assert counting.returned[-1] == 3
     assert [(r.number, r.run_id) for r in unchanged] == [(r.number, r.run_id) for r in rows]
+
+
+def test_a_run_deleted_in_the_ui_leaves_the_cached_rows_and_comes_back_restored(tmp_path):
+    """A deleted (or restored) run keeps its end time, so the incremental look alone never saw
+    it go: a sweep's table kept a row the user had deleted, and republished it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("del")
+    runs = []
+    for n in range(4):
+        run = client.create_run(exp, tags={"vqlog.role": "trial", "optuna.trial_number": str(n),
+                                           "optuna.state": "COMPLETE"})
+        client.set_terminated(run.info.run_id, "FINISHED")
+        runs.append(run.info.run_id)
+    time.sleep(1.5)
+    counting = CountingClient(client)
+    cache = RowCache(counting, "del")
+    cache.SLACK_MS = 1000
+    assert [r.number for r in cache.rows()] == [0, 1, 2, 3]
+    assert counting.returned[-1] == 4
+    assert [r.number for r in cache.rows()] == [0, 1, 2, 3] and counting.returned[-2:] == [0, 0]
+    client.delete_run(runs[2])
+    assert [r.number for r in cache.rows()] == [0, 1, 3]
+    assert [r.number for r in cache.rows()] == [0, 1, 3] and counting.returned[-1] == 0
+    client.restore_run(runs[2])
+    assert [r.number for r in cache.rows()] == [0, 1, 2, 3]
+    assert [r.run_id for r in cache.rows()] == runs
+
+    seeded = RowCache(client, "del")  # a worker's start: the rows come from reconcile's read
+    seeded.seed(client.search_runs([exp]), int(time.time() * 1000))
+    client.delete_run(runs[0])
+    assert [r.number for r in seeded.rows()] == [1, 2, 3]
 
 
 def test_a_cached_render_is_the_uncached_one_and_follows_changed_rows():

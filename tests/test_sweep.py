@@ -146,6 +146,8 @@ def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, m
     assert runs["Seq1"].info.status == "FAILED"
     assert runs["Seq1"].data.tags["optuna.state"] == "FAIL"
     assert runs["Seq1"].data.tags["vqlog.fail_reason"] == bad.user_attrs["fail_reason"]
+    diverged_at = int(bad.user_attrs["fail_reason"].rsplit(" ", 1)[1])  # "... at iteration N"
+    assert runs["Seq1"].data.metrics["iterations_run"] == diverged_at  # not the budget
     assert runs["Seq2"].info.status == "FINISHED"
     assert "diverged" in table_rows(tmp_path / "results" / "diverge.md")["Seq1"]
 

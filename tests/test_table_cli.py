@@ -141,6 +141,25 @@ def test_unknown_study_is_an_error(store, tmp_path, cli):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("out, message", [
+    ("isdir", "--out isdir is a folder; give a file name such as isdir/table.md"),
+    ("afile/t.md", "cannot write afile/t.md: {tmp}/afile is not a folder"),
+    ("afile/sub/t.md", "cannot write afile/sub/t.md: {tmp}/afile is not a folder"),
+    ("/proc/t.md", "cannot write /proc/t.md: /proc is not writable"),
+])
+def test_an_out_that_cannot_be_written_is_one_error_line_before_any_work(store, tmp_path, cli,
+                                                                         out, message):
+    """It was an IsADirectoryError or FileExistsError from the write, exit 1; a new folder
+    (below one that can be written) is still made."""
+    (tmp_path / "isdir").mkdir()
+    (tmp_path / "afile").write_text("")
+    code, _, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--out", out)
+    assert (code, err) == (2, f"Error: {message.format(tmp=tmp_path)}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "isdir", "mlflow.db"]
+    code, out_, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--out", "a/b/t.md")
+    assert (code, out_, err) == (0, "table: a/b/t.md (2 trials)\n", "")
+
+
 def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/nope.db"
@@ -338,6 +357,24 @@ def test_the_line_counts_the_rows_the_table_shows(store, tmp_path, cli):
     code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
     assert (code, out, err) == (0, "table: results/alpha.md (3 trials)\n", "")
     assert "| Seq3 |" in (tmp_path / "results" / "alpha.md").read_text()
+
+
+def test_the_line_counts_a_trial_and_its_retry_as_one_row(store, tmp_path, cli, tiny):
+    """A FAIL trial retried (Optuna's RetryFailedTrialCallback) is one row, its latest: the line
+    said 3 trials for a table of 2."""
+    client = MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("alpha")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'study'")
+    base = tiny(**BASE)
+    add_trial(client, base, exp.experiment_id, parent.info.run_id, "alpha", 2, "FAIL", {}, lr=5e-3)
+    retry = add_trial(client, base, exp.experiment_id, parent.info.run_id, "alpha", 3, "COMPLETE",
+                      SEQ2, lr=5e-3)
+    client.set_tag(retry, "vqlog.retry_of", "2")
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    text = (tmp_path / "results" / "alpha.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| Seq")]
+    assert len(rows) == 3 and "| Seq3 |" not in text and "| Seq4 |" in text, text
+    assert (code, out, err) == (0, "table: results/alpha.md (3 trials)\n", "")
 
 
 @pytest.mark.slow

@@ -88,9 +88,10 @@ def default_if_empty(value: str) -> str | None:
     return value or None
 
 
-def check_out_file(out: str, flag: str, example: str):
-    """The Path of an output file whose folder exists: checked before any work, so that bad
-    input writes nothing. `example` is a file name to suggest for a folder."""
+def check_out_file(out: str, flag: str, example: str, make_folders: bool = False):
+    """The Path of an output file whose folder exists (or, with `make_folders`, can be made
+    where the nearest existing one is): checked before any work, so that bad input writes
+    nothing. `example` is a file name to suggest for a folder."""
     import errno
     import tempfile
     from pathlib import Path
@@ -101,6 +102,8 @@ def check_out_file(out: str, flag: str, example: str):
     if path.is_dir():
         raise UserError(f"{flag} {out} is a folder; give a file name such as {path / example}")
     parent = path.resolve().parent
+    while make_folders and not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # write_text makes the folders below it
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UserError(f"cannot write {out}: {parent} {what}")

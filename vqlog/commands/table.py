@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from vqlog.cli import TRACKING_HELP, add_debug, default_if_empty
+from vqlog.cli import TRACKING_HELP, add_debug, check_out_file, default_if_empty
 
 
 def table_command_parser(sub) -> None:
@@ -33,6 +33,8 @@ def table_command(args: argparse.Namespace) -> int:
 
     if not args.interval > 0:
         raise UserError(f"--interval must be a number of seconds above 0, not {args.interval:g}")
+    if args.out and args.out != "-":
+        check_out_file(args.out, "--out", "table.md", make_folders=True)
     # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
     # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
     # the wait.
@@ -171,13 +173,19 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
             else:
                 out = Path(args.out) if args.out else table.table_path("results", study)
                 write_text(out, text, crash_point="table.write")
-                line = f"table: {out} ({_counts(rows)})"
+                line = f"table: {out} ({_counts(rows, rendered)})"
                 if line != said:  # a row changed, not the count: the same line once
                     print(line, flush=True)
                 said = line
             parent = parent or study_run(client, study)  # made by the study's first worker
-            if parent:
-                publish_table(client, parent, rows, study, args.lang, text, rendered)
+            try:
+                if parent:
+                    publish_table(client, parent, rows, study, args.lang, text, rendered)
+            except Exception:  # noqa: BLE001 - MLflow's, when the study run was deleted in the UI
+                if parent == (parent := study_run(client, study)):
+                    raise  # not that: as it was; else the run a worker made since, if any
+                if parent:
+                    publish_table(client, parent, rows, study, args.lang, text, rendered)
             last = text
             rendered.keep(rows)
         if not args.watch:
@@ -185,9 +193,10 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
         stop.sleep(args.interval)
 
 
-def _counts(rows) -> str:
-    """"3 trials": the rows the table shows (finished trials; a trial still running has none)."""
-    from vqlog.tracking.table import SHOWN_STATES
+def _counts(rows, cache) -> str:
+    """"3 trials": the rows the table shows (finished trials, a trial and its retries as one;
+    a trial still running has none)."""
+    from vqlog.tracking.table import shown_count
 
-    shown = sum(row.state in SHOWN_STATES for row in rows)
+    shown = shown_count(rows, cache)
     return f"{shown} trial{'s' * (shown != 1)}"

@@ -167,8 +167,10 @@ class Objective:
             fatal = exc if isinstance(exc, OUTAGES) else None
             try:
                 if run is not None and not isinstance(exc, TrackingUnavailable):
-                    run.finish("FAIL", reason=reason)  # (with the tracking down it stays RUNNING
-                    # and the rerun's reconcile closes it)
+                    stopped = getattr(exc, "iteration", None)  # stopped or diverged there
+                    run.finish("FAIL", None if stopped is None else {"iterations_run": stopped},
+                               reason=reason)  # (with the tracking down it stays RUNNING and
+                    # the rerun's reconcile closes it)
                 elif run is not None:
                     run.abandon()
                 if not isinstance(exc, StorageOutageError):

@@ -121,15 +121,18 @@ def study_experiment(client: MlflowClient, study: str):
     return experiment
 
 
-def search_all(client, experiment_id: str, filter_string: str, page_size: int = 1000) -> list:
-    """Every run the filter matches, page after page (MLflow returns at most 1,000 a request)."""
+def search_all(client, experiment_id: str, filter_string: str, page_size: int = 1000,
+               deleted: bool = False) -> list:
+    """Every run the filter matches, page after page (MLflow returns at most 1,000 a request):
+    the active ones, or with `deleted` those deleted in the UI (and not yet garbage-collected)."""
     from mlflow.entities import ViewType
 
     runs, token = [], None
+    view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
     with gc_paused():
         while True:
             page = client.search_runs([experiment_id], filter_string=filter_string,
-                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=page_size,
+                                      run_view_type=view, max_results=page_size,
                                       order_by=["attributes.start_time ASC"], page_token=token)
             runs.extend(page)
             token = page.token
@@ -151,7 +154,11 @@ class RowCache:
     the last few minutes' runs, however many the study has (a flat cost per trial).
 
     SLACK_MS covers the clocks of other hosts, whose workers stamp the end times they set, and a
-    run whose end was stamped just before a look but committed just after it."""
+    run whose end was stamped just before a look but committed just after it.
+
+    A run deleted or restored in the UI keeps its end time: each look also lists the deleted
+    trial runs (a query of those only), and when that list changes the next look reads every
+    run again."""
 
     SLACK_MS = 30 * 1000
 
@@ -163,11 +170,18 @@ class RowCache:
         self._chosen: dict[int, tuple[tuple[int, str], TrialRow]] = {}
         self._rows: list[TrialRow] = []  # _chosen's rows by number
         self._since: int | None = None  # ms: the runs that ended before it are all in _chosen
+        self._deleted: set[str] | None = None  # the deleted trial runs at the last look
 
     def rows(self) -> list[TrialRow]:
         now = int(time.time() * 1000)
         if self.experiment_id is None:
             self.experiment_id = study_experiment(self.client, self.study).experiment_id
+        deleted = {r.info.run_id for r in search_all(self.client, self.experiment_id, TRIAL_ROLE,
+                                                    deleted=True)}
+        if deleted != self._deleted and (self._deleted is not None or  # (or since `seed`'s read)
+                                         any(row.run_id in deleted for row in self._rows)):
+            self._chosen, self._rows, self._since = {}, [], None  # read every run again
+        self._deleted = deleted
         # after the first look, the end time alone: a tag filter joins every run's tags in
         # the store's query (most of its cost at 10,000 runs); the role is checked here
         where = TRIAL_ROLE if self._since is None else f"attributes.end_time >= {self._since}"

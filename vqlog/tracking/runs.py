@@ -114,6 +114,7 @@ class Tracker:
         self._db = db or _direct
         self.study_name = study.study_name
         self.experiment_id = self._experiment(study.study_name, spec.description)
+        self._started = (study, spec)
         self.parent_id = self._parent_run(study, spec)
         self.reconcile(study, everything=True)
         # the first study plots a minute in (a shorter sweep draws them once, at its end)
@@ -212,8 +213,15 @@ class Tracker:
         text = table.render_table(rows, lang=self.lang, title=self.study_name,
                                   cache=self._rendered)
         write_text(path, text, crash_point="table.write")
-        publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
-                      self._rendered, mark=self._marked != self.parent_id)
+        try:
+            publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
+                          self._rendered, mark=self._marked != self.parent_id)
+        except Exception:  # noqa: BLE001 - MLflow's, when the study run was deleted in the UI:
+            if self.client.get_run(self.parent_id).info.lifecycle_stage == "active":
+                raise  # the table then goes to a new study run (or the one another worker made)
+            self.parent_id = self._parent_run(*self._started)
+            publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
+                          self._rendered)
         self._marked = self.parent_id
         self._rendered.keep(rows)
         return str(path)

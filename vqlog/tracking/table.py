@@ -248,6 +248,11 @@ def _json_record(heading: str, cells: list[str], where: list[int], width: int) -
     return json.dumps(record, ensure_ascii=False)
 
 
+def shown_count(rows: Iterable[TrialRow], cache: RenderCache | None = None) -> int:
+    """How many rows the table of `rows` has (a retry chain is one row)."""
+    return len(_finished((cache or RenderCache()).slots(rows)))
+
+
 def _finished(slots: list[_Slot]) -> list[_Slot]:
     """The rows a table shows: finished trials, a retry chain (a trial and its retries) as its
     latest finished one, by number."""

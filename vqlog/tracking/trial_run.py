@@ -39,6 +39,7 @@ class TrialRun:
         self._sender: ThreadPoolExecutor | None = None  # one thread: sends stay in order
         self._sends: list[Future] = []  # queued or under way
         self._checkpoint: tuple[Future, str] | None = None  # the latest upload and its folder
+        self.last_step = 0  # the latest iteration logged: a failed trial's iterations_run
 
     def log_dataset(self, data, source: str, channel: str | None = None) -> None:
         """The trial's data as the run's dataset input (name, source, digest, shape).
@@ -154,6 +155,7 @@ class TrialRun:
                            ("val/usage", record.val_usage), ("val/dead_codes", record.val_dead_codes)):
             if math.isfinite(value):
                 metrics.append(Metric(key, float(value), now, record.step))
+        self.last_step = max([self.last_step, record.step, *(p.step for p in record.train_points)])
         with self._lock:
             self._pending += metrics
 
@@ -191,6 +193,10 @@ class TrialRun:
             monitor, self._monitor = self._monitor, None
             monitor.finish()
 
+        if state == "FAIL" and "iterations_run" not in (summary or {}) and self.last_step:
+            # the table's iteration cell: what ran, not the budget (the latest point logged,
+            # or where the caller knows it stopped)
+            summary = {**(summary or {}), "iterations_run": self.last_step}
         try:
             self._drain()
             if summary:
