@@ -172,6 +172,7 @@ BAD = {
     "unknown sampler": (GOOD + "sampler: cmaes\n", ["sampler", "tpe"]),
     "unknown pruner": (GOOD + "pruner: asha\n", ["pruner", "hyperband"]),
     "grid with float range": (GOOD + "sampler: grid\n", ["space.lr", "grid"]),
+    "grid without a space": ("name: g\nsampler: grid\n", ["sampler: grid needs a space"]),
     "enqueue not a list": (GOOD.split("enqueue:")[0] + "enqueue: {batch: 8}\n", ["enqueue", "list"]),
     "enqueue row empty": (GOOD.split("enqueue:")[0] + "enqueue: [{}]\n", ["enqueue[0]"]),
     "enqueue choice outside": (edit("{batch: 8,", "{batch: 64,"), ["enqueue[0].batch", "outside"]),

@@ -52,6 +52,32 @@ def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, mlflow_store, mon
     assert len(mlflow_runs(uri, "smoke", role="study")) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_grid_sweep_takes_each_point_once_and_ends_with_its_grid(tmp_path, mlflow_store,
+                                                                   monkeypatch, capsys, workers):
+    """Optuna's GridSampler stops the study at its last point with study.stop(), which raised
+    RuntimeError outside study.optimize: every grid sweep that reached its grid's end failed
+    there (exit 1, no table). A target past the grid's size ends with the grid."""
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, "grid", sampler="grid", space={"batch": [8, 16],
+                                                               "embedding_num": [16, 32]})
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
+    args = ["--config", str(spec), "--storage", storage, "--tracking-uri", uri,
+            "--workers", workers]
+    assert sweep_main(["--trials", "4", *args]) == 0
+    trials = study_trials(storage, "grid")
+    assert {(t.params["batch"], t.params["embedding_num"]) for t in trials} == \
+        {(8, 16), (8, 32), (16, 16), (16, 32)}
+    assert len(finished(trials)) == len(trials) == 4
+    assert "grid: 4/4 trials finished" in capsys.readouterr().out
+    assert len(table_rows(tmp_path / "results" / "grid.md")) == 4
+    assert sweep_main(["--trials", "6", *args]) == 0
+    assert len(study_trials(storage, "grid")) == 4  # no point run twice
+    assert "grid: 4/6 trials finished (0 ran here" in (out := capsys.readouterr().out)
+    assert "; the grid's 4 points are all taken" in out
+
+
 def test_a_spec_whose_choices_differ_from_the_study_is_one_error(tmp_path, mlflow_store,
                                                                  monkeypatch, capsys):
     """Rerunning a study with other choices for a parameter (Optuna keeps one distribution per

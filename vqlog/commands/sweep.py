@@ -160,7 +160,8 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         + (f"; {r.workers_lost} worker{'s' if r.workers_lost > 1 else ''} died"
            if r.workers_lost else "")
         + f") in {seconds / 60:.1f} min"
-        + ("; --timeout reached" if r.timed_out else ""),
+        + ("; --timeout reached" if r.timed_out else "")
+        + (f"; the grid's {r.grid_points} points are all taken" if r.grid_points else ""),
     ]
     if r.best:
         values = r.best["values"]

@@ -320,7 +320,8 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     done = [s for s in summaries if s is not None]
     stopped_at = [s["stopped_at"] for s in done if s["stopped_at"] is not None]
     timed_out = any(s["timed_out"] for s in done)
-    if lost and not stop.is_set() and not timed_out and finished() < trials:
+    grid_points = next((s["grid_points"] for s in done if s["grid_points"]), None)
+    if lost and not stop.is_set() and not timed_out and not grid_points and finished() < trials:
         raise SweepError(
             f"{'; '.join(lost)}, and no worker is left: {finished()}/{trials} trials finished. "
             "Everything finished is kept; rerun the same command to go on (with fewer "
@@ -331,5 +332,6 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         interrupted=len(done) < len(summaries) or any(s["interrupted"] for s in done),
         stopped=stopped, stopped_at=min(stopped_at) if stopped_at else None,
         stopped_iterations=sorted(stopped_at),
-        timed_out=timed_out, best=db(lambda: best_trial_info(study, spec)),
+        timed_out=timed_out, grid_points=grid_points,
+        best=db(lambda: best_trial_info(study, spec)),
         table_path=tracker.finish_study(study), workers=len(summaries), workers_lost=len(lost))

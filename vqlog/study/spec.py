@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -77,11 +78,19 @@ class SweepSpec:
     def grid(self) -> dict[str, list]:
         return {p.name: p.grid_values() for p in self.space}
 
+    def grid_left(self, trials: list[optuna.trial.FrozenTrial]) -> int:
+        """How many of the grid's points no trial has taken yet (a queued trial has not)."""
+        grid = {name: set(values) for name, values in self.grid().items()}
+        taken = {tuple(t.params.get(name) for name in grid) for t in trials
+                 if t.state != optuna.trial.TrialState.WAITING}
+        on_grid = sum(all(v in grid[n] for n, v in zip(grid, point)) for point in taken)
+        return math.prod(len(values) for values in grid.values()) - on_grid
+
     def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
         if self.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if self.sampler == "grid":
-            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+            return GridSampler(self.grid(), seed=seed)
         if self.objective == "pareto":
             return optuna.samplers.TPESampler(seed=seed, multivariate=True)
         # Enqueued rows and the first random trials seed TPE's density estimates.
@@ -115,6 +124,15 @@ def resolve_spec_path(name_or_path: str) -> Path:
         f"sweep spec not found: {name_or_path} (give a YAML file or one of: "
         f"{', '.join(bundled_specs())})"
     )
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, whose end the worker notices itself (`SweepSpec.grid_left`): its
+    own after_trial calls study.stop() at the grid's last point, which works only inside
+    study.optimize, and vqlog's workers ask and tell (it raised RuntimeError there)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def load_sweep(name_or_path: str) -> SweepSpec:
@@ -174,6 +192,9 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
     if spec.objective == "pareto" and spec.pruner != "none":
         raise ConfigError("objective pareto is multi-objective and cannot be pruned; set pruner: none")
     if spec.sampler == "grid":
+        if not spec.space:
+            raise ConfigError("sampler: grid needs a space to search; add one under space "
+                              "(or use sampler: random)")
         spec.grid()  # raises for ranges
     _check_combinations(spec)  # also the fixed values' own cross-field checks
     enqueue = raw.get("enqueue", []) or []

@@ -15,6 +15,7 @@ optimize) dies at the first failed beat. `trial.Heartbeat` beats instead.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import warnings
@@ -53,6 +54,7 @@ class SweepSummary:
     # with --workers: every worker's (stopped_at is the earliest)
     stopped_iterations: list[int] = field(default_factory=list)
     timed_out: bool = False
+    grid_points: int | None = None  # a grid sampler's, when every point was taken short of target
     best: dict[str, Any] | None = None
     table_path: str | None = None
     workers: int = 1  # processes on this host (vqlog-sweep --workers)
@@ -151,6 +153,8 @@ class Worker:
                     raise SweepError(
                         f"{self.fails_in_a_row} trials in a row failed here (last: "
                         f"{self.last_fail_reason}); check the spec and data, then rerun")
+                if finished + running < self.target and self._grid_taken():
+                    return None
                 if finished + running < self.target:
                     return self._db(self._ask)
             # The others are running the last trials: wait for them. A worker that has run none
@@ -165,6 +169,17 @@ class Worker:
             self.stop.wait(POLL_SECONDS)
         self.summary.stopped = self.stop.signal
         return None
+
+    def _grid_taken(self) -> bool:
+        """Whether a grid spec's every point is taken and nothing is queued: asking again would
+        run a point twice (Optuna's grid then re-evaluates one at random)."""
+        if self.spec.sampler != "grid":
+            return False
+        trials = self._db(lambda: self.study.get_trials(deepcopy=False))
+        if any(t.state == TrialState.WAITING for t in trials) or self.spec.grid_left(trials):
+            return False
+        self.summary.grid_points = math.prod(len(v) for v in self.spec.grid().values())
+        return True
 
     def _ask(self) -> optuna.Trial:
         """A new trial (or a queued one). With --seed S, the sampler is seeded anew from S and
