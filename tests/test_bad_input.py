@@ -223,7 +223,19 @@ CASES: dict[str, Case] = {
         {"s.yaml": spec(space=space(lr={"type": "float", "low": 0.0, "high": 1e-2, "log": True}))}),
     "spec-batch-0": Case(("--config", "s.yaml"), "space.batch: batch must be at least 1, got 0",
                          {"s.yaml": spec(space=space(batch=[0, 8]))}),
+    "spec-duplicate-key": Case(  # PyYAML keeps the last one: the study was renamed silently
+        ("--config", "s.yaml"), "line 27, column 1: key 'name' is given twice in one mapping",
+        {"s.yaml": spec_text(lambda t: t + "name: other\n")}),
+    "spec-int-bound-huge": Case(
+        ("--config", "s.yaml"), "embedding_num must be at most 2147483647",
+        {"s.yaml": spec(space=space(embedding_num={"type": "int", "low": 2, "high": 10**30}))}),
+    "spec-grid-without-space": Case(("--config", "s.yaml"), "sampler: grid needs a space",
+                                    {"s.yaml": text("name: s\nsampler: grid\n")}),
     # --- command-line flags -----------------------------------------------------------------
+    "flag-seed-too-big": Case(("--seed", "4294967296"),
+                              "--seed must be from 0 to 4294967295 (2**32 - 1), got 4294967296"),
+    "train-set-seed-negative": Case(("train", "--set", "seed=-1"), "seed must be from 0 to 4294967295",
+                                    program="vqlog"),
     "flag-trials-0": Case(("--trials", "0"), "--trials must be at least 1, got 0"),
     "flag-trials-abc": Case(("--trials", "abc"), "argument --trials: invalid int value: 'abc'"),
     "flag-unknown": Case(("--trails", "3"), "unrecognized arguments: --trails"),
@@ -269,9 +281,24 @@ CASES: dict[str, Case] = {
                                {"pickle.npy": raw_pickle}),
     "data-txt": Case(("--data", "notes.txt", *DATA), "notes.txt: unsupported file type '.txt'",
                      {"notes.txt": text("1\n2\n3\n")}),
+    "data-huge-values": Case(("--data", "huge.npy", *DATA), "overflow the standardization's squares",
+                             {"huge.npy": npy(pulses() * 1e300)}),
+    "data-synthetic-rate-too-low": Case(("--data", "synthetic", "--sample-rate", "1e-300"),
+                                        "need a sample rate of at least 5 Hz"),
     # --- URLs -------------------------------------------------------------------------------
     "storage-malformed": Case(("--storage", f"postgresql://postgres:{PASSWORD}@127.0.0.1:notaport/db"),
                               "--storage is not a database URL: postgresql://***@127.0.0.1:notaport/db"),
+    "storage-driver-missing": Case(
+        ("--storage", f"postgresql+asyncpg://me:{PASSWORD}@127.0.0.1:1/db"),
+        "the driver of postgresql+asyncpg:// is not installed (asyncpg)"),
+    "storage-sqlite-options": Case(("--storage", "sqlite:///{tmp}/o.db?mode=ro&uri=true"),
+                                   "an SQLite URL takes no options here (?mode&uri)"),
+    "storage-cannot-be-written": Case(("--storage", "sqlite:////proc/optuna.db"),
+                                      "the folder /proc cannot be written here"),
+    "tracking-in-memory": Case(("--tracking-uri", "sqlite:///:memory:"),
+                               "an in-memory SQLite store keeps nothing"),
+    "tracking-cannot-be-written": Case(("--tracking-uri", "sqlite:////proc/mlflow.db"),
+                                       "the folder /proc cannot be written here"),
     "storage-wrong-scheme": Case(("--storage", f"http://me:{PASSWORD}@127.0.0.1:5000"),
                                  "--storage scheme 'http' is not supported"),
     "storage-not-a-database": Case(
@@ -286,6 +313,11 @@ CASES: dict[str, Case] = {
     "storage-study-other-directions": Case(
         (), "study 'smoke' already exists with directions ['maximize']",
         {"optuna.db": maximized_study}),
+    "init-study-other-directions": Case(  # it left optuna.db.lock behind
+        ("init", "--config", "smoke", "--storage", "sqlite:///{tmp}/optuna.db",
+         "--tracking-uri", "sqlite:///{tmp}/mlflow.db"),
+        "study 'smoke' already exists with directions ['maximize']",
+        {"optuna.db": maximized_study}, program="vqlog"),
     "storage-study-other-directions-workers": Case(
         ("--workers", "2"), "study 'smoke' already exists with directions ['maximize']",
         {"optuna.db": maximized_study}),

@@ -52,6 +52,16 @@ def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, mlflow_store, mon
     assert len(mlflow_runs(uri, "smoke", role="study")) == 1
 
 
+def test_a_failure_reason_is_one_line_with_its_passwords_masked():
+    """A library's message spans lines (torch's C++ frames: 60 lines of the sweep's output for
+    one FAIL) and may quote a URL with its password."""
+    from vqlog.study.trial import describe
+
+    exc = RuntimeError("zeros(): bad size\nframe #0: c10::Error\n  at http://al:pw@host:5000/x")
+    assert describe(exc) == "RuntimeError: zeros(): bad size frame #0: c10::Error at " \
+                            "http://al:***@host:5000/x"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_grid_sweep_takes_each_point_once_and_ends_with_its_grid(tmp_path, mlflow_store,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from vqlog.config import SEED_MAX
 from vqlog.errors import UserError
 
 DEFAULT_SPEC = "seed"  # sweeps/seed.yaml: the log's search space on a CPU budget
@@ -27,8 +28,8 @@ def check_options(trials: int, timeout: float | None, seed: int | None) -> None:
         raise UserError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and not timeout > 0:  # NaN too
         raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
-    if seed is not None and seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {seed}")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be from 0 to {SEED_MAX} (2**32 - 1), got {seed}")
 
 
 def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str | None = None,
@@ -56,12 +57,16 @@ def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str |
 def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en"):
     """(storage URL, Tracker) for a sweep of `spec`: flag or argument, else $OPTUNA_STORAGE and
     $MLFLOW_TRACKING_URI, else the embedded files; both checked before anything is created."""
-    from vqlog.study.storage import check_reachable, resolve_storage
+    from vqlog.study.storage import check_reachable, check_writable, resolve_storage
+    from vqlog.tracking.client import check_writable_store
     from vqlog.tracking.runs import Tracker
 
     storage = resolve_storage(storage)
     check_reachable(storage)
-    return storage, Tracker(tracking_uri, lang=lang)
+    check_writable(storage)
+    tracker = Tracker(tracking_uri, lang=lang)
+    check_writable_store(tracker.uri)
+    return storage, tracker
 
 
 def gpu_list(text: str | None) -> list[int] | None:

@@ -25,6 +25,10 @@ ALIASES = {"En-De": "en_de"}
 LOG_NAMES = {v: k for k, v in ALIASES.items()}
 
 
+INT_MAX = 2**31 - 1  # the largest size, count or step a config key may hold
+SEED_MAX = 2**32 - 1  # numpy's seeds (torch's go further)
+
+
 @dataclass(frozen=True)
 class Config:
     # --- the log's columns ---
@@ -75,6 +79,10 @@ class Config:
                     "stride", "eval_every", "log_every", "n_layers"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+            if getattr(self, key) > INT_MAX:  # (a tensor size past it overflows in torch)
+                raise ConfigError(f"{key} must be at most {INT_MAX}, got {getattr(self, key)}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed must be from 0 to {SEED_MAX} (2**32 - 1), got {self.seed}")
         if self.d_state < 2 or self.d_state % 2:
             raise ConfigError(f"d_state must be an even number >= 2, got {self.d_state}")
         if self.embedding_num < 2:
@@ -144,10 +152,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read {path} ({one_line(exc)}); save it as UTF-8 text") from None
+    except OSError as exc:  # permission denied, an I/O error
+        raise ConfigError(f"cannot read {path}: {exc.strerror or one_line(exc)}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader())  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
@@ -155,6 +165,32 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return data
+
+
+def _unique_keys_loader():
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (it keeps the last one
+    silently: a second `name:` at the end of a spec renamed the study)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, merged as before
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # a list as a key: the mapping's own check says so
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def _yaml_problem(exc: Exception) -> str:

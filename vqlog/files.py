@@ -59,3 +59,21 @@ def remove_orphans(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if tmp.stat().st_mtime < cutoff:
                 tmp.unlink()
+
+
+def read_only_part(path: str | os.PathLike) -> str | None:
+    """What keeps this process from writing a database file and the lock file beside it: "the
+    file F" or "the folder D", or None. Tried, not read off the mode bits (root passes those,
+    and a read-only mount does not): the file opened for writing and closed untouched, an
+    unnamed temp file made and dropped in the folder."""
+    path = Path(path).expanduser().resolve()
+    if path.is_file():
+        try:
+            open(path, "r+b").close()
+        except OSError:
+            return f"the file {path}"
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError:
+        return f"the folder {path.parent}"
+    return None

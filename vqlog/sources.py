@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from vqlog.errors import DataError, one_line
 SOURCES = ("ppg", "synthetic")
 SUFFIXES = (".npy", ".csv", ".parquet")
 SYNTHETIC_HZ = 100.0  # default rate of the synthetic source
+SYNTHETIC_MIN_HZ = 5.0  # below it the pulses are aliased noise, and 0.01 Hz made none
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: a generated __eq__/__hash__ would compare arrays
@@ -55,6 +57,9 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
                             "(use resample_hz to change the rate)")
         recordings = _load_ppg()
     elif source == "synthetic":
+        if sample_rate is not None and sample_rate < SYNTHETIC_MIN_HZ:
+            raise DataError(f"the synthetic pulses need a sample rate of at least "
+                            f"{SYNTHETIC_MIN_HZ:g} Hz (55-95 beats a minute), got {sample_rate:g}")
         recordings = synthetic(seed=seed, sample_rate=sample_rate or SYNTHETIC_HZ)
     elif records.is_wfdb_record(source):
         recordings = split_gaps(_own_rate(records.read_wfdb(source, channel), source, sample_rate))
@@ -185,6 +190,8 @@ def _resolve(source: str) -> Path:
     if path.is_file():
         if path.suffix.lower() not in suffixes:
             raise DataError(f"{source}: unsupported file type '{path.suffix}'; use a {KINDS}")
+        if not os.access(path, os.R_OK):
+            raise DataError(f"cannot read {source}: permission denied for this user")
         return path
     if path.exists():
         raise DataError(f"{source} is a directory; pass a {KINDS}")
@@ -347,6 +354,9 @@ def check_signal(rec: Recording) -> None:
     if x.size < 2 or np.ptp(x) == 0:
         raise DataError(f"{rec.name} is constant (std 0), nothing to learn; "
                         "check the file or column")
+    if not np.isfinite(np.ptp(x)) or np.abs(x).max() > 1e150:  # z-scoring squares them
+        raise DataError(f"{rec.name}: values up to {np.abs(x).max():.3g} overflow the "
+                        "standardization's squares; rescale the signal (e.g. to its units)")
 
 
 def _why(exc: BaseException) -> str:

@@ -27,20 +27,20 @@ def init_command_parser(sub) -> None:
 
 
 def init_command(args: argparse.Namespace) -> int:
-    from vqlog.api import study_spec
-    from vqlog.study.storage import StudyLock, open_study, resolve_storage
-    from vqlog.tracking.client import resolve_tracking_uri
-    from vqlog.tracking.runs import Tracker
+    from vqlog.api import prepare, study_spec
+    from vqlog.study.existing import check_study
+    from vqlog.study.storage import StudyLock, open_study
     from vqlog.urls import mask
 
     spec = study_spec(args.config, args.study)
-    storage, uri = resolve_storage(args.storage), resolve_tracking_uri(args.tracking_uri)
-    tracker = Tracker(uri)
+    storage, tracker = prepare(spec, args.storage, args.tracking_uri)  # checked, as a sweep's
     tracker.check_experiment(spec.name)
+    check_study(spec, storage)  # other directions or space: an Error, and no lock file left
     study, _ = open_study(spec, storage)
     with StudyLock(storage, spec.name):  # as a worker does: one study run, whoever is first
         tracker.start_study(study, spec)
     print(f"study {spec.name}: Optuna study ready in {mask(storage)} "
           f"({len(study.get_trials(deepcopy=False))} trials so far); MLflow experiment "
-          f"{tracker.experiment_id}, study run {tracker.parent_id} at {mask(uri)}", flush=True)
+          f"{tracker.experiment_id}, study run {tracker.parent_id} at {mask(tracker.given_uri)}",
+          flush=True)
     return 0

@@ -8,6 +8,7 @@ from typing import Callable
 
 from optuna.trial import FrozenTrial, TrialState
 
+from vqlog.errors import one_line
 from vqlog.tracking.rows import run_name
 
 
@@ -33,7 +34,8 @@ class TrialProgress:
         14 s)`."""
         a = t.user_attrs
         if t.state == TrialState.FAIL:
-            what = f"FAIL      {reason or a.get('fail_reason') or ''}"
+            why = one_line(reason or a.get("fail_reason") or "")  # a library's, over lines
+            what = f"FAIL      {why if len(why) <= 300 else why[:299] + '…'}"
         else:
             mse = a.get("final_val_mse")
             ppl = a.get("max_val_perplexity")

@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL, make_url
 
 from vqlog.bulk import gc_paused
 from vqlog.errors import UserError
+from vqlog.files import read_only_part
 from vqlog.study.space import check_space
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.urls import mask, with_psycopg2
@@ -76,9 +77,18 @@ def parse_url(url: str, what: str = "--storage") -> URL:
         raise UserError(
             f"{what} scheme '{parsed.drivername}' is not supported; use sqlite:/// or postgresql://"
         )
+    try:  # the driver the URL names (SQLAlchemy would say so only once connecting)
+        make_url(with_psycopg2(url)).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise UserError(f"{what}: the driver of {parsed.drivername}:// is not installed "
+                        f"({exc.name or exc}); use postgresql:// (psycopg2, installed with vqlog) "
+                        "or sqlite:///") from None
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise UserError(f"{what}: an in-memory SQLite database cannot be shared; give a file")
+        if parsed.query:  # mode=ro, uri=true ...: vqlog's lock beside the file needs a path
+            raise UserError(f"{what}: an SQLite URL takes no options here "
+                            f"(?{'&'.join(parsed.query)}); give sqlite:///FILE")
         path = Path(parsed.database).expanduser()
         folder = path.resolve().parent
         if not folder.is_dir():
@@ -136,6 +146,15 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if parsed.get_backend_name() == "postgresql":
         Outage.of(parsed).wait_to_connect(storage.engine)
     return storage
+
+
+def check_writable(url: str) -> None:
+    """An SQLite storage that a sweep can write: the file, or the folder a new one goes in (a
+    read-only one failed at the first commit, after the sweep had started)."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and (part := read_only_part(parsed.database)):
+        raise UserError(f"--storage {mask(url)}: {part} cannot be written here; a sweep "
+                        "writes every trial there")
 
 
 def check_reachable(url: str) -> None:

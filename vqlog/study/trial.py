@@ -227,4 +227,4 @@ def describe(exc: BaseException, stop=None) -> str:
         return "interrupted (Ctrl-C)"
     # A library's message may quote a URL with its password (MLflow's requests errors do); the
     # reason goes to the FAIL line, Optuna's fail_reason and the run's vqlog.fail_reason tag.
-    return mask_urls(f"{type(exc).__name__}: {exc}")
+    return mask_urls(one_line(f"{type(exc).__name__}: {exc}"))

@@ -263,7 +263,7 @@ class Worker:
         self.summary.failed_here += failed
         if failed and not outcome.lost:
             self.fails_in_a_row += 1
-            self.last_fail_reason = outcome.reason
+            self.last_fail_reason = outcome.reason[:300]  # as long as the trial line shows it
         elif not failed:
             self.fails_in_a_row = 0
         if isinstance(outcome.fatal, StorageOutageError):

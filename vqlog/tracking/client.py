@@ -62,6 +62,8 @@ def is_transient(exc: BaseException) -> bool:
     if status in (502, 503, 504):
         return True
     text = str(exc)
+    if "readonly database" in text:  # SQLite's "attempt to write a readonly database"
+        return False
     return any(t in text for t in TRANSIENT_TEXT)
 
 
@@ -248,6 +250,17 @@ def existing_store(uri: str | None) -> str:
     return checked
 
 
+def check_writable_store(uri: str) -> None:
+    """An SQLite tracking store that a sweep can write (a read-only one was taken for an outage
+    and waited out, with MLflow's errors in the output)."""
+    from vqlog.files import read_only_part
+
+    path = sqlite_path(uri)
+    if path is not None and (part := read_only_part(path)):
+        raise UserError(f"--tracking-uri {mask(uri)}: {part} cannot be written here; a "
+                        "sweep writes every trial's run there")
+
+
 def check_tracking_uri(uri: str) -> None:
     """Fail before the first trial when the tracking URI cannot work (exit 2, password masked)."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
@@ -282,6 +295,9 @@ def check_tracking_uri(uri: str) -> None:
         path = uri.split(":///", 1)[1] if ":///" in uri else ""
         if not path:
             raise UserError(f"--tracking-uri {uri} needs a file, e.g. sqlite:///mlflow.db")
+        if path.split("?", 1)[0] == ":memory:":  # MLflow's own processes would each see another
+            raise UserError("--tracking-uri: an in-memory SQLite store keeps nothing and cannot "
+                            "be shared; give a file, e.g. sqlite:///mlflow.db")
         folder = Path(path).expanduser().resolve().parent
         if not folder.is_dir():
             raise UserError(f"--tracking-uri: folder {folder} for the SQLite file does not exist")
