@@ -223,6 +223,13 @@ CASES: dict[str, Case] = {
         {"s.yaml": spec(space=space(lr={"type": "float", "low": 0.0, "high": 1e-2, "log": True}))}),
     "spec-batch-0": Case(("--config", "s.yaml"), "space.batch: batch must be at least 1, got 0",
                          {"s.yaml": spec(space=space(batch=[0, 8]))}),
+    "spec-a-folder": Case(("--config", "specs"), "sweep spec specs is a folder",
+                          {"specs": folder}),
+    "train-config-a-folder": Case(("train", "--config", "configs"),
+                                  "config file configs is a folder", {"configs": folder},
+                                  program="vqlog"),
+    "train-save-empty": Case(("train", "--save", ""), "--save needs a file name, e.g. --save model.pt",
+                             program="vqlog"),
     "spec-duplicate-key": Case(  # PyYAML keeps the last one: the study was renamed silently
         ("--config", "s.yaml"), "line 27, column 1: key 'name' is given twice in one mapping",
         {"s.yaml": spec_text(lambda t: t + "name: other\n")}),

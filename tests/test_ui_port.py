@@ -82,3 +82,13 @@ def test_a_host_that_is_not_this_machines_is_one_error_line(tmp_path, mlflow_sto
     line = one_error_line(ui(tmp_path, "--host", "192.0.2.1", "--port", "5000"))
     assert line.startswith("Error: --host 192.0.2.1 is not an address of this machine"), line
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("host", ["", "  "])
+def test_an_empty_host_is_one_error_line_not_every_interface(tmp_path, mlflow_store, host):
+    """bind() takes "" as every interface: `--host ""` served the UI to the network, and printed
+    http://:5000."""
+    mlflow_store(tmp_path)
+    line = one_error_line(ui(tmp_path, "--host", host, "--port", "5000"))
+    assert line == ("Error: --host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 "
+                    "(every interface)")

@@ -98,6 +98,8 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
 
     from vqlog.errors import UserError
 
+    if not out.strip():
+        raise UserError(f"{flag} needs a file name, e.g. {flag} {example}")
     path = Path(out)
     if path.is_dir():
         raise UserError(f"{flag} {out} is a folder; give a file name such as {path / example}")

@@ -41,7 +41,7 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = Config.from_mapping(values)
     from vqlog.train import fit, resolve_device  # torch: after a typo in the config is reported
     resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
-    if args.save:
+    if args.save is not None:  # (an empty one too: it is not "no file")
         check_out_file(args.save, "--save", "model.pt")
     data = prepare(args.data, cfg, sample_rate=args.sample_rate, channel=args.channel)
     print(

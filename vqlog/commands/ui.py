@@ -35,6 +35,9 @@ def check_listen(host: str, port: int) -> None:
 
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {port}")
+    if not host.strip():  # bind() takes "" as every interface
+        raise UserError("--host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 "
+                        "(every interface)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -85,6 +88,7 @@ def ui_command(args: argparse.Namespace) -> int:
     path = sqlite_path(uri)
     if path is not None:  # the embedded store keeps its artifacts beside it
         cmd += ["--default-artifact-root", str(path.resolve().parent / "mlartifacts")]
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+    print(f"MLflow UI on http://{where}:{args.port} (Ctrl-C to stop)", flush=True)
     os.execv(mlflow, cmd)
     return 0  # pragma: no cover - execv does not return

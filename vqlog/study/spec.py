@@ -120,6 +120,9 @@ def resolve_spec_path(name_or_path: str) -> Path:
     stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
     if "/" not in stem and stem in bundled_specs():
         return Path(str(resources.files("vqlog.sweeps").joinpath(f"{stem}.yaml")))
+    if path.is_dir():
+        raise ConfigError(f"sweep spec {name_or_path} is a folder; give a YAML file in it or one "
+                          f"of: {', '.join(bundled_specs())}")
     raise ConfigError(
         f"sweep spec not found: {name_or_path} (give a YAML file or one of: "
         f"{', '.join(bundled_specs())})"
