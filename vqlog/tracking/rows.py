@@ -176,8 +176,11 @@ class RowCache:
         now = int(time.time() * 1000)
         if self.experiment_id is None:
             self.experiment_id = study_experiment(self.client, self.study).experiment_id
-        deleted = {r.info.run_id for r in search_all(self.client, self.experiment_id, TRIAL_ROLE,
-                                                    deleted=True)}
+        # no tag filter (a join of every run's tags): the deleted runs are few, their role
+        # is checked here
+        deleted = {r.info.run_id for r in search_all(self.client, self.experiment_id, "",
+                                                    deleted=True)
+                   if r.data.tags.get("vqlog.role") == "trial"}
         if deleted != self._deleted and (self._deleted is not None or  # (or since `seed`'s read)
                                          any(row.run_id in deleted for row in self._rows)):
             self._chosen, self._rows, self._since = {}, [], None  # read every run again
