@@ -67,6 +67,16 @@ def test_an_edf_or_bdf_file_reads_back_by_channel(tmp_path, ppg, suffix):
     assert ramp.signal[-1] == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("bdf, suffix", [(False, ".bdf"), (True, ".edf")])
+def test_an_edf_or_bdf_file_is_read_by_its_header_whatever_its_suffix(tmp_path, ppg, bdf, suffix):
+    """An EDF saved as .bdf was decoded as 24-bit samples: a garbage signal, and exit 0."""
+    _, data = ppg
+    path = write_edf(tmp_path / f"named{suffix}", data, bdf=bdf)
+    (rec,) = load_source(path, channel="PPG")
+    bits = 23 if bdf else 15
+    np.testing.assert_allclose(rec.signal, data.signal[:2400], atol=np.ptp(data.signal) / 2**bits)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_channel_names_a_column_of_a_table(tmp_path, ppg, suffix):
     data2, _ = ppg

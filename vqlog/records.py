@@ -82,11 +82,12 @@ def read_edf(path: Path, channel: str | None) -> tuple[np.ndarray, float, str]:
     """One signal of an EDF or BDF file, in physical units (annotations are not signals)."""
     import edfio
 
-    read = edfio.read_bdf if path.suffix.lower() == ".bdf" else edfio.read_edf
     try:
-        edf = read(path)
+        with open(path, "rb") as f:  # by the header, not the suffix: BDF's starts 0xFF BIOSEMI
+            bdf = f.read(8) == b"\xffBIOSEMI"
+        edf = (edfio.read_bdf if bdf else edfio.read_edf)(path)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise DataError(f"{path} is not a readable {path.suffix[1:].upper()} file "
+        raise DataError(f"{path} is not a readable EDF or BDF file "
                         f"({one_line(exc, 200)})") from None
     signals = list(edf.signals)
     if not signals:
