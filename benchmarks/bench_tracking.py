@@ -61,8 +61,8 @@ class TimedTracker(Tracker):
             self.seconds[key] += time.perf_counter() - start
             self.calls[key] += 1
 
-    def start_study(self, study, spec):
-        return self._timed("start_study", super().start_study, study, spec)
+    def start_study(self, study, spec, db=None):  # db: the worker's retrying reads
+        return self._timed("start_study", super().start_study, study, spec, db)
 
     def start_trial(self, *args, **kwargs):  # the worker's tags and a retry's kwargs too
         trial_run = self._timed("start_trial", super().start_trial, *args, **kwargs)
