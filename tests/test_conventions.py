@@ -223,6 +223,10 @@ def test_best_answers_without_its_tracking_store(swept, tmp_path, cli):
     assert code == 0 and err == "", err
     assert out.startswith("best: Seq") and f"(no MLflow store at {gone})\n" in out, out
     assert not (tmp_path / "nope.db").exists()
+    down = "http://127.0.0.1:9"  # the discard port: nothing answers
+    code, out, err = cli("best", "--study", "conv", "--storage", swept.storage, "--tracking-uri", down)
+    assert code == 0 and err == "", err
+    assert f"(MLflow at {down} does not answer)\n" in out, out
 
 
 @pytest.mark.parametrize("given, base", [

@@ -159,7 +159,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:  # permission denied, an I/O error
         raise ConfigError(f"cannot read {path}: {exc.strerror or one_line(exc)}") from None
     try:
-        data = yaml.load(text, Loader=_unique_keys_loader())  # noqa: S506 - a SafeLoader
+        data = yaml.safe_load(text)
+        _check_unique_keys(yaml.compose(text))  # nodes only: compose constructs no object
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
@@ -169,30 +170,29 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _unique_keys_loader():
-    """PyYAML's SafeLoader, refusing a key given twice in one mapping (it keeps the last one
-    silently: a second `name:` at the end of a spec renamed the study)."""
+def _check_unique_keys(node, visited: set | None = None) -> None:
+    """A YAMLError at the second of two equal keys in one mapping (PyYAML keeps the last one
+    silently: a second `name:` at the end of a spec renamed the study). Merge keys (`<<`)
+    are left to PyYAML, which lets the mapping's own keys override the merged ones."""
     import yaml
 
-    class UniqueKeys(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, merged as before
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    repeated = key in seen
-                except TypeError:  # a list as a key: the mapping's own check says so
-                    continue
-                if repeated:
+    visited = set() if visited is None else visited
+    if id(node) in visited:  # an alias of a node already walked (or of one that holds it)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice in one mapping",
-                        key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep)
-
-    return UniqueKeys
+                        None, None, f"key {key.value!r} is given twice in one mapping",
+                        key.start_mark)
+                seen.add((key.tag, key.value))
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        for child in node.value:
+            for sub in (child if isinstance(child, tuple) else (child,)):
+                _check_unique_keys(sub, visited)
 
 
 def _yaml_problem(exc: Exception) -> str:

@@ -9,6 +9,7 @@ train only; such gaps are listed in `info["dropped"]`. The recordings come from 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -43,6 +44,9 @@ def resample(x: np.ndarray, rate: float, target: float) -> tuple[np.ndarray, flo
     """
     from scipy.signal import resample_poly
 
+    if not math.isfinite(target / rate):  # a rate of 1e-310 Hz
+        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x up); check "
+                        "the sample rate, or use a lower resample_hz")
     ratio = Fraction(target / rate).limit_denominator(1000)
     if ratio == 0:
         raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x down); "

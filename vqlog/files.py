@@ -63,15 +63,13 @@ def remove_orphans(path: Path) -> None:
 
 def read_only_part(path: str | os.PathLike) -> str | None:
     """What keeps this process from writing a database file and the lock file beside it: "the
-    file F" or "the folder D", or None. Tried, not read off the mode bits (root passes those,
-    and a read-only mount does not): the file opened for writing and closed untouched, an
-    unnamed temp file made and dropped in the folder."""
+    file F" or "the folder D", or None: the file's access (a read-only mount counts), and the
+    folder tried with an unnamed temp file, made and dropped (root passes its mode bits, and
+    /proc takes no file)."""
     path = Path(path).expanduser().resolve()
-    if path.is_file():
-        try:
-            open(path, "r+b").close()
-        except OSError:
-            return f"the file {path}"
+    # (the file is not opened: closing any descriptor of it drops this process's SQLite locks)
+    if path.is_file() and not os.access(path, os.W_OK):
+        return f"the file {path}"
     try:
         tempfile.TemporaryFile(dir=path.parent).close()
     except OSError:

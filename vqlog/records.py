@@ -22,7 +22,7 @@ EDF_SUFFIXES = (".edf", ".bdf")
 def is_wfdb_record(source: str) -> bool:
     """Whether `source` names a WFDB record: `<source>.hea` exists (or `source` is the header)."""
     path = Path(source).expanduser()
-    return path.suffix.lower() == ".hea" or path.with_name(f"{path.name}.hea").is_file()
+    return path.suffix.lower() == ".hea" or Path(f"{path}.hea").is_file()
 
 
 def pick_channel(names: list[str], channel: str | None, where: str) -> int:

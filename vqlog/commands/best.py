@@ -42,7 +42,7 @@ def best_command(args: argparse.Namespace) -> int:
 def _run_link(uri: str, study: str, run_id: str) -> str:
     """The run's page in the MLflow UI (through `vqlog ui` for a local store), or its id and why
     there is no page: the study's answer stands without its tracking store."""
-    from vqlog.tracking.client import MissingStore, existing_store, open_client
+    from vqlog.tracking.client import MissingStore, StoreUnreachable, existing_store, open_client
     from vqlog.tracking.lineage import ui_link
     from vqlog.urls import mask
 
@@ -50,6 +50,8 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
         store = existing_store(uri)
     except MissingStore:
         return f"{run_id} (no MLflow store at {mask(uri)})"
+    except StoreUnreachable:  # a server that is down: the link would not open now anyway
+        return f"{run_id} (MLflow at {mask(uri)} does not answer)"
     exp = open_client(store).get_experiment_by_name(study)
     if exp is None:
         return f"{run_id} (no MLflow experiment '{study}' at {mask(uri)})"

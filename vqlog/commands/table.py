@@ -156,6 +156,7 @@ def _ended_by_signals(watch: bool, stop: _Stop):
 
 
 def _table_loop(args, client, study: str, stop: _Stop) -> int:
+    from vqlog.errors import TrackingUnavailable
     from vqlog.files import write_text
     from vqlog.tracking import table
     from vqlog.tracking.rows import RowCache
@@ -181,8 +182,9 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
             try:
                 if parent:
                     publish_table(client, parent, rows, study, args.lang, text, rendered)
-            except Exception:  # noqa: BLE001 - MLflow's, when the study run was deleted in the UI
-                if parent == (parent := study_run(client, study)):
+            except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted
+                if isinstance(exc, TrackingUnavailable) or parent == (parent := study_run(
+                        client, study)):  # (in the UI)
                     raise  # not that: as it was; else the run a worker made since, if any
                 if parent:
                     publish_table(client, parent, rows, study, args.lang, text, rendered)

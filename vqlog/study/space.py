@@ -53,6 +53,12 @@ class Param:
             return value in self.choices
         return isinstance(value, (int, float)) and self.low <= value <= self.high
 
+    def text(self) -> str:
+        """What the study run's `space.<name>` param says: the choices, or the range."""
+        if self.kind == "categorical":
+            return str(list(self.choices))
+        return f"{self.kind} [{self.low}, {self.high}]" + (" log" if self.log else "")
+
     def grid_values(self) -> list:
         if self.kind == "categorical":
             return list(self.choices)

@@ -79,6 +79,9 @@ def parse_url(url: str, what: str = "--storage") -> URL:
         )
     try:  # the driver the URL names (SQLAlchemy would say so only once connecting)
         make_url(with_psycopg2(url)).get_dialect().import_dbapi()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise UserError(f"{what}: {parsed.drivername}:// is not a driver SQLAlchemy knows; use "
+                        "postgresql:// or sqlite:///") from None
     except ImportError as exc:
         raise UserError(f"{what}: the driver of {parsed.drivername}:// is not installed "
                         f"({exc.name or exc}); use postgresql:// (psycopg2, installed with vqlog) "
@@ -86,9 +89,6 @@ def parse_url(url: str, what: str = "--storage") -> URL:
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise UserError(f"{what}: an in-memory SQLite database cannot be shared; give a file")
-        if parsed.query:  # mode=ro, uri=true ...: vqlog's lock beside the file needs a path
-            raise UserError(f"{what}: an SQLite URL takes no options here "
-                            f"(?{'&'.join(parsed.query)}); give sqlite:///FILE")
         path = Path(parsed.database).expanduser()
         folder = path.resolve().parent
         if not folder.is_dir():
@@ -152,6 +152,9 @@ def check_writable(url: str) -> None:
     """An SQLite storage that a sweep can write: the file, or the folder a new one goes in (a
     read-only one failed at the first commit, after the sweep had started)."""
     parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.query:  # mode=ro, uri=true, ...
+        raise UserError(f"--storage {mask(url)}: a sweep's SQLite URL takes no options "
+                        f"(?{'&'.join(parsed.query)}); give sqlite:///FILE")
     if parsed.get_backend_name() == "sqlite" and (part := read_only_part(parsed.database)):
         raise UserError(f"--storage {mask(url)}: {part} cannot be written here; a sweep "
                         "writes every trial there")

@@ -194,7 +194,13 @@ class Worker:
             # "Heartbeat of storage is supposed to be used with Study.optimize": without
             # optimize's heartbeat thread nothing would beat for the trial; trial.Heartbeat does.
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            return self.study.ask()
+            trial = self.study.ask()
+        if self.spec.sampler == "grid":
+            # the point, set while this worker holds the lock: the next one's `_grid_taken`
+            # counts it (the objective's suggest gets the same values back)
+            for param in self.spec.space:
+                param.suggest(trial)
+        return trial
 
     def _run(self, trial: optuna.Trial, trial_id: int) -> Outcome:
         """Beat, claim, run the objective, and tell Optuna how it ended."""
@@ -263,7 +269,8 @@ class Worker:
         self.summary.failed_here += failed
         if failed and not outcome.lost:
             self.fails_in_a_row += 1
-            self.last_fail_reason = outcome.reason[:300]  # as long as the trial line shows it
+            reason = outcome.reason  # as the trial line shows it
+            self.last_fail_reason = reason if len(reason) <= 300 else reason[:299] + "…"
         elif not failed:
             self.fails_in_a_row = 0
         if isinstance(outcome.fatal, StorageOutageError):

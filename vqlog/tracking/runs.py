@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from vqlog.bulk import gc_paused
-from vqlog.errors import UserError, one_line
+from vqlog.errors import TrackingUnavailable, UserError, one_line
 from vqlog.files import write_text
 from vqlog.tracking import artifacts, lineage, plots, table
 from vqlog.tracking.trial_run import STATUS, TrialRun
@@ -166,7 +166,7 @@ class Tracker:
         if spec.channel is not None:
             params["data.channel"] = spec.channel
         params.update({f"fixed.{k}": v for k, v in spec.fixed})
-        params.update({f"space.{p.name}": _space_text(p) for p in spec.space})
+        params.update({f"space.{p.name}": p.text() for p in spec.space})
         self._log_params(run.info.run_id, params)
         # The parent run holds artifacts and the table; it is never left RUNNING.
         self.client.set_terminated(run.info.run_id, "FINISHED")
@@ -216,9 +216,9 @@ class Tracker:
         try:
             publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
                           self._rendered, mark=self._marked != self.parent_id)
-        except Exception:  # noqa: BLE001 - MLflow's, when the study run was deleted in the UI:
-            if self.client.get_run(self.parent_id).info.lifecycle_stage == "active":
-                raise  # the table then goes to a new study run (or the one another worker made)
+        except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted in
+            if isinstance(exc, TrackingUnavailable) or self._study_run_kept():  # the UI: the
+                raise  # table then goes to a new study run (or the one another worker made)
             self.parent_id = self._parent_run(*self._started)
             publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
                           self._rendered)
@@ -355,6 +355,13 @@ class Tracker:
         return (f"tracking: {self._client.outages} outage(s) of {self._client.describe} ridden out; "
                 "no metric lost")
 
+    def _study_run_kept(self) -> bool:
+        """Whether the study run is still there (not deleted in the UI, nor gone to `mlflow gc`)."""
+        try:
+            return self.client.get_run(self.parent_id).info.lifecycle_stage == "active"
+        except Exception:  # noqa: BLE001 - MLflow's "not found" (an outage: the next call says)
+            return False
+
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -364,12 +371,6 @@ class Tracker:
 def _deleted(name: str) -> str:
     return (f"MLflow experiment '{name}' is deleted; restore it in the UI "
             "(or `mlflow experiments restore`) or use another --study name")
-
-
-def _space_text(p) -> str:
-    if p.kind == "categorical":
-        return str(list(p.choices))
-    return f"{p.kind} [{p.low}, {p.high}]" + (" log" if p.log else "")
 
 
 def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str,
