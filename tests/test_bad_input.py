@@ -303,8 +303,9 @@ CASES: dict[str, Case] = {
         "the driver of postgresql+asyncpg:// is not installed (asyncpg)"),
     "storage-unknown-driver": Case(("--storage", "postgresql+nodriver://me@127.0.0.1/db"),
                                    "postgresql+nodriver:// is not a driver SQLAlchemy knows"),
-    "storage-sqlite-options": Case(("--storage", "sqlite:///{tmp}/o.db?mode=ro&uri=true"),
-                                   "a sweep's SQLite URL takes no options (?mode&uri)"),
+    "storage-sqlite-options": Case(  # an existing file: SQLAlchemy warned of ?mode on connecting
+        ("--storage", "sqlite:///{tmp}/o.db?mode=ro"), "a sweep's SQLite URL takes no options (?mode)",
+        {"o.db": another_study}),
     "storage-cannot-be-written": Case(("--storage", "sqlite:////proc/optuna.db"),
                                       "the folder /proc cannot be written here"),
     "tracking-in-memory": Case(("--tracking-uri", "sqlite:///:memory:"),

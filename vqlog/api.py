@@ -62,8 +62,8 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
     from vqlog.tracking.runs import Tracker
 
     storage = resolve_storage(storage)
+    check_writable(storage)  # first: SQLAlchemy warns of an SQLite URL's options on connecting
     check_reachable(storage)
-    check_writable(storage)
     tracker = Tracker(tracking_uri, lang=lang)
     check_writable_store(tracker.uri)
     return storage, tracker
