@@ -264,6 +264,8 @@ CASES: dict[str, Case] = {
         {"notes.txt": text("my notes\n")}, program="vqlog"),
     "table-no-store": Case(("table", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"), "no MLflow store at",
                            program="vqlog"),
+    "table-out-empty": Case(("table", "--out", "", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"),
+                            "--out needs a file name, e.g. --out table.md", program="vqlog"),
     "ui-no-store": Case(("ui", "--tracking-uri", "sqlite:///{tmp}/mlflow.db"), "no MLflow store at",
                         program="vqlog"),
     # --- data files -------------------------------------------------------------------------
