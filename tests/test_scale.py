@@ -157,6 +157,35 @@ def test_a_tracker_marks_the_study_run_as_holding_a_table_once(tmp_path):
     assert run.data.metrics["final_val_mse"] == 0.09  # sent with the state, in one request
 
 
+def test_a_trial_that_failed_before_logging_anything_shows_0_iterations_not_the_budget(tmp_path):
+    """A trial that failed before its first evaluation (out of memory at its first step, say)
+    showed the configured budget in the table's iteration column, as if it had trained."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.tracking.runs import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = optuna.create_study(study_name="early")
+    spec = dataclasses.replace(load_sweep("smoke"), name="early")
+    cfg = spec.base_config()
+    tracker = Tracker(uri, table_dir=tmp_path / "results")
+    tracker.start_study(study, spec)
+    trial = study.ask()
+    tracker.start_trial(trial.number, cfg).finish("FAIL", reason="RuntimeError: out of memory")
+    study.tell(trial, state=TrialState.FAIL)
+    tracker.refresh_table()
+    (run,) = MlflowClient(tracking_uri=uri).search_runs(
+        [tracker.experiment_id], "tags.`vqlog.role` = 'trial'")
+    assert run.data.metrics["iterations_run"] == 0
+    table = (tmp_path / "results" / "early.md").read_text()
+    (row,) = [line for line in table.splitlines() if line.startswith("| Seq1 ")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert "0" in cells and str(cfg.iteration) not in cells, row
+
+
 def test_a_study_run_deleted_in_the_ui_gets_a_new_one_and_the_sweep_goes_on(tmp_path):
     """The table's next refresh found the study run deleted: MLflow refused the write, and the
     worker ended the sweep with exit 1."""

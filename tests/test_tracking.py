@@ -368,6 +368,9 @@ def test_killed_worker_run_is_reconciled_on_rerun(server, tmp_path):
     assert killed.info.status in ("KILLED", "FAILED")
     assert killed.data.tags["optuna.state"] == "FAIL"
     assert "heartbeat" in killed.data.tags["vqlog.fail_reason"]
+    # what it trained before the kill, not the budget (nothing said it before)
+    ran = max(m.step for m in client.get_metric_history(victim.info.run_id, "train/loss"))
+    assert killed.data.metrics["iterations_run"] == ran > 0
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path}/optuna.db")
     number = int(victim.data.tags["optuna.trial_number"])
     assert study.trials[number].state == TrialState.FAIL

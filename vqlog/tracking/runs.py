@@ -21,7 +21,7 @@ from vqlog.bulk import gc_paused
 from vqlog.errors import TrackingUnavailable, UserError, one_line
 from vqlog.files import write_text
 from vqlog.tracking import artifacts, lineage, plots, table
-from vqlog.tracking.trial_run import STATUS, TrialRun
+from vqlog.tracking.trial_run import STATUS, TrialRun, settle
 from vqlog.tracking.rows import TRIAL_ROLE, RowCache, run_name, search_all
 from vqlog.tracking.client import open_client, resolve_tracking_uri, store_uri
 from vqlog.urls import mask_urls, sqlite_path
@@ -270,14 +270,11 @@ class Tracker:
             name = OPTUNA_STATE.get(trial.state, "FAIL")
             if run.info.status == STATUS[name] and run.data.tags.get("optuna.state") == name:
                 continue
-            self.client.set_tag(run.info.run_id, "optuna.state", name)
-            if trial.state == TrialState.FAIL:
-                # The worker's own reason when it got to record one (a tracking outage),
-                # else it was killed before it could.
-                reason = trial.user_attrs.get("fail_reason") or (
-                    "worker lost: its heartbeat stopped (killed or crashed)")
-                self.client.set_tag(run.info.run_id, "vqlog.fail_reason", reason[:5000])
-            self.client.set_terminated(run.info.run_id, STATUS[name])
+            # The worker's own reason when it got to record one (a tracking outage), else it
+            # was killed before it could.
+            reason = trial.user_attrs.get("fail_reason") or (
+                "worker lost: its heartbeat stopped (killed or crashed)")
+            settle(self.client, run, name, reason if trial.state == TrialState.FAIL else None)
 
     # ------------------------------------------------------------------------------ trial level
 

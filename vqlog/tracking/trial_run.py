@@ -193,9 +193,9 @@ class TrialRun:
             monitor, self._monitor = self._monitor, None
             monitor.finish()
 
-        if state == "FAIL" and "iterations_run" not in (summary or {}) and self.last_step:
+        if state == "FAIL" and "iterations_run" not in (summary or {}):
             # the table's iteration cell: what ran, not the budget (the latest point logged,
-            # or where the caller knows it stopped)
+            # 0 before the first, or where the caller knows it stopped)
             summary = {**(summary or {}), "iterations_run": self.last_step}
         try:
             self._drain()
@@ -230,3 +230,21 @@ def _duplicate_key(exc: Exception) -> bool:
     """A store's unique-key violation, as SQLite and PostgreSQL word it."""
     text = str(exc).lower()
     return "unique constraint failed" in text or "duplicate key value" in text
+
+
+def settle(client, run, state: str, reason: str | None = None) -> None:
+    """A run its worker left behind, given the state Optuna settled on: the state and a failed
+    run's reason as tags, and, where the run has none, its `iterations_run` (the latest
+    training point it logged: the table's iteration cell says what ran, not the budget), in one
+    request; then its terminal status."""
+    from mlflow.entities import Metric, RunTag
+
+    tags, metrics = [RunTag("optuna.state", state)], []
+    if reason is not None:
+        tags.append(RunTag("vqlog.fail_reason", reason[:5000]))
+        if "iterations_run" not in run.data.metrics:
+            ran = max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")),
+                      default=0)
+            metrics.append(Metric("iterations_run", float(ran), int(time.time() * 1000), 0))
+    client.log_batch(run.info.run_id, metrics=metrics, tags=tags)
+    client.set_terminated(run.info.run_id, STATUS[state])
