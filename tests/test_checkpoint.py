@@ -67,5 +67,15 @@ def test_missing_foreign_and_mismatched_files_name_the_problem(tmp_path, tiny):
     wrong = tiny(embedding_num=32)
     torch.save({"config": wrong.to_params(), "state_dict": VQVAE(cfg).state_dict()},
                tmp_path / "mismatch.pt")
-    with pytest.raises(UserError, match="weights do not fit its config"):
+    # the line names the key and the shapes (it stopped at torch's "Error(s) in loading ...")
+    with pytest.raises(UserError, match=r"weights do not fit its config: size mismatch for "
+                                        r"quantizer\.codebook: copying a param with shape torch.Size\(\[16, 8\]\)"):
         checkpoint.load(tmp_path / "mismatch.pt")
+    # a config or state_dict of another type (AttributeError, TypeError: exit 1 before)
+    for name, bad in (("config-a-str.pt", {"config": "hello", "state_dict": {}}),
+                      ("weights-none.pt", {"config": cfg.to_params(), "state_dict": None}),
+                      ("weights-a-list.pt", {"config": cfg.to_params(), "state_dict": [1, 2]})):
+        torch.save(bad, tmp_path / name)
+        with pytest.raises(UserError, match=rf"{name} is not a vqlog checkpoint \(its "
+                                            r"(config|state_dict) is a (str|NoneType|list)"):
+            checkpoint.load(tmp_path / name)

@@ -69,6 +69,10 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     ckpt = _torch_load(path, device, "checkpoint")
     if not isinstance(ckpt, dict) or set(ckpt) != {"config", "state_dict"}:
         raise UserError(f"{path} is not a vqlog checkpoint (expected keys config and state_dict)")
+    for key in ("config", "state_dict"):
+        if not isinstance(ckpt[key], dict):
+            raise UserError(f"{path} is not a vqlog checkpoint (its {key} is a "
+                            f"{type(ckpt[key]).__name__}, not a mapping)")
     try:
         cfg = Config.from_mapping(ckpt["config"])
     except UserError as exc:
@@ -77,7 +81,10 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit its config: {str(exc).splitlines()[0]}") from None
+        # torch's first line only says "Error(s) in loading state_dict"; the next names the key
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise UserError(f"{path}: weights do not fit its config: {one_line(lines[0], 300)}{more}") from None
     return cfg, model.eval()
 
 
