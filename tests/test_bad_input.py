@@ -92,6 +92,38 @@ def deleted_experiment(path: Path) -> None:
     client.delete_experiment(client.create_experiment("smoke"))
 
 
+def earlier_study_runs(path: Path) -> None:
+    """An MLflow store holding a finished run of study `smoke`, whose Optuna study is not in the
+    case's storage (its database deleted since, or another one given)."""
+    import dataclasses
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.tracking.lineage import STUDY_UID
+    from vqlog.tracking.runs import Tracker
+
+    study = optuna.create_study(study_name="smoke")
+    study.set_user_attr(STUDY_UID, "earlier")
+    tracker = Tracker(f"sqlite:///{path}", table_dir=path.parent / "no-table")
+    tracker.start_study(study, dataclasses.replace(load_sweep("smoke"), path=""))
+    client = MlflowClient(tracking_uri=f"sqlite:///{path}")
+    run = client.create_run(tracker.experiment_id, run_name="Seq1",
+                            tags={"vqlog.role": "trial", "optuna.trial_number": "0"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def study_made_anew(path: Path) -> None:
+    """An Optuna storage whose study `smoke` is another than earlier_study_runs's."""
+    import optuna
+
+    from vqlog.tracking.lineage import STUDY_UID
+
+    optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}").set_user_attr(
+        STUDY_UID, "made-anew")
+
+
 def maximized_study(path: Path) -> None:
     """An Optuna storage whose study `smoke` maximizes, where the smoke spec minimizes."""
     import optuna
@@ -363,6 +395,12 @@ CASES: dict[str, Case] = {
         {"notes.db": text("my notes\n")}),
     "tracking-experiment-deleted": Case(
         (), "MLflow experiment 'smoke' is deleted", {"mlflow.db": deleted_experiment}),
+    "tracking-runs-of-a-study-not-in-the-storage": Case(  # optuna.db deleted: a new study would
+        (), "MLflow experiment 'smoke' holds the trial runs of a study 'smoke' that "  # share them
+        "sqlite:///", {"mlflow.db": earlier_study_runs}),
+    "tracking-runs-of-another-study": Case(
+        (), "MLflow experiment 'smoke' holds the trial runs of another study 'smoke' than the one in",
+        {"mlflow.db": earlier_study_runs, "optuna.db": study_made_anew}),
     # --- a bad default from the environment: the error names the variable, not the flag ------
     "storage-env-missing-folder": Case(
         (), "$OPTUNA_STORAGE (the default of --storage): folder",

@@ -71,7 +71,7 @@ def test_a_long_table_reaches_the_study_run_whole_in_its_artifact_and_cut_in_its
     MLflow logs nothing (its WARNING for a tag cut at the limit carried the table's first lines)."""
     from mlflow.tracking import MlflowClient
 
-    from vqlog.tracking.runs import publish_table
+    from vqlog.tracking.table import publish_table
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.create_run(client.create_experiment("long"))

@@ -173,6 +173,10 @@ def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = N
     gpu_ids = gpu_list(gpus)
     spec = study_spec(config, study, data, sample_rate, channel)
     storage, tracker = prepare(spec, storage, tracking_uri, lang)
+    from vqlog.study.existing import check_study
+
+    tracker.check_experiment(spec.name)
+    check_study(spec, storage, tracker)  # what the sweep command checks before it starts
     n = worker_count(workers, device, gpu_ids)
     return run_sweep(spec, trials, storage, tracker, n, device, gpu_ids, timeout, seed, stop, out)
 

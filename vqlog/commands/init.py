@@ -35,7 +35,8 @@ def init_command(args: argparse.Namespace) -> int:
     spec = study_spec(args.config, args.study)
     storage, tracker = prepare(spec, args.storage, args.tracking_uri)  # checked, as a sweep's
     tracker.check_experiment(spec.name)
-    check_study(spec, storage)  # other directions or space: an Error, and no lock file left
+    # other directions or space, an experiment of another study's: an Error, no lock file left
+    check_study(spec, storage, tracker)
     study, _ = open_study(spec, storage)
     with StudyLock(storage, spec.name):  # as a worker does: one study run, whoever is first
         tracker.start_study(study, spec)

@@ -160,7 +160,7 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
     from vqlog.files import write_text
     from vqlog.tracking import table
     from vqlog.tracking.rows import RowCache
-    from vqlog.tracking.runs import publish_table, study_run
+    from vqlog.tracking.runs import study_run
 
     parent = said = None
     last, cache = None, RowCache(client, study)  # --watch: only the runs that ended since
@@ -181,13 +181,13 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
             parent = parent or study_run(client, study)  # made by the study's first worker
             try:
                 if parent:
-                    publish_table(client, parent, rows, study, args.lang, text, rendered)
+                    table.publish_table(client, parent, rows, study, args.lang, text, rendered)
             except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted
                 if isinstance(exc, TrackingUnavailable) or parent == (parent := study_run(
                         client, study)):  # (in the UI)
                     raise  # not that: as it was; else the run a worker made since, if any
                 if parent:
-                    publish_table(client, parent, rows, study, args.lang, text, rendered)
+                    table.publish_table(client, parent, rows, study, args.lang, text, rendered)
             last = text
             rendered.keep(rows)
         if not args.watch:

@@ -16,47 +16,106 @@ from vqlog.study.storage import check_directions, engine_kwargs, parse_url, read
 from vqlog.urls import mask, with_psycopg2
 
 
-def check_study(spec, url: str) -> None:
+ABSENT = ""  # _checked's answer for a storage without a study of that name
+
+
+def check_study(spec, url: str, tracker=None) -> None:
     """What `open_study` would refuse in a study of the spec's name that exists already: other
-    directions, another search space. Read-only (no file, table, lock, row or study is created),
-    so that such a study is one error before a sweep says anything. A storage or study that is
-    not there yet, or cannot be read now, is left to `open_study`."""
+    directions, another search space; with `tracker`, an MLflow experiment of that name that
+    holds another Optuna study's runs. Read-only (no file, table, lock, row, study or run is
+    created), so that such a study is one error before a sweep says anything. A storage or
+    study that is not there yet, or cannot be read now, is left to `open_study`."""
+    uid = _checked(spec, url)
+    if tracker is not None and uid is not None:
+        check_owner(tracker, spec.name, uid, url)
+
+
+def check_owner(tracker, name: str, uid: str, url: str) -> None:
+    """The experiment `name` holds the runs of the storage's study of that name (`uid`, its
+    vqlog.study_uid; ABSENT where the storage has no such study yet), not those of an earlier
+    study of the same name whose database was deleted or replaced since: the two would share
+    one table, their trial numbers would clash in reconciles and retries, and a retry could
+    resume from the other study's checkpoint. A study run without the tag (an older vqlog's)
+    is taken to be this study's."""
+    from vqlog.tracking.lineage import STUDY_UID
+    from vqlog.tracking.rows import TRIAL_ROLE
+    from vqlog.tracking.runs import STUDY_ROLE
+    from vqlog.urls import sqlite_path
+
+    path = sqlite_path(tracker.uri)
+    if path is not None and not path.is_file():
+        return  # no store yet: no experiment either (and none is created here)
+    client = tracker.client
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return
+    found = client.search_runs([exp.experiment_id], STUDY_ROLE, max_results=1,
+                               order_by=["attributes.start_time ASC"])
+    theirs = found[0].data.tags.get(STUDY_UID) if found else None
+    if uid == ABSENT:
+        if not client.search_runs([exp.experiment_id], TRIAL_ROLE, max_results=1):
+            return  # nothing of the earlier study's to mix with
+        what = f"a study '{name}' that {mask(url)} does not have"
+    elif theirs is None or theirs == uid:
+        return
+    else:
+        what = f"another study '{name}' than the one in {mask(url)}"
+    raise UserError(f"MLflow experiment '{name}' holds the trial runs of {what} (was its database "
+                    "deleted or replaced?); give --storage the database that holds that study, "
+                    "or another --study name to start anew")
+
+
+def _checked(spec, url: str) -> str | None:
+    """check_study's Optuna part; the study's vqlog.study_uid, ABSENT where the storage has no
+    study of that name, None where that is not known (an outage, or a study an older vqlog
+    made, which gets its id when opened)."""
+    from vqlog.tracking.lineage import STUDY_UID
+
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
-        return
-    if not _stamped(parsed):
-        return
+        return ABSENT
+    stamped = _stamped(parsed)
+    if not stamped:
+        return None if stamped is None else ABSENT
     storage = None
     try:
         try:
             storage = read_only_storage(url)
         except Exception as exc:  # noqa: BLE001 - a schema to upgrade: as open_storage says it
             if is_connection_error(exc):
-                return
+                return None
             raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
         if spec.name not in optuna.get_all_study_names(storage):
-            return
-        check_directions(optuna.load_study(study_name=spec.name, storage=storage), spec)
+            return ABSENT
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        check_directions(study, spec)
         check_space(storage, spec)
+        return study.user_attrs.get(STUDY_UID)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - an outage: open_study waits it out
-        return
+        return None
     finally:
         if storage is not None:
             storage.engine.dispose()
 
 
-def _stamped(parsed: URL) -> bool:
+def _stamped(parsed: URL) -> bool | None:
     """Optuna's tables are there with their version rows: opening the storage then writes
-    nothing (else it would write them, racing a process that creates them under its lock)."""
+    nothing (else it would write them, racing a process that creates them under its lock).
+    None where the database does not answer."""
     engine = sqlalchemy.create_engine(with_psycopg2(parsed.render_as_string(hide_password=False)),
                                       poolclass=sqlalchemy.pool.NullPool, **engine_kwargs(parsed))
     try:
-        with engine.connect() as conn:
+        conn = engine.connect()
+    except Exception:  # noqa: BLE001 - no answer now (or no such database yet)
+        engine.dispose()
+        return None
+    try:
+        with conn:
             return all(conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {table}")).scalar()
                        for table in ("version_info", "alembic_version"))
-    except Exception:  # noqa: BLE001 - no such table yet, or no answer: not stamped here
+    except Exception:  # noqa: BLE001 - no such table yet: not stamped
         return False
     finally:
         engine.dispose()

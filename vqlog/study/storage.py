@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 import warnings
 import zlib
 from datetime import datetime, timedelta
@@ -31,6 +32,7 @@ from vqlog.errors import UserError
 from vqlog.files import read_only_part
 from vqlog.study.space import check_space
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
+from vqlog.tracking.lineage import STUDY_UID
 from vqlog.urls import mask, with_psycopg2
 
 SCHEMES = ("sqlite", "postgresql")
@@ -233,6 +235,8 @@ def open_study(spec, url: str, seed: int | None = None
             sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True))
         check_directions(study, spec)
         retrying(storage, lambda: check_space(storage, spec))
+        if not retrying(storage, lambda: study.user_attrs.get(STUDY_UID)):  # new, or older vqlog's
+            retrying(storage, lambda: study.set_user_attr(STUDY_UID, uuid.uuid4().hex))
         names = METRIC_NAMES[spec.objective]
         if retrying(storage, lambda: study.metric_names) != names:
             with warnings.catch_warnings():  # set_metric_names is marked experimental

@@ -11,6 +11,10 @@ from importlib import metadata
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's training view
 PACKAGES = ("vqlog", "torch", "optuna", "mlflow")
+# Which Optuna study an experiment's runs belong to: a random id, the study's user attr and its
+# study run's tag, so that a study made anew under the same name (its database deleted or
+# replaced) is not mixed into the earlier one's experiment.
+STUDY_UID = "vqlog.study_uid"
 
 
 @lru_cache(maxsize=1)

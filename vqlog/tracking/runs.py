@@ -29,7 +29,6 @@ from vqlog.urls import mask_urls, sqlite_path
 log = logging.getLogger("vqlog")
 
 OPTUNA_STATE = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL"}
-TABLE_JSON = "experiment_table.json"
 TABLE_SECONDS = 10.0  # a worker refreshes the table at most this often (and at the end)
 STUDY_PLOTS_SECONDS = 60.0  # and Optuna's study plots, which read every trial, at most this often
 STUDY_ROLE = "tags.`vqlog.role` = 'study'"
@@ -144,8 +143,11 @@ class Tracker:
             return exp.experiment_id
 
     def _parent_run(self, study: optuna.Study, spec) -> str:
+        uid = self._db(lambda: study.user_attrs.get(lineage.STUDY_UID))  # open_study's
         found = find_study_run(self.client, self.experiment_id)
         if found is not None:
+            if uid and lineage.STUDY_UID not in self.client.get_run(found).data.tags:
+                self.client.set_tag(found, lineage.STUDY_UID, uid)  # an older vqlog's study run
             return found
         run = self.client.create_run(
             self.experiment_id,
@@ -153,6 +155,7 @@ class Tracker:
             tags={
                 "vqlog.role": "study",
                 "optuna.study": study.study_name,
+                **({lineage.STUDY_UID: uid} if uid else {}),
                 "vqlog.spec": Path(spec.path).name if spec.path else "",
                 "mlflow.note.content": f"Study {study.study_name}: the experiment table appears "
                 "here after the first finished trial.",
@@ -214,13 +217,13 @@ class Tracker:
                                   cache=self._rendered)
         write_text(path, text, crash_point="table.write")
         try:
-            publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
+            table.publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
                           self._rendered, mark=self._marked != self.parent_id)
         except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted in
             if isinstance(exc, TrackingUnavailable) or self._study_run_kept():  # the UI: the
                 raise  # table then goes to a new study run (or the one another worker made)
             self.parent_id = self._parent_run(*self._started)
-            publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
+            table.publish_table(self.client, self.parent_id, rows, self.study_name, self.lang, text,
                           self._rendered)
         self._marked = self.parent_id
         self._rendered.keep(rows)
@@ -368,29 +371,6 @@ class Tracker:
 def _deleted(name: str) -> str:
     return (f"MLflow experiment '{name}' is deleted; restore it in the UI "
             "(or `mlflow experiments restore`) or use another --study name")
-
-
-def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str,
-                  cache: table.RenderCache | None = None, mark: bool = True) -> None:
-    """The table on the study run: `experiment_table.md` (the whole of it, `text`), the run's
-    description in the MLflow UI (what fits MLflow's tag limit, in whole rows), and
-    `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
-
-    The JSON is written in the layout `log_table` writes (pandas' "split" orientation) and
-    marked as a table with MLflow's `mlflow.loggedArtifacts` tag, because `log_table` appends
-    to an existing file: each refresh would add the whole table again. That tag never changes:
-    `mark=False` leaves it as an earlier refresh set it (one request fewer)."""
-    import json
-
-    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
-
-    client.log_text(parent_id, text, "experiment_table.md")
-    client.set_tag(parent_id, "mlflow.note.content",
-                   table.render_description(rows, lang, study, text=text, cache=cache))
-    client.log_text(parent_id, table.table_json(rows, lang, cache), TABLE_JSON)
-    if mark:
-        client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
-                       json.dumps([{"path": TABLE_JSON, "type": "table"}]))
 
 
 def _direct(call: Callable[[], Any]) -> Any:

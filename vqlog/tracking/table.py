@@ -35,6 +35,7 @@ LOG_PARAMS = LOG_COLUMNS[1:9]  # the columns that are params as logged
 SHOWN_STATES = ("COMPLETE", "PRUNED", "FAIL")  # finished trials; RUNNING (and anything else) is left out
 DESCRIPTION_LIMIT = 8000  # characters: MLflow's limit on a tag value (the run's description)
 BEST_MARK = " ★"  # after the run name of each table's best completed trial
+TABLE_JSON = "experiment_table.json"  # the study run's table as an MLflow table
 _PARAM_ORDER = {name: i for i, name in enumerate(known_keys())}
 _KEYS: dict[tuple, tuple] = {}  # what a row's cells were rendered for, one object per value
 
@@ -346,3 +347,26 @@ def regenerate(client: MlflowClient, study: str, out_path: str | os.PathLike, la
     text = render_table(fetch_rows(client, study), lang=lang, title=study)
     write_text(out_path, text, crash_point="table.write")
     return text
+
+
+def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str,
+                  cache: RenderCache | None = None, mark: bool = True) -> None:
+    """The table on the study run: `experiment_table.md` (the whole of it, `text`), the run's
+    description in the MLflow UI (what fits MLflow's tag limit, in whole rows), and
+    `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
+
+    The JSON is written in the layout `log_table` writes (pandas' "split" orientation) and
+    marked as a table with MLflow's `mlflow.loggedArtifacts` tag, because `log_table` appends
+    to an existing file: each refresh would add the whole table again. That tag never changes:
+    `mark=False` leaves it as an earlier refresh set it (one request fewer)."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    client.log_text(parent_id, text, "experiment_table.md")
+    client.set_tag(parent_id, "mlflow.note.content",
+                   render_description(rows, lang, study, text=text, cache=cache))
+    client.log_text(parent_id, table_json(rows, lang, cache), TABLE_JSON)
+    if mark:
+        client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
+                       json.dumps([{"path": TABLE_JSON, "type": "table"}]))

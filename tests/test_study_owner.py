@@ -1,0 +1,97 @@
+"""One MLflow experiment, one Optuna study: the study and its study run carry the same
+`vqlog.study_uid`, and a sweep refuses an experiment that holds another study's runs.
+
+Without it, deleting optuna.db (or pointing --storage at another database) and sweeping again
+under the same name mixed two studies in one experiment: one table with two Seq1 rows, reconciles
+that set the earlier runs' states from the new trials of the same numbers, and retries that could
+resume from the earlier study's checkpoints. Real components: SQLite files, the machine's
+PostgreSQL, MLflow's SQLite store; the refusals as the command line shows them are cases of
+tests/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vqlog.errors import UserError
+from vqlog.study.existing import check_study
+from vqlog.study.spec import load_sweep
+from vqlog.study.storage import open_study
+from vqlog.tracking.lineage import STUDY_UID
+from vqlog.tracking.runs import Tracker
+from vqlog.urls import with_psycopg2
+
+SPEC = dataclasses.replace(load_sweep("smoke"), name="owned")
+
+
+def started(storage: str, uri: str, folder) -> Tracker:
+    """A study opened as a worker opens it, its study run, and one finished trial run."""
+    study, _ = open_study(SPEC, storage)
+    tracker = Tracker(uri, table_dir=folder / "results")
+    tracker.start_study(study, SPEC)
+    trial = study.ask()
+    tracker.start_trial(trial.number, SPEC.base_config()).finish(
+        "COMPLETE", {"best_val_mse": 0.1, "final_val_mse": 0.1, "iterations_run": 10.0})
+    study.tell(trial, 0.1)
+    return tracker
+
+
+def test_the_study_and_its_study_run_share_an_id_and_an_older_study_run_is_adopted(tmp_path):
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = started(storage, uri, tmp_path)
+    study, _ = open_study(SPEC, storage)
+    uid = study.user_attrs[STUDY_UID]
+    client = MlflowClient(tracking_uri=uri)
+    assert len(uid) == 32 and client.get_run(tracker.parent_id).data.tags[STUDY_UID] == uid
+    check_study(SPEC, storage, Tracker(uri))  # the same study again: a rerun goes on
+
+    # A study run an older vqlog made has no id: it is taken to be this study's, and gets it.
+    client.delete_tag(tracker.parent_id, STUDY_UID)
+    check_study(SPEC, storage, Tracker(uri))
+    again = Tracker(uri, table_dir=tmp_path / "results")
+    again.start_study(study, SPEC)
+    assert again.parent_id == tracker.parent_id
+    assert client.get_run(tracker.parent_id).data.tags[STUDY_UID] == uid
+    assert open_study(SPEC, storage)[0].user_attrs[STUDY_UID] == uid  # set once, kept
+
+
+def test_a_study_made_anew_under_the_same_name_is_refused_before_anything_is_written(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    started(f"sqlite:///{tmp_path}/first.db", uri, tmp_path)
+
+    # the first storage's file gone: a new one would start a second Seq1 in the same experiment
+    fresh = f"sqlite:///{tmp_path}/fresh.db"
+    with pytest.raises(UserError, match="holds the trial runs of a study 'owned' that sqlite:///"):
+        check_study(SPEC, fresh, Tracker(uri))
+    assert not (tmp_path / "fresh.db").exists()
+
+    # a database holding another study of that name (made anew, with its own id)
+    other = f"sqlite:///{tmp_path}/other.db"
+    open_study(SPEC, other)
+    with pytest.raises(UserError, match="holds the trial runs of another study 'owned' than"):
+        check_study(SPEC, other, Tracker(uri))
+
+    # another name is a new experiment: nothing to mix
+    check_study(dataclasses.replace(SPEC, name="owned2"), fresh, Tracker(uri))
+
+
+def test_an_empty_postgresql_database_is_a_storage_without_the_study(tmp_path, pg_database):
+    """A fresh database (no Optuna tables yet) is read as holding no study, without creating
+    its tables; one that does not answer is not taken for it (the sweep waits for it)."""
+    import sqlalchemy
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    started(f"sqlite:///{tmp_path}/first.db", uri, tmp_path)
+    empty = pg_database()
+    with pytest.raises(UserError, match="holds the trial runs of a study 'owned' that postgresql"):
+        check_study(SPEC, empty, Tracker(uri))
+    engine = sqlalchemy.create_engine(with_psycopg2(empty))
+    try:
+        assert sqlalchemy.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+    down = "postgresql://postgres@127.0.0.1:1/nothing?connect_timeout=2"  # no server there
+    check_study(SPEC, down, Tracker(uri))
