@@ -98,7 +98,9 @@ class SweepSpec:
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         if self.pruner == "hyperband":
-            return optuna.pruners.HyperbandPruner(
+            from vqlog.study.retries import HyperbandPruner  # a retry judged as its original
+
+            return HyperbandPruner(
                 min_resource=self.eval_every, max_resource=self.iteration, reduction_factor=3
             )
         if self.pruner == "median":

@@ -32,12 +32,12 @@ from vqlog.errors import UserError
 from vqlog.files import read_only_part
 from vqlog.study.space import check_space
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
+from vqlog.study.retries import retry_killed
 from vqlog.tracking.lineage import STUDY_UID
 from vqlog.urls import mask, with_psycopg2
 
 SCHEMES = ("sqlite", "postgresql")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-MAX_RETRY = 3  # a dead worker's trial is retried this many times
 TABLES_LOCK = "<tables>"  # the StudyLock name under which a worker creates Optuna's tables
 ENQUEUED = "vqlog.enqueued"  # study user attr: the spec's rows were enqueued
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
@@ -135,13 +135,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         with StudyLock(url, TABLES_LOCK, wait=False), warnings.catch_warnings():
             # the heartbeat arguments and their callback are marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
             storage = optuna.storages.RDBStorage(
                 with_psycopg2(parsed.render_as_string(hide_password=False)),
                 engine_kwargs=engine_kwargs(parsed),
                 heartbeat_interval=heartbeat_interval(),
                 grace_period=grace_period(),
-                heartbeat_stale_trial_callback=retry,
+                heartbeat_stale_trial_callback=retry_killed,
             )
     except Exception as exc:  # noqa: BLE001 - connection, auth, missing database ...
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
@@ -263,7 +262,6 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     with warnings.catch_warnings(), gc_paused():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
         running = retrying(storage, lambda: study.get_trials(deepcopy=False,
                                                              states=(TrialState.RUNNING,)))
     cutoff = datetime.now() - timedelta(seconds=grace_period())
@@ -274,9 +272,7 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
             retrying(storage, lambda: study.tell(trial.number, state=TrialState.FAIL))
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             continue  # it finished meanwhile ("Cannot tell a COMPLETE trial")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retrying(storage, lambda: retry(study, trial))
+        retrying(storage, lambda: retry_killed(study, trial))
 
 
 def claimed(trial: FrozenTrial) -> bool:

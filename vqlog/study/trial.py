@@ -24,6 +24,7 @@ from vqlog.data import DataCache
 from vqlog.errors import (DivergedError, StorageOutageError, TrackingUnavailable, TrainingStopped,
                           UserError, one_line)
 from vqlog.failpoints import failpoint
+from vqlog.study.retries import report_history
 from vqlog.study.outage import retrying
 from vqlog.study.storage import heartbeat_interval
 from vqlog.train import fit, resolve_device
@@ -138,6 +139,8 @@ class Objective:
                     from vqlog.checkpoint import history
 
                     run.log_history(history(state))
+                    if self.spec.objective != "pareto":  # Optuna prunes single objectives only
+                        self._db(lambda: report_history(trial, history(state)))
             result = fit(cfg, data, on_eval=self._on_eval(trial, run), device=self.device,
                          checkpoint_every=self.spec.checkpoint_every if run else 0,
                          on_checkpoint=run.log_checkpoint if run else None, resume=state,

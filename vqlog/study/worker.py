@@ -32,6 +32,7 @@ from vqlog.errors import StorageOutageError, SweepError, TrackingUnavailable, fi
 from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.outage import retrying
+from vqlog.study.retries import queue_again
 from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, grace_period, open_study
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
@@ -229,11 +230,8 @@ class Worker:
     def _queue_again(self, trial_id: int) -> None:
         """A trial stopped by a signal runs again (from its checkpoint) on the next run: its
         retry is queued as Optuna queues a dead worker's, with no limit on how often."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=None)
         frozen = self._db(lambda: self.storage.get_trial(trial_id))
-        self._db(lambda: retry(self.study, frozen))
+        self._db(lambda: queue_again(self.study, frozen))
 
     def _register_best(self) -> None:
         """The registered model `<study>` @ `best` follows the study's best trial (under the

@@ -1,0 +1,136 @@
+"""Retries (vqlog/study/retries.py) with real Optuna studies: kills count toward the retry
+limit and stops by a signal do not, and a pruner judges a retry as it judged the trial it
+retries, so that a killed trial ends where it would have ended uninterrupted.
+
+The end-to-end kills and stops of real sweeps are in tests/test_resume.py and test_crash.py;
+here the pruning decisions are taken over many kill points at once, which only an Optuna study
+without training can do in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from vqlog.study.retries import (KILLS, MAX_RETRY, original_number, queue_again, report_history,
+                                 retry_killed)
+from vqlog.study.spec import load_sweep
+from vqlog.study.storage import fail_stale_trials, open_storage
+
+STEPS = range(50, 301, 50)  # eval_every 50, iteration 300
+
+
+@dataclasses.dataclass
+class Record:  # what report_history reads of a checkpoint's evaluations
+    step: int
+    val_mse: float
+
+
+def test_stops_do_not_count_toward_the_retry_limit_and_kills_do(tmp_path, monkeypatch, caplog):
+    """Stopped twice by SIGTERM, then killed: Optuna counted every trial of the retry history
+    against the limit, so the trial was dropped at its second kill, checkpoint and all."""
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="retried", storage=storage)
+
+    def running():
+        trial = study.ask()
+        (frozen,) = study.get_trials(states=(TrialState.RUNNING,))
+        return trial, frozen
+
+    for _ in range(2):  # stopped by a signal: its worker queues it again
+        trial, frozen = running()
+        study.tell(trial, state=TrialState.FAIL)
+        queue_again(study, study.trials[trial.number])
+    for kill in range(1, MAX_RETRY + 2):  # killed: no heartbeat, no claim; the next worker's
+        trial, _ = running()              # start fails it and queues it again, to the limit
+        time.sleep(1.5)
+        fail_stale_trials(study, storage)
+        waiting = study.get_trials(states=(TrialState.WAITING,))
+        if kill <= MAX_RETRY:
+            (retry,) = waiting
+            assert retry.user_attrs[KILLS] == kill
+            assert original_number(retry) == 0 and retry.params == study.trials[0].params
+        else:
+            assert waiting == []  # the limit: kills only
+            assert f"the worker of Seq1 died with it {kill} times" in caplog.text
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * (2 + MAX_RETRY + 1)
+    storage.engine.dispose()
+
+
+def curve(i: int, step: int) -> float:
+    """Trial i's validation MSE at `step`: falling at a trial's own rate, with a bump, so that
+    the best value so far and the latest differ and brackets' rungs split the trials."""
+    level = 0.1 + ((i * 37) % 11) / 20
+    return level * (1 + 100 / step) + (0.2 if (step // 50 + i) % 3 == 0 else 0.0)
+
+
+def evaluate(study, trial, index: int, steps) -> tuple[str, int] | None:
+    """Report trial `index`'s curve at `steps`, asking the pruner at each: the outcome, or None
+    if it runs on past them."""
+    for step in steps:
+        trial.report(curve(index, step), step)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return "PRUNED", step
+    return None
+
+
+def straight(pruner, n: int) -> list[tuple[str, int]]:
+    study = optuna.create_study(study_name="judged", pruner=pruner)
+    outcomes = []
+    for i in range(n):
+        trial = study.ask()
+        outcome = evaluate(study, trial, i, STEPS)
+        if outcome is None:
+            study.tell(trial, curve(i, STEPS[-1]))
+            outcome = ("COMPLETE", STEPS[-1])
+        outcomes.append(outcome)
+    return outcomes
+
+
+def with_a_kill(pruner, killed: int, at: int, checkpoint: int) -> tuple[str, int]:
+    """The same trials, trial `killed` killed after its evaluation at `at` and retried from its
+    checkpoint at `checkpoint`: the retry's outcome."""
+    study = optuna.create_study(study_name="judged", pruner=pruner)
+    for i in range(killed):
+        trial = study.ask()
+        if evaluate(study, trial, i, STEPS) is None:
+            study.tell(trial, curve(i, STEPS[-1]))
+    trial = study.ask()
+    if (outcome := evaluate(study, trial, killed, range(50, at + 1, 50))) is not None:
+        return outcome  # pruned before the kill
+    study.tell(trial, state=TrialState.FAIL)
+    retry_killed(study, study.trials[trial.number])
+    retry = study.ask()
+    assert original_number(study.trials[retry.number]) == killed
+    report_history(retry, [Record(s, curve(killed, s)) for s in range(50, checkpoint + 1, 50)])
+    outcome = evaluate(study, retry, killed, range(checkpoint + 50, STEPS[-1] + 1, 50))
+    if outcome is None:
+        study.tell(retry, curve(killed, STEPS[-1]))
+        outcome = ("COMPLETE", STEPS[-1])
+    return outcome
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "median"])
+def test_a_retry_is_pruned_where_its_original_would_have_been(pruner):
+    """Over every trial of a 14-trial study and every kill point: Hyperband judged a retry in the
+    bracket of its own number, not its original's (a trial to be pruned at 150 ran to the end),
+    and the median pruner did not see the values before the checkpoint."""
+    spec = dataclasses.replace(load_sweep("smoke"), pruner=pruner, eval_every=50, iteration=300)
+    n = 14
+    expected = straight(spec.make_pruner(), n)
+    differ = []
+    for killed in range(n):
+        for at in STEPS[:-1]:
+            for checkpoint in range(50, at + 1, 100):
+                got = with_a_kill(spec.make_pruner(), killed, at, checkpoint)
+                if got != expected[killed]:
+                    differ.append((killed, at, checkpoint, got, expected[killed]))
+    assert differ == []
+    assert {state for state, _ in expected} == {"PRUNED", "COMPLETE"}  # the pruner decided

@@ -1,0 +1,81 @@
+"""How a trial is retried, and how a retry is judged.
+
+A trial whose worker died (its heartbeat stopped) is failed and queued again by Optuna's
+`RetryHeartbeatStaleTrialCallback`, with its params and attributes; a trial stopped by a signal
+is queued the same way by its worker. The retry resumes from the latest checkpoint of the
+trials it retries, and should end where the trial would have ended uninterrupted. Two things
+stood in the way, and are handled here with Optuna's public API:
+
+- **Kills and stops are counted apart.** Optuna counts every trial in a retry history against
+  `max_retry`, so a trial stopped by SIGTERM twice and then killed twice was dropped, with its
+  checkpoint, though a stop is never the trial's fault. `retry_killed` counts the kills alone
+  (the user attribute `vqlog.kills`, which retries inherit) and stops retrying after MAX_RETRY
+  of them.
+- **The pruner judges a retry as its original.** Optuna's Hyperband puts a trial into a bracket
+  by its number; a retry has a new number, so it was judged in another bracket, with other
+  rungs: a retry of a trial that was to be pruned at 150 iterations ran to the end instead.
+  `HyperbandPruner` places a retry by its original's number. The checkpoint's evaluations are
+  reported to the retry (`report_history`), so pruners that read a trial's earlier values (the
+  median pruner's best value so far) see what the original saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import optuna
+from optuna.trial import FrozenTrial
+
+log = logging.getLogger("vqlog")
+
+MAX_RETRY = 3  # a dead worker's trial is retried this many times (stops are not counted)
+KILLS = "vqlog.kills"  # trial user attr: how many of its retry history's trials were killed
+
+
+def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's stale-trial callback: queue the dead worker's trial again, unless its retry
+    history already holds MAX_RETRY kills."""
+    kills = int(trial.user_attrs.get(KILLS, 0)) + 1
+    if kills > MAX_RETRY:
+        first = original_number(trial)
+        log.warning("vqlog: the worker of Seq%d died with it %d times (killed, out of memory?); it "
+                    "is not retried again", (trial.number if first is None else first) + 1, kills)
+        return
+    counted = copy.copy(trial)
+    counted.user_attrs = {**trial.user_attrs, KILLS: kills}
+    queue_again(study, counted)
+
+
+def queue_again(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a retry of `trial` (its params, attributes and retry history), whatever its count."""
+    with warnings.catch_warnings():  # the callback is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
+
+
+def original_number(trial: FrozenTrial) -> int | None:
+    """The number of the trial that `trial` retries (the first of its retry history), or None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return history[0] if history else None
+
+
+def report_history(trial: optuna.Trial, records) -> None:
+    """The evaluations a retry resumes after (its checkpoint's), reported as the original
+    reported them."""
+    for record in records:
+        trial.report(record.val_mse, record.step)
+
+
+class HyperbandPruner(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband, which judges a retry in its original trial's bracket."""
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        first = original_number(trial)
+        if first is not None:
+            trial = copy.copy(trial)
+            trial.number = first
+        return super().prune(study, trial)
