@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -432,6 +433,9 @@ def test_a_worker_killed_mid_sweep_is_replaced_and_the_sweep_ends_well(tmp_path)
     assert (f"(pid {victim}) was killed by SIGKILL; perhaps out of memory; a new worker takes "
             "its place") in out, out
     assert "Interrupted" not in out and "1 worker died" in out
+    # the dead worker's trials count among those that ran here (its summary never came)
+    ran = int(re.search(r"\((\d+) ran here by 2 workers", out).group(1))
+    assert ran == sum(line.startswith("Seq") for line in out.splitlines()), out
     trials = study_trials(f"sqlite:///{tmp_path}/optuna.db", "lost")
     assert len(finished(trials)) == 5 and "RUNNING" not in states(trials)
     failed = [t for t in trials if t.state.name == "FAIL"]
@@ -728,6 +732,43 @@ def test_workers_share_the_sqlite_default_and_stop_at_exactly_the_target(tmp_pat
 
 
 @pytest.mark.slow
+def test_more_workers_than_trials_say_nothing_of_waiting(tmp_path):
+    """The worker without a trial said "waiting: 1 trial still RUNNING covers the target (a
+    killed worker's trial is failed and retried ...)" in a healthy sweep: that line is for a
+    trial a killed sweep left running (tests/test_resume.py checks that it still comes)."""
+    spec = write_spec(tmp_path, "spare", budget={"iteration": 200, "eval_every": 50},
+                      pruner="none")
+    sweep = Worker(["--trials", "1", "--config", str(spec), "--workers", "2"], tmp_path)
+    try:
+        assert sweep.wait(300) == 0, sweep.output()
+    finally:
+        sweep.kill()
+    assert "waiting" not in sweep.output() and "1/1 trials finished" in sweep.stdout, sweep.output()
+
+
+def test_sigterm_to_the_workers_alone_is_a_stop_of_the_sweep(tmp_path):
+    """Slurm's scancel signals every process of the job, and a person may `kill` the workers:
+    the workers stopped cleanly, yet the sweep ended with exit 0 and no Stopped line, the study
+    short of its target."""
+    args, storage, uri, first = two_worker_sweep(tmp_path, "workers-stopped")
+    try:
+        def two_running():
+            runs = [r for r in mlflow_runs(uri, "workers-stopped", missing_ok=True)
+                    if r.info.status == "RUNNING"]
+            return len(runs) == 2 and runs
+
+        wait_until(two_running, 180, "two trials running", alive=[first])
+        for pid in worker_processes(first.proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        rc = first.wait(120)
+    finally:
+        first.kill()
+    assert rc == 143, first.output()
+    assert "Stopped (SIGTERM): the 2 running trials were checkpointed" in first.stdout, first.output()
+    trials = study_trials(storage, "workers-stopped")
+    assert states(trials).get("WAITING") == 2 and len(finished(trials)) < 3
+
+
 def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
     # Long enough that both first trials are still training when the signal comes, a second
     # after both runs show RUNNING (a few iterations in); the rerun trains what is left of them

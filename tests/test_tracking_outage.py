@@ -132,6 +132,27 @@ def test_an_outage_past_the_limit_fails_the_trial_exits_1_and_the_rerun_resumes(
     assert "RUNNING" not in {r.info.status for r in runs.values()}
 
 
+def test_workers_that_lose_the_tracking_server_say_how_to_resume(tmp_path):
+    """With --workers the outage came out as the workers' joined messages, without the line's
+    advice (start the server, rerun), and once per worker."""
+    spec = outage_spec(tmp_path, "pooloutage", iteration=600)
+    env = {"VQLOG_TRACKING_OUTAGE_LIMIT": "4"}
+    args = ["--trials", "2", "--workers", "2", "--config", str(spec),
+            "--storage", f"sqlite:///{tmp_path}/optuna.db"]
+    with mlflow_server(tmp_path / "server", port=free_port()) as server:
+        worker = worker_past_its_first_evaluation(args, server.url, "pooloutage", tmp_path, env)
+    try:
+        code = worker.wait(180)
+    finally:
+        worker.kill()
+    assert code == 1, worker.output()
+    errors = worker.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("Error: MLflow tracking at "), worker.stderr
+    assert errors[0].count("longer than the limit of 4 s") == 1, errors[0]
+    assert errors[0].endswith("Start the tracking server, then rerun the same command to resume."), \
+        errors[0]
+
+
 def test_a_store_that_stays_away_at_start_up_says_how_to_resume(tmp_path, monkeypatch, cli,
                                                                  mlflow_store):
     """The MLflow store goes away between the sweep's first look at it and its check for a

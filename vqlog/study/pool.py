@@ -17,10 +17,11 @@ import multiprocessing
 import os
 import queue
 import signal
+from datetime import datetime
 from multiprocessing import resource_tracker
 from typing import Callable
 
-from vqlog.errors import SweepError, VqlogError
+from vqlog.errors import SweepError, TrackingUnavailable, VqlogError
 from vqlog.study.hosts import placements
 
 POLL_SECONDS = 1.0
@@ -58,10 +59,11 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
                                  device=device, timeout=job["timeout"], seed=job["seed"],
                                  out=lambda line: messages.put(("line", index, line)),
                                  note=lambda line: messages.put(("note", index, line)),
-                                 stop=stop, bar=False)
+                                 stop=stop, bar=False, began=job["began"])
             report = ("done", index, dataclasses.asdict(summary))
-        except VqlogError as exc:
-            report = ("error", index, str(exc))
+        except VqlogError as exc:  # a tracking outage as such: the command's advice follows it
+            report = ("tracking" if isinstance(exc, TrackingUnavailable) else "error", index,
+                      str(exc))
         except KeyboardInterrupt:
             report = ("done", index, None)
         except BaseException as exc:  # noqa: BLE001 - reported by the parent as this worker's
@@ -113,10 +115,12 @@ def _signals_blocked():
 
 def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
              out: Callable[[str], None] = print,
-             tick: Callable[[], None] = lambda: None) -> tuple[list[dict | None], list[str]]:
+             tick: Callable[[], None] = lambda: None
+             ) -> tuple[list[dict | None], list[str], list[int]]:
     """Start `n` workers on `job` (spec, trials, storage, tracking_uri, lang, timeout, seed),
     relay their lines to `out` (calling `tick` about every second) until all have exited, and
-    return their summaries (as dicts; None for one stopped at once) and the workers that died.
+    return their summaries (as dicts; None for one stopped at once), the workers that died, and
+    the trials those had ended (and of them failed), which no summary counts.
     `stop` (a StopRequest) set: every worker is asked to stop. A worker's error ends the others
     too, and is raised as SweepError once all have exited.
 
@@ -146,8 +150,11 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     said: list[bool] = []  # the worker in slot i reported its end (done or error)
     worked: list[bool] = []  # ... and it ended a trial (sent a line)
     summaries: list[dict | None] = []
-    errors: list[str] = []
+    errors: list[tuple[int, str]] = []  # (worker, what it reported)
     lost: list[str] = []
+    ended: list[list[int]] = []  # slot i's process: the trials it ended, and of them FAIL
+    unsaid = [0, 0]  # the same, of processes that died without their summary
+    outage = True  # every error a worker reported is a tracking outage
     forwarded = False
 
     def bury_the_dead() -> None:
@@ -156,6 +163,9 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             if said[i] or p.exitcode is None:
                 continue
             said[i] = True
+            unsaid[0] += ended[i][0]  # its trials, which no summary of its own will count
+            unsaid[1] += ended[i][1]
+            ended[i] = [0, 0]
             if stop.is_set() and -p.exitcode in STOP_SIGNALS:
                 continue  # asked to stop, and ended by the signal itself: not a death
             how = _death(p.exitcode)
@@ -177,6 +187,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             start(i)
             said.append(False)
             worked.append(False)
+            ended.append([0, 0])
         while any(p.is_alive() for p in procs) or not messages.empty() or not all(said):
             if stop.is_set() and not forwarded:
                 forwarded = True
@@ -191,6 +202,8 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                 continue
             if kind == "line":  # a trial's line: this worker has ended a trial
                 worked[index] = True
+                ended[index][0] += 1
+                ended[index][1] += payload.split()[1:2] == ["FAIL"]
                 out(payload)
             elif kind == "note":
                 out(payload)
@@ -199,7 +212,8 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                 summaries.append(payload)
             else:
                 said[index] = True
-                errors.append(f"worker {index}: {payload}")
+                errors.append((index, payload))
+                outage = outage and kind == "tracking"
                 stop.request(stop.signal or "error")
     finally:
         for p in procs:  # alive only when leaving by an exception: ask them to stop first
@@ -210,9 +224,11 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             if p.is_alive():
                 p.kill()
                 p.join()
+    if errors and outage:  # one store for all of them: the first to give up says it
+        raise TrackingUnavailable(errors[0][1])
     if errors:
-        raise SweepError("; ".join(errors))
-    return summaries, lost
+        raise SweepError("; ".join(f"worker {index}: {payload}" for index, payload in errors))
+    return summaries, lost, unsaid
 
 
 class FinishedCount:
@@ -305,19 +321,25 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
             progress.update(count.value)
 
     job = {"spec": spec, "trials": trials, "storage": storage, "lang": tracker.lang,
-           "tracking_uri": tracker.given_uri, "timeout": timeout, "seed": seed}
+           "tracking_uri": tracker.given_uri, "timeout": timeout, "seed": seed,
+           "began": datetime.now()}  # the workers' trials are this sweep's, not a killed one's
     summaries: list = []
     lost: list[str] = []
+    unsaid = [0, 0]
     try:
         if finished() < trials:  # a study at its target starts no worker (each would only look)
-            summaries, lost = run_pool(job, workers, device, gpus, stop, out=progress.line,
-                                       tick=tick)
+            summaries, lost, unsaid = run_pool(job, workers, device, gpus, stop,
+                                               out=progress.line, tick=tick)
     finally:
         count.close()
         progress.close()
-    # A stop that came after the last trial had finished stopped nothing.
-    stopped = stop.signal if stop.is_set() and finished() < trials else None
     done = [s for s in summaries if s is not None]
+    # A stop that came after the last trial had finished stopped nothing. The workers' own:
+    # a signal sent to them and not to this process (Slurm's scancel, `kill` of the workers).
+    stopped = None
+    if finished() < trials:
+        stopped = stop.signal if stop.is_set() else next(
+            (s["stopped"] for s in done if s["stopped"]), None)
     stopped_at = [s["stopped_at"] for s in done if s["stopped_at"] is not None]
     timed_out = any(s["timed_out"] for s in done)
     grid_points = next((s["grid_points"] for s in done if s["grid_points"]), None)
@@ -328,7 +350,8 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
             "--workers if they ran out of memory)")
     return SweepSummary(
         study=spec.name, finished=finished(), target=trials,
-        ran_here=sum(s["ran_here"] for s in done), failed_here=sum(s["failed_here"] for s in done),
+        ran_here=sum(s["ran_here"] for s in done) + unsaid[0],
+        failed_here=sum(s["failed_here"] for s in done) + unsaid[1],
         interrupted=len(done) < len(summaries) or any(s["interrupted"] for s in done),
         stopped=stopped, stopped_at=min(stopped_at) if stopped_at else None,
         stopped_iterations=sorted(stopped_at),

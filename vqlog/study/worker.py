@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable
 
 import optuna
@@ -81,8 +82,11 @@ class Worker:
                  device: str = "cpu", timeout: float | None = None, seed: int | None = None,
                  out: Callable[[str], None] = print, stop: StopRequest | None = None,
                  bar: bool = True, cache: DataCache | None = None,
-                 note: Callable[[str], None] | None = None):
+                 note: Callable[[str], None] | None = None, began: datetime | None = None):
         self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
+        # when this sweep began (its first worker, with --workers): trials that started before
+        # are another sweep's, perhaps a killed one's, which the waiting line is about
+        self.began = began or datetime.now()
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
         self.note = note  # a line that is not a trial's (None: as a trial's line goes)
         self.stop = stop if stop is not None else StopRequest()
@@ -143,7 +147,7 @@ class Worker:
         while not self.stop.is_set():
             with self.lock:
                 fail_stale_trials(self.study, self.storage)  # a dead worker's trial: FAIL + retry
-                finished, running = self._count()
+                finished, running, oldest = self._count()
                 self.progress.update(finished)
                 if finished >= self.target:
                     return None
@@ -161,7 +165,8 @@ class Worker:
             # The others are running the last trials: wait for them. A worker that has run none
             # says why it is quiet (after a kill, the dead worker's trial holds the target until
             # its heartbeat goes stale).
-            if not self.said_waiting and self.summary.ran_here == 0:
+            if (not self.said_waiting and self.summary.ran_here == 0 and oldest is not None
+                    and oldest < self.began):
                 self.said_waiting = True
                 (self.note or self.progress.line)(
                     f"waiting: {running} trial{'s' * (running != 1)} still RUNNING "
@@ -282,12 +287,12 @@ class Worker:
 
     # ---------------------------------------------------------------------------- helpers
 
-    def _count(self) -> tuple[int, int]:
-        """(finished, running) trials of the study."""
+    def _count(self) -> tuple[int, int, datetime | None]:
+        """(finished, running) trials of the study, and when the oldest running one started."""
         trials = self._db(lambda: self.study.get_trials(deepcopy=False,
                                                         states=(*FINISHED, TrialState.RUNNING)))
-        running = sum(t.state == TrialState.RUNNING for t in trials)
-        return len(trials) - running, running
+        starts = [t.datetime_start for t in trials if t.state == TrialState.RUNNING]
+        return len(trials) - len(starts), len(starts), min(filter(None, starts), default=None)
 
     def _db(self, call):
         return retrying(self.storage, call)
