@@ -243,6 +243,16 @@ def test_vqlog_ui_url_as_users_paste_it(given, base, monkeypatch):
         f"{base}/#/experiments/7/runs?workflowType=machine_learning"
 
 
+def test_the_link_to_a_server_with_credentials_leaves_them_out(monkeypatch):
+    """It was `http://alice:***@host:5000/#/...`, which no browser opens (the browser asks for
+    them, as the server's basic auth does)."""
+    from vqlog.tracking.lineage import ui_link
+
+    monkeypatch.delenv("VQLOG_UI_URL", raising=False)
+    assert ui_link("http://alice:TopSecret9@lab:5000/", "3") == \
+        "http://lab:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
 def test_flags_beat_the_environment(swept, tmp_path, monkeypatch, cli):
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path}/no/such/folder/o.db")
     code, out, err = cli("best", "--study", "conv", "--storage", swept.storage,

@@ -90,11 +90,11 @@ def ui_base(tracking_uri: str) -> str:
     from vqlog.urls import mask
 
     given = os.environ.get(UI_URL_ENV, "").strip()
-    if given:
-        parts = urlsplit(given if "://" in given else f"http://{given}")
+    if given or tracking_uri.startswith("http"):  # a link with `user:***@` would not open
+        parts = urlsplit(given if "://" in given else f"http://{given}") if given \
+            else urlsplit(mask(tracking_uri))
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
-    return mask(tracking_uri).rstrip("/") if tracking_uri.startswith("http") \
-        else "http://127.0.0.1:5000"
+    return "http://127.0.0.1:5000"
 
 
 def ui_link(tracking_uri: str, experiment_id: str) -> str:
