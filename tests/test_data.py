@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from vqlog.config import Config
-from vqlog.data import make_splits, prepare, resample, split_bounds, window_starts
+from vqlog.data import all_windows, make_splits, prepare, resample, split_bounds, window_starts
 from vqlog.sources import SOURCES, Recording, describe_source, load_source, synthetic
 from vqlog.errors import ConfigError, DataError, UserError
 
@@ -322,6 +322,11 @@ def test_a_table_of_channels_read_as_rows_says_to_take_one_with_channel(tmp_path
                                         r"as one signal per row \(500 rows\): if its columns are "
                                         r"channels, take one with --channel"):
         prepare(str(path), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
+    # and where a trained model cuts its windows (vqlog encode): it only said "the longest
+    # recording has 2"
+    with pytest.raises(DataError, match=r"the longest recording has 2; give a longer recording; "
+                                        r"the file is read as one signal per row \(500 rows\)"):
+        all_windows(str(path), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
     recs = load_source(str(path), sample_rate=100, channel="ppg")  # the fix works
     assert len(recs) == 1 and recs[0].signal.size == 500
 

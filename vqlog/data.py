@@ -159,15 +159,20 @@ def _too_short(split: str, per_rec: list[dict], window: int) -> str:
     longest = max(r["blocks"][split] for r in per_rec)
     fix = (f"use a smaller window (at most {longest}) or a higher resample_hz (or "
            "resample_hz=null: the native rate)" if longest else "use longer recordings")
-    if len(per_rec) > 1 and all(r["name"].endswith("]") for r in per_rec):
-        # rows of one table: perhaps its columns were meant as channels
-        take = ("save one as a 1-D array (np.save(path, x[:, k]))"
-                if per_rec[0]["name"].rsplit("[", 1)[0].lower().endswith(".npy")
-                else "take one with --channel")
-        fix += (f"; the file is read as one signal per row ({len(per_rec)} rows): if its columns "
-                f"are channels, {take}")
+    fix += _rows_hint([r["name"] for r in per_rec])
     return (f"the {split} split has no windows: every recording's {split} block is shorter than "
             f"window={window} samples ({lengths}); {fix}")
+
+
+def _rows_hint(names: list[str]) -> str:
+    """For recordings that are the rows of one table (`x.npy[3]`): perhaps its columns were
+    meant as channels."""
+    if len(names) < 2 or not all(name.endswith("]") for name in names):
+        return ""
+    take = ("save one as a 1-D array (np.save(path, x[:, k]))"
+            if names[0].rsplit("[", 1)[0].lower().endswith(".npy") else "take one with --channel")
+    return (f"; the file is read as one signal per row ({len(names)} rows): if its columns are "
+            f"channels, {take}")
 
 
 def prepare(source: str, config: Config, sample_rate: float | None = None,
@@ -197,7 +202,8 @@ def all_windows(source: str, config: Config, sample_rate: float | None = None,
         where = f" at {config.resample_hz:g} Hz" if config.resample_hz else ""
         raise DataError(f"{source} is shorter than one window: the model cuts windows of "
                         f"{config.window} samples{where}, and the longest recording has "
-                        f"{longest}; give a longer recording")
+                        f"{longest}; give a longer recording"
+                        + _rows_hint([rec.name for rec in recordings]))
     if config.standardize == "dataset":
         out = (out - out.mean()) / (out.std() or 1.0)
     return out.astype(np.float32)
