@@ -221,11 +221,15 @@ class Worker:
             except KeyboardInterrupt:
                 self._tell(trial, Outcome(TrialState.FAIL, reason=describe(KeyboardInterrupt())))
                 raise
-            self._tell(trial, outcome)
+            if outcome.stopped_at is None:
+                self._tell(trial, outcome)
+            else:  # its FAIL and its retry at once: a worker asking in between would start a
+                with self.lock:  # new trial in its place, and the retry would wait for good
+                    self._tell(trial, outcome)
+                    self._queue_again(trial_id)
         if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED) and outcome.run is not None:
             self.tracker.drop_checkpoints(outcome.run.run_id, history)  # none resumes it now
         if outcome.stopped_at is not None:
-            self._queue_again(trial_id)
             self.summary.stopped_at = outcome.stopped_at
             self.summary.stopped_iterations = [outcome.stopped_at]
         elif outcome.state == TrialState.COMPLETE and self.tracker is not None:
