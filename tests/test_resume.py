@@ -279,3 +279,32 @@ def test_a_retry_on_another_host_resumes_through_the_tracking_server(tmp_path, p
         check_resumed(server.url, pg_storage, "hosts", expected)
     assert not list(host_a.rglob("*.pt")) and not list(host_b.rglob("*.pt"))  # all on the server
     assert "Seq2    COMPLETE" in second.stdout
+
+
+def test_an_unreadable_checkpoint_in_a_retry_chain_is_passed_over_for_a_readable_one(tiny,
+                                                                                      tmp_path):
+    """The latest checkpoint cut short (a kill during its upload): the retry started over from
+    iteration 0, though the trial before it had left a good one. Only where none can be read
+    does the retry start over, with a warning that names the run's artifact, not a temporary
+    file."""
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.tracking.artifacts import CHECKPOINT, latest_checkpoint
+
+    cfg = tiny()
+    saved = []
+    fit(cfg, prepare("synthetic", cfg), checkpoint_every=5, on_checkpoint=saved.append)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("chain", artifact_location=(tmp_path / "artifacts").as_uri())
+    for number, write in ((0, lambda p: write_state(p, saved[0])),
+                          (1, lambda p: p.write_bytes(b"PK\x03\x04 cut short"))):
+        run = client.create_run(exp, tags={"vqlog.role": "trial",
+                                           "optuna.trial_number": str(number)})
+        folder = tmp_path / f"up{number}" / "checkpoint"
+        folder.mkdir(parents=True)
+        write(folder / "latest.pt")
+        client.log_artifact(run.info.run_id, str(folder / "latest.pt"), "checkpoint")
+    state = latest_checkpoint(client, exp, [1, 0])  # the retry's history, the latest first
+    assert state is not None and state["step"] == saved[0]["step"]
+    with pytest.raises(UserError, match=rf"^Seq2's {CHECKPOINT} is not a vqlog training state"):
+        latest_checkpoint(client, exp, [1])

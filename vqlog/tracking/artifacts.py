@@ -84,20 +84,29 @@ def _download(client, run_id: str, path: str, folder: str) -> Path | None:
 
 def latest_checkpoint(client, experiment_id: str, numbers: list[int]) -> dict | None:
     """The most advanced training state among the runs of trials `numbers` (a retry's history:
-    the original and the retries before it), or None."""
+    the original and the retries before it), or None. One that cannot be read (cut short by a
+    kill during its upload, say) is passed over for the others; UserError, naming it, only
+    where none can be read."""
     from vqlog.checkpoint import read_state
 
-    best = None
+    best, unreadable = None, []
     with tempfile.TemporaryDirectory(prefix="vqlog-resume-") as folder:
         for number in numbers:
             for run in trial_runs(client, experiment_id, number):
                 path = _download(client, run.info.run_id, CHECKPOINT, folder)
                 if path is None:
                     continue
-                state = read_state(path)
+                try:
+                    state = read_state(path)
+                except UserError as exc:  # named as the run's artifact, not this temporary file
+                    unreadable.append(str(exc).replace(str(path), f"{run_name(number)}'s {CHECKPOINT}"))
+                    continue
+                finally:
+                    path.unlink()
                 if best is None or state["step"] > best["step"]:
                     best = state
-                path.unlink()
+    if best is None and unreadable:
+        raise UserError("; ".join(unreadable))
     return best
 
 
