@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _sweep_helpers import (Worker, finished, mlflow_runs, retried_from, states, study_trials,
-                            wait_until, write_spec)
+from _sweep_helpers import (SWEEP_BIN, Worker, finished, mlflow_runs, retried_from, states,
+                            study_trials, wait_until, write_spec)
 
 from vqlog.bulk import gc_paused
 from vqlog.tracking.rows import RowCache, TrialRow, fetch_rows
@@ -744,6 +744,41 @@ def test_more_workers_than_trials_say_nothing_of_waiting(tmp_path):
     finally:
         sweep.kill()
     assert "waiting" not in sweep.output() and "1/1 trials finished" in sweep.stdout, sweep.output()
+
+
+def test_the_progress_bar_of_workers_on_a_terminal_shows_the_best_trial(tmp_path):
+    """With --workers the parent's bar (on a terminal) never showed the best trial so far, which
+    the one worker's bar does."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    spec = write_spec(tmp_path, "barred", budget={"iteration": 100, "eval_every": 50},
+                      pruner="none")
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm's width
+    env = {k: v for k, v in os.environ.items() if k != "CI"}  # CI turns the bar off
+    proc = subprocess.Popen([str(SWEEP_BIN), "--trials", "2", "--workers", "2", "--config",
+                             str(spec)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=secondary)
+    os.close(secondary)
+    shown = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the terminal's other end closed: the sweep has ended
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert proc.wait(300) == 0
+    finally:
+        proc.kill()
+        os.close(primary)
+    text = shown.decode(errors="replace")
+    assert "trials: 100%" in text and re.search(r"2/2 \[.*\d\.\d{4} \(Seq\d\)\]", text), text
 
 
 def test_sigterm_to_the_workers_alone_is_a_stop_of_the_sweep(tmp_path):

@@ -11,6 +11,8 @@ from optuna.trial import FrozenTrial, TrialState
 from vqlog.errors import one_line
 from vqlog.tracking.rows import run_name
 
+BEST_SEP = "  | best "  # before the best trial so far, at the end of a trial line
+
 
 class TrialProgress:
     """A tqdm bar over finished trials on a terminal; plain lines otherwise (logs, CI)."""
@@ -45,13 +47,14 @@ class TrialProgress:
             resumed = f", resumed @ {a['resumed_at']}" if a.get("resumed_at") else ""
             what += (f"  ({int(a.get('iterations_run', 0))} it{resumed}, "
                      f"{a.get('train_seconds', 0):.0f} s)")
-        self.line(f"{run_name(t.number):<7} {what}" + (f"  | best {best}" if best else ""))
-        if self.bar is not None:
-            self.bar.set_postfix_str(best or "", refresh=True)
+        self.line(f"{run_name(t.number):<7} {what}" + (f"{BEST_SEP}{best}" if best else ""))
 
     def line(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
+            best = text.partition(BEST_SEP)[2]  # a worker's trial line, with --workers
+            if best:
+                self.bar.set_postfix_str(best, refresh=True)
         else:
             self.out(text)
 
