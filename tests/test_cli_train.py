@@ -175,3 +175,19 @@ def test_divergence_is_one_error_line_that_says_what_to_change(signal_file, cli,
                        "--set", "iteration=5", "--set", "standardize=dataset", "--set", "lr=1e6",
                        "--set", "grad_clip=0")
     assert_one_error_line(rc, err, "diverged", "lower lr (now 1e+06)")
+
+
+def test_the_quantizer_librarys_k_means_warning_stays_out_of_the_output(tmp_path, tiny):
+    """vq_ema's k-means init on a first batch with fewer vectors than codes: loguru's WARNING
+    line (with its own timestamp) went to stderr, once a trial, between the trial lines."""
+    import os
+    import subprocess
+
+    from _sweep_helpers import SUBPROCESS_ENV, SWEEP_BIN
+
+    args = tiny.args(quantizer="vq_ema", embedding_num=512, batch=2, iteration=4, eval_every=2)
+    proc = subprocess.run([str(SWEEP_BIN.parent / "vqlog"), "train", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **SUBPROCESS_ENV})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "k-means" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr

@@ -153,6 +153,13 @@ def configure_process() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):  # in case it already was
         logging.getLogger(name).setLevel(logging.ERROR)
+    # vector-quantize-pytorch's k-means init warns through loguru, in the middle of the trial
+    # lines, when a first batch holds fewer vectors than the codebook has codes ("duplicates
+    # will be sampled"): usual with a small batch and a large codebook, and the codes that stay
+    # unused show as the trial's dead codes and perplexity.
+    from loguru import logger
+
+    logger.disable("vector_quantize_pytorch")
     from vqlog.tracking.client import quiet_http_retries
 
     quiet_http_retries()
