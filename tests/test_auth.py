@@ -203,3 +203,28 @@ def test_start_sh_never_prints_a_database_password(tmp_path):
     assert first.startswith("mlflow server on 127.0.0.1:1: backend "
                             "postgresql+psycopg2://someone:***@127.0.0.1:1/nowhere,")
     assert "db-secret-pw" not in first
+
+
+def test_a_reader_gets_the_table_file_and_a_line_that_it_was_not_published(server, monkeypatch,
+                                                                           tmp_path, cli):
+    """A user the server lets read, not edit (MLflow's default permission for a new user): the
+    table used to be written, then `vqlog table` ended with MLflow's 403 as an Error, exit 1."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    rc, _, err = cli("init", "--config", "smoke", "--study", "read-only", "--storage",
+                     f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", server.url)
+    assert rc == 0, err
+    reader_pw = "rd-" + secrets.token_urlsafe(12)
+    code, _ = _call(server, "POST", "users/create", {"username": "reader", "password": reader_pw},
+                    user="admin", password=PASSWORD)
+    assert code == 200
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", reader_pw)
+    out_file = tmp_path / "table.md"
+    rc, out, err = cli("table", "--study", "read-only", "--tracking-uri", server.url,
+                       "--out", str(out_file))
+    assert rc == 0, out + err
+    assert "read-only" in out_file.read_text()  # the table, titled with the study
+    assert f"table: {out_file} (0 trials)" in out
+    assert "not published to the study run" in out and "may not edit" in out, out
+    assert reader_pw not in out + err and PASSWORD not in out + err

@@ -163,6 +163,7 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
     from vqlog.tracking.runs import study_run
 
     parent = said = None
+    publish = True  # until the server refuses this user's edits
     last, cache = None, RowCache(client, study)  # --watch: only the runs that ended since
     rendered = table.RenderCache()  # and only those rendered again
     while True:
@@ -180,19 +181,31 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
                 said = line
             parent = parent or study_run(client, study)  # made by the study's first worker
             try:
-                if parent:
+                if parent and publish:
                     table.publish_table(client, parent, rows, study, args.lang, text, rendered)
             except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted
-                if isinstance(exc, TrackingUnavailable) or parent == (parent := study_run(
+                if _forbidden(exc):  # a user the server lets read, not edit: the file is whole
+                    publish = False
+                    print("table: not published to the study run: this user may not edit it on "
+                          "the tracking server (it answered 403 Forbidden)", flush=True)
+                elif isinstance(exc, TrackingUnavailable) or parent == (parent := study_run(
                         client, study)):  # (in the UI)
                     raise  # not that: as it was; else the run a worker made since, if any
-                if parent:
+                elif parent:
                     table.publish_table(client, parent, rows, study, args.lang, text, rendered)
             last = text
             rendered.keep(rows)
         if not args.watch:
             return 0
         stop.sleep(args.interval)
+
+
+def _forbidden(exc: BaseException) -> bool:
+    """The tracking server refused the edit for this user's permissions (MLflow's basic auth):
+    a REST call's PERMISSION_DENIED, or an artifact upload's HTTP 403."""
+    response = getattr(exc, "response", None)
+    return (getattr(exc, "error_code", None) == "PERMISSION_DENIED"
+            or getattr(response, "status_code", None) == 403)
 
 
 def _counts(rows, cache) -> str:
