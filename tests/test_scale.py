@@ -491,6 +491,15 @@ def two_worker_sweep(tmp_path, name: str) -> tuple[list[str], str, str, Worker]:
     return args, storage, uri, Worker(args, tmp_path, "first")
 
 
+def two_running(uri: str, study: str, sweep: Worker) -> list:
+    """The two trial runs of `two_worker_sweep`'s workers, once both are RUNNING."""
+    def both():
+        runs = [r for r in mlflow_runs(uri, study, missing_ok=True) if r.info.status == "RUNNING"]
+        return len(runs) == 2 and runs
+
+    return wait_until(both, 180, "two trials running", alive=[sweep])
+
+
 def gone(pids: set[int], timeout: float) -> bool:
     import psutil
 
@@ -787,12 +796,7 @@ def test_sigterm_to_the_workers_alone_is_a_stop_of_the_sweep(tmp_path):
     short of its target."""
     args, storage, uri, first = two_worker_sweep(tmp_path, "workers-stopped")
     try:
-        def two_running():
-            runs = [r for r in mlflow_runs(uri, "workers-stopped", missing_ok=True)
-                    if r.info.status == "RUNNING"]
-            return len(runs) == 2 and runs
-
-        wait_until(two_running, 180, "two trials running", alive=[first])
+        two_running(uri, "workers-stopped", first)
         for pid in worker_processes(first.proc.pid):
             os.kill(pid, signal.SIGTERM)
         rc = first.wait(120)
@@ -810,12 +814,7 @@ def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
     # and the third trial, most of this test's time (3000 iterations took 159 s of CI's 23 min).
     args, storage, uri, first = two_worker_sweep(tmp_path, "pooled")
     try:
-        def two_running():
-            runs = [r for r in mlflow_runs(uri, "pooled", missing_ok=True)
-                    if r.info.status == "RUNNING"]
-            return len(runs) == 2 and runs
-
-        running = wait_until(two_running, 180, "two trials running", alive=[first])
+        running = two_running(uri, "pooled", first)
         time.sleep(1.0)
         first.preempt()
     finally:
