@@ -95,3 +95,32 @@ def test_an_empty_postgresql_database_is_a_storage_without_the_study(tmp_path, p
         engine.dispose()
     down = "postgresql://postgres@127.0.0.1:1/nothing?connect_timeout=2"  # no server there
     check_study(SPEC, down, Tracker(uri))
+
+
+def test_a_study_run_without_trial_runs_is_the_next_studys(tmp_path):
+    """`vqlog init`, then optuna.db deleted before any trial ran: the next sweep was let through
+    and kept the first study's id on the study run, so every sweep after it was refused, its
+    own study's included."""
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    first, _ = open_study(SPEC, storage)  # what `vqlog init` does
+    tracker = Tracker(uri, table_dir=tmp_path / "results")
+    tracker.start_study(first, SPEC)
+    (tmp_path / "optuna.db").unlink()
+    check_study(SPEC, storage, Tracker(uri))  # no trial run: nothing to mix with
+    second, _ = open_study(SPEC, storage)
+    again = Tracker(uri, table_dir=tmp_path / "results")
+    again.start_study(second, SPEC)
+    tag = MlflowClient(tracking_uri=uri).get_run(again.parent_id).data.tags[STUDY_UID]
+    assert again.parent_id == tracker.parent_id and tag == second.user_attrs[STUDY_UID]
+    check_study(SPEC, storage, Tracker(uri))  # its own study: on it goes
+    trial = second.ask()
+    again.start_trial(trial.number, SPEC.base_config()).finish(
+        "COMPLETE", {"best_val_mse": 0.1, "final_val_mse": 0.1, "iterations_run": 10.0})
+    check_study(SPEC, storage, Tracker(uri))
+
+    # with trial runs, a worker that got past the check (the storage did not answer then)
+    # does not take the study run over
+    (tmp_path / "optuna.db").unlink()
+    third, _ = open_study(SPEC, storage)
+    with pytest.raises(UserError, match="holds the trial runs of another Optuna study"):
+        Tracker(uri, table_dir=tmp_path / "results").start_study(third, SPEC)

@@ -181,18 +181,21 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
                 said = line
             parent = parent or study_run(client, study)  # made by the study's first worker
             try:
-                if parent and publish:
-                    table.publish_table(client, parent, rows, study, args.lang, text, rendered)
-            except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted
-                if _forbidden(exc):  # a user the server lets read, not edit: the file is whole
-                    publish = False
-                    print("table: not published to the study run: this user may not edit it on "
-                          "the tracking server (it answered 403 Forbidden)", flush=True)
-                elif isinstance(exc, TrackingUnavailable) or parent == (parent := study_run(
-                        client, study)):  # (in the UI)
-                    raise  # not that: as it was; else the run a worker made since, if any
-                elif parent:
-                    table.publish_table(client, parent, rows, study, args.lang, text, rendered)
+                try:
+                    if parent and publish:
+                        table.publish_table(client, parent, rows, study, args.lang, text, rendered)
+                except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted
+                    if _forbidden(exc) or isinstance(exc, TrackingUnavailable) or parent == (
+                            parent := study_run(client, study)):  # (in the UI)
+                        raise  # not that: as it was; else the run a worker made since, if any
+                    if parent:
+                        table.publish_table(client, parent, rows, study, args.lang, text, rendered)
+            except Exception as exc:  # noqa: BLE001 - raised again unless it is a refusal
+                if not _forbidden(exc):
+                    raise
+                publish = False  # a user the server lets read, not edit: the file is whole
+                print("table: not published to the study run: this user may not edit it on the "
+                      "tracking server (it answered 403 Forbidden)", flush=True)
             last = text
             rendered.keep(rows)
         if not args.watch:

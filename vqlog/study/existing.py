@@ -36,7 +36,8 @@ def check_owner(tracker, name: str, uid: str, url: str) -> None:
     study of the same name whose database was deleted or replaced since: the two would share
     one table, their trial numbers would clash in reconciles and retries, and a retry could
     resume from the other study's checkpoint. A study run without the tag (an older vqlog's)
-    is taken to be this study's."""
+    is taken to be this study's, and so is one whose experiment holds no trial run (its
+    study's trials never ran, or were deleted): `Tracker.start_study` tags it anew."""
     from vqlog.tracking.lineage import STUDY_UID
     from vqlog.tracking.rows import TRIAL_ROLE
     from vqlog.tracking.runs import STUDY_ROLE
@@ -52,14 +53,12 @@ def check_owner(tracker, name: str, uid: str, url: str) -> None:
     found = client.search_runs([exp.experiment_id], STUDY_ROLE, max_results=1,
                                order_by=["attributes.start_time ASC"])
     theirs = found[0].data.tags.get(STUDY_UID) if found else None
-    if uid == ABSENT:
-        if not client.search_runs([exp.experiment_id], TRIAL_ROLE, max_results=1):
-            return  # nothing of the earlier study's to mix with
-        what = f"a study '{name}' that {mask(url)} does not have"
-    elif theirs is None or theirs == uid:
+    if uid != ABSENT and theirs in (None, uid):
         return
-    else:
-        what = f"another study '{name}' than the one in {mask(url)}"
+    if not client.search_runs([exp.experiment_id], TRIAL_ROLE, max_results=1):
+        return  # no trial run to mix with: the study run is this study's once it is opened
+    what = (f"a study '{name}' that {mask(url)} does not have" if uid == ABSENT
+            else f"another study '{name}' than the one in {mask(url)}")
     raise UserError(f"MLflow experiment '{name}' holds the trial runs of {what} (was its database "
                     "deleted or replaced?); give --storage the database that holds that study, "
                     "or another --study name to start anew")
@@ -103,7 +102,7 @@ def _checked(spec, url: str) -> str | None:
 def _stamped(parsed: URL) -> bool | None:
     """Optuna's tables are there with their version rows: opening the storage then writes
     nothing (else it would write them, racing a process that creates them under its lock).
-    None where the database does not answer."""
+    None where that is not known (the database does not answer, or the read fails)."""
     engine = sqlalchemy.create_engine(with_psycopg2(parsed.render_as_string(hide_password=False)),
                                       poolclass=sqlalchemy.pool.NullPool, **engine_kwargs(parsed))
     try:
@@ -111,11 +110,14 @@ def _stamped(parsed: URL) -> bool | None:
     except Exception:  # noqa: BLE001 - no answer now (or no such database yet)
         engine.dispose()
         return None
+    tables = ("version_info", "alembic_version")
     try:
         with conn:
+            if not set(tables) <= set(sqlalchemy.inspect(conn).get_table_names()):
+                return False  # no tables yet (nor a study)
             return all(conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {table}")).scalar()
-                       for table in ("version_info", "alembic_version"))
-    except Exception:  # noqa: BLE001 - no such table yet: not stamped
-        return False
+                       for table in tables)
+    except Exception:  # noqa: BLE001 - a read cut short, refused, or not a database: unknown
+        return None
     finally:
         engine.dispose()

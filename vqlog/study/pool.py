@@ -210,6 +210,9 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             elif kind == "done":
                 said[index] = True
                 summaries.append(payload)
+                if payload is None:  # stopped by Ctrl-C with no summary: its lines count
+                    unsaid[0] += ended[index][0]
+                    unsaid[1] += ended[index][1]
             else:
                 said[index] = True
                 errors.append((index, payload))

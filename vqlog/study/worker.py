@@ -225,8 +225,12 @@ class Worker:
                 self._tell(trial, outcome)
             else:  # its FAIL and its retry at once: a worker asking in between would start a
                 with self.lock:  # new trial in its place, and the retry would wait for good
+                    # (unless another worker took it for dead meanwhile, and queued it itself)
+                    ours = self._db(lambda: self.storage.get_trial(trial_id)).state == \
+                        TrialState.RUNNING
                     self._tell(trial, outcome)
-                    self._queue_again(trial_id)
+                    if ours:
+                        self._queue_again(trial_id)
         if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED) and outcome.run is not None:
             self.tracker.drop_checkpoints(outcome.run.run_id, history)  # none resumes it now
         if outcome.stopped_at is not None:

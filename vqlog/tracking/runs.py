@@ -146,8 +146,13 @@ class Tracker:
         uid = self._db(lambda: study.user_attrs.get(lineage.STUDY_UID))  # open_study's
         found = find_study_run(self.client, self.experiment_id)
         if found is not None:
-            if uid and lineage.STUDY_UID not in self.client.get_run(found).data.tags:
-                self.client.set_tag(found, lineage.STUDY_UID, uid)  # an older vqlog's study run
+            theirs = self.client.get_run(found).data.tags.get(lineage.STUDY_UID)
+            if uid and theirs != uid:  # an older vqlog's study run, or one without trial runs
+                if theirs and self.client.search_runs([self.experiment_id], TRIAL_ROLE,
+                                                      max_results=1):
+                    raise UserError(f"MLflow experiment '{study.study_name}' holds the trial "
+                                    "runs of another Optuna study of that name")  # raced past
+                self.client.set_tag(found, lineage.STUDY_UID, uid)  # check_owner's check
             return found
         run = self.client.create_run(
             self.experiment_id,
