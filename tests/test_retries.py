@@ -134,3 +134,18 @@ def test_a_retry_is_pruned_where_its_original_would_have_been(pruner):
                     differ.append((killed, at, checkpoint, got, expected[killed]))
     assert differ == []
     assert {state for state, _ in expected} == {"PRUNED", "COMPLETE"}  # the pruner decided
+
+
+def test_history_reported_again_after_a_lost_connection_is_ignored_quietly():
+    """`report_history` runs under `retrying`: a repeat after a lost connection reported the
+    steps that went through once more, and Optuna warned of each among the trial lines."""
+    import warnings
+
+    study = optuna.create_study()
+    trial = study.ask()
+    records = [Record(s, curve(0, s)) for s in (50, 100)]
+    report_history(trial, records[:1])  # the connection was lost after the first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report_history(trial, records)
+    assert study.trials[0].intermediate_values == {50: records[0].val_mse, 100: records[1].val_mse}

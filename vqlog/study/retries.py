@@ -65,9 +65,12 @@ def original_number(trial: FrozenTrial) -> int | None:
 
 def report_history(trial: optuna.Trial, records) -> None:
     """The evaluations a retry resumes after (its checkpoint's), reported as the original
-    reported them."""
-    for record in records:
-        trial.report(record.val_mse, record.step)
+    reported them. Sent again after a lost database connection, the steps that went through
+    the first time are ignored by Optuna, without its warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is already reported")
+        for record in records:
+            trial.report(record.val_mse, record.step)
 
 
 class HyperbandPruner(optuna.pruners.HyperbandPruner):
