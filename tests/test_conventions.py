@@ -229,6 +229,19 @@ def test_best_answers_without_its_tracking_store(swept, tmp_path, cli):
     assert f"(MLflow at {down} does not answer)\n" in out, out
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(swept, tmp_path):
+    """`vqlog best | head -3`: the pipe closed before vqlog's last lines, and the command said
+    `Error: BrokenPipeError: [Errno 32] Broken pipe` with exit 1. Unix tools end quietly there;
+    vqlog exits 141, as a shell reports a tool that SIGPIPE ended."""
+    proc = subprocess.Popen([str(SWEEP_BIN.parent / "vqlog"), "best", "--study", "conv",
+                             "--storage", swept.storage, "--tracking-uri",
+                             f"sqlite:///{tmp_path}/nope.db"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 141 and err == "", err
+
+
 @pytest.mark.parametrize("given, base", [
     ("http://127.0.0.1:5999/#/", "http://127.0.0.1:5999"),  # pasted from the address bar
     ("https://proxy.lab/mlflow/?token=abc#/experiments/3", "https://proxy.lab/mlflow"),

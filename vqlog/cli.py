@@ -206,6 +206,11 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
             traceback.print_exc()
         sys.stderr.write(f"Error: {mask_urls(one_line(exc))}\n")
         return 1
+    except BrokenPipeError:  # the reader went away (`vqlog best | head -3`): quietly, as the
+        import os            # shell's tools do when SIGPIPE ends them (exit 128 + 13)
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush too
+        return 141
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             traceback.print_exc()
