@@ -122,7 +122,8 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     return their summaries (as dicts; None for one stopped at once), the workers that died, and
     the trials those had ended (and of them failed), which no summary counts.
     `stop` (a StopRequest) set: every worker is asked to stop. A worker's error ends the others
-    too, and is raised as SweepError once all have exited.
+    too, and is raised once all have exited: as TrackingUnavailable (the first worker's message)
+    when every error was the tracking store's outage, as SweepError otherwise.
 
     A worker that dies without a word (SIGKILL from the kernel's out-of-memory killer or from a
     person, a crash in native code) is replaced by a new one on the same device if it had ended
