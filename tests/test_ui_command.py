@@ -53,3 +53,59 @@ def test_vqlog_ui_serves_the_folders_store_its_curves_and_artifacts(tmp_path, ml
     assert "INFO:" not in log and "DeprecationWarning" not in log, log
     # the embedded store was opened where the user stands, and nothing was created beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db", "notes.txt", "ui"]
+
+
+def status_with_host(url: str, host: str) -> int:
+    """The HTTP status of GET `url` sent with the Host header a browser on another machine sends."""
+    import urllib.error
+
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - the test's own
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_every_interface_answers_this_machines_name_and_allowed_hosts_adds_more(tmp_path, mlflow_store):
+    """`--host 0.0.0.0` is for other machines, whose browsers send this machine's name as the Host
+    header: MLflow's default guard refused it with 403. `--allowed-hosts` adds a name it cannot
+    know (a DNS alias); the UI on 127.0.0.1 keeps MLflow's default, which refuses that alias."""
+    import socket
+
+    mlflow_store(tmp_path)
+    name = socket.gethostname()
+    api = "/api/2.0/mlflow/experiments/search?max_results=1"
+    port = free_port()
+    with serve([str(BIN / "vqlog"), "ui", "--host", "0.0.0.0", "--port", str(port)],
+               tmp_path / "ui", port, cwd=tmp_path) as server:
+        by_name = status_with_host(server.url + api, f"{name}:{port}")
+        alias = status_with_host(server.url + api, f"labbox.example:{port}")
+        log = server.log_text()
+    assert (by_name, alias) == (200, 403)
+    assert f"MLflow UI on http://127.0.0.1:{port}, or http://{name}:{port} from another machine" in log
+    port = free_port()
+    with serve([str(BIN / "vqlog"), "ui", "--port", str(port), "--allowed-hosts",
+                "labbox.example:*,127.0.0.1:*"], tmp_path / "ui", port, cwd=tmp_path) as server:
+        alias = status_with_host(server.url + api, f"labbox.example:{port}")
+        other = status_with_host(server.url + api, f"elsewhere.example:{port}")
+    assert (alias, other) == (200, 403)
+    port = free_port()
+    with serve([str(BIN / "vqlog"), "ui", "--port", str(port)], tmp_path / "ui", port,
+               cwd=tmp_path) as server:
+        assert status_with_host(server.url + api, f"labbox.example:{port}") == 403
+
+
+def test_a_tracking_server_is_pointed_to_not_opened_as_a_store(tmp_path, mlflow_server):
+    """`mlflow ui` cannot take a server as its store (it ended in a 28-line traceback, exit 1):
+    the server serves its own UI, and `vqlog ui` says where, without the password."""
+    import subprocess
+
+    with mlflow_server(tmp_path / "server") as server:
+        uri = server.url.replace("http://", "http://alice:s3cret@")
+        proc = subprocess.run([str(BIN / "vqlog"), "ui", "--tracking-uri", uri], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"The MLflow server serves its own UI: {server.url}\n"
+    assert proc.stderr == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server"]  # no store was created here

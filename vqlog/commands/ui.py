@@ -9,14 +9,22 @@ import shutil
 import socket
 import sys
 
-from vqlog.cli import TRACKING_HELP, add_debug
+from vqlog.cli import add_debug
 
 
 def ui_command_parser(sub) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on the local store")
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", default=None,
+                   help="the store to show: sqlite:///FILE (default sqlite:///mlflow.db here, "
+                        "or $MLFLOW_TRACKING_URI) or a database URL; an http(s):// tracking "
+                        "server serves its own UI, whose address is printed")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on: 127.0.0.1 "
-                   "(default, this machine only) or 0.0.0.0")
+                   "(default, this machine only) or 0.0.0.0 (every interface)")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
+                   help="Host headers the UI answers (MLflow's guard against DNS rebinding), "
+                        "comma-separated, wildcards allowed: e.g. labbox,labbox:*,10.0.0.7:*. "
+                        "Default: localhost and private addresses, plus this machine's names "
+                        "and addresses when --host is not a loopback address")
     p.add_argument("--port", type=int, default=5000,
                    help="1 to 65535, free on --host (default 5000)")
     add_debug(p)
@@ -61,11 +69,58 @@ def check_listen(host: str, port: int) -> None:
         raise UserError(f"cannot listen on port {port} of {host}: {exc.strerror or exc}") from None
 
 
+def loopback(host: str) -> bool:
+    """Whether `host` (as given to --host) is reachable from this machine only."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in ("localhost", "localhost.localdomain")
+
+
+def allowed_hosts(host: str) -> str | None:
+    """The Host headers a UI listening on `host` answers, for `mlflow ui --allowed-hosts`; None:
+    MLflow's default (localhost and private addresses), enough for a loopback address.
+
+    Beyond loopback, a browser on another machine sends this machine's name or a public address
+    as its Host header, which MLflow's default refuses with 403: those are added, each with any
+    port. Names the machine does not know itself by (a DNS alias, a proxy's) need --allowed-hosts.
+    """
+    import socket
+
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    if loopback(host):
+        return None
+    names = {socket.gethostname(), socket.getfqdn()}
+    if host not in ("0.0.0.0", "::"):
+        names.add(f"[{host}]" if ":" in host else host)
+    for name in list(names):
+        try:
+            for *_, sockaddr in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP):
+                address = sockaddr[0]
+                names.add(f"[{address}]" if ":" in address else address)
+        except (OSError, UnicodeError):  # a name the resolver does not know: kept as it is
+            pass
+    extra = [form for name in sorted(names) if name
+             for form in (name, f"{name.replace('[', '[[]', 1)}:*")]  # fnmatch reads [ as a set
+    return ",".join(dict.fromkeys(get_default_allowed_hosts() + extra))
+
+
 def ui_command(args: argparse.Namespace) -> int:
     from vqlog.errors import UserError
-    from vqlog.tracking.client import existing_store, open_client
+    from vqlog.tracking.client import (check_tracking_uri, existing_store, open_client,
+                                       resolve_tracking_uri)
+    from vqlog.tracking.lineage import ui_base
     from vqlog.urls import sqlite_path
 
+    given = resolve_tracking_uri(args.tracking_uri)
+    if given.split(":", 1)[0].lower() in ("http", "https"):
+        # A tracking server serves the UI itself: `mlflow ui` cannot open a server as its store.
+        check_tracking_uri(given)  # reachable, or one Error line
+        print(f"The MLflow server serves its own UI: {ui_base(given)}")
+        return 0
     # Before the store is opened. A small race remains, accepted: a port taken between this
     # check and mlflow's own bind fails there, with uvicorn's line and exit 0, as before.
     check_listen(args.host, args.port)
@@ -78,9 +133,19 @@ def ui_command(args: argparse.Namespace) -> int:
     if mlflow is None:
         raise UserError("the mlflow command is not on PATH; activate the environment vqlog is installed in")
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           # One uvicorn worker answers one person's browser (its requests run on a thread pool);
+           # MLflow's default of four, each with the whole server loaded, took about 2 GiB beside
+           # a sweep that needs the memory.
+           "--workers", "1",
            # uvicorn's INFO lines (each worker's start and stop, a dozen each time) stay out of the
            # terminal; its warnings and errors do not.
            "--uvicorn-opts", "--log-level warning"]
+    hosts = args.allowed_hosts if args.allowed_hosts is not None else allowed_hosts(args.host)
+    if hosts:
+        cmd += ["--allowed-hosts", hosts]
+    # MLflow's job runner (GenAI scorers and evaluations, which a sweep never starts) would start
+    # its own consumer processes beside the UI.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # Starlette's deprecation of the WSGI middleware MLflow's server imports, once per worker.
     os.environ["PYTHONWARNINGS"] = ",".join(
         w for w in (os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:mlflow.server.fastapi_app")
@@ -88,7 +153,17 @@ def ui_command(args: argparse.Namespace) -> int:
     path = sqlite_path(uri)
     if path is not None:  # the embedded store keeps its artifacts beside it
         cmd += ["--default-artifact-root", str(path.resolve().parent / "mlartifacts")]
-    where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
-    print(f"MLflow UI on http://{where}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI on {ui_address(args.host, args.port)} (Ctrl-C to stop)", flush=True)
     os.execv(mlflow, cmd)
     return 0  # pragma: no cover - execv does not return
+
+
+def ui_address(host: str, port: int) -> str:
+    """Where to open the UI: 127.0.0.1 for every interface (0.0.0.0 is no address to browse to),
+    with this machine's name for the other machines."""
+    import socket
+
+    if host in ("0.0.0.0", "::"):
+        return f"http://127.0.0.1:{port}, or http://{socket.gethostname()}:{port} from another machine"
+    where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    return f"http://{where}:{port}"
