@@ -159,6 +159,16 @@ def an_mlflow_store(path: Path) -> None:
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
 
 
+def completed_study(path: Path) -> None:
+    """An Optuna storage whose study `smoke` has a COMPLETE trial with its MLflow run's id."""
+    import optuna
+
+    study = optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}")
+    trial = study.ask()
+    trial.set_user_attr("mlflow.run_id", "0123456789abcdef0123456789abcdef")
+    study.tell(trial, 0.5)
+
+
 def another_study(path: Path) -> None:
     """An Optuna storage with a study of another name."""
     import optuna
@@ -378,6 +388,10 @@ CASES: dict[str, Case] = {
         ("best", "--study", "smoke", "--storage", "sqlite:///{tmp}/mlflow.db"),
         "mlflow.db is an MLflow store (it holds MLflow's tables)", {"mlflow.db": an_mlflow_store},
         program="vqlog"),
+    "best-tracking-wrong-scheme": Case(  # it printed the best trial, then the Error line
+        ("best", "--study", "smoke", "--storage", "sqlite:///{tmp}/optuna.db",
+         "--tracking-uri", "bogus://x"), "--tracking-uri must be sqlite:///FILE",
+        {"optuna.db": completed_study}, program="vqlog"),
     "tracking-is-an-optuna-storage": Case(
         ("--tracking-uri", "sqlite:///{tmp}/optuna.db"), "is an Optuna storage",
         {"optuna.db": another_study}),

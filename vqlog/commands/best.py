@@ -28,14 +28,17 @@ def best_command(args: argparse.Namespace) -> int:
     best = best_trial(study)
     if best is None:
         raise UserError(f"study '{args.study}' has no COMPLETE trial yet")
+    run_id = best.user_attrs.get(RUN_ID)
+    # Before the first line: a --tracking-uri that cannot work is one Error line, not an answer
+    # followed by one.
+    link = _run_link(resolve_tracking_uri(args.tracking_uri), args.study, run_id) if run_id else None
     names = study.metric_names or [f"value {i}" for i in range(len(best.values))]
     values = "  ".join(f"{name} {value:.4g}" for name, value in zip(names, best.values))
     print(f"best: {run_name(best.number)} (trial {best.number})  {values}")
     for key, value in best.params.items():
         print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
-    run_id = best.user_attrs.get(RUN_ID)
-    if run_id:
-        print(f"run:  {_run_link(resolve_tracking_uri(args.tracking_uri), args.study, run_id)}")
+    if link:
+        print(f"run:  {link}")
     return 0
 
 
