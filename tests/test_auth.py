@@ -226,5 +226,5 @@ def test_a_reader_gets_the_table_file_and_a_line_that_it_was_not_published(serve
     assert rc == 0, out + err
     assert "read-only" in out_file.read_text()  # the table, titled with the study
     assert f"table: {out_file} (0 trials)" in out
-    assert "not published to the study run" in out and "may not edit" in out, out
+    assert "not published to the study run" in err and "may not edit" in err, err
     assert reader_pw not in out + err and PASSWORD not in out + err

@@ -119,6 +119,28 @@ def test_lang_zh_renders_the_logs_chinese_labels(store, cli):
     assert "| run | batch | lr | embedding_dim | embedding_num | iteration | BN | MLP | En-De | loss | perplexity |" in out
 
 
+def test_another_lang_than_the_published_one_writes_its_file_and_leaves_the_study_run(store, tmp_path,
+                                                                                      cli):
+    """The study run keeps the language its table was first published in (the sweep's --lang):
+    a `vqlog table --lang zh` beside an English sweep rewrote it in Chinese, and the sweep's next
+    refresh in English again, by turns."""
+    client = MlflowClient(tracking_uri=store)
+    (parent,) = client.search_runs([client.get_experiment_by_name("alpha").experiment_id],
+                                   "tags.`vqlog.role` = 'study'")
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    assert (code, err) == (0, "")
+    tags = client.get_run(parent.info.run_id).data.tags
+    assert tags["vqlog.lang"] == "en" and tags["mlflow.note.content"] == EXPECTED_EN
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--lang", "zh",
+                         "--out", "-")
+    assert code == 0 and "## 超参调整" in out
+    assert err == "table: not published to the study run, whose table is in en (the sweep's --lang)\n"
+    tags = client.get_run(parent.info.run_id).data.tags
+    assert tags["vqlog.lang"] == "en" and tags["mlflow.note.content"] == EXPECTED_EN
+    artifact = client.download_artifacts(parent.info.run_id, "experiment_table.md", str(tmp_path))
+    assert Path(artifact).read_text() == EXPECTED_EN
+
+
 def test_two_studies_without_study_is_an_error_listing_them(store, tmp_path, cli):
     code, out, err = cli("table", "--tracking-uri", store)
     assert code == 2

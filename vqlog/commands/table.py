@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def _open_study(args, study: str | None, stop: _Stop):
         nonlocal said
         if what != said:
             print(f"table: waiting for {what} (checking every {args.interval:g} s; Ctrl-C to "
-                  "stop)", flush=True)
+                  "stop)", file=sys.stderr, flush=True)  # not into `--out -`'s table
             said = what
         stop.sleep(args.interval)
 
@@ -180,6 +181,8 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
                     print(line, flush=True)
                 said = line
             parent = parent or study_run(client, study)  # made by the study's first worker
+            if parent and publish and not _same_lang(client, parent, args.lang):
+                publish = False  # the sweep's language stays; this --lang is for the file
             try:
                 try:
                     if parent and publish:
@@ -195,12 +198,26 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
                     raise
                 publish = False  # a user the server lets read, not edit: the file is whole
                 print("table: not published to the study run: this user may not edit it on the "
-                      "tracking server (it answered 403 Forbidden)", flush=True)
+                      "tracking server (it answered 403 Forbidden)", file=sys.stderr, flush=True)
             last = text
             rendered.keep(rows)
         if not args.watch:
             return 0
         stop.sleep(args.interval)
+
+
+def _same_lang(client, parent: str, lang: str) -> bool:
+    """Whether the study run's table is in `lang` (or in none yet, or by a vqlog before the tag):
+    a `vqlog table --lang zh` beside an English sweep published Chinese, and the sweep's next
+    refresh English again, by turns."""
+    from vqlog.tracking.table import LANG_TAG
+
+    published = client.get_run(parent).data.tags.get(LANG_TAG)
+    if published in (None, lang):
+        return True
+    print(f"table: not published to the study run, whose table is in {published} (the sweep's "
+          "--lang)", file=sys.stderr, flush=True)
+    return False
 
 
 def _forbidden(exc: BaseException) -> bool:

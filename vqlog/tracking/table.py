@@ -349,6 +349,9 @@ def regenerate(client: MlflowClient, study: str, out_path: str | os.PathLike, la
     return text
 
 
+LANG_TAG = "vqlog.lang"  # study run tag: the language of the table published on it (--lang)
+
+
 def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str,
                   cache: RenderCache | None = None, mark: bool = True) -> None:
     """The table on the study run: `experiment_table.md` (the whole of it, `text`), the run's
@@ -358,7 +361,8 @@ def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str
     The JSON is written in the layout `log_table` writes (pandas' "split" orientation) and
     marked as a table with MLflow's `mlflow.loggedArtifacts` tag, because `log_table` appends
     to an existing file: each refresh would add the whole table again. That tag never changes:
-    `mark=False` leaves it as an earlier refresh set it (one request fewer)."""
+    `mark=False` leaves it as an earlier refresh set it (one request fewer), and the study run's
+    `vqlog.lang` tag too: the language its table is published in, which `vqlog table` keeps."""
     import json
 
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
@@ -370,3 +374,4 @@ def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str
     if mark:
         client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
                        json.dumps([{"path": TABLE_JSON, "type": "table"}]))
+        client.set_tag(parent_id, LANG_TAG, lang)
