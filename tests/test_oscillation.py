@@ -14,6 +14,7 @@ from vqlog.oscillation import (
     label_key,
     oscillation_label,
     oscillation_score,
+    rise_score,
 )
 
 N = 500  # points: 5000 iterations at log_every=10
@@ -48,6 +49,42 @@ def sawtooth(swing=0.3, period=10, trend=DECAY):
 def test_smooth_monotone_curve_scores_zero_and_stable(curve):
     assert oscillation_score(curve) == 0.0
     assert oscillation_label(oscillation_score(curve)) == "stable"
+
+
+@pytest.mark.parametrize("curve, rising", [
+    (DECAY, False),
+    (uniform_noise(0.2), False),
+    (np.full(30, 0.3), False),                           # flat: neither
+    (np.linspace(1.0, 2.0, 40), True),                   # the monotone rise above: not "stable"
+    (np.geomspace(4.4e8, 1.06e14, 8), True),             # a diverging run (lr 30), pruned early
+    (np.concatenate([DECAY, DECAY[-1] * np.geomspace(1, 400, 200)]), True),  # falls, then blows up
+    (uniform_noise(0.05, trend=np.linspace(1.0, 1.5, 100)), True),  # rising under the noise
+    (DECAY * np.linspace(1, 0.999, N), False),
+])
+def test_a_loss_that_ends_above_where_it_began_is_labelled_rising(curve, rising):
+    """A rising curve scored 0 and read "stable" in the table (a diverging lr-30 trial did)."""
+    label = oscillation_label(oscillation_score(curve), early_oscillation_score(curve),
+                              rise=rise_score(curve))
+    assert label.startswith("loss rising") == rising, label
+    assert (rise_score(curve) > 0) == rising
+
+
+@pytest.mark.parametrize("score, rise, en, zh", [
+    (0.0, 0.5, "loss rising", "损失上升"),
+    (0.08, 0.5, "loss rising, severe oscillation", "损失上升，震荡严重"),
+    (0.03, math.log(1.1), "mild oscillation", "轻微震荡"),   # the threshold itself: not rising
+    (0.03, math.nan, "mild oscillation", "轻微震荡"),
+    (math.nan, 0.5, "loss rising", "损失上升"),
+])
+def test_rising_goes_before_the_band_in_both_languages(score, rise, en, zh):
+    assert oscillation_label(score, rise=rise) == en
+    assert oscillation_label(score, lang="zh", rise=rise) == zh
+
+
+def test_rise_needs_a_positive_curve_of_enough_points():
+    assert math.isnan(rise_score([1.0, 2.0, 3.0, 4.0]))
+    assert math.isnan(rise_score([1.0, -2.0, 3.0, 4.0, 5.0]))
+    assert rise_score([1.0, 2.0, 3.0, 4.0, 8.0]) == pytest.approx(math.log(8.0))
 
 
 def test_smooth_non_monotone_curve_stays_far_below_stable():

@@ -62,7 +62,8 @@ EXPECTED_EN = """\
 - ★ best of its table by the study's objective: lowest final val MSE among completed trials (a tie goes to the higher perplexity).
 - loss: final val MSE (best val MSE), then the train/loss oscillation label (score `loss_oscillation`): \
 stable < 0.01 ≤ mild oscillation < 0.05 ≤ severe oscillation; "early …" and "… worse later" compare \
-the first third of training with the whole.
+the first third of training with the whole; "loss rising" first: its last fifth ends above 1.1x its \
+first fifth (score `loss_rise`).
 - perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and the final value.
 """
 
@@ -85,7 +86,7 @@ EXPECTED_ZH = """\
 
 - ★ 按研究目标本表最佳：已完成试验中最终 val MSE 最低（相同时取 perplexity 较高者）。
 - loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签（分数 `loss_oscillation`）：\
-平稳 < 0.01 ≤ 轻微震荡 < 0.05 ≤ 震荡严重；“前期…”与“…后期加剧”比较训练前三分之一与全程。
+平稳 < 0.01 ≤ 轻微震荡 < 0.05 ≤ 震荡严重；“前期…”与“…后期加剧”比较训练前三分之一与全程；前置“损失上升”：最后五分之一高于最初五分之一的 1.1 倍（分数 `loss_rise`）。
 - perplexity：整个 valid 集上的 codebook perplexity，最高值 (轮数) 与最终值。
 """
 

@@ -39,7 +39,7 @@ EXPECTED_EN = """\
 | Seq2 | 16 | 3e-3 | 8 | 16 | 10 | yes | +relu | s4d-all | pruned @ 10; 0.09 (best 0.08), mild oscillation | max 3 @ 10, final 3 |
 
 - ★ best of its table by the study's objective: lowest final val MSE among completed trials (a tie goes to the higher perplexity).
-- loss: final val MSE (best val MSE), then the train/loss oscillation label (score `loss_oscillation`): stable < 0.01 ≤ mild oscillation < 0.05 ≤ severe oscillation; "early …" and "… worse later" compare the first third of training with the whole.
+- loss: final val MSE (best val MSE), then the train/loss oscillation label (score `loss_oscillation`): stable < 0.01 ≤ mild oscillation < 0.05 ≤ severe oscillation; "early …" and "… worse later" compare the first third of training with the whole; "loss rising" first: its last fifth ends above 1.1x its first fifth (score `loss_rise`).
 - perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and the final value.
 """
 

@@ -18,7 +18,7 @@ from vqlog.train import SSM_MAX_LR, TrainingRun, build_optimizer, fit, lr_factor
 
 # The summary metrics of the MLflow contract (README, "MLflow layout") plus the ones the CLI and table read.
 SUMMARY_KEYS = {"best_val_mse", "final_val_mse", "max_val_perplexity", "max_val_perplexity_step",
-                "final_val_perplexity", "loss_oscillation", "early_loss_oscillation",
+                "final_val_perplexity", "loss_oscillation", "early_loss_oscillation", "loss_rise",
                 "iterations_run", "train_seconds"}
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,10 @@ Why this form:
 - The mean of |residual| counts isolated loss spikes, which a reader of the curve also calls
   oscillation, with a weight linear (not squared) in their size.
 
+A curve that only rises is not oscillating either, but "stable" would misread a diverging run:
+`rise_score` = log(median of the last fifth of the points / median of the first fifth) tells it
+apart, and a rise above RISE_THRESHOLD puts "loss rising" before the band's label.
+
 Degenerate input: NaN/Inf points are dropped (a diverged tail is a failure, reported as such, not
 oscillation). Fewer than `MIN_POINTS` finite points -> NaN ("too short to judge"; its label is "").
 A curve with non-positive values is scored linearly, in units of its median absolute value (the
@@ -65,9 +69,14 @@ THRESHOLDS: dict[str, float] = {"stable": 0.01, "mild": 0.05}
 # As the overall score averages early and late, early >= 2x overall means early >= 4x late.
 EARLY_RATIO = 2.0
 
+# "Loss rising": the last fifth of the curve sits at least 10% above its first fifth (medians). A
+# training loss falls far below its start; one that ends above it diverged or is diverging.
+RISE_THRESHOLD = math.log(1.1)
+
 # Every label, in the log's two languages. Keys: the band of the overall score, or a band
 # combined with how the first third of training compares with the whole.
 LABELS: dict[str, dict[str, str]] = {
+    "rising": {"en": "loss rising", "zh": "损失上升"},  # before the band's label; see rise_score
     "stable": {"en": "stable", "zh": "平稳"},
     "mild": {"en": "mild oscillation", "zh": "轻微震荡"},
     "severe": {"en": "severe oscillation", "zh": "震荡严重"},
@@ -109,6 +118,18 @@ def oscillation_score(values: Sequence[float], window: int = DEFAULT_WINDOW) -> 
     return float(np.mean(np.abs(residual)))
 
 
+def rise_score(values: Sequence[float]) -> float:
+    """log(median of the last fifth / median of the first fifth) of the finite points: above 0
+    when the loss ends higher than it began. NaN for fewer than MIN_POINTS finite points or a
+    curve with a value <= 0 (not a loss to take the log of)."""
+    x = np.asarray(values, dtype=float).ravel()  # (n,)
+    x = x[np.isfinite(x)]
+    if x.size < MIN_POINTS or not np.all(x > 0):
+        return math.nan
+    fifth = max(1, x.size // 5)
+    return float(math.log(np.median(x[-fifth:]) / np.median(x[:fifth])))
+
+
 def early_oscillation_score(values: Sequence[float], window: int = DEFAULT_WINDOW) -> float:
     """The score over the first third of the curve (the contract's `early_loss_oscillation`)."""
     points = list(values)
@@ -141,11 +162,19 @@ def label_key(score: float | None, early_score: float | None = None) -> str | No
     return overall
 
 
-def oscillation_label(score: float | None, early_score: float | None = None, lang: str = "en") -> str:
-    """The verbal label of LABELS in `lang` ("en" or "zh"); "" when the score is NaN or missing."""
+def oscillation_label(score: float | None, early_score: float | None = None, lang: str = "en",
+                      rise: float | None = None) -> str:
+    """The verbal label of LABELS in `lang` ("en" or "zh"); "" when the score is NaN or missing.
+    A `rise` (rise_score) above RISE_THRESHOLD puts "loss rising" first, in place of "stable"."""
     check_lang(lang)
     key = label_key(score, early_score)
-    return "" if key is None else LABELS[key][lang]
+    label = "" if key is None else LABELS[key][lang]
+    if rise is None or math.isnan(rise) or rise <= RISE_THRESHOLD:
+        return label
+    rising = LABELS["rising"][lang]
+    if key in (None, "stable"):
+        return rising
+    return rising + (", " if lang == "en" else "，") + label
 
 
 def check_lang(lang: str) -> None:

@@ -26,7 +26,7 @@ from vqlog.data import Splits
 from vqlog.errors import DivergedError, TrainingStopped, UserError
 from vqlog.model.s4d import ssm_parameters
 from vqlog.model.vqvae import VQVAE, VQVAEOutput
-from vqlog.oscillation import early_oscillation_score, oscillation_score
+from vqlog.oscillation import early_oscillation_score, oscillation_score, rise_score
 
 SSM_MAX_LR = 1e-3  # S4D's A and dt are unstable above this (Gu et al. 2022, sec. 4)
 EVAL_CHUNK = 512  # windows per forward pass during evaluation
@@ -89,6 +89,7 @@ class FitResult:
             "final_val_usage": self.evals[-1].val_usage if self.evals else math.nan,
             "loss_oscillation": oscillation_score(losses),
             "early_loss_oscillation": early_oscillation_score(losses),
+            "loss_rise": rise_score(losses),
             "iterations_run": float(self.iterations_run),
             "train_seconds": self.seconds,
         }

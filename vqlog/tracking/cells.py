@@ -38,14 +38,16 @@ WORDS = {
         "trials (a tie goes to the higher perplexity).",
         "- loss: final val MSE (best val MSE), then the train/loss oscillation label "
         "(score `loss_oscillation`): {stable} < {a} ≤ {mild} < {b} ≤ {severe}; \"early …\" and "
-        "\"… worse later\" compare the first third of training with the whole.",
+        "\"… worse later\" compare the first third of training with the whole; \"{rising}\" first: "
+        "its last fifth ends above 1.1x its first fifth (score `loss_rise`).",
         "- perplexity: codebook perplexity on the whole valid set, its maximum @ iteration and "
         "the final value.",
     ), (
         "- ★ 按研究目标本表最佳：已完成试验中最终 val MSE 最低（相同时取 perplexity 较高者）。",
         "- loss：最终 val MSE（最佳 val MSE），再加 train/loss 震荡标签"
         "（分数 `loss_oscillation`）：{stable} < {a} ≤ {mild} < {b} ≤ {severe}；"
-        "“前期…”与“…后期加剧”比较训练前三分之一与全程。",
+        "“前期…”与“…后期加剧”比较训练前三分之一与全程；"
+        "前置“{rising}”：最后五分之一高于最初五分之一的 1.1 倍（分数 `loss_rise`）。",
         "- perplexity：整个 valid 集上的 codebook perplexity，最高值 (轮数) 与最终值。",
     )),
 }
@@ -83,7 +85,8 @@ def loss_cell(row: TrialRow, lang: str) -> str:
         numbers = text["loss"].format(final=sig(final), best=sig(best)) if best is not None else sig(final)
     else:
         numbers = text["loss_best"].format(best=sig(best)) if best is not None else ""
-    label = oscillation_label(metric(row, "loss_oscillation"), metric(row, "early_loss_oscillation"), lang)
+    label = oscillation_label(metric(row, "loss_oscillation"), metric(row, "early_loss_oscillation"),
+                              lang, rise=metric(row, "loss_rise"))
     body = text["join"].join(part for part in (numbers, label) if part)
     resumed = text["resumed_at"].format(it=row.resumed_at) if row.resumed_at else ""
     state = ""
@@ -122,7 +125,7 @@ def perplexity_cell(row: TrialRow, lang: str) -> str:
 
 
 def legend(lang: str) -> tuple[str, ...]:
-    words = {key: LABELS[key][lang] for key in ("stable", "mild", "severe")}
+    words = {key: LABELS[key][lang] for key in ("stable", "mild", "severe", "rising")}
     return tuple(line.format(a=f"{THRESHOLDS['stable']:g}", b=f"{THRESHOLDS['mild']:g}", **words)
                  for line in TEXT[lang]["legend"])
 
