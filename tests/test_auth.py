@@ -144,6 +144,33 @@ def test_init_and_the_tracker_work_with_credentials_from_the_environment(server,
         MlflowClient(tracking_uri=server.url).search_experiments()
 
 
+@pytest.mark.parametrize("login, says", [
+    (None, "needs a login it accepts: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+    ("wrong", "needs a login it accepts"),
+    ("host", "refuses the host name 127.1:"),
+])
+def test_a_refused_login_or_host_is_one_error_line_before_the_study(server, monkeypatch, tmp_path,
+                                                                    cli, login, says):
+    """/health answers without a login and whatever the Host header; the API does not. A sweep
+    without credentials, with a wrong password, or through a host name the server does not allow
+    (its DNS-rebinding guard) ended in MLflow's exception, exit 1, after creating the study."""
+    url = server.url
+    if login == "wrong":
+        url = url.replace("http://", f"http://admin:{PASSWORD}x@")
+    if login == "host":
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+        url = url.replace("127.0.0.1", "127.1")  # the same address, a name start.sh does not allow
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli.sweep("--config", "smoke", "--trials", "1", "--study", f"refused-{login}",
+                               "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                               "--tracking-uri", url)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("Error: the MLflow server ") and says in err and err.count("\n") == 1, err
+    assert PASSWORD not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no study, no lock, no table
+
+
 def test_a_sweep_through_basic_auth_deletes_its_finished_checkpoints(server, monkeypatch,
                                                                     tmp_path, cli):
     """The compose workers' setting: a COMPLETE trial's checkpoint goes by an authenticated

@@ -265,32 +265,9 @@ def check_tracking_uri(uri: str) -> None:
     """Fail before the first trial when the tracking URI cannot work (exit 2, password masked)."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
-        import http.client
-        import urllib.error
-        import urllib.request
+        from vqlog.tracking.server import check_server
 
-        try:
-            health = _health_request(uri)
-            with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - user's server
-                if resp.status != 200:
-                    raise OSError(f"HTTP {resp.status}")
-        except urllib.error.HTTPError as exc:
-            if exc.code != 401:  # basic-auth servers guard /health too; the server is up
-                error = StoreUnreachable if exc.code in (502, 503, 504) else UserError  # a proxy
-                raise error(f"MLflow server {mask(uri)} answered HTTP {exc.code} on /health") from None
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            reason = one_line(getattr(exc, "reason", None) or exc, 200)
-            secret = password(uri)
-            if secret and not isinstance(exc, OSError):
-                # urllib's message on a malformed URI can quote a piece of the password
-                # ("nonnumeric port: 'pa'" for user:pa/ss@host): say what is wrong instead.
-                reason = "malformed URL; percent-encode / ? # @ : in the user name and password"
-            elif secret:
-                reason = reason.replace(secret, "***")
-            raise (StoreUnreachable if isinstance(exc, OSError) else UserError)(
-                f"cannot reach the MLflow server {mask(uri)} ({reason}); start it or pass "
-                "another --tracking-uri"
-            ) from None
+        check_server(uri)
     elif scheme == "sqlite":
         path = uri.split(":///", 1)[1] if ":///" in uri else ""
         if not path:
@@ -346,23 +323,3 @@ def _check_database(uri: str) -> None:
                 else "is an Optuna storage (it holds Optuna's tables)")
         raise UserError(f"--tracking-uri {mask(uri)} {what}; give MLflow a database of its own, "
                         "e.g. sqlite:///mlflow.db")
-
-
-def _health_request(uri: str):
-    """GET <uri>/health. Credentials in the URI (http://user:password@host) go in a Basic auth
-    header, as MLflow's client (requests) sends them; urllib would take `user:password@host` for
-    the host name and fail with 'Name or service not known'."""
-    import base64
-    import urllib.parse
-    import urllib.request
-
-    parts = urllib.parse.urlsplit(uri)
-    host = parts.netloc.rpartition("@")[2]
-    path = parts.path.rstrip("/") + "/health"
-    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, host, path, "", "")))
-    if parts.username is not None or parts.password is not None:
-        user = urllib.parse.unquote(parts.username or "")
-        secret = urllib.parse.unquote(parts.password or "")
-        token = base64.b64encode(f"{user}:{secret}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    return request
