@@ -33,7 +33,10 @@ fi
 # mlflow server reads --backend-store-uri from this variable: a password in it stays off `ps`.
 export MLFLOW_BACKEND_STORE_URI
 # The URL with any password replaced by ***, for the one line this script prints.
-shown_uri=$(printf '%s' "$MLFLOW_BACKEND_STORE_URI" | sed -E 's#^([^:/]+://[^:@/]*):[^@/]*@#\1:***@#')
+# The password runs to the last @ (an unescaped @ in it is read that way); libpq also takes one
+# as a password= (or sslpassword=) parameter.
+shown_uri=$(printf '%s' "$MLFLOW_BACKEND_STORE_URI" \
+    | sed -E -e 's#^([^:/]+://[^:@/]*):.*@#\1:***@#' -e 's#([?&](ssl)?[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*#\1***#g')
 
 host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"

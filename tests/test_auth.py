@@ -216,9 +216,17 @@ def test_the_password_is_in_no_argument_file_or_log(server):
     assert seen >= 2  # mlflow server and its uvicorn workers
 
 
-def test_start_sh_never_prints_a_database_password(tmp_path):
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql+psycopg2://someone:db-secret-pw@127.0.0.1:1/nowhere",
+     "postgresql+psycopg2://someone:***@127.0.0.1:1/nowhere,"),
+    # an unescaped @ in the password: libpq reads up to the last @, and so does the mask
+    ("postgresql+psycopg2://someone:db@secret-pw@127.0.0.1:1/nowhere",
+     "postgresql+psycopg2://someone:***@127.0.0.1:1/nowhere,"),
+    ("postgresql+psycopg2://someone@127.0.0.1:1/nowhere?password=db-secret-pw&sslmode=disable",
+     "postgresql+psycopg2://someone@127.0.0.1:1/nowhere?password=***&sslmode=disable,"),
+], ids=["userinfo", "at-sign", "query"])
+def test_start_sh_never_prints_a_database_password(tmp_path, uri, shown):
     """A full backend URI with a password is shown masked (it stays in the environment)."""
-    uri = "postgresql+psycopg2://someone:db-secret-pw@127.0.0.1:1/nowhere"  # nobody listens
     proc = subprocess.Popen(["sh", str(START_SH)], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=base_env(MLFLOW_BACKEND_STORE_URI=uri, MLFLOW_PORT="1"))
@@ -227,9 +235,8 @@ def test_start_sh_never_prints_a_database_password(tmp_path):
     finally:
         os.killpg(proc.pid, 9)
         proc.wait(timeout=30)
-    assert first.startswith("mlflow server on 127.0.0.1:1: backend "
-                            "postgresql+psycopg2://someone:***@127.0.0.1:1/nowhere,")
-    assert "db-secret-pw" not in first
+    assert first.startswith("mlflow server on 127.0.0.1:1: backend " + shown), first
+    assert "secret-pw" not in first
 
 
 def test_a_reader_gets_the_table_file_and_a_line_that_it_was_not_published(server, monkeypatch,

@@ -424,6 +424,12 @@ CASES: dict[str, Case] = {
         env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"}),
     "tracking-unreachable-server": Case(("--tracking-uri", "http://127.0.0.1:9/"),
                                         "cannot reach the MLflow server http://127.0.0.1:9/"),
+    "storage-password-with-an-at-sign": Case(  # the part after the @ was shown
+        ("--storage", f"postgresql://postgres:{PASSWORD[:4]}@{PASSWORD[4:]}@127.0.0.1:1/db"),
+        "postgresql://postgres:***@127.0.0.1:1/db"),
+    "storage-password-as-a-parameter": Case(  # shown whole
+        ("--storage", f"postgresql://postgres@127.0.0.1:1/db?password={PASSWORD}"),
+        "postgresql://postgres@127.0.0.1:1/db?password=***"),
     "tracking-unreachable-with-password": Case(
         ("--tracking-uri", f"http://me:{PASSWORD}@127.0.0.1:9/"),
         "cannot reach the MLflow server http://me:***@127.0.0.1:9/"),

@@ -5,6 +5,7 @@ runs' curves and their artifacts."""
 from __future__ import annotations
 
 import json
+import os
 import urllib.parse
 import urllib.request
 
@@ -109,3 +110,34 @@ def test_a_tracking_server_is_pointed_to_not_opened_as_a_store(tmp_path, mlflow_
     assert proc.stdout == f"The MLflow server serves its own UI: {server.url}\n"
     assert proc.stderr == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["server"]  # no store was created here
+
+
+def test_a_database_stores_password_stays_off_the_command_lines(tmp_path, monkeypatch):
+    """`ps` shows every user the command lines: the store's URI, password and all, went there as
+    `mlflow ui --backend-store-uri ...`, even when it came from $MLFLOW_TRACKING_URI."""
+    from pathlib import Path
+
+    from _stack import pg_url, throwaway_databases
+
+    secret = "ui-secret-pw"  # the machine's PostgreSQL trusts 127.0.0.1: any password opens it
+    with throwaway_databases("mlflow") as dbs:
+        uri = pg_url(dbs["mlflow"]).replace("@", f":{secret}@", 1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        port = free_port()
+        with serve([str(BIN / "vqlog"), "ui", "--port", str(port)], tmp_path / "ui", port,
+                   cwd=tmp_path) as server:
+            found = json.loads(get(f"{server.url}/api/2.0/mlflow/experiments/get-by-name?"
+                                   "experiment_name=Default"))
+            group = os.getpgid(server.proc.pid)
+            lines = []
+            for proc in Path("/proc").iterdir():
+                try:
+                    if proc.name.isdigit() and os.getpgid(int(proc.name)) == group:
+                        lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                except (OSError, ProcessLookupError):
+                    pass  # ended meanwhile
+            log = server.log_text()
+    assert found["experiment"]["name"] == "Default"  # the UI opened that store
+    assert len(lines) >= 2 and any("mlflow" in line for line in lines), lines
+    assert not [line for line in lines if secret in line], lines
+    assert secret not in log

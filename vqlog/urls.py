@@ -10,26 +10,28 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-_USERINFO_SECRET = re.compile(r"(\w[\w+.-]*://[^/@:\s]*):[^/@\s]*@")
+# `scheme://user:secret@`: the secret runs to the last @ of the word, so a password with an
+# unescaped @ (which requests and libpq read that way) is hidden whole.
+_USERINFO_SECRET = re.compile(r"(\w[\w+.-]*://[^/@:\s]*):\S*@")
+# `?password=secret` or `&sslpassword=secret`: libpq's other way of giving a password.
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#\s'\"]*", re.IGNORECASE)
 
 
 def mask(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not parseable: strip what sits between :// and @
-        head, sep, rest = url.partition("://")
-        if sep and "@" in rest:
-            return f"{head}://***@{rest.split('@', 1)[1]}"
-        return url
+    """The URL with its password replaced by ***: the one between `user:` and the last @, and
+    a `password=` query parameter."""
+    head, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        url = f"{head}://{user}{':***' if colon else ''}@{host}"
+    return _QUERY_SECRET.sub(r"\1***", url)
 
 
 def mask_urls(text: str) -> str:
-    """Every `scheme://user:secret@` in free text (a library's error message) with *** for the
-    secret."""
-    return _USERINFO_SECRET.sub(r"\1:***@", text)
+    """Every `scheme://user:secret@` and `password=secret` parameter in free text (a library's
+    error message) with *** for the secret."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO_SECRET.sub(r"\1:***@", text))
 
 
 def password(url: str) -> str:

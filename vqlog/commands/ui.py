@@ -132,7 +132,10 @@ def ui_command(args: argparse.Namespace) -> int:
     mlflow = beside if os.access(beside, os.X_OK) else shutil.which("mlflow")
     if mlflow is None:
         raise UserError("the mlflow command is not on PATH; activate the environment vqlog is installed in")
-    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+    # The store goes by the variable `mlflow ui` reads it from: a password in it stays off the
+    # command line, which every user of the machine can read (ps).
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = uri
+    cmd = [mlflow, "ui", "--host", args.host, "--port", str(args.port),
            # One uvicorn worker answers one person's browser (its requests run on a thread pool);
            # MLflow's default of four, each with the whole server loaded, took about 2 GiB beside
            # a sweep that needs the memory.
