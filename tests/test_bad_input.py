@@ -430,6 +430,11 @@ CASES: dict[str, Case] = {
     "storage-password-as-a-parameter": Case(  # shown whole
         ("--storage", f"postgresql://postgres@127.0.0.1:1/db?password={PASSWORD}"),
         "postgresql://postgres@127.0.0.1:1/db?password=***"),
+    "storage-empty": Case(("--storage", ""), "argument --storage: needs a URL, got an empty value"),
+    "tracking-empty": Case(("--tracking-uri", " "),
+                           "argument --tracking-uri: needs a URL, got an empty value"),
+    "table-tracking-empty": Case(("table", "--tracking-uri", ""), "needs a URL, got an empty value",
+                                 program="vqlog"),
     "tracking-unreachable-with-password": Case(
         ("--tracking-uri", f"http://me:{PASSWORD}@127.0.0.1:9/"),
         "cannot reach the MLflow server http://me:***@127.0.0.1:9/"),

@@ -78,14 +78,24 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
                         f"smoke, gpu); default {DEFAULT_SPEC}")
     p.add_argument("--study", type=default_if_empty,
                    help="study name (default, also when empty: the spec's name)")
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--storage", default=None, type=url_arg, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
 
 
 def default_if_empty(value: str) -> str | None:
     """An optional name given as '' means the default: compose passes `--study ""` where `STUDY`
     is left empty in `.env`."""
     return value or None
+
+
+def url_arg(value: str) -> str:
+    """--storage and --tracking-uri: an empty value is refused, not taken for the default. A
+    worker started as `--storage "$PG_URL"` with the variable unset ran a study of its own in
+    ./optuna.db, beside the shared one."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("needs a URL, got an empty value (an unset variable?); "
+                                         "leave the flag out for the default")
+    return value
 
 
 def check_out_file(out: str, flag: str, example: str, make_folders: bool = False):

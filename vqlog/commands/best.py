@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug
+from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, url_arg
 
 
 def best_command_parser(sub) -> None:
     p = sub.add_parser("best", help="print the study's best trial: params, value, run URL")
     p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--storage", default=None, type=url_arg, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     add_debug(p)
     p.set_defaults(func=best_command)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from vqlog.cli import TRACKING_HELP, add_data_args, add_debug, add_device_arg, check_out_file
+from vqlog.cli import (TRACKING_HELP, add_data_args, add_debug, add_device_arg, check_out_file,
+                       url_arg)
 
 
 def encode_command_parser(sub) -> None:
@@ -14,7 +15,7 @@ def encode_command_parser(sub) -> None:
     p.add_argument("--model", required=True,
                    help="a model file (vqlog export, vqlog train --save) or models:/<study>@best")
     add_data_args(p, None)
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     add_device_arg(p)
     p.add_argument("--out", required=True, help="the .npy file of code indices to write")
     add_debug(p)

@@ -8,7 +8,7 @@ import re
 import shutil
 import tempfile
 
-from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, check_out_file
+from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, check_out_file, url_arg
 
 
 def export_command_parser(sub) -> None:
@@ -16,8 +16,8 @@ def export_command_parser(sub) -> None:
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--trial", help="Optuna trial number (Seq<n+1> in the table) or Seq<k>; "
                                    "default: the study's best trial by its objective")
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--storage", default=None, type=url_arg, help=STORAGE_HELP)
+    p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     p.add_argument("--out", required=True, help="the model file to write, e.g. model.pt")
     add_debug(p)
     p.set_defaults(func=export_command)

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from vqlog.cli import TRACKING_HELP, add_debug, check_out_file, default_if_empty
+from vqlog.cli import TRACKING_HELP, add_debug, check_out_file, default_if_empty, url_arg
 
 
 def table_command_parser(sub) -> None:
@@ -20,7 +20,7 @@ def table_command_parser(sub) -> None:
                         "spec's name, else the only vqlog study")
     p.add_argument("--config", help="sweep spec (a bundled name or a YAML file) whose study to "
                                     "show when --study is not given, as vqlog-sweep names it")
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     p.add_argument("--lang", default="en", choices=("en", "zh"))
     p.add_argument("--out", help="output file (default results/<study>.md; - for stdout)")
     p.add_argument("--watch", action="store_true", help="keep regenerating as runs finish")

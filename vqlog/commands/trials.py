@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from vqlog.cli import TRACKING_HELP, add_debug
+from vqlog.cli import TRACKING_HELP, add_debug, url_arg
 
 SHOWN = ("number", "run", "state", "metrics.final_val_mse", "metrics.best_val_mse",
          "metrics.max_val_perplexity", "metrics.iterations_run")
@@ -15,7 +15,7 @@ SHOWN = ("number", "run", "state", "metrics.final_val_mse", "metrics.best_val_ms
 def trials_command_parser(sub) -> None:
     p = sub.add_parser("trials", help="list a study's trials (table, json or csv)")
     p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     p.add_argument("--format", default="table", choices=("table", "json", "csv"))
     add_debug(p)
     p.set_defaults(func=trials_command)

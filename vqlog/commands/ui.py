@@ -9,12 +9,12 @@ import shutil
 import socket
 import sys
 
-from vqlog.cli import add_debug
+from vqlog.cli import add_debug, url_arg
 
 
 def ui_command_parser(sub) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on the local store")
-    p.add_argument("--tracking-uri", default=None,
+    p.add_argument("--tracking-uri", default=None, type=url_arg,
                    help="the store to show: sqlite:///FILE (default sqlite:///mlflow.db here, "
                         "or $MLFLOW_TRACKING_URI) or a database URL; an http(s):// tracking "
                         "server serves its own UI, whose address is printed")
