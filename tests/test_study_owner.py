@@ -33,10 +33,58 @@ def started(storage: str, uri: str, folder) -> Tracker:
     tracker = Tracker(uri, table_dir=folder / "results")
     tracker.start_study(study, SPEC)
     trial = study.ask()
-    tracker.start_trial(trial.number, SPEC.base_config()).finish(
-        "COMPLETE", {"best_val_mse": 0.1, "final_val_mse": 0.1, "iterations_run": 10.0})
+    run = tracker.start_trial(trial.number, SPEC.base_config())
+    trial.set_user_attr("mlflow.run_id", run.run_id)  # as the worker records it
+    run.finish("COMPLETE", {"best_val_mse": 0.1, "final_val_mse": 0.1, "iterations_run": 10.0})
     study.tell(trial, 0.1)
     return tracker
+
+
+def test_a_worker_given_another_tracking_store_is_refused(tmp_path):
+    """The README's "add a worker on another host" without --tracking-uri: the study's trials
+    went on into that host's own mlflow.db, a second table and registered model that the other
+    workers never see. Refused before anything is written, also where that store has an
+    experiment of that name (made by a sweep that ran there alone)."""
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    started(storage, uri, tmp_path)
+    check_study(SPEC, storage, Tracker(uri))  # the study's own store: fine
+    elsewhere = tmp_path / "host2"
+    elsewhere.mkdir()
+    with pytest.raises(UserError, match="study 'owned' in sqlite:///.* has trials whose MLflow "
+                                        "runs are not in sqlite:///.*host2/mlflow.db"):
+        check_study(SPEC, storage, Tracker(f"sqlite:///{elsewhere}/mlflow.db"))
+    assert list(elsewhere.iterdir()) == []
+    other = f"sqlite:///{tmp_path}/other.db"
+    started(other, f"sqlite:///{elsewhere}/mlflow.db", elsewhere)  # host2's own study "owned"
+    with pytest.raises(UserError, match="holds the trial runs of another study 'owned' than"):
+        check_study(SPEC, storage, Tracker(f"sqlite:///{elsewhere}/mlflow.db"))  # check_owner's
+
+    # The best trial's run deleted for good (mlflow gc): the other trials' runs are looked for.
+    study, _ = open_study(SPEC, storage)
+    trial = study.ask()
+    client = MlflowClient(tracking_uri=uri)
+    best = study.best_trial.user_attrs["mlflow.run_id"]
+    second = Tracker(uri, table_dir=tmp_path / "results")
+    second.start_study(study, SPEC)
+    run = second.start_trial(trial.number, SPEC.base_config())
+    trial.set_user_attr("mlflow.run_id", run.run_id)
+    run.finish("COMPLETE", {"best_val_mse": 0.2, "final_val_mse": 0.2, "iterations_run": 10.0})
+    study.tell(trial, 0.2)
+    client.delete_run(best)
+    check_study(SPEC, storage, Tracker(uri))  # deleted in the UI: still there
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gc = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "gc", "--backend-store-uri",
+                         uri, "--tracking-uri", uri, "--run-ids", best], capture_output=True, text=True, timeout=300)
+    assert gc.returncode == 0, gc.stderr
+    try:
+        client.get_run(best)
+        raise AssertionError("mlflow gc left the run")
+    except Exception as exc:  # noqa: BLE001 - MlflowException: RESOURCE_DOES_NOT_EXIST
+        assert "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower(), exc
+    check_study(SPEC, storage, Tracker(uri))  # the second trial's run is there
 
 
 def test_the_study_and_its_study_run_share_an_id_and_an_older_study_run_is_adopted(tmp_path):

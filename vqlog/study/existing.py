@@ -10,6 +10,7 @@ import sqlalchemy
 from sqlalchemy.engine import URL
 
 from vqlog.errors import UserError
+from vqlog.study.trial import RUN_ID
 from vqlog.study.outage import is_connection_error, root_cause
 from vqlog.study.space import check_space
 from vqlog.study.storage import check_directions, engine_kwargs, parse_url, read_only_storage
@@ -25,9 +26,42 @@ def check_study(spec, url: str, tracker=None) -> None:
     holds another Optuna study's runs. Read-only (no file, table, lock, row, study or run is
     created), so that such a study is one error before a sweep says anything. A storage or
     study that is not there yet, or cannot be read now, is left to `open_study`."""
-    uid = _checked(spec, url)
+    uid, tracked = _checked(spec, url)
     if tracker is not None and uid is not None:
         check_owner(tracker, spec.name, uid, url)
+    if tracker is not None and tracked:
+        check_tracked_here(tracker, spec.name, url, tracked)
+
+
+def check_tracked_here(tracker, name: str, url: str, tracked) -> None:
+    """The study's trials were tracked in this MLflow store: a worker given another
+    --tracking-uri (or none, on another host) ran its trials into a store of its own, whose
+    table, registered model and checkpoints the study's other workers never see. `tracked()`
+    gives lists of the study's trials' run ids to look for, the best trial's first (found in
+    one query), then the others (read only if need be: a deleted run may be gone for good)."""
+    from vqlog.urls import sqlite_path
+
+    path = sqlite_path(tracker.uri)
+    exp = None
+    if path is None or path.is_file():
+        exp = tracker.client.get_experiment_by_name(name)
+    if exp is not None:
+        for ids in tracked():  # a list is read when the one before found nothing
+            if any(_holds(tracker.client, exp.experiment_id, run) for run in ids[:20]):
+                return
+    raise UserError(f"study '{name}' in {mask(url)} has trials whose MLflow runs are not in "
+                    f"{mask(tracker.uri)}: give --tracking-uri the store the study's other "
+                    "workers use, or another --study name to start anew")
+
+
+def _holds(client, experiment_id: str, run_id: str) -> bool:
+    """Whether experiment `experiment_id` of this store holds run `run_id` (deleted or not)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.experiment_id == experiment_id
+    except MlflowException:  # RESOURCE_DOES_NOT_EXIST: another store's run
+        return False
 
 
 def check_owner(tracker, name: str, uid: str, url: str) -> None:
@@ -64,18 +98,19 @@ def check_owner(tracker, name: str, uid: str, url: str) -> None:
                     "or another --study name to start anew")
 
 
-def _checked(spec, url: str) -> str | None:
-    """check_study's Optuna part; the study's vqlog.study_uid, ABSENT where the storage has no
-    study of that name, None where that is not known (an outage, or a study an older vqlog
-    made, which gets its id when opened)."""
+def _checked(spec, url: str):
+    """check_study's Optuna part: (uid, tracked). uid: the study's vqlog.study_uid, ABSENT where
+    the storage has no study of that name, None where that is not known (an outage, or a study
+    an older vqlog made, which gets its id when opened). tracked: None, or, for a study with
+    tracked trials, a function giving their run ids (check_tracked_here)."""
     from vqlog.tracking.lineage import STUDY_UID
 
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
-        return ABSENT
+        return ABSENT, None
     stamped = _stamped(parsed)
     if not stamped:
-        return None if stamped is None else ABSENT
+        return (None if stamped is None else ABSENT), None
     storage = None
     try:
         try:
@@ -85,20 +120,44 @@ def _checked(spec, url: str) -> str | None:
                 return None
             raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
         if spec.name not in optuna.get_all_study_names(storage):
-            return ABSENT
+            return ABSENT, None
         study = optuna.load_study(study_name=spec.name, storage=storage)
         check_directions(study, spec)
         check_space(storage, spec)
-        return study.user_attrs.get(STUDY_UID)
+        best = _best_run(study)
+        tracked = None
+        if best is not None:
+            tracked = lambda: iter(([best], _run_ids(url, spec.name)))  # noqa: E731
+        elif runs := _run_ids(url, spec.name, storage):  # no COMPLETE trial: a short list
+            tracked = lambda: iter((runs,))  # noqa: E731
+        return study.user_attrs.get(STUDY_UID), tracked
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - an outage: open_study waits it out
-        return None
+        return None, None
     finally:
         if storage is not None:
             storage.engine.dispose()
 
 
+def _best_run(study) -> str | None:
+    """The run id of the study's best trial (one query on an RDB storage), or None."""
+    try:
+        return study.best_trial.user_attrs.get(RUN_ID) if len(study.directions) == 1 else None
+    except ValueError:  # no COMPLETE trial yet
+        return None
+
+
+def _run_ids(url: str, name: str, storage=None) -> list[str]:
+    """The run ids of study `name`'s trials, newest first (the storage read again if not given)."""
+    own = storage is None
+    storage = read_only_storage(url) if own else storage
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        return [t.user_attrs[RUN_ID] for t in reversed(trials) if RUN_ID in t.user_attrs]
+    finally:
+        if own:
+            storage.engine.dispose()
 def _stamped(parsed: URL) -> bool | None:
     """Optuna's tables are there with their version rows: opening the storage then writes
     nothing (else it would write them, racing a process that creates them under its lock).
