@@ -200,6 +200,18 @@ def test_resampling_changes_the_length_by_the_ratio():
     assert [r["samples"] for r in s.info["recordings"]] == [500, 500] and s.sample_rate == 50
 
 
+def test_a_ratio_that_1000_cannot_approximate_is_refused_not_rounded():
+    """1/1200 rounded to 1/1000: 30 kHz "resampled to 25 Hz" came out at 30 Hz, and every window
+    held 1.2x the time the model was trained on."""
+    from vqlog.errors import DataError
+
+    x = np.random.default_rng(0).standard_normal(30000)
+    with pytest.raises(DataError, match="cannot resample 30000 Hz to 25 Hz within 0.1%"):
+        resample(x, 30000.0, 25)
+    y, rate = resample(x, 25000.0, 25)  # 1/1000 exactly
+    assert rate == 25 and y.size == 30
+
+
 def test_common_sample_rate_only_when_recordings_share_it():
     assert make_splits([ramp(400), ramp(400)], window=10, stride=10).sample_rate == 100.0
     assert make_splits([ramp(400), ramp(400, rate=50.0)], window=10, stride=10).sample_rate is None

@@ -104,6 +104,52 @@ def test_a_wfdb_channel_trains_and_sweeps(tmp_path, ppg, cli, tiny, mlflow_store
     assert f"data {record}" in out
 
 
+def test_a_headerless_csvs_column_keeps_its_first_sample(tmp_path, ppg):
+    """pandas read the first row of numbers as the column names: --channel 1 lost a sample and
+    named the recording after it."""
+    data2, _ = ppg
+    path = tmp_path / "two.csv"
+    np.savetxt(path, np.column_stack([np.arange(data2.signal.size), data2.signal]), delimiter=",")
+    (rec,) = load_source(str(path), sample_rate=117.0, channel="1")
+    assert rec.name == f"{path}:1" and rec.signal.size == data2.signal.size
+    np.testing.assert_allclose(rec.signal, data2.signal)
+
+
+def test_a_channel_index_may_be_an_int_from_python(tmp_path, ppg):
+    """`vqlog.sweep(..., channel=1)`: a WFDB record said it could not be read, an EDF file
+    raised AttributeError."""
+    data2, data = ppg
+    record = write_wfdb(tmp_path, data2)
+    edf = write_edf(tmp_path / "ppg.edf", data)
+    for source, name in ((record, "ramp"), (edf, "ramp")):
+        (by_int,), (by_name,) = load_source(source, channel=1), load_source(source, channel=name)
+        np.testing.assert_array_equal(by_int.signal, by_name.signal)
+
+
+def test_a_sample_or_a_flat_stretch_between_gaps_is_left_out_not_an_error(tmp_path, ppg):
+    """Scattered invalid samples (WFDB's invalid value, read as NaN) left single samples and flat
+    bits between them, which check_signal refused as constant: the whole record was an error."""
+    import wfdb
+
+    data2, _ = ppg
+    x = data2.signal.copy()
+    x[[5000, 5002, 9000, 9004]] = np.nan  # x[5001] alone; x[9001:9004] made flat below
+    x[9001:9004] = x[9001]
+    wfdb.wrsamp("gappy", fs=data2.sample_rate, units=["adu"], sig_name=["PPG"],
+                p_signal=x[:, None], fmt=["16"], write_dir=str(tmp_path))
+    record = str(tmp_path / "gappy")
+    parts = load_source(record)
+    n = x.size
+    assert [p.name for p in parts] == [f"{record}:PPG[0:5000]", f"{record}:PPG[5003:9000]",
+                                       f"{record}:PPG[9005:{n}]"]
+    flat = np.full(n, np.nan)
+    flat[100:200] = 3.0  # only a flat stretch between the gaps: nothing left
+    wfdb.wrsamp("flat", fs=100, units=["adu"], sig_name=["PPG"], p_signal=flat[:, None],
+                fmt=["16"], write_dir=str(tmp_path))
+    with pytest.raises(DataError, match="between its gaps \\(NaN\\) every stretch is flat"):
+        load_source(str(tmp_path / "flat"))
+
+
 def test_a_multi_segment_record_reads_across_its_segments_and_splits_at_its_gaps(tmp_path, ppg):
     """MIMIC's layout, written with wfdb's own writers: segments, a layout header, and a master
     header. A channel that a segment lacks is a gap, and each stretch between gaps a recording."""

@@ -54,6 +54,9 @@ def resample(x: np.ndarray, rate: float, target: float) -> tuple[np.ndarray, flo
     if ratio > 1000:
         raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x up); check "
                         "the sample rate, or use a lower resample_hz")
+    if abs(ratio - target / rate) > 1e-3 * (target / rate):  # 1/1200 rounds to 1/1000
+        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz within 0.1% (over 1000x "
+                        "down); use a higher resample_hz")
     if ratio == 1:
         return x, rate
     # padtype="line": PPG sits on a large offset (~500 ADC units); zero padding rings at the edges

@@ -33,6 +33,7 @@ def pick_channel(names: list[str], channel: str | None, where: str) -> int:
             return 0
         raise DataError(f"{where} has {len(names)} channels ({listing}); choose one with "
                         "--channel NAME|INDEX (data.channel in a spec)")
+    channel = str(channel)  # an int index from Python
     if channel in names:
         return names.index(channel)
     if channel.strip().isdigit() and int(channel) < len(names):

@@ -49,6 +49,8 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
     `channel` picks one signal of a WFDB record, an EDF/BDF file or a CSV/Parquet table."""
     if sample_rate is not None:
         sample_rate = _check_rate(sample_rate, source)
+    if channel is not None:
+        channel = str(channel)  # an index given as an int from Python: vqlog.sweep(channel=1)
     if source in SOURCES and channel is not None:
         raise DataError(f"the {source} source has one channel; drop --channel")
     if source == "ppg":
@@ -95,7 +97,13 @@ def split_gaps(rec: Recording) -> list[Recording]:
     runs = [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
     if not runs:
         raise DataError(f"{rec.name}: every one of its {x.size} samples is missing (NaN)")
-    return [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate) for a, b in runs]
+    # A sample or a flat few between two gaps (scattered invalid samples, as in MIMIC's records)
+    # hold no window and nothing to learn: left out, where check_signal refused the record.
+    kept = [(a, b) for a, b in runs if b - a >= 2 and np.ptp(x[a:b]) > 0]
+    if not kept:
+        raise DataError(f"{rec.name}: between its gaps (NaN) every stretch is flat or a single "
+                        "sample; check the record or pick another --channel")
+    return [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate) for a, b in kept]
 
 
 def describe_source(source: str) -> str:
@@ -237,7 +245,10 @@ def _column(path: Path, channel: str) -> tuple[np.ndarray, str]:
     import pandas as pd
 
     try:
-        df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+        # A CSV's header row needs a non-numeric cell, as in _read_csv: pandas would take a first
+        # row of numbers for the column names and drop that sample.
+        df = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
+              else pd.read_csv(path, header=None if _headerless(path) else "infer"))
     except (OSError, ValueError, ImportError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read as a table ({_why(exc)})") from None
     index = records.pick_channel([str(c) for c in df.columns], channel, str(path))
@@ -245,6 +256,16 @@ def _column(path: Path, channel: str) -> tuple[np.ndarray, str]:
     if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
         raise DataError(f"{path}: column {column.name!r} is {column.dtype}, not numeric")
     return column.to_numpy(np.float64, na_value=np.nan), str(column.name)
+
+
+def _headerless(path: Path) -> bool:
+    """Whether a CSV's first non-blank row is all numbers (data, not column names)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next((row for row in csv.reader(f) if any(c.strip() for c in row)), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False  # pandas says what is wrong
+    return bool(first) and all(_is_number(c.strip()) for c in first if c.strip())
 
 
 def _read_npy(path: Path) -> np.ndarray:
