@@ -76,6 +76,44 @@ def test_user_file_with_quantizer_none(signal_file, cli, tiny):
     assert "val MSE" in out and "perplexity" not in out  # no codes, no perplexity line
 
 
+def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(signal_file, tmp_path,
+                                                                           cli, tiny):
+    """resample_hz null: the model file records the 50 Hz it learned on, and encode brings a
+    100 Hz recording of the same signal to 50 Hz (same windows, same tokens); it cut windows at
+    100 Hz, each half the time the model was trained on."""
+    from vqlog import checkpoint
+
+    at50 = signal_file(pulses(6000), "s50.npy")
+    t = np.arange(12000) / 100.0  # the same pulses, without the noise, at 100 Hz
+    at100 = signal_file(np.sin(2 * np.pi * 1.2 * t) + 0.3 * np.sin(2 * np.pi * 2.4 * t), "s100.npy")
+    same50 = signal_file(np.sin(2 * np.pi * 1.2 * t[::2]) + 0.3 * np.sin(2 * np.pi * 2.4 * t[::2]),
+                         "same50.npy")
+    save = tmp_path / "native.pt"
+    rc, out, err = cli("train", "--data", at50, "--sample-rate", "50", *tiny.args(**SMALL),
+                       "--set", "resample_hz=null", "--set", "iteration=5", "--save", str(save))
+    assert rc == 0, err
+    assert torch.load(save, weights_only=True)["sample_rate"] == 50.0
+    cfg, model = checkpoint.load(save)
+    assert (cfg.resample_hz, model.sample_rate) == (50.0, 50.0)
+    tokens = {}
+    for name, path, rate in (("100", at100, "100"), ("50", same50, "50")):
+        out_file = tmp_path / f"t{name}.npy"
+        rc, out, err = cli("encode", "--model", str(save), "--data", path, "--sample-rate", rate,
+                           "--out", str(out_file))
+        assert rc == 0, err
+        assert "(32 samples at 50 Hz, 4 per code)" in out, out
+        tokens[name] = np.load(out_file)
+    assert tokens["100"].shape == tokens["50"].shape == (6000 // 32, 8)
+    assert (tokens["100"] == tokens["50"]).mean() > 0.9  # resampling rounds a few codes apart
+
+    # A model file from before the rate was recorded still loads, at the data's own rate.
+    ckpt = torch.load(save, weights_only=True)
+    del ckpt["sample_rate"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    cfg, model = checkpoint.load(tmp_path / "old.pt")
+    assert (cfg.resample_hz, model.sample_rate) == (None, None)
+
+
 # --------------------------------------------------------------------------- bad input: exit 2
 
 

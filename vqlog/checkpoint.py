@@ -1,13 +1,15 @@
 """Weights and training states on disk, all loaded with `torch.load(weights_only=True)`: plain dicts
 of tensors and built-in values, so a file from elsewhere cannot run code when it is opened.
 
-A model file ({"config": the log's keys, "state_dict": the weights}) is what `vqlog train --save`,
+A model file ({"config": the log's keys, "state_dict": the weights, "sample_rate": the rate its
+windows were cut at, where one rate was common to its data}) is what `vqlog train --save`,
 `vqlog export` and every COMPLETE trial's `model/model.pt` artifact hold:
 
     from vqlog.checkpoint import load
     cfg, model = load("model.pt")          # model in eval mode, on the CPU
     out = model(windows)                   # windows: (B, window) float32; out.recon, out.quant
     tokens = out.quant.indices             # (B, T) code indices
+    model.sample_rate                      # Hz, or None (recordings at several native rates)
 
 A training state (`training_state`) holds everything that decides the rest of a run: the model,
 the optimizer, the schedule, the quantizer's buffers (EMA statistics, the k-means flag), every
@@ -17,6 +19,7 @@ keeps its latest one as an MLflow artifact; a retry continues from it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import IO
@@ -26,16 +29,20 @@ from vqlog.errors import UserError, one_line
 from vqlog.files import atomic_write
 
 STATE_FORMAT = "vqlog.training-state/1"
+MODEL_KEYS = {"config", "state_dict", "sample_rate"}  # a model file's; sample_rate is optional
 
 
-def save(path: str | os.PathLike, cfg: Config, model) -> None:
+def save(path: str | os.PathLike, cfg: Config, model, sample_rate: float | None = None) -> None:
     """A model file, written atomically (a temp file beside `path`, then a rename). The weights
     are stored as CPU tensors, so a plain `torch.load` of a GPU-trained model works on a host
-    without a GPU too."""
+    without a GPU too. `sample_rate`: the rate of the windows it was trained on (None: unknown,
+    or several native rates)."""
     import torch
 
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state = {"config": cfg.to_params(), "state_dict": weights}
+    if sample_rate is not None:
+        state["sample_rate"] = float(sample_rate)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -62,13 +69,17 @@ def _torch_load(path: Path, device: str, what: str):
 
 def load(path: str | os.PathLike, device: str = "cpu"):
     """(Config, VQVAE in eval mode) from a model file. UserError names the file when it is
-    missing, not a vqlog model, or holds objects a weights-only load refuses."""
+    missing, not a vqlog model, or holds objects a weights-only load refuses. A model trained
+    at its data's own rate (resample_hz null) that records the rate gets it as resample_hz."""
     from vqlog.model.vqvae import VQVAE
 
     path = Path(path)
     ckpt = _torch_load(path, device, "checkpoint")
-    if not isinstance(ckpt, dict) or set(ckpt) != {"config", "state_dict"}:
+    if not isinstance(ckpt, dict) or not {"config", "state_dict"} <= set(ckpt) <= MODEL_KEYS:
         raise UserError(f"{path} is not a vqlog checkpoint (expected keys config and state_dict)")
+    rate = ckpt.get("sample_rate")
+    if rate is not None and not (isinstance(rate, float) and rate > 0 and rate != float("inf")):
+        raise UserError(f"{path} is not a vqlog checkpoint (its sample_rate is {rate!r})")
     for key in ("config", "state_dict"):
         if not isinstance(ckpt[key], dict):
             raise UserError(f"{path} is not a vqlog checkpoint (its {key} is a "
@@ -85,6 +96,11 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
         raise UserError(f"{path}: weights do not fit its config: {one_line(lines[0], 300)}{more}") from None
+    model.sample_rate = rate  # a plain attribute: not in the state dict, not a buffer
+    if cfg.resample_hz is None and rate is not None:
+        # Trained at its data's native rate: the config cuts other data at that rate, so that a
+        # window spans the time the model learned on (`all_windows`, `vqlog encode`).
+        cfg = dataclasses.replace(cfg, resample_hz=rate)
     return cfg, model.eval()
 
 

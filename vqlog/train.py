@@ -65,6 +65,7 @@ class FitResult:
     stopped_early: bool = False
     model: torch.nn.Module | None = None
     resumed_at: int = 0  # the step a resumed fit continued from (0: from the start)
+    sample_rate: float | None = None  # the data's rate (Splits.sample_rate), for the model file
 
     @property
     def best_val_mse(self) -> float:
@@ -346,6 +347,7 @@ def _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint, res
         first = run.restore(resume) + 1
         spent = float(resume["seconds"])
     result = run.result
+    result.sample_rate = getattr(data, "sample_rate", None)
     check = dev.type == "cpu"  # a per-step finiteness check is free on the CPU only
     start = time.perf_counter()
 

@@ -40,12 +40,15 @@ def encode_command(args: argparse.Namespace) -> int:
         cfg, model = checkpoint.load(path, device=str(device))
     if cfg.quantizer == "none":
         raise UserError(f"{what} has no quantizer (quantizer none): it makes no tokens")
+    # load's config cuts other data at the model's rate, also one trained at its data's native
+    # rate (resample_hz null): a 250 Hz ECG into a 100 Hz model is resampled to 100 Hz.
     windows = all_windows(args.data, cfg, sample_rate=args.sample_rate, channel=args.channel)
     result = encode(model, windows)
     atomic_write(out, lambda f: np.save(f, result.tokens, allow_pickle=False))
     n, t = result.tokens.shape
-    print(f"tokens: {n} windows x {t} codes ({cfg.window} samples, {cfg.downsample} per code) "
-          f"from {args.data} -> {out}")
+    at = f" at {cfg.resample_hz:g} Hz" if cfg.resample_hz else " at the data's own rate"
+    print(f"tokens: {n} windows x {t} codes ({cfg.window} samples{at}, {cfg.downsample} per "
+          f"code) from {args.data} -> {out}")
     print(f"reconstruction MSE {result.mse:.4g}; codebook perplexity {result.perplexity:.1f} "
           f"of {model.codebook_size} codes ({100 * result.usage:.1f}% in use)")
     return 0

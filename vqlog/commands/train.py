@@ -61,7 +61,7 @@ def train_command(args: argparse.Namespace) -> int:
     s = result.summary()
     print(summary_text(cfg, s))
     if args.save:
-        checkpoint.save(args.save, cfg, result.model)
+        checkpoint.save(args.save, cfg, result.model, result.sample_rate)
         print(f"saved: {args.save}")
     return 0
 

@@ -52,13 +52,13 @@ def drop_checkpoint(client, run) -> None:
     repo.delete_artifacts(Path(CHECKPOINT).parent.name)
 
 
-def upload_weights(client, run_id: str, cfg, model) -> None:
+def upload_weights(client, run_id: str, cfg, model, sample_rate: float | None = None) -> None:
     """The final weights as the run's `model/model.pt` (a model file `checkpoint.load` reads)."""
     from vqlog.checkpoint import save
 
     with tempfile.TemporaryDirectory(prefix="vqlog-model-") as folder:
         path = Path(folder) / Path(WEIGHTS).name
-        save(path, cfg, model)
+        save(path, cfg, model, sample_rate)
         client.log_artifact(run_id, str(path), Path(WEIGHTS).parent.name)
 
 

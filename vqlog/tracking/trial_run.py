@@ -211,7 +211,8 @@ class TrialRun:
             self.flush(tags=tags)
             if result is not None:
                 if state == "COMPLETE":
-                    artifacts.upload_weights(self.client, self.run_id, result.config, result.model)
+                    artifacts.upload_weights(self.client, self.run_id, result.config, result.model,
+                                             result.sample_rate)
                 self.client.log_figure(self.run_id, plots.curves_figure(result), "curves.png",
                                        save_kwargs=plots.SAVE_KWARGS)
                 if windows is not None and len(windows):
