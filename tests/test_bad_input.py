@@ -422,6 +422,16 @@ CASES: dict[str, Case] = {
     "tracking-env-bad-scheme": Case(
         (), "$MLFLOW_TRACKING_URI (the default of --tracking-uri) must be sqlite:///FILE",
         env={"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"}),
+    "env-heartbeat-not-a-number": Case(  # a ValueError blamed on the storage, after the study line
+        (), "$VQLOG_HEARTBEAT_INTERVAL must be a whole number of seconds above 0, got 'abc'",
+        env={"VQLOG_HEARTBEAT_INTERVAL": "abc"}),
+    "env-grace-zero": Case((), "$VQLOG_HEARTBEAT_GRACE must be a whole number of seconds above 0",
+                           env={"VQLOG_HEARTBEAT_GRACE": "0"}),
+    "env-db-outage-negative": Case((), "$VQLOG_DB_OUTAGE_LIMIT must be a number of seconds above 0",
+                                   env={"VQLOG_DB_OUTAGE_LIMIT": "-5"}),  # it was taken as it was
+    "table-env-tracking-outage": Case(  # every command: Error: ValueError ..., exit 1
+        ("table", "--out", "-"), "$VQLOG_TRACKING_OUTAGE_LIMIT must be a number of seconds above 0",
+        {"mlflow.db": an_mlflow_store}, env={"VQLOG_TRACKING_OUTAGE_LIMIT": "x"}, program="vqlog"),
     "tracking-unreachable-server": Case(("--tracking-uri", "http://127.0.0.1:9/"),
                                         "cannot reach the MLflow server http://127.0.0.1:9/"),
     "storage-password-with-an-at-sign": Case(  # the part after the @ was shown

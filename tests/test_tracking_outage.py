@@ -162,11 +162,10 @@ def test_a_store_that_stays_away_at_start_up_says_how_to_resume(tmp_path, monkey
     import sqlite3
 
     from vqlog import api
-    from vqlog.tracking import client
 
     monkeypatch.chdir(tmp_path)
     uri = mlflow_store()
-    monkeypatch.setattr(client, "OUTAGE_LIMIT", 2.0)
+    monkeypatch.setenv("VQLOG_TRACKING_OUTAGE_LIMIT", "2")
     holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
     load_data = api.load_data
 

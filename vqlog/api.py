@@ -30,6 +30,12 @@ def check_options(trials: int, timeout: float | None, seed: int | None) -> None:
         raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise UserError(f"--seed must be from 0 to {SEED_MAX} (2**32 - 1), got {seed}")
+    from vqlog.config import env_number
+
+    # The environment's tuning knobs, read later by the workers: a bad one is bad input now.
+    for name, integer in (("VQLOG_HEARTBEAT_INTERVAL", True), ("VQLOG_HEARTBEAT_GRACE", True),
+                          ("VQLOG_DB_OUTAGE_LIMIT", False), ("VQLOG_TRACKING_OUTAGE_LIMIT", False)):
+        env_number(name, 1, integer)
 
 
 def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str | None = None,

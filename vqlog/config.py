@@ -249,3 +249,24 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def env_number(name: str, default: float, integer: bool = False) -> float:
+    """A number above 0 from the environment variable `name` (`default` when unset or empty): the
+    tuning knobs VQLOG_HEARTBEAT_INTERVAL, VQLOG_HEARTBEAT_GRACE, VQLOG_DB_OUTAGE_LIMIT and
+    VQLOG_TRACKING_OUTAGE_LIMIT. Anything else is a ConfigError naming the variable: "abc" was
+    a ValueError blamed on the storage, and -5 was taken as it was."""
+    import os
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        kind = "a whole number of seconds" if integer else "a number of seconds"
+        raise ConfigError(f"${name} must be {kind} above 0, got {text!r}")
+    return value
+

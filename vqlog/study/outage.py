@@ -6,7 +6,6 @@ sent again after a connection error. Past VQLOG_DB_OUTAGE_LIMIT: StorageOutageEr
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Callable, TypeVar
@@ -15,6 +14,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
+from vqlog.config import env_number
 from vqlog.errors import StorageOutageError, find_cause, one_line
 
 T = TypeVar("T")
@@ -23,7 +23,7 @@ log = logging.getLogger("vqlog")
 
 def outage_limit() -> float:
     """Seconds an opened PostgreSQL storage may stay unreachable (VQLOG_DB_OUTAGE_LIMIT)."""
-    return float(os.environ.get("VQLOG_DB_OUTAGE_LIMIT", "120"))
+    return env_number("VQLOG_DB_OUTAGE_LIMIT", 120.0)
 
 
 def is_connection_error(exc: BaseException) -> bool:

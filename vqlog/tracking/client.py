@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from vqlog.config import env_number
 from vqlog.errors import TrackingUnavailable, UserError, find_cause, one_line
 from vqlog.urls import absolute_sqlite, mask, mask_urls, password, sqlite_path, with_psycopg2
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-OUTAGE_LIMIT = float(os.environ.get("VQLOG_TRACKING_OUTAGE_LIMIT", "120"))
+OUTAGE_LIMIT = None  # seconds; None: VQLOG_TRACKING_OUTAGE_LIMIT (120), read when a client starts
 BACKOFF_MAX = 5.0  # seconds between two attempts, at most
 REQUEST_TIMEOUT = "30"  # seconds per HTTP request (MLflow's default is 120)
 TRANSIENT_TEXT = (
@@ -74,7 +75,9 @@ class RetryingClient:
                  sleep: Callable[[float], None] = time.sleep):
         self._client = client
         self.describe = describe  # the masked URI, for messages
-        self.limit = OUTAGE_LIMIT if limit is None else limit
+        if limit is None:
+            limit = OUTAGE_LIMIT or env_number("VQLOG_TRACKING_OUTAGE_LIMIT", 120.0)
+        self.limit = limit
         self._sleep = sleep
         self.down_since: float | None = None  # monotonic time of the outage's first failure
         self.outages = 0  # outages ridden out, for the sweep's closing line
