@@ -262,3 +262,19 @@ def test_a_reader_gets_the_table_file_and_a_line_that_it_was_not_published(serve
     assert f"table: {out_file} (0 trials)" in out
     assert "not published to the study run" in err and "may not edit" in err, err
     assert reader_pw not in out + err and PASSWORD not in out + err
+
+    # A sweep as the reader: its first trial failed on creating its run (a FAIL trial in the
+    # study) and it ended with MLflow's 403, exit 1.
+    import optuna
+
+    (tmp_path / "sweep").mkdir()
+    monkeypatch.chdir(tmp_path / "sweep")
+    code, out, err = cli.sweep("--config", "smoke", "--trials", "1", "--study", "read-only",
+                               "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                               "--tracking-uri", server.url)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("Error: this user may read MLflow experiment 'read-only' on ") \
+        and "ask the server's admin for EDIT permission" in err and err.count("\n") == 1, err
+    study = optuna.load_study(study_name="read-only", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.trials == []
+    assert list((tmp_path / "sweep").iterdir()) == []

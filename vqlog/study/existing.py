@@ -31,6 +31,33 @@ def check_study(spec, url: str, tracker=None) -> None:
         check_owner(tracker, spec.name, uid, url)
     if tracker is not None and tracked:
         check_tracked_here(tracker, spec.name, url, tracked)
+    if tracker is not None and tracker.uri.startswith(("http://", "https://")):
+        check_may_edit(tracker, spec.name)
+
+
+def check_may_edit(tracker, name: str) -> None:
+    """A tracking server's user who may read the study's experiment, not edit it (MLflow's
+    default permission for a logged-in user), is refused here: the sweep's first trial failed
+    on creating its run, a FAIL trial in the shared study, and the sweep ended with exit 1.
+    Tested by the one write a sweep makes anyway: the experiment's kind tag, to its value."""
+    from mlflow.exceptions import MlflowException
+
+    from vqlog.tracking.lineage import EXPERIMENT_KIND
+    from vqlog.urls import mask
+
+    exp = tracker.client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        return  # a new experiment is its creator's; a deleted one is refused later
+    try:
+        for key, value in EXPERIMENT_KIND.items():
+            tracker.client.set_experiment_tag(exp.experiment_id, key, value)
+    except MlflowException as exc:
+        if exc.get_http_status_code() != 403:
+            raise
+        raise UserError(f"this user may read MLflow experiment '{name}' on {mask(tracker.uri)} "
+                        "but not edit it (HTTP 403), and a sweep writes its runs there: ask the "
+                        "server's admin for EDIT permission on it, or log in as a user who has "
+                        "it") from None
 
 
 def check_tracked_here(tracker, name: str, url: str, tracked) -> None:
