@@ -38,6 +38,9 @@ export MLFLOW_BACKEND_STORE_URI
 shown_uri=$(printf '%s' "$MLFLOW_BACKEND_STORE_URI" \
     | sed -E -e 's#^([^:/]+://[^:@/]*):.*@#\1:***@#' -e 's#([?&](ssl)?[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&]*#\1***#g')
 
+command -v mlflow >/dev/null 2>&1 ||
+    fail "the mlflow command is not on PATH; activate the environment vqlog is installed in (. .venv/bin/activate)"
+
 host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"
 artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-./mlartifacts}"

@@ -56,6 +56,15 @@ def test_a_short_admin_password_is_refused(tmp_path):
     assert "at least 12 characters" in out.stderr and "short-pw" not in out.stderr
 
 
+def test_without_the_environments_mlflow_it_says_to_activate_it(tmp_path):
+    """Run from a shell without the environment, it ended in `exec: mlflow: not found`, 127."""
+    out = subprocess.run(["sh", str(START_SH)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**base_env(), "PATH": "/usr/bin:/bin"})
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == ("Error: the mlflow command is not on PATH; activate the environment "
+                          "vqlog is installed in (. .venv/bin/activate)\n")
+
+
 def test_an_unknown_auth_mode_is_refused(tmp_path):
     out = _start_sh({"MLFLOW_AUTH": "digest"}, tmp_path)
     assert out.returncode == 2
