@@ -398,6 +398,19 @@ def test_the_line_counts_a_trial_and_its_retry_as_one_row(store, tmp_path, cli, 
     assert len(rows) == 3 and "| Seq3 |" not in text and "| Seq4 |" in text, text
     assert (code, out, err) == (0, "table: results/alpha.md (3 trials)\n", "")
 
+    # `vqlog trials` gives the retry's original as a trial number, not 2.0 (pandas made the
+    # column float, as the other rows have none), and none as null
+    import json
+
+    code, out, err = cli("trials", "--study", "alpha", "--tracking-uri", store, "--format", "json")
+    assert code == 0, err
+    assert [(r["number"], r["retry_of"], r["resumed_at"]) for r in json.loads(out)] == [
+        (0, None, None), (1, None, None), (2, None, None), (3, 2, None)]
+    code, out, err = cli("trials", "--study", "alpha", "--tracking-uri", store, "--format", "csv")
+    assert out.splitlines()[4].startswith("3,Seq4,COMPLETE,") and ",2,," in out.splitlines()[4]
+    code, out, err = cli("trials", "--study", "alpha", "--tracking-uri", store)
+    assert code == 0 and "Seq4" in out and "2.0" not in out, out + err
+
 
 @pytest.mark.slow
 def test_watch_says_a_line_once_when_only_a_row_changed(store, tmp_path, tiny):

@@ -121,7 +121,7 @@ BAD = {  # name: (arguments, fragment of the Error line); {m} is a model file, {
                                  "no such registered model"),
     "too short": (["encode", "--model", "{m}", "--data", "{f}/short.npy", "--sample-rate", "25"],
                   "shorter than one window"),
-    "no data": (["encode", "--model", "{m}"], "--data is required"),
+    "no data": (["encode", "--model", "{m}"], "the following arguments are required: --data"),
 }
 
 

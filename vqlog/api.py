@@ -205,7 +205,10 @@ def results(study: str, tracking_uri: str | None = None):
         record.update({f"metrics.{k}": v for k, v in sorted(row.metrics.items()) if "/" not in k})
         records.append(record)
     columns = ["number", "run", "state", "run_id", "retry_of", "resumed_at"]
-    return pd.DataFrame.from_records(records, columns=None if records else columns)
+    df = pd.DataFrame.from_records(records, columns=None if records else columns)
+    for key in ("retry_of", "resumed_at"):  # trial numbers and steps, with gaps: not floats
+        df[key] = df[key].astype("Int64")
+    return df
 
 
 def _value(text: str):

@@ -55,10 +55,11 @@ def add_debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def add_data_args(p: argparse.ArgumentParser, default: str | None) -> None:
+def add_data_args(p: argparse.ArgumentParser, default: str | None, required: bool = False) -> None:
     p.add_argument(
         "--data",
         default=default,
+        required=required,
         help="ppg (heartpy's real PPG recordings), synthetic, a .npy/.csv/.parquet file, a WFDB "
              "record (its path without .hea) or an EDF/BDF file",
     )

@@ -13,8 +13,9 @@ from vqlog.cli import (TRACKING_HELP, add_data_args, add_debug, add_device_arg, 
 def encode_command_parser(sub) -> None:
     p = sub.add_parser("encode", help="turn signals into tokens with a trained model")
     p.add_argument("--model", required=True,
-                   help="a model file (vqlog export, vqlog train --save) or models:/<study>@best")
-    add_data_args(p, None)
+                   help="a model file (vqlog export, vqlog train --save) or a registered "
+                        "model: models:/<study>@<alias> (e.g. @best) or models:/<study>/<version>")
+    add_data_args(p, None, required=True)
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     add_device_arg(p)
     p.add_argument("--out", required=True, help="the .npy file of code indices to write")

@@ -21,10 +21,12 @@ def table_command_parser(sub) -> None:
     p.add_argument("--config", help="sweep spec (a bundled name or a YAML file) whose study to "
                                     "show when --study is not given, as vqlog-sweep names it")
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
-    p.add_argument("--lang", default="en", choices=("en", "zh"))
+    p.add_argument("--lang", default="en", choices=("en", "zh"),
+                   help="the table's labels: en (default) or zh, as the original log writes them")
     p.add_argument("--out", help="output file (default results/<study>.md; - for stdout)")
     p.add_argument("--watch", action="store_true", help="keep regenerating as runs finish")
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between checks with --watch")
+    p.add_argument("--interval", type=float, default=10.0,
+                   help="seconds between checks with --watch (default 10)")
     add_debug(p)
     p.set_defaults(func=table_command)
 

@@ -36,7 +36,10 @@ def trials_command(args: argparse.Namespace) -> int:
 
 
 def _json(value):
-    if isinstance(value, float) and math.isnan(value):
+    import pandas as pd
+
+    # pd.NA: a missing value of a nullable integer column (retry_of, resumed_at)
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return None
     return value.item() if hasattr(value, "item") else value
 

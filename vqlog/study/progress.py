@@ -41,7 +41,7 @@ class TrialProgress:
         else:
             mse = a.get("final_val_mse")
             ppl = a.get("max_val_perplexity")
-            what = f"{t.state.name:<9} val mse {mse:.4f}" if mse is not None else t.state.name
+            what = f"{t.state.name:<9} val mse {mse:.4g}" if mse is not None else t.state.name
             if ppl is not None:
                 what += f"  perplexity max {ppl:.1f}"
             resumed = f", resumed @ {a['resumed_at']}" if a.get("resumed_at") else ""
@@ -65,4 +65,4 @@ class TrialProgress:
 
 def best_text(best: FrozenTrial | None) -> str:
     """The best trial so far (`vqlog.study.worker.best_trial`) as a trial line ends with it."""
-    return "" if best is None else f"{best.values[0]:.4f} ({run_name(best.number)})"
+    return "" if best is None else f"{best.values[0]:.4g} ({run_name(best.number)})"
