@@ -150,6 +150,27 @@ def test_a_sample_or_a_flat_stretch_between_gaps_is_left_out_not_an_error(tmp_pa
         load_source(str(tmp_path / "flat"))
 
 
+def test_a_truncated_edf_reads_its_whole_records_with_one_warning_line(tmp_path, ppg, caplog):
+    """edfio's warning reached the terminal raw, two lines with its own file and line number."""
+    import subprocess
+    import sys
+
+    _, data = ppg
+    path = tmp_path / "cut.edf"
+    write_edf(path, data)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - (len(raw) - 768) // 2])  # header 3 x 256 bytes, half the data
+    with caplog.at_level("WARNING", logger="vqlog"):
+        (rec,) = load_source(str(path), channel="PPG")
+    assert 0 < rec.signal.size < 2400
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"vqlog: {path}: EDF header indicates 24 data records"), message
+    code = f"from vqlog.sources import load_source; load_source({str(path)!r}, channel='PPG')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"vqlog: {path}: EDF header indicates"), out.stderr
+
+
 def test_a_multi_segment_record_reads_across_its_segments_and_splits_at_its_gaps(tmp_path, ppg):
     """MIMIC's layout, written with wfdb's own writers: segments, a layout header, and a master
     header. A channel that a segment lacks is a gap, and each stretch between gaps a recording."""

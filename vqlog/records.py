@@ -9,6 +9,7 @@ its signal files) and an EDF/BDF file by its path; `--channel` picks one signal 
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -86,10 +87,14 @@ def read_edf(path: Path, channel: str | None) -> tuple[np.ndarray, float, str]:
     try:
         with open(path, "rb") as f:  # by the header, not the suffix: BDF's starts 0xFF BIOSEMI
             bdf = f.read(8) == b"\xffBIOSEMI"
-        edf = (edfio.read_bdf if bdf else edfio.read_edf)(path)
+        with warnings.catch_warnings(record=True) as said:  # edfio's, with its file and line
+            warnings.simplefilter("always")
+            edf = (edfio.read_bdf if bdf else edfio.read_edf)(path)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise DataError(f"{path} is not a readable EDF or BDF file "
                         f"({one_line(exc, 200)})") from None
+    for warning in said:  # e.g. a file cut short: "header indicates 120 data records, but ..."
+        logging.getLogger("vqlog").warning("vqlog: %s: %s", path, one_line(warning.message, 300))
     signals = list(edf.signals)
     if not signals:
         raise DataError(f"{path} holds no signals")
