@@ -66,6 +66,27 @@ def test_the_description_fits_the_limit_in_whole_rows_with_the_logs_rows_and_the
     assert text.rstrip().splitlines()[-1].startswith("- ")  # the legend closes it, whole
 
 
+def test_a_cut_description_stars_the_rows_the_whole_table_stars():
+    """A spec with queued rows and a `quantizer: none` table: the ranks run across both tables,
+    so a cut left the baseline table's best out and put its ★ on a queued row."""
+    params = {"batch": "32", "lr": "0.001", "embedding_dim": "64", "embedding_num": "128",
+              "iteration": "300", "BN": "True", "MLP": "relu", "En-De": "s4d-all"}
+
+    def row(number: int, quantizer: str, mse: float, queued: bool = False) -> TrialRow:
+        return TrialRow(number, "COMPLETE", {**params, "quantizer": quantizer},
+                        {"final_val_mse": mse, "best_val_mse": mse, "iterations_run": 300.0},
+                        queued=queued)
+
+    rows = [row(0, "none", 0.9, queued=True), row(1, "none", 0.5)]
+    rows += [row(i, "vq", 0.01 + i / 10000) for i in range(2, 200)]
+    full = render_table(rows, title="s")
+    text = render_description(rows, title="s", text=full)
+    assert len(full) > DESCRIPTION_LIMIT >= len(text)
+    stars = [line for line in full.splitlines() if " ★ |" in line]
+    assert [line[:9] for line in stars] == ["| Seq3 ★ ", "| Seq2 ★ "]
+    assert [line for line in text.splitlines() if " ★ |" in line] == stars
+
+
 def test_a_long_table_reaches_the_study_run_whole_in_its_artifact_and_cut_in_its_description(
         tmp_path, capfd, caplog):
     """300 rows on a real SQLite store: the artifact holds them all, the description fits, and

@@ -173,8 +173,15 @@ def render_description(rows: Sequence[TrialRow], lang: str = "en", title: str | 
     ranks = [(slot.rank, slot.row) for slot in finished if slot.rank is not None]
     ranked = [r for _, r in sorted(ranks, key=lambda pair: pair[0])]  # (mse, number): unique
 
+    # Each table's ★ row of the whole table, always shown: the ranks run across both tables, so
+    # a cut could leave a table's best out and put the ★ on another of its rows.
+    starred = [min(group, key=lambda slot: slot.best).row
+               for group in ([s for s in finished if s.quantized == q and s.best is not None]
+                             for q in (True, False)) if group]
+
     def fitted(k: int) -> str:
-        shown = queued + ranked[:k]
+        picked = queued + starred + ranked[:k]
+        shown = list({id(row): row for row in picked}.values())  # each row once, first place kept
         more = TEXT[lang]["more_rows"].format(n=len(finished) - len(shown))
         return _render(*_sections(shown, lang, cache), lang, title, more)
 
