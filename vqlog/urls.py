@@ -34,6 +34,20 @@ def mask_urls(text: str) -> str:
     return _QUERY_SECRET.sub(r"\1***", _USERINFO_SECRET.sub(r"\1:***@", text))
 
 
+def without_password(url: str) -> str:
+    """The URL with no password at all (where `mask` puts ***): a command line a user can copy
+    and run, with the password from $PGPASSWORD (libpq's)."""
+    head, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        url = f"{head}://{userinfo.partition(':')[0]}@{host}"
+    base, mark, query = url.partition("?")
+    if mark:
+        kept = [p for p in query.split("&") if not re.match(r"(?:ssl)?password=", p, re.I)]
+        url = base + ("?" + "&".join(kept) if kept else "")
+    return url
+
+
 def password(url: str) -> str:
     """The password part of `scheme://user:password@host`, or ""."""
     userinfo = url.partition("://")[2].rpartition("@")[0]

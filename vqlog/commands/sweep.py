@@ -150,7 +150,7 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     """The sweep's closing lines: what finished, the best trial, and where to look."""
     from vqlog.cli import command_name
     from vqlog.tracking.rows import run_name
-    from vqlog.urls import mask, with_psycopg2
+    from vqlog.urls import mask, with_psycopg2, without_password
 
     lines = [
         "",
@@ -182,7 +182,9 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     else:
         # optuna-dashboard hands the URL to SQLAlchemy as it is: a bare postgresql:// would ask
         # for psycopg (3), which vqlog does not install; psycopg2 comes with it.
-        lines.append(f"optuna: {command_name('optuna-dashboard')} {mask(with_psycopg2(storage))}")
+        shown = without_password(with_psycopg2(storage))  # *** would not open: left out
+        note = "   (with the password in $PGPASSWORD)" if shown != with_psycopg2(storage) else ""
+        lines.append(f"optuna: {command_name('optuna-dashboard')} {shown}{note}")
     return "\n".join(lines)
 
 
