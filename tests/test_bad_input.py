@@ -341,7 +341,7 @@ CASES: dict[str, Case] = {
                                         "need a sample rate of at least 5 Hz"),
     # --- URLs -------------------------------------------------------------------------------
     "storage-malformed": Case(("--storage", f"postgresql://postgres:{PASSWORD}@127.0.0.1:notaport/db"),
-                              "--storage is not a database URL: postgresql://***@127.0.0.1:notaport/db"),
+                              "--storage is not a database URL: postgresql://postgres:***@127.0.0.1:notaport/db"),
     "storage-driver-missing": Case(
         ("--storage", f"postgresql+asyncpg://me:{PASSWORD}@127.0.0.1:1/db"),
         "the driver of postgresql+asyncpg:// is not installed (asyncpg)"),
