@@ -10,10 +10,10 @@ import sqlalchemy
 from sqlalchemy.engine import URL
 
 from vqlog.errors import UserError
-from vqlog.study.trial import RUN_ID
 from vqlog.study.outage import is_connection_error, root_cause
 from vqlog.study.space import check_space
 from vqlog.study.storage import check_directions, engine_kwargs, parse_url, read_only_storage
+from vqlog.tracking.lineage import RUN_ID
 from vqlog.urls import mask, with_psycopg2
 
 
@@ -144,7 +144,7 @@ def _checked(spec, url: str):
             storage = read_only_storage(url)
         except Exception as exc:  # noqa: BLE001 - a schema to upgrade: as open_storage says it
             if is_connection_error(exc):
-                return None
+                return None, None
             raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
         if spec.name not in optuna.get_all_study_names(storage):
             return ABSENT, None
@@ -152,12 +152,14 @@ def _checked(spec, url: str):
         check_directions(study, spec)
         check_space(storage, spec)
         best = _best_run(study)
-        tracked = None
-        if best is not None:
-            tracked = lambda: iter(([best], _run_ids(url, spec.name)))  # noqa: E731
-        elif runs := _run_ids(url, spec.name, storage):  # no COMPLETE trial: a short list
-            tracked = lambda: iter((runs,))  # noqa: E731
-        return study.user_attrs.get(STUDY_UID), tracked
+        runs = None if best is not None else _run_ids(url, spec.name, storage)  # none COMPLETE
+
+        def tracked():  # the other trials' runs are read only if the best's is not found
+            yield [best] if best is not None else runs
+            if best is not None:
+                yield _run_ids(url, spec.name)
+
+        return study.user_attrs.get(STUDY_UID), (tracked if best is not None or runs else None)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - an outage: open_study waits it out

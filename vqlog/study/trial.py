@@ -28,11 +28,12 @@ from vqlog.study.retries import report_history
 from vqlog.study.outage import retrying
 from vqlog.study.storage import heartbeat_interval
 from vqlog.train import fit, resolve_device
+from vqlog.tracking import lineage
 from vqlog.urls import mask_urls
 
 log = logging.getLogger("vqlog")
 OUTAGES = (StorageOutageError, TrackingUnavailable)  # stop the sweep: rerun once it is back
-RUN_ID = "mlflow.run_id"  # trial user attr: the trial's MLflow run
+RUN_ID = lineage.RUN_ID  # trial user attr: the trial's MLflow run
 LOST_REASON = ("lost: another worker heard no heartbeat from this one within the grace period "
                "and failed the trial; its retry runs later")
 

@@ -15,6 +15,7 @@ PACKAGES = ("vqlog", "torch", "optuna", "mlflow")
 # study run's tag, so that a study made anew under the same name (its database deleted or
 # replaced) is not mixed into the earlier one's experiment.
 STUDY_UID = "vqlog.study_uid"
+RUN_ID = "mlflow.run_id"  # Optuna trial user attr: the trial's MLflow run
 
 
 @lru_cache(maxsize=1)
