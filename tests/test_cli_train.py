@@ -106,6 +106,22 @@ def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(sign
     assert tokens["100"].shape == tokens["50"].shape == (6000 // 32, 8)
     assert (tokens["100"] == tokens["50"]).mean() > 0.9  # resampling rounds a few codes apart
 
+    # --stride 16 (the model's is 32): overlapping rows; --index says where each one starts
+    index = tmp_path / "t100.csv"
+    rc, out, err = cli("encode", "--model", str(save), "--data", at100, "--sample-rate", "100",
+                       "--stride", "16", "--index", str(index), "--out", str(tmp_path / "s.npy"))
+    assert rc == 0, err
+    assert np.load(tmp_path / "s.npy").shape == ((6000 - 32) // 16 + 1, 8)
+    lines = index.read_text().splitlines()
+    assert lines[0] == "row,recording,start_sample,start_seconds,sample_rate"
+    assert lines[1] == f"0,{at100},0,0,50" and lines[2] == f"1,{at100},16,0.32,50"
+    assert len(lines) == 1 + (6000 - 32) // 16 + 1
+    assert f"index: where each row comes from -> {index}" in out
+    rc, _, err = cli("encode", "--model", str(save), "--data", at100, "--sample-rate", "100",
+                     "--stride", "0", "--out", str(tmp_path / "z.npy"))
+    assert rc == 2 and err == "Error: --stride must be a number of samples >= 1, got 0\n", err
+    assert not (tmp_path / "z.npy").exists()
+
     # A model file from before the rate was recorded still loads, at the data's own rate.
     ckpt = torch.load(save, weights_only=True)
     del ckpt["sample_rate"]

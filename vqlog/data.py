@@ -193,13 +193,23 @@ def all_windows(source: str, config: Config, sample_rate: float | None = None,
     """Every window of every whole recording of `source` (no splits), cut and standardized as
     `config` says: (n, window) float32, what a trained model turns into tokens. "dataset"
     standardization uses these windows' own mean and std. DataError if none is long enough."""
+    return indexed_windows(source, config, sample_rate, channel)[0]
+
+
+def indexed_windows(source: str, config: Config, sample_rate: float | None = None,
+                    channel: str | None = None) -> tuple[np.ndarray, list[tuple[str, int, float]]]:
+    """`all_windows`, and where each window comes from: (recording, first sample, rate), the
+    sample counted at the rate the window was cut at (a WFDB stretch between gaps is its own
+    recording, named with its place in the record)."""
     recordings = load_source(source, sample_rate=sample_rate, seed=config.seed, channel=channel)
-    parts, longest = [], 0
+    parts, index, longest = [], [], 0
     for rec in recordings:
         x, rate = _at_rate(rec, config.resample_hz)
         longest = max(longest, x.size)
         w = _windows(x, config.window, config.stride)  # (n, window)
         parts.append(_zscore(w, STD_FLOOR * x.std()) if config.standardize == "window" else w)
+        index += [(rec.name, int(start), float(rate))
+                  for start in window_starts(x.size, config.window, config.stride)]
     out = np.concatenate(parts)
     if not len(out):
         where = f" at {config.resample_hz:g} Hz" if config.resample_hz else ""
@@ -209,7 +219,7 @@ def all_windows(source: str, config: Config, sample_rate: float | None = None,
                         + _rows_hint([rec.name for rec in recordings]))
     if config.standardize == "dataset":
         out = (out - out.mean()) / (out.std() or 1.0)
-    return out.astype(np.float32)
+    return out.astype(np.float32), index
 
 
 class DataCache:

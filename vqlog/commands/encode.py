@@ -4,6 +4,9 @@ registered model `models:/<study>@best`)."""
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import io
 import tempfile
 
 from vqlog.cli import (TRACKING_HELP, add_data_args, add_debug, add_device_arg, check_out_file,
@@ -19,6 +22,12 @@ def encode_command_parser(sub) -> None:
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     add_device_arg(p)
     p.add_argument("--out", required=True, help="the .npy file of code indices to write")
+    p.add_argument("--stride", type=int, default=None,
+                   help="samples between two windows' starts (default: the model's stride; the "
+                        "model's window for tokens that cover the signal once)")
+    p.add_argument("--index", default=None, metavar="FILE.csv",
+                   help="also write where each row of tokens comes from: its recording, first "
+                        "sample and time, and the rate it was cut at")
     add_debug(p)
     p.set_defaults(func=encode_command)
 
@@ -27,7 +36,7 @@ def encode_command(args: argparse.Namespace) -> int:
     import numpy as np
 
     from vqlog import checkpoint
-    from vqlog.data import all_windows
+    from vqlog.data import indexed_windows
     from vqlog.errors import UserError
     from vqlog.files import atomic_write
     from vqlog.train import encode, resolve_device
@@ -35,6 +44,10 @@ def encode_command(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("--data is required: ppg, synthetic or a data file")
     out = check_out_file(args.out, "--out", "tokens.npy")
+    index_file = check_out_file(args.index, "--index", "tokens.csv") if args.index is not None \
+        else None
+    if args.stride is not None and args.stride < 1:
+        raise UserError(f"--stride must be a number of samples >= 1, got {args.stride}")
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="vqlog-encode-") as folder:
         path, what = _model_file(args, folder)
@@ -43,16 +56,33 @@ def encode_command(args: argparse.Namespace) -> int:
         raise UserError(f"{what} has no quantizer (quantizer none): it makes no tokens")
     # load's config cuts other data at the model's rate, also one trained at its data's native
     # rate (resample_hz null): a 250 Hz ECG into a 100 Hz model is resampled to 100 Hz.
-    windows = all_windows(args.data, cfg, sample_rate=args.sample_rate, channel=args.channel)
+    if args.stride is not None:  # where windows start: no part of the model
+        cfg = dataclasses.replace(cfg, stride=args.stride)
+    windows, where = indexed_windows(args.data, cfg, sample_rate=args.sample_rate,
+                                     channel=args.channel)
     result = encode(model, windows)
     atomic_write(out, lambda f: np.save(f, result.tokens, allow_pickle=False))
+    if index_file is not None:
+        atomic_write(index_file, lambda f: f.write(_index_csv(where).encode()))
     n, t = result.tokens.shape
     at = f" at {cfg.resample_hz:g} Hz" if cfg.resample_hz else " at the data's own rate"
     print(f"tokens: {n} windows x {t} codes ({cfg.window} samples{at}, {cfg.downsample} per "
           f"code) from {args.data} -> {out}")
     print(f"reconstruction MSE {result.mse:.4g}; codebook perplexity {result.perplexity:.1f} "
           f"of {model.codebook_size} codes ({100 * result.usage:.1f}% in use)")
+    if index_file is not None:
+        print(f"index: where each row comes from -> {index_file}")
     return 0
+
+
+def _index_csv(where: list[tuple[str, int, float]]) -> str:
+    """Row i of the tokens: its recording, its first sample and second, and the rate."""
+    text = io.StringIO()
+    rows = csv.writer(text, lineterminator="\n")
+    rows.writerow(["row", "recording", "start_sample", "start_seconds", "sample_rate"])
+    for i, (recording, start, rate) in enumerate(where):
+        rows.writerow([i, recording, start, f"{start / rate:.6g}", f"{rate:g}"])
+    return text.getvalue()
 
 
 def _model_file(args: argparse.Namespace, folder: str) -> tuple[str, str]:
