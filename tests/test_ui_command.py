@@ -68,6 +68,15 @@ def status_with_host(url: str, host: str) -> int:
         return exc.code
 
 
+def interface_addresses() -> list[str]:
+    import socket
+
+    import psutil
+
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET and not a.address.startswith("127.")]
+
+
 def test_every_interface_answers_this_machines_name_and_allowed_hosts_adds_more(tmp_path, mlflow_store):
     """`--host 0.0.0.0` is for other machines, whose browsers send this machine's name as the Host
     header: MLflow's default guard refused it with 403. `--allowed-hosts` adds a name it cannot
@@ -82,15 +91,22 @@ def test_every_interface_answers_this_machines_name_and_allowed_hosts_adds_more(
                tmp_path / "ui", port, cwd=tmp_path) as server:
         by_name = status_with_host(server.url + api, f"{name}:{port}")
         alias = status_with_host(server.url + api, f"labbox.example:{port}")
+        # an address of one of this machine's interfaces, public ones too (not only private)
+        by_address = [status_with_host(server.url + api, f"{address}:{port}")
+                      for address in interface_addresses()]
         log = server.log_text()
     assert (by_name, alias) == (200, 403)
+    assert set(by_address) <= {200}
     assert f"MLflow UI on http://127.0.0.1:{port}, or http://{name}:{port} from another machine" in log
     port = free_port()
-    with serve([str(BIN / "vqlog"), "ui", "--port", str(port), "--allowed-hosts",
-                "labbox.example:*,127.0.0.1:*"], tmp_path / "ui", port, cwd=tmp_path) as server:
+    with serve([str(BIN / "vqlog"), "ui", "--host", "0.0.0.0", "--port", str(port),
+                "--allowed-hosts", "labbox.example:*"], tmp_path / "ui", port, cwd=tmp_path) as server:
         alias = status_with_host(server.url + api, f"labbox.example:{port}")
         other = status_with_host(server.url + api, f"elsewhere.example:{port}")
-    assert (alias, other) == (200, 403)
+        # added to the rest, not in place of it: the addresses the UI prints still open
+        local = status_with_host(server.url + api, f"127.0.0.1:{port}")
+        lower = status_with_host(server.url + api, f"{name.lower()}:{port}")  # as browsers send it
+    assert (alias, other, local, lower) == (200, 403, 200, 200)
     port = free_port()
     with serve([str(BIN / "vqlog"), "ui", "--port", str(port)], tmp_path / "ui", port,
                cwd=tmp_path) as server:

@@ -21,10 +21,10 @@ def ui_command_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on: 127.0.0.1 "
                    "(default, this machine only) or 0.0.0.0 (every interface)")
     p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
-                   help="Host headers the UI answers (MLflow's guard against DNS rebinding), "
-                        "comma-separated, wildcards allowed: e.g. labbox,labbox:*,10.0.0.7:*. "
-                        "Default: localhost and private addresses, plus this machine's names "
-                        "and addresses when --host is not a loopback address")
+                   help="more Host headers for the UI to answer (MLflow's guard against DNS "
+                        "rebinding), comma-separated, wildcards allowed: e.g. labbox,labbox:*. "
+                        "It always answers localhost and private addresses, and this machine's "
+                        "names and addresses when --host is not a loopback address")
     p.add_argument("--port", type=int, default=5000,
                    help="1 to 65535, free on --host (default 5000)")
     add_debug(p)
@@ -79,33 +79,33 @@ def loopback(host: str) -> bool:
         return host.lower() in ("localhost", "localhost.localdomain")
 
 
-def allowed_hosts(host: str) -> str | None:
-    """The Host headers a UI listening on `host` answers, for `mlflow ui --allowed-hosts`; None:
-    MLflow's default (localhost and private addresses), enough for a loopback address.
-
-    Beyond loopback, a browser on another machine sends this machine's name or a public address
-    as its Host header, which MLflow's default refuses with 403: those are added, each with any
-    port. Names the machine does not know itself by (a DNS alias, a proxy's) need --allowed-hosts.
-    """
+def allowed_hosts(host: str, more: str | None = None) -> str | None:
+    """The Host headers a UI listening on `host` answers, for `mlflow ui --allowed-hosts`: MLflow's
+    default (localhost and private addresses), and beyond loopback this machine's names and the
+    addresses of its interfaces, each with any port (a browser on another machine sends one of
+    them, which MLflow's default refused with 403), then `more` (--allowed-hosts: a DNS alias, a
+    proxy's name). None: MLflow's default alone, enough for a loopback address. MLflow compares
+    Host headers as they come, and browsers send them in lower case."""
     import socket
 
+    import psutil
     from mlflow.server.security_utils import get_default_allowed_hosts
 
-    if loopback(host):
+    extra = [h.strip() for h in (more or "").split(",") if h.strip()]
+    if loopback(host) and not extra:
         return None
-    names = {socket.gethostname(), socket.getfqdn()}
-    if host not in ("0.0.0.0", "::"):
-        names.add(f"[{host}]" if ":" in host else host)
-    for name in list(names):
-        try:
-            for *_, sockaddr in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP):
-                address = sockaddr[0]
-                names.add(f"[{address}]" if ":" in address else address)
-        except (OSError, UnicodeError):  # a name the resolver does not know: kept as it is
-            pass
-    extra = [form for name in sorted(names) if name
-             for form in (name, f"{name.replace('[', '[[]', 1)}:*")]  # fnmatch reads [ as a set
-    return ",".join(dict.fromkeys(get_default_allowed_hosts() + extra))
+    names = set()
+    if not loopback(host):
+        names = {socket.gethostname(), socket.getfqdn()}
+        names |= {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values()
+                  for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
+        if host not in ("0.0.0.0", "::"):
+            names.add(host)
+    forms = []
+    for name in sorted({n.lower() for n in names if n} | {n for n in names if n}):
+        bracketed = f"[{name}]" if ":" in name else name  # an IPv6 address in a Host header
+        forms += [bracketed, f"{bracketed.replace('[', '[[]', 1)}:*"]  # fnmatch reads [ as a set
+    return ",".join(dict.fromkeys(get_default_allowed_hosts() + forms + extra))
 
 
 def ui_command(args: argparse.Namespace) -> int:
@@ -143,7 +143,7 @@ def ui_command(args: argparse.Namespace) -> int:
            # uvicorn's INFO lines (each worker's start and stop, a dozen each time) stay out of the
            # terminal; its warnings and errors do not.
            "--uvicorn-opts", "--log-level warning"]
-    hosts = args.allowed_hosts if args.allowed_hosts is not None else allowed_hosts(args.host)
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
     if hosts:
         cmd += ["--allowed-hosts", hosts]
     # MLflow's job runner (GenAI scorers and evaluations, which a sweep never starts) would start
