@@ -124,6 +124,7 @@ def test_one_experiment_and_a_finished_parent_run_with_table_and_plots(smoke):
     assert artifact == results
     assert parent.data.tags["mlflow.note.content"] == results
     assert results.startswith("# smoke\n")
+    assert parent.data.tags["vqlog.lang"] == "en"  # the sweep's --lang, which vqlog table keeps
 
 
 def test_each_trial_has_exactly_one_child_run_with_its_state_name_and_params(smoke):

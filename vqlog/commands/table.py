@@ -188,13 +188,15 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
             try:
                 try:
                     if parent and publish:
-                        table.publish_table(client, parent, rows, study, args.lang, text, rendered)
+                        table.publish_table(client, parent, rows, study, args.lang, text, rendered,
+                                            sweep=False)
                 except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted
                     if _forbidden(exc) or isinstance(exc, TrackingUnavailable) or parent == (
                             parent := study_run(client, study)):  # (in the UI)
                         raise  # not that: as it was; else the run a worker made since, if any
-                    if parent:
-                        table.publish_table(client, parent, rows, study, args.lang, text, rendered)
+                    if parent and _same_lang(client, parent, args.lang):
+                        table.publish_table(client, parent, rows, study, args.lang, text, rendered,
+                                            sweep=False)
             except Exception as exc:  # noqa: BLE001 - raised again unless it is a refusal
                 if not _forbidden(exc):
                     raise

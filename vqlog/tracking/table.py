@@ -360,7 +360,7 @@ LANG_TAG = "vqlog.lang"  # study run tag: the language of the table published on
 
 
 def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str,
-                  cache: RenderCache | None = None, mark: bool = True) -> None:
+                  cache: RenderCache | None = None, mark: bool = True, sweep: bool = True) -> None:
     """The table on the study run: `experiment_table.md` (the whole of it, `text`), the run's
     description in the MLflow UI (what fits MLflow's tag limit, in whole rows), and
     `experiment_table.json`, an MLflow table the UI shows as a sortable grid.
@@ -368,8 +368,9 @@ def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str
     The JSON is written in the layout `log_table` writes (pandas' "split" orientation) and
     marked as a table with MLflow's `mlflow.loggedArtifacts` tag, because `log_table` appends
     to an existing file: each refresh would add the whole table again. That tag never changes:
-    `mark=False` leaves it as an earlier refresh set it (one request fewer), and the study run's
-    `vqlog.lang` tag too: the language its table is published in, which `vqlog table` keeps."""
+    `mark=False` leaves it as an earlier refresh set it (one request fewer). A sweep's (`sweep`)
+    also sets the study run's `vqlog.lang` tag: the language of its table, which `vqlog table`
+    keeps (a preview in another language never sets it)."""
     import json
 
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
@@ -381,4 +382,5 @@ def publish_table(client, parent_id: str, rows, study: str, lang: str, text: str
     if mark:
         client.set_tag(parent_id, MLFLOW_LOGGED_ARTIFACTS,
                        json.dumps([{"path": TABLE_JSON, "type": "table"}]))
-        client.set_tag(parent_id, LANG_TAG, lang)
+        if sweep:
+            client.set_tag(parent_id, LANG_TAG, lang)
