@@ -59,6 +59,16 @@ def test_a_worker_given_another_tracking_store_is_refused(tmp_path):
     with pytest.raises(UserError, match="holds the trial runs of another study 'owned' than"):
         check_study(SPEC, storage, Tracker(f"sqlite:///{elsewhere}/mlflow.db"))  # check_owner's
 
+    # A worker that already ran a trial into its own store finds that one run there, not the
+    # others': still refused (half of the newest runs must be in the store).
+    own = tmp_path / "host3"
+    own.mkdir()
+    started(storage, f"sqlite:///{own}/mlflow.db", own)
+    started(storage, uri, tmp_path)
+    with pytest.raises(UserError, match="runs are not in sqlite:///.*host3/mlflow.db \\(2 of its 3"):
+        check_study(SPEC, storage, Tracker(f"sqlite:///{own}/mlflow.db"))
+    check_study(SPEC, storage, Tracker(uri))  # 2 of the 3 are in the study's own store
+
     # The best trial's run deleted for good (mlflow gc): the other trials' runs are looked for.
     study, _ = open_study(SPEC, storage)
     trial = study.ask()

@@ -26,11 +26,11 @@ def check_study(spec, url: str, tracker=None) -> None:
     holds another Optuna study's runs. Read-only (no file, table, lock, row, study or run is
     created), so that such a study is one error before a sweep says anything. A storage or
     study that is not there yet, or cannot be read now, is left to `open_study`."""
-    uid, tracked = _checked(spec, url)
+    uid, runs = _checked(spec, url)
     if tracker is not None and uid is not None:
         check_owner(tracker, spec.name, uid, url)
-    if tracker is not None and tracked:
-        check_tracked_here(tracker, spec.name, url, tracked)
+    if tracker is not None and runs:
+        check_tracked_here(tracker, spec.name, url, runs)
     if tracker is not None and tracker.uri.startswith(("http://", "https://")):
         check_may_edit(tracker, spec.name)
 
@@ -60,25 +60,26 @@ def check_may_edit(tracker, name: str) -> None:
                         "it") from None
 
 
-def check_tracked_here(tracker, name: str, url: str, tracked) -> None:
+def check_tracked_here(tracker, name: str, url: str, runs: list[str]) -> None:
     """The study's trials were tracked in this MLflow store: a worker given another
     --tracking-uri (or none, on another host) ran its trials into a store of its own, whose
-    table, registered model and checkpoints the study's other workers never see. `tracked()`
-    gives lists of the study's trials' run ids to look for, the best trial's first (found in
-    one query), then the others (read only if need be: a deleted run may be gone for good)."""
+    table, registered model and checkpoints the study's other workers never see. `runs`: the
+    run ids of the study's newest trials; at least half of them must be here (a worker that
+    already logged a few into a store of its own finds those, not the others', and a run
+    deleted for good, `mlflow gc`, is not missed)."""
     from vqlog.urls import sqlite_path
 
     path = sqlite_path(tracker.uri)
     exp = None
     if path is None or path.is_file():
         exp = tracker.client.get_experiment_by_name(name)
-    if exp is not None:
-        for ids in tracked():  # a list is read when the one before found nothing
-            if any(_holds(tracker.client, exp.experiment_id, run) for run in ids[:20]):
-                return
+    here = 0 if exp is None else sum(_holds(tracker.client, exp.experiment_id, r) for r in runs)
+    if 2 * here >= len(runs):
+        return
     raise UserError(f"study '{name}' in {mask(url)} has trials whose MLflow runs are not in "
-                    f"{mask(tracker.uri)}: give --tracking-uri the store the study's other "
-                    "workers use, or another --study name to start anew")
+                    f"{mask(tracker.uri)} ({len(runs) - here} of its {len(runs)} newest): give "
+                    "--tracking-uri the store the study's other workers use, or another --study "
+                    "name to start anew")
 
 
 def _holds(client, experiment_id: str, run_id: str) -> bool:
@@ -128,8 +129,8 @@ def check_owner(tracker, name: str, uid: str, url: str) -> None:
 def _checked(spec, url: str):
     """check_study's Optuna part: (uid, tracked). uid: the study's vqlog.study_uid, ABSENT where
     the storage has no study of that name, None where that is not known (an outage, or a study
-    an older vqlog made, which gets its id when opened). tracked: None, or, for a study with
-    tracked trials, a function giving their run ids (check_tracked_here)."""
+    an older vqlog made, which gets its id when opened). runs: the MLflow run ids of its newest
+    tracked trials (check_tracked_here), newest first; None or [] where there is none."""
     from vqlog.tracking.lineage import STUDY_UID
 
     parsed = parse_url(url)
@@ -151,15 +152,9 @@ def _checked(spec, url: str):
         study = optuna.load_study(study_name=spec.name, storage=storage)
         check_directions(study, spec)
         check_space(storage, spec)
-        best = _best_run(study)
-        runs = None if best is not None else _run_ids(url, spec.name, storage)  # none COMPLETE
-
-        def tracked():  # the other trials' runs are read only if the best's is not found
-            yield [best] if best is not None else runs
-            if best is not None:
-                yield _run_ids(url, spec.name)
-
-        return study.user_attrs.get(STUDY_UID), (tracked if best is not None or runs else None)
+        trials = study.get_trials(deepcopy=False)
+        runs = [t.user_attrs[RUN_ID] for t in reversed(trials) if RUN_ID in t.user_attrs][:20]
+        return study.user_attrs.get(STUDY_UID), runs
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - an outage: open_study waits it out
@@ -169,24 +164,6 @@ def _checked(spec, url: str):
             storage.engine.dispose()
 
 
-def _best_run(study) -> str | None:
-    """The run id of the study's best trial (one query on an RDB storage), or None."""
-    try:
-        return study.best_trial.user_attrs.get(RUN_ID) if len(study.directions) == 1 else None
-    except ValueError:  # no COMPLETE trial yet
-        return None
-
-
-def _run_ids(url: str, name: str, storage=None) -> list[str]:
-    """The run ids of study `name`'s trials, newest first (the storage read again if not given)."""
-    own = storage is None
-    storage = read_only_storage(url) if own else storage
-    try:
-        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-        return [t.user_attrs[RUN_ID] for t in reversed(trials) if RUN_ID in t.user_attrs]
-    finally:
-        if own:
-            storage.engine.dispose()
 def _stamped(parsed: URL) -> bool | None:
     """Optuna's tables are there with their version rows: opening the storage then writes
     nothing (else it would write them, racing a process that creates them under its lock).
