@@ -287,3 +287,30 @@ def test_a_reader_gets_the_table_file_and_a_line_that_it_was_not_published(serve
     study = optuna.load_study(study_name="read-only", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.trials == []
     assert list((tmp_path / "sweep").iterdir()) == []
+
+    # A user with no permission on the experiment: reading it was MLflow's 403, exit 1.
+    stranger_pw = "st-" + secrets.token_urlsafe(12)
+    code, _ = _call(server, "POST", "users/create", {"username": "stranger", "password": stranger_pw},
+                    user="admin", password=PASSWORD)
+    assert code == 200
+    code, found = _call(server, "GET", "experiments/get-by-name?experiment_name=read-only",
+                        user="admin", password=PASSWORD)
+    grant = urllib.request.Request(
+        f"{server.url}/api/3.0/mlflow/users/permissions/grant", method="POST",
+        data=json.dumps({"username": "stranger", "resource_type": "experiment",
+                         "resource_id": found["experiment"]["experiment_id"],
+                         "permission": "DENY"}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(
+            f"admin:{PASSWORD}".encode()).decode()})
+    with urllib.request.urlopen(grant, timeout=30) as resp:
+        assert resp.status == 200
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "stranger")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stranger_pw)
+    code, out, err = cli.sweep("--config", "smoke", "--trials", "1", "--study", "read-only",
+                               "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                               "--tracking-uri", server.url)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("Error: this user may not read MLflow experiment 'read-only' on "), err
+    assert err.count("\n") == 1 and stranger_pw not in err
+    assert optuna.load_study(study_name="read-only",
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials == []

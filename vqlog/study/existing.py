@@ -23,16 +23,18 @@ ABSENT = ""  # _checked's answer for a storage without a study of that name
 def check_study(spec, url: str, tracker=None) -> None:
     """What `open_study` would refuse in a study of the spec's name that exists already: other
     directions, another search space; with `tracker`, an MLflow experiment of that name that
-    holds another Optuna study's runs. Read-only (no file, table, lock, row, study or run is
-    created), so that such a study is one error before a sweep says anything. A storage or
+    holds another Optuna study's runs, or a store that does not hold the study's runs, or a
+    server that will not let this user edit the experiment. Nothing is created (no file,
+    table, lock, row, study or run; on a server, the experiment's kind tag is set to the value
+    it has), so that such a study is one error before a sweep says anything. A storage or
     study that is not there yet, or cannot be read now, is left to `open_study`."""
     uid, runs = _checked(spec, url)
+    if tracker is not None and tracker.uri.lower().startswith(("http://", "https://")):
+        check_may_edit(tracker, spec.name)
     if tracker is not None and uid is not None:
         check_owner(tracker, spec.name, uid, url)
     if tracker is not None and runs:
         check_tracked_here(tracker, spec.name, url, runs)
-    if tracker is not None and tracker.uri.startswith(("http://", "https://")):
-        check_may_edit(tracker, spec.name)
 
 
 def check_may_edit(tracker, name: str) -> None:
@@ -45,7 +47,7 @@ def check_may_edit(tracker, name: str) -> None:
     from vqlog.tracking.lineage import EXPERIMENT_KIND
     from vqlog.urls import mask
 
-    exp = tracker.client.get_experiment_by_name(name)
+    exp = tracker.client.get_experiment_by_name(name)  # readable: Tracker.check_experiment
     if exp is None or exp.lifecycle_stage == "deleted":
         return  # a new experiment is its creator's; a deleted one is refused later
     try:

@@ -24,7 +24,7 @@ from vqlog.tracking import artifacts, lineage, plots, table
 from vqlog.tracking.trial_run import STATUS, TrialRun, settle
 from vqlog.tracking.rows import TRIAL_ROLE, RowCache, run_name, search_all
 from vqlog.tracking.client import open_client, resolve_tracking_uri, store_uri
-from vqlog.urls import mask_urls, sqlite_path
+from vqlog.urls import mask, mask_urls, sqlite_path
 
 log = logging.getLogger("vqlog")
 
@@ -97,12 +97,22 @@ class Tracker:
     # ------------------------------------------------------------------------------ study level
 
     def check_experiment(self, name: str) -> None:
-        """Before the Optuna study is created: a deleted experiment of that name is bad input.
+        """Before the Optuna study is created: a deleted experiment of that name, or one this
+        user may not read on a tracking server, is bad input.
         An SQLite store that does not exist yet has none (and is not created here)."""
+        from mlflow.exceptions import MlflowException
+
         path = sqlite_path(self.uri)
         if path is not None and not path.is_file():
             return
-        exp = self.client.get_experiment_by_name(name)
+        try:
+            exp = self.client.get_experiment_by_name(name)
+        except MlflowException as exc:  # a tracking server's user without a permission on it
+            if exc.get_http_status_code() != 403:
+                raise
+            raise UserError(f"this user may not read MLflow experiment '{name}' on "
+                            f"{mask(self.uri)} (HTTP 403): ask the server's admin for EDIT "
+                            "permission on it, or log in as a user who has it") from None
         if exp is not None and exp.lifecycle_stage == "deleted":
             raise UserError(_deleted(name))
 
