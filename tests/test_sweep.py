@@ -485,3 +485,15 @@ def test_the_closing_dashboard_line_names_a_driver_vqlog_installs(monkeypatch):
     text = summary_text(SweepSummary("s", 1, 1), 60.0, "sqlite:///optuna.db",
                         "sqlite:///mlflow.db", "http://127.0.0.1:5000")
     assert "optuna: optuna-dashboard sqlite:///optuna.db" in text
+    assert "PGPASSWORD" not in text
+    # the best's value with four significant digits: a diverged 3e9 read 2957148160.0000
+    best = {"number": 2, "values": [2957148160.0], "params": {"lr": 30.0}}
+    text = summary_text(SweepSummary("s", 1, 1, best=best), 60.0, "sqlite:///optuna.db",
+                        "sqlite:///mlflow.db", "http://127.0.0.1:5000")
+    assert "best: Seq3  val mse 2.957e+09\n  lr=30\n" in text, text
+    # the vqlog ui line of a database tracking store: copied, it opens (no *** in it)
+    text = summary_text(SweepSummary("s", 1, 1), 60.0, "sqlite:///optuna.db",
+                        "postgresql://vq:secret@db:5432/mlflow", "http://127.0.0.1:5000")
+    assert ("mlflow: vqlog ui --tracking-uri postgresql://vq@db:5432/mlflow   then open "
+            "http://127.0.0.1:5000   (with the password in $PGPASSWORD)") in text, text
+    assert "secret" not in text

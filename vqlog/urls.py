@@ -14,7 +14,10 @@ from pathlib import Path
 # unescaped @ (which requests and libpq read that way) is hidden whole.
 _USERINFO_SECRET = re.compile(r"(\w[\w+.-]*://[^/@:\s]*):\S*@")
 # `?password=secret` or `&sslpassword=secret`: libpq's other way of giving a password.
-_QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&#\s'\"]*", re.IGNORECASE)
+_QUERY_SECRET = re.compile(r"([?&](?:ssl)?password=)[^&\s]*", re.IGNORECASE)
+# `scheme:/user:secret@`, `user:secret@host` (no //, or no scheme: not a URL to parse, but the
+# secret is no less one)
+_LOOSE_SECRET = re.compile(r"^((?:[\w+.-]+:/{0,2})?[^:@/\s]*):.*@")
 
 
 def mask(url: str) -> str:
@@ -25,6 +28,8 @@ def mask(url: str) -> str:
         userinfo, _, host = rest.rpartition("@")
         user, colon, _ = userinfo.partition(":")
         url = f"{head}://{user}{':***' if colon else ''}@{host}"
+    elif "@" in url:
+        url = _LOOSE_SECRET.sub(r"\1:***@", url)
     return _QUERY_SECRET.sub(r"\1***", url)
 
 

@@ -166,16 +166,17 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     if r.best:
         values = r.best["values"]
         ppl = r.best.get("perplexity")
-        lines.append(f"best: {run_name(r.best['number'])}  val mse {values[0]:.4f}"
+        lines.append(f"best: {run_name(r.best['number'])}  val mse {values[0]:.4g}"
                      + (f"  perplexity max {ppl:.1f}" if ppl is not None else ""))
         lines.append("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in r.best["params"].items()))
     if r.table_path:
         lines.append(f"table:  {r.table_path}")
-    if uri.startswith(("http://", "https://")):
+    if uri.lower().startswith(("http://", "https://")):
         lines.append(f"mlflow: {ui}")
-    else:
-        lines.append(f"mlflow: {command_name('vqlog')} ui --tracking-uri {mask(uri)}   "
-                     f"then open {ui}")
+    else:  # a line to copy: a password is left out (*** would not open), not masked
+        shown = without_password(uri)
+        lines.append(f"mlflow: {command_name('vqlog')} ui --tracking-uri {shown}   "
+                     f"then open {ui}{_password_note(uri)}")
     dashboard = os.environ.get(DASHBOARD_URL_ENV, "").strip()
     if dashboard:  # one serves the study already (compose's dashboard service)
         lines.append(f"optuna: {mask(dashboard)}")
@@ -183,9 +184,19 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         # optuna-dashboard hands the URL to SQLAlchemy as it is: a bare postgresql:// would ask
         # for psycopg (3), which vqlog does not install; psycopg2 comes with it.
         shown = without_password(with_psycopg2(storage))  # *** would not open: left out
-        note = "   (with the password in $PGPASSWORD)" if shown != with_psycopg2(storage) else ""
-        lines.append(f"optuna: {command_name('optuna-dashboard')} {shown}{note}")
+        lines.append(f"optuna: {command_name('optuna-dashboard')} {shown}"
+                     f"{_password_note(storage)}")
     return "\n".join(lines)
+
+
+def _password_note(url: str) -> str:
+    """Where the password of a URL shown without it goes: libpq's $PGPASSWORD for PostgreSQL."""
+    from vqlog.urls import with_psycopg2, without_password
+
+    if without_password(with_psycopg2(url)) == with_psycopg2(url):
+        return ""
+    where = "$PGPASSWORD" if url.startswith("postgresql") else "the URL"
+    return f"   (with the password in {where})"
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,38 @@
+"""Passwords in URLs as users write them never reach output whole: `mask` (a URL vqlog prints),
+`mask_urls` (a library's message quoting one), `without_password` (a command line to copy)."""
+
+import pytest
+
+from vqlog.urls import mask, mask_urls, without_password
+
+SECRET = "pa55word"
+
+
+@pytest.mark.parametrize("url, shown", [
+    (f"postgresql://me:{SECRET}@db:5432/optuna", "postgresql://me:***@db:5432/optuna"),
+    (f"postgresql://me:pa@{SECRET}@db/optuna", "postgresql://me:***@db/optuna"),  # an unescaped @
+    (f"http://me:pa/{SECRET}@host:5000", "http://me:***@host:5000"),  # an unescaped /
+    (f"postgresql://me@db/optuna?password={SECRET}&sslmode=require",
+     "postgresql://me@db/optuna?password=***&sslmode=require"),
+    (f"postgresql://me@db/optuna?sslpassword=a'{SECRET}#x", "postgresql://me@db/optuna?sslpassword=***"),
+    (f"postgresql:/me:{SECRET}@db/optuna", "postgresql:/me:***@db/optuna"),  # one slash: no URL
+    (f"me:{SECRET}@db/optuna", "me:***@db/optuna"),  # no scheme
+    ("postgresql://me@db/optuna", "postgresql://me@db/optuna"),
+    ("sqlite:///folder/a@b.db", "sqlite:///folder/a@b.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+def test_mask_hides_every_password_and_keeps_the_rest(url, shown):
+    assert mask(url) == shown
+    if "://" in url:  # a library's message quotes the URLs it was given, all of them with ://
+        assert SECRET not in mask_urls(f"could not connect to {url} (timeout)")
+
+
+@pytest.mark.parametrize("url, copied", [
+    (f"postgresql+psycopg2://me:{SECRET}@db:5432/optuna", "postgresql+psycopg2://me@db:5432/optuna"),
+    (f"postgresql://me@db/optuna?password={SECRET}&sslmode=require",
+     "postgresql://me@db/optuna?sslmode=require"),
+    (f"postgresql://me@db/optuna?password={SECRET}", "postgresql://me@db/optuna"),
+    ("sqlite:///optuna.db", "sqlite:///optuna.db"),
+])
+def test_without_password_leaves_a_url_that_opens_with_the_password_given_elsewhere(url, copied):
+    assert without_password(url) == copied
