@@ -36,3 +36,15 @@ def test_mask_hides_every_password_and_keeps_the_rest(url, shown):
 ])
 def test_without_password_leaves_a_url_that_opens_with_the_password_given_elsewhere(url, copied):
     assert without_password(url) == copied
+
+
+@pytest.mark.parametrize("key", ["storage", "tracking_uri"])
+def test_an_empty_url_from_python_is_refused_not_the_default(tmp_path, monkeypatch, key):
+    """vqlog.sweep(storage="") (an unset variable) ran a study of its own in ./optuna.db."""
+    import vqlog
+    from vqlog.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"{key} needs a URL, got an empty value"):
+        vqlog.sweep(trials=1, config="smoke", **{key: ""})
+    assert list(tmp_path.iterdir()) == []

@@ -67,6 +67,10 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
     from vqlog.tracking.client import check_writable_store
     from vqlog.tracking.runs import Tracker
 
+    for name, value in (("storage", storage), ("tracking_uri", tracking_uri)):
+        if value is not None and not value.strip():  # the command line refuses it too (url_arg)
+            raise UserError(f"{name} needs a URL, got an empty value (an unset variable?); give "
+                            "None for the default")
     storage = resolve_storage(storage)
     check_writable(storage)  # first: SQLAlchemy warns of an SQLite URL's options on connecting
     check_reachable(storage)

@@ -269,4 +269,3 @@ def env_number(name: str, default: float, integer: bool = False) -> float:
         kind = "a whole number of seconds" if integer else "a number of seconds"
         raise ConfigError(f"${name} must be {kind} above 0, got {text!r}")
     return value
-

@@ -19,7 +19,7 @@ def best_command_parser(sub) -> None:
 def best_command(args: argparse.Namespace) -> int:
     from vqlog.errors import UserError
     from vqlog.study.storage import load_existing_study, resolve_storage
-    from vqlog.study.trial import RUN_ID
+    from vqlog.tracking.lineage import RUN_ID
     from vqlog.study.worker import best_trial
     from vqlog.tracking.client import resolve_tracking_uri
     from vqlog.tracking.rows import run_name

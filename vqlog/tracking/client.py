@@ -7,9 +7,10 @@ line (exit 2) instead of minutes of MLflow retries after the Optuna study was cr
 Outages: a sweep runs for hours; an MLflow server restarted meanwhile (an upgrade, a crashed
 container, a network blip) must not cost a trial or a metric. Every call through `RetryingClient`
 retries a transient failure (connection refused or reset, timeout, HTTP 502/503/504, SQLite's
-"database is locked") with backoff, for as long as the outage is shorter than `OUTAGE_LIMIT`
-seconds, counted from the first failure of the outage. Past it, `TrackingUnavailable` ends the
-trial and the sweep (exit 1): the user restarts the server and reruns the same command.
+"database is locked") with backoff, for as long as the outage is shorter than
+VQLOG_TRACKING_OUTAGE_LIMIT seconds (120), counted from the first failure of the outage. Past
+it, `TrackingUnavailable` ends the trial and the sweep (exit 1): the user restarts the server
+and reruns the same command.
 
 Metrics are not sent through a blocking retry: `TrialRun` buffers them and `try_call`s the send,
 so training goes on during an outage and the buffer is flushed once the server answers again.
@@ -32,7 +33,6 @@ from vqlog.urls import absolute_sqlite, mask, mask_urls, password, sqlite_path, 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-OUTAGE_LIMIT = None  # seconds; None: VQLOG_TRACKING_OUTAGE_LIMIT (120), read when a client starts
 BACKOFF_MAX = 5.0  # seconds between two attempts, at most
 REQUEST_TIMEOUT = "30"  # seconds per HTTP request (MLflow's default is 120)
 TRANSIENT_TEXT = (
@@ -75,8 +75,8 @@ class RetryingClient:
                  sleep: Callable[[float], None] = time.sleep):
         self._client = client
         self.describe = describe  # the masked URI, for messages
-        if limit is None:
-            limit = OUTAGE_LIMIT or env_number("VQLOG_TRACKING_OUTAGE_LIMIT", 120.0)
+        if limit is None:  # read when a client starts: a bad value is an Error line (exit 2)
+            limit = env_number("VQLOG_TRACKING_OUTAGE_LIMIT", 120.0)
         self.limit = limit
         self._sleep = sleep
         self.down_since: float | None = None  # monotonic time of the outage's first failure

@@ -54,6 +54,7 @@ def check_answers(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    probe = {key: value for key, value in probe.items() if key not in os.environ}  # the user's
     before = {key: os.environ.get(key) for key in probe}
     os.environ.update(probe)  # a server whose store is down answers 5xx: no minutes of retries
     try:
