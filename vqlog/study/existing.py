@@ -154,9 +154,7 @@ def _checked(spec, url: str):
         study = optuna.load_study(study_name=spec.name, storage=storage)
         check_directions(study, spec)
         check_space(storage, spec)
-        trials = study.get_trials(deepcopy=False)
-        runs = [t.user_attrs[RUN_ID] for t in reversed(trials) if RUN_ID in t.user_attrs][:20]
-        return study.user_attrs.get(STUDY_UID), runs
+        return study.user_attrs.get(STUDY_UID), _newest_runs(storage, spec.name)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - an outage: open_study waits it out
@@ -164,6 +162,40 @@ def _checked(spec, url: str):
     finally:
         if storage is not None:
             storage.engine.dispose()
+
+
+def _newest_runs(storage, name: str, count: int = 20, looked: int = 40) -> list[str]:
+    """The MLflow run ids of the study's newest trials that have one (up to `count`, among its
+    `looked` newest), newest first: read trial by trial, by number, through the storage's
+    public API, where the study's whole list (get_trials, get_n_trials) took 13 s at 10,000
+    trials on SQLite."""
+    study_id = storage.get_study_id_from_name(name)
+
+    def exists(number: int) -> bool:
+        try:
+            storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        except KeyError:
+            return False
+        return True
+
+    # The trials are numbered 0..n-1: n by doubling, then bisecting (about 2 log2 n reads).
+    total, high = 0, 1
+    if exists(0):
+        while exists(high):
+            high *= 2
+        low = high // 2  # exists(low), not exists(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if exists(mid) else (low, mid)
+        total = low + 1
+    runs = []
+    for number in range(total - 1, max(total - looked, 0) - 1, -1):
+        trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+        if RUN_ID in trial.user_attrs:
+            runs.append(trial.user_attrs[RUN_ID])
+        if len(runs) == count:
+            break
+    return runs
 
 
 def _stamped(parsed: URL) -> bool | None:
