@@ -117,3 +117,39 @@ def test_the_command_line_turns_mlflows_own_retries_off_unless_the_user_chose(mo
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # the user's own choice is kept
     quiet_http_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+
+
+class Switchable:
+    """A client whose `call` fails with a refused connection while `down` is set; `slow` waits
+    for `landed` first, as a request sent before the server came back and failing after."""
+
+    def __init__(self):
+        self.down = True
+        self.landed = threading.Event()
+
+    def call(self):
+        if self.down:
+            raise ConnectionRefusedError("Connection refused")
+        return "ok"
+
+    def slow(self):
+        self.landed.wait(10)
+        raise ConnectionRefusedError("Connection refused")
+
+
+def test_a_request_under_way_across_the_end_of_an_outage_is_not_a_second_outage():
+    inner = Switchable()
+    client = RetryingClient(inner, "switchable", limit=3600)
+    assert client.try_call("call") == (False, None) and client.outages == 1
+    results = []
+    thread = threading.Thread(target=lambda: results.append(client.try_call("slow")))
+    thread.start()  # another thread's request, sent while the server is down
+    time.sleep(0.05)
+    inner.down = False
+    assert client.try_call("call") == (True, "ok") and client.down_since is None
+    inner.landed.set()  # ... fails once the server is back
+    thread.join(10)
+    assert results == [(False, None)]
+    assert client.outages == 1 and client.down_since is None
+    inner.down = True  # a failure sent after the recovery is a new outage
+    assert client.try_call("call") == (False, None) and client.outages == 2

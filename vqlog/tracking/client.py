@@ -81,6 +81,7 @@ class RetryingClient:
         self._sleep = sleep
         self.down_since: float | None = None  # monotonic time of the outage's first failure
         self.outages = 0  # outages ridden out, for the sweep's closing line
+        self._up_at = float("-inf")  # when the last call that succeeded was sent
 
     @property
     def tracking_uri(self) -> str:
@@ -109,6 +110,7 @@ class RetryingClient:
     def try_call(self, method: str, *args, **kwargs) -> tuple[bool, Any]:
         """One attempt: (True, result), or (False, None) on a transient failure within the limit.
         Raises TrackingUnavailable past the limit and any non-transient error as it is."""
+        sent = time.monotonic()
         try:
             value = getattr(self._client, method)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - sorted below
@@ -116,6 +118,10 @@ class RetryingClient:
                 raise
             now = time.monotonic()
             if self.down_since is None:
+                if sent < self._up_at:
+                    # Sent before a call (from another thread) that got through: it was under way
+                    # across the end of the outage, not the start of a new one. Its retry says.
+                    return False, None
                 self.down_since = now
                 self.outages += 1
             if now - self.down_since > self.limit:
@@ -126,6 +132,7 @@ class RetryingClient:
                 ) from None
             return False, None
         self.down_since = None
+        self._up_at = max(self._up_at, sent)
         return True, value
 
 
