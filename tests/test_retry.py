@@ -137,7 +137,10 @@ class Switchable:
         raise ConnectionRefusedError("Connection refused")
 
 
-def test_a_request_under_way_across_the_end_of_an_outage_is_not_a_second_outage():
+def test_a_request_under_way_across_the_end_of_an_outage_is_not_a_second_outage(monkeypatch):
+    import vqlog.tracking.client as tracking_client
+
+    monkeypatch.setattr(tracking_client, "SETTLE", 0.0)  # the in-flight rule alone
     inner = Switchable()
     client = RetryingClient(inner, "switchable", limit=3600)
     assert client.try_call("call") == (False, None) and client.outages == 1
@@ -152,4 +155,22 @@ def test_a_request_under_way_across_the_end_of_an_outage_is_not_a_second_outage(
     assert results == [(False, None)]
     assert client.outages == 1 and client.down_since is None
     inner.down = True  # a failure sent after the recovery is a new outage
+    assert client.try_call("call") == (False, None) and client.outages == 2
+
+
+def test_a_failure_just_after_the_server_came_back_is_the_same_outage(monkeypatch):
+    import vqlog.tracking.client as tracking_client
+
+    inner = Switchable()
+    client = RetryingClient(inner, "switchable", limit=3600)
+    assert client.try_call("call") == (False, None) and client.outages == 1
+    inner.down = False
+    assert client.try_call("call") == (True, "ok")
+    inner.down = True  # a restarting server that answers once, then not for a moment
+    assert client.try_call("call") == (False, None) and client.down_since is not None
+    assert client.outages == 1
+    inner.down = False
+    assert client.try_call("call") == (True, "ok")
+    monkeypatch.setattr(tracking_client, "SETTLE", 0.0)  # settled: the next failure is new
+    inner.down = True
     assert client.try_call("call") == (False, None) and client.outages == 2

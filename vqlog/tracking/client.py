@@ -34,6 +34,7 @@ from vqlog.urls import absolute_sqlite, mask, mask_urls, password, sqlite_path, 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 BACKOFF_MAX = 5.0  # seconds between two attempts, at most
+SETTLE = 10.0  # seconds after an outage in which a new failure counts as the same outage
 REQUEST_TIMEOUT = "30"  # seconds per HTTP request (MLflow's default is 120)
 TRANSIENT_TEXT = (
     "failed with exception",  # rest_utils: the request itself failed (refused, reset, DNS)
@@ -82,6 +83,7 @@ class RetryingClient:
         self.down_since: float | None = None  # monotonic time of the outage's first failure
         self.outages = 0  # outages ridden out, for the sweep's closing line
         self._up_at = float("-inf")  # when the last call that succeeded was sent
+        self._back_at = float("-inf")  # when the last outage ended
 
     @property
     def tracking_uri(self) -> str:
@@ -123,7 +125,8 @@ class RetryingClient:
                     # across the end of the outage, not the start of a new one. Its retry says.
                     return False, None
                 self.down_since = now
-                self.outages += 1
+                if now - self._back_at > SETTLE:  # else the same restart, flapping as it ends
+                    self.outages += 1
             if now - self.down_since > self.limit:
                 raise TrackingUnavailable(
                     f"MLflow tracking at {self.describe} has been unreachable for "
@@ -131,6 +134,8 @@ class RetryingClient:
                     f"(VQLOG_TRACKING_OUTAGE_LIMIT); last error: {mask_urls(one_line(exc, 200))}"
                 ) from None
             return False, None
+        if self.down_since is not None:
+            self._back_at = time.monotonic()
         self.down_since = None
         self._up_at = max(self._up_at, sent)
         return True, value
