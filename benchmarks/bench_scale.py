@@ -189,12 +189,16 @@ def copy_trials(store: Store, storage: str, tracking: str, threads: int) -> None
     tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in run.data.metrics.items()]
+    ended = now - RowCache.SLACK_MS - 1000
 
     def copy(number: int) -> None:
-        made = client.create_run(experiment.experiment_id, run_name=run_name(number),
+        made = client.create_run(experiment.experiment_id, start_time=ended - 1000,
+                                 run_name=run_name(number),
                                  tags={**tags, "optuna.trial_number": str(number)})
         client.log_batch(made.info.run_id, params=params, metrics=metrics)
-        client.set_terminated(made.info.run_id, "FINISHED")
+        # ended before RowCache's slack: the measuring worker's first look reads them all and
+        # its later looks none, as for the runs of a study that has been going for a while
+        client.set_terminated(made.info.run_id, "FINISHED", end_time=ended)
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(copy, range(1, store.size)))
@@ -251,9 +255,6 @@ def main(argv: list[str] | None = None) -> int:
             fill(store, threads=8)
             print(f"{store.name}: {store.size} trial runs in {time.perf_counter() - began:.0f} s",
                   flush=True)
-        # the copies' end times lie past RowCache's slack before the measuring workers' first
-        # look, so that look reads them all and later ones none
-        time.sleep(RowCache.SLACK_MS / 1000 + 1)
         for store in stores:
             # the measuring worker: every trial's table refresh forced, study plots apart
             store.tracker = TimedTracker(store.tracking, table_dir=store.folder / "results",

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_syncs.py                 # CPU, one torch thread
     python benchmarks/bench_syncs.py --device cuda   # the GPU figure (needs a CUDA GPU)
+    python benchmarks/bench_syncs.py --shapes default --rounds 1 --steps 5   # a quick check
 
 `vqlog.train.fit` sums the train metrics on the device and syncs the host once per `log_every`
 steps. The usual way to write the loop, and vqlog's own before issue 13, fetches them every step:
@@ -59,6 +60,7 @@ def synthetic(cfg, n: int = 512) -> Splits:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--shapes", nargs="+", default=["seed", "default"], choices=("seed", "default"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=STEPS, help=f"steps per fit (default {STEPS})")
     p.add_argument("--out", help="JSON path (default benchmarks/results/syncs[-cuda].json)")
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     original = TrainingRun.accumulate
     results, rows = {}, []
-    for name, cfg in shape_configs().items():
-        cfg = dataclasses.replace(cfg, iteration=args.steps, eval_every=args.steps, log_every=50)
+    configs = shape_configs()
+    for name in args.shapes:
+        cfg = dataclasses.replace(configs[name], iteration=args.steps, eval_every=args.steps,
+                                  log_every=50)
         data = synthetic(cfg)
 
         def vqlog_fit():

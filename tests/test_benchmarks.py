@@ -19,7 +19,7 @@ QUICK = {  # benchmark: its quickest arguments
     "bench_scale": ["--sizes", "100", "--rounds", "1", "--topologies", "sqlite"],
     "bench_tracking": ["--rounds", "1", "--iterations", "20"],
     "bench_step": ["--shapes", "default", "--rounds", "1", "--steps", "1"],
-    "bench_syncs": ["--rounds", "1", "--steps", "20"],
+    "bench_syncs": ["--shapes", "default", "--rounds", "1", "--steps", "5"],
     "bench_nearest": ["--rounds", "1"],
     "bench_checkpoint": ["--rounds", "1"],
 }
