@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from vqlog.bulk import gc_paused
 from vqlog.errors import TrackingUnavailable, UserError, one_line
 from vqlog.files import write_text
-from vqlog.tracking import artifacts, lineage, plots, table
+from vqlog.tracking import artifacts, lineage, table
 from vqlog.tracking.trial_run import STATUS, TrialRun, settle
 from vqlog.tracking.rows import TRIAL_ROLE, RowCache, run_name, search_all
 from vqlog.tracking.client import open_client, resolve_tracking_uri, store_uri
@@ -245,6 +245,8 @@ class Tracker:
         return str(path)
 
     def refresh_study_plots(self, study: optuna.Study) -> None:
+        from vqlog.tracking import plots  # matplotlib: only where something is drawn
+
         with gc_paused():  # the plots read every trial
             figures = self._db(lambda: plots.study_figures(study))
         try:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from vqlog.errors import TrackingUnavailable
 from vqlog.failpoints import failpoint
-from vqlog.tracking import artifacts, lineage, plots
+from vqlog.tracking import artifacts, lineage
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 BATCH_LIMIT = 1000  # MLflow's entities (metrics, params, tags) per log_batch request
@@ -210,6 +210,8 @@ class TrialRun:
                 tags["vqlog.fail_reason"] = reason[:5000]
             self.flush(tags=tags)
             if result is not None:
+                from vqlog.tracking import plots  # matplotlib: only where something is drawn
+
                 if state == "COMPLETE":
                     artifacts.upload_weights(self.client, self.run_id, result.config, result.model,
                                              result.sample_rate)
