@@ -130,6 +130,29 @@ def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(sign
     assert (cfg.resample_hz, model.sample_rate) == (None, None)
 
 
+def test_encodes_rate_errors_advise_what_encode_takes_not_the_spec_key(signal_file, tmp_path,
+                                                                         cli, tiny):
+    """The model sets encode's rate: its rate errors said to change resample_hz, a spec key
+    that encode does not take."""
+    save = tmp_path / "m.pt"
+    rc, _, err = cli("train", "--data", signal_file(pulses()), "--sample-rate", "50",
+                     *tiny.args(**SMALL), "--set", "iteration=5", "--save", str(save))
+    assert rc == 0, err
+    at = signal_file(pulses(), "any.npy")
+    for data, rate, what, advice in (
+            ("ppg", "30", "the ppg recordings carry their own sample rates",
+             "drop --sample-rate (the model resamples the data to its own rate)"),
+            (at, "60000", "cannot resample 60000 Hz to 50 Hz within 0.1%",
+             "the model takes 50 Hz: check the data's sample rate")):
+        out_file = tmp_path / "t.npy"
+        rc, out, err = cli("encode", "--model", str(save), "--data", data, "--sample-rate", rate,
+                           "--out", str(out_file))
+        assert rc == 2 and out == "", out + err
+        (line,) = err.splitlines()
+        assert line.startswith(f"Error: {what}") and advice in line, line
+        assert "resample_hz" not in line and not out_file.exists()
+
+
 # --------------------------------------------------------------------------- bad input: exit 2
 
 

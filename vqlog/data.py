@@ -16,7 +16,7 @@ from fractions import Fraction
 import numpy as np
 
 from vqlog.config import STANDARDIZE, Config
-from vqlog.errors import ConfigError, DataError
+from vqlog.errors import ConfigError, DataError, RateError
 from vqlog.sources import Recording, check_signal, describe_source, load_source
 
 SPLITS = ("train", "valid", "test")
@@ -45,18 +45,18 @@ def resample(x: np.ndarray, rate: float, target: float) -> tuple[np.ndarray, flo
     from scipy.signal import resample_poly
 
     if not math.isfinite(target / rate):  # a rate of 1e-310 Hz
-        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x up); check "
-                        "the sample rate, or use a lower resample_hz")
+        raise RateError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x up)",
+                        "check the sample rate, or use a lower resample_hz", "resample")
     ratio = Fraction(target / rate).limit_denominator(1000)
     if ratio == 0:
-        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x down); "
-                        "use a higher resample_hz")
+        raise RateError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x down)",
+                        "use a higher resample_hz", "resample")
     if ratio > 1000:
-        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x up); check "
-                        "the sample rate, or use a lower resample_hz")
+        raise RateError(f"cannot resample {rate:g} Hz to {target:g} Hz (over 1000x up)",
+                        "check the sample rate, or use a lower resample_hz", "resample")
     if abs(ratio - target / rate) > 1e-3 * (target / rate):  # 1/1200 rounds to 1/1000
-        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz within 0.1% (over 1000x "
-                        "down); use a higher resample_hz")
+        raise RateError(f"cannot resample {rate:g} Hz to {target:g} Hz within 0.1% (over 1000x "
+                        "down)", "use a higher resample_hz", "resample")
     if ratio == 1:
         return x, rate
     # padtype="line": PPG sits on a large offset (~500 ADC units); zero padding rings at the edges

@@ -23,6 +23,17 @@ class DataError(UserError):
     """A data source is missing, unreadable or unusable; the message names the source."""
 
 
+class RateError(DataError):
+    """The data's sample rate cannot be used as given: `what` is the problem, `advice` the fix
+    when training (which sets resample_hz). `kind`: "given" (--sample-rate for data that carries
+    its own rate) or "resample" (no rational ratio reaches the target). `vqlog encode`, where the
+    model fixes the rate, gives its own advice."""
+
+    def __init__(self, what: str, advice: str, kind: str):
+        super().__init__(f"{what}; {advice}")
+        self.what, self.advice, self.kind = what, advice, kind
+
+
 class DivergedError(VqlogError):
     """Training produced NaN or Inf. `iteration` is where it was noticed."""
 

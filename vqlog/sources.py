@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vqlog import records
-from vqlog.errors import DataError, one_line
+from vqlog.errors import DataError, RateError, one_line
 
 SOURCES = ("ppg", "synthetic")
 SUFFIXES = (".npy", ".csv", ".parquet")
@@ -55,8 +55,8 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
         raise DataError(f"the {source} source has one channel; drop --channel")
     if source == "ppg":
         if sample_rate is not None:
-            raise DataError("the ppg recordings carry their own sample rates; drop --sample-rate "
-                            "(use resample_hz to change the rate)")
+            raise RateError("the ppg recordings carry their own sample rates",
+                            "drop --sample-rate (use resample_hz to change the rate)", "given")
         recordings = _load_ppg()
     elif source == "synthetic":
         if sample_rate is not None and sample_rate < SYNTHETIC_MIN_HZ:
@@ -80,8 +80,8 @@ def _own_rate(read: tuple[np.ndarray, float, str], source: str,
               sample_rate: float | None) -> Recording:
     signal, rate, name = read
     if sample_rate is not None:
-        raise DataError(f"{source} carries its own sample rate ({rate:g} Hz); drop "
-                        "--sample-rate (use resample_hz to change the rate)")
+        raise RateError(f"{source} carries its own sample rate ({rate:g} Hz)",
+                        "drop --sample-rate (use resample_hz to change the rate)", "given")
     return Recording(f"{source}:{name}", signal, rate)
 
 

@@ -37,7 +37,7 @@ def encode_command(args: argparse.Namespace) -> int:
 
     from vqlog import checkpoint
     from vqlog.data import indexed_windows
-    from vqlog.errors import UserError
+    from vqlog.errors import DataError, RateError, UserError
     from vqlog.files import atomic_write
     from vqlog.train import encode, resolve_device
 
@@ -58,8 +58,11 @@ def encode_command(args: argparse.Namespace) -> int:
     # rate (resample_hz null): a 250 Hz ECG into a 100 Hz model is resampled to 100 Hz.
     if args.stride is not None:  # where windows start: no part of the model
         cfg = dataclasses.replace(cfg, stride=args.stride)
-    windows, where = indexed_windows(args.data, cfg, sample_rate=args.sample_rate,
-                                     channel=args.channel)
+    try:
+        windows, where = indexed_windows(args.data, cfg, sample_rate=args.sample_rate,
+                                         channel=args.channel)
+    except RateError as exc:  # its advice is for training, which sets resample_hz
+        raise DataError(f"{exc.what}; {_rate_advice(exc, cfg)}") from None
     result = encode(model, windows)
     atomic_write(out, lambda f: np.save(f, result.tokens, allow_pickle=False))
     if index_file is not None:
@@ -73,6 +76,14 @@ def encode_command(args: argparse.Namespace) -> int:
     if index_file is not None:
         print(f"index: where each row comes from -> {index_file}")
     return 0
+
+
+def _rate_advice(exc, cfg) -> str:
+    """How to fix a rate error when the model, not a spec, sets the rate."""
+    if exc.kind == "given":
+        return "drop --sample-rate (the model resamples the data to its own rate)"
+    return (f"the model takes {cfg.resample_hz:g} Hz: check the data's sample rate "
+            "(--sample-rate for a file without one)")
 
 
 def _index_csv(where: list[tuple[str, int, float]]) -> str:
