@@ -113,8 +113,8 @@ def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(sign
     assert rc == 0, err
     assert np.load(tmp_path / "s.npy").shape == ((6000 - 32) // 16 + 1, 8)
     lines = index.read_text().splitlines()
-    assert lines[0] == "row,recording,start_sample,start_seconds,sample_rate"
-    assert lines[1] == f"0,{at100},0,0,50" and lines[2] == f"1,{at100},16,0.32,50"
+    assert lines[0] == "row,recording,start_sample,start_seconds,sample_rate,source_seconds"
+    assert lines[1] == f"0,{at100},0,0,50,0" and lines[2] == f"1,{at100},16,0.32,50,0.32"
     assert len(lines) == 1 + (6000 - 32) // 16 + 1
     assert f"index: where each row comes from -> {index}" in out
     rc, _, err = cli("encode", "--model", str(save), "--data", at100, "--sample-rate", "100",

@@ -142,6 +142,17 @@ def test_a_sample_or_a_flat_stretch_between_gaps_is_left_out_not_an_error(tmp_pa
     n = x.size
     assert [p.name for p in parts] == [f"{record}:PPG[0:5000]", f"{record}:PPG[5003:9000]",
                                        f"{record}:PPG[9005:{n}]"]
+    # where a window comes from: the stretch's own sample and second, and the record's second
+    from vqlog.config import Config
+    from vqlog.data import indexed_windows
+
+    cfg = Config(window=100, stride=100, resample_hz=None)
+    _, where = indexed_windows(record, cfg)
+    rate = data2.sample_rate
+    second = next(w for w in where if w[0] == f"{record}:PPG[5003:9000]")
+    assert second[1:3] == (0, rate) and second[3] == pytest.approx(5003 / rate)
+    third = [w for w in where if w[0] == f"{record}:PPG[9005:{n}]"][1]
+    assert third[1] == 100 and third[3] == pytest.approx((9005 + 100) / rate)
     flat = np.full(n, np.nan)
     flat[100:200] = 3.0  # only a flat stretch between the gaps: nothing left
     wfdb.wrsamp("flat", fs=100, units=["adu"], sig_name=["PPG"], p_signal=flat[:, None],

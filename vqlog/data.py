@@ -197,10 +197,12 @@ def all_windows(source: str, config: Config, sample_rate: float | None = None,
 
 
 def indexed_windows(source: str, config: Config, sample_rate: float | None = None,
-                    channel: str | None = None) -> tuple[np.ndarray, list[tuple[str, int, float]]]:
-    """`all_windows`, and where each window comes from: (recording, first sample, rate), the
-    sample counted at the rate the window was cut at (a WFDB stretch between gaps is its own
-    recording, named with its place in the record)."""
+                    channel: str | None = None
+                    ) -> tuple[np.ndarray, list[tuple[str, int, float, float]]]:
+    """`all_windows`, and where each window comes from: (recording, first sample, rate, second
+    in the source). The sample counts from the recording's start at the rate the window was
+    cut at; a WFDB stretch between gaps is its own recording, named with its place in the
+    record, and the last element is the window's start in seconds from the record's start."""
     recordings = load_source(source, sample_rate=sample_rate, seed=config.seed, channel=channel)
     parts, index, longest = [], [], 0
     for rec in recordings:
@@ -208,7 +210,7 @@ def indexed_windows(source: str, config: Config, sample_rate: float | None = Non
         longest = max(longest, x.size)
         w = _windows(x, config.window, config.stride)  # (n, window)
         parts.append(_zscore(w, STD_FLOOR * x.std()) if config.standardize == "window" else w)
-        index += [(rec.name, int(start), float(rate))
+        index += [(rec.name, int(start), float(rate), rec.offset + start / rate)
                   for start in window_starts(x.size, config.window, config.stride)]
     out = np.concatenate(parts)
     if not len(out):

@@ -38,6 +38,7 @@ class Recording:
     name: str  # e.g. "ppg/data2", or "path.npy[3]" for row 3 of a file
     signal: np.ndarray  # 1-D float64
     sample_rate: float  # Hz
+    offset: float = 0.0  # seconds from its source's start to its first sample (a stretch of a record)
 
 
 # --------------------------------------------------------------------------- sources
@@ -103,7 +104,8 @@ def split_gaps(rec: Recording) -> list[Recording]:
     if not kept:
         raise DataError(f"{rec.name}: between its gaps (NaN) every stretch is flat or a single "
                         "sample; check the record or pick another --channel")
-    return [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate) for a, b in kept]
+    return [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate,
+                      rec.offset + a / rec.sample_rate) for a, b in kept]
 
 
 def describe_source(source: str) -> str:

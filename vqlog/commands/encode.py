@@ -27,7 +27,8 @@ def encode_command_parser(sub) -> None:
                         "model's window for tokens that cover the signal once)")
     p.add_argument("--index", default=None, metavar="FILE.csv",
                    help="also write where each row of tokens comes from: its recording, first "
-                        "sample and time, and the rate it was cut at")
+                        "sample and time, the rate it was cut at, and its time from the start "
+                        "of the file or record")
     add_debug(p)
     p.set_defaults(func=encode_command)
 
@@ -86,13 +87,15 @@ def _rate_advice(exc, cfg) -> str:
             "(--sample-rate for a file without one)")
 
 
-def _index_csv(where: list[tuple[str, int, float]]) -> str:
-    """Row i of the tokens: its recording, its first sample and second, and the rate."""
+def _index_csv(where: list[tuple[str, int, float, float]]) -> str:
+    """Row i of the tokens: its recording, its first sample and second in that recording, the
+    rate, and its second from the start of the source (another for a record's later stretch)."""
     text = io.StringIO()
     rows = csv.writer(text, lineterminator="\n")
-    rows.writerow(["row", "recording", "start_sample", "start_seconds", "sample_rate"])
-    for i, (recording, start, rate) in enumerate(where):
-        rows.writerow([i, recording, start, f"{start / rate:.6g}", f"{rate:g}"])
+    rows.writerow(["row", "recording", "start_sample", "start_seconds", "sample_rate",
+                   "source_seconds"])
+    for i, (recording, start, rate, at) in enumerate(where):
+        rows.writerow([i, recording, start, f"{start / rate:.9g}", f"{rate:g}", f"{at:.9g}"])
     return text.getvalue()
 
 
