@@ -298,3 +298,48 @@ def test_a_spec_names_the_channel(tmp_path, ppg):
         parse_sweep({"name": "s", "data": {"source": "rec", "channel": [1]}})
     with pytest.raises(DataError, match="one channel"):
         load_source("synthetic", channel="0")
+
+
+@pytest.mark.parametrize("bdf", [False, True], ids=["edf", "bdf"])
+def test_a_discontinuous_edf_plus_file_is_read_as_its_stretches_at_their_onsets(tmp_path, ppg,
+                                                                               bdf):
+    """EDF+D: data records with gaps in time between them (each record's onset is its
+    time-keeping annotation). They were read as one signal, windows running across the gaps.
+    Written with edfio, then made discontinuous as a recorder paused for 20 s would write it:
+    the header says EDF+D and the later records' onsets move on by 20 s."""
+    from edfio import Bdf, BdfSignal, Edf, EdfAnnotation, EdfSignal
+
+    from vqlog.config import Config
+    from vqlog.data import indexed_windows
+
+    data2, _ = ppg
+    rate = 100.0  # its samples, taken as 100 Hz: 10 one-second data records
+    x = data2.signal[:1000]
+    file, signal = (Bdf, BdfSignal) if bdf else (Edf, EdfSignal)
+    path = tmp_path / ("paused.bdf" if bdf else "paused.edf")
+    file([signal(x, rate, label="PPG")], annotations=[EdfAnnotation(0.5, None, "on")]).write(path)
+    raw = bytearray(path.read_bytes())
+    assert raw[192:197] == b"EDF+C" or raw[192:197] == b"BDF+C", raw[192:236]
+    raw[195] = ord("D")
+    header, width = int(raw[184:192]), 3 if bdf else 2
+    per_record = int(rate)
+    tal_size = (len(raw) - header) // 10 - width * per_record  # the annotation signal's bytes
+    for r in range(6, 10):  # records 6 to 9 begin 20 s later than they would
+        at = header + r * (width * per_record + tal_size) + width * per_record
+        tal = f"+{r + 20}\x14\x14\x00".encode()
+        raw[at:at + tal_size] = tal + bytes(tal_size - len(tal))
+    path.write_bytes(bytes(raw))
+
+    parts = load_source(str(path))
+    cut = 6 * per_record
+    assert [(p.name, p.offset) for p in parts] == [(f"{path}:PPG[0:{cut}]", 0.0),
+                                                   (f"{path}:PPG[{cut}:{x.size}]", 26.0)]
+    np.testing.assert_allclose(np.concatenate([p.signal for p in parts]), x, atol=0.05)
+    _, where = indexed_windows(str(path), Config(window=100, stride=100, resample_hz=None))
+    later = [w for w in where if w[0].endswith(f"[{cut}:{x.size}]")]
+    assert later[0][1] == 0 and later[0][3] == pytest.approx(26.0)
+    assert later[1][3] == pytest.approx(26.0 + 100 / rate)
+    # a continuous EDF+ file stays one recording
+    file([signal(x, rate, label="PPG")], annotations=[EdfAnnotation(0.5, None, "on")]).write(path)
+    (whole,) = load_source(str(path))
+    assert whole.name == f"{path}:PPG" and whole.offset == 0.0

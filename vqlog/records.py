@@ -4,7 +4,8 @@ PhysioNet's WFDB records (read with the `wfdb` package) and EDF/BDF files (read 
 `--data` names a WFDB record by its path without extension (`data/100` for `data/100.hea` and
 its signal files) and an EDF/BDF file by its path; `--channel` picks one signal by name or by
 0-based index, and may be left out when there is only one. The rate is the record's own.
-`vqlog.sources` calls these; they return (signal, rate, name of the channel).
+`vqlog.sources` calls these; they return (signal, rate, name of the channel), and for EDF/BDF
+where the stretches of a discontinuous (EDF+D) file start.
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ def wfdb_channels(record: str) -> list[str]:
     return next((list(seg.sig_name) for seg in segments if seg is not None and seg.sig_name), [])
 
 
-def read_edf(path: Path, channel: str | None) -> tuple[np.ndarray, float, str]:
-    """One signal of an EDF or BDF file, in physical units (annotations are not signals)."""
+def read_edf(path: Path, channel: str | None
+             ) -> tuple[np.ndarray, float, str, list[tuple[int, float]]]:
+    """One signal of an EDF or BDF file, in physical units (annotations are not signals), and
+    where its contiguous stretches start: (first sample, seconds from the file's start time),
+    one for a continuous file; an EDF+D file with gaps between its data records has more."""
     import edfio
 
     try:
@@ -100,4 +104,43 @@ def read_edf(path: Path, channel: str | None) -> tuple[np.ndarray, float, str]:
         raise DataError(f"{path} holds no signals")
     index = pick_channel([s.label for s in signals], channel, str(path))
     signal = signals[index]
-    return np.asarray(signal.data, np.float64), float(signal.sampling_frequency), signal.label
+    data = np.asarray(signal.data, np.float64)
+    starts = [(0, 0.0)]
+    if not edf.is_continuous:  # EDF+D with gaps: its records' onsets say where
+        onsets = record_onsets(path, bdf)
+        per_record = data.size // max(len(onsets), 1)
+        step = edf.data_record_duration
+        starts = [(r * per_record, onset) for r, onset in enumerate(onsets)
+                  if r == 0 or abs(onset - onsets[r - 1] - step) > 1e-6 + 1e-4 * step]
+    return data, float(signal.sampling_frequency), signal.label, starts
+
+
+def record_onsets(path: Path, bdf: bool) -> list[float]:
+    """Each data record's onset in seconds, from its time-keeping annotation: the first TAL of
+    the annotation signal in the record ("+onset" then bytes 20 20), as the EDF+ specification
+    lays the file out. edfio reads them only to tell whether a file is continuous."""
+    width = 3 if bdf else 2  # bytes a sample
+    with open(path, "rb") as f:
+        head = f.read(256)
+        header_bytes, n_records, n = int(head[184:192]), int(head[236:244]), int(head[252:256])
+        fields = f.read(n * 256)
+        labels = [fields[16 * i:16 * i + 16].decode("ascii", "replace").strip() for i in range(n)]
+        at = n * (16 + 80 + 8 * 5 + 80)  # label ... prefiltering, then samples a record
+        samples = [int(fields[at + 8 * i:at + 8 * i + 8]) for i in range(n)]
+        annotations = next((i for i, label in enumerate(labels)
+                            if label in ("EDF Annotations", "BDF Annotations")), None)
+        if annotations is None:
+            raise DataError(f"{path} says EDF+D but has no annotation signal to place its "
+                            "records in time")
+        record = width * sum(samples)
+        before, size = width * sum(samples[:annotations]), width * samples[annotations]
+        onsets = []
+        for r in range(n_records):
+            f.seek(header_bytes + r * record + before)
+            tal = f.read(size)
+            try:
+                onsets.append(float(tal[:tal.index(20)]))
+            except ValueError:
+                raise DataError(f"{path}: data record {r} has no time-keeping annotation; the "
+                                "file is not valid EDF+D") from None
+    return onsets

@@ -69,7 +69,8 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
     else:
         path = _resolve(source)
         if path.suffix.lower() in records.EDF_SUFFIXES:
-            recordings = [_own_rate(records.read_edf(path, channel), source, sample_rate)]
+            *read, starts = records.read_edf(path, channel)
+            recordings = stretches(_own_rate(read, source, sample_rate), starts)
         else:
             recordings = _load_file(path, sample_rate, channel)
     for rec in recordings:
@@ -106,6 +107,20 @@ def split_gaps(rec: Recording) -> list[Recording]:
                         "sample; check the record or pick another --channel")
     return [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate,
                       rec.offset + a / rec.sample_rate) for a, b in kept]
+
+
+def stretches(rec: Recording, starts: list[tuple[int, float]]) -> list[Recording]:
+    """An EDF+D signal's stretches between gaps in time, one recording each, named with their
+    samples' place in the file and placed at their onsets; a flat or 1-sample one is left out."""
+    if len(starts) == 1:
+        return [rec]
+    ends = [a for a, _ in starts[1:]] + [rec.signal.size]
+    x = rec.signal
+    kept = [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate, onset)
+            for (a, onset), b in zip(starts, ends) if b - a >= 2 and np.ptp(x[a:b]) > 0]
+    if not kept:
+        raise DataError(f"{rec.name}: every stretch between its gaps is flat or a single sample")
+    return kept
 
 
 def describe_source(source: str) -> str:
