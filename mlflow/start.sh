@@ -69,7 +69,28 @@ basic)
     fi
     # MLflow's basic-auth app reads its settings from this file and the admin password from
     # MLFLOW_AUTH_ADMIN_PASSWORD, which takes precedence over the file: the password is written
-    # nowhere. '%' is doubled because the file is read by configparser.
+    # nowhere, nor a PostgreSQL password (above). '%' is doubled: configparser reads the file.
+    auth_uri="${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}"
+    case "$auth_uri" in
+    postgresql*:*@*)
+        # A password in a PostgreSQL URL goes to libpq as PGPASSWORD, not into the file
+        # (configparser has no way to read it from the environment). Split by SQLAlchemy,
+        # which decodes it; the URL travels in the environment, not on a command line.
+        if parts=$(VQLOG_AUTH_URI="$auth_uri" python3 -c '
+import os
+from sqlalchemy.engine import URL, make_url
+url = make_url(os.environ["VQLOG_AUTH_URI"])
+print(url.password or "")
+print(URL.create(url.drivername, url.username, None, url.host, url.port, url.database,
+                 url.query).render_as_string(hide_password=False))' 2>/dev/null); then
+            pw=$(printf '%s\n' "$parts" | sed -n 1p)
+            if [ -n "$pw" ]; then
+                export PGPASSWORD="$pw"
+                auth_uri=$(printf '%s\n' "$parts" | sed -n '2,$p')
+            fi
+        fi
+        ;;
+    esac
     conf_dir="${MLFLOW_AUTH_CONFIG_DIR:-$(mktemp -d)}"
     mkdir -p "$conf_dir"
     conf="$conf_dir/basic_auth.ini"
@@ -79,7 +100,7 @@ basic)
         cat >"$conf" <<INI
 [mlflow]
 default_permission = $(esc "${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}")
-database_uri = $(esc "${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}")
+database_uri = $(esc "$auth_uri")
 admin_username = $(esc "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}")
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI

@@ -10,14 +10,16 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from _servers import START_SH, mlflow_via_start_sh
-from _stack import base_env, start_sh_env, throwaway_databases
+from _stack import ADMIN_URL, base_env, throwaway_databases
 
 pytestmark = pytest.mark.slow
 PASSWORD = "pw-" + secrets.token_urlsafe(18)
+DB_PASSWORD = "db@pw%" + secrets.token_urlsafe(12)  # an @ and a % that the URL must encode
 SECRET_KEY = secrets.token_hex(16)
 AUTH = {"MLFLOW_AUTH": "basic", "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": SECRET_KEY}
@@ -74,12 +76,29 @@ def test_an_unknown_auth_mode_is_refused(tmp_path):
 # ------------------------------------------------------------------------ a running auth server
 
 
+def backend_uri_with_password(database: str) -> tuple[str, str]:
+    """A full MLFLOW_BACKEND_STORE_URI with a password in it (percent-encoded), and the
+    password: the server's own where it needs one, else one it takes (trust auth)."""
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(ADMIN_URL)
+    password = admin.password or DB_PASSWORD
+    return (f"postgresql+psycopg2://{admin.username or 'postgres'}:{quote(password, safe='')}@"
+            f"{admin.host or '127.0.0.1'}:{admin.port or 5432}/{database}", password)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """start.sh with a full backend URL that holds a password (the users and permissions go to
+    the same database)."""
     folder = tmp_path_factory.mktemp("auth")
     with throwaway_databases("mlflow") as dbs:
-        env = start_sh_env(dbs["mlflow"], MLFLOW_AUTH_CONFIG_DIR=str(folder / "conf"), **AUTH)
+        uri, password = backend_uri_with_password(dbs["mlflow"])
+        env = base_env(MLFLOW_BACKEND_STORE_URI=uri, MLFLOW_AUTH_CONFIG_DIR=str(folder / "conf"),
+                       **AUTH)
+        env.pop("PGPASSWORD", None)
         with mlflow_via_start_sh(folder, env) as srv:
+            srv.db_password = password
             yield srv
 
 
@@ -208,6 +227,16 @@ def test_the_password_is_in_no_argument_file_or_log(server):
     assert conf.is_file() and (conf.stat().st_mode & 0o777) == 0o600
     assert "admin_username = admin" in conf.read_text()
     assert PASSWORD not in conf.read_text()
+    # nor the database's: libpq takes it from PGPASSWORD (configparser reads no environment)
+    import configparser
+
+    ini = configparser.ConfigParser()  # as MLflow reads it ('%%' is '%')
+    ini.read(conf)
+    database_uri = ini["mlflow"]["database_uri"]
+    encoded = quote(server.db_password, safe="")
+    assert database_uri.startswith("postgresql+psycopg2://") and "@127.0.0.1" in database_uri
+    assert server.db_password not in database_uri and encoded not in database_uri
+    assert ":" not in database_uri.split("//")[1].split("@")[0], database_uri  # no password
     assert PASSWORD not in server.log_text() and SECRET_KEY not in server.log_text()
     pgid = os.getpgid(server.proc.pid)
     seen = 0
@@ -222,7 +251,10 @@ def test_the_password_is_in_no_argument_file_or_log(server):
             continue
         seen += 1
         assert PASSWORD not in cmdline and SECRET_KEY not in cmdline
+        assert server.db_password not in cmdline and encoded not in cmdline
     assert seen >= 2  # mlflow server and its uvicorn workers
+    environ = (Path("/proc") / str(server.proc.pid) / "environ").read_bytes().split(b"\0")
+    assert f"PGPASSWORD={server.db_password}".encode() in environ
 
 
 @pytest.mark.parametrize("uri, shown", [
