@@ -141,7 +141,7 @@ def test_encodes_rate_errors_advise_what_encode_takes_not_the_spec_key(signal_fi
     at = signal_file(pulses(), "any.npy")
     for data, rate, what, advice in (
             ("ppg", "30", "the ppg recordings carry their own sample rates",
-             "drop --sample-rate (the model resamples the data to its own rate)"),
+             "drop --sample-rate (the data's own rate is used, resampled to the model's 50 Hz)"),
             (at, "60000", "cannot resample 60000 Hz to 50 Hz within 0.1%",
              "the model takes 50 Hz: check the data's sample rate")):
         out_file = tmp_path / "t.npy"

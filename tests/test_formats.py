@@ -320,7 +320,7 @@ def test_a_discontinuous_edf_plus_file_is_read_as_its_stretches_at_their_onsets(
     file([signal(x, rate, label="PPG")], annotations=[EdfAnnotation(0.5, None, "on")]).write(path)
     raw = bytearray(path.read_bytes())
     assert raw[192:197] == b"EDF+C" or raw[192:197] == b"BDF+C", raw[192:236]
-    raw[195] = ord("D")
+    raw[196] = ord("D")  # EDF+C -> EDF+D
     header, width = int(raw[184:192]), 3 if bdf else 2
     per_record = int(rate)
     tal_size = (len(raw) - header) // 10 - width * per_record  # the annotation signal's bytes
@@ -339,7 +339,24 @@ def test_a_discontinuous_edf_plus_file_is_read_as_its_stretches_at_their_onsets(
     later = [w for w in where if w[0].endswith(f"[{cut}:{x.size}]")]
     assert later[0][1] == 0 and later[0][3] == pytest.approx(26.0)
     assert later[1][3] == pytest.approx(26.0 + 100 / rate)
-    # a continuous EDF+ file stays one recording
+
+    # An annotation text that is not UTF-8 (a Latin-1 "é"), and a file cut short in its last
+    # record (edfio reads its 9 whole records, with a warning): the same two stretches.
+    first = header + width * per_record  # record 0's annotations: "+0", then "+0.5" "on"
+    text = raw.index(b"on\x14", first)
+    raw[text] = 0xE9
+    path.write_bytes(bytes(raw[:len(raw) - tal_size // 2]))
+    parts = load_source(str(path))
+    assert [(p.name, p.offset) for p in parts] == [(f"{path}:PPG[0:{cut}]", 0.0),
+                                                   (f"{path}:PPG[{cut}:900]", 26.0)]
+    # One stretch that begins 5 s into the file is placed there too; EDF+C is one recording.
+    for r in range(10):
+        at = header + r * (width * per_record + tal_size) + width * per_record
+        tal = f"+{r + 5}\x14\x14\x00".encode()
+        raw[at:at + tal_size] = tal + bytes(tal_size - len(tal))
+    path.write_bytes(bytes(raw))
+    (late,) = load_source(str(path))
+    assert late.name == f"{path}:PPG" and late.offset == 5.0
     file([signal(x, rate, label="PPG")], annotations=[EdfAnnotation(0.5, None, "on")]).write(path)
     (whole,) = load_source(str(path))
     assert whole.name == f"{path}:PPG" and whole.offset == 0.0

@@ -11,6 +11,7 @@ where the stretches of a discontinuous (EDF+D) file start.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -106,23 +107,26 @@ def read_edf(path: Path, channel: str | None
     signal = signals[index]
     data = np.asarray(signal.data, np.float64)
     starts = [(0, 0.0)]
-    if not edf.is_continuous:  # EDF+D with gaps: its records' onsets say where
-        onsets = record_onsets(path, bdf)
-        per_record = data.size // max(len(onsets), 1)
+    n_records = edf.num_data_records  # edfio's count: a file cut short has fewer than it says
+    if edf.reserved.startswith(("EDF+D", "BDF+D")) and n_records > 1:
+        # EDF+D: its records' onsets say where the gaps are (EDF+C and EDF are continuous)
+        onsets = record_onsets(path, bdf, n_records)
+        per_record = data.size // n_records
         step = edf.data_record_duration
         starts = [(r * per_record, onset) for r, onset in enumerate(onsets)
                   if r == 0 or abs(onset - onsets[r - 1] - step) > 1e-6 + 1e-4 * step]
     return data, float(signal.sampling_frequency), signal.label, starts
 
 
-def record_onsets(path: Path, bdf: bool) -> list[float]:
+def record_onsets(path: Path, bdf: bool, n_records: int) -> list[float]:
     """Each data record's onset in seconds, from its time-keeping annotation: the first TAL of
-    the annotation signal in the record ("+onset" then bytes 20 20), as the EDF+ specification
-    lays the file out. edfio reads them only to tell whether a file is continuous."""
+    the annotation signal in the record ("+onset", then 21 and a duration or 20), as the EDF+
+    specification lays the file out. edfio reads them only to tell whether a file is
+    continuous, and its bytes of annotation text must be UTF-8; these are numbers only."""
     width = 3 if bdf else 2  # bytes a sample
     with open(path, "rb") as f:
         head = f.read(256)
-        header_bytes, n_records, n = int(head[184:192]), int(head[236:244]), int(head[252:256])
+        header_bytes, n = int(head[184:192]), int(head[252:256])
         fields = f.read(n * 256)
         labels = [fields[16 * i:16 * i + 16].decode("ascii", "replace").strip() for i in range(n)]
         at = n * (16 + 80 + 8 * 5 + 80)  # label ... prefiltering, then samples a record
@@ -139,8 +143,8 @@ def record_onsets(path: Path, bdf: bool) -> list[float]:
             f.seek(header_bytes + r * record + before)
             tal = f.read(size)
             try:
-                onsets.append(float(tal[:tal.index(20)]))
-            except ValueError:
+                onsets.append(float(re.match(rb"[+-][0-9.]+", tal).group()))
+            except (AttributeError, ValueError):
                 raise DataError(f"{path}: data record {r} has no time-keeping annotation; the "
                                 "file is not valid EDF+D") from None
     return onsets

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +113,8 @@ def stretches(rec: Recording, starts: list[tuple[int, float]]) -> list[Recording
     """An EDF+D signal's stretches between gaps in time, one recording each, named with their
     samples' place in the file and placed at their onsets; a flat or 1-sample one is left out."""
     if len(starts) == 1:
-        return [rec]
-    ends = [a for a, _ in starts[1:]] + [rec.signal.size]
-    x = rec.signal
+        return [replace(rec, offset=starts[0][1])]
+    x, ends = rec.signal, [a for a, _ in starts[1:]] + [rec.signal.size]
     kept = [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate, onset)
             for (a, onset), b in zip(starts, ends) if b - a >= 2 and np.ptp(x[a:b]) > 0]
     if not kept:

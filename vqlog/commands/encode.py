@@ -82,7 +82,8 @@ def encode_command(args: argparse.Namespace) -> int:
 def _rate_advice(exc, cfg) -> str:
     """How to fix a rate error when the model, not a spec, sets the rate."""
     if exc.kind == "given":
-        return "drop --sample-rate (the model resamples the data to its own rate)"
+        return ("drop --sample-rate (the data's own rate is used" +
+                (f", resampled to the model's {cfg.resample_hz:g} Hz)" if cfg.resample_hz else ")"))
     return (f"the model takes {cfg.resample_hz:g} Hz: check the data's sample rate "
             "(--sample-rate for a file without one)")
 
