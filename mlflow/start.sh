@@ -71,23 +71,32 @@ basic)
     # MLFLOW_AUTH_ADMIN_PASSWORD, which takes precedence over the file: the password is written
     # nowhere, nor a PostgreSQL password (above). '%' is doubled: configparser reads the file.
     auth_uri="${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}"
+    kept=""
     case "$auth_uri" in
     postgresql*:*@*)
         # A password in a PostgreSQL URL goes to libpq as PGPASSWORD, not into the file
         # (configparser has no way to read it from the environment). Split by SQLAlchemy,
-        # which decodes it; the URL travels in the environment, not on a command line.
-        if parts=$(VQLOG_AUTH_URI="$auth_uri" python3 -c '
-import os
+        # which decodes it; the URL travels in the environment, not on a command line. Exit 3:
+        # a driver without libpq (pg8000) or a password libpq's variable cannot carry.
+        parts=$(VQLOG_AUTH_URI="$auth_uri" python3 -c '
+import os, sys
 from sqlalchemy.engine import URL, make_url
 url = make_url(os.environ["VQLOG_AUTH_URI"])
-print(url.password or "")
+password = url.password or ""
+if url.get_driver_name() not in ("psycopg2", "psycopg") or "\n" in password or "\0" in password:
+    sys.exit(3 if password else 0)
+print(password)
 print(URL.create(url.drivername, url.username, None, url.host, url.port, url.database,
-                 url.query).render_as_string(hide_password=False))' 2>/dev/null); then
-            pw=$(printf '%s\n' "$parts" | sed -n 1p)
-            if [ -n "$pw" ]; then
-                export PGPASSWORD="$pw"
-                auth_uri=$(printf '%s\n' "$parts" | sed -n '2,$p')
-            fi
+                 url.query).render_as_string(hide_password=False))' 2>/dev/null) && split=0 || split=$?
+        pw=$(printf '%s\n' "$parts" | sed -n 1p)
+        if [ "$split" != 0 ]; then
+            [ "$split" = 3 ] && kept="its driver does not read PGPASSWORD" ||
+                kept="no python3 with SQLAlchemy on PATH to split it out"
+        elif [ -n "$pw" ] && [ -n "${PGPASSWORD:-}" ] && [ "$PGPASSWORD" != "$pw" ]; then
+            kept="PGPASSWORD (POSTGRES_PASSWORD) holds another password"
+        elif [ -n "$pw" ]; then
+            export PGPASSWORD="$pw"
+            auth_uri=$(printf '%s\n' "$parts" | sed -n '2,$p')
         fi
         ;;
     esac
@@ -106,6 +115,9 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
     )
     export MLFLOW_AUTH_CONFIG_PATH="$conf"
+    if [ -n "$kept" ]; then
+        echo "start.sh: the auth database URL keeps its password, in $conf (mode 600): $kept" >&2
+    fi
     auth="basic (admin user ${MLFLOW_AUTH_ADMIN_USERNAME:-admin})"
     set -- "$@" --app-name basic-auth
     ;;

@@ -222,6 +222,29 @@ def test_a_sweep_through_basic_auth_deletes_its_finished_checkpoints(server, mon
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
 
 
+def test_a_url_password_that_pgpassword_cannot_take_stays_in_the_private_file(tmp_path):
+    """PGPASSWORD already holds another password (the backend's, from POSTGRES_PASSWORD): the
+    auth database's URL keeps its own, in the file only the server's user reads, and the script
+    says so without the URL."""
+    import configparser
+
+    with throwaway_databases("mlflow") as dbs:
+        uri, password = backend_uri_with_password(dbs["mlflow"])
+        env = base_env(MLFLOW_BACKEND_STORE_URI=uri, MLFLOW_AUTH_CONFIG_DIR=str(tmp_path / "conf"),
+                       PGPASSWORD=password + "-other", **AUTH)
+        with mlflow_via_start_sh(tmp_path, env) as srv:
+            assert _call(srv, "GET", READS[0][1], user="admin", password=PASSWORD)[0] == 200
+            log = srv.log_text()
+    conf = tmp_path / "conf" / "basic_auth.ini"
+    assert (conf.stat().st_mode & 0o777) == 0o600
+    ini = configparser.ConfigParser()
+    ini.read(conf)
+    assert ini["mlflow"]["database_uri"] == uri
+    assert (f"start.sh: the auth database URL keeps its password, in {conf} (mode 600): "
+            "PGPASSWORD (POSTGRES_PASSWORD) holds another password") in log
+    assert password not in log and quote(password, safe="") not in log
+
+
 def test_the_password_is_in_no_argument_file_or_log(server):
     conf = Path(server.log).parent / "conf" / "basic_auth.ini"
     assert conf.is_file() and (conf.stat().st_mode & 0o777) == 0o600

@@ -23,6 +23,7 @@ set MLFLOW_HTTP_REQUEST_MAX_RETRIES; a library caller may do the same.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +85,7 @@ class RetryingClient:
         self.outages = 0  # outages ridden out, for the sweep's closing line
         self._up_at = float("-inf")  # when the last call that succeeded was sent
         self._back_at = float("-inf")  # when the last outage ended
+        self._lock = threading.Lock()  # the bookkeeping above: a run's sender thread shares it
 
     @property
     def tracking_uri(self) -> str:
@@ -118,26 +120,28 @@ class RetryingClient:
         except Exception as exc:  # noqa: BLE001 - sorted below
             if not is_transient(exc):
                 raise
-            now = time.monotonic()
-            if self.down_since is None:
-                if sent < self._up_at:
-                    # Sent before a call (from another thread) that got through: it was under way
-                    # across the end of the outage, not the start of a new one. Its retry says.
-                    return False, None
-                self.down_since = now
-                if now - self._back_at > SETTLE:  # else the same restart, flapping as it ends
-                    self.outages += 1
-            if now - self.down_since > self.limit:
+            with self._lock:
+                now = time.monotonic()
+                if self.down_since is None:
+                    if sent < self._up_at:
+                        # Sent before a call (another thread's) that got through: it was under
+                        # way across the end of the outage, not the start of a new one.
+                        return False, None
+                    self.down_since = now
+                    if now - self._back_at > SETTLE:  # else the same restart, flapping
+                        self.outages += 1
+                down = now - self.down_since
+            if down > self.limit:
                 raise TrackingUnavailable(
-                    f"MLflow tracking at {self.describe} has been unreachable for "
-                    f"{now - self.down_since:.0f} s, longer than the limit of {self.limit:.0f} s "
-                    f"(VQLOG_TRACKING_OUTAGE_LIMIT); last error: {mask_urls(one_line(exc, 200))}"
-                ) from None
+                    f"MLflow tracking at {self.describe} has been unreachable for {down:.0f} s, "
+                    f"longer than the limit of {self.limit:.0f} s (VQLOG_TRACKING_OUTAGE_LIMIT); "
+                    f"last error: {mask_urls(one_line(exc, 200))}") from None
             return False, None
-        if self.down_since is not None:
-            self._back_at = time.monotonic()
-        self.down_since = None
-        self._up_at = max(self._up_at, sent)
+        with self._lock:
+            if self.down_since is not None:
+                self._back_at = time.monotonic()
+            self.down_since = None
+            self._up_at = max(self._up_at, sent)
         return True, value
 
 
