@@ -193,6 +193,15 @@ def test_bad_config_file(tmp_path, cli):
     assert_one_error_line(rc, err, "broken.yaml", "not valid YAML")
 
 
+def test_a_sweep_spec_given_to_train_says_it_is_one(tmp_path, cli):
+    """It said `unknown config key 'name'`, with no word of what the file was."""
+    from vqlog.study.spec import resolve_spec_path
+
+    rc, _, err = cli("train", "--config", str(resolve_spec_path("smoke")), "--data", "synthetic")
+    assert_one_error_line(rc, err, "smoke.yaml is a sweep spec (it has budget, fixed, space)",
+                          "vqlog-sweep --config")
+
+
 BAD_FILES = {  # id: (file name, writer(path), fragments the error line must hold)
     "pickle": ("pickled.npy", lambda p: p.write_bytes(pickle.dumps({"signal": [1.0, 2.0]})),
                ["pickled.npy", "is not a .npy array"]),

@@ -151,6 +151,7 @@ def test_a_sample_or_a_flat_stretch_between_gaps_is_left_out_not_an_error(tmp_pa
     rate = data2.sample_rate
     second = next(w for w in where if w[0] == f"{record}:PPG[5003:9000]")
     assert second[1:3] == (0, rate) and second[3] == pytest.approx(5003 / rate)
+    assert all(type(w[3]) is float for w in where)  # plain Python numbers, as the others
     third = [w for w in where if w[0] == f"{record}:PPG[9005:{n}]"][1]
     assert third[1] == 100 and third[3] == pytest.approx((9005 + 100) / rate)
     flat = np.full(n, np.nan)

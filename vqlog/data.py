@@ -210,7 +210,7 @@ def indexed_windows(source: str, config: Config, sample_rate: float | None = Non
         longest = max(longest, x.size)
         w = _windows(x, config.window, config.stride)  # (n, window)
         parts.append(_zscore(w, STD_FLOOR * x.std()) if config.standardize == "window" else w)
-        index += [(rec.name, int(start), float(rate), rec.offset + start / rate)
+        index += [(rec.name, int(start), float(rate), float(rec.offset + start / rate))
                   for start in window_starts(x.size, config.window, config.stride)]
     out = np.concatenate(parts)
     if not len(out):

@@ -37,6 +37,11 @@ def train_command(args: argparse.Namespace) -> int:
                             f"YAML file of config keys, and '{args.config}' names a sweep spec: "
                             f"vqlog-sweep --config {args.config}")
     values = load_config_file(args.config) if args.config is not None else {}
+    sections = sorted({"space", "fixed", "budget"} & set(values))  # a sweep spec's
+    if sections:
+        raise UserError(f"{args.config} is a sweep spec (it has {', '.join(sections)}), not a "
+                        f"file of config keys: run it with vqlog-sweep --config {args.config}, "
+                        "or put the keys of the point to train in a file of their own")
     values.update(parse_overrides(args.set))
     cfg = Config.from_mapping(values)
     from vqlog.train import fit, resolve_device  # torch: after a typo in the config is reported
