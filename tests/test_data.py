@@ -296,7 +296,9 @@ def test_bad_files_raise_a_one_line_data_error_naming_the_file(tmp_path, name, c
 
 @pytest.mark.parametrize("source, sample_rate, message", [
     ("nope", None, r"unknown data source 'nope'; use one of ppg, synthetic or a path to a \.npy"),
-    ("missing.csv", 100, r"data file not found: missing\.csv"),
+    ("missing.csv", 100, r"data file not found: missing\.csv \(relative to the current "
+                         r"folder, /.*\); check the path"),
+    ("/no/such/missing.csv", 100, r"data file not found: /no/such/missing\.csv; check the path"),
     ("ppg", 100, r"ppg recordings carry their own sample rates; drop --sample-rate"),
     ("synthetic", -5, r"sample rate must be a positive number of Hz, got -5"),
 ])

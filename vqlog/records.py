@@ -148,3 +148,18 @@ def record_onsets(path: Path, bdf: bool, n_records: int) -> list[float]:
                 raise DataError(f"{path}: data record {r} has no time-keeping annotation; the "
                                 "file is not valid EDF+D") from None
     return onsets
+
+
+def stretches(signal: np.ndarray, starts: list[tuple[int, float]], name: str
+              ) -> list[tuple[str, np.ndarray, float]]:
+    """An EDF/BDF signal cut at `read_edf`'s starts: (the part's place in the file as a name
+    suffix, its samples, its onset); a flat or 1-sample part is left out. One part keeps the
+    signal's name."""
+    if len(starts) == 1:
+        return [("", signal, starts[0][1])]
+    ends = [a for a, _ in starts[1:]] + [signal.size]
+    kept = [(f"[{a}:{b}]", signal[a:b], onset) for (a, onset), b in zip(starts, ends)
+            if b - a >= 2 and np.ptp(signal[a:b]) > 0]
+    if not kept:
+        raise DataError(f"{name}: every stretch between its gaps is flat or a single sample")
+    return kept

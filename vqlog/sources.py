@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,9 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
         path = _resolve(source)
         if path.suffix.lower() in records.EDF_SUFFIXES:
             *read, starts = records.read_edf(path, channel)
-            recordings = stretches(_own_rate(read, source, sample_rate), starts)
+            rec = _own_rate(read, source, sample_rate)
+            recordings = [Recording(rec.name + at, x, rec.sample_rate, onset)
+                          for at, x, onset in records.stretches(rec.signal, starts, rec.name)]
         else:
             recordings = _load_file(path, sample_rate, channel)
     for rec in recordings:
@@ -107,19 +109,6 @@ def split_gaps(rec: Recording) -> list[Recording]:
                         "sample; check the record or pick another --channel")
     return [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate,
                       rec.offset + a / rec.sample_rate) for a, b in kept]
-
-
-def stretches(rec: Recording, starts: list[tuple[int, float]]) -> list[Recording]:
-    """An EDF+D signal's stretches between gaps in time, one recording each, named with their
-    samples' place in the file and placed at their onsets; a flat or 1-sample one is left out."""
-    if len(starts) == 1:
-        return [replace(rec, offset=starts[0][1])]
-    x, ends = rec.signal, [a for a, _ in starts[1:]] + [rec.signal.size]
-    kept = [Recording(f"{rec.name}[{a}:{b}]", x[a:b], rec.sample_rate, onset)
-            for (a, onset), b in zip(starts, ends) if b - a >= 2 and np.ptp(x[a:b]) > 0]
-    if not kept:
-        raise DataError(f"{rec.name}: every stretch between its gaps is flat or a single sample")
-    return kept
 
 
 def describe_source(source: str) -> str:
@@ -220,7 +209,8 @@ def _resolve(source: str) -> Path:
     if path.exists():
         raise DataError(f"{source} is a directory; pass a {KINDS}")
     if path.suffix.lower() in suffixes:
-        raise DataError(f"data file not found: {source}; check the path")
+        where = "" if path.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+        raise DataError(f"data file not found: {source}{where}; check the path")
     if any(path.parent.glob(f"{path.name}.*")) if path.parent.is_dir() else False:
         raise DataError(f"WFDB record {source}: its header {source}.hea is missing; give the "
                         "record's path without extension, beside its .hea and signal files")
