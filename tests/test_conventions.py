@@ -198,6 +198,30 @@ def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, 
     assert named == logged - varying and named, out
 
 
+def test_best_trials_and_export_take_the_only_study_without_study(swept, monkeypatch, cli,
+                                                                  tmp_path, mlflow_store):
+    """As `vqlog table` does; they required --study even where the storage holds one."""
+    import shutil
+
+    import optuna
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", swept.uri)
+    monkeypatch.setenv("OPTUNA_STORAGE", swept.storage)
+    assert cli("best") == cli("best", "--study", "conv")
+    assert cli("trials", "--format", "json") == cli("trials", "--study", "conv", "--format", "json")
+    code, out, err = cli("export", "--out", str(tmp_path / "m.pt"))
+    assert code == 0 and "of study 'conv'" in out and (tmp_path / "m.pt").is_file(), err
+    two = tmp_path / "two.db"
+    shutil.copyfile(swept.storage.removeprefix("sqlite:///"), two)
+    optuna.create_study(study_name="other", storage=f"sqlite:///{two}")
+    code, out, err = cli("best", "--storage", f"sqlite:///{two}")
+    assert (code, out) == (2, "") and err == (f"Error: several studies in sqlite:///{two} "
+                                              "(conv, other); choose one with --study\n"), err
+    code, out, err = cli("trials", "--tracking-uri", mlflow_store(tmp_path / "empty"))
+    assert (code, out) == (2, "") and err == ("Error: no vqlog study in this MLflow store; run "
+                                              "vqlog-sweep first\n"), err
+
+
 def test_vqlog_ui_url_is_where_the_links_point(swept, monkeypatch, cli):
     """VQLOG_UI_URL: the UI's address as users open it (a published port, a proxy, a tunnel),
     for the links vqlog prints, in place of the tracking URI's."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, url_arg
+from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, default_if_empty, url_arg
 
 
 def best_command_parser(sub) -> None:
     p = sub.add_parser("best", help="print the study's best trial: params, value, run URL")
-    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--study", type=default_if_empty,
+                   help="study name (default: the storage's only study)")
     p.add_argument("--storage", default=None, type=url_arg, help=STORAGE_HELP)
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     add_debug(p)
@@ -25,6 +26,7 @@ def best_command(args: argparse.Namespace) -> int:
     from vqlog.tracking.rows import run_name
 
     study = load_existing_study(resolve_storage(args.storage), args.study)
+    args.study = study.study_name  # given, or the storage's only one
     best = best_trial(study)
     if best is None:
         raise UserError(f"study '{args.study}' has no COMPLETE trial yet")

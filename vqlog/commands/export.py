@@ -8,12 +8,14 @@ import re
 import shutil
 import tempfile
 
-from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, check_out_file, url_arg
+from vqlog.cli import (STORAGE_HELP, TRACKING_HELP, add_debug, check_out_file, default_if_empty,
+                       url_arg)
 
 
 def export_command_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trial's trained weights (the best one by default)")
-    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--study", type=default_if_empty,
+                   help="study name (default: the storage's only study)")
     p.add_argument("--trial", help="Optuna trial number (Seq<n+1> in the table) or Seq<k>; "
                                    "default: the study's best trial by its objective")
     p.add_argument("--storage", default=None, type=url_arg, help=STORAGE_HELP)
@@ -51,6 +53,7 @@ def export_command(args: argparse.Namespace) -> int:
     out = check_out_file(args.out, "--out", "model.pt")
     number = trial_number(args.trial)
     study = load_existing_study(resolve_storage(args.storage), args.study)
+    args.study = study.study_name  # given, or the storage's only one
     trials = study.get_trials(deepcopy=False)
     if number is None:
         trial = best_trial(study)

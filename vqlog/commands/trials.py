@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from vqlog.cli import TRACKING_HELP, add_debug, url_arg
+from vqlog.cli import TRACKING_HELP, add_debug, default_if_empty, url_arg
 
 SHOWN = ("number", "run", "state", "metrics.final_val_mse", "metrics.best_val_mse",
          "metrics.max_val_perplexity", "metrics.iterations_run")
@@ -14,7 +14,8 @@ SHOWN = ("number", "run", "state", "metrics.final_val_mse", "metrics.best_val_ms
 
 def trials_command_parser(sub) -> None:
     p = sub.add_parser("trials", help="list a study's trials (table, json or csv)")
-    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--study", type=default_if_empty,
+                   help="study name (default: the tracking store's only vqlog study)")
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     p.add_argument("--format", default="table", choices=("table", "json", "csv"))
     add_debug(p)
@@ -24,7 +25,7 @@ def trials_command_parser(sub) -> None:
 def trials_command(args: argparse.Namespace) -> int:
     from vqlog.api import results
 
-    df = results(args.study, tracking_uri=args.tracking_uri)
+    df = results(args.study or _only_study(args.tracking_uri), tracking_uri=args.tracking_uri)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
     elif args.format == "json":
@@ -33,6 +34,19 @@ def trials_command(args: argparse.Namespace) -> int:
     else:
         print(_text_table(df))
     return 0
+
+
+def _only_study(tracking_uri: str | None) -> str:
+    """The tracking store's one vqlog study, for a command given no --study."""
+    from vqlog.errors import UserError
+    from vqlog.tracking.client import existing_store, open_client
+    from vqlog.tracking.runs import study_names
+
+    names = study_names(open_client(existing_store(tracking_uri)))
+    if len(names) != 1:
+        raise UserError(f"several studies here ({', '.join(names)}); choose one with --study"
+                        if names else "no vqlog study in this MLflow store; run vqlog-sweep first")
+    return names[0]
 
 
 def _json(value):

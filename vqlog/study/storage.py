@@ -193,9 +193,10 @@ def read_only_storage(url: str) -> optuna.storages.RDBStorage:
                                       skip_table_creation=True)
 
 
-def load_existing_study(url: str, name: str) -> optuna.Study:
+def load_existing_study(url: str, name: str | None) -> optuna.Study:
     """An existing study, read-only: no file, table or study is created (commands that only
-    read, like `vqlog export`). UserError names what is missing."""
+    read, like `vqlog export`); `name` None: the storage's only study. UserError names what is
+    missing."""
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
         raise UserError(f"no Optuna storage at {mask(url)}; run vqlog-sweep first or pass --storage")
@@ -208,6 +209,12 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
         # does not answer it waits a second time, in a command that then fails anyway.)
         check_reachable(url)
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
+    if name is None and len(names) == 1:
+        name = names[0]
+    elif name is None:
+        raise UserError(f"several studies in {mask(url)} ({', '.join(sorted(names))}); choose one "
+                        "with --study" if names else f"{mask(url)} holds no study; run "
+                        "vqlog-sweep first or pass --storage")
     if name not in names:
         there = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"
         raise UserError(f"no study '{name}' in {mask(url)} ({there}); check --study and --storage")
