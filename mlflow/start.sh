@@ -73,32 +73,46 @@ basic)
     auth_uri="${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}"
     kept=""
     case "$auth_uri" in
-    postgresql*:*@*)
+    postgresql*://*:*@* | postgresql*[?\&]password=*)
         # A password in a PostgreSQL URL goes to libpq as PGPASSWORD, not into the file
         # (configparser has no way to read it from the environment). Split by SQLAlchemy,
-        # which decodes it; the URL travels in the environment, not on a command line. Exit 3:
-        # a driver without libpq (pg8000) or a password libpq's variable cannot carry.
+        # which decodes it; the URL travels in the environment, not on a command line.
         parts=$(VQLOG_AUTH_URI="$auth_uri" python3 -c '
 import os, sys
 from sqlalchemy.engine import URL, make_url
 url = make_url(os.environ["VQLOG_AUTH_URI"])
 password = url.password or ""
-if url.get_driver_name() not in ("psycopg2", "psycopg") or "\n" in password or "\0" in password:
+if "password" in url.query:
+    sys.exit(5)
+if url.get_driver_name() not in ("psycopg2", "psycopg"):
     sys.exit(3 if password else 0)
+if "\n" in password or "\0" in password:
+    sys.exit(4)
 print(password)
 print(URL.create(url.drivername, url.username, None, url.host, url.port, url.database,
                  url.query).render_as_string(hide_password=False))' 2>/dev/null) && split=0 || split=$?
         pw=$(printf '%s\n' "$parts" | sed -n 1p)
-        if [ "$split" != 0 ]; then
-            [ "$split" = 3 ] && kept="its driver does not read PGPASSWORD" ||
-                kept="no python3 with SQLAlchemy on PATH to split it out"
-        elif [ -n "$pw" ] && [ -n "${PGPASSWORD:-}" ] && [ "$PGPASSWORD" != "$pw" ]; then
+        case "$split" in
+        0) ;;
+        3) kept="its driver does not read PGPASSWORD" ;;
+        4) kept="PGPASSWORD cannot hold a password with a line break" ;;
+        5) kept="its password is a query parameter" ;;
+        127) kept="no python3 on PATH to split it out" ;;
+        *) kept="python3 with SQLAlchemy could not read the URL" ;;
+        esac
+        if [ "$split" != 0 ] || [ -z "$pw" ]; then
+            :
+        elif [ -n "${PGPASSWORD:-}" ] && [ "$PGPASSWORD" != "$pw" ]; then
             kept="PGPASSWORD (POSTGRES_PASSWORD) holds another password"
-        elif [ -n "$pw" ]; then
+        elif [ "$auth_uri" != "$MLFLOW_BACKEND_STORE_URI" ] && [ -z "${PGPASSWORD:-}" ]; then
+            # libpq tries PGPASSWORD before ~/.pgpass: the backend store's login would change
+            kept="MLFLOW_AUTH_DATABASE_URI is not the backend store's URL"
+        else
             export PGPASSWORD="$pw"
             auth_uri=$(printf '%s\n' "$parts" | sed -n '2,$p')
         fi
         ;;
+    *://*:*@*) kept="only PostgreSQL's libpq takes a password from the environment" ;;
     esac
     conf_dir="${MLFLOW_AUTH_CONFIG_DIR:-$(mktemp -d)}"
     mkdir -p "$conf_dir"

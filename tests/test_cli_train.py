@@ -198,8 +198,12 @@ def test_a_sweep_spec_given_to_train_says_it_is_one(tmp_path, cli):
     from vqlog.study.spec import resolve_spec_path
 
     rc, _, err = cli("train", "--config", str(resolve_spec_path("smoke")), "--data", "synthetic")
-    assert_one_error_line(rc, err, "smoke.yaml is a sweep spec (it has budget, fixed, space)",
-                          "vqlog-sweep --config")
+    assert_one_error_line(rc, err, "smoke.yaml is a sweep spec (it has name, description, data, "
+                          "...)", "vqlog-sweep --config")
+    spec = tmp_path / "point.yaml"  # a spec's top keys alone, none of its sections
+    spec.write_text("name: mine\nobjective: mse\nbatch: 8\n")
+    rc, _, err = cli("train", "--config", str(spec), "--data", "synthetic")
+    assert_one_error_line(rc, err, "point.yaml is a sweep spec (it has name, objective)")
 
 
 BAD_FILES = {  # id: (file name, writer(path), fragments the error line must hold)

@@ -217,9 +217,10 @@ def test_best_trials_and_export_take_the_only_study_without_study(swept, monkeyp
     code, out, err = cli("best", "--storage", f"sqlite:///{two}")
     assert (code, out) == (2, "") and err == (f"Error: several studies in sqlite:///{two} "
                                               "(conv, other); choose one with --study\n"), err
-    code, out, err = cli("trials", "--tracking-uri", mlflow_store(tmp_path / "empty"))
-    assert (code, out) == (2, "") and err == ("Error: no vqlog study in this MLflow store; run "
-                                              "vqlog-sweep first\n"), err
+    empty = mlflow_store(tmp_path / "empty")
+    code, out, err = cli("trials", "--tracking-uri", empty)
+    assert (code, out) == (2, "") and err == (f"Error: no vqlog study in the MLflow store {empty}; "
+                                              "run vqlog-sweep first\n"), err
 
 
 def test_vqlog_ui_url_is_where_the_links_point(swept, monkeypatch, cli):

@@ -108,7 +108,7 @@ def read_edf(path: Path, channel: str | None
     data = np.asarray(signal.data, np.float64)
     starts = [(0, 0.0)]
     n_records = edf.num_data_records  # edfio's count: a file cut short has fewer than it says
-    if edf.reserved.startswith(("EDF+D", "BDF+D")) and n_records > 1:
+    if edf.reserved.startswith(("EDF+D", "BDF+D")) and n_records >= 1:
         # EDF+D: its records' onsets say where the gaps are (EDF+C and EDF are continuous)
         onsets = record_onsets(path, bdf, n_records)
         per_record = data.size // n_records

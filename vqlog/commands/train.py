@@ -37,9 +37,13 @@ def train_command(args: argparse.Namespace) -> int:
                             f"YAML file of config keys, and '{args.config}' names a sweep spec: "
                             f"vqlog-sweep --config {args.config}")
     values = load_config_file(args.config) if args.config is not None else {}
-    sections = sorted({"space", "fixed", "budget"} & set(values))  # a sweep spec's
+    from vqlog.config import known_keys
+    from vqlog.study.spec import TOP_KEYS
+
+    sections = [k for k in TOP_KEYS if k in values and k not in known_keys()]  # a sweep spec's
     if sections:
-        raise UserError(f"{args.config} is a sweep spec (it has {', '.join(sections)}), not a "
+        shown = ", ".join(sections[:3]) + (", ..." if len(sections) > 3 else "")
+        raise UserError(f"{args.config} is a sweep spec (it has {shown}), not a "
                         f"file of config keys: run it with vqlog-sweep --config {args.config}, "
                         "or put the keys of the point to train in a file of their own")
     values.update(parse_overrides(args.set))

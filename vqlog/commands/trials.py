@@ -42,10 +42,12 @@ def _only_study(tracking_uri: str | None) -> str:
     from vqlog.tracking.client import existing_store, open_client
     from vqlog.tracking.runs import study_names
 
-    names = study_names(open_client(existing_store(tracking_uri)))
+    client = open_client(existing_store(tracking_uri))
+    names = study_names(client)
     if len(names) != 1:
-        raise UserError(f"several studies here ({', '.join(names)}); choose one with --study"
-                        if names else "no vqlog study in this MLflow store; run vqlog-sweep first")
+        raise UserError(f"several studies in {client.describe} ({', '.join(names)}); choose one "
+                        "with --study" if names else f"no vqlog study in the MLflow store "
+                        f"{client.describe}; run vqlog-sweep first")
     return names[0]
 
 
