@@ -329,20 +329,45 @@ def test_too_short_for_a_window_names_the_split_lengths_and_a_fix(tmp_path):
 
 def test_a_table_of_channels_read_as_rows_says_to_take_one_with_channel(tmp_path):
     """A CSV whose columns are channels (time, ppg), given without --channel, is read as one
-    signal per row, of two samples each: the error says so and names the fix."""
+    signal per row, of two samples each: the error says so first, names the table's columns,
+    and then the window fix."""
     path = tmp_path / "two.csv"
     path.write_text("time,ppg\n" + "".join(f"{i / 100},{500 + 5 * np.sin(i / 7):.4f}\n" for i in range(500)))
-    with pytest.raises(DataError, match=r"use a smaller window \(at most 2\).*; the file is read "
+    with pytest.raises(DataError, match=r"shorter than window=64 samples \(.*\); the file is read "
                                         r"as one signal per row \(500 rows\): if its columns are "
-                                        r"channels, take one with --channel"):
+                                        r"channels, take one with --channel NAME\|INDEX \(its "
+                                        r"columns: time, ppg\); otherwise use a smaller window "
+                                        r"\(at most 2\)"):
         prepare(str(path), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
     # and where a trained model cuts its windows (vqlog encode): it only said "the longest
     # recording has 2"
-    with pytest.raises(DataError, match=r"the longest recording has 2; give a longer recording; "
-                                        r"the file is read as one signal per row \(500 rows\)"):
+    with pytest.raises(DataError, match=r"the longest recording has 2; the file is read as one "
+                                        r"signal per row \(500 rows\): .*\(its columns: time, "
+                                        r"ppg\); otherwise give a longer recording$"):
         all_windows(str(path), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
     recs = load_source(str(path), sample_rate=100, channel="ppg")  # the fix works
     assert len(recs) == 1 and recs[0].signal.size == 500
+
+
+def test_the_hint_names_a_parquet_tables_columns_and_none_of_a_headerless_csv(tmp_path):
+    import pandas as pd
+
+    rows = np.sin(np.arange(500 * 3) / 7).reshape(500, 3)
+    table = tmp_path / "three.parquet"
+    pd.DataFrame(rows, columns=[f"ch{i}" for i in range(3)]).to_parquet(table)
+    with pytest.raises(DataError, match=r"take one with --channel NAME\|INDEX \(its columns: "
+                                        r"ch0, ch1, ch2\); otherwise"):
+        prepare(str(table), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
+    wide = tmp_path / "wide.csv"  # more columns than the line shows
+    wide.write_text(",".join(f"c{i}" for i in range(12)) + "\n"
+                    + "".join(",".join(str(v) for v in range(i, i + 12)) + "\n" for i in range(50)))
+    with pytest.raises(DataError, match=r"\(its columns: c0, c1, c2, c3, c4, c5, c6, c7, \.\.\. 4 "
+                                        r"more\)"):
+        prepare(str(wide), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
+    bare = tmp_path / "bare.csv"  # no header row: no names to give
+    np.savetxt(bare, rows, delimiter=",")
+    with pytest.raises(DataError, match=r"take one with --channel NAME\|INDEX; otherwise"):
+        prepare(str(bare), Config(window=64, stride=32, resample_hz=None), sample_rate=100)
 
 
 def test_constant_train_split_under_dataset_standardization():

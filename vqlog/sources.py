@@ -254,7 +254,7 @@ def _column(path: Path, channel: str) -> tuple[np.ndarray, str]:
         # A CSV's header row needs a non-numeric cell, as in _read_csv: pandas would take a first
         # row of numbers for the column names and drop that sample.
         df = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
-              else pd.read_csv(path, header=None if _headerless(path) else "infer"))
+              else pd.read_csv(path, header="infer" if column_names(path) else None))
     except (OSError, ValueError, ImportError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read as a table ({_why(exc)})") from None
     index = records.pick_channel([str(c) for c in df.columns], channel, str(path))
@@ -264,14 +264,20 @@ def _column(path: Path, channel: str) -> tuple[np.ndarray, str]:
     return column.to_numpy(np.float64, na_value=np.nan), str(column.name)
 
 
-def _headerless(path: Path) -> bool:
-    """Whether a CSV's first non-blank row is all numbers (data, not column names)."""
+def column_names(path: Path | str) -> list[str]:
+    """A CSV's header row (its first non-blank row, when a cell is not a number) or a Parquet
+    table's columns; [] for a CSV without one or a file that cannot be read."""
     try:
+        if str(path).lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return [n for n in pq.read_schema(path).names if n != "__index_level_0__"]
         with open(path, newline="", encoding="utf-8-sig") as f:
             first = next((row for row in csv.reader(f) if any(c.strip() for c in row)), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return False  # pandas says what is wrong
-    return bool(first) and all(_is_number(c.strip()) for c in first if c.strip())
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error, ImportError):
+        return []  # the reader says what is wrong
+    cells = [c.strip() for c in first]
+    return cells if any(c and not _is_number(c) for c in cells) else []
 
 
 def _read_npy(path: Path) -> np.ndarray:
