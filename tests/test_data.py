@@ -299,6 +299,11 @@ def test_bad_files_raise_a_one_line_data_error_naming_the_file(tmp_path, name, c
     ("missing.csv", 100, r"data file not found: missing\.csv \(relative to the current "
                          r"folder, /.*\); check the path"),
     ("/no/such/missing.csv", 100, r"data file not found: /no/such/missing\.csv; check the path"),
+    # a WFDB record's path (no suffix) in a folder that is not there: it said "unknown data
+    # source", as for a misspelt source name
+    ("no_such_dir/100", None, r"^data source no_such_dir/100: no folder no_such_dir \(relative to "
+                              r"the current folder, /.*\); check the path$"),
+    ("/no/such/100", None, r"^data source /no/such/100: no folder /no/such; check the path$"),
     ("ppg", 100, r"ppg recordings carry their own sample rates; drop --sample-rate"),
     ("synthetic", -5, r"sample rate must be a positive number of Hz, got -5"),
 ])

@@ -208,10 +208,12 @@ def _resolve(source: str) -> Path:
         return path
     if path.exists():
         raise DataError(f"{source} is a directory; pass a {KINDS}")
+    where = "" if path.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
     if path.suffix.lower() in suffixes:
-        where = "" if path.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
         raise DataError(f"data file not found: {source}{where}; check the path")
-    if any(path.parent.glob(f"{path.name}.*")) if path.parent.is_dir() else False:
+    if not path.parent.is_dir():  # a WFDB record's path, or a typo, in a folder that is not there
+        raise DataError(f"data source {source}: no folder {path.parent}{where}; check the path")
+    if any(path.parent.glob(f"{path.name}.*")):
         raise DataError(f"WFDB record {source}: its header {source}.hea is missing; give the "
                         "record's path without extension, beside its .hea and signal files")
     raise DataError(f"unknown data source '{source}'; use one of {', '.join(SOURCES)} "
