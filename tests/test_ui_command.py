@@ -52,6 +52,9 @@ def test_vqlog_ui_serves_the_folders_store_its_curves_and_artifacts(tmp_path, ml
     assert f"MLflow UI on http://127.0.0.1:{port}" in log
     # nor a line per uvicorn worker's start, nor Starlette's deprecation warning once per worker
     assert "INFO:" not in log and "DeprecationWarning" not in log, log
+    # nor MLflow's lines on the registry store and on --cors-allowed-origins, a flag vqlog ui has
+    # no need of
+    assert "Registry store URI" not in log and "cors" not in log.lower(), log
     # the embedded store was opened where the user stands, and nothing was created beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlartifacts", "mlflow.db", "notes.txt", "ui"]
 

@@ -143,9 +143,13 @@ def ui_command(args: argparse.Namespace) -> int:
            # uvicorn's INFO lines (each worker's start and stop, a dozen each time) stay out of the
            # terminal; its warnings and errors do not.
            "--uvicorn-opts", "--log-level warning"]
-    hosts = allowed_hosts(args.host, args.allowed_hosts)
-    if hosts:
-        cmd += ["--allowed-hosts", hosts]
+    # MLflow's defaults given explicitly: without them it prints that connections from other
+    # hosts need --cors-allowed-origins, which `vqlog ui --host 0.0.0.0` does not.
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    cmd += ["--allowed-hosts", allowed_hosts(args.host, args.allowed_hosts)
+            or ",".join(get_default_allowed_hosts())]
+    os.environ["MLFLOW_REGISTRY_STORE_URI"] = uri  # as mlflow takes it, without a line saying so
     # MLflow's job runner (GenAI scorers and evaluations, which a sweep never starts) would start
     # its own consumer processes beside the UI.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
