@@ -379,19 +379,36 @@ def test_ctrl_c_stops_cleanly_and_queues_the_running_trial_again(tmp_path, mlflo
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
-    """Ctrl-C twice: no waiting for a checkpoint; the running trial is marked FAIL, exit 130."""
-    worker, victim, storage, uri = _second_trial_mid_training(tmp_path, mlflow_store, "twice")
+    """Ctrl-C twice during a trial: no waiting for a checkpoint; the running trial is marked
+    FAIL, exit 130. It is queued again all the same, and the rerun runs it: it was not, and a
+    grid point or a spec's queued row was lost for good (a grid's rerun found every point taken).
+    The two Ctrl-Cs come from inside (vqlog.failpoints), at the second trial's second evaluation:
+    two SIGINTs sent from outside at once arrive as one, which is a single Ctrl-C."""
+    spec = write_spec(tmp_path, "twice", budget={"iteration": 100, "eval_every": 25},
+                      pruner="none")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
+    args = ["--trials", "2", "--config", str(spec), "--storage", storage, "--tracking-uri", uri]
+    worker = Worker(args, tmp_path, env={"VQLOG_FAILPOINT": "trial.eval:6:SIGINT+SIGINT"})
     try:
-        worker.signal(signal.SIGINT)
-        worker.signal(signal.SIGINT)
-        assert worker.wait(60) == 130, worker.output()
+        assert worker.wait(120) == 130, worker.output()
     finally:
         worker.kill()
     trials = study_trials(storage, "twice")
-    assert trials[victim.number].state.name == "FAIL"
-    assert "RUNNING" not in states(trials)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"], worker.output()
+    assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert retried_from(trials[2]) == 1 and trials[2].params == trials[1].params
+    assert "Interrupted: the running trial was marked FAIL and queued again" in worker.stdout
+    assert "1/2 trials finished (2 ran here, 1 failed)" in worker.stdout  # it said 1 ran, 0 failed
     runs = {int(r.data.tags["optuna.trial_number"]): r for r in mlflow_runs(uri, "twice")}
     assert "RUNNING" not in {r.info.status for r in runs.values()}
+
+    rerun = Worker(args, tmp_path, name="rerun")
+    try:
+        assert rerun.wait(120) == 0, rerun.output()
+    finally:
+        rerun.kill()
+    trials = study_trials(storage, "twice")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"], rerun.output()
 
 
 # -------------------------------------------------------------------------------- bad input

@@ -4,7 +4,9 @@ With VQLOG_FAILPOINT=NAME:N in the environment, the N-th pass of this process th
 `failpoint("NAME")` kills it with SIGKILL, as `kill -9` from outside would, but at a moment the
 test chose: mid-training, between two metric batches, between training and Optuna's record of
 the result, or halfway through writing the table. Unset (always, outside that test), a pass costs
-one environment lookup.
+one environment lookup. NAME:N:SIGINT+SIGINT sends those signals instead, one after the other,
+each handled before the next is sent (two SIGINTs sent from outside at once arrive as one): a
+Ctrl-C pressed twice during a trial.
 
 Names: trial.eval, tracking.log, trial.tell, table.write.
 """
@@ -21,9 +23,13 @@ def failpoint(name: str) -> None:
     spec = os.environ.get("VQLOG_FAILPOINT")
     if not spec:
         return
-    target, _, nth = spec.partition(":")
+    target, _, rest = spec.partition(":")
     if target != name:
         return
+    nth, _, signals = rest.partition(":")
     _passes[name] = _passes.get(name, 0) + 1
-    if _passes[name] >= int(nth or 1):
+    if _passes[name] == int(nth or 1) and signals:
+        for sig in signals.split("+"):
+            signal.raise_signal(signal.Signals[sig])  # its Python handler runs on return
+    elif _passes[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -94,7 +94,8 @@ def sweep_command(args: argparse.Namespace) -> int:
               "command to resume.")
         return EXIT_CODES.get(result.stopped, 1)
     if result.interrupted:
-        print("Interrupted: the running trial was marked FAIL; everything finished is kept. "
+        print("Interrupted: the running trial was marked FAIL and queued again, without a new "
+              "checkpoint; everything finished is kept. "
               "Rerun the same command to continue.")
         return 130
     return 0

@@ -104,16 +104,22 @@ class Worker:
         self.progress = TrialProgress(self.target, self.out, bar=self.bar)
         self.said_waiting = False  # the line on a wait for other workers' trials, said once
         started = time.monotonic()
+        in_trial = False
         try:
             while (trial := self._next_trial(started)) is not None:
                 trial_id = self._db(lambda: self.storage.get_trial_id_from_study_id_trial_number(
                     self.study_id, trial.number))
+                in_trial = True
                 outcome = self._run(trial, trial_id)
+                in_trial = False
                 self._record(trial_id, outcome)
                 if outcome.fatal is not None:
                     raise outcome.fatal
         except KeyboardInterrupt:
             self.summary.interrupted = True
+            if in_trial:  # marked FAIL by _run: the summary's count says so too
+                self.summary.ran_here += 1
+                self.summary.failed_here += 1
         finally:
             self.progress.close()
         self.summary.finished = self._count()[0]
@@ -218,19 +224,15 @@ class Worker:
                 history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
             try:
                 outcome = self.objective(trial, history, "fixed_params" in frozen.system_attrs)
-            except KeyboardInterrupt:
-                self._tell(trial, Outcome(TrialState.FAIL, reason=describe(KeyboardInterrupt())))
+            except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint now, yet the trial (a
+                # grid point, a spec's queued row) runs again, from an earlier checkpoint if any
+                self._fail_and_queue(trial, trial_id, Outcome(
+                    TrialState.FAIL, reason=describe(KeyboardInterrupt())))
                 raise
             if outcome.stopped_at is None:
                 self._tell(trial, outcome)
-            else:  # its FAIL and its retry at once: a worker asking in between would start a
-                with self.lock:  # new trial in its place, and the retry would wait for good
-                    # (unless another worker took it for dead meanwhile, and queued it itself)
-                    ours = self._db(lambda: self.storage.get_trial(trial_id)).state == \
-                        TrialState.RUNNING
-                    self._tell(trial, outcome)
-                    if ours:
-                        self._queue_again(trial_id)
+            else:
+                self._fail_and_queue(trial, trial_id, outcome)
         if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED) and outcome.run is not None:
             self.tracker.drop_checkpoints(outcome.run.run_id, history)  # none resumes it now
         if outcome.stopped_at is not None:
@@ -240,11 +242,18 @@ class Worker:
             self._register_best()
         return outcome
 
-    def _queue_again(self, trial_id: int) -> None:
+    def _fail_and_queue(self, trial: optuna.Trial, trial_id: int, outcome: Outcome) -> None:
         """A trial stopped by a signal runs again (from its checkpoint) on the next run: its
-        retry is queued as Optuna queues a dead worker's, with no limit on how often."""
-        frozen = self._db(lambda: self.storage.get_trial(trial_id))
-        self._db(lambda: queue_again(self.study, frozen))
+        retry is queued as Optuna queues a dead worker's, with no limit on how often. Its FAIL
+        and its retry at once, under the lock: a worker asking in between would start a new trial
+        in its place, and the retry would wait for good. Not when another worker took it for dead
+        meanwhile and queued it itself."""
+        with self.lock:
+            ours = self._db(lambda: self.storage.get_trial(trial_id)).state == TrialState.RUNNING
+            self._tell(trial, outcome)
+            if ours:
+                frozen = self._db(lambda: self.storage.get_trial(trial_id))
+                self._db(lambda: queue_again(self.study, frozen))
 
     def _register_best(self) -> None:
         """The registered model `<study>` @ `best` follows the study's best trial (under the
