@@ -609,6 +609,30 @@ def test_a_stop_after_the_last_trial_is_not_a_stop(tmp_path, monkeypatch):
     assert summary.stopped is None and not summary.interrupted
 
 
+def test_the_timeout_counts_from_when_the_sweep_began_not_from_a_workers_start(tmp_path,
+                                                                               monkeypatch):
+    """--timeout with --workers: each worker timed it from its own start, so one that started in
+    a dead worker's place ran new trials after the others had stopped for the timeout (a 25 s
+    timeout ended after 79 s). A worker now times it from when the sweep began."""
+    from datetime import datetime, timedelta
+
+    from vqlog import api
+    from vqlog.study.worker import Worker
+
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(tmp_path, "timed", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    spec = api.study_spec(str(path), None, None, None, None)
+    storage, lines = f"sqlite:///{tmp_path}/optuna.db", []
+    late = Worker(spec, 2, storage, timeout=5, began=datetime.now() - timedelta(seconds=10),
+                  out=lines.append, bar=False)  # started 10 s into a sweep with a 5 s timeout
+    summary = late.run()
+    assert summary.timed_out and summary.ran_here == 0 and summary.finished == 0, lines
+    on_time = Worker(spec, 1, storage, timeout=600, out=lines.append, bar=False)
+    summary = on_time.run()
+    assert not summary.timed_out and summary.ran_here == 1 and summary.finished == 1, lines
+
+
 def test_a_stop_names_each_checkpointed_trial():
     from vqlog.commands.sweep import checkpointed_text
     from vqlog.study.worker import SweepSummary

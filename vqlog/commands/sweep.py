@@ -20,7 +20,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     add_study_args(p)
     add_data_args(p, None)
     add_device_arg(p)
-    p.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    p.add_argument("--timeout", type=float, help="start no new trial after this many seconds from "
+                   "the sweep's start (every worker of --workers alike)")
     p.add_argument("--seed", type=int, help="seed for the sampler and for training")
     p.add_argument("--lang", default="en", choices=("en", "zh"), help="language of the table")
     p.add_argument("--workers", default="1", metavar="N|auto",

@@ -103,10 +103,9 @@ class Worker:
         self._open()
         self.progress = TrialProgress(self.target, self.out, bar=self.bar)
         self.said_waiting = False  # the line on a wait for other workers' trials, said once
-        started = time.monotonic()
         in_trial = False
         try:
-            while (trial := self._next_trial(started)) is not None:
+            while (trial := self._next_trial()) is not None:
                 trial_id = self._db(lambda: self.storage.get_trial_id_from_study_id_trial_number(
                     self.study_id, trial.number))
                 in_trial = True
@@ -147,7 +146,7 @@ class Worker:
                 # Under the lock: two workers starting together would each create a study run.
                 self.tracker.start_study(self.study, self.spec, db=self._db)
 
-    def _next_trial(self, started: float) -> optuna.Trial | None:
+    def _next_trial(self) -> optuna.Trial | None:
         """The next trial, asked for under the study lock while the finished and running trials
         fall short of the target; None when the study is done or the time is up."""
         while not self.stop.is_set():
@@ -157,7 +156,9 @@ class Worker:
                 self.progress.update(finished)
                 if finished >= self.target:
                     return None
-                if self.timeout is not None and time.monotonic() - started > self.timeout:
+                # from when the sweep began: a worker of --workers started late, or in a dead
+                # one's place, stops with the others
+                if self.timeout is not None and time.time() - self.began.timestamp() > self.timeout:
                     self.summary.timed_out = True
                     return None
                 if self.fails_in_a_row >= MAX_FAILS_IN_A_ROW:
