@@ -586,7 +586,7 @@ def test_workers_stop_cleanly_when_the_sweep_process_is_killed(tmp_path):
 
 def test_a_stop_after_the_last_trial_is_not_a_stop(tmp_path, monkeypatch):
     """A Ctrl-C or SIGTERM that comes once the study has its N trials stops nothing: the sweep
-    does not say "Stopped ... rerun" (and exits 0), as with one worker."""
+    does not say "Stopped ... rerun" (and exits 0), with --workers and with one worker."""
     from vqlog import api
     from vqlog.study import pool
     from vqlog.study.worker import StopRequest
@@ -606,6 +606,11 @@ def test_a_stop_after_the_last_trial_is_not_a_stop(tmp_path, monkeypatch):
 
     summary = pool.sweep(spec, 2, storage, tracker, 2, "cpu", stop=stop, out=out)
     assert stop.is_set() and summary.finished == 2
+    assert summary.stopped is None and not summary.interrupted
+    # and one worker: it said "Stopped (SIGTERM) ... Rerun", exit 143, for a finished study
+    stop, lines = StopRequest(), []
+    summary = api.run_sweep(spec, 4, storage, tracker, 1, "cpu", None, None, None, stop, out)
+    assert stop.is_set() and summary.finished == 4
     assert summary.stopped is None and not summary.interrupted
 
 

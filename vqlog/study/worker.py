@@ -122,6 +122,8 @@ class Worker:
         finally:
             self.progress.close()
         self.summary.finished = self._count()[0]
+        if self.summary.finished >= self.target:
+            self.summary.stopped = None  # a stop that came after the last trial stopped nothing
         self.summary.best = self._db(lambda: best_trial_info(self.study, self.spec))
         if self.tracker is not None:
             self.summary.table_path = self.tracker.finish_study(self.study)
