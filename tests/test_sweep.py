@@ -411,6 +411,39 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"], rerun.output()
 
 
+def test_a_trial_failed_by_another_worker_before_its_claim_is_lost_not_an_error(tmp_path,
+                                                                               monkeypatch):
+    """A database outage longer than the grace period between a worker's ask and its claim:
+    once the database is back, another worker fails the trial as unclaimed and queues its retry.
+    The claim then raised Optuna's UpdateFinishedTrialError, which ended the worker with an
+    Error line (with --workers, the whole sweep); the trial is now lost here, and the worker
+    goes on with the retry."""
+    from vqlog import api
+    from vqlog.study.storage import fail_stale_trials
+    from vqlog.study.worker import Worker as SweepWorker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
+    path = write_spec(tmp_path, "unclaimed", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    spec = api.study_spec(str(path), None, None, None, None)
+    lines = []
+    worker = SweepWorker(spec, 1, f"sqlite:///{tmp_path}/optuna.db", out=lines.append, bar=False)
+    worker._open()
+    trial = worker._ask()  # asked; then the database goes away for longer than the grace period
+    trial_id = worker.storage.get_trial_id_from_study_id_trial_number(worker.study_id,
+                                                                      trial.number)
+    time.sleep(2.5)  # SQLite keeps whole seconds
+    fail_stale_trials(worker.study, worker.storage)  # another worker, once it is back
+    outcome = worker._run(trial, trial_id)
+    assert outcome.lost and outcome.state.name == "FAIL"
+    summary = worker.run()  # and the worker goes on: the retry runs
+    assert summary.finished == 1, lines
+    trials = worker.study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert retried_from(trials[1]) == 0
+
+
 # -------------------------------------------------------------------------------- bad input
 
 BAD_INPUT = {

@@ -220,7 +220,12 @@ class Worker:
     def _run(self, trial: optuna.Trial, trial_id: int) -> Outcome:
         """Beat, claim, run the objective, and tell Optuna how it ended."""
         with Heartbeat(self.storage, trial_id):
-            self._claim(trial)
+            try:
+                self._claim(trial)
+            except optuna.exceptions.UpdateFinishedTrialError:  # a database outage longer than
+                # the grace period between asking and claiming: another worker failed the trial
+                # as unclaimed, and queued its retry
+                return Outcome(TrialState.FAIL, reason=LOST_REASON, lost=True)
             frozen = self._db(lambda: self.storage.get_trial(trial_id))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
