@@ -444,6 +444,39 @@ def test_a_trial_failed_by_another_worker_before_its_claim_is_lost_not_an_error(
     assert retried_from(trials[1]) == 0
 
 
+def test_a_stop_that_comes_while_a_worker_waits_for_the_study_lock_starts_no_trial(
+        tmp_path, monkeypatch):
+    """A stop that came while the worker waited for the study lock (another worker held it)
+    still started a trial once the lock was free: its run, a step, a checkpoint, a FAIL line and
+    a retry, and a later stop."""
+    import threading
+
+    from vqlog import api
+    from vqlog.study.progress import TrialProgress
+    from vqlog.study.storage import StudyLock
+    from vqlog.study.worker import StopRequest, Worker as SweepWorker
+
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(tmp_path, "locked", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    spec = api.study_spec(str(path), None, None, None, None)
+    storage, lines, stop = f"sqlite:///{tmp_path}/optuna.db", [], StopRequest()
+    worker = SweepWorker(spec, 2, storage, out=lines.append, bar=False, stop=stop)
+    worker._open()
+    worker.progress, worker.said_waiting = TrialProgress(2, lines.append, bar=False), False
+    held = StudyLock(storage, spec.name)  # another worker's
+    held.acquire()
+    asked = []
+    waiting = threading.Thread(target=lambda: asked.append(worker._next_trial()))
+    waiting.start()
+    time.sleep(1.5)  # the worker waits for the lock
+    stop.request("SIGTERM")
+    held.release()
+    waiting.join(60)
+    assert asked == [None] and worker.summary.stopped == "SIGTERM"
+    assert worker.study.get_trials(deepcopy=False) == []
+
+
 # -------------------------------------------------------------------------------- bad input
 
 BAD_INPUT = {

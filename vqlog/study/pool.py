@@ -176,7 +176,8 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                 + ("; perhaps out of memory" if p.exitcode == -signal.SIGKILL else "")
                 + ("; a new worker takes its place, and its trial is retried once its "
                    "heartbeat is stale" if replace else
-                   "; it had not ended a trial, so no new worker takes its place"))
+                   "; the sweep is stopping, so no new worker takes its place" if stop.is_set()
+                   else "; it had not ended a trial, so no new worker takes its place"))
             if replace:
                 start(i)
                 said[i] = worked[i] = False

@@ -153,6 +153,8 @@ class Worker:
         fall short of the target; None when the study is done or the time is up."""
         while not self.stop.is_set():
             with self.lock:
+                if self.stop.is_set():  # asked while this worker waited for the lock
+                    break
                 fail_stale_trials(self.study, self.storage)  # a dead worker's trial: FAIL + retry
                 finished, running, oldest = self._count()
                 self.progress.update(finished)
