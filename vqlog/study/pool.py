@@ -159,10 +159,14 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     forwarded = False
 
     def bury_the_dead() -> None:
-        """Called with no message waiting: a worker's last words are always read before this."""
-        for i, p in enumerate(procs):
-            if said[i] or p.exitcode is None:
-                continue
+        """Called with no message waiting: a worker's last words are always read before this.
+        Exit codes first, then the queue once more: a worker that put its summary and exited
+        since the last read has its words in the queue by now (its queue is flushed at exit)."""
+        exited = [i for i, p in enumerate(procs) if not said[i] and p.exitcode is not None]
+        if not exited or not messages.empty():
+            return
+        for i in exited:
+            p = procs[i]
             said[i] = True
             unsaid[0] += ended[i][0]  # its trials, which no summary of its own will count
             unsaid[1] += ended[i][1]
