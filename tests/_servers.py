@@ -32,11 +32,29 @@ BIN = Path(sys.executable).parent  # the venv's bin: mlflow, vqlog, vqlog-sweep,
 START_TIMEOUT = 150.0  # seconds for /health; a loaded 2-core machine takes 5-25 s to migrate
 
 
+_PORTS = {"next": None}
+
+
 def free_port() -> int:
-    """A port nothing listens on right now (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on right now (bound then released), from a range of this pytest
+    worker's own below the kernel's ephemeral ports (32768 and up): a server that binds it
+    seconds later does not find it taken by the other worker's server, nor by the local end of
+    a client's connection, which the kernel takes from the ephemeral range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    first, size = 20000 + (index % 4) * 3000, 3000
+    if _PORTS["next"] is None:  # each process of a worker (a benchmark too) at its own offset
+        _PORTS["next"] = os.getpid() % size
+    for _ in range(size):
+        port = first + _PORTS["next"] % size
+        _PORTS["next"] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + size - 1}")
 
 
 def http_status(url: str, timeout: float = 3) -> int | None:

@@ -26,9 +26,10 @@ def searched(trials) -> list[tuple]:
 # --------------------------------------------------------------------------------- seeds
 
 
-def test_a_resumed_seeded_study_draws_new_parameters(tmp_path, mlflow_store, cli):
+def test_a_resumed_seeded_study_draws_new_parameters(tmp_path, monkeypatch, mlflow_store, cli):
     """Resumed with the same --seed, the smoke study used to run its first trials' parameters
     again (its sampler restarted from the same seed)."""
+    monkeypatch.chdir(tmp_path)  # results/seeded.md goes here, not into the checkout
     spec = write_spec(tmp_path, "seeded", budget={"iteration": 4, "eval_every": 2}, pruner="none")
     common = ["--config", str(spec), "--seed", "7", "--storage", f"sqlite:///{tmp_path}/o.db",
               "--tracking-uri", mlflow_store()]

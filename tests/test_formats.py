@@ -90,7 +90,8 @@ def test_channel_names_a_column_of_a_table(tmp_path, ppg, suffix):
     np.testing.assert_allclose(first.signal, df["time"].to_numpy())
 
 
-def test_a_wfdb_channel_trains_and_sweeps(tmp_path, ppg, cli, tiny, mlflow_store):
+def test_a_wfdb_channel_trains_and_sweeps(tmp_path, monkeypatch, ppg, cli, tiny, mlflow_store):
+    monkeypatch.chdir(tmp_path)  # results/smoke.md goes here, not into the checkout
     data2, _ = ppg
     record = write_wfdb(tmp_path, data2)
     code, out, err = cli("train", "--data", record, "--channel", "PPG",

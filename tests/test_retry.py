@@ -126,6 +126,7 @@ class Switchable:
     def __init__(self):
         self.down = True
         self.landed = threading.Event()
+        self.sent = threading.Event()  # `slow` is under way
 
     def call(self):
         if self.down:
@@ -133,6 +134,7 @@ class Switchable:
         return "ok"
 
     def slow(self):
+        self.sent.set()
         self.landed.wait(10)
         raise ConnectionRefusedError("Connection refused")
 
@@ -147,7 +149,7 @@ def test_a_request_under_way_across_the_end_of_an_outage_is_not_a_second_outage(
     results = []
     thread = threading.Thread(target=lambda: results.append(client.try_call("slow")))
     thread.start()  # another thread's request, sent while the server is down
-    time.sleep(0.05)
+    assert inner.sent.wait(10)
     inner.down = False
     assert client.try_call("call") == (True, "ok") and client.down_since is None
     inner.landed.set()  # ... fails once the server is back

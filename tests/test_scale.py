@@ -321,10 +321,12 @@ def test_the_row_cache_fetches_only_runs_that_ended_since_its_last_look(tmp_path
     for n in range(30):
         trial(n)
     running = trial(30, "RUNNING", "RUNNING")
-    time.sleep(1.5)  # the 30 finished runs end well before the first look
+    time.sleep(3.5)  # the 30 finished runs end well before the first look
     counting = CountingClient(client)
     cache = RowCache(counting, "inc")
-    cache.SLACK_MS = 1000  # (30 s by default: other hosts' clocks)
+    # (30 s by default: other hosts' clocks); the runs that end before the second look must
+    # still be within it at the third, however slow the machine's writes between
+    cache.SLACK_MS = 3000
     assert [r.number for r in cache.rows()] == list(range(31))
     assert counting.returned == [0, 31]  # no deleted run; the first look reads everything once
     trial(31)
@@ -427,6 +429,8 @@ def test_a_worker_killed_mid_sweep_is_replaced_and_the_sweep_ends_well(tmp_path)
     """SIGKILL to one worker of two (as the kernel's out-of-memory killer sends it): the parent
     says so, starts a new worker in its place, the killed trial is retried once its heartbeat is
     stale, and the sweep ends with exactly N finished and exit 0 (before: "Interrupted", 130)."""
+    from mlflow.tracking import MlflowClient
+
     spec = write_spec(tmp_path, "lost", budget={"iteration": 600, "eval_every": 50},
                       pruner="none")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -434,12 +438,19 @@ def test_a_worker_killed_mid_sweep_is_replaced_and_the_sweep_ends_well(tmp_path)
                    env={"VQLOG_HEARTBEAT_INTERVAL": "2", "VQLOG_HEARTBEAT_GRACE": "10"})
     try:
         def a_worker_in_its_second_trial():
+            """Its pid, while the trial is in its first half: a kill must not come after the
+            trial has ended (no trial would fail then)."""
             runs = mlflow_runs(uri, "lost", missing_ok=True)
             ended = {r.data.tags["vqlog.worker"].split(":")[1] for r in runs
                      if r.info.status == "FINISHED"}
-            running = [r.data.tags["vqlog.worker"].split(":")[1] for r in runs
-                       if r.info.status == "RUNNING"]
-            return next((int(p) for p in running if p in ended), None)
+            for r in runs:
+                pid = r.data.tags["vqlog.worker"].split(":")[1]
+                if r.info.status == "RUNNING" and pid in ended:
+                    steps = [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(
+                        r.info.run_id, "train/loss")]
+                    if max(steps, default=0) < 300:
+                        return int(pid)
+            return None
 
         victim = wait_until(a_worker_in_its_second_trial, 240, "a worker in its second trial",
                             alive=[sweep])
