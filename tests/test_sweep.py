@@ -204,6 +204,10 @@ def test_a_spec_whose_trials_all_fail_stops(tmp_path, mlflow_store, monkeypatch,
     assert len(errors) == 1 and "DivergedError" not in err, err
     assert "5 trials in a row failed here (last: diverged: loss is" in errors[0]
     assert {r.info.status for r in mlflow_runs(uri, "allfail")} == {"FAILED"}
+    # the table is written once more as the sweep ends, as at any other end: it held the first
+    # trial alone (each worker's table is throttled)
+    rows = table_rows(tmp_path / "results" / "allfail.md")
+    assert sorted(rows) == [f"Seq{n}" for n in range(1, 6)], rows
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ optimize) dies at the first failed beat. `trial.Heartbeat` beats instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -29,7 +30,8 @@ from optuna.trial import TrialState
 
 from vqlog.config import Config
 from vqlog.data import DataCache
-from vqlog.errors import StorageOutageError, SweepError, TrackingUnavailable, find_cause
+from vqlog.errors import (StorageOutageError, SweepError, TrackingUnavailable, find_cause,
+                          one_line)
 from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.outage import retrying
@@ -38,6 +40,7 @@ from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, grace_perio
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
 
+log = logging.getLogger("vqlog")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILS_IN_A_ROW = 5  # a spec whose trials all fail stops instead of looping forever
 POLL_SECONDS = 2.0  # how often a worker re-checks while others finish the last trials
@@ -119,6 +122,13 @@ class Worker:
             if in_trial:  # marked FAIL by _run: the summary's count says so too
                 self.summary.ran_here += 1
                 self.summary.failed_here += 1
+        except SweepError:  # trials failing in a row: the table is written as at any end
+            if self.tracker is not None:
+                try:
+                    self.tracker.finish_study(self.study)
+                except Exception as exc:  # noqa: BLE001 - the error that ends the sweep first
+                    log.warning("vqlog: the table was not written at the end (%s)", one_line(exc))
+            raise
         finally:
             self.progress.close()
         self.summary.finished = self._count()[0]
