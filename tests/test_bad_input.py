@@ -392,6 +392,15 @@ CASES: dict[str, Case] = {
         ("best", "--study", "smoke", "--storage", "sqlite:///{tmp}/optuna.db",
          "--tracking-uri", "bogus://x"), "--tracking-uri must be sqlite:///FILE",
         {"optuna.db": completed_study}, program="vqlog"),
+    # one new file for both: Optuna made its tables, then MLflow's migration failed on Optuna's
+    # alembic_version row ("Can't locate revision"), exit 1, the file left behind
+    "one-new-sqlite-file-for-both-stores": Case(
+        ("--storage", "sqlite:///{tmp}/both.db", "--tracking-uri", "sqlite:///{tmp}/./both.db"),
+        "the Optuna storage and the MLflow store are one database"),
+    "init-one-new-sqlite-file-for-both-stores": Case(
+        ("init", "--config", "smoke", "--storage", "sqlite:///{tmp}/both.db",
+         "--tracking-uri", "sqlite:///{tmp}/both.db"),
+        "the Optuna storage and the MLflow store are one database", program="vqlog"),
     "tracking-is-an-optuna-storage": Case(
         ("--tracking-uri", "sqlite:///{tmp}/optuna.db"), "is an Optuna storage",
         {"optuna.db": another_study}),

@@ -48,3 +48,22 @@ def test_an_empty_url_from_python_is_refused_not_the_default(tmp_path, monkeypat
     with pytest.raises(UserError, match=f"{key} needs a URL, got an empty value"):
         vqlog.sweep(trials=1, config="smoke", **{key: ""})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("sqlite:///both.db", "sqlite:///./both.db", True),
+    ("sqlite:///both.db", "sqlite:///{cwd}/both.db", True),
+    ("sqlite:///optuna.db", "sqlite:///mlflow.db", False),
+    ("sqlite:///optuna.db", "postgresql://u@h/optuna.db", False),
+    ("postgresql://u:pw@db:5432/vqlog", "postgresql+psycopg2://other@DB:5432/vqlog?sslmode=require",
+     True),
+    ("postgresql://u@db/optuna", "postgresql://u@db/mlflow", False),
+    ("postgresql://u@db/x", "postgresql://u@db:5432/x", True),  # the default port
+    ("postgresql://u@db:5432/x", "postgresql://u@db:5433/x", False),
+    ("postgresql://u@db/x", "http://db:5000", False),
+])
+def test_one_database_however_it_is_spelt(a, b, same, tmp_path, monkeypatch):
+    from vqlog.urls import same_database
+
+    monkeypatch.chdir(tmp_path)
+    assert same_database(a, b.format(cwd=tmp_path)) is same

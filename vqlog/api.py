@@ -66,6 +66,7 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
     from vqlog.study.storage import check_reachable, check_writable, resolve_storage
     from vqlog.tracking.client import check_writable_store
     from vqlog.tracking.runs import Tracker
+    from vqlog.urls import mask, same_database
 
     for name, value in (("storage", storage), ("tracking_uri", tracking_uri)):
         if value is not None and not value.strip():  # the command line refuses it too (url_arg)
@@ -75,6 +76,10 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
     check_writable(storage)  # first: SQLAlchemy warns of an SQLite URL's options on connecting
     check_reachable(storage)
     tracker = Tracker(tracking_uri, lang=lang)
+    if same_database(storage, tracker.uri):  # both keep their schema version in alembic_version
+        raise UserError(f"the Optuna storage and the MLflow store are one database "
+                        f"({mask(storage)}); give each its own, e.g. --storage "
+                        "sqlite:///optuna.db --tracking-uri sqlite:///mlflow.db")
     check_writable_store(tracker.uri)
     return storage, tracker
 

@@ -87,3 +87,27 @@ def absolute_sqlite(url: str) -> str:
     if not path or path == ":memory:" or path.startswith("/"):
         return url
     return f"sqlite:///{Path(path).expanduser().resolve()}{sep}{query}"
+
+
+def same_database(a: str, b: str) -> bool:
+    """Whether two database URLs name one database: one SQLite file (however it is spelt), or
+    one database of one server (the driver, the user and the options aside)."""
+    paths = sqlite_path(a), sqlite_path(b)
+    if paths[0] is not None or paths[1] is not None:
+        return None not in paths and paths[0].resolve() == paths[1].resolve()
+    if a.split(":", 1)[0].lower() in ("http", "https") or b.split(":", 1)[0].lower() in (
+            "http", "https"):
+        return False
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        x, y = make_url(a), make_url(b)
+    except ArgumentError:
+        return False
+
+    def where(u) -> tuple:
+        port = u.port or (5432 if u.get_backend_name() == "postgresql" else None)
+        return u.get_backend_name(), (u.host or "localhost").lower(), port, u.database
+
+    return where(x) == where(y)
