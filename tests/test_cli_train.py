@@ -121,6 +121,19 @@ def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(sign
                      "--stride", "0", "--out", str(tmp_path / "z.npy"))
     assert rc == 2 and err == "Error: --stride must be a number of samples >= 1, got 0\n", err
     assert not (tmp_path / "z.npy").exists()
+    # one file as --out and --index: the index replaced the tokens, with exit 0; --out on the
+    # model or the data replaced it with the tokens
+    for flags, message in (
+            (["--out", str(tmp_path / "same"), "--index", str(tmp_path / "./same")],
+             "--out and --index are one file"),
+            (["--out", str(save)], f"--out {save} is the --model file, which it would overwrite"),
+            (["--out", str(tmp_path / "t50.npy"), "--index", at100],
+             f"--index {at100} is the --data file, which it would overwrite")):
+        before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+        rc, out, err = cli("encode", "--model", str(save), "--data", at100, "--sample-rate",
+                           "100", *flags)
+        assert rc == 2 and err.startswith(f"Error: {message}") and err.count("\n") == 1, err
+        assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
     # A model file from before the rate was recorded still loads, at the data's own rate.
     ckpt = torch.load(save, weights_only=True)

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import tempfile
+from pathlib import Path
 
 from vqlog.cli import (TRACKING_HELP, add_data_args, add_debug, add_device_arg, check_out_file,
                        url_arg)
@@ -47,6 +48,14 @@ def encode_command(args: argparse.Namespace) -> int:
     out = check_out_file(args.out, "--out", "tokens.npy")
     index_file = check_out_file(args.index, "--index", "tokens.csv") if args.index is not None \
         else None
+    if index_file is not None and index_file.resolve() == out.resolve():
+        raise UserError(f"--out and --index are one file ({args.out}); give each its own, e.g. "
+                        "--out tokens.npy --index tokens.csv")
+    for flag, written in (("--out", out), ("--index", index_file)):
+        for given, read in (("--model", args.model), ("--data", args.data)):
+            if written is not None and Path(read).expanduser().resolve() == written.resolve():
+                raise UserError(f"{flag} {written} is the {given} file, which it would "
+                                "overwrite; write the tokens to another file")
     if args.stride is not None and args.stride < 1:
         raise UserError(f"--stride must be a number of samples >= 1, got {args.stride}")
     device = resolve_device(args.device)
