@@ -563,6 +563,36 @@ def test_debug_adds_the_traceback_and_still_exits_2(tmp_path):
     assert got.left == sorted(case.files)
 
 
+def test_commands_that_read_leave_an_empty_or_foreign_sqlite_file_as_it_was(tmp_path, cli):
+    """An empty file given as a store to a command that only reads: MLflow made it a store
+    (954 KB of tables) before the Error line; a file of other tables got MLflow's too."""
+    import sqlite3
+
+    empty = tmp_path / "e.db"
+    empty.touch()
+    foreign = tmp_path / "mine.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE samples (x REAL)")
+    conn.close()
+    before = foreign.read_bytes()
+    for argv, message in (
+            (("trials", "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite file, not an "
+             "MLflow store"),
+            (("table", "--study", "x", "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite"),
+            (("ui", "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite file"),
+            (("encode", "--model", "models:/x@best", "--data", "synthetic", "--out",
+              str(tmp_path / "t.npy"), "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite"),
+            (("best", "--storage", f"sqlite:///{empty}"), "is an empty SQLite file, not an Optuna "
+             "storage"),
+            (("trials", "--tracking-uri", f"sqlite:///{foreign}"), "is not an MLflow store (its "
+             "tables are not MLflow's)")):
+        code, out, err = cli(*argv)
+        assert code == 2 and err.startswith("Error: ") and message in err, (argv, err)
+        assert err.count("\n") == 1, err
+    assert empty.stat().st_size == 0 and foreign.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.db", "mine.db"]
+
+
 @pytest.mark.slow
 def test_bad_input_creates_no_study_in_a_reachable_postgresql_database(pg_storage, tmp_path):
     """The data is checked before the storage is opened: the database stays empty."""

@@ -195,19 +195,21 @@ def read_only_storage(url: str) -> optuna.storages.RDBStorage:
 
 def load_existing_study(url: str, name: str | None) -> optuna.Study:
     """An existing study, read-only: no file, table or study is created (commands that only
-    read, like `vqlog export`); `name` None: the storage's only study. UserError names what is
-    missing."""
+    read, like `vqlog export`); `name` None: the only study. UserError names what is missing."""
     parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
+    file = Path(parsed.database).expanduser() if parsed.get_backend_name() == "sqlite" else None
+    if file is not None and not file.is_file():
         raise UserError(f"no Optuna storage at {mask(url)}; run vqlog-sweep first or pass --storage")
     try:
         storage = read_only_storage(url)
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - connection, auth, not an Optuna database ...
-        # An MLflow store given as --storage says so. (SQLite's "no such table" is an
-        # OperationalError like a lost connection, so this asks every time: on a database that
-        # does not answer it waits a second time, in a command that then fails anyway.)
+        # An MLflow store given as --storage says so (asked every time: SQLite's "no such table"
+        # is an OperationalError as a lost connection is, and a dead server is waited for twice)
         check_reachable(url)
+        if file is not None and file.stat().st_size == 0:
+            raise UserError(f"{mask(url)} is an empty SQLite file, not an Optuna storage; run "
+                            "vqlog-sweep first or pass --storage") from None
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
     if name is None and len(names) == 1:
         name = names[0]

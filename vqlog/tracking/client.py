@@ -22,6 +22,7 @@ set MLFLOW_HTTP_REQUEST_MAX_RETRIES; a library caller may do the same.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -266,7 +267,27 @@ def existing_store(uri: str | None) -> str:
     if path is not None and not path.is_file():
         raise MissingStore(f"no MLflow store at {given}; run vqlog-sweep first or pass "
                            "--tracking-uri")
+    if path is not None and not (tables := sqlite_tables(path)) - {"sqlite_sequence"}:
+        # MLflow would make it a store: a command that reads must leave it as it was
+        raise MissingStore(f"{given} is an empty SQLite file, not an MLflow store; run "
+                           "vqlog-sweep first or pass the store it wrote with --tracking-uri")
+    if path is not None and "experiments" not in tables and "studies" not in tables:
+        raise MissingStore(f"{given} is not an MLflow store (its tables are not MLflow's); pass "
+                           "the store vqlog-sweep wrote with --tracking-uri")
     return checked
+
+
+def sqlite_tables(path: Path) -> set[str]:
+    """The table names of an SQLite file, read without changing it. A file that cannot be read
+    (not SQLite, locked) passes as MLflow's: MLflow then says what is wrong with it."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as conn:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error:
+        return {"?", "experiments"}
 
 
 def check_writable_store(uri: str) -> None:
