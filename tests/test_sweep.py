@@ -584,3 +584,10 @@ def test_the_closing_dashboard_line_names_a_driver_vqlog_installs(monkeypatch):
     assert ("mlflow: vqlog ui --tracking-uri postgresql://vq@db:5432/mlflow   then open "
             "http://127.0.0.1:5000   (with the password in $PGPASSWORD)") in text, text
     assert "secret" not in text
+    # a path with a space, a URL with a shell's &: quoted, the copied line is one argument
+    text = summary_text(SweepSummary("s", 1, 1), 60.0, "sqlite:///sub/o p.db",
+                        "postgresql://vq@db/mlflow?sslmode=require&connect_timeout=5",
+                        "http://127.0.0.1:5000")
+    assert ("mlflow: vqlog ui --tracking-uri "
+            "'postgresql://vq@db/mlflow?sslmode=require&connect_timeout=5'   then") in text, text
+    assert "optuna: optuna-dashboard 'sqlite:///sub/o p.db'" in text, text

@@ -150,6 +150,8 @@ DASHBOARD_URL_ENV = "VQLOG_DASHBOARD_URL"
 
 def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     """The sweep's closing lines: what finished, the best trial, and where to look."""
+    import shlex
+
     from vqlog.cli import command_name
     from vqlog.tracking.rows import run_name
     from vqlog.urls import mask, with_psycopg2, without_password
@@ -175,8 +177,9 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         lines.append(f"table:  {r.table_path}")
     if uri.lower().startswith(("http://", "https://")):
         lines.append(f"mlflow: {ui}")
-    else:  # a line to copy: a password is left out (*** would not open), not masked
-        shown = without_password(uri)
+    else:  # a line to copy: a password is left out (*** would not open), not masked, and a
+        # space or a shell's & quoted
+        shown = shlex.quote(without_password(uri))
         lines.append(f"mlflow: {command_name('vqlog')} ui --tracking-uri {shown}   "
                      f"then open {ui}{_password_note(uri)}")
     dashboard = os.environ.get(DASHBOARD_URL_ENV, "").strip()
@@ -185,7 +188,7 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     else:
         # optuna-dashboard hands the URL to SQLAlchemy as it is: a bare postgresql:// would ask
         # for psycopg (3), which vqlog does not install; psycopg2 comes with it.
-        shown = without_password(with_psycopg2(storage))  # *** would not open: left out
+        shown = shlex.quote(without_password(with_psycopg2(storage)))  # no ***: left out
         lines.append(f"optuna: {command_name('optuna-dashboard')} {shown}"
                      f"{_password_note(storage)}")
     return "\n".join(lines)
