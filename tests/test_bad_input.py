@@ -436,6 +436,10 @@ CASES: dict[str, Case] = {
         env={"VQLOG_HEARTBEAT_INTERVAL": "abc"}),
     "env-grace-zero": Case((), "$VQLOG_HEARTBEAT_GRACE must be a whole number of seconds above 0",
                            env={"VQLOG_HEARTBEAT_GRACE": "0"}),
+    # every trial of a healthy worker failed as a dead one's between two beats, and retried
+    "env-grace-within-the-interval": Case(
+        (), "$VQLOG_HEARTBEAT_GRACE (2 s) must be longer than $VQLOG_HEARTBEAT_INTERVAL (10 s)",
+        env={"VQLOG_HEARTBEAT_GRACE": "2", "VQLOG_HEARTBEAT_INTERVAL": "10"}),
     "env-db-outage-negative": Case((), "$VQLOG_DB_OUTAGE_LIMIT must be a number of seconds above 0",
                                    env={"VQLOG_DB_OUTAGE_LIMIT": "-5"}),  # it was taken as it was
     "table-env-tracking-outage": Case(  # every command: Error: ValueError ..., exit 1

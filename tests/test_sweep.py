@@ -220,12 +220,12 @@ def test_a_trial_left_running_without_a_heartbeat_is_failed_and_retried(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
-    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "2")  # (longer than the interval)
     spec = write_spec(tmp_path, "orphan", budget={"iteration": 4, "eval_every": 2}, pruner="none")
     storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
     study = optuna.create_study(study_name="orphan", storage=storage)
     orphan = study.ask({"batch": optuna.distributions.CategoricalDistribution([8, 16])})
-    time.sleep(1.5)  # older than the grace period
+    time.sleep(3)  # older than the grace period (SQLite keeps whole seconds)
 
     # --timeout: were the orphan never failed, the sweep would wait for it forever
     assert sweep_main(["--trials", "1", "--config", str(spec), "--storage", storage,

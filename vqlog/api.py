@@ -36,6 +36,12 @@ def check_options(trials: int, timeout: float | None, seed: int | None) -> None:
     for name, integer in (("VQLOG_HEARTBEAT_INTERVAL", True), ("VQLOG_HEARTBEAT_GRACE", True),
                           ("VQLOG_DB_OUTAGE_LIMIT", False), ("VQLOG_TRACKING_OUTAGE_LIMIT", False)):
         env_number(name, 1, integer)
+    from vqlog.config import grace_period, heartbeat_interval
+
+    if grace_period() <= heartbeat_interval():  # every trial taken for dead between two beats
+        raise UserError(f"$VQLOG_HEARTBEAT_GRACE ({grace_period()} s) must be longer than "
+                        f"$VQLOG_HEARTBEAT_INTERVAL ({heartbeat_interval()} s), e.g. 4 times it: "
+                        "a live worker's trial would be failed as a dead one's between two beats")
 
 
 def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str | None = None,

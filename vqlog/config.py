@@ -269,3 +269,14 @@ def env_number(name: str, default: float, integer: bool = False) -> float:
         kind = "a whole number of seconds" if integer else "a number of seconds"
         raise ConfigError(f"${name} must be {kind} above 0, got {text!r}")
     return value
+
+
+def heartbeat_interval() -> int:
+    """Seconds between two heartbeats of a running trial (VQLOG_HEARTBEAT_INTERVAL)."""
+    return int(env_number("VQLOG_HEARTBEAT_INTERVAL", 5, integer=True))
+
+
+def grace_period() -> int:
+    """Seconds of silence after which a RUNNING trial belonged to a dead worker
+    (VQLOG_HEARTBEAT_GRACE)."""
+    return int(env_number("VQLOG_HEARTBEAT_GRACE", 20, integer=True))

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 
 from vqlog.bulk import gc_paused
-from vqlog.config import env_number
+from vqlog.config import grace_period, heartbeat_interval
 from vqlog.errors import UserError
 from vqlog.files import read_only_part
 from vqlog.study.space import check_space
@@ -44,17 +44,6 @@ ENQUEUED = "vqlog.enqueued"  # study user attr: the spec's rows were enqueued
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
 # What the objective's values are, for optuna-dashboard's axes (not "Objective 0").
 METRIC_NAMES = {"mse": ["final_val_mse"], "pareto": ["final_val_mse", "max_val_perplexity"]}
-
-
-def heartbeat_interval() -> int:
-    """Seconds between two heartbeats of a running trial (VQLOG_HEARTBEAT_INTERVAL)."""
-    return int(env_number("VQLOG_HEARTBEAT_INTERVAL", 5, integer=True))
-
-
-def grace_period() -> int:
-    """Seconds of silence after which a RUNNING trial belonged to a dead worker
-    (VQLOG_HEARTBEAT_GRACE)."""
-    return int(env_number("VQLOG_HEARTBEAT_GRACE", 20, integer=True))
 
 
 # ------------------------------------------------------------------------------------ URLs

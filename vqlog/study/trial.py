@@ -19,14 +19,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from vqlog.config import Config
+from vqlog.config import Config, heartbeat_interval
 from vqlog.data import DataCache
 from vqlog.errors import (DivergedError, StorageOutageError, TrackingUnavailable, TrainingStopped,
                           UserError, one_line)
 from vqlog.failpoints import failpoint
 from vqlog.study.retries import report_history
 from vqlog.study.outage import retrying
-from vqlog.study.storage import heartbeat_interval
 from vqlog.train import fit, resolve_device
 from vqlog.tracking import lineage
 from vqlog.urls import mask_urls

@@ -28,7 +28,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from vqlog.config import Config
+from vqlog.config import Config, grace_period
 from vqlog.data import DataCache
 from vqlog.errors import (StorageOutageError, SweepError, TrackingUnavailable, find_cause,
                           one_line)
@@ -36,7 +36,7 @@ from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.outage import retrying
 from vqlog.study.retries import queue_again
-from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, grace_period, open_study
+from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
 
