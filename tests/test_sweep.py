@@ -382,6 +382,31 @@ def test_ctrl_c_stops_cleanly_and_queues_the_running_trial_again(tmp_path, mlflo
 
 
 @pytest.mark.slow
+def test_a_ctrl_c_between_a_trials_fail_and_its_retry_waits_for_the_retry(tmp_path,
+                                                                            mlflow_store):
+    """Ctrl-C, then Ctrl-C again just as the stopped trial is marked FAIL (from a failpoint,
+    before its retry is queued): the retry is queued all the same, then the sweep stops at once.
+    The KeyboardInterrupt came between the two, and the trial was lost for good."""
+    spec = write_spec(tmp_path, "between", budget={"iteration": 400, "eval_every": 50},
+                      pruner="none")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
+    worker = Worker(["--trials", "2", "--config", str(spec), "--storage", storage,
+                     "--tracking-uri", uri], tmp_path,
+                    env={"VQLOG_FAILPOINT": "trial.requeue:1:SIGINT"})
+    try:
+        victim = wait_until(lambda: running_trial(storage, "between", uri), 120,
+                            "a trial RUNNING", alive=[worker])
+        worker.signal(signal.SIGINT)
+        assert worker.wait(60) == 130, worker.output()
+    finally:
+        worker.kill()
+    trials = study_trials(storage, "between")
+    assert trials[victim.number].state.name == "FAIL", worker.output()
+    (retry,) = trials[victim.number + 1:]
+    assert retry.state.name == "WAITING" and retried_from(retry) == victim.number
+    assert "Interrupted: everything finished is kept" in worker.stdout, worker.output()
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
     """Ctrl-C twice during a trial: no waiting for a checkpoint; the running trial is marked
     FAIL, exit 130. It is queued again all the same, and the rerun runs it: it was not, and a

@@ -8,7 +8,8 @@
 `sweep` takes the command line's options as arguments and returns its summary; neither it nor
 `results` sets a log level, a warning filter, an environment variable or a signal handler. Stop a
 running `sweep` cleanly from another thread with `stop=vqlog.study.worker.StopRequest()` and
-`stop.request("manual")`; Ctrl-C in a notebook interrupts it (the running trial ends FAIL).
+`stop.request("manual")`; Ctrl-C in a notebook interrupts it (the running trial ends FAIL, and
+is queued again for the next run).
 """
 
 from __future__ import annotations

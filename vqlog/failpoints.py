@@ -8,7 +8,7 @@ one environment lookup. NAME:N:SIGINT+SIGINT sends those signals instead, one af
 each handled before the next is sent (two SIGINTs sent from outside at once arrive as one): a
 Ctrl-C pressed twice during a trial.
 
-Names: trial.eval, tracking.log, trial.tell, table.write.
+Names: trial.eval, tracking.log, trial.tell, trial.requeue, table.write.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def failpoint(name: str) -> None:
         return
     nth, _, signals = rest.partition(":")
     _passes[name] = _passes.get(name, 0) + 1
-    if _passes[name] == int(nth or 1) and signals:
-        for sig in signals.split("+"):
-            signal.raise_signal(signal.Signals[sig])  # its Python handler runs on return
+    if signals:  # the N-th pass only
+        if _passes[name] == int(nth or 1):
+            for sig in signals.split("+"):
+                signal.raise_signal(signal.Signals[sig])  # its Python handler runs on return
     elif _passes[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -362,6 +362,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         ran_here=sum(s["ran_here"] for s in done) + unsaid[0],
         failed_here=sum(s["failed_here"] for s in done) + unsaid[1],
         interrupted=len(done) < len(summaries) or any(s["interrupted"] for s in done),
+        interrupted_trial=any(s["interrupted_trial"] for s in done),
         stopped=stopped, stopped_at=min(stopped_at) if stopped_at else None,
         stopped_iterations=sorted(stopped_at),
         timed_out=timed_out, grid_points=grid_points,

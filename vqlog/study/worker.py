@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,10 +29,12 @@ from optuna.trial import TrialState
 
 from vqlog.config import Config, grace_period
 from vqlog.data import DataCache
+from vqlog.failpoints import failpoint
 from vqlog.errors import (StorageOutageError, SweepError, TrackingUnavailable, find_cause,
                           one_line)
 from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
+from vqlog.study.stop import StopRequest
 from vqlog.study.outage import retrying
 from vqlog.study.retries import queue_again
 from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
@@ -54,6 +55,7 @@ class SweepSummary:
     ran_here: int = 0
     failed_here: int = 0
     interrupted: bool = False  # KeyboardInterrupt
+    interrupted_trial: bool = False  # ... during a trial's training: marked FAIL, queued again
     stopped: str | None = None  # the signal of a clean stop (SIGTERM, SIGINT)
     stopped_at: int | None = None  # the iteration the running trial was checkpointed at
     # with --workers: every worker's (stopped_at is the earliest)
@@ -64,17 +66,6 @@ class SweepSummary:
     table_path: str | None = None
     workers: int = 1  # processes on this host (vqlog-sweep --workers)
     workers_lost: int = 0  # of those, how many died without a word (SIGKILL, a crash)
-
-
-class StopRequest(threading.Event):
-    """Set (by a signal handler, or by hand) to stop a worker cleanly: the running trial is
-    checkpointed, marked FAIL and queued again, and no new trial starts. `signal` says why."""
-
-    signal: str | None = None
-
-    def request(self, signal: str) -> None:
-        self.signal = signal
-        self.set()
 
 
 class Worker:
@@ -106,20 +97,17 @@ class Worker:
         self._open()
         self.progress = TrialProgress(self.target, self.out, bar=self.bar)
         self.said_waiting = False  # the line on a wait for other workers' trials, said once
-        in_trial = False
         try:
             while (trial := self._next_trial()) is not None:
                 trial_id = self._db(lambda: self.storage.get_trial_id_from_study_id_trial_number(
                     self.study_id, trial.number))
-                in_trial = True
                 outcome = self._run(trial, trial_id)
-                in_trial = False
                 self._record(trial_id, outcome)
                 if outcome.fatal is not None:
                     raise outcome.fatal
         except KeyboardInterrupt:
             self.summary.interrupted = True
-            if in_trial:  # marked FAIL by _run: the summary's count says so too
+            if self.summary.interrupted_trial:  # marked FAIL by _run: counted as such too
                 self.summary.ran_here += 1
                 self.summary.failed_here += 1
         except SweepError:  # trials failing in a row: the table is written as at any end
@@ -246,6 +234,7 @@ class Worker:
                 outcome = self.objective(trial, history, "fixed_params" in frozen.system_attrs)
             except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint now, yet the trial (a
                 # grid point, a spec's queued row) runs again, from an earlier checkpoint if any
+                self.summary.interrupted_trial = True
                 self._fail_and_queue(trial, trial_id, Outcome(
                     TrialState.FAIL, reason=describe(KeyboardInterrupt())))
                 raise
@@ -267,10 +256,11 @@ class Worker:
         retry is queued as Optuna queues a dead worker's, with no limit on how often. Its FAIL
         and its retry at once, under the lock: a worker asking in between would start a new trial
         in its place, and the retry would wait for good. Not when another worker took it for dead
-        meanwhile and queued it itself."""
-        with self.lock:
+        meanwhile and queued it itself. A Ctrl-C meanwhile waits for both (`shield`)."""
+        with self.stop.shield(), self.lock:
             ours = self._db(lambda: self.storage.get_trial(trial_id)).state == TrialState.RUNNING
             self._tell(trial, outcome)
+            failpoint("trial.requeue")
             if ours:
                 frozen = self._db(lambda: self.storage.get_trial(trial_id))
                 self._db(lambda: queue_again(self.study, frozen))

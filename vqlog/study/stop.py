@@ -1,0 +1,34 @@
+"""How a sweep is asked to stop: `StopRequest`, which a signal handler (`vqlog.commands.sweep.
+stop_on_signals`) or a notebook's other thread sets, and which the worker's loop and training read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+
+class StopRequest(threading.Event):
+    """Set (by a signal handler, or by hand) to stop a worker cleanly: the running trial is
+    checkpointed, marked FAIL and queued again, and no new trial starts. `signal` says why.
+    A second Ctrl-C (KeyboardInterrupt) waits for the end of a `shield` block."""
+
+    signal: str | None = None
+    shielded = 0  # shield blocks under way
+    deferred = False  # a KeyboardInterrupt for the end of the outermost one
+
+    def request(self, signal: str) -> None:
+        self.signal = signal
+        self.set()
+
+    @contextlib.contextmanager
+    def shield(self):
+        """Steps that must not be cut in two by a Ctrl-C: a trial's FAIL and its retry."""
+        self.shielded += 1
+        try:
+            yield
+        finally:
+            self.shielded -= 1
+        if not self.shielded and self.deferred:
+            self.deferred = False
+            raise KeyboardInterrupt
