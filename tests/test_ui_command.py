@@ -35,9 +35,13 @@ def test_vqlog_ui_serves_the_folders_store_its_curves_and_artifacts(tmp_path, ml
     client.set_terminated(run)
 
     port = free_port()
+    # MLflow's own variable for the hosts it answers: more hosts, as --allowed-hosts adds
+    env = {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": "proxy.example"}
     with serve([str(BIN / "vqlog"), "ui", "--port", str(port)], tmp_path / "ui", port,
-               cwd=tmp_path) as server:
+               cwd=tmp_path, env=env) as server:
         api = f"{server.url}/api/2.0/mlflow"
+        hosts = [status_with_host(f"{api}/experiments/search?max_results=1", host)
+                 for host in (f"127.0.0.1:{port}", "proxy.example", "elsewhere.example")]
         found = json.loads(get(f"{api}/experiments/get-by-name?experiment_name=demo"))
         history = json.loads(get(f"{api}/metrics/get-history?"
                                  + urllib.parse.urlencode({"run_id": run, "metric_key": "val/mse"})))
@@ -45,6 +49,7 @@ def test_vqlog_ui_serves_the_folders_store_its_curves_and_artifacts(tmp_path, ml
                        + urllib.parse.urlencode({"path": "notes.txt", "run_uuid": run}))
         page = get(server.url + "/")
         log = server.log_text()
+    assert hosts == [200, 200, 403]
     assert found["experiment"]["experiment_id"] == experiment
     assert [(m["step"], m["value"]) for m in history["metrics"]] == [(1, 0.5), (2, 0.25), (3, 0.125)]
     assert artifact == b"peaks and troughs\n"

@@ -143,13 +143,16 @@ def ui_command(args: argparse.Namespace) -> int:
            # uvicorn's INFO lines (each worker's start and stop, a dozen each time) stay out of the
            # terminal; its warnings and errors do not.
            "--uvicorn-opts", "--log-level warning"]
-    # MLflow's defaults given explicitly: without them it prints that connections from other
-    # hosts need --cors-allowed-origins, which `vqlog ui --host 0.0.0.0` does not.
+    # MLflow's own MLFLOW_SERVER_ALLOWED_HOSTS (which the flag would override) counts as more
+    # --allowed-hosts. Without more, MLflow's defaults are given explicitly: left out, MLflow
+    # prints that other hosts need --cors-allowed-origins, which `vqlog ui --host 0.0.0.0` does not.
     from mlflow.server.security_utils import get_default_allowed_hosts
 
-    cmd += ["--allowed-hosts", allowed_hosts(args.host, args.allowed_hosts)
+    more = ",".join(filter(None, (os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS", "").strip(),
+                                  args.allowed_hosts)))
+    cmd += ["--allowed-hosts", allowed_hosts(args.host, more or None)
             or ",".join(get_default_allowed_hosts())]
-    os.environ["MLFLOW_REGISTRY_STORE_URI"] = uri  # as mlflow takes it, without a line saying so
+    os.environ.setdefault("MLFLOW_REGISTRY_STORE_URI", uri)  # as mlflow takes it, unsaid
     # MLflow's job runner (GenAI scorers and evaluations, which a sweep never starts) would start
     # its own consumer processes beside the UI.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
