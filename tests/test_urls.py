@@ -59,6 +59,11 @@ def test_an_empty_url_from_python_is_refused_not_the_default(tmp_path, monkeypat
      True),
     ("postgresql://u@db/optuna", "postgresql://u@db/mlflow", False),
     ("postgresql://u@db/x", "postgresql://u@db:5432/x", True),  # the default port
+    ("sqlite+pysqlite:///both.db", "sqlite:///both.db", True),  # a driver named
+    ("postgresql://u@/x?host=/run/pg1", "postgresql://u@/x?host=/run/pg2", False),  # two servers
+    ("postgresql://u@/x?host=/run/pg1&port=5433", "postgresql://u@/x?port=5433&host=/run/pg1",
+     True),
+    ("sqlite:///:memory:", "sqlite:///:memory:", False),
     ("postgresql://u@db:5432/x", "postgresql://u@db:5433/x", False),
     ("postgresql://u@db/x", "http://db:5000", False),
 ])

@@ -90,24 +90,27 @@ def absolute_sqlite(url: str) -> str:
 
 
 def same_database(a: str, b: str) -> bool:
-    """Whether two database URLs name one database: one SQLite file (however it is spelt), or
-    one database of one server (the driver, the user and the options aside)."""
-    paths = sqlite_path(a), sqlite_path(b)
-    if paths[0] is not None or paths[1] is not None:
-        return None not in paths and paths[0].resolve() == paths[1].resolve()
-    if a.split(":", 1)[0].lower() in ("http", "https") or b.split(":", 1)[0].lower() in (
-            "http", "https"):
-        return False
+    """Whether two database URLs name one database: one SQLite file (however it is spelt, with
+    or without a driver), or one database of one server (the driver, the user and the options
+    aside; a host or port given as a query parameter, as libpq takes them, counts)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    try:
-        x, y = make_url(a), make_url(b)
-    except ArgumentError:
-        return False
+    def where(url: str) -> tuple | None:
+        try:
+            u = make_url(url)
+        except ArgumentError:
+            return None
+        backend = u.get_backend_name()
+        if backend == "sqlite":
+            if not u.database or u.database == ":memory:":
+                return None
+            return backend, str(Path(u.database).expanduser().resolve())
+        if backend in ("http", "https"):
+            return None
+        host, port = u.query.get("host", u.host), u.query.get("port", u.port)
+        default = {"postgresql": 5432, "mysql": 3306}.get(backend)
+        return backend, str(host or "localhost").lower(), str(port or default), u.database
 
-    def where(u) -> tuple:
-        port = u.port or (5432 if u.get_backend_name() == "postgresql" else None)
-        return u.get_backend_name(), (u.host or "localhost").lower(), port, u.database
-
-    return where(x) == where(y)
+    x = where(a)
+    return x is not None and x == where(b)
