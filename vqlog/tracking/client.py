@@ -267,11 +267,14 @@ def existing_store(uri: str | None) -> str:
     if path is not None and not path.is_file():
         raise MissingStore(f"no MLflow store at {given}; run vqlog-sweep first or pass "
                            "--tracking-uri")
-    if path is not None and not (tables := sqlite_tables(path)) - {"sqlite_sequence"}:
-        # MLflow would make it a store: a command that reads must leave it as it was
+    if path is None:
+        return checked
+    with _store_lock(checked):  # a store a sweep is creating now is waited for
+        tables = sqlite_tables(path)
+    if not tables - {"sqlite_sequence"}:  # MLflow would make it a store: a reader leaves it be
         raise MissingStore(f"{given} is an empty SQLite file, not an MLflow store; run "
                            "vqlog-sweep first or pass the store it wrote with --tracking-uri")
-    if path is not None and "experiments" not in tables and "studies" not in tables:
+    if "experiments" not in tables and "studies" not in tables:
         raise MissingStore(f"{given} is not an MLflow store (its tables are not MLflow's); pass "
                            "the store vqlog-sweep wrote with --tracking-uri")
     return checked
