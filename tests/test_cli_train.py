@@ -1,6 +1,7 @@
 """`vqlog train` in-process: a tiny run prints its summary and saves loadable weights; every bad
 input exits 2 with exactly one `Error:` line on stderr that names the problem, and no traceback."""
 
+import os
 import pickle
 
 import numpy as np
@@ -123,10 +124,13 @@ def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(sign
     assert not (tmp_path / "z.npy").exists()
     # one file as --out and --index: the index replaced the tokens, with exit 0; --out on the
     # model or the data replaced it with the tokens
+    linked = tmp_path / "linked.pt"
+    os.link(save, linked)
     for flags, message in (
             (["--out", str(tmp_path / "same"), "--index", str(tmp_path / "./same")],
              "--out and --index are one file"),
             (["--out", str(save)], f"--out {save} is the --model file, which it would overwrite"),
+            (["--out", str(linked)], f"--out {linked} is the --model file"),  # a hard link
             (["--out", str(tmp_path / "t50.npy"), "--index", at100],
              f"--index {at100} is the --data file, which it would overwrite")):
         before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import glob
 import io
+import os
 import tempfile
 from pathlib import Path
 
@@ -52,8 +54,8 @@ def encode_command(args: argparse.Namespace) -> int:
         raise UserError(f"--out and --index are one file ({args.out}); give each its own, e.g. "
                         "--out tokens.npy --index tokens.csv")
     for flag, written in (("--out", out), ("--index", index_file)):
-        for given, read in (("--model", args.model), ("--data", args.data)):
-            if written is not None and Path(read).expanduser().resolve() == written.resolve():
+        for given, read in _inputs(args):
+            if written is not None and _same_file(read, written):
                 raise UserError(f"{flag} {written} is the {given} file, which it would "
                                 "overwrite; write the tokens to another file")
     if args.stride is not None and args.stride < 1:
@@ -107,6 +109,28 @@ def _index_csv(where: list[tuple[str, int, float, float]]) -> str:
     for i, (recording, start, rate, at) in enumerate(where):
         rows.writerow([i, recording, start, f"{start / rate:.9g}", f"{rate:g}", f"{at:.9g}"])
     return text.getvalue()
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The files encode reads: the model file, and the data file, or a WFDB record's files
+    (`data/100` for data/100.hea, data/100.dat, ...)."""
+    from vqlog.sources import SOURCES
+
+    found = [] if args.model.startswith("models:/") else [("--model", Path(args.model))]
+    if args.data not in SOURCES:
+        data = Path(args.data).expanduser()
+        found.append(("--data", data))
+        if data.parent.is_dir():
+            found += [("--data", p) for p in data.parent.glob(glob.escape(data.name) + ".*")]
+    return found
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file, however it is named (a hard link too), or one path not made yet."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return a.expanduser().resolve() == b.resolve()
 
 
 def _model_file(args: argparse.Namespace, folder: str) -> tuple[str, str]:
