@@ -359,7 +359,8 @@ def test_the_hint_names_a_parquet_tables_columns_and_none_of_a_headerless_csv(tm
 
     rows = np.sin(np.arange(500 * 3) / 7).reshape(500, 3)
     table = tmp_path / "three.parquet"
-    pd.DataFrame(rows, columns=[f"ch{i}" for i in range(3)]).to_parquet(table)
+    named_index = pd.Index(np.arange(500) / 100, name="time")  # stored, read back as the index
+    pd.DataFrame(rows, columns=[f"ch{i}" for i in range(3)], index=named_index).to_parquet(table)
     with pytest.raises(DataError, match=r"take one with --channel NAME\|INDEX \(its columns: "
                                         r"ch0, ch1, ch2\); otherwise"):
         prepare(str(table), Config(window=64, stride=32, resample_hz=None), sample_rate=100)

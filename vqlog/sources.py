@@ -267,13 +267,15 @@ def _column(path: Path, channel: str) -> tuple[np.ndarray, str]:
 
 
 def column_names(path: Path | str) -> list[str]:
-    """A CSV's header row (its first non-blank row, when a cell is not a number) or a Parquet
-    table's columns; [] for a CSV without one or a file that cannot be read."""
+    """A CSV's header row (its first non-blank row, if a cell is not a number) or a Parquet
+    table's columns; [] for none, or a file that cannot be read."""
     try:
         if str(path).lower().endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            return [n for n in pq.read_schema(path).names if n != "__index_level_0__"]
+            schema = pq.read_schema(path)  # pandas' stored index is no column of the table
+            index = (schema.pandas_metadata or {}).get("index_columns", [])
+            return [n for n in schema.names if n not in index]
         with open(path, newline="", encoding="utf-8-sig") as f:
             first = next((row for row in csv.reader(f) if any(c.strip() for c in row)), [])
     except (OSError, ValueError, UnicodeDecodeError, csv.Error, ImportError):
