@@ -40,9 +40,10 @@ def free_port() -> int:
     worker's own below the kernel's ephemeral ports (32768 and up): a server that binds it
     seconds later does not find it taken by the other worker's server, nor by the local end of
     a client's connection, which the kernel takes from the ephemeral range."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0 too: a benchmark, pytest -n 0
     index = int(worker[2:]) if worker[2:].isdigit() else 0
-    first, size = 20000 + (index % 4) * 3000, 3000
+    size = 12000 // max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
+    first = 20000 + index * size
     if _PORTS["next"] is None:  # each process of a worker (a benchmark too) at its own offset
         _PORTS["next"] = os.getpid() % size
     for _ in range(size):

@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from _servers import free_port
 from _stack import ADMIN_URL
 from _sweep_helpers import ROOT, SUBPROCESS_ENV, SWEEP_BIN, smoke_raw, write_spec
 
@@ -583,7 +584,8 @@ def test_commands_that_read_leave_an_empty_or_foreign_sqlite_file_as_it_was(tmp_
             (("trials", "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite file, not an "
              "MLflow store"),
             (("table", "--study", "x", "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite"),
-            (("ui", "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite file"),
+            (("ui", "--port", str(free_port()), "--tracking-uri", f"sqlite:///{empty}"),
+             "is an empty SQLite file"),
             (("encode", "--model", "models:/x@best", "--data", "synthetic", "--out",
               str(tmp_path / "t.npy"), "--tracking-uri", f"sqlite:///{empty}"), "is an empty SQLite"),
             (("best", "--storage", f"sqlite:///{empty}"), "is an empty SQLite file, not an Optuna "
