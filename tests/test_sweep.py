@@ -2,6 +2,7 @@
 --seed, diverging trials, a killed worker (SIGKILL), Ctrl-C, and bad input that exits 2 before
 anything is written."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -504,6 +505,29 @@ def test_a_stop_that_comes_while_a_worker_waits_for_the_study_lock_starts_no_tri
     waiting.join(60)
     assert asked == [None] and worker.summary.stopped == "SIGTERM"
     assert worker.study.get_trials(deepcopy=False) == []
+
+
+def test_the_last_evaluation_of_a_trial_is_never_pruned(tmp_path, monkeypatch):
+    """A trial pruned at its last evaluation had trained to its end: it was kept without its
+    weights (nothing to export), with a budget shorter than `eval_every` on every trial that
+    Hyperband judged. Earlier evaluations are pruned as the pruner says."""
+    import optuna
+
+    from vqlog import api
+    from vqlog.study.trial import Objective
+    from vqlog.train import EvalRecord
+
+    monkeypatch.chdir(tmp_path)
+    spec = api.study_spec(str(write_spec(tmp_path, "lastone")), None, None, None, None)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(storage=storage, study_name="lastone",
+                                pruner=optuna.pruners.ThresholdPruner(upper=1e-9))  # prunes all
+    trial = study.ask()
+    on_eval = Objective(spec, None, None, "cpu", None, storage)._on_eval(trial, None, last=60)
+    record = EvalRecord(step=30, val_mse=0.5, val_perplexity=2.0, val_usage=0.5,
+                        val_dead_codes=0, train_points=())
+    assert on_eval(record) is True
+    assert on_eval(dataclasses.replace(record, step=60)) is False
 
 
 # -------------------------------------------------------------------------------- bad input

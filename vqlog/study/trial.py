@@ -141,7 +141,8 @@ class Objective:
                     run.log_history(history(state))
                     if self.spec.objective != "pareto":  # Optuna prunes single objectives only
                         self._db(lambda: report_history(trial, history(state)))
-            result = fit(cfg, data, on_eval=self._on_eval(trial, run), device=self.device,
+            result = fit(cfg, data, on_eval=self._on_eval(trial, run, cfg.iteration),
+                         device=self.device,
                          checkpoint_every=self.spec.checkpoint_every if run else 0,
                          on_checkpoint=run.log_checkpoint if run else None, resume=state,
                          should_stop=self.stop.is_set if self.stop is not None else None)
@@ -202,7 +203,10 @@ class Objective:
             return None
         return state
 
-    def _on_eval(self, trial: optuna.Trial, run):
+    def _on_eval(self, trial: optuna.Trial, run, last: int):
+        """Each evaluation logged and reported; pruned as Optuna's pruner says, except the last
+        (at `last`, the trial's budget), after which there is nothing left to save: pruned there,
+        a trial that had trained to its end was kept without its weights."""
         multi = self.spec.objective == "pareto"
 
         def on_eval(record) -> bool:
@@ -212,7 +216,7 @@ class Objective:
             if multi:  # Optuna prunes single-objective studies only
                 return False
             self._db(lambda: trial.report(record.val_mse, record.step))
-            return self._db(trial.should_prune)
+            return record.step < last and self._db(trial.should_prune)
 
         return on_eval
 
