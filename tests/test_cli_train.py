@@ -138,6 +138,12 @@ def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(sign
                            "100", *flags)
         assert rc == 2 and err.startswith(f"Error: {message}") and err.count("\n") == 1, err
         assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    # ... but an output named after the data is no input: run again, it is written again (it
+    # was taken for one of the data's files, `<data>.*`, once it existed)
+    for _ in range(2):
+        rc, out, err = cli("encode", "--model", str(save), "--data", at100, "--sample-rate",
+                           "100", "--out", f"{at100}.tokens.npy")
+        assert rc == 0, err
 
     # A model file from before the rate was recorded still loads, at the data's own rate.
     ckpt = torch.load(save, weights_only=True)

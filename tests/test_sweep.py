@@ -405,9 +405,42 @@ def test_a_ctrl_c_between_a_trials_fail_and_its_retry_waits_for_the_retry(tmp_pa
     assert trials[victim.number].state.name == "FAIL", worker.output()
     (retry,) = trials[victim.number + 1:]
     assert retry.state.name == "WAITING" and retried_from(retry) == victim.number
-    assert "Interrupted: everything finished is kept" in worker.stdout, worker.output()
+    assert ("Interrupted: the running trial was marked FAIL and queued again; everything "
+            "finished is kept") in worker.stdout, worker.output()
+    assert f"({victim.number + 1} ran here, 1 failed)" in worker.stdout, worker.output()
 
 
+def test_a_ctrl_c_in_a_shield_waits_for_its_end_and_a_third_one_does_not():
+    """The handler's part of StopRequest.shield: after the stop, one Ctrl-C inside a shield is
+    raised at its end; another one meanwhile at once. A shield left by an exception drops its
+    deferred Ctrl-C, so that the next shield does not raise a stale one."""
+    import threading
+
+    from vqlog.commands.sweep import stop_on_signals
+    from vqlog.study.stop import StopRequest
+
+    assert threading.current_thread() is threading.main_thread()  # where handlers are set
+    stop = StopRequest()
+    with stop_on_signals(stop, quiet=True):
+        signal.raise_signal(signal.SIGINT)  # the first: a clean stop
+        assert stop.is_set() and stop.signal == "SIGINT"
+        steps = []
+        with pytest.raises(KeyboardInterrupt):
+            with stop.shield():
+                signal.raise_signal(signal.SIGINT)  # deferred
+                steps.append("after the second")
+        assert steps == ["after the second"]
+        with pytest.raises(KeyboardInterrupt):
+            with stop.shield():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # a third: at once
+                steps.append("not reached")
+        assert steps == ["after the second"] and not stop.deferred
+        with stop.shield():  # nothing left over
+            pass
+
+
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
     """Ctrl-C twice during a trial: no waiting for a checkpoint; the running trial is marked
     FAIL, exit 130. It is queued again all the same, and the rerun runs it: it was not, and a

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import glob
 import io
 import os
 import tempfile
@@ -112,16 +111,27 @@ def _index_csv(where: list[tuple[str, int, float, float]]) -> str:
 
 
 def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    """The files encode reads: the model file, and the data file, or a WFDB record's files
-    (`data/100` for data/100.hea, data/100.dat, ...)."""
+    """The files encode reads: the model file, and the data file, or a WFDB record's header and
+    the signal files it names (`data/100`: data/100.hea, data/100.dat)."""
+    from vqlog.records import is_wfdb_record
     from vqlog.sources import SOURCES
 
     found = [] if args.model.startswith("models:/") else [("--model", Path(args.model))]
-    if args.data not in SOURCES:
-        data = Path(args.data).expanduser()
-        found.append(("--data", data))
-        if data.parent.is_dir():
-            found += [("--data", p) for p in data.parent.glob(glob.escape(data.name) + ".*")]
+    data = Path(args.data).expanduser()
+    if args.data in SOURCES:
+        return found
+    if data.is_file() or not is_wfdb_record(args.data):
+        return [*found, ("--data", data)]
+    record = data.with_suffix("") if data.suffix.lower() == ".hea" else data
+    found.append(("--data", Path(f"{record}.hea")))
+    try:
+        import wfdb
+
+        header = wfdb.rdheader(str(record))
+        found += [("--data", record.parent / name)
+                  for name in dict.fromkeys(getattr(header, "file_name", None) or [])]
+    except Exception:  # noqa: BLE001 - a header wfdb cannot read fails later, with its message
+        pass
     return found
 
 

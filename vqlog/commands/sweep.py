@@ -95,8 +95,8 @@ def sweep_command(args: argparse.Namespace) -> int:
               "command to resume.")
         return EXIT_CODES.get(result.stopped, 1)
     if result.interrupted:
-        print("Interrupted: " + ("the running trial was marked FAIL and queued again, without a "
-                                 "new checkpoint; " if result.interrupted_trial else "")
+        print("Interrupted: " + ("the running trial was marked FAIL and queued again; "
+                                 if result.interrupted_trial else "")
               + "everything finished is kept. Rerun the same command to continue.")
         return 130
     return 0
@@ -127,8 +127,8 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True):
     def handle(signum, frame):
         name = signal.Signals(signum).name
         if stop.is_set() and name == "SIGINT":
-            if getattr(stop, "shielded", 0):  # a trial's FAIL and its retry are under way
-                stop.deferred = True
+            if getattr(stop, "shielded", 0) and not stop.deferred:  # a trial's FAIL and its
+                stop.deferred = True  # retry are under way: raised once both are done
                 return
             raise KeyboardInterrupt
         if not stop.is_set() and not quiet:

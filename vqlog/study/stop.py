@@ -23,12 +23,16 @@ class StopRequest(threading.Event):
 
     @contextlib.contextmanager
     def shield(self):
-        """Steps that must not be cut in two by a Ctrl-C: a trial's FAIL and its retry."""
+        """Steps that must not be cut in two by a Ctrl-C: a trial's FAIL and its retry. One
+        Ctrl-C meanwhile is raised at the end; a further one at once (the handler's part)."""
         self.shielded += 1
         try:
             yield
-        finally:
+        except BaseException:
             self.shielded -= 1
+            self.deferred = self.deferred and self.shielded > 0  # ended by the exception
+            raise
+        self.shielded -= 1
         if not self.shielded and self.deferred:
             self.deferred = False
             raise KeyboardInterrupt

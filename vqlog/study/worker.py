@@ -241,7 +241,11 @@ class Worker:
             if outcome.stopped_at is None:
                 self._tell(trial, outcome)
             else:
-                self._fail_and_queue(trial, trial_id, outcome)
+                try:
+                    self._fail_and_queue(trial, trial_id, outcome)
+                except KeyboardInterrupt:  # a Ctrl-C deferred to the end of both: counted
+                    self.summary.interrupted_trial = True
+                    raise
         if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED) and outcome.run is not None:
             self.tracker.drop_checkpoints(outcome.run.run_id, history)  # none resumes it now
         if outcome.stopped_at is not None:
@@ -257,7 +261,9 @@ class Worker:
         and its retry at once, under the lock: a worker asking in between would start a new trial
         in its place, and the retry would wait for good. Not when another worker took it for dead
         meanwhile and queued it itself. A Ctrl-C meanwhile waits for both (`shield`)."""
-        with self.stop.shield(), self.lock:
+        # The wait for the lock is not shielded: a Ctrl-C then leaves the trial RUNNING, and
+        # another worker's stale-trial check retries it.
+        with self.lock, self.stop.shield():
             ours = self._db(lambda: self.storage.get_trial(trial_id)).state == TrialState.RUNNING
             self._tell(trial, outcome)
             failpoint("trial.requeue")
