@@ -96,7 +96,9 @@ def test_a_long_table_reaches_the_study_run_whole_in_its_artifact_and_cut_in_its
     from vqlog.tracking.table import publish_table
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.create_run(client.create_experiment("long"))
+    # its artifacts in tmp_path: MLflow's default, ./mlruns, is in the checkout
+    run = client.create_run(client.create_experiment(
+        "long", artifact_location=(tmp_path / "mlartifacts").as_uri()))
     rows = many_rows(300)
     text = render_table(rows, "en", title="long")
     capfd.readouterr()
