@@ -141,6 +141,18 @@ def float_batch_study(path: Path) -> None:
     study.tell(trial, trial.suggest_float("batch", 1.0, 2.0))
 
 
+def study_on(source: str, sha256: str | None) -> Writer:
+    """An Optuna storage whose study `smoke` ran on other data: `source` with that digest."""
+    def write(path: Path) -> None:
+        import optuna
+
+        from vqlog.study.storage import DATA
+
+        optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}").set_user_attr(
+            DATA, {"source": source, "channel": None, "sample_rate": None, "sha256": sha256})
+    return write
+
+
 def old_schema_study(path: Path) -> None:
     """An Optuna storage whose schema an older Optuna wrote: it needs `optuna storage upgrade`."""
     import optuna
@@ -381,6 +393,14 @@ CASES: dict[str, Case] = {
         {"optuna.db": maximized_study}),
     "storage-study-other-space": Case(
         (), "study 'smoke' already searches batch over", {"optuna.db": float_batch_study}),
+    # a rerun with another --data went on in the study: trials on two datasets in one table
+    "storage-study-other-data": Case(
+        (), "study 'smoke' ran its trials on other data (ppg, sha256 0123456789ab) than this "
+            "sweep's (synthetic)", {"optuna.db": study_on("ppg", "0123456789ab" * 5 + "0123")}),
+    "storage-study-other-data-file": Case(
+        ("--data", "x.npy", *DATA), "ran its trials on other data (x.npy, sha256 "
+                                    "ffffffffffff) than this sweep's (x.npy at 25 Hz, sha256",
+        {"optuna.db": study_on("x.npy", "f" * 64), "x.npy": npy(pulses())}),
     "storage-old-schema": Case((), "optuna storage upgrade", {"optuna.db": old_schema_study}),
     "storage-is-an-mlflow-store": Case(
         ("--storage", "sqlite:///{tmp}/mlflow.db"), "is an MLflow store",

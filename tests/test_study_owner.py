@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vqlog.errors import UserError
+from vqlog.errors import DataError, UserError
 from vqlog.study.existing import check_study
 from vqlog.study.spec import load_sweep
-from vqlog.study.storage import open_study
+from vqlog.study.storage import DATA, open_study
 from vqlog.tracking.lineage import STUDY_UID
 from vqlog.tracking.runs import Tracker
 from vqlog.urls import with_psycopg2
@@ -182,3 +183,56 @@ def test_a_study_run_without_trial_runs_is_the_next_studys(tmp_path):
     third, _ = open_study(SPEC, storage)
     with pytest.raises(UserError, match="holds the trial runs of another Optuna study"):
         Tracker(uri, table_dir=tmp_path / "results").start_study(third, SPEC)
+
+
+def test_a_study_records_its_data_and_refuses_other_data(tmp_path):
+    """A rerun with another --data went on in the same study: one table, one TPE history and
+    one "best" over trials scored on different signals. The study records its data's digest on
+    its first sweep; the same samples read from another path (another host's mount) go on,
+    other samples, another channel or another --sample-rate are refused before anything is
+    written, and so is a built-in source where the study ran on a file."""
+    from vqlog.data import DataCache
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    signal = np.sin(np.arange(4000) / 7.0) + 0.2 * np.sin(np.arange(4000) / 2.3)
+    np.save(tmp_path / "a.npy", signal)
+    mounted = tmp_path / "elsewhere"
+    mounted.mkdir()
+    np.save(mounted / "a.npy", signal)  # the same samples at another path
+    np.save(tmp_path / "b.npy", signal[::-1].copy())  # the same values in another order
+
+    def identity(path, rate=25.0):
+        return DataCache(str(path), rate).identity()
+
+    first = identity(tmp_path / "a.npy")
+    assert first["source"] == str(tmp_path / "a.npy") and len(first["sha256"]) == 64
+    study, _ = open_study(SPEC, storage, data=first)
+    assert study.user_attrs[DATA] == first
+    for same in (identity(tmp_path / "a.npy"), identity(mounted / "a.npy")):
+        check_study(SPEC, storage, data=same)
+        assert open_study(SPEC, storage, data=same)[0].user_attrs[DATA] == first  # kept
+    for other, shown in ((identity(tmp_path / "b.npy"), r".*b\.npy at 25 Hz, sha256 [0-9a-f]{12}\)"),
+                         (identity(tmp_path / "a.npy", 50.0), r".*a\.npy at 50 Hz"),
+                         (DataCache("synthetic", None).identity(), r"synthetic\)")):
+        with pytest.raises(DataError, match=r"study 'owned' ran its trials on other data \(.*"
+                                            rf"a\.npy at 25 Hz, sha256 {first['sha256'][:12]}\) "
+                                            rf"than this sweep's \({shown}"):
+            check_study(SPEC, storage, data=other)
+        with pytest.raises(DataError, match="another --study name to start anew"):
+            open_study(SPEC, storage, data=other)  # a worker that raced past the check
+    assert open_study(SPEC, storage)[0].user_attrs[DATA] == first  # refused: nothing changed
+
+    # synthetic data has no digest (every seed makes its own): its source name is what counts
+    other = f"sqlite:///{tmp_path}/synthetic.db"
+    open_study(SPEC, other, data=DataCache("synthetic", None).identity())
+    check_study(SPEC, other, data=DataCache("synthetic", 50.0).identity())
+    with pytest.raises(DataError, match=r"other data \(synthetic\) than this sweep's \(ppg, sha"):
+        check_study(SPEC, other, data=DataCache("ppg", None).identity())
+
+    # a study an older vqlog made records the data of its next sweep, whatever it is
+    older = f"sqlite:///{tmp_path}/older.db"
+    open_study(SPEC, older)
+    check_study(SPEC, older, data=identity(tmp_path / "b.npy"))
+    assert DATA not in open_study(SPEC, older)[0].user_attrs
+    assert open_study(SPEC, older, data=identity(tmp_path / "b.npy"))[0].user_attrs[DATA] \
+        == identity(tmp_path / "b.npy")

@@ -197,10 +197,12 @@ def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = N
     storage, tracker = prepare(spec, storage, tracking_uri, lang)
     from vqlog.study.existing import check_study
 
-    tracker.check_experiment(spec.name)
-    check_study(spec, storage, tracker)  # what the sweep command checks before it starts
     n = worker_count(workers, device, gpu_ids)
-    return run_sweep(spec, trials, storage, tracker, n, device, gpu_ids, timeout, seed, stop, out)
+    data = load_data(spec, seed)  # what the sweep command checks before it starts
+    tracker.check_experiment(spec.name)
+    check_study(spec, storage, tracker, data.identity())
+    return run_sweep(spec, trials, storage, tracker, n, device, gpu_ids, timeout, seed, stop, out,
+                     cache=data if n == 1 else None, data_checked=True)
 
 
 def results(study: str, tracking_uri: str | None = None):

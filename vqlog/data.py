@@ -9,6 +9,7 @@ train only; such gaps are listed in `info["dropped"]`. The recordings come from 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -188,9 +189,11 @@ def _rows_hint(names: list[str]) -> str:
 
 
 def prepare(source: str, config: Config, sample_rate: float | None = None,
-            channel: str | None = None) -> Splits:
-    """load_source + make_splits with the config's window, stride, resample_hz, standardize."""
-    recordings = load_source(source, sample_rate=sample_rate, seed=config.seed, channel=channel)
+            channel: str | None = None, recordings: list[Recording] | None = None) -> Splits:
+    """load_source (unless `recordings` are its result) + make_splits with the config's window,
+    stride, resample_hz, standardize."""
+    if recordings is None:
+        recordings = load_source(source, sample_rate=sample_rate, seed=config.seed, channel=channel)
     splits = make_splits(recordings, window=config.window, stride=config.stride,
                          resample_hz=config.resample_hz, standardize=config.standardize)
     info = {"source": source, "description": describe_source(source), **splits.info}
@@ -234,6 +237,18 @@ def indexed_windows(source: str, config: Config, sample_rate: float | None = Non
     return out.astype(np.float32), index
 
 
+def digest(recordings: list[Recording]) -> str:
+    """sha256 over the recordings' sample rates and samples, in order: the same data read from
+    another path or host gives the same digest; other samples, another channel or another
+    --sample-rate give another."""
+    h = hashlib.sha256()
+    for rec in recordings:
+        h.update(np.float64(rec.sample_rate).tobytes())
+        h.update(np.int64(rec.signal.size).tobytes())
+        h.update(np.ascontiguousarray(rec.signal, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
 class DataCache:
     """Windows depend on a few config keys only: each variant is prepared once per worker."""
 
@@ -242,9 +257,47 @@ class DataCache:
     def __init__(self, source: str, sample_rate: float | None, channel: str | None = None):
         self.source, self.sample_rate, self.channel = source, sample_rate, channel
         self._cache: dict[tuple, Splits] = {}
+        self._digest: str | None = None
 
     def get(self, cfg: Config) -> Splits:
         key = tuple(getattr(cfg, k) for k in self.KEYS)
         if key not in self._cache:
-            self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel)
+            recordings = load_source(self.source, self.sample_rate, cfg.seed, self.channel)
+            if self._digest is None:
+                self._digest = digest(recordings)
+            self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel, recordings)
         return self._cache[key]
+
+    def identity(self) -> dict | None:
+        """What a study records of its data (`vqlog.study.storage.DATA`): the source as given
+        and the digest of its recordings; no digest for the synthetic source, which every seed
+        makes anew."""
+        if self.source == "synthetic":
+            return {"source": self.source, "channel": None, "sample_rate": self.sample_rate,
+                    "sha256": None}
+        if self._digest is None:
+            self._digest = digest(load_source(self.source, self.sample_rate, 0, self.channel))
+        return {"source": self.source, "channel": self.channel, "sample_rate": self.sample_rate,
+                "sha256": self._digest}
+
+
+def check_same_data(recorded: dict | None, identity: dict | None, study: str) -> None:
+    """One study compares its trials on one dataset. `recorded`: what the study holds (None
+    before its first sweep, or from an older vqlog); `identity`: this sweep's
+    (`DataCache.identity`, or the source's name alone for synthetic data). Another digest, or
+    another source where one side has none, is a DataError."""
+    if not recorded or identity is None:
+        return
+    same = (recorded.get("sha256") == identity.get("sha256") if recorded.get("sha256")
+            and identity.get("sha256") else recorded.get("source") == identity.get("source"))
+    if not same:
+        raise DataError(f"study '{study}' ran its trials on other data ({_described(recorded)}) "
+                        f"than this sweep's ({_described(identity)}): their scores would not "
+                        "compare; give the study's data, or another --study name to start anew")
+
+
+def _described(identity: dict) -> str:
+    channel = f", channel {identity['channel']}" if identity.get("channel") is not None else ""
+    rate = f" at {identity['sample_rate']:g} Hz" if identity.get("sample_rate") else ""
+    sha = f", sha256 {identity['sha256'][:12]}" if identity.get("sha256") else ""
+    return f"{identity.get('source')}{rate}{channel}{sha}"

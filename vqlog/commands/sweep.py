@@ -66,7 +66,8 @@ def sweep_command(args: argparse.Namespace) -> int:
         # its Error line alone, before the study line.
         data = api.load_data(spec, args.seed)
         tracker.check_experiment(spec.name)
-        check_study(spec, storage, tracker)  # and an experiment holding another study's runs
+        # and other data than the study's, an experiment holding another study's runs
+        check_study(spec, storage, tracker, data.identity())
         if workers > 1:
             data = None  # checked: each worker process loads its own, the parent keeps none
         print(f"study {spec.name}: {args.trials} trial{'s' * (args.trials != 1)}, spec {spec.path}, "

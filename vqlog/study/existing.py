@@ -9,10 +9,11 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL
 
+from vqlog.data import check_same_data
 from vqlog.errors import UserError
 from vqlog.study.outage import is_connection_error, root_cause
 from vqlog.study.space import check_space
-from vqlog.study.storage import check_directions, engine_kwargs, parse_url, read_only_storage
+from vqlog.study.storage import DATA, check_directions, engine_kwargs, parse_url, read_only_storage
 from vqlog.tracking.lineage import RUN_ID
 from vqlog.urls import mask, with_psycopg2
 
@@ -20,15 +21,16 @@ from vqlog.urls import mask, with_psycopg2
 ABSENT = ""  # _checked's answer for a storage without a study of that name
 
 
-def check_study(spec, url: str, tracker=None) -> None:
+def check_study(spec, url: str, tracker=None, data: dict | None = None) -> None:
     """What `open_study` would refuse in a study of the spec's name that exists already: other
-    directions, another search space; with `tracker`, an MLflow experiment of that name that
+    directions, another search space, with `data` (`DataCache.identity`) other data; with
+    `tracker`, an MLflow experiment of that name that
     holds another Optuna study's runs, or a store that does not hold the study's runs, or a
     server that will not let this user edit the experiment. Nothing is created (no file,
     table, lock, row, study or run; on a server, the experiment's kind tag is set to the value
     it has), so that such a study is one error before a sweep says anything. A storage or
     study that is not there yet, or cannot be read now, is left to `open_study`."""
-    uid, runs = _checked(spec, url)
+    uid, runs = _checked(spec, url, data)
     if tracker is not None and tracker.uri.lower().startswith(("http://", "https://")):
         check_may_edit(tracker, spec.name)
     if tracker is not None and uid is not None:
@@ -128,7 +130,7 @@ def check_owner(tracker, name: str, uid: str, url: str) -> None:
                     "or another --study name to start anew")
 
 
-def _checked(spec, url: str):
+def _checked(spec, url: str, data: dict | None = None):
     """check_study's Optuna part: (uid, tracked). uid: the study's vqlog.study_uid, ABSENT where
     the storage has no study of that name, None where that is not known (an outage, or a study
     an older vqlog made, which gets its id when opened). runs: the MLflow run ids of its newest
@@ -154,6 +156,7 @@ def _checked(spec, url: str):
         study = optuna.load_study(study_name=spec.name, storage=storage)
         check_directions(study, spec)
         check_space(storage, spec)
+        check_same_data(study.user_attrs.get(DATA), data, spec.name)
         return study.user_attrs.get(STUDY_UID), _newest_runs(storage, spec.name)
     except UserError:
         raise

@@ -29,6 +29,7 @@ from sqlalchemy.engine import URL, make_url
 
 from vqlog.bulk import gc_paused
 from vqlog.config import grace_period, heartbeat_interval
+from vqlog.data import check_same_data
 from vqlog.errors import UserError
 from vqlog.files import read_only_part
 from vqlog.study.space import check_space
@@ -41,6 +42,7 @@ SCHEMES = ("sqlite", "postgresql")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 TABLES_LOCK = "<tables>"  # the StudyLock name under which a worker creates Optuna's tables
 ENQUEUED = "vqlog.enqueued"  # study user attr: the spec's rows were enqueued
+DATA = "vqlog.data"  # study user attr: the data its trials ran on (vqlog.data.DataCache.identity)
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
 # What the objective's values are, for optuna-dashboard's axes (not "Objective 0").
 METRIC_NAMES = {"mse": ["final_val_mse"], "pareto": ["final_val_mse", "max_val_perplexity"]}
@@ -221,11 +223,12 @@ def check_directions(study: optuna.Study, spec) -> None:
         )
 
 
-def open_study(spec, url: str, seed: int | None = None
+def open_study(spec, url: str, seed: int | None = None, data: dict | None = None
                ) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """The spec's study in the storage at `url`, created or loaded, with the spec's sampler and
     pruner. The spec's rows are enqueued once per study, by whichever worker (or `vqlog init`)
-    comes first. The worker and `vqlog init` both open studies here."""
+    comes first. The worker and `vqlog init` both open studies here. `data`: the identity of the
+    worker's data, which the study records on its first sweep and refuses to mix with another."""
     storage = open_storage(url)
     with StudyLock(url, spec.name):
         study = retrying(storage, lambda: optuna.create_study(
@@ -235,6 +238,11 @@ def open_study(spec, url: str, seed: int | None = None
         retrying(storage, lambda: check_space(storage, spec))
         if not retrying(storage, lambda: study.user_attrs.get(STUDY_UID)):  # new, or older vqlog's
             retrying(storage, lambda: study.set_user_attr(STUDY_UID, uuid.uuid4().hex))
+        if data is not None:
+            recorded = retrying(storage, lambda: study.user_attrs.get(DATA))
+            check_same_data(recorded, data, spec.name)
+            if recorded is None:
+                retrying(storage, lambda: study.set_user_attr(DATA, data))
         names = METRIC_NAMES[spec.objective]
         if retrying(storage, lambda: study.metric_names) != names:
             with warnings.catch_warnings():  # set_metric_names is marked experimental

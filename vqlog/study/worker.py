@@ -133,7 +133,8 @@ class Worker:
         check_data(self.spec, self.cache, self.seed)
         if self.tracker is not None:
             self.tracker.check_experiment(self.spec.name)  # before the study exists
-        self.study, self.storage = open_study(self.spec, self.storage_url, self.seed)
+        self.study, self.storage = open_study(self.spec, self.storage_url, self.seed,
+                                              self.cache.identity())
         self.study_id = self._db(lambda: self.storage.get_study_id_from_name(self.spec.name))
         self.lock = StudyLock(self.storage_url, self.spec.name)
         self.table_lock = StudyLock(self.storage_url, self.spec.name, purpose="table")
