@@ -182,7 +182,6 @@ def _store_lock(uri: str):
     """The lock `open_client` holds while MLflow opens a database store: an advisory lock on
     PostgreSQL, a passing lock file beside an SQLite file. None for a server (it made its store
     when it started)."""
-
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme == "postgresql":
         from vqlog.study.storage import StudyLock
