@@ -53,3 +53,78 @@ def test_old_temp_files_of_a_killed_writer_go_and_fresh_ones_stay(tmp_path):
     write_text(path, "table\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".other.md.dead.tmp", ".study.md.live.tmp", "study.md"])
+
+
+def test_a_link_is_followed_and_kept(tmp_path):
+    """A results/ table or an --out that is a symbolic link: the rename replaced the link with a
+    file, and the file it pointed to never changed."""
+    target = tmp_path / "elsewhere" / "table.md"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "table.md"
+    link.symlink_to(target)
+    write_text(link, "new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["table.md"]  # no temp file left
+
+
+def test_a_named_pipe_is_written_through(tmp_path):
+    import threading
+
+    fifo = tmp_path / "tokens.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_text(fifo, "through the pipe")
+    reader.join(10)
+    assert got == [b"through the pipe"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a pipe, not a file of that name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root (as the Docker image runs)")
+def test_a_device_is_written_through_not_replaced(tmp_path):
+    """As root, `vqlog encode --out /dev/null` replaced the system's /dev/null with a file. A
+    null device of the test's own stands in for it."""
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    write_text(null, "discarded")
+    assert stat.S_ISCHR(os.stat(null).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]
+
+
+@pytest.mark.parametrize("command", [
+    ("train", "--save", "{out}"),
+    ("table", "--study", "smoke", "--out", "{out}"),
+    ("export", "--study", "smoke", "--out", "{out}"),
+    ("encode", "--model", "model.pt", "--data", "synthetic", "--out", "{out}"),
+    ("encode", "--model", "model.pt", "--data", "synthetic", "--out", "t.npy", "--index", "{out}"),
+])
+def test_an_output_is_never_an_sqlite_database(tmp_path, cli, monkeypatch, command):
+    """`vqlog export --out optuna.db` (and table, encode, train --save) replaced the study's
+    own store with a model file, exit 0: every run and trial gone. Refused before any work."""
+    import sqlite3
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "optuna.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE studies (id INTEGER)")
+    conn.close()
+    before = db.read_bytes()
+    code, out, err = cli(*(a.format(out=db) for a in command))
+    assert code == 2 and out == "", err
+    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+    assert f"{db} is an SQLite database" in err
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db"]
+
+
+@pytest.mark.parametrize("command", [("export", "--study", "smoke", "--out", "-"),
+                                     ("encode", "--model", "m.pt", "--data", "ppg", "--out", "-")])
+def test_a_dash_is_no_file_name_where_the_output_is_binary(tmp_path, cli, monkeypatch, command):
+    """`vqlog table --out -` prints the table; export and encode wrote a file named "-"."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(*command)
+    assert code == 2 and "writes a file, not standard output" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -111,9 +111,15 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
 
     if not out.strip():
         raise UserError(f"{flag} needs a file name, e.g. {flag} {example}")
+    if out == "-":
+        raise UserError(f"{flag} - : this command writes a file, not standard output; give a "
+                        f"file name such as {flag} {example}")
     path = Path(out)
     if path.is_dir():
         raise UserError(f"{flag} {out} is a folder; give a file name such as {path / example}")
+    if is_sqlite_database(path):
+        raise UserError(f"{flag} {out} is an SQLite database (a study's Optuna or MLflow store?), "
+                        f"which the output would replace; give another file name such as {example}")
     parent = path.resolve().parent
     while make_folders and not parent.exists() and parent != parent.parent:
         parent = parent.parent  # write_text makes the folders below it
@@ -126,6 +132,19 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
         why = f" ({exc.strerror})" if exc.strerror and exc.errno != errno.ENOENT else ""
         raise UserError(f"cannot write {out}: {parent} is not writable{why}") from None
     return path
+
+
+def is_sqlite_database(path) -> bool:
+    """Whether `path` (a link followed) is an SQLite database file, by its 16-byte header."""
+    from pathlib import Path
+
+    try:
+        if not Path(path).is_file():  # a FIFO is not opened: reading it would wait for a writer
+            return False
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,9 +24,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     """Call `write(file)` on a temp file beside `path`, then rename it to `path`.
 
     The file keeps the mode of the one it replaces (0644 for a new one; mkstemp's 0600 would hide
-    a table from other users). `crash_point` names the failpoint between the write and the
+    a table from other users). A symbolic link is followed: the file it points to is replaced
+    and the link kept. A path that is not a regular file (/dev/null, a named pipe) is written
+    as it is, not replaced by a file (as root, `--out /dev/null` replaced the device). `crash_point` names the failpoint between the write and the
     rename, for the crash-safety test."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # a link stays a link: its target gets the new file
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: written through, not replaced
+        with open(path, "wb") as f:
+            write(f)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     remove_orphans(path)
