@@ -117,3 +117,31 @@ def test_the_sweeps_early_study_check_writes_nothing_to_a_storage_being_created(
     optuna.storages.RDBStorage(url).engine.dispose()  # writes the version rows back
     with pytest.raises(Exception, match="already exists with directions"):
         check_study(load_sweep("smoke"), url)
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_while_a_new_store_is_made_waits_for_the_whole_store(tmp_path, signal_name, code):
+    """Ctrl-C (or SIGTERM) during `vqlog init`'s first open of a new mlflow.db cut MLflow's
+    migrations in two: every command after failed on the half-made store ("duplicate column
+    name: step", "table ... already exists") until the file was deleted by hand. The signal
+    now comes as the store's migrations start (a failpoint); it is held until the store is
+    whole, then ends the command as it would have, and the rerun goes on."""
+    import os
+
+    from _sweep_helpers import SUBPROCESS_ENV
+
+    def init(**env) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "vqlog.cli", "init", "--config", "smoke"],
+            cwd=tmp_path, env={**os.environ, **SUBPROCESS_ENV, **env}, capture_output=True, text=True,
+            timeout=300)
+
+    stopped = init(VQLOG_FAILPOINT=f"store.open:1:{signal_name}")
+    # SIGTERM's default action ends the process (-15); Ctrl-C says "Interrupted.", exit 130
+    assert stopped.returncode in (code, -15 if code == 143 else code), stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert (tmp_path / "mlflow.db").is_file()
+    assert_store_is_whole(f"sqlite:///{tmp_path}/mlflow.db")
+    again = init()
+    assert again.returncode == 0, again.stderr
+    assert "Optuna study ready" in again.stdout

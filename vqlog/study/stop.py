@@ -5,6 +5,7 @@ stop_on_signals`) or a notebook's other thread sets, and which the worker's loop
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 
 
@@ -36,3 +37,24 @@ class StopRequest(threading.Event):
         if not self.shielded and self.deferred:
             self.deferred = False
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM held while a step that must not be cut in two runs (MLflow creating and
+    migrating a new store: cut by Ctrl-C, an SQLite store was left half migrated, and every
+    command after failed on it), then raised again, to the handlers there were before. Python
+    handlers are set in the main thread only: elsewhere the step runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    before = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+              for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(got):  # each signal once, in the order they came
+        signal.raise_signal(signum)

@@ -169,7 +169,11 @@ def open_client(uri: str, sleep: Callable[[float], None] = time.sleep) -> Retryi
     from mlflow.tracking import MlflowClient
 
     def store() -> MlflowClient:
-        with _store_lock(uri):
+        from vqlog.failpoints import failpoint
+        from vqlog.study.stop import signals_deferred
+
+        with _store_lock(uri), signals_deferred():  # a Ctrl-C waits for a whole store
+            failpoint("store.open")
             return MlflowClient(tracking_uri=uri)  # opens the store: creates and migrates a new one
 
     # Opening it rides out an outage as every later call does (a database store restarting, an
