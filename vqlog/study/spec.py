@@ -210,11 +210,16 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
 
 
 def check_study_name(name: str, where: str = "--study") -> str:
-    """A study name is 1 to 64 letters, digits, '.', '_' or '-': it names the MLflow experiment,
-    the registered model and the table's file, so it must be safe in all three."""
+    """A study name is 1 to 64 letters, digits, '.', '_' or '-', not '.' and not beginning with
+    '..': it names the MLflow experiment, the registered model, its artifact folder and the
+    table's file, so it must be safe in all of them."""
     if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
         raise ConfigError(f"{where}: {name!r} is not a study name; use 1 to 64 letters, digits, "
                           "'.', '_' or '-'")
+    if name == "." or name.startswith(".."):  # a path out of its folder: MLflow refuses it as
+        # a model's name, after the first trial ran (and its artifacts left mlartifacts/)
+        raise ConfigError(f"{where}: {name!r} is not a study name: it may not be '.' or begin "
+                          "with '..'")
     return name
 
 
