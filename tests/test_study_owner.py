@@ -222,10 +222,13 @@ def test_a_study_records_its_data_and_refuses_other_data(tmp_path):
             open_study(SPEC, storage, data=other)  # a worker that raced past the check
     assert open_study(SPEC, storage)[0].user_attrs[DATA] == first  # refused: nothing changed
 
-    # synthetic data has no digest (every seed makes its own): its source name is what counts
+    # synthetic data has no digest (every seed makes its own): its name and rate are what count
     other = f"sqlite:///{tmp_path}/synthetic.db"
     open_study(SPEC, other, data=DataCache("synthetic", None).identity())
-    check_study(SPEC, other, data=DataCache("synthetic", 50.0).identity())
+    check_study(SPEC, other, data=DataCache("synthetic", None).identity())
+    with pytest.raises(DataError, match=r"other data \(synthetic\) than this sweep's \(synthetic at "
+                                        r"50 Hz\)"):
+        check_study(SPEC, other, data=DataCache("synthetic", 50.0).identity())
     with pytest.raises(DataError, match=r"other data \(synthetic\) than this sweep's \(ppg, sha"):
         check_study(SPEC, other, data=DataCache("ppg", None).identity())
 

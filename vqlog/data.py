@@ -284,12 +284,14 @@ class DataCache:
 def check_same_data(recorded: dict | None, identity: dict | None, study: str) -> None:
     """One study compares its trials on one dataset. `recorded`: what the study holds (None
     before its first sweep, or from an older vqlog); `identity`: this sweep's
-    (`DataCache.identity`, or the source's name alone for synthetic data). Another digest, or
-    another source where one side has none, is a DataError."""
+    (`DataCache.identity`; synthetic data has no digest). Another digest, or where one side has
+    none another source or --sample-rate, is a DataError."""
     if not recorded or identity is None:
         return
-    same = (recorded.get("sha256") == identity.get("sha256") if recorded.get("sha256")
-            and identity.get("sha256") else recorded.get("source") == identity.get("source"))
+    if recorded.get("sha256") and identity.get("sha256"):
+        same = recorded["sha256"] == identity["sha256"]
+    else:  # synthetic pulses: the source and their rate
+        same = all(recorded.get(k) == identity.get(k) for k in ("source", "sample_rate"))
     if not same:
         raise DataError(f"study '{study}' ran its trials on other data ({_described(recorded)}) "
                         f"than this sweep's ({_described(identity)}): their scores would not "
