@@ -22,6 +22,7 @@ QUICK = {  # benchmark: its quickest arguments
     "bench_syncs": ["--shapes", "default", "--rounds", "1", "--steps", "5"],
     "bench_nearest": ["--rounds", "1"],
     "bench_checkpoint": ["--rounds", "1"],
+    "bench_core_share": ["--trials", "2", "--iterations", "10", "--stagger", "0"],
 }
 
 

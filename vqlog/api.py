@@ -153,18 +153,23 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
               gpus: list[int] | None = None, timeout: float | None = None,
               seed: int | None = None, stop=None, out: Callable[[str], None] = print,
               cache=None, data_checked: bool = False):
-    """One worker in this process (its torch threads kept to the cores it may use), or `workers`
+    """One worker in this process (its torch threads its share of the host's cores), or `workers`
     worker processes (vqlog.study.pool). `cache`: the data `load_data` loaded, for the one
     worker here; `data_checked`: `load_data` has checked it (the workers of --workers load
     their own, so the parent need not check it again)."""
     from vqlog.study import hosts, pool, worker
 
     if workers == 1:
-        hosts.keep_to_cores()
         if gpus:  # the one worker takes the first GPU named, as the first of several would
             device = f"cuda:{gpus[0]}"
-        return worker.run(spec, trials, storage, tracker=tracker, device=device,
-                          timeout=timeout, seed=seed, out=out, stop=stop, cache=cache)
+        share = hosts.core_share()  # the host's cores, with other vqlog processes on it
+        try:
+            return worker.run(spec, trials, storage, tracker=tracker, device=device,
+                              timeout=timeout, seed=seed, out=out, stop=stop, cache=cache,
+                              cores=share)
+        finally:
+            if share is not None:
+                share.close()
     from vqlog.train import resolve_device
 
     return pool.sweep(spec, trials, storage, tracker, workers, resolve_device(device).type,

@@ -59,7 +59,12 @@ def train_command(args: argparse.Namespace) -> int:
         + (f" at {data.sample_rate:g} Hz" if data.sample_rate else "")
     )
     bar = Progress(cfg.iteration, "train")
+    from vqlog.study.hosts import core_share
+
+    share = core_share()  # its share of the host's cores, beside sweeps and other runs
     try:
+        if share is not None:
+            share.apply()
         result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update)
     except DivergedError as exc:
         raise UserError(
@@ -67,6 +72,8 @@ def train_command(args: argparse.Namespace) -> int:
         ) from None
     finally:
         bar.close()
+        if share is not None:
+            share.close()
     s = result.summary()
     print(summary_text(cfg, s))
     if args.save:

@@ -105,9 +105,10 @@ class Objective:
     checkpoint of the trials it retries. `stop` (an Event, or None) asks for a clean stop."""
 
     def __init__(self, spec, cache: DataCache, tracker, device: str, seed: int | None,
-                 storage: optuna.storages.BaseStorage, stop=None):
+                 storage: optuna.storages.BaseStorage, stop=None, cores=None):
         self.spec, self.cache, self.tracker = spec, cache, tracker
         self.device, self.seed, self.storage, self.stop = device, seed, storage, stop
+        self.cores = cores  # a hosts.CoreShare, or None (the threads as they are)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{worker_device(device)}"
 
     def __call__(self, trial: optuna.Trial, retry_history: list[int] = (),
@@ -116,6 +117,8 @@ class Objective:
         FAIL) once the trial's run is closed. `retry_history`: the trials this one retries;
         `queued`: the trial is a row the spec queued."""
         run = None
+        if self.cores is not None:  # this trial's share of the host's cores
+            self.cores.apply()
         try:
             cfg = self._db(lambda: self.spec.suggest(trial, self.seed))
             data = self.cache.get(cfg)

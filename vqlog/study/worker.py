@@ -76,13 +76,15 @@ class Worker:
                  device: str = "cpu", timeout: float | None = None, seed: int | None = None,
                  out: Callable[[str], None] = print, stop: StopRequest | None = None,
                  bar: bool = True, cache: DataCache | None = None,
-                 note: Callable[[str], None] | None = None, began: datetime | None = None):
+                 note: Callable[[str], None] | None = None, began: datetime | None = None,
+                 cores=None):
         self.spec, self.target, self.storage_url, self.tracker = spec, trials, storage_url, tracker
         # when this sweep began (its first worker, with --workers): trials that started before
         # are another sweep's, perhaps a killed one's, which the waiting line is about
         self.began = began or datetime.now()
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
         self.note = note  # a line that is not a trial's (None: as a trial's line goes)
+        self.cores = cores  # a hosts.CoreShare: the torch threads set as each trial starts
         self.stop = stop if stop is not None else StopRequest()
         self.bar = bar  # a progress bar on a terminal (not in a worker of --workers)
         # `cache`: the data the caller has already checked (`api.load_data`), loaded once
@@ -139,7 +141,7 @@ class Worker:
         self.lock = StudyLock(self.storage_url, self.spec.name)
         self.table_lock = StudyLock(self.storage_url, self.spec.name, purpose="table")
         self.objective = Objective(self.spec, self.cache, self.tracker, self.device, self.seed,
-                                   self.storage, self.stop)
+                                   self.storage, self.stop, self.cores)
         with self.lock:
             # Killed workers' trials first, so start_study's reconcile closes their runs now.
             fail_stale_trials(self.study, self.storage)
