@@ -127,7 +127,8 @@ def test_init_again_is_harmless(stack, study, client, cli):
     code, out, err = cli("init", "--config", "smoke", "--study", stack.study, "--storage",
                          stack.storage, "--tracking-uri", stack.url)
     assert code == 0, err
-    assert f"({len(study.trials)} trials so far)" in out
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert f"({done} finished trial{'s' * (done != 1)} so far" in out
     assert len(_runs(client, stack, "study")) == 1
 
 
@@ -145,3 +146,14 @@ def test_init_refuses_a_study_with_other_directions(stack, cli):
                        "--tracking-uri", stack.url)
     assert code == 2
     assert err.startswith("Error: study ") and "use another --study name" in err
+
+
+def test_init_counts_a_specs_queued_rows_apart(tmp_path, cli):
+    """`vqlog init` on a new study of the seed spec said "(3 trials so far)", while `vqlog
+    trials` showed none: the three were the spec's queued rows."""
+    code, out, err = cli("init", "--config", "seed", "--storage", f"sqlite:///{tmp_path}/o.db",
+                         "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert code == 0, err
+    assert "(0 finished trials so far, 3 queued)" in out
+    code, out, err = cli("trials", "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert code == 0 and out == "" and err == "no trial runs yet in study 'seed'\n", (out, err)

@@ -40,8 +40,14 @@ def init_command(args: argparse.Namespace) -> int:
     study, _ = open_study(spec, storage)
     with StudyLock(storage, spec.name):  # as a worker does: one study run, whoever is first
         tracker.start_study(study, spec)
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    queued = states.count(TrialState.WAITING)  # the spec's rows, or retries
     print(f"study {spec.name}: Optuna study ready in {mask(storage)} "
-          f"({len(study.get_trials(deepcopy=False))} trials so far); MLflow experiment "
+          f"({done} finished trial{'s' * (done != 1)} so far"
+          f"{f', {queued} queued' if queued else ''}); MLflow experiment "
           f"{tracker.experiment_id}, study run {tracker.parent_id} at {mask(tracker.given_uri)}",
           flush=True)
     return 0

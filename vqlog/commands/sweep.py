@@ -76,7 +76,8 @@ def sweep_command(args: argparse.Namespace) -> int:
               + (f", {workers} workers" if workers > 1 else "")
               + (f" ({note})" if note else ""), flush=True)
         start = time.perf_counter()
-        with stop_on_signals(stop):
+        with stop_on_signals(stop, running="each worker's running trial" if workers > 1
+                             else "the running trial"):
             result = api.run_sweep(spec, args.trials, storage, tracker, workers, args.device,
                                    gpus, args.timeout, args.seed, stop, cache=data,
                                    data_checked=True)
@@ -119,11 +120,13 @@ EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as sh
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop, quiet: bool = False, restore: bool = True):
+def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
+                    running: str = "the running trial"):
     """SIGTERM (docker compose stop, Kubernetes, Slurm) and SIGINT (Ctrl-C) ask the worker to
     stop cleanly; a second Ctrl-C stops it at once. The handlers before are put back after,
     unless `restore` is False (a worker process of --workers, which sets its own for its exit).
-    `quiet`: no line about it (a worker of --workers, whose parent says it once)."""
+    `quiet`: no line about it (a worker of --workers, whose parent says it once); `running`:
+    what that line says is checkpointed."""
 
     def handle(signum, frame):
         name = signal.Signals(signum).name
@@ -133,7 +136,7 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True):
                 return
             raise KeyboardInterrupt
         if not stop.is_set() and not quiet:
-            print(f"{name}: stopping after a checkpoint of the running trial "
+            print(f"{name}: stopping after a checkpoint of {running} "
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         stop.request(stop.signal or name)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 
 from vqlog.cli import TRACKING_HELP, add_debug, default_if_empty, url_arg
@@ -31,8 +32,11 @@ def trials_command(args: argparse.Namespace) -> int:
     elif args.format == "json":
         records = [{k: _json(v) for k, v in row.items()} for row in df.to_dict("records")]
         print(json.dumps(records, indent=2))
-    else:
+    elif len(df):
         print(_text_table(df))
+    else:  # the study run is there, no trial has started yet
+        print(f"no trial runs yet in study '{args.study or _only_study(args.tracking_uri)}'",
+              file=sys.stderr)
     return 0
 
 
