@@ -304,3 +304,30 @@ def test_the_quantizer_librarys_k_means_warning_stays_out_of_the_output(tmp_path
                           env={**os.environ, **SUBPROCESS_ENV})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "k-means" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+
+
+def test_a_model_too_large_for_memory_is_one_error_line(tmp_path, cli, monkeypatch):
+    """A codebook of 10^9 codes of 512 values (1.9 TiB): torch's allocator error, a paragraph
+    naming its C++ file, ended the command with exit 1. One line now, with the sizes to lower."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("train", "--data", "synthetic", "--set", "embedding_num=1000000000",
+                         "--set", "embedding_dim=512", "--set", "iteration=1",
+                         "--save", "model.pt")
+    assert code == 2, err
+    assert err.startswith("Error: training ran out of memory (one allocation of ") \
+        and len(err.splitlines()) == 1, err
+    assert "GiB): lower one of batch 32, window 256, d_model 64, d_state 64, embedding_dim " \
+           "512, embedding_num 1000000000" in err
+    assert "alloc_cpu" not in err and not (tmp_path / "model.pt").exists()
+
+
+def test_out_of_memory_reasons():
+    from vqlog.errors import out_of_memory
+
+    assert out_of_memory(ValueError("x")) is None
+    assert out_of_memory(RuntimeError("shape mismatch")) is None
+    assert out_of_memory(MemoryError("Unable to allocate 3.5 GiB for an array with shape")) \
+        == "out of memory (one allocation of 3.5 GiB)"
+    cuda = type("OutOfMemoryError", (RuntimeError,), {})(
+        "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.1 GiB total capacity)")
+    assert out_of_memory(cuda) == "out of memory (one allocation of 20.00 MiB)"

@@ -81,3 +81,21 @@ def find_cause(exc: BaseException | None, kinds: type | tuple[type, ...]) -> Bas
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """A short reason for an allocation torch could not make (its CPU allocator, a GPU's), with
+    its size where the message gives it; None for any other exception. Torch's own message is a
+    paragraph naming its C++ source file."""
+    import re
+
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text):
+        return None
+    size = None
+    if m := re.search(r"allocate (\d+) bytes", text):  # torch's CPU allocator
+        size = f"{int(m.group(1)) / 2**30:.1f} GiB"
+    elif m := re.search(r"allocate ([0-9.]+ [KMGT]?i?B)", text):  # CUDA's, numpy's
+        size = m.group(1)
+    return "out of memory" + (f" (one allocation of {size})" if size else "")

@@ -11,6 +11,10 @@ from pathlib import Path
 from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file
 
 
+# The config keys that size a training step's tensors, as an out-of-memory error names them.
+MEMORY_KEYS = ("batch", "window", "d_model", "d_state", "embedding_dim", "embedding_num")
+
+
 def train_command_parser(sub) -> None:
     p = sub.add_parser("train", help="train one configuration and print a summary")
     p.add_argument("--config", help="YAML file of config keys (the log's names)")
@@ -27,7 +31,7 @@ def train_command(args: argparse.Namespace) -> int:
     from vqlog import checkpoint
     from vqlog.config import Config, load_config_file, parse_overrides
     from vqlog.data import prepare
-    from vqlog.errors import DivergedError, UserError
+    from vqlog.errors import DivergedError, UserError, out_of_memory
 
     if args.config is not None and not Path(args.config).is_file():
         from vqlog.study.spec import bundled_specs
@@ -66,6 +70,11 @@ def train_command(args: argparse.Namespace) -> int:
         if share is not None:
             share.apply()
         result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update)
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if (oom := out_of_memory(exc)) is None:
+            raise
+        sizes = ", ".join(f"{k} {getattr(cfg, k)}" for k in MEMORY_KEYS)
+        raise UserError(f"training ran {oom}: lower one of {sizes}") from None
     except DivergedError as exc:
         raise UserError(
             f"training {exc}; lower lr (now {cfg.lr:g}) or keep grad_clip > 0 (now {cfg.grad_clip:g})"

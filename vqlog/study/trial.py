@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from vqlog.config import Config, heartbeat_interval
 from vqlog.data import DataCache
 from vqlog.errors import (DivergedError, StorageOutageError, TrackingUnavailable, TrainingStopped,
-                          UserError, one_line)
+                          UserError, one_line, out_of_memory)
 from vqlog.failpoints import failpoint
 from vqlog.study.retries import report_history
 from vqlog.study.outage import retrying
@@ -235,6 +235,8 @@ def describe(exc: BaseException, stop=None) -> str:
         return str(exc)
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
+    if (oom := out_of_memory(exc)) is not None:
+        return f"{oom}: the trial's batch, window, d_model or codebook is too large here"
     # A library's message may quote a URL with its password (MLflow's requests errors do); the
     # reason goes to the FAIL line, Optuna's fail_reason and the run's vqlog.fail_reason tag.
     return mask_urls(one_line(f"{type(exc).__name__}: {exc}"))
