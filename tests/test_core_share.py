@@ -1,7 +1,7 @@
 """A host's cores shared by the vqlog processes that train on it, however they were started.
 
 Two `vqlog-sweep` processes started apart on one 2-core host each sized torch's pool by the whole
-host, and their trials ran 10 to 25 times slower than one sweep's alone. Each process now holds
+host, and each trial took 2.5 times as long as with the cores shared. Each process now holds
 a lock on a file of its own in a folder per user, and sets its torch threads to cores / live
 processes as each trial starts. Real processes, real locks, real sweeps; no mocks.
 """

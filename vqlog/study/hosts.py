@@ -98,7 +98,7 @@ class CoreShare:
     """This host's cores, shared by the vqlog processes that train on it, however they were
     started: `vqlog-sweep` in two terminals, a second sweep beside a `--workers` one, `vqlog
     train` beside a sweep. Each sizes torch's pool by the whole host otherwise: two one-worker
-    sweeps on 2 cores ran their trials 10 to 25 times slower than one alone (OpenMP threads
+    sweeps on 2 cores took 2.5 times as long a trial as with the cores shared (OpenMP threads
     spinning on cores the other process holds).
 
     Each live process holds an exclusive lock on a file of its own in a folder per user
