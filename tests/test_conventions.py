@@ -197,6 +197,9 @@ def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, 
     named = {item.split("=")[0] for item in same.removeprefix("same in every trial: ").split(", ")}
     logged = {c.removeprefix("params.") for c in records[0] if c.startswith("params.")}
     assert named == logged - varying and named, out
+    # BN as a spec, --set and the table write it (--set BN=False is refused)
+    items = same.removeprefix("same in every trial: ").split(", ")
+    assert "BN=yes" in items or "BN=no" in items, same
 
 
 def test_best_trials_and_export_take_the_only_study_without_study(swept, monkeypatch, cli,

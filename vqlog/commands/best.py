@@ -38,6 +38,8 @@ def best_command(args: argparse.Namespace) -> int:
     values = "  ".join(f"{name} {value:.4g}" for name, value in zip(names, best.values))
     print(f"best: {run_name(best.number)} (trial {best.number})  {values}")
     for key, value in best.params.items():
+        if isinstance(value, bool):  # BN: yes or no, as a spec and --set write it
+            value = "yes" if value else "no"
         print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
     if link:
         print(f"run:  {link}")

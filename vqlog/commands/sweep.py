@@ -212,4 +212,6 @@ def _password_note(url: str) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):  # as a spec and --set write it (BN: no), not Python's False
+        return "yes" if v else "no"
     return f"{v:.3g}" if isinstance(v, float) else str(v)

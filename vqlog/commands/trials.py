@@ -85,6 +85,10 @@ def _text_table(df) -> str:
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):  # BN: yes or no, as a spec, --set and the table say
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
