@@ -152,3 +152,21 @@ def _spec_config():
     from vqlog.study.spec import load_sweep
 
     return load_sweep("smoke").base_config()
+
+
+def test_a_complete_trial_whose_weights_were_deleted_says_so(swept, tmp_path, cli):
+    """The best trial's model.pt deleted from the artifact store (by hand, a cleanup job): the
+    error said only COMPLETE trials keep weights, of a trial that is COMPLETE."""
+    best = best_of(swept.trials)
+    run_id = best.user_attrs["mlflow.run_id"]
+    [weights] = swept.folder.glob(f"mlartifacts/*/{run_id}/artifacts/model/model.pt")
+    aside = weights.with_name("model.pt.aside")
+    weights.rename(aside)
+    try:
+        code, out, err = cli("export", *swept.common, "--out", str(tmp_path / "m.pt"))
+    finally:
+        aside.rename(weights)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"has no weights: its run {run_id} holds no model/model.pt" in err
+    assert "one deleted from the artifact store is gone" in err
+    assert not (tmp_path / "m.pt").exists()

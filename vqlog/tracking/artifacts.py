@@ -141,7 +141,9 @@ def weights_of_run(client, run_id: str, folder: str, what: str) -> Path:
     """The run's `model/model.pt`, downloaded into `folder`; UserError naming `what` if none."""
     path = _download(client, run_id, WEIGHTS, folder)
     if path is None:
-        raise UserError(f"{what} has no weights ({WEIGHTS}): only COMPLETE trials keep theirs")
+        raise UserError(f"{what} has no weights: its run {run_id} holds no {WEIGHTS} (only a "
+                        "COMPLETE trial's run keeps them; one deleted from the artifact store "
+                        "is gone)")
     return path
 
 
