@@ -114,6 +114,23 @@ def _signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+def _quiet_tracker() -> None:
+    """The resource tracker multiprocessing starts beside this process cleans up the queue's
+    semaphores of a parent killed with SIGKILL, and warns of them on its way out ("leaked
+    semaphore objects"): noise in the sweep's output, the cleanup being its job. It takes this
+    process's environment as it starts, so the warning is filtered there, and only there."""
+    rule = "ignore::UserWarning:multiprocessing.resource_tracker"
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [before, rule]))
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = before
+
+
 def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
              out: Callable[[str], None] = print,
              tick: Callable[[], None] = lambda: None
@@ -131,6 +148,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     a trial; its own trial is retried by the study once its heartbeat is stale. One that died
     before it ended any trial would most likely die again (no memory for its model, a broken
     device): the others go on without it."""
+    _quiet_tracker()
     ctx = multiprocessing.get_context("spawn")
     messages = ctx.Queue()
     places = placements(n, device, gpus)
