@@ -1,4 +1,4 @@
-"""Issue 13: sweeps started apart on one host share its cores (`vqlog.study.hosts.CoreShare`).
+"""Issue 13: sweeps started apart on one host share its cores (`vqlog.study.cores.CoreShare`).
 
     python benchmarks/bench_core_share.py                  # 2 sweeps, 6 trials of a seed shape
     python benchmarks/bench_core_share.py --sweeps 3 --trials 9 --iterations 100

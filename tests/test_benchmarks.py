@@ -22,7 +22,7 @@ QUICK = {  # benchmark: its quickest arguments
     "bench_syncs": ["--shapes", "default", "--rounds", "1", "--steps", "5"],
     "bench_nearest": ["--rounds", "1"],
     "bench_checkpoint": ["--rounds", "1"],
-    "bench_core_share": ["--trials", "2", "--iterations", "10", "--stagger", "0"],
+    "bench_core_share": ["--sweeps", "1", "--trials", "1", "--iterations", "10"],
 }
 
 

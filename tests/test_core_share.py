@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from _sweep_helpers import mlflow_runs, write_spec
-from vqlog.study.hosts import CoreShare, cores
+from vqlog.study.cores import CoreShare, core_share
+from vqlog.study.hosts import cores
 
 HOLD = ("import sys, time\n"
         "from pathlib import Path\n"
-        "from vqlog.study.hosts import CoreShare\n"
-        "share = CoreShare(Path(sys.argv[1]))\n"
+        "from vqlog.study.cores import CoreShare\n"
+        "share = CoreShare(limit=64, folder=Path(sys.argv[1]))\n"
         "print('ready', flush=True)\n"
         "sys.stdin.readline()\n"
         "share.close()\n")
@@ -37,7 +38,7 @@ def holder(folder: Path) -> subprocess.Popen:
 
 def test_processes_are_counted_while_they_live_and_a_killed_ones_file_goes(tmp_path):
     folder = tmp_path / "workers"
-    with CoreShare(folder) as mine:
+    with CoreShare(limit=64, folder=folder) as mine:
         assert mine.processes() == 1 and mine.threads() == cores()
         first, second = holder(folder), holder(folder)
         try:
@@ -57,12 +58,75 @@ def test_processes_are_counted_while_they_live_and_a_killed_ones_file_goes(tmp_p
     assert list(folder.iterdir()) == []
 
 
-def test_an_unusable_folder_counts_this_process_as_alone(tmp_path):
+def test_an_unusable_folder_counts_this_process_as_alone_within_its_limit(tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    share = CoreShare(blocked / "workers")
-    assert share.processes() == 1 and share.threads() == cores()
-    share.close()
+    with CoreShare(limit=64, folder=blocked / "workers") as share:
+        assert share.processes() == 1 and share.threads() == cores()
+    with CoreShare(limit=1, folder=blocked / "workers") as share:  # a --workers child's cores / N
+        assert share.threads() == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a folder another user's")
+def test_another_users_folder_is_not_used(tmp_path):
+    """On a shared host another user could make `vqlog-<uid>` first and put a link or a named
+    pipe there for a worker to open: their folder is left alone."""
+    theirs = tmp_path / "vqlog-someone"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)
+    with CoreShare(limit=64, folder=theirs / "workers") as share:
+        assert share.processes() == 1 and list(theirs.iterdir()) == []
+
+
+def test_a_folder_open_to_others_is_closed_and_odd_entries_are_skipped(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine.chmod(0o777)
+    os.mkfifo(mine / "123-deadbeef")  # not a lock file: not waited on
+    (mine / "456-cafe").symlink_to(tmp_path / "elsewhere")
+    with CoreShare(limit=64, folder=mine) as share:
+        assert os.stat(mine).st_mode & 0o777 == 0o700
+        assert share.processes() == 1
+
+
+def test_only_processes_on_the_same_cpus_are_counted(tmp_path):
+    """Two jobs pinned to different cores (taskset, a Slurm cpuset) do not compete."""
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs and sched_setaffinity")
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    folder = tmp_path / "workers"
+    pinned = subprocess.Popen(["taskset", "-c", str(second), sys.executable, "-c", HOLD,
+                               str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert pinned.stdout.readline().strip() == "ready"
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {first})
+        try:
+            with CoreShare(limit=64, folder=folder) as alone:
+                assert alone.processes() == 1
+        finally:
+            os.sched_setaffinity(0, before)
+        with CoreShare(limit=64, folder=folder) as overlapping:
+            assert overlapping.processes() == 2
+    finally:
+        pinned.stdin.close()
+        pinned.wait(30)
+
+
+def test_close_puts_torch_threads_back(tmp_path):
+    """A notebook's vqlog.sweep() leaves torch's threads as it found them."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        share = CoreShare(limit=1, folder=tmp_path / "workers")
+        torch.set_num_threads(2)  # as a trial might have left them
+        share.close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow
@@ -99,14 +163,16 @@ def test_a_sweep_started_beside_another_process_takes_its_share_of_the_cores(tmp
     assert list((temp / f"vqlog-{os.getuid()}" / "workers").iterdir()) == []
 
 
-def test_omp_num_threads_set_by_the_user_is_kept(monkeypatch):
-    from vqlog.study.hosts import core_share
+def test_omp_num_threads_set_by_the_user_is_kept_and_counted(tmp_path, monkeypatch):
+    import torch
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert core_share() is None
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    share = core_share()
-    assert isinstance(share, CoreShare)
-    share.close()
-
-
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    folder = tmp_path / "workers"
+    with core_share() as users:
+        assert users.fixed and users.apply() == torch.get_num_threads()
+    theirs = CoreShare(limit=64, fixed=True, folder=folder)  # as core_share() makes it
+    try:
+        with CoreShare(limit=64, folder=folder) as mine:
+            assert mine.processes() == 2  # the fixed one is counted all the same
+    finally:
+        theirs.close()

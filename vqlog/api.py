@@ -157,19 +157,17 @@ def run_sweep(spec, trials: int, storage: str, tracker, workers: int = 1, device
     worker processes (vqlog.study.pool). `cache`: the data `load_data` loaded, for the one
     worker here; `data_checked`: `load_data` has checked it (the workers of --workers load
     their own, so the parent need not check it again)."""
-    from vqlog.study import hosts, pool, worker
+    from vqlog.study import pool, worker
 
     if workers == 1:
         if gpus:  # the one worker takes the first GPU named, as the first of several would
             device = f"cuda:{gpus[0]}"
-        share = hosts.core_share()  # the host's cores, with other vqlog processes on it
-        try:
+        from vqlog.study.cores import core_share
+
+        with core_share() as share:  # the host's cores, with other vqlog processes on it
             return worker.run(spec, trials, storage, tracker=tracker, device=device,
                               timeout=timeout, seed=seed, out=out, stop=stop, cache=cache,
                               cores=share)
-        finally:
-            if share is not None:
-                share.close()
     from vqlog.train import resolve_device
 
     return pool.sweep(spec, trials, storage, tracker, workers, resolve_device(device).type,

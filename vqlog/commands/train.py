@@ -63,12 +63,11 @@ def train_command(args: argparse.Namespace) -> int:
         + (f" at {data.sample_rate:g} Hz" if data.sample_rate else "")
     )
     bar = Progress(cfg.iteration, "train")
-    from vqlog.study.hosts import core_share
+    from vqlog.study.cores import core_share
 
     share = core_share()  # its share of the host's cores, beside sweeps and other runs
     try:
-        if share is not None:
-            share.apply()
+        share.apply()
         result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if (oom := out_of_memory(exc)) is None:
@@ -81,8 +80,7 @@ def train_command(args: argparse.Namespace) -> int:
         ) from None
     finally:
         bar.close()
-        if share is not None:
-            share.close()
+        share.close()
     s = result.summary()
     print(summary_text(cfg, s))
     if args.save:

@@ -5,7 +5,6 @@ that a typo would wait for."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 # More worker processes than this on one host is taken for a typo: each is a Python interpreter
@@ -92,100 +91,6 @@ def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> i
         raise UserError(f"--workers {n} is more than the {MAX_WORKERS} worker processes one host "
                         "can take; use auto for one per core")
     return n
-
-
-class CoreShare:
-    """This host's cores, shared by the vqlog processes that train on it, however they were
-    started: `vqlog-sweep` in two terminals, a second sweep beside a `--workers` one, `vqlog
-    train` beside a sweep. Each sizes torch's pool by the whole host otherwise: two one-worker
-    sweeps on 2 cores took 2.5 times as long a trial as with the cores shared (OpenMP threads
-    spinning on cores the other process holds).
-
-    Each live process holds an exclusive lock on a file of its own in a folder per user
-    (`folder`, by default `vqlog-<uid>/workers` in the temp folder), and `apply()` sets its
-    torch threads to cores() / live processes, at least 1; a worker calls it as each trial
-    starts, so the threads follow processes that start and end. A file whose lock is free is a
-    dead process's (the kernel drops a killed process's locks) and is removed. Where the folder
-    cannot be used, this process counts as alone. Processes in other containers do not share a
-    temp folder, and are sized by their own CPU quota (`cores`)."""
-
-    def __init__(self, folder: Path | None = None):
-        import tempfile
-        import uuid
-
-        self.folder = folder or Path(tempfile.gettempdir()) / f"vqlog-{os.getuid()}" / "workers"
-        self.path = self.folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.fd: int | None = None
-        try:
-            import fcntl
-
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            new = self.folder / f".{self.path.name}"  # locked before others can see it
-            fd = os.open(new, os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(new, self.path)
-            self.fd = fd
-        except (OSError, ImportError):  # a read-only temp folder, another user's, no flock
-            self.fd = None
-
-    def processes(self) -> int:
-        """The live processes sharing the host's cores, this one included."""
-        if self.fd is None:
-            return 1
-        import fcntl
-
-        live = 1
-        try:
-            entries = [e for e in self.folder.iterdir()
-                       if e != self.path and not e.name.startswith(".")]
-        except OSError:
-            return 1
-        for entry in entries:
-            try:
-                fd = os.open(entry, os.O_RDWR)
-            except OSError:  # removed meanwhile
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                live += 1  # held: a live process
-            except OSError:
-                pass
-            else:  # free: its process is gone
-                entry.unlink(missing_ok=True)
-            finally:
-                os.close(fd)
-        return live
-
-    def threads(self) -> int:
-        return max(1, cores() // self.processes())
-
-    def apply(self) -> int:
-        """Set torch's intra-op threads to this process's share; returns it."""
-        import torch
-
-        n = self.threads()
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-        return n
-
-    def close(self) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self.fd)  # the lock goes with it
-            self.fd = None
-
-    def __enter__(self) -> "CoreShare":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def core_share() -> CoreShare | None:
-    """A CoreShare for this process, or None where the user set OMP_NUM_THREADS: their number
-    of threads is kept."""
-    return None if "OMP_NUM_THREADS" in os.environ else CoreShare()
 
 
 def _cuda_count() -> int:

@@ -44,7 +44,8 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
         torch.cuda.set_device(torch.device(device))
     from vqlog.cli import configure_process
     from vqlog.commands.sweep import stop_on_signals
-    from vqlog.study import hosts, worker
+    from vqlog.study import worker
+    from vqlog.study.cores import CoreShare
     from vqlog.tracking.runs import Tracker
 
     configure_process()
@@ -55,7 +56,7 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one: now
             _watch_parent(parent, stop, messages)
             tracker = Tracker(job["tracking_uri"], lang=job["lang"])
-            with hosts.CoreShare() as share:  # cores / N, fewer beside other vqlog processes
+            with CoreShare(limit=threads) as share:  # cores / N, fewer beside other processes
                 summary = worker.run(job["spec"], job["trials"], job["storage"], tracker=tracker,
                                      device=device, timeout=job["timeout"], seed=job["seed"],
                                      out=lambda line: messages.put(("line", index, line)),

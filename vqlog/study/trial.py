@@ -108,7 +108,7 @@ class Objective:
                  storage: optuna.storages.BaseStorage, stop=None, cores=None):
         self.spec, self.cache, self.tracker = spec, cache, tracker
         self.device, self.seed, self.storage, self.stop = device, seed, storage, stop
-        self.cores = cores  # a hosts.CoreShare, or None (the threads as they are)
+        self.cores = cores  # a cores.CoreShare, or None (the threads as they are)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{worker_device(device)}"
 
     def __call__(self, trial: optuna.Trial, retry_history: list[int] = (),
@@ -117,9 +117,9 @@ class Objective:
         FAIL) once the trial's run is closed. `retry_history`: the trials this one retries;
         `queued`: the trial is a row the spec queued."""
         run = None
-        if self.cores is not None:  # this trial's share of the host's cores
-            self.cores.apply()
         try:
+            if self.cores is not None:  # this trial's share of the host's cores
+                self.cores.apply()
             cfg = self._db(lambda: self.spec.suggest(trial, self.seed))
             data = self.cache.get(cfg)
             state = None

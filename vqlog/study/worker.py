@@ -84,7 +84,7 @@ class Worker:
         self.began = began or datetime.now()
         self.device, self.timeout, self.seed, self.out = device, timeout, seed, out
         self.note = note  # a line that is not a trial's (None: as a trial's line goes)
-        self.cores = cores  # a hosts.CoreShare: the torch threads set as each trial starts
+        self.cores = cores  # a cores.CoreShare: the torch threads set as each trial starts
         self.stop = stop if stop is not None else StopRequest()
         self.bar = bar  # a progress bar on a terminal (not in a worker of --workers)
         # `cache`: the data the caller has already checked (`api.load_data`), loaded once
