@@ -145,3 +145,35 @@ def test_a_stop_while_a_new_store_is_made_waits_for_the_whole_store(tmp_path, si
     again = init()
     assert again.returncode == 0, again.stderr
     assert "Optuna study ready" in again.stdout
+
+
+def test_held_signals_come_after_the_step_also_when_it_fails_and_a_second_ctrl_c_at_once():
+    """`signals_deferred`, which holds Ctrl-C while MLflow makes a new store: the held one is
+    raised when the step ends, also when the step fails (it was lost); a second Ctrl-C is raised
+    at once ("Ctrl-C again to stop at once"); the handlers before are back after."""
+    import signal
+
+    from vqlog.study.stop import signals_deferred
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        steps = []
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                steps.append("the step went on")
+        assert steps == ["the step went on"]
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                steps.append("not reached")
+        assert steps == ["the step went on"]
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                raise ConnectionError("the database went away")
+        assert isinstance(raised.value.__context__, ConnectionError)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

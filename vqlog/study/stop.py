@@ -43,18 +43,35 @@ class StopRequest(threading.Event):
 def signals_deferred():
     """SIGINT and SIGTERM held while a step that must not be cut in two runs (MLflow creating and
     migrating a new store: cut by Ctrl-C, an SQLite store was left half migrated, and every
-    command after failed on it), then raised again, to the handlers there were before. Python
-    handlers are set in the main thread only: elsewhere the step runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
+    command after failed on it), then raised again, to the handlers there were before, also when
+    the step fails. A second Ctrl-C meanwhile is raised at once, as "Ctrl-C again" promises.
+    Python handlers are set in the main thread only, and only over handlers set from Python:
+    elsewhere the step runs as it is."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or \
+            any(signal.getsignal(sig) is None for sig in sigs):
         yield
         return
     got: list[int] = []
-    before = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
-              for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+
+    def restore() -> None:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    def hold(signum, frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in got:  # Ctrl-C again: now
+            restore()
+            got.clear()
+            signal.raise_signal(signum)
+            return
+        got.append(signum)
+
+    for sig in sigs:
+        signal.signal(sig, hold)
     try:
         yield
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-    for signum in dict.fromkeys(got):  # each signal once, in the order they came
-        signal.raise_signal(signum)
+        restore()
+        for signum in dict.fromkeys(got):  # each once, in the order they came
+            signal.raise_signal(signum)

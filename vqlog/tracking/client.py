@@ -172,14 +172,24 @@ def open_client(uri: str, sleep: Callable[[float], None] = time.sleep) -> Retryi
         from vqlog.failpoints import failpoint
         from vqlog.study.stop import signals_deferred
 
-        with _store_lock(uri), signals_deferred():  # a Ctrl-C waits for a whole store
-            failpoint("store.open")
+        new = _may_be_new(uri)
+        with _store_lock(uri), signals_deferred() if new else contextlib.nullcontext():
+            failpoint("store.open")  # a Ctrl-C there waits for a whole new store
             return MlflowClient(tracking_uri=uri)  # opens the store: creates and migrates a new one
 
     # Opening it rides out an outage as every later call does (a database store restarting, an
     # SQLite file another process holds locked): retried, then TrackingUnavailable past the limit.
     client = RetryingClient(SimpleNamespace(open=store), mask(uri), sleep=sleep).call("open")
     return RetryingClient(client, mask(uri), sleep=sleep)
+
+
+def _may_be_new(uri: str) -> bool:
+    """Whether opening the store may create it: a database store, other than an SQLite file that
+    holds something already (a server made its own when it started)."""
+    if uri.lower().startswith(("http://", "https://")):
+        return False
+    path = sqlite_path(uri)
+    return path is None or not path.is_file() or path.stat().st_size == 0
 
 
 def _store_lock(uri: str):
