@@ -75,12 +75,34 @@ def test_a_named_pipe_is_written_through(tmp_path):
     fifo = tmp_path / "tokens.fifo"
     os.mkfifo(fifo)
     got = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
     reader.start()
     write_text(fifo, "through the pipe")
     reader.join(10)
     assert got == [b"through the pipe"]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a pipe, not a file of that name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a link another user's")
+def test_another_users_link_is_not_followed(tmp_path):
+    """A link planted in a shared folder by another user, pointing at this user's file: the
+    write must not go through it (in a sticky /tmp the rename over it fails instead)."""
+    mine = tmp_path / "bashrc"
+    mine.write_text("mine")
+    planted = tmp_path / "t.npy"
+    planted.symlink_to(mine)
+    os.lchown(planted, 65534, 65534)
+    write_text(planted, "tokens")
+    assert mine.read_text() == "mine" and not planted.is_symlink()
+    assert planted.read_text() == "tokens"
+
+
+def test_a_link_to_a_missing_folder_is_replaced_not_followed(tmp_path):
+    link = tmp_path / "out.md"
+    link.symlink_to(tmp_path / "no" / "such" / "folder" / "out.md")
+    write_text(link, "table")
+    assert not link.is_symlink() and link.read_text() == "table"
+    assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root (as the Docker image runs)")

@@ -117,6 +117,9 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     path = Path(out)
     if path.is_dir():
         raise UserError(f"{flag} {out} is a folder; give a file name such as {path / example}")
+    if path.is_block_device() or path.is_socket():
+        raise UserError(f"{flag} {out} is a device or socket, not a file; give a file name such "
+                        f"as {example}")
     if is_sqlite_database(path):
         raise UserError(f"{flag} {out} is an SQLite database (a study's Optuna or MLflow store?), "
                         f"which the output would replace; give another file name such as {example}")

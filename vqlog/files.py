@@ -24,13 +24,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     """Call `write(file)` on a temp file beside `path`, then rename it to `path`.
 
     The file keeps the mode of the one it replaces (0644 for a new one; mkstemp's 0600 would hide
-    a table from other users). A symbolic link is followed: the file it points to is replaced
-    and the link kept. A path that is not a regular file (/dev/null, a named pipe) is written
-    as it is, not replaced by a file (as root, `--out /dev/null` replaced the device). `crash_point` names the failpoint between the write and the
+    a table from other users). A symbolic link of this user's is followed: the file it points
+    to is replaced and the link kept. A character device (/dev/null) or a named pipe of this
+    user's is written as it is, not replaced by a file (as root, `--out /dev/null` replaced the
+    device). `crash_point` names the failpoint between the write and the
     rename, for the crash-safety test."""
-    path = Path(os.path.realpath(path))  # a link stays a link: its target gets the new file
-    if path.exists() and not path.is_file():  # /dev/null, a FIFO: written through, not replaced
-        with open(path, "wb") as f:
+    path = _target(Path(path))
+    if path.is_char_device() or (path.is_fifo() and path.stat().st_uid == os.getuid()):
+        with open(path, "wb") as f:  # /dev/null, a pipe of this user's: written, not replaced
             write(f)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _target(path: Path) -> Path:
+    """The file a write to `path` replaces: where a link of this user's points (the link kept),
+    else `path` itself. Another user's link (one planted in a shared /tmp) is not followed, nor
+    a link to a folder that does not exist."""
+    if not path.is_symlink() or os.lstat(path).st_uid != os.getuid():
+        return path
+    target = Path(os.path.realpath(path))
+    return target if target.parent.is_dir() else path
 
 
 def write_text(path: str | os.PathLike, text: str, crash_point: str | None = None) -> None:
