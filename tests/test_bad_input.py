@@ -146,10 +146,13 @@ def study_on(source: str, sha256: str | None) -> Writer:
     def write(path: Path) -> None:
         import optuna
 
+        from vqlog.data import DIGEST_VERSION
         from vqlog.study.storage import DATA
 
-        optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}").set_user_attr(
-            DATA, {"source": source, "channel": None, "sample_rate": None, "sha256": sha256})
+        study = optuna.create_study(study_name="smoke", storage=f"sqlite:///{path}")
+        study.set_user_attr(DATA, {"source": source, "channel": None, "sample_rate": None,
+                                   "sha256": sha256, "version": DIGEST_VERSION})
+        study.tell(study.ask(), 0.5)  # a trial scored on that data
     return write
 
 
@@ -396,7 +399,8 @@ CASES: dict[str, Case] = {
     # a rerun with another --data went on in the study: trials on two datasets in one table
     "storage-study-other-data": Case(
         (), "study 'smoke' ran its trials on other data (ppg, sha256 0123456789ab) than this "
-            "sweep's (synthetic)", {"optuna.db": study_on("ppg", "0123456789ab" * 5 + "0123")}),
+            "sweep's (synthetic at 100 Hz)",
+        {"optuna.db": study_on("ppg", "0123456789ab" * 5 + "0123")}),
     "storage-study-other-data-file": Case(
         ("--data", "x.npy", *DATA), "ran its trials on other data (x.npy, sha256 "
                                     "ffffffffffff) than this sweep's (x.npy at 25 Hz, sha256",

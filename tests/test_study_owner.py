@@ -206,14 +206,20 @@ def test_a_study_records_its_data_and_refuses_other_data(tmp_path):
 
     first = identity(tmp_path / "a.npy")
     assert first["source"] == str(tmp_path / "a.npy") and len(first["sha256"]) == 64
+    # a sweep started on the wrong file and stopped before a trial finished: the right one
+    # is recorded in its place
+    study, _ = open_study(SPEC, storage, data=identity(tmp_path / "b.npy"))
+    study.ask()  # a trial that ran and was stopped: not a score
+    check_study(SPEC, storage, data=first)
     study, _ = open_study(SPEC, storage, data=first)
     assert study.user_attrs[DATA] == first
+    study.tell(study.ask(), 0.5)  # a trial scored on a.npy
     for same in (identity(tmp_path / "a.npy"), identity(mounted / "a.npy")):
         check_study(SPEC, storage, data=same)
         assert open_study(SPEC, storage, data=same)[0].user_attrs[DATA] == first  # kept
     for other, shown in ((identity(tmp_path / "b.npy"), r".*b\.npy at 25 Hz, sha256 [0-9a-f]{12}\)"),
                          (identity(tmp_path / "a.npy", 50.0), r".*a\.npy at 50 Hz"),
-                         (DataCache("synthetic", None).identity(), r"synthetic\)")):
+                         (DataCache("synthetic", None).identity(), r"synthetic at 100 Hz\)")):
         with pytest.raises(DataError, match=r"study 'owned' ran its trials on other data \(.*"
                                             rf"a\.npy at 25 Hz, sha256 {first['sha256'][:12]}\) "
                                             rf"than this sweep's \({shown}"):
@@ -224,13 +230,19 @@ def test_a_study_records_its_data_and_refuses_other_data(tmp_path):
 
     # synthetic data has no digest (every seed makes its own): its name and rate are what count
     other = f"sqlite:///{tmp_path}/synthetic.db"
-    open_study(SPEC, other, data=DataCache("synthetic", None).identity())
-    check_study(SPEC, other, data=DataCache("synthetic", None).identity())
-    with pytest.raises(DataError, match=r"other data \(synthetic\) than this sweep's \(synthetic at "
+    synthetic, _ = open_study(SPEC, other, data=DataCache("synthetic", None).identity())
+    synthetic.tell(synthetic.ask(), 0.5)
+    check_study(SPEC, other, data=DataCache("synthetic", 100.0).identity())  # its default rate
+    with pytest.raises(DataError, match=r"other data \(synthetic at 100 Hz\) than this sweep's \(synthetic at "
                                         r"50 Hz\)"):
         check_study(SPEC, other, data=DataCache("synthetic", 50.0).identity())
-    with pytest.raises(DataError, match=r"other data \(synthetic\) than this sweep's \(ppg, sha"):
+    with pytest.raises(DataError, match=r"other data \(synthetic at 100 Hz\) than this sweep's \(ppg, sha"):
         check_study(SPEC, other, data=DataCache("ppg", None).identity())
+
+    # a digest of another version (a reader vqlog changed since) is recorded anew, not refused
+    study.set_user_attr(DATA, {**first, "sha256": "0" * 64, "version": 0})
+    check_study(SPEC, storage, data=first)
+    assert open_study(SPEC, storage, data=first)[0].user_attrs[DATA] == first
 
     # a study an older vqlog made records the data of its next sweep, whatever it is
     older = f"sqlite:///{tmp_path}/older.db"

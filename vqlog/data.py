@@ -13,17 +13,22 @@ import hashlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable
 
 import numpy as np
 
 from vqlog.config import STANDARDIZE, Config
 from vqlog.errors import ConfigError, DataError, RateError
-from vqlog.sources import Recording, check_signal, column_names, describe_source, load_source
+from vqlog.sources import (SYNTHETIC_HZ, Recording, check_signal, column_names, describe_source,
+                           load_source)
 
 SPLITS = ("train", "valid", "test")
 # Window z-scoring divides by max(std, STD_FLOOR * std of the whole recording): a flat window
 # (sensor saturated, probe off) stays near zero instead of dividing by ~0 and blowing noise up.
 STD_FLOOR = 1e-3
+# The version of `digest` and the readers under it: a study that recorded another version's
+# digest records this one's, as a change in how a file is read would otherwise refuse it.
+DIGEST_VERSION = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -268,34 +273,43 @@ class DataCache:
             self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel, recordings)
         return self._cache[key]
 
-    def identity(self) -> dict | None:
+    def identity(self) -> dict:
         """What a study records of its data (`vqlog.study.storage.DATA`): the source as given
         and the digest of its recordings; no digest for the synthetic source, which every seed
-        makes anew."""
+        makes anew (its rate instead)."""
         if self.source == "synthetic":
-            return {"source": self.source, "channel": None, "sample_rate": self.sample_rate,
-                    "sha256": None}
+            return {"source": self.source, "channel": None, "version": DIGEST_VERSION,
+                    "sample_rate": self.sample_rate or SYNTHETIC_HZ, "sha256": None}
         if self._digest is None:
             self._digest = digest(load_source(self.source, self.sample_rate, 0, self.channel))
-        return {"source": self.source, "channel": self.channel, "sample_rate": self.sample_rate,
-                "sha256": self._digest}
+        return {"source": self.source, "channel": self.channel, "version": DIGEST_VERSION,
+                "sample_rate": self.sample_rate, "sha256": self._digest}
 
 
-def check_same_data(recorded: dict | None, identity: dict | None, study: str) -> None:
+def check_same_data(recorded: dict | None, identity: dict | None, study: str,
+                    finished: Callable[[], bool]) -> bool:
     """One study compares its trials on one dataset. `recorded`: what the study holds (None
     before its first sweep, or from an older vqlog); `identity`: this sweep's
-    (`DataCache.identity`; synthetic data has no digest). Another digest, or where one side has
-    none another source or --sample-rate, is a DataError."""
-    if not recorded or identity is None:
-        return
+    (`DataCache.identity`); `finished`: whether the study has a finished trial. Other data (another
+    digest; where there is none, another source or rate) is a DataError once a trial has
+    finished on the recorded data. Returns whether the study is to record `identity`: none
+    recorded, one of another digest version (a reader vqlog changed), or other data that no
+    finished trial used (a sweep started on the wrong file and stopped at once)."""
+    if identity is None:
+        return False
+    if not recorded or recorded.get("version") != identity.get("version"):
+        return True
     if recorded.get("sha256") and identity.get("sha256"):
         same = recorded["sha256"] == identity["sha256"]
     else:  # synthetic pulses: the source and their rate
         same = all(recorded.get(k) == identity.get(k) for k in ("source", "sample_rate"))
-    if not same:
-        raise DataError(f"study '{study}' ran its trials on other data ({_described(recorded)}) "
-                        f"than this sweep's ({_described(identity)}): their scores would not "
-                        "compare; give the study's data, or another --study name to start anew")
+    if same:
+        return False
+    if not finished():
+        return True
+    raise DataError(f"study '{study}' ran its trials on other data ({_described(recorded)}) "
+                    f"than this sweep's ({_described(identity)}): their scores would not "
+                    "compare; give the study's data, or another --study name to start anew")
 
 
 def _described(identity: dict) -> str:

@@ -13,7 +13,8 @@ from vqlog.data import check_same_data
 from vqlog.errors import UserError
 from vqlog.study.outage import is_connection_error, root_cause
 from vqlog.study.space import check_space
-from vqlog.study.storage import DATA, check_directions, engine_kwargs, parse_url, read_only_storage
+from vqlog.study.storage import (DATA, check_directions, engine_kwargs, has_finished, parse_url,
+                                 read_only_storage)
 from vqlog.tracking.lineage import RUN_ID
 from vqlog.urls import mask, with_psycopg2
 
@@ -156,7 +157,7 @@ def _checked(spec, url: str, data: dict | None = None):
         study = optuna.load_study(study_name=spec.name, storage=storage)
         check_directions(study, spec)
         check_space(storage, spec)
-        check_same_data(study.user_attrs.get(DATA), data, spec.name)
+        check_same_data(study.user_attrs.get(DATA), data, spec.name, lambda: has_finished(study))
         return study.user_attrs.get(STUDY_UID), _newest_runs(storage, spec.name)
     except UserError:
         raise

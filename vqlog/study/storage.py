@@ -240,8 +240,7 @@ def open_study(spec, url: str, seed: int | None = None, data: dict | None = None
             retrying(storage, lambda: study.set_user_attr(STUDY_UID, uuid.uuid4().hex))
         if data is not None:
             recorded = retrying(storage, lambda: study.user_attrs.get(DATA))
-            check_same_data(recorded, data, spec.name)
-            if recorded is None:
+            if check_same_data(recorded, data, spec.name, lambda: has_finished(study)):
                 retrying(storage, lambda: study.set_user_attr(DATA, data))
         names = METRIC_NAMES[spec.objective]
         if retrying(storage, lambda: study.metric_names) != names:
@@ -253,6 +252,10 @@ def open_study(spec, url: str, seed: int | None = None, data: dict | None = None
                 retrying(storage, lambda row=row: study.enqueue_trial(row, skip_if_exists=True))
             retrying(storage, lambda: study.set_user_attr(ENQUEUED, True))
     return study, storage
+
+
+def has_finished(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
