@@ -26,7 +26,8 @@ def trials_command_parser(sub) -> None:
 def trials_command(args: argparse.Namespace) -> int:
     from vqlog.api import results
 
-    df = results(args.study or _only_study(args.tracking_uri), tracking_uri=args.tracking_uri)
+    study = args.study or _only_study(args.tracking_uri)
+    df = results(study, tracking_uri=args.tracking_uri)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
     elif args.format == "json":
@@ -35,8 +36,7 @@ def trials_command(args: argparse.Namespace) -> int:
     elif len(df):
         print(_text_table(df))
     else:  # the study run is there, no trial has started yet
-        print(f"no trial runs yet in study '{args.study or _only_study(args.tracking_uri)}'",
-              file=sys.stderr)
+        print(f"no trial runs yet in study '{study}'", file=sys.stderr)
     return 0
 
 
