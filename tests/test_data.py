@@ -354,6 +354,31 @@ def test_a_table_of_channels_read_as_rows_says_to_take_one_with_channel(tmp_path
     assert len(recs) == 1 and recs[0].signal.size == 500
 
 
+def test_a_table_of_channels_whose_row_fails_a_check_says_to_take_one_with_channel(tmp_path):
+    """time,ppg rows start at (0, 0): the first row, read as a signal of two samples, is constant.
+    That check came before the window's and gave no hint at --channel; it does now, and a NaN
+    row likewise."""
+    path = tmp_path / "time_ppg.csv"
+    path.write_text("time,ppg\n" + "".join(f"{i / 100},{np.sin(i / 7):.4f}\n" for i in range(500)))
+    with pytest.raises(DataError, match=r"time_ppg\.csv\[0\] is constant \(std 0\), nothing to "
+                                        r"learn; the file is read as one signal per row \(500 "
+                                        r"rows\): if its columns are channels, take one with "
+                                        r"--channel NAME\|INDEX \(its columns: time, ppg\); "
+                                        r"otherwise check the file or column$"):
+        load_source(str(path), sample_rate=100)
+    gap = tmp_path / "gap.csv"
+    gap.write_text("time,ppg,ecg\n0.01,1.5,2\n0.02,,3\n0.03,2.5,1\n")
+    with pytest.raises(DataError, match=r"gap\.csv\[1\]: 1 of 3 samples are NaN .*; the file is "
+                                        r"read as one signal per row \(3 rows\): .*\(its columns: "
+                                        r"time, ppg, ecg\); otherwise fill or drop them first$"):
+        load_source(str(gap), sample_rate=100)
+    one = tmp_path / "one.csv"  # a single signal: no hint
+    one.write_text("ppg\n" + "1\n" * 50)
+    with pytest.raises(DataError, match=r"one\.csv is constant \(std 0\), nothing to learn; check "
+                                        r"the file or column$"):
+        load_source(str(one), sample_rate=100)
+
+
 def test_the_hint_names_a_parquet_tables_columns_and_none_of_a_headerless_csv(tmp_path):
     import pandas as pd
 

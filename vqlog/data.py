@@ -19,8 +19,8 @@ import numpy as np
 
 from vqlog.config import STANDARDIZE, Config
 from vqlog.errors import ConfigError, DataError, RateError
-from vqlog.sources import (SYNTHETIC_HZ, Recording, check_signal, column_names, describe_source,
-                           load_source)
+from vqlog.sources import SYNTHETIC_HZ, Recording, check_signal, describe_source, load_source
+from vqlog.tables import rows_hint
 
 SPLITS = ("train", "valid", "test")
 # Window z-scoring divides by max(std, STD_FLOOR * std of the whole recording): a flat window
@@ -168,29 +168,11 @@ def _too_short(split: str, per_rec: list[dict], window: int) -> str:
     longest = max(r["blocks"][split] for r in per_rec)
     fix = (f"use a smaller window (at most {longest}) or a higher resample_hz (or "
            "resample_hz=null: the native rate)" if longest else "use longer recordings")
-    rows = _rows_hint([r["name"] for r in per_rec])
+    rows = rows_hint([r["name"] for r in per_rec])
     if rows:  # short rows of a table are more often channels than signals: say that first
         fix = f"{rows}; otherwise {fix}"
     return (f"the {split} split has no windows: every recording's {split} block is shorter than "
             f"window={window} samples ({lengths}); {fix}")
-
-
-def _rows_hint(names: list[str]) -> str:
-    """For recordings that are the rows of one table (`x.npy[3]`): perhaps its columns were
-    meant as channels; a CSV's header row or a Parquet table's columns are named."""
-    if len(names) < 2 or not all(name.endswith("]") for name in names):
-        return ""
-    path = names[0].rsplit("[", 1)[0]
-    if path.lower().endswith(".npy"):
-        take = "save one as a 1-D array (np.save(path, x[:, k]))"
-    else:
-        columns = [c for c in column_names(path) if c]
-        shown = ", ".join(columns[:8]) + (f", ... {len(columns) - 8} more" if len(columns) > 8
-                                          else "")
-        take = "take one with --channel NAME|INDEX" + (f" (its columns: {shown})" if columns
-                                                       else "")
-    return (f"the file is read as one signal per row ({len(names)} rows): if its columns are "
-            f"channels, {take}")
 
 
 def prepare(source: str, config: Config, sample_rate: float | None = None,
@@ -232,7 +214,7 @@ def indexed_windows(source: str, config: Config, sample_rate: float | None = Non
     out = np.concatenate(parts)
     if not len(out):
         where = f" at {config.resample_hz:g} Hz" if config.resample_hz else ""
-        rows = _rows_hint([rec.name for rec in recordings])
+        rows = rows_hint([rec.name for rec in recordings])
         raise DataError(f"{source} is shorter than one window: the model cuts windows of "
                         f"{config.window} samples{where}, and the longest recording has "
                         f"{longest}; " + (f"{rows}; otherwise give a longer recording" if rows

@@ -16,7 +16,6 @@ non-constant, at its own sample rate.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vqlog import records
-from vqlog.errors import DataError, RateError, one_line
+from vqlog import records, tables
+from vqlog.errors import DataError, RateError
 
 SOURCES = ("ppg", "synthetic")
 SUFFIXES = (".npy", ".csv", ".parquet")
@@ -76,7 +75,13 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
         else:
             recordings = _load_file(path, sample_rate, channel)
     for rec in recordings:
-        check_signal(rec)
+        try:
+            check_signal(rec)
+        except DataError as exc:  # a row of two samples: perhaps the table's columns are channels
+            hint = tables.rows_hint([r.name for r in recordings])
+            what, _, fix = str(exc).rpartition("; ")
+            raise DataError(f"{what}; {hint}; otherwise {fix}" if hint and what else str(exc)
+                            ) from None
     return recordings
 
 
@@ -135,7 +140,7 @@ def _load_ppg() -> list[Recording]:
         data3 = pd.read_csv(folder / "data3.csv")
         stamps = pd.to_datetime(data3["datetime"], format="ISO8601")
     except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"cannot read heartpy's data files in {folder} ({_why(exc)}); "
+        raise DataError(f"cannot read heartpy's data files in {folder} ({tables.why(exc)}); "
                         "reinstall heartpy") from None
     seconds3 = (stamps - stamps.iloc[0]).dt.total_seconds()
     return [
@@ -230,10 +235,9 @@ def _load_file(path: Path, sample_rate: float | None, channel: str | None = None
         if suffix == ".npy":
             raise DataError(f"{path}: --channel picks a column of a CSV or Parquet table or a "
                             "channel of a WFDB record or EDF/BDF file, not of a .npy array")
-        signal, name = _column(path, channel)
+        signal, name = tables.read_column(path, channel)
         return [Recording(f"{path}:{name}", signal, sample_rate)]
-    read = {".npy": _read_npy, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
-    rows = read(path)
+    rows = tables.read_table(path)
     if isinstance(rows, np.ndarray):
         if rows.ndim == 2 and rows.shape[1] == 1:
             rows = rows[:, 0]  # a single column is one signal, as in a CSV
@@ -246,126 +250,6 @@ def _load_file(path: Path, sample_rate: float | None, channel: str | None = None
         raise DataError(f"{path} holds no samples; pass a file with signal data")
     return [Recording(f"{path}[{i}]", np.asarray(row, np.float64), sample_rate)
             for i, row in enumerate(rows)]
-
-
-def _column(path: Path, channel: str) -> tuple[np.ndarray, str]:
-    """One named (or 0-based indexed) column of a CSV (with a header row) or Parquet table."""
-    import pandas as pd
-
-    try:
-        # A CSV's header row needs a non-numeric cell, as in _read_csv: pandas would take a first
-        # row of numbers for the column names and drop that sample.
-        df = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
-              else pd.read_csv(path, header="infer" if column_names(path) else None))
-    except (OSError, ValueError, ImportError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read as a table ({_why(exc)})") from None
-    index = records.pick_channel([str(c) for c in df.columns], channel, str(path))
-    column = df.iloc[:, index]
-    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
-        raise DataError(f"{path}: column {column.name!r} is {column.dtype}, not numeric")
-    return column.to_numpy(np.float64, na_value=np.nan), str(column.name)
-
-
-def column_names(path: Path | str) -> list[str]:
-    """A CSV's header row (its first non-blank row, if a cell is not a number) or a Parquet
-    table's columns; [] for none, or a file that cannot be read."""
-    try:
-        if str(path).lower().endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            schema = pq.read_schema(path)  # pandas' stored index is no column of the table
-            index = (schema.pandas_metadata or {}).get("index_columns", [])
-            return [n for n in schema.names if n not in index]
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            first = next((row for row in csv.reader(f) if any(c.strip() for c in row)), [])
-    except (OSError, ValueError, UnicodeDecodeError, csv.Error, ImportError):
-        return []  # the reader says what is wrong
-    cells = [c.strip() for c in first]
-    return cells if any(c and not _is_number(c) for c in cells) else []
-
-
-def _read_npy(path: Path) -> np.ndarray:
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic != b"\x93NUMPY":  # np.load would try unpickling anything else
-        raise DataError(f"{path} is not a .npy array (pickles and .npz archives are not loaded); "
-                        "save the signal with np.save(path, np.asarray(signal, dtype=float))")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        if "Object arrays" in str(exc):
-            raise DataError(f"{path} holds Python objects (pickled data), which are not "
-                            "loaded; save a numeric array: np.save(path, np.asarray(x, float))"
-                            ) from None
-        raise DataError(f"{path}: cannot read as .npy ({_why(exc)}); "
-                        "re-save it with np.save") from None
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"{path} holds {arr.dtype} values, not real numbers; save a float array")
-    return arr
-
-
-def _read_csv(path: Path) -> np.ndarray | list[np.ndarray]:
-    """Comma-separated numbers: one column is one signal, otherwise one signal per row.
-
-    One header row is allowed (it needs a non-numeric cell: pandas' default "0,1,2" header reads
-    as data); blank lines and trailing empty cells are skipped, so rows (signals)
-    may differ in length; an empty cell inside a row becomes NaN and is reported as such.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM, as Excel writes
-            reader = csv.reader(f)
-            lines = [(reader.line_num, row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read as CSV ({_why(exc)}); "
-                        "save it as UTF-8 text") from None
-    rows = []
-    for line_num, row in lines:
-        cells = [c.strip() for c in row]
-        while cells and not cells[-1]:
-            cells.pop()
-        if cells:
-            rows.append((line_num, cells))
-    if rows and not all(_is_number(c) for c in rows[0][1] if c):
-        rows = rows[1:]  # a header row
-    signals = []
-    for line_num, cells in rows:
-        bad = next((c for c in cells if c and not _is_number(c)), None)
-        if bad is not None:
-            raise DataError(f"{path}, line {line_num}: {bad!r} is not a number; the CSV must hold "
-                            "numbers only (one header row is allowed)")
-        signals.append(np.array([float(c) if c else np.nan for c in cells]))
-    if signals and all(s.size == 1 for s in signals):
-        return np.concatenate(signals)  # one column: one long signal
-    return signals
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _read_parquet(path: Path) -> np.ndarray | list[np.ndarray]:
-    """Numeric columns (one column is one signal, several a signal per row), or one list column."""
-    import pandas as pd
-
-    try:
-        df = pd.read_parquet(path)
-    except (OSError, ValueError, ImportError) as exc:
-        raise DataError(f"{path}: cannot read as Parquet ({_why(exc)}); "
-                        "check the file") from None
-    if len(df) and df.shape[1] == 1 and df.dtypes.iloc[0] == object and np.ndim(df.iloc[0, 0]) == 1:
-        try:  # one signal per row, stored as a list column
-            return [np.asarray(v, dtype=np.float64) for v in df.iloc[:, 0]]
-        except (TypeError, ValueError):
-            pass  # fall through to the column-type error
-    for name, dtype in df.dtypes.items():
-        if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_complex_dtype(dtype):
-            raise DataError(f"{path}: column '{name}' is {dtype}, not numeric; "
-                            "keep only signal columns")
-    return df.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 # --------------------------------------------------------------------------- checks
@@ -394,7 +278,3 @@ def check_signal(rec: Recording) -> None:
     if not np.isfinite(np.ptp(x)) or np.abs(x).max() > 1e150:  # z-scoring squares them
         raise DataError(f"{rec.name}: values up to {np.abs(x).max():.3g} overflow the "
                         "standardization's squares; rescale the signal (e.g. to its units)")
-
-
-def _why(exc: BaseException) -> str:
-    return one_line(exc) or type(exc).__name__
