@@ -170,3 +170,26 @@ def test_a_complete_trial_whose_weights_were_deleted_says_so(swept, tmp_path, cl
     assert f"has no weights: its run {run_id} holds no model/model.pt" in err
     assert "one deleted from the artifact store is gone" in err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_damaged_weights_in_the_artifact_store_are_named_as_the_user_knows_them(swept, tmp_path,
+                                                                                cli):
+    """A model.pt cut short in the artifact store: the error named the temporary folder it was
+    downloaded into (/tmp/vqlog-export-.../model.pt), gone by the time the user reads it."""
+    best = best_of(swept.trials)
+    run_id = best.user_attrs["mlflow.run_id"]
+    [weights] = swept.folder.glob(f"mlartifacts/*/{run_id}/artifacts/model/model.pt")
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    try:
+        code, _, err = cli("export", *swept.common, "--out", str(tmp_path / "m.pt"))
+        code2, _, err2 = cli("encode", "--model", "models:/tok@best", "--data", "synthetic",
+                             "--tracking-uri", swept.uri, "--out", str(tmp_path / "t.npy"))
+    finally:
+        weights.write_bytes(whole)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (f"Error: the weights file of Seq{best.number + 1} (trial {best.number}) of study "
+            "'tok' is not a vqlog checkpoint") in err, err
+    assert code2 == 2 and len(err2.strip().splitlines()) == 1, err2
+    assert "Error: the weights file of models:/tok@best (version " in err2, err2
+    assert "vqlog-e" not in err + err2 and not list(tmp_path.iterdir())

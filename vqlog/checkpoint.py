@@ -46,48 +46,53 @@ def save(path: str | os.PathLike, cfg: Config, model, sample_rate: float | None 
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _torch_load(path: Path, device: str, what: str):
+def _torch_load(path: Path, device: str, what: str, name: str | None = None):
     import pickle
     import zipfile
 
     import torch
 
+    local = name is None  # else a download, named as the user knows it (a registered model)
+    name = name or str(path)
     if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {name}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; vqlog writes no other kind
         with open(path, "rb") as f:
             kind = "a NumPy array" if f.read(6) == b"\x93NUMPY" else "not a file torch.save wrote"
-        hint = "; give the file of vqlog train --save or vqlog export" if what == "checkpoint" else ""
-        raise UserError(f"{path} is not a vqlog {what} ({kind}){hint}")
+        hint = ("; give the file of vqlog train --save or vqlog export"
+                if what == "checkpoint" and local else "")
+        raise UserError(f"{name} is not a vqlog {what} ({kind}){hint}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         why = "it holds objects a weights-only load refuses" if "eights only" in str(exc) \
             else one_line(exc, 120)
-        raise UserError(f"{path} is not a vqlog {what} that loads safely ({why})") from None
+        raise UserError(f"{name} is not a vqlog {what} that loads safely ({why})") from None
 
 
-def load(path: str | os.PathLike, device: str = "cpu"):
+def load(path: str | os.PathLike, device: str = "cpu", name: str | None = None):
     """(Config, VQVAE in eval mode) from a model file. UserError names the file when it is
     missing, not a vqlog model, or holds objects a weights-only load refuses. A model trained
-    at its data's own rate (resample_hz null) that records the rate gets it as resample_hz."""
+    at its data's own rate (resample_hz null) that records the rate gets it as resample_hz.
+    `name` is how messages name the file (a registered model's URI for its downloaded weights)."""
     from vqlog.model.vqvae import VQVAE
 
     path = Path(path)
-    ckpt = _torch_load(path, device, "checkpoint")
+    ckpt = _torch_load(path, device, "checkpoint", name)
+    shown = name or path
     if not isinstance(ckpt, dict) or not {"config", "state_dict"} <= set(ckpt) <= MODEL_KEYS:
-        raise UserError(f"{path} is not a vqlog checkpoint (expected keys config and state_dict)")
+        raise UserError(f"{shown} is not a vqlog checkpoint (expected keys config and state_dict)")
     rate = ckpt.get("sample_rate")
     if rate is not None and not (isinstance(rate, float) and rate > 0 and rate != float("inf")):
-        raise UserError(f"{path} is not a vqlog checkpoint (its sample_rate is {rate!r})")
+        raise UserError(f"{shown} is not a vqlog checkpoint (its sample_rate is {rate!r})")
     for key in ("config", "state_dict"):
         if not isinstance(ckpt[key], dict):
-            raise UserError(f"{path} is not a vqlog checkpoint (its {key} is a "
+            raise UserError(f"{shown} is not a vqlog checkpoint (its {key} is a "
                             f"{type(ckpt[key]).__name__}, not a mapping)")
     try:
         cfg = Config.from_mapping(ckpt["config"])
     except UserError as exc:
-        raise UserError(f"{path} is not a vqlog checkpoint: {exc}") from None
+        raise UserError(f"{shown} is not a vqlog checkpoint: {exc}") from None
     model = VQVAE(cfg).to(device)
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -95,7 +100,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         # torch's first line only says "Error(s) in loading state_dict"; the next names the key
         lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
-        raise UserError(f"{path}: weights do not fit its config: {one_line(lines[0], 300)}{more}") from None
+        raise UserError(f"{shown}: weights do not fit its config: {one_line(lines[0], 300)}{more}") from None
     model.sample_rate = rate  # a plain attribute: not in the state dict, not a buffer
     if cfg.resample_hz is None and rate is not None:
         # Trained at its data's native rate: the config cuts other data at that rate, so that a

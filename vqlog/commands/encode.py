@@ -62,7 +62,8 @@ def encode_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="vqlog-encode-") as folder:
         path, what = _model_file(args, folder)
-        cfg, model = checkpoint.load(path, device=str(device))
+        shown = None if path == args.model else f"the weights file of {what}"  # not a temp path
+        cfg, model = checkpoint.load(path, device=str(device), name=shown)
     if cfg.quantizer == "none":
         raise UserError(f"{what} has no quantizer (quantizer none): it makes no tokens")
     # load's config cuts other data at the model's rate, also one trained at its data's native

@@ -78,7 +78,8 @@ def export_command(args: argparse.Namespace) -> int:
         raise UserError(f"{name} has no MLflow run with weights at {client.describe}")
     with tempfile.TemporaryDirectory(prefix="vqlog-export-") as folder:
         path = weights_of_run(client, runs[0].info.run_id, folder, name)
-        cfg, _ = checkpoint.load(path)  # a model file that loads, before anything is written
+        # a model file that loads, before anything is written; named as the user knows it
+        cfg, _ = checkpoint.load(path, name=f"the weights file of {name}")
         with open(path, "rb") as src:
             atomic_write(out, lambda dst: shutil.copyfileobj(src, dst))
     print(f"exported {name}: val mse {trial.values[0]:.4g}, quantizer {cfg.quantizer} "
