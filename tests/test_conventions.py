@@ -258,6 +258,36 @@ def test_best_answers_without_its_tracking_store(swept, tmp_path, cli):
     assert f"(MLflow at {down} does not answer)\n" in out, out
 
 
+def test_best_gives_no_link_to_a_deleted_run_or_experiment(swept, cli):
+    """The best trial's run, then the study's experiment, deleted in the MLflow UI: `best` gave
+    a link that opens on an error page. It says how to restore them instead."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(swept.uri)
+    exp = client.get_experiment_by_name("conv")
+    best = ["best", "--study", "conv", "--storage", swept.storage, "--tracking-uri", swept.uri]
+    code, out, _ = cli(*best)
+    run_id = out.split("/runs/")[1].strip()
+    assert code == 0 and f"#/experiments/{exp.experiment_id}/runs/{run_id}" in out, out
+    client.delete_run(run_id)
+    try:
+        code, out, err = cli(*best)
+        assert code == 0 and err == "", err
+        assert f"run:  {run_id} (deleted in MLflow; restore it with `mlflow runs restore --run-id " \
+               f"{run_id}`)\n" in out, out
+        client.delete_experiment(exp.experiment_id)
+        try:
+            code, out, err = cli(*best)
+        finally:
+            client.restore_experiment(exp.experiment_id)
+    finally:
+        client.restore_run(run_id)
+    assert code == 0 and err == "", err
+    assert f"(the MLflow experiment 'conv' is deleted; restore it with `mlflow experiments " \
+           f"restore --experiment-id {exp.experiment_id}`)\n" in out, out
+    assert "http" not in out
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(swept, tmp_path):
     """`vqlog best | head -3`: the pipe closed before vqlog's last lines, and the command said
     `Error: BrokenPipeError: [Errno 32] Broken pipe` with exit 1. Unix tools end quietly there;

@@ -59,7 +59,19 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
         return f"{run_id} (no MLflow store at {mask(uri)})"
     except StoreUnreachable:  # a server that is down: the link would not open now anyway
         return f"{run_id} (MLflow at {mask(uri)} does not answer)"
-    exp = open_client(store).get_experiment_by_name(study)
+    from mlflow.exceptions import MlflowException
+
+    client = open_client(store)
+    exp = client.get_experiment_by_name(study)
     if exp is None:
         return f"{run_id} (no MLflow experiment '{study}' at {mask(uri)})"
+    if exp.lifecycle_stage == "deleted":  # its page would open on an error
+        return (f"{run_id} (the MLflow experiment '{study}' is deleted; restore it with "
+                f"`mlflow experiments restore --experiment-id {exp.experiment_id}`)")
+    try:
+        deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException:  # deleted for good (`mlflow gc`)
+        return f"{run_id} (no such run at {mask(uri)} any more)"
+    if deleted:
+        return f"{run_id} (deleted in MLflow; restore it with `mlflow runs restore --run-id {run_id}`)"
     return ui_link(uri, exp.experiment_id).split("/runs?")[0] + f"/runs/{run_id}"
