@@ -81,6 +81,21 @@ def test_a_named_pipe_is_written_through(tmp_path):
     reader.join(10)
     assert got == [b"through the pipe"]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a pipe, not a file of that name
+    # np.save and torch.save (encode --out, export --out) asked a pipe for its file position
+    import io
+
+    import numpy as np
+    import torch
+
+    for save, load in ((lambda f: np.save(f, np.arange(5), allow_pickle=False), np.load),
+                       (lambda f: torch.save({"w": torch.ones(3)}, f),
+                        lambda b: torch.load(b, weights_only=True)["w"].numpy())):
+        got.clear()
+        reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+        reader.start()
+        atomic_write(fifo, save)
+        reader.join(10)
+        assert load(io.BytesIO(got[0])).sum() in (10, 3)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a link another user's")
@@ -114,6 +129,35 @@ def test_a_device_is_written_through_not_replaced(tmp_path):
     write_text(null, "discarded")
     assert stat.S_ISCHR(os.stat(null).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]
+
+
+def test_dev_stdout_on_a_pipe_is_written_through(tmp_path):
+    """`vqlog encode --out /dev/stdout | next-tool` was refused: /dev/stdout resolves to
+    /proc/<pid>/fd/pipe:[n], and the check of its folder said `cannot write /dev/stdout:
+    /proc/<pid>/fd is not writable`; np.save then asked the pipe for its position."""
+    import io
+    import subprocess
+
+    import numpy as np
+
+    from tests._sweep_helpers import SWEEP_BIN
+    from vqlog import checkpoint
+    from vqlog.config import Config
+    from vqlog.model.vqvae import VQVAE
+
+    cfg = Config(d_model=8, d_state=8, n_layers=1, embedding_dim=8, embedding_num=16, window=64,
+                 stride=64, quantizer="vq")
+    checkpoint.save(tmp_path / "m.pt", cfg, VQVAE(cfg))
+    proc = subprocess.run([str(SWEEP_BIN.parent / "vqlog"), "encode", "--model", "m.pt", "--data",
+                           "synthetic", "--out", "/dev/stdout"], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    data = io.BytesIO(proc.stdout)
+    tokens = np.load(data)
+    assert tokens.ndim == 2 and tokens.shape[1] == 64 // cfg.downsample and tokens.max() < 16
+    assert data.read() == b""  # the summary lines go to stderr, not into the file
+    assert proc.stderr.decode().startswith("tokens: ") and "-> /dev/stdout" in proc.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 @pytest.mark.parametrize("command", [

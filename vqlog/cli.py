@@ -104,6 +104,7 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     where the nearest existing one is): checked before any work, so that bad input writes
     nothing. `example` is a file name to suggest for a folder."""
     import errno
+    import os
     import tempfile
     from pathlib import Path
 
@@ -120,6 +121,8 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     if path.is_block_device() or path.is_socket():
         raise UserError(f"{flag} {out} is a device or socket, not a file; give a file name such "
                         f"as {example}")
+    if path.is_char_device() or (path.is_fifo() and path.stat().st_uid == os.getuid()):
+        return path  # /dev/null, /dev/stdout on a terminal or a pipe: written through, not replaced
     if is_sqlite_database(path):
         raise UserError(f"{flag} {out} is an SQLite database (a study's Optuna or MLflow store?), "
                         f"which the output would replace; give another file name such as {example}")
@@ -135,6 +138,26 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
         why = f" ({exc.strerror})" if exc.strerror and exc.errno != errno.ENOENT else ""
         raise UserError(f"cannot write {out}: {parent} is not writable{why}") from None
     return path
+
+
+def report_stream(*outputs):
+    """Where a command's summary lines go: standard error where an output file is standard
+    output (`--out /dev/stdout | tool`), so that they do not run into the file; else stdout."""
+    import os
+    import sys
+
+    try:
+        here = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # captured (a notebook, a test): no descriptor
+        return sys.stdout
+    for out in outputs:
+        try:
+            there = os.stat(out) if out is not None else None
+        except OSError:
+            continue
+        if there is not None and (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
+            return sys.stderr
+    return sys.stdout
 
 
 def is_sqlite_database(path) -> bool:

@@ -29,11 +29,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     user's is written as it is, not replaced by a file (as root, `--out /dev/null` replaced the
     device). `crash_point` names the failpoint between the write and the
     rename, for the crash-safety test."""
-    path = _target(Path(path))
+    path = Path(path)
     if path.is_char_device() or (path.is_fifo() and path.stat().st_uid == os.getuid()):
-        with open(path, "wb") as f:  # /dev/null, a pipe of this user's: written, not replaced
-            write(f)
+        with open(path, "wb") as f:  # /dev/null, a pipe of this user's (/dev/stdout | tool)
+            write(_Stream(f))
         return
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     remove_orphans(path)
@@ -51,6 +52,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class _Stream:
+    """Writes only, in order: what a pipe takes. numpy and torch ask a real file for its position
+    (np.save: "obtaining file position failed" on a pipe); given this, they write in order."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def writable(self) -> bool:
+        return True
 
 
 def _target(path: Path) -> Path:

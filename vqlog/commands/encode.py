@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from vqlog.cli import (TRACKING_HELP, add_data_args, add_debug, add_device_arg, check_out_file,
-                       url_arg)
+                       report_stream, url_arg)
 
 
 def encode_command_parser(sub) -> None:
@@ -81,12 +81,13 @@ def encode_command(args: argparse.Namespace) -> int:
         atomic_write(index_file, lambda f: f.write(_index_csv(where).encode()))
     n, t = result.tokens.shape
     at = f" at {cfg.resample_hz:g} Hz" if cfg.resample_hz else " at the data's own rate"
+    say = report_stream(out, index_file)
     print(f"tokens: {n} windows x {t} codes ({cfg.window} samples{at}, {cfg.downsample} per "
-          f"code) from {args.data} -> {out}")
+          f"code) from {args.data} -> {out}", file=say)
     print(f"reconstruction MSE {result.mse:.4g}; codebook perplexity {result.perplexity:.1f} "
-          f"of {model.codebook_size} codes ({100 * result.usage:.1f}% in use)")
+          f"of {model.codebook_size} codes ({100 * result.usage:.1f}% in use)", file=say)
     if index_file is not None:
-        print(f"index: where each row comes from -> {index_file}")
+        print(f"index: where each row comes from -> {index_file}", file=say)
     return 0
 
 

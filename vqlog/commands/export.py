@@ -9,7 +9,7 @@ import shutil
 import tempfile
 
 from vqlog.cli import (STORAGE_HELP, TRACKING_HELP, add_debug, check_out_file, default_if_empty,
-                       url_arg)
+                       report_stream, url_arg)
 
 
 def export_command_parser(sub) -> None:
@@ -84,5 +84,5 @@ def export_command(args: argparse.Namespace) -> int:
             atomic_write(out, lambda dst: shutil.copyfileobj(src, dst))
     print(f"exported {name}: val mse {trial.values[0]:.4g}, quantizer {cfg.quantizer} "
           f"(embedding_num {cfg.embedding_num}, embedding_dim {cfg.embedding_dim}), window "
-          f"{cfg.window} -> {out}")
+          f"{cfg.window} -> {out}", file=report_stream(out))
     return 0
