@@ -800,6 +800,8 @@ def test_workers_share_the_sqlite_default_and_stop_at_exactly_the_target(tmp_pat
     again = Worker(["--trials", "6", "--config", str(spec), "--workers", "2"], tmp_path)
     assert again.wait(300) == 0, again.output()  # at its target: no worker process starts
     assert "pool: 6/6 trials finished (0 ran here, 0 failed)" in again.stdout, again.output()
+    assert again.stdout.splitlines()[1] == ("the study has 6 finished trials already (target "
+                                            "6): none to run"), again.output()
     assert len(study_trials(storage, "pool")) == 6 and len(mlflow_runs(uri, "pool")) == 6
 
 

@@ -38,13 +38,18 @@ def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, mlflow_store, mon
     assert sweep_main(["--trials", "3", *args]) == 0
     trials = study_trials(storage, "smoke")
     assert len(finished(trials)) == len(trials) == 3
-    assert "smoke: 3/3 trials finished (3 ran here, 0 failed)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "smoke: 3/3 trials finished (3 ran here, 0 failed)" in out
+    assert "resuming" not in out and "already" not in out  # a new study
 
     assert sweep_main(["--trials", "5", *args]) == 0  # the same study: only 2 more
     trials = study_trials(storage, "smoke")
     assert len(finished(trials)) == len(trials) == 5
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
-    assert "smoke: 5/5 trials finished (2 ran here, 0 failed)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "smoke: 5/5 trials finished (2 ran here, 0 failed)" in out
+    # the rerun said only its target; it now says first what the study holds
+    assert out.splitlines()[1] == "resuming: 3 of 5 trials finished, 2 to run", out
 
     assert sorted(table_rows(tmp_path / "results" / "smoke.md")) == [f"Seq{i}" for i in range(1, 6)]
     runs = mlflow_runs(uri, "smoke")

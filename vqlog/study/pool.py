@@ -342,6 +342,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         return db(finished_once)
 
     progress = TrialProgress(trials, out)
+    progress.resumed(finished())
     count = FinishedCount(finished_once, optuna_storage)
 
     def tick() -> None:

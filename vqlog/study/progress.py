@@ -49,6 +49,17 @@ class TrialProgress:
                      f"{a.get('train_seconds', 0):.0f} s)")
         self.line(f"{run_name(t.number):<7} {what}" + (f"{BEST_SEP}{best}" if best else ""))
 
+    def resumed(self, finished: int) -> None:
+        """A study that has finished trials already says so first (the study line gives only the
+        target): `resuming: 12 of 50 trials finished, 38 to run`."""
+        self.update(finished)
+        if finished >= self.total:
+            self.line(f"the study has {finished} finished trial{'s' * (finished != 1)} already "
+                      f"(target {self.total}): none to run")
+        elif finished:
+            self.line(f"resuming: {finished} of {self.total} trials finished, "
+                      f"{self.total - finished} to run")
+
     def line(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
