@@ -160,6 +160,67 @@ def test_dev_stdout_on_a_pipe_is_written_through(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
+def test_train_save_dev_stdout_is_the_model_alone(tmp_path):
+    """`vqlog train --save /dev/stdout | tool`: the data line, the evaluations and the summary
+    ran into the model, which then did not load; exit 0."""
+    import io
+    import subprocess
+
+    import torch
+
+    from tests._sweep_helpers import SWEEP_BIN
+
+    sets = ["iteration=4", "eval_every=2", "d_model=8", "d_state=8", "n_layers=1", "window=64",
+            "stride=64", "embedding_dim=8", "embedding_num=16", "batch=4"]
+    proc = subprocess.run([str(SWEEP_BIN.parent / "vqlog"), "train", "--data", "synthetic",
+                           *(a for s in sets for a in ("--set", s)), "--save", "/dev/stdout"],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    state = torch.load(io.BytesIO(proc.stdout), weights_only=True)
+    assert state["config"]["embedding_num"] == 16 and "state_dict" in state
+    err = proc.stderr.decode()
+    assert err.startswith("data: synthetic: ") and "saved: /dev/stdout" in err, err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user (nobody)")
+def test_dev_stdout_to_a_file_as_a_user_who_cannot_write_dev(tmp_path):
+    """`vqlog encode --out /dev/stdout > tokens.npy` as a user: /dev/stdout is root's link, so it
+    was not followed, and the temp file beside it failed after all the work: `Error:
+    PermissionError: ... '/dev/.stdout.xxx.tmp'`, exit 1, an empty file. The command runs in a
+    process that becomes nobody after its imports (Python's own files may be closed to nobody)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from vqlog import checkpoint
+    from vqlog.config import Config
+    from vqlog.model.vqvae import VQVAE
+
+    os.chmod(tmp_path, 0o777)
+    cfg = Config(d_model=8, d_state=8, n_layers=1, embedding_dim=8, embedding_num=16, window=64,
+                 stride=64, quantizer="vq")
+    checkpoint.save(tmp_path / "m.pt", cfg, VQVAE(cfg))
+    script = f"""
+import os, sys
+from vqlog.cli import main
+args = ["encode", "--model", "m.pt", "--data", "synthetic", "--out"]
+assert main([*args, "warm.npy"]) == 0  # every module imported while root
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+os.environ["TMPDIR"] = {str(tmp_path)!r}
+fd = os.open("tokens.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+sys.stdout.flush(); os.dup2(fd, 1)
+sys.exit(main([*args, "/dev/stdout"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "tokens.npy").stat().st_uid == 65534
+    tokens, warm = np.load(tmp_path / "tokens.npy"), np.load(tmp_path / "warm.npy")
+    assert np.array_equal(tokens, warm) and proc.stderr.startswith("tokens: "), proc.stderr
+
+
 @pytest.mark.parametrize("command", [
     ("train", "--save", "{out}"),
     ("table", "--study", "smoke", "--out", "{out}"),
@@ -194,3 +255,41 @@ def test_a_dash_is_no_file_name_where_the_output_is_binary(tmp_path, cli, monkey
     code, out, err = cli(*command)
     assert code == 2 and "writes a file, not standard output" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_written_together_are_all_replaced_or_none(tmp_path):
+    """encode's tokens and their index: an index write that failed (a full disk) left new tokens
+    beside the old index, exit 1. Now every file is written before any is renamed."""
+    from vqlog.files import atomic_write_all
+
+    tokens, index = tmp_path / "t.npy", tmp_path / "t.csv"
+    tokens.write_bytes(b"old tokens")
+    index.write_bytes(b"old index")
+
+    def full(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_all([(tokens, lambda f: f.write(b"new tokens")), (index, full)])
+    assert tokens.read_bytes() == b"old tokens" and index.read_bytes() == b"old index"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.npy"]  # no temp file left
+    atomic_write_all([(tokens, lambda f: f.write(b"new tokens")),
+                      (index, lambda f: f.write(b"new index"))])
+    assert tokens.read_bytes() == b"new tokens" and index.read_bytes() == b"new index"
+
+
+def test_a_new_file_takes_the_users_umask(tmp_path):
+    """New files were always 0644: a user's umask 077 (tokens of patients' data) was ignored."""
+    before = os.umask(0o077)
+    try:
+        write_text(tmp_path / "private.md", "x")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "private.md").stat().st_mode) == 0o600
+    before = os.umask(0o022)
+    try:
+        write_text(tmp_path / "shared.md", "x")  # the usual umask: readable by others, as before
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "shared.md").stat().st_mode) == 0o644

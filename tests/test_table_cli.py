@@ -107,6 +107,42 @@ def test_out_dash_prints_the_table(store, tmp_path, cli):
     assert not (tmp_path / "results").exists()
 
 
+def test_out_dev_stdout_is_the_table_alone(store, tmp_path):
+    """`vqlog table --out /dev/stdout | tool`: the line `table: /dev/stdout (2 trials)` ran into
+    the table; it goes to stderr now."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("vqlog")), "table", "--study", "alpha",
+                           "--tracking-uri", store, "--out", "/dev/stdout"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == EXPECTED_EN
+    assert proc.stderr.endswith("table: /dev/stdout (2 trials)\n"), proc.stderr
+
+
+def test_ctrl_c_without_watch_is_interrupted_exit_130(tmp_path):
+    """One `vqlog table` (no --watch) stopped by Ctrl-C while it read a slow server exited 0
+    with no table: `vqlog table && publish` went on. Now `Interrupted.` and 130, as every
+    command."""
+    import socket
+
+    with socket.socket() as server:  # accepts connections, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("vqlog")), "table",
+                                 "--tracking-uri", uri], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(4)  # imported, and waiting for the server's answer
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert (proc.returncode, out, err) == (130, "", "Interrupted.\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_lang_zh_renders_the_logs_chinese_labels(store, cli):
     code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--lang", "zh", "--out", "-")
     assert code == 0

@@ -104,11 +104,11 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     where the nearest existing one is): checked before any work, so that bad input writes
     nothing. `example` is a file name to suggest for a folder."""
     import errno
-    import os
     import tempfile
     from pathlib import Path
 
     from vqlog.errors import UserError
+    from vqlog.files import writes_through
 
     if not out.strip():
         raise UserError(f"{flag} needs a file name, e.g. {flag} {example}")
@@ -121,8 +121,8 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     if path.is_block_device() or path.is_socket():
         raise UserError(f"{flag} {out} is a device or socket, not a file; give a file name such "
                         f"as {example}")
-    if path.is_char_device() or (path.is_fifo() and path.stat().st_uid == os.getuid()):
-        return path  # /dev/null, /dev/stdout on a terminal or a pipe: written through, not replaced
+    if writes_through(path):
+        return path  # /dev/null, /dev/stdout (a terminal, a pipe, a file): written as it is
     if is_sqlite_database(path):
         raise UserError(f"{flag} {out} is an SQLite database (a study's Optuna or MLflow store?), "
                         f"which the output would replace; give another file name such as {example}")
@@ -143,21 +143,15 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
 def report_stream(*outputs):
     """Where a command's summary lines go: standard error where an output file is standard
     output (`--out /dev/stdout | tool`), so that they do not run into the file; else stdout."""
-    import os
     import sys
 
+    from vqlog.files import is_open_as
+
     try:
-        here = os.fstat(sys.stdout.fileno())
+        fd = sys.stdout.fileno()
     except (OSError, ValueError, AttributeError):  # captured (a notebook, a test): no descriptor
         return sys.stdout
-    for out in outputs:
-        try:
-            there = os.stat(out) if out is not None else None
-        except OSError:
-            continue
-        if there is not None and (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
-            return sys.stderr
-    return sys.stdout
+    return sys.stderr if any(o is not None and is_open_as(o, fd) for o in outputs) else sys.stdout
 
 
 def is_sqlite_database(path) -> bool:

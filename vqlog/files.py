@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -23,35 +24,86 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
                  crash_point: str | None = None) -> None:
     """Call `write(file)` on a temp file beside `path`, then rename it to `path`.
 
-    The file keeps the mode of the one it replaces (0644 for a new one; mkstemp's 0600 would hide
-    a table from other users). A symbolic link of this user's is followed: the file it points
-    to is replaced and the link kept. A character device (/dev/null) or a named pipe of this
-    user's is written as it is, not replaced by a file (as root, `--out /dev/null` replaced the
-    device). `crash_point` names the failpoint between the write and the
-    rename, for the crash-safety test."""
-    path = Path(path)
-    if path.is_char_device() or (path.is_fifo() and path.stat().st_uid == os.getuid()):
-        with open(path, "wb") as f:  # /dev/null, a pipe of this user's (/dev/stdout | tool)
-            write(_Stream(f))
-        return
-    path = _target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    The file keeps the mode of the one it replaces (a new one gets the user's umask: 0644 under
+    the usual 022, where mkstemp's 0600 would hide a table from other users). A symbolic link of
+    this user's is followed: the file it points to is replaced and the link kept. An output that
+    `writes_through` is written as it is, not replaced by a file (as root, `--out /dev/null`
+    replaced the device). `crash_point` names the failpoint between the write and the rename,
+    for the crash-safety test."""
+    atomic_write_all([(path, write)], crash_point)
+
+
+def atomic_write_all(outputs: list[tuple[str | os.PathLike, Callable[[BinaryIO], None]]],
+                     crash_point: str | None = None) -> None:
+    """`atomic_write` of several files that belong together (encode's tokens and their index):
+    all are written to temp files first and renamed only once every write has succeeded, so a
+    failed write (a full disk) leaves each file as it was. Outputs that write through (a pipe,
+    /dev/stdout) are written after the renames: a stream cannot be taken back."""
+    staged: list[tuple[str, Path]] = []  # (temp file, the file it replaces)
+    streams = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        for path, write in outputs:
+            path = Path(path)
+            if writes_through(path):
+                streams.append((path, write))
+                continue
+            path = _target(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+            remove_orphans(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
         if crash_point:
             failpoint(crash_point)
-        os.replace(tmp, path)
+        while staged:
+            tmp, path = staged[0]
+            os.replace(tmp, path)
+            staged.pop(0)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+    for path, write in streams:
+        with open(path, "ab") as f:  # append: what `>>` gave the shell's file stays
+            write(_Stream(f))
+
+
+def writes_through(path: Path) -> bool:
+    """Whether an output is written as it is, not replaced by a new file: a character device
+    (/dev/null, a terminal), a named pipe of this user's, or this process's standard output or
+    error (`--out /dev/stdout`, whatever it goes to: a pipe, a terminal, a file)."""
+    try:
+        there = path.stat()
+    except OSError:
+        return False
+    if stat.S_ISCHR(there.st_mode) or (stat.S_ISFIFO(there.st_mode) and there.st_uid == os.getuid()):
+        return True
+    return is_open_as(path, 1) or is_open_as(path, 2)
+
+
+def is_open_as(path: str | os.PathLike, fd: int) -> bool:
+    """Whether `path` is the file that descriptor `fd` of this process has open."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it, for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o022
 
 
 class _Stream:

@@ -41,7 +41,7 @@ def encode_command(args: argparse.Namespace) -> int:
     from vqlog import checkpoint
     from vqlog.data import indexed_windows
     from vqlog.errors import DataError, RateError, UserError
-    from vqlog.files import atomic_write
+    from vqlog.files import atomic_write_all
     from vqlog.train import encode, resolve_device
 
     if not args.data:
@@ -76,9 +76,10 @@ def encode_command(args: argparse.Namespace) -> int:
     except RateError as exc:  # its advice is for training, which sets resample_hz
         raise DataError(f"{exc.what}; {_rate_advice(exc, cfg)}") from None
     result = encode(model, windows)
-    atomic_write(out, lambda f: np.save(f, result.tokens, allow_pickle=False))
+    outputs = [(out, lambda f: np.save(f, result.tokens, allow_pickle=False))]
     if index_file is not None:
-        atomic_write(index_file, lambda f: f.write(_index_csv(where).encode()))
+        outputs.append((index_file, lambda f: f.write(_index_csv(where).encode())))
+    atomic_write_all(outputs)  # both or neither: a full disk leaves no tokens without an index
     n, t = result.tokens.shape
     at = f" at {cfg.resample_hz:g} Hz" if cfg.resample_hz else " at the data's own rate"
     say = report_stream(out, index_file)

@@ -10,7 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from vqlog.cli import TRACKING_HELP, add_debug, check_out_file, default_if_empty, url_arg
+from vqlog.cli import (TRACKING_HELP, add_debug, check_out_file, default_if_empty, report_stream,
+                       url_arg)
 
 
 def table_command_parser(sub) -> None:
@@ -52,6 +53,8 @@ def table_command(args: argparse.Namespace) -> int:
             client, study = _open_study(args, study, stop)
             return _table_loop(args, client, study, stop)
     except KeyboardInterrupt:
+        if not args.watch:
+            raise  # one table cut short: `Interrupted.`, exit 130, as every command
         return 0  # --watch ends with Ctrl-C or SIGTERM; what was written stays
 
 
@@ -180,7 +183,7 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
                 write_text(out, text, crash_point="table.write")
                 line = f"table: {out} ({_counts(rows, rendered)})"
                 if line != said:  # a row changed, not the count: the same line once
-                    print(line, flush=True)
+                    print(line, flush=True, file=report_stream(out))  # not into /dev/stdout
                 said = line
             parent = parent or study_run(client, study)  # made by the study's first worker
             if parent and publish and not _same_lang(client, parent, args.lang):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
 from pathlib import Path
 
-from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file
+from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file, report_stream
 
 
 # The config keys that size a training step's tensors, as an out-of-memory error names them.
@@ -28,10 +29,8 @@ def train_command_parser(sub) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from vqlog import checkpoint
     from vqlog.config import Config, load_config_file, parse_overrides
-    from vqlog.data import prepare
-    from vqlog.errors import DivergedError, UserError, out_of_memory
+    from vqlog.errors import UserError
 
     if args.config is not None and not Path(args.config).is_file():
         from vqlog.study.spec import bundled_specs
@@ -52,10 +51,21 @@ def train_command(args: argparse.Namespace) -> int:
                         "or put the keys of the point to train in a file of their own")
     values.update(parse_overrides(args.set))
     cfg = Config.from_mapping(values)
-    from vqlog.train import fit, resolve_device  # torch: after a typo in the config is reported
+    from vqlog.train import resolve_device  # torch: after a typo in the config is reported
     resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
     if args.save is not None:  # (an empty one too: it is not "no file")
         check_out_file(args.save, "--save", "model.pt")
+    # `--save /dev/stdout | tool`: the model alone on stdout, the lines about it on stderr
+    with contextlib.redirect_stdout(report_stream(args.save)):
+        return _train(args, cfg)
+
+
+def _train(args: argparse.Namespace, cfg) -> int:
+    from vqlog import checkpoint
+    from vqlog.data import prepare
+    from vqlog.errors import DivergedError, UserError, out_of_memory
+    from vqlog.train import fit
+
     data = prepare(args.data, cfg, sample_rate=args.sample_rate, channel=args.channel)
     print(
         f"data: {args.data}: {len(data.train)} train / {len(data.valid)} valid / "
