@@ -465,6 +465,15 @@ CASES: dict[str, Case] = {
     "env-grace-within-the-interval": Case(
         (), "$VQLOG_HEARTBEAT_GRACE (2 s) must be longer than $VQLOG_HEARTBEAT_INTERVAL (10 s)",
         env={"VQLOG_HEARTBEAT_GRACE": "2", "VQLOG_HEARTBEAT_INTERVAL": "10"}),
+    # init did not check them: the error blamed the storage and left optuna.db.lock behind
+    "init-env-grace-not-a-number": Case(
+        ("init", "--config", "smoke"),
+        "$VQLOG_HEARTBEAT_GRACE must be a whole number of seconds above 0, got 'abc'",
+        env={"VQLOG_HEARTBEAT_GRACE": "abc"}, program="vqlog"),
+    "init-env-grace-within-the-interval": Case(  # accepted, where a sweep refused it
+        ("init", "--config", "smoke"),
+        "$VQLOG_HEARTBEAT_GRACE (5 s) must be longer than $VQLOG_HEARTBEAT_INTERVAL (10 s)",
+        env={"VQLOG_HEARTBEAT_GRACE": "5", "VQLOG_HEARTBEAT_INTERVAL": "10"}, program="vqlog"),
     "env-db-outage-negative": Case((), "$VQLOG_DB_OUTAGE_LIMIT must be a number of seconds above 0",
                                    env={"VQLOG_DB_OUTAGE_LIMIT": "-5"}),  # it was taken as it was
     "table-env-tracking-outage": Case(  # every command: Error: ValueError ..., exit 1

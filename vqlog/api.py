@@ -31,9 +31,14 @@ def check_options(trials: int, timeout: float | None, seed: int | None) -> None:
         raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise UserError(f"--seed must be from 0 to {SEED_MAX} (2**32 - 1), got {seed}")
+    check_environment()
+
+
+def check_environment() -> None:
+    """The environment's tuning knobs, read later by the workers and by `vqlog init`'s storage:
+    a bad one is bad input now, before any file is created."""
     from vqlog.config import env_number
 
-    # The environment's tuning knobs, read later by the workers: a bad one is bad input now.
     for name, integer in (("VQLOG_HEARTBEAT_INTERVAL", True), ("VQLOG_HEARTBEAT_GRACE", True),
                           ("VQLOG_DB_OUTAGE_LIMIT", False), ("VQLOG_TRACKING_OUTAGE_LIMIT", False)):
         env_number(name, 1, integer)

@@ -27,11 +27,12 @@ def init_command_parser(sub) -> None:
 
 
 def init_command(args: argparse.Namespace) -> int:
-    from vqlog.api import prepare, study_spec
+    from vqlog.api import check_environment, prepare, study_spec
     from vqlog.study.existing import check_study
     from vqlog.study.storage import StudyLock, open_study
     from vqlog.urls import mask
 
+    check_environment()  # as a sweep's: its heartbeat variables make the study's storage
     spec = study_spec(args.config, args.study)
     storage, tracker = prepare(spec, args.storage, args.tracking_uri)  # checked, as a sweep's
     tracker.check_experiment(spec.name)
