@@ -58,6 +58,40 @@ def test_processes_are_counted_while_they_live_and_a_killed_ones_file_goes(tmp_p
     assert list(folder.iterdir()) == []
 
 
+SCAN = ("import os, sys\n"
+        "from pathlib import Path\n"
+        "from vqlog.study.cores import CoreShare\n"
+        "folder = Path(sys.argv[1])\n"
+        "share = CoreShare(limit=64, folder=folder)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "over = 0\n"
+        "for i in range(2000):\n"
+        "    (folder / f'999999-dead{os.getpid()}-{i}').write_text('')  # a killed process's\n"
+        "    over += share.processes() > 2\n"
+        "print(over, flush=True)\n"
+        "share.close()\n")
+
+
+def test_two_scans_never_count_a_dead_processs_file_as_live(tmp_path):
+    """Two processes scanning at once, while killed processes' files come and go: one scan's
+    probe of a dead file (an exclusive lock, held while it removed the file) looked like a live
+    process to the other, 25 to 39 scans in 2000, each a trial run with too few threads."""
+    folder = tmp_path / "workers"
+    procs = [subprocess.Popen([sys.executable, "-c", SCAN, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        for p in procs:  # both start scanning together
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        assert [int(p.stdout.readline()) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(30)
+
+
 def test_an_unusable_folder_counts_this_process_as_alone_within_its_limit(tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")

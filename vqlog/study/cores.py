@@ -10,7 +10,8 @@ process may run on. `CoreShare.apply()` sets torch's threads to the process's co
 cores`) / the live processes whose CPUs overlap its own, at least 1 and at most its limit; a
 worker calls it as each trial starts, so the threads follow processes that start and end. A
 file whose lock is free is a dead process's (the kernel drops a killed process's locks) and is
-removed. Where the folder cannot be used, the process counts as alone (still at most its
+removed; the others probe it with a shared lock, so that one scan's probe never looks like a
+live process to another scan. Where the folder cannot be used, the process counts as alone (still at most its
 limit). Processes that do not share a temp folder (most containers) do not see each other, and
 are sized by their own CPU quota.
 """
@@ -80,9 +81,9 @@ class CoreShare:
                 fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:  # removed meanwhile, or not a plain file
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # held: a live process
+            try:  # shared: two scans of a dead process's file do not see each other's probe
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held exclusively: a live process
                 theirs = _cpus(os.pread(fd, 1 << 16, 0))
                 live += not (self.cpus and theirs) or bool(self.cpus & theirs)
             except OSError:
