@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -508,6 +509,21 @@ def test_workers_that_die_before_ending_a_trial_are_not_replaced(tmp_path):
     assert out.count("it had not ended a trial, so no new worker takes its place") == 2
     assert err.startswith("Error: worker ") and len(err.strip().splitlines()) == 1, err
     assert "no worker is left: 0/3 trials finished" in err and "rerun the same command" in err
+
+
+def test_a_worker_whose_gpu_cannot_be_used_says_why(tmp_path):
+    """A worker whose GPU is gone or busy: torch.cuda.set_device raised before the worker's
+    handlers were in, and the parent said only "exited with 1 without a word" after a traceback.
+    On this CPU build torch has no CUDA at all, which fails the same call."""
+    script = ("import multiprocessing, os, sys\n"
+              "from vqlog.study import pool\n"
+              "messages = multiprocessing.Queue()\n"
+              "pool._child(3, {}, 'cuda:1', 1, messages, os.getpid())\n"
+              "print(*messages.get(timeout=30), sep='|')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("error|3|cannot use cuda:1: "), proc.stdout
 
 
 def started_workers(sweep: Worker, n: int) -> set[int]:

@@ -41,7 +41,11 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
 
     torch.set_num_threads(threads)
     if device.startswith("cuda:"):  # the current GPU too, so no library makes a context on GPU 0
-        torch.cuda.set_device(torch.device(device))
+        try:  # a GPU that is gone or busy: the parent says why, not "exited without a word"
+            torch.cuda.set_device(torch.device(device))
+        except Exception as exc:  # noqa: BLE001 - torch's, of any kind, for this worker's line
+            messages.put(("error", index, f"cannot use {device}: {type(exc).__name__}: {exc}"))
+            return
     from vqlog.cli import configure_process
     from vqlog.commands.sweep import stop_on_signals
     from vqlog.study import worker
