@@ -304,12 +304,18 @@ def test_bad_files_raise_a_one_line_data_error_naming_the_file(tmp_path, name, c
     ("no_such_dir/100", None, r"^data source no_such_dir/100: no folder no_such_dir \(relative to "
                               r"the current folder, /.*\); check the path$"),
     ("/no/such/100", None, r"^data source /no/such/100: no folder /no/such; check the path$"),
+    # a mistyped record in a folder that is there, a file of another kind that is not there:
+    # they too were an "unknown data source", as a misspelt ppg
+    ("{tmp}/nosuch", None, r"^no data file or WFDB record at .*/nosuch; check the path \(a data "
+                           r"file is a \.npy, \.csv, .*\)$"),
+    ("sig.txt", 100, r"^no data file or WFDB record at sig\.txt \(relative to the current "
+                     r"folder, /.*\); check the path"),
     ("ppg", 100, r"ppg recordings carry their own sample rates; drop --sample-rate"),
     ("synthetic", -5, r"sample rate must be a positive number of Hz, got -5"),
 ])
-def test_bad_source_names_and_rates(source, sample_rate, message):
+def test_bad_source_names_and_rates(source, sample_rate, message, tmp_path):
     with pytest.raises(DataError, match=message):
-        load_source(source, sample_rate=sample_rate)
+        load_source(source.format(tmp=tmp_path), sample_rate=sample_rate)
 
 
 def test_user_file_without_a_sample_rate_says_to_pass_one(tmp_path):

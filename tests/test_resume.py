@@ -241,6 +241,9 @@ def test_sigterm_checkpoints_the_trial_and_exits_143_and_the_rerun_resumes(tmp_p
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
     assert "Stopped (SIGTERM): the running trial was checkpointed at iteration" in worker.stdout
     assert "Traceback" not in worker.stderr
+    # no Ctrl-C where a scheduler sent the signal (and a second SIGTERM is no faster)
+    assert "SIGTERM: stopping after a checkpoint of the running trial\n" in worker.stderr
+    assert "Ctrl-C" not in worker.stderr
     stopped_at = int(re.search(r"checkpointed at iteration (\d+)", worker.stdout).group(1))
     # the table's iteration cell says what ran (it said the budget, ITERATION)
     assert run.data.metrics["iterations_run"] == stopped_at < ITERATION

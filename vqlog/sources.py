@@ -221,6 +221,9 @@ def _resolve(source: str) -> Path:
     if any(path.parent.glob(f"{path.name}.*")):
         raise DataError(f"WFDB record {source}: its header {source}.hea is missing; give the "
                         "record's path without extension, beside its .hea and signal files")
+    if path.suffix or len(path.parts) > 1:  # a path, not a source's name: a missing file
+        raise DataError(f"no data file or WFDB record at {source}{where}; check the path (a "
+                        f"data file is a {KINDS})")
     raise DataError(f"unknown data source '{source}'; use one of {', '.join(SOURCES)} "
                     f"or a path to a {KINDS}")
 

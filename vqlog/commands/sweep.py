@@ -123,7 +123,8 @@ EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as sh
 def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
                     running: str = "the running trial"):
     """SIGTERM (docker compose stop, Kubernetes, Slurm) and SIGINT (Ctrl-C) ask the worker to
-    stop cleanly; a second Ctrl-C stops it at once. The handlers before are put back after,
+    stop cleanly; a second Ctrl-C stops it at once (a second SIGTERM does not: a scheduler's
+    repeated notice waits for the checkpoint). The handlers before are put back after,
     unless `restore` is False (a worker process of --workers, which sets its own for its exit).
     `quiet`: no line about it (a worker of --workers, whose parent says it once); `running`:
     what that line says is checkpointed."""
@@ -136,8 +137,9 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
                 return
             raise KeyboardInterrupt
         if not stop.is_set() and not quiet:
-            print(f"{name}: stopping after a checkpoint of {running} "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            again = " (Ctrl-C again to stop at once)" if name == "SIGINT" else ""  # no terminal
+            print(f"{name}: stopping after a checkpoint of {running}{again}", file=sys.stderr,
+                  flush=True)
         stop.request(stop.signal or name)
 
     if threading.current_thread() is not threading.main_thread():

@@ -51,14 +51,14 @@ class TrialProgress:
 
     def resumed(self, finished: int) -> None:
         """A study that has finished trials already says so first (the study line gives only the
-        target): `resuming: 12 of 50 trials finished, 38 to run`."""
+        target): `resuming: 12 of 50 trials finished`."""
         self.update(finished)
         if finished >= self.total:
             self.line(f"the study has {finished} finished trial{'s' * (finished != 1)} already "
                       f"(target {self.total}): none to run")
         elif finished:
-            self.line(f"resuming: {finished} of {self.total} trials finished, "
-                      f"{self.total - finished} to run")
+            self.line(f"resuming: {finished} of {self.total} trials finished")  # (a grid may
+            # hold fewer points than are left: the closing line says so)
 
     def line(self, text: str) -> None:
         if self.bar is not None:
