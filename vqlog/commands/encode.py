@@ -23,7 +23,9 @@ def encode_command_parser(sub) -> None:
     add_data_args(p, None, required=True)
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     add_device_arg(p)
-    p.add_argument("--out", required=True, help="the .npy file of code indices to write")
+    p.add_argument("--out", required=True,
+                   help="the file of code indices to write: .npy (an int64 array), or .csv (a "
+                        "header row code0,code1,..., then one row per window)")
     p.add_argument("--stride", type=int, default=None,
                    help="samples between two windows' starts (default: the model's stride; the "
                         "model's window for tokens that cover the signal once)")
@@ -47,6 +49,9 @@ def encode_command(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("--data is required: ppg, synthetic or a data file")
     out = check_out_file(args.out, "--out", "tokens.npy")
+    if out.suffix.lower() not in ("", ".npy", ".csv"):  # np.save's bytes in tokens.txt
+        raise UserError(f"--out {args.out}: tokens are written as .npy or .csv; give a file "
+                        f"such as {out.with_suffix('.npy').name} or {out.with_suffix('.csv').name}")
     index_file = check_out_file(args.index, "--index", "tokens.csv") if args.index is not None \
         else None
     if index_file is not None and index_file.resolve() == out.resolve():
@@ -76,7 +81,10 @@ def encode_command(args: argparse.Namespace) -> int:
     except RateError as exc:  # its advice is for training, which sets resample_hz
         raise DataError(f"{exc.what}; {_rate_advice(exc, cfg)}") from None
     result = encode(model, windows)
-    outputs = [(out, lambda f: np.save(f, result.tokens, allow_pickle=False))]
+    if out.suffix.lower() == ".csv":
+        outputs = [(out, lambda f: f.write(_tokens_csv(result.tokens).encode()))]
+    else:
+        outputs = [(out, lambda f: np.save(f, result.tokens, allow_pickle=False))]
     if index_file is not None:
         outputs.append((index_file, lambda f: f.write(_index_csv(where).encode())))
     atomic_write_all(outputs)  # both or neither: a full disk leaves no tokens without an index
@@ -99,6 +107,15 @@ def _rate_advice(exc, cfg) -> str:
                 (f", resampled to the model's {cfg.resample_hz:g} Hz)" if cfg.resample_hz else ")"))
     return (f"the model takes {cfg.resample_hz:g} Hz: check the data's sample rate "
             "(--sample-rate for a file without one)")
+
+
+def _tokens_csv(tokens) -> str:
+    """The codes as text: a header row code0..code{T-1}, then one row per window."""
+    text = io.StringIO()
+    rows = csv.writer(text, lineterminator="\n")
+    rows.writerow([f"code{t}" for t in range(tokens.shape[1])])
+    rows.writerows(tokens.tolist())
+    return text.getvalue()
 
 
 def _index_csv(where: list[tuple[str, int, float, float]]) -> str:
