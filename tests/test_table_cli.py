@@ -224,13 +224,21 @@ def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatc
     uri = f"sqlite:///{tmp_path}/nope.db"
     code, out, err = cli("table", "--tracking-uri", uri)
     assert code == 2
-    assert err == (f"Error: no MLflow store at {uri}; run vqlog-sweep first or "
-                                       "pass --tracking-uri\n")
+    assert err == f"Error: no MLflow store at {uri}; check --tracking-uri, or run vqlog-sweep first\n"
     assert list(tmp_path.iterdir()) == []
     # The default store, ./mlflow.db, is looked for in the working directory.
     code, out, err = cli("table")
     assert code == 2
-    assert "no MLflow store at sqlite:///mlflow.db" in err
+    assert err == (f"Error: no MLflow store at sqlite:///mlflow.db; run vqlog-sweep first (here, in "
+                   f"{tmp_path}) or pass --tracking-uri\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # it said "pass --tracking-uri" here too
+    code, out, err = cli("table")
+    assert err == (f"Error: no MLflow store at {uri}; check $MLFLOW_TRACKING_URI (the default of "
+                   "--tracking-uri), or run vqlog-sweep first\n")
+    code, out, err = cli("best", "--storage", f"sqlite:///{tmp_path}/other.db")
+    assert err == (f"Error: no Optuna storage at sqlite:///{tmp_path}/other.db; check --storage, "
+                   "or run vqlog-sweep first\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_empty_study_means_the_only_study(store, tmp_path, cli):

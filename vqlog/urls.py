@@ -114,3 +114,15 @@ def same_database(a: str, b: str) -> bool:
 
     x = where(a)
     return x is not None and x == where(b)
+
+
+def missing_store_fix(url: str, flag: str, env: str, default: str) -> str:
+    """What to do about a store a reading command did not find, by where its URL came from: the
+    default (a sweep run in another folder), the environment variable, or the flag."""
+    import os
+
+    if url == default:
+        return f"run vqlog-sweep first (here, in {Path.cwd()}) or pass {flag}"
+    if url == os.environ.get(env):
+        return f"check ${env} (the default of {flag}), or run vqlog-sweep first"
+    return f"check {flag}, or run vqlog-sweep first"

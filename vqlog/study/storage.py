@@ -15,6 +15,7 @@ Past the limit a call raises StorageOutageError (exit 1; rerunning resumes the s
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import uuid
 import warnings
@@ -36,7 +37,7 @@ from vqlog.study.space import check_space
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.study.retries import retry_killed
 from vqlog.tracking.lineage import STUDY_UID
-from vqlog.urls import mask, with_psycopg2
+from vqlog.urls import mask, missing_store_fix, with_psycopg2
 
 SCHEMES = ("sqlite", "postgresql")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -46,14 +47,14 @@ DATA = "vqlog.data"  # study user attr: the data its trials ran on (vqlog.data.D
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
 # What the objective's values are, for optuna-dashboard's axes (not "Objective 0").
 METRIC_NAMES = {"mse": ["final_val_mse"], "pareto": ["final_val_mse", "max_val_perplexity"]}
+_fix = functools.partial(missing_store_fix, flag="--storage", env="OPTUNA_STORAGE", default=DEFAULT_STORAGE)
 
 
 # ------------------------------------------------------------------------------------ URLs
 
 
 def resolve_storage(url: str | None) -> str:
-    """The storage URL a command uses: the flag, else $OPTUNA_STORAGE, else the embedded
-    sqlite:///optuna.db."""
+    """The storage URL a command uses: the flag, else $OPTUNA_STORAGE, else sqlite:///optuna.db."""
     return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
 
 
@@ -190,7 +191,7 @@ def load_existing_study(url: str, name: str | None) -> optuna.Study:
     parsed = parse_url(url)
     file = Path(parsed.database).expanduser() if parsed.get_backend_name() == "sqlite" else None
     if file is not None and not file.is_file():
-        raise UserError(f"no Optuna storage at {mask(url)}; run vqlog-sweep first or pass --storage")
+        raise UserError(f"no Optuna storage at {mask(url)}; {_fix(url)}")
     try:
         storage = read_only_storage(url)
         names = optuna.get_all_study_names(storage)
@@ -199,15 +200,14 @@ def load_existing_study(url: str, name: str | None) -> optuna.Study:
         # is an OperationalError as a lost connection is, and a dead server is waited for twice)
         check_reachable(url)
         if file is not None and file.stat().st_size == 0:
-            raise UserError(f"{mask(url)} is an empty SQLite file, not an Optuna storage; run "
-                            "vqlog-sweep first or pass --storage") from None
+            raise UserError(f"{mask(url)} is an empty SQLite file, not an Optuna storage; "
+                            f"{_fix(url)}") from None
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
     if name is None and len(names) == 1:
         name = names[0]
     elif name is None:
         raise UserError(f"several studies in {mask(url)} ({', '.join(sorted(names))}); choose one "
-                        "with --study" if names else f"{mask(url)} holds no study; run "
-                        "vqlog-sweep first or pass --storage")
+                        "with --study" if names else f"{mask(url)} holds no study; {_fix(url)}")
     if name not in names:
         there = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"
         raise UserError(f"no study '{name}' in {mask(url)} ({there}); check --study and --storage")

@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 from vqlog.config import env_number
 from vqlog.errors import TrackingUnavailable, UserError, find_cause, one_line
-from vqlog.urls import absolute_sqlite, mask, mask_urls, password, sqlite_path, with_psycopg2
+from vqlog.urls import (absolute_sqlite, mask, mask_urls, missing_store_fix, password, sqlite_path,
+                        with_psycopg2)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -277,8 +278,8 @@ def existing_store(uri: str | None) -> str:
     checked = store_uri(given)
     path = sqlite_path(checked)
     if path is not None and not path.is_file():
-        raise MissingStore(f"no MLflow store at {given}; run vqlog-sweep first or pass "
-                           "--tracking-uri")
+        raise MissingStore(f"no MLflow store at {given}; " + missing_store_fix(
+            given, "--tracking-uri", "MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     if path is None:
         return checked
     with _store_lock(checked):  # a store a sweep is creating now is waited for
