@@ -171,7 +171,13 @@ BAD = {
     "unknown objective": (GOOD + "objective: best\n", ["objective", "mse"]),
     "unknown sampler": (GOOD + "sampler: cmaes\n", ["sampler", "tpe"]),
     "unknown pruner": (GOOD + "pruner: asha\n", ["pruner", "hyperband"]),
-    "grid with float range": (GOOD + "sampler: grid\n", ["space.lr", "grid"]),
+    "grid with float range": (GOOD + "sampler: grid\n", ["space.lr", "grid", "not a float range"]),
+    # 8..24 is a grid's list; 8..25 said only "not a range"
+    "grid with a long int range": (edit("batch: [8, 16]", "batch: {type: int, low: 8, high: 25}")
+                                   .replace("lr: {type: float, low: 1e-4, high: 1e-2, log: true}",
+                                            "lr: [1.0e-3]") + "sampler: grid\n",
+                                   ["space.batch", "not an int range of 18 values (one of up to "
+                                                   "17 is taken as its list)"]),
     "grid without a space": ("name: g\nsampler: grid\n", ["sampler: grid needs a space"]),
     "enqueue not a list": (GOOD.split("enqueue:")[0] + "enqueue: {batch: 8}\n", ["enqueue", "list"]),
     "enqueue row empty": (GOOD.split("enqueue:")[0] + "enqueue: [{}]\n", ["enqueue[0]"]),

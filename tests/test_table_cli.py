@@ -181,7 +181,7 @@ def test_another_lang_than_the_published_one_writes_its_file_and_leaves_the_stud
 def test_two_studies_without_study_is_an_error_listing_them(store, tmp_path, cli):
     code, out, err = cli("table", "--tracking-uri", store)
     assert code == 2
-    assert err == "Error: several studies here (alpha, beta); choose one with --study\n"
+    assert err == f"Error: several studies in {store} (alpha, beta); choose one with --study\n"
     assert not (tmp_path / "results").exists()
 
 

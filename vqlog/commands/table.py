@@ -108,9 +108,10 @@ def _find_study(client, study: str | None) -> tuple[str | None, str]:
     if study is None:
         names = study_names(client)
         if len(names) > 1:
-            raise UserError(f"several studies here ({', '.join(names)}); choose one with --study")
+            raise UserError(f"several studies in {client.describe} ({', '.join(names)}); choose "
+                            "one with --study")
         if not names:
-            return None, "no vqlog study in this MLflow store; run vqlog-sweep first"
+            return None, f"no vqlog study in the MLflow store {client.describe}; run vqlog-sweep first"
         study = names[0]
     try:
         study_experiment(client, study)

@@ -64,8 +64,10 @@ class Param:
             return list(self.choices)
         if self.kind == "int" and self.high - self.low <= 16:
             return list(range(int(self.low), int(self.high) + 1))
+        size = (f"an int range of {int(self.high - self.low) + 1} values (one of up to 17 is "
+                "taken as its list)" if self.kind == "int" else "a float range")
         raise ConfigError(
-            f"space.{self.name}: the grid sampler needs a list of choices, not a range"
+            f"space.{self.name}: the grid sampler needs a list of choices, not {size}"
         )
 
 
