@@ -24,8 +24,9 @@ def encode_command_parser(sub) -> None:
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
     add_device_arg(p)
     p.add_argument("--out", required=True,
-                   help="the file of code indices to write: .npy (an int64 array), or .csv (a "
-                        "header row code0,code1,..., then one row per window)")
+                   help="the file of code indices to write: an int64 array in .npy format, or "
+                        "for a name ending .csv text (a header row code0,code1,..., then one row "
+                        "per window)")
     p.add_argument("--stride", type=int, default=None,
                    help="samples between two windows' starts (default: the model's stride; the "
                         "model's window for tokens that cover the signal once)")
@@ -49,9 +50,6 @@ def encode_command(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("--data is required: ppg, synthetic or a data file")
     out = check_out_file(args.out, "--out", "tokens.npy")
-    if out.suffix.lower() not in ("", ".npy", ".csv"):  # np.save's bytes in tokens.txt
-        raise UserError(f"--out {args.out}: tokens are written as .npy or .csv; give a file "
-                        f"such as {out.with_suffix('.npy').name} or {out.with_suffix('.csv').name}")
     index_file = check_out_file(args.index, "--index", "tokens.csv") if args.index is not None \
         else None
     if index_file is not None and index_file.resolve() == out.resolve():
