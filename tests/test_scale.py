@@ -514,16 +514,23 @@ def test_workers_that_die_before_ending_a_trial_are_not_replaced(tmp_path):
 def test_a_worker_whose_gpu_cannot_be_used_says_why(tmp_path):
     """A worker whose GPU is gone or busy: torch.cuda.set_device raised before the worker's
     handlers were in, and the parent said only "exited with 1 without a word" after a traceback.
-    On this CPU build torch has no CUDA at all, which fails the same call."""
+    Now the worker's note says why, and it dies as a worker that ended no trial does (the others
+    go on: test_workers_that_die_before_ending_a_trial_are_not_replaced). On this CPU build
+    torch has no CUDA at all, which fails the same call; on a GPU host, GPU 99 is not there."""
     script = ("import multiprocessing, os, sys\n"
               "from vqlog.study import pool\n"
               "messages = multiprocessing.Queue()\n"
-              "pool._child(3, {}, 'cuda:1', 1, messages, os.getpid())\n"
-              "print(*messages.get(timeout=30), sep='|')\n")
+              "try:\n"
+              "    pool._child(3, {}, 'cuda:99', 1, messages, os.getpid())\n"
+              "except SystemExit as exc:\n"
+              "    print(*messages.get(timeout=30), sep='|')\n"
+              "    print(pool._death(exc.code))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert proc.stdout.startswith("error|3|cannot use cuda:1: "), proc.stdout
+    note, death = proc.stdout.splitlines()
+    assert note.startswith("note|3|worker 3: cannot use cuda:99: "), proc.stdout
+    assert death == "could not use its GPU"
 
 
 def started_workers(sweep: Worker, n: int) -> set[int]:

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 from datetime import datetime
 from multiprocessing import resource_tracker
 from typing import Callable
@@ -27,6 +28,7 @@ from vqlog.study.hosts import placements
 POLL_SECONDS = 1.0
 # The signals a worker stops cleanly on; blocked in it from its start until its handlers are in.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+NO_DEVICE = 3  # a worker's exit code where its GPU could not be used (its note says why)
 
 
 def _child(index: int, job: dict, device: str, threads: int, messages, parent: int) -> None:
@@ -41,11 +43,12 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
 
     torch.set_num_threads(threads)
     if device.startswith("cuda:"):  # the current GPU too, so no library makes a context on GPU 0
-        try:  # a GPU that is gone or busy: the parent says why, not "exited without a word"
+        try:  # a GPU that is gone or busy: a death with its reason (the others go on)
             torch.cuda.set_device(torch.device(device))
         except Exception as exc:  # noqa: BLE001 - torch's, of any kind, for this worker's line
-            messages.put(("error", index, f"cannot use {device}: {type(exc).__name__}: {exc}"))
-            return
+            messages.put(("note", index, f"worker {index}: cannot use {device}: "
+                                         f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
+            sys.exit(NO_DEVICE)
     from vqlog.cli import configure_process
     from vqlog.commands.sweep import stop_on_signals
     from vqlog.study import worker
@@ -308,7 +311,8 @@ def _death(exitcode: int) -> str:
             return f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             return f"was killed by signal {-exitcode}"
-    return f"exited with {exitcode} without a word"
+    return "could not use its GPU" if exitcode == NO_DEVICE else \
+        f"exited with {exitcode} without a word"
 
 
 def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = "cpu",
@@ -346,7 +350,6 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         return db(finished_once)
 
     progress = TrialProgress(trials, out)
-    progress.resumed(finished())
     count = FinishedCount(finished_once, optuna_storage)
 
     def tick() -> None:
@@ -361,6 +364,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     lost: list[str] = []
     unsaid = [0, 0]
     try:
+        progress.resumed(finished())
         if finished() < trials:  # a study at its target starts no worker (each would only look)
             summaries, lost, unsaid = run_pool(job, workers, device, gpus, stop,
                                                out=progress.line, tick=tick)

@@ -98,10 +98,10 @@ class Worker:
     def run(self) -> SweepSummary:
         self._open()
         self.progress = TrialProgress(self.target, self.out, bar=self.bar)
-        if self.bar:  # a worker of --workers leaves it to the parent
-            self.progress.resumed(self._count()[0])
         self.said_waiting = False  # the line on a wait for other workers' trials, said once
         try:
+            if self.bar:  # a worker of --workers leaves it to the parent
+                self.progress.resumed(self._count()[0])
             while (trial := self._next_trial()) is not None:
                 trial_id = self._db(lambda: self.storage.get_trial_id_from_study_id_trial_number(
                     self.study_id, trial.number))
