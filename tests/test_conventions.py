@@ -260,7 +260,11 @@ def test_best_answers_without_its_tracking_store(swept, tmp_path, cli):
 
 def test_best_gives_no_link_to_a_deleted_run_or_experiment(swept, cli):
     """The best trial's run, then the study's experiment, deleted in the MLflow UI: `best` gave
-    a link that opens on an error page. It says how to restore them instead."""
+    a link that opens on an error page. It says how to restore them instead, with a command that
+    does it (run here, as a user pastes it: the mlflow command finds the store only through
+    MLFLOW_TRACKING_URI)."""
+    import shlex
+
     from mlflow import MlflowClient
 
     client = MlflowClient(swept.uri)
@@ -269,23 +273,39 @@ def test_best_gives_no_link_to_a_deleted_run_or_experiment(swept, cli):
     code, out, _ = cli(*best)
     run_id = out.split("/runs/")[1].strip()
     assert code == 0 and f"#/experiments/{exp.experiment_id}/runs/{run_id}" in out, out
+    mlflow_bin = str(SWEEP_BIN.parent / "mlflow")
+
+    def paste(line: str) -> None:  # the advice's command, run as given
+        env_var, *command = shlex.split(line.split("`")[1])
+        name, value = env_var.split("=", 1)
+        proc = subprocess.run([mlflow_bin, *command[1:]], env={**os.environ, name: value},
+                              capture_output=True, text=True, timeout=120, cwd=swept.folder)
+        assert proc.returncode == 0, proc.stderr
+
     client.delete_run(run_id)
     try:
         code, out, err = cli(*best)
         assert code == 0 and err == "", err
-        assert f"run:  {run_id} (deleted in MLflow; restore it with `mlflow runs restore --run-id " \
-               f"{run_id}`)\n" in out, out
+        assert f"run:  {run_id} (deleted in MLflow; restore it with `MLFLOW_TRACKING_URI=" \
+               f"{swept.uri} mlflow runs restore --run-id {run_id}`)\n" in out, out
+        paste(out.split("run:  ")[1])
+        assert client.get_run(run_id).info.lifecycle_stage == "active"
         client.delete_experiment(exp.experiment_id)
         try:
             code, out, err = cli(*best)
+            assert code == 0 and err == "", err
+            assert f"(the MLflow experiment 'conv' is deleted; restore it with `MLFLOW_TRACKING_URI=" \
+                   f"{swept.uri} mlflow experiments restore --experiment-id {exp.experiment_id}`)\n" \
+                   in out, out
+            assert "http" not in out
+            paste(out.split("run:  ")[1])
+            assert client.get_experiment(exp.experiment_id).lifecycle_stage == "active"
         finally:
-            client.restore_experiment(exp.experiment_id)
+            if client.get_experiment(exp.experiment_id).lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
     finally:
-        client.restore_run(run_id)
-    assert code == 0 and err == "", err
-    assert f"(the MLflow experiment 'conv' is deleted; restore it with `mlflow experiments " \
-           f"restore --experiment-id {exp.experiment_id}`)\n" in out, out
-    assert "http" not in out
+        if client.get_run(run_id).info.lifecycle_stage == "deleted":
+            client.restore_run(run_id)
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(swept, tmp_path):

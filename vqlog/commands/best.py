@@ -65,13 +65,17 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
     exp = client.get_experiment_by_name(study)
     if exp is None:
         return f"{run_id} (no MLflow experiment '{study}' at {mask(uri)})"
+    # the mlflow command reads the store from MLFLOW_TRACKING_URI (it has no flag for it)
+    cli = "mlflow" if uri == "sqlite:///mlflow.db" else f"MLFLOW_TRACKING_URI={mask(uri)} mlflow"
     if exp.lifecycle_stage == "deleted":  # its page would open on an error
         return (f"{run_id} (the MLflow experiment '{study}' is deleted; restore it with "
-                f"`mlflow experiments restore --experiment-id {exp.experiment_id}`)")
+                f"`{cli} experiments restore --experiment-id {exp.experiment_id}`)")
     try:
         deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"
-    except MlflowException:  # deleted for good (`mlflow gc`)
-        return f"{run_id} (no such run at {mask(uri)} any more)"
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return f"{run_id} (no such run at {mask(uri)} any more: deleted for good)"
     if deleted:
-        return f"{run_id} (deleted in MLflow; restore it with `mlflow runs restore --run-id {run_id}`)"
+        return f"{run_id} (deleted in MLflow; restore it with `{cli} runs restore --run-id {run_id}`)"
     return ui_link(uri, exp.experiment_id).split("/runs?")[0] + f"/runs/{run_id}"
