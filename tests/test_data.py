@@ -373,11 +373,21 @@ def test_a_table_of_channels_whose_row_fails_a_check_says_to_take_one_with_chann
                                         r"otherwise check the file or column$"):
         load_source(str(path), sample_rate=100)
     gap = tmp_path / "gap.csv"
-    gap.write_text("time,ppg,ecg\n0.01,1.5,2\n0.02,,3\n0.03,2.5,1\n")
+    gap.write_text("time,ppg,ecg\n0.01,1.5,2\n0.02,,3\n0.03,2.5,1\n0.04,2.7,1\n")
     with pytest.raises(DataError, match=r"gap\.csv\[1\]: 1 of 3 samples are NaN .*; the file is "
-                                        r"read as one signal per row \(3 rows\): .*\(its columns: "
+                                        r"read as one signal per row \(4 rows\): .*\(its columns: "
                                         r"time, ppg, ecg\); otherwise fill or drop them first$"):
         load_source(str(gap), sample_rate=100)
+    long_rows = tmp_path / "recordings.npy"  # 3 recordings of 500 samples, one with a NaN:
+    rows = np.sin(np.arange(1500) / 7).reshape(3, 500)  # no channels to take
+    rows[1, 7] = np.nan
+    np.save(long_rows, rows)
+    with pytest.raises(DataError, match=r"recordings\.npy\[1\]: 1 of 500 samples are NaN or Inf "
+                                        r"\(first at sample 7\); fill or drop them first$"):
+        load_source(str(long_rows), sample_rate=100)
+    from vqlog.tables import rows_hint  # a record's stretches are no table's rows
+
+    assert rows_hint(["rec:PLETH[0:500]", "rec:PLETH[900:2000]"]) == ""
     one = tmp_path / "one.csv"  # a single signal: no hint
     one.write_text("ppg\n" + "1\n" * 50)
     with pytest.raises(DataError, match=r"one\.csv is constant \(std 0\), nothing to learn; check "

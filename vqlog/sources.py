@@ -78,7 +78,8 @@ def load_source(source: str, sample_rate: float | None = None, seed: int = 0,
         try:
             check_signal(rec)
         except DataError as exc:  # a row of two samples: perhaps the table's columns are channels
-            hint = tables.rows_hint([r.name for r in recordings])
+            short = rec.signal.size < len(recordings)  # a tall table, not one of long signals
+            hint = tables.rows_hint([r.name for r in recordings]) if short else ""
             what, _, fix = str(exc).rpartition("; ")
             raise DataError(f"{what}; {hint}; otherwise {fix}" if hint and what else str(exc)
                             ) from None

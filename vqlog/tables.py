@@ -8,12 +8,15 @@ likely channels, `rows_hint` says how to take one.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
 
 from vqlog import records
 from vqlog.errors import DataError, one_line
+
+_ROW = re.compile(r".*\.(npy|csv|parquet)\[\d+\]", re.IGNORECASE)  # `x.csv[3]`: a table's row 3
 
 
 def read_table(path: Path) -> np.ndarray | list[np.ndarray]:
@@ -146,8 +149,8 @@ def _read_parquet(path: Path) -> np.ndarray | list[np.ndarray]:
 def rows_hint(names: list[str]) -> str:
     """For recordings that are the rows of one table (`x.npy[3]`): perhaps its columns were
     meant as channels; a CSV's header row or a Parquet table's columns are named."""
-    if len(names) < 2 or not all(name.endswith("]") for name in names):
-        return ""
+    if len(names) < 2 or not all(_ROW.fullmatch(name) for name in names):
+        return ""  # (a record's stretches, `rec:PLETH[0:500]`, are no table's rows)
     path = names[0].rsplit("[", 1)[0]
     if path.lower().endswith(".npy"):
         take = "save one as a 1-D array (np.save(path, x[:, k]))"
