@@ -132,13 +132,16 @@ def test_ctrl_c_without_watch_is_interrupted_exit_130(tmp_path):
                                  "--tracking-uri", uri], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(4)  # imported, and waiting for the server's answer
+            server.settimeout(120)
+            client, _ = server.accept()  # imported, and waiting for the server's answer
+            time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    client.close()
     assert (proc.returncode, out, err) == (130, "", "Interrupted.\n")
     assert list(tmp_path.iterdir()) == []
 
