@@ -241,6 +241,9 @@ def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatc
     code, out, err = cli("best", "--storage", f"sqlite:///{tmp_path}/other.db")
     assert err == (f"Error: no Optuna storage at sqlite:///{tmp_path}/other.db; check --storage, "
                    "or run vqlog-sweep first\n")
+    code, out, err = cli("best", "--storage", "sqlite:///optuna.db")  # the default, typed out
+    assert err == ("Error: no Optuna storage at sqlite:///optuna.db; check --storage, or run "
+                   "vqlog-sweep first\n")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -129,6 +129,10 @@ BAD = {  # name: (arguments, fragment of the Error line); {m} is a model file, {
     "too short": (["encode", "--model", "{m}", "--data", "{f}/short.npy", "--sample-rate", "25"],
                   "shorter than one window"),
     "no data": (["encode", "--model", "{m}"], "the following arguments are required: --data"),
+    # CSV text under a .npy name
+    "index not csv": (["encode", "--model", "{m}", "--data", "synthetic", "--index", "{f}/i.npy"],
+                      "--index {f}/i.npy: the index is CSV text; give a .csv file, e.g. --index "
+                      "i.csv"),
 }
 
 
@@ -144,6 +148,7 @@ def test_bad_input_is_one_error_line_exit_2_and_no_output(swept, tmp_path, cli, 
     _short_signal(tmp_path / "short.npy")
     args, fragment = BAD[case]
     args = [a.format(f=tmp_path, m=tmp_path / "model.pt") for a in args]
+    fragment = fragment.format(f=tmp_path)
     extra = swept.common if args[0] == "export" else ["--tracking-uri", swept.uri]
     if "--storage" in args:
         extra = ["--tracking-uri", swept.uri]

@@ -116,13 +116,14 @@ def same_database(a: str, b: str) -> bool:
     return x is not None and x == where(b)
 
 
-def missing_store_fix(url: str, flag: str, env: str, default: str) -> str:
-    """What to do about a store a reading command did not find, by where its URL came from: the
-    default (a sweep run in another folder), the environment variable, or the flag."""
+def missing_store_fix(given: str | None, flag: str, env: str) -> str:
+    """What to do about a store a reading command did not find, by where its URL came from:
+    `given` with the flag, else the environment variable, else the default (a sweep run in
+    another folder)."""
     import os
 
-    if url == default:
-        return f"run vqlog-sweep first (here, in {Path.cwd()}) or pass {flag}"
-    if url == os.environ.get(env):
+    if given is not None:
+        return f"check {flag}, or run vqlog-sweep first"
+    if os.environ.get(env):
         return f"check ${env} (the default of {flag}), or run vqlog-sweep first"
-    return f"check {flag}, or run vqlog-sweep first"
+    return f"run vqlog-sweep first (here, in {Path.cwd()}) or pass {flag}"

@@ -19,13 +19,13 @@ def best_command_parser(sub) -> None:
 
 def best_command(args: argparse.Namespace) -> int:
     from vqlog.errors import UserError
-    from vqlog.study.storage import load_existing_study, resolve_storage
+    from vqlog.study.storage import load_existing_study
     from vqlog.tracking.lineage import RUN_ID
     from vqlog.study.worker import best_trial
     from vqlog.tracking.client import resolve_tracking_uri
     from vqlog.tracking.rows import run_name
 
-    study = load_existing_study(resolve_storage(args.storage), args.study)
+    study = load_existing_study(args.storage, args.study)
     args.study = study.study_name  # given, or the storage's only one
     best = best_trial(study)
     if best is None:

@@ -44,7 +44,7 @@ def export_command(args: argparse.Namespace) -> int:
     from vqlog import checkpoint
     from vqlog.errors import UserError
     from vqlog.files import atomic_write
-    from vqlog.study.storage import load_existing_study, resolve_storage
+    from vqlog.study.storage import load_existing_study
     from vqlog.study.worker import best_trial
     from vqlog.tracking.artifacts import trial_runs, weights_of_run
     from vqlog.tracking.client import existing_store, open_client
@@ -52,7 +52,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     out = check_out_file(args.out, "--out", "model.pt")
     number = trial_number(args.trial)
-    study = load_existing_study(resolve_storage(args.storage), args.study)
+    study = load_existing_study(args.storage, args.study)
     args.study = study.study_name  # given, or the storage's only one
     trials = study.get_trials(deepcopy=False)
     if number is None:

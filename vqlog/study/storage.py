@@ -15,7 +15,6 @@ Past the limit a call raises StorageOutageError (exit 1; rerunning resumes the s
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import uuid
 import warnings
@@ -47,7 +46,6 @@ DATA = "vqlog.data"  # study user attr: the data its trials ran on (vqlog.data.D
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
 # What the objective's values are, for optuna-dashboard's axes (not "Objective 0").
 METRIC_NAMES = {"mse": ["final_val_mse"], "pareto": ["final_val_mse", "max_val_perplexity"]}
-_fix = functools.partial(missing_store_fix, flag="--storage", env="OPTUNA_STORAGE", default=DEFAULT_STORAGE)
 
 
 # ------------------------------------------------------------------------------------ URLs
@@ -185,13 +183,14 @@ def read_only_storage(url: str) -> optuna.storages.RDBStorage:
                                       skip_table_creation=True)
 
 
-def load_existing_study(url: str, name: str | None) -> optuna.Study:
-    """An existing study, read-only: no file, table or study is created (commands that only
-    read, like `vqlog export`); `name` None: the only study. UserError names what is missing."""
+def load_existing_study(given: str | None, name: str | None) -> optuna.Study:
+    """The existing study of --storage `given` (or its default), read-only: no file, table or
+    study is created; `name` None: the only study. UserError names what is missing."""
+    url, fix = resolve_storage(given), missing_store_fix(given, "--storage", "OPTUNA_STORAGE")
     parsed = parse_url(url)
     file = Path(parsed.database).expanduser() if parsed.get_backend_name() == "sqlite" else None
     if file is not None and not file.is_file():
-        raise UserError(f"no Optuna storage at {mask(url)}; {_fix(url)}")
+        raise UserError(f"no Optuna storage at {mask(url)}; {fix}")
     try:
         storage = read_only_storage(url)
         names = optuna.get_all_study_names(storage)
@@ -201,13 +200,13 @@ def load_existing_study(url: str, name: str | None) -> optuna.Study:
         check_reachable(url)
         if file is not None and file.stat().st_size == 0:
             raise UserError(f"{mask(url)} is an empty SQLite file, not an Optuna storage; "
-                            f"{_fix(url)}") from None
+                            f"{fix}") from None
         raise UserError(f"cannot open the Optuna storage {mask(url)}: {root_cause(exc)}") from None
     if name is None and len(names) == 1:
         name = names[0]
     elif name is None:
         raise UserError(f"several studies in {mask(url)} ({', '.join(sorted(names))}); choose one "
-                        "with --study" if names else f"{mask(url)} holds no study; {_fix(url)}")
+                        "with --study" if names else f"{mask(url)} holds no study; {fix}")
     if name not in names:
         there = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"
         raise UserError(f"no study '{name}' in {mask(url)} ({there}); check --study and --storage")

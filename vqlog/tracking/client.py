@@ -278,8 +278,8 @@ def existing_store(uri: str | None) -> str:
     checked = store_uri(given)
     path = sqlite_path(checked)
     if path is not None and not path.is_file():
-        raise MissingStore(f"no MLflow store at {given}; " + missing_store_fix(
-            given, "--tracking-uri", "MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+        raise MissingStore(f"no MLflow store at {given}; "
+                           + missing_store_fix(uri, "--tracking-uri", "MLFLOW_TRACKING_URI"))
     if path is None:
         return checked
     with _store_lock(checked):  # a store a sweep is creating now is waited for
