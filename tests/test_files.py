@@ -140,7 +140,7 @@ def test_dev_stdout_on_a_pipe_is_written_through(tmp_path):
 
     import numpy as np
 
-    from tests._sweep_helpers import SWEEP_BIN
+    from _sweep_helpers import SWEEP_BIN
     from vqlog import checkpoint
     from vqlog.config import Config
     from vqlog.model.vqvae import VQVAE
@@ -168,7 +168,7 @@ def test_train_save_dev_stdout_is_the_model_alone(tmp_path):
 
     import torch
 
-    from tests._sweep_helpers import SWEEP_BIN
+    from _sweep_helpers import SWEEP_BIN
 
     sets = ["iteration=4", "eval_every=2", "d_model=8", "d_state=8", "n_layers=1", "window=64",
             "stride=64", "embedding_dim=8", "embedding_num=16", "batch=4"]

@@ -52,9 +52,6 @@ def encode_command(args: argparse.Namespace) -> int:
     out = check_out_file(args.out, "--out", "tokens.npy")
     index_file = check_out_file(args.index, "--index", "tokens.csv") if args.index is not None \
         else None
-    if index_file is not None and index_file.suffix.lower() not in ("", ".csv"):
-        raise UserError(f"--index {args.index}: the index is CSV text; give a .csv file, e.g. "
-                        f"--index {index_file.with_suffix('.csv').name}")
     if index_file is not None and index_file.resolve() == out.resolve():
         raise UserError(f"--out and --index are one file ({args.out}); give each its own, e.g. "
                         "--out tokens.npy --index tokens.csv")
@@ -63,6 +60,9 @@ def encode_command(args: argparse.Namespace) -> int:
             if written is not None and _same_file(read, written):
                 raise UserError(f"{flag} {written} is the {given} file, which it would "
                                 "overwrite; write the tokens to another file")
+    if index_file is not None and index_file.suffix.lower() not in ("", ".csv"):
+        raise UserError(f"--index {args.index}: the index is CSV text; give a .csv file, e.g. "
+                        f"--index {index_file.with_suffix('.csv').name}")
     if args.stride is not None and args.stride < 1:
         raise UserError(f"--stride must be a number of samples >= 1, got {args.stride}")
     device = resolve_device(args.device)
