@@ -897,6 +897,25 @@ def test_sigterm_to_the_workers_alone_is_a_stop_of_the_sweep(tmp_path):
     assert states(trials).get("WAITING") == 2 and len(finished(trials)) < 3
 
 
+def test_sigint_to_the_sweep_alone_is_a_ctrl_c_in_every_worker(tmp_path):
+    """`kill -INT` of the sweep's own process, not its process group as a terminal's Ctrl-C:
+    the workers get only the SIGTERM the sweep forwards. Their trials said "stopped (SIGTERM)"
+    while the sweep said "Stopped (SIGINT)"; the sweep's reason is theirs now."""
+    args, storage, uri, first = two_worker_sweep(tmp_path, "parent-sigint")
+    try:
+        two_running(uri, "parent-sigint", first)
+        first.signal(signal.SIGINT)
+        rc = first.wait(120)
+    finally:
+        first.kill()
+    assert rc == 130, first.output()
+    assert "Stopped (SIGINT): the 2 running trials were checkpointed" in first.stdout, first.output()
+    trials = study_trials(storage, "parent-sigint")
+    stopped = [t for t in trials if t.state.name == "FAIL"]
+    assert len(stopped) == 2 and {t.user_attrs["fail_reason"] for t in stopped} == {
+        "stopped (SIGINT); resumes on rerun"}, first.output()
+
+
 def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
     # Long enough that both first trials are still training when the signal comes, a second
     # after both runs show RUNNING (a few iterations in); the rerun trains what is left of them

@@ -31,13 +31,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NO_DEVICE = 3  # a worker's exit code where its GPU could not be used (its note says why)
 
 
-def _child(index: int, job: dict, device: str, threads: int, messages, parent: int) -> None:
+def _child(index: int, job: dict, device: str, threads: int, messages, parent: int,
+           why) -> None:
     """One worker process: its threads, its own clean stop on signals, its lines to the parent.
 
     It starts with SIGINT and SIGTERM blocked (`_signals_blocked`, inherited through the spawn):
     a Ctrl-C or the parent's SIGTERM that comes while it imports torch waits until its handlers
     are in, and then asks for the same clean stop as one that comes mid-trial, instead of a
-    KeyboardInterrupt traceback from an import or a death by SIGTERM's default action."""
+    KeyboardInterrupt traceback from an import or a death by SIGTERM's default action.
+    `why` holds the signal the sweep stopped for (0 before): the SIGTERM the parent forwards
+    stops this worker for that reason (a `kill -INT` of the parent alone is a Ctrl-C here too)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool
     import torch
 
@@ -57,6 +60,9 @@ def _child(index: int, job: dict, device: str, threads: int, messages, parent: i
 
     configure_process()
     stop = worker.StopRequest()
+    ask = stop.request
+    stop.request = lambda name: ask(signal.Signals(why.value).name  # type: ignore[method-assign]
+                                    if why.value and name == "SIGTERM" else name)
     with stop_on_signals(stop, quiet=True, restore=False):
         try:
             if hasattr(signal, "pthread_sigmask"):
@@ -159,13 +165,14 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     _quiet_tracker()
     ctx = multiprocessing.get_context("spawn")
     messages = ctx.Queue()
+    why = ctx.RawValue("i", 0)  # the signal the sweep stops for, as the workers read it
     places = placements(n, device, gpus)
 
     procs: list = []  # slot i: worker i's process (a replacement takes its slot)
 
     def start(i: int) -> None:
         dev, threads = places[i]
-        p = ctx.Process(target=_child, args=(i, job, dev, threads, messages, os.getpid()),
+        p = ctx.Process(target=_child, args=(i, job, dev, threads, messages, os.getpid(), why),
                         daemon=False, name=f"vqlog-worker-{i}")
         # The tracker that multiprocessing starts for a process's shared resources unblocks
         # SIGINT and SIGTERM in this thread when it is (re)started inside `start()`: started
@@ -224,6 +231,8 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
         while any(p.is_alive() for p in procs) or not messages.empty() or not all(said):
             if stop.is_set() and not forwarded:
                 forwarded = True
+                if stop.signal in ("SIGINT", "SIGTERM"):  # not another worker's error
+                    why.value = signal.Signals[stop.signal]
                 for p in procs:  # SIGTERM: a clean stop, also where the terminal's Ctrl-C did not reach
                     if p.is_alive():
                         os.kill(p.pid, signal.SIGTERM)
@@ -267,44 +276,6 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     return summaries, lost, unsaid
 
 
-class FinishedCount:
-    """The study's finished-trial count for the parent's progress bar, read on a thread of its
-    own about every POLL_SECONDS: the parent's loop (the workers' lines, stops passed on, deaths)
-    never waits on the database, not even while a new connection waits out an outage
-    (`storage.open_study`'s connect listener). A read that fails on a lost connection is skipped
-    (the workers ride the outage out); any other error is raised in the loop by `raise_failed`."""
-
-    def __init__(self, read: Callable[[], int], storage) -> None:
-        import threading
-
-        self.value: int | None = None
-        self._read, self._storage = read, storage
-        self._error: BaseException | None = None
-        self._closed = threading.Event()
-        threading.Thread(target=self._run, name="vqlog-progress-count", daemon=True).start()
-
-    def _run(self) -> None:
-        from vqlog.study.outage import is_connection_error
-
-        while not self._closed.is_set():
-            try:
-                self.value = self._read()
-            except Exception as exc:  # noqa: BLE001 - handed to the loop unless a lost connection
-                if not is_connection_error(exc):
-                    self._error = exc
-                    return
-                self._storage.remove_session()  # this thread's session: a new connection next
-            self._closed.wait(POLL_SECONDS)
-
-    def raise_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def close(self) -> None:
-        """No more reads; one under way (perhaps waiting for the database) is not waited for."""
-        self._closed.set()
-
-
 def _death(exitcode: int) -> str:
     if exitcode < 0:
         try:
@@ -323,7 +294,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     creates the study and its MLflow experiment and study run first, so the workers only load
     them."""
     from vqlog.data import DataCache
-    from vqlog.study.progress import TrialProgress
+    from vqlog.study.progress import FinishedCount, TrialProgress
     from vqlog.study.outage import retrying
     from vqlog.study.storage import StudyLock, fail_stale_trials, open_study
     from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
@@ -350,7 +321,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         return db(finished_once)
 
     progress = TrialProgress(trials, out)
-    count = FinishedCount(finished_once, optuna_storage)
+    count = FinishedCount(finished_once, optuna_storage, POLL_SECONDS)
 
     def tick() -> None:
         count.raise_failed()

@@ -77,3 +77,41 @@ class TrialProgress:
 def best_text(best: FrozenTrial | None) -> str:
     """The best trial so far (`vqlog.study.worker.best_trial`) as a trial line ends with it."""
     return "" if best is None else f"{best.values[0]:.4g} ({run_name(best.number)})"
+
+
+class FinishedCount:
+    """The study's finished-trial count for the parent's progress bar, read on a thread of its
+    own about every `seconds`: the parent's loop (the workers' lines, stops passed on, deaths)
+    never waits on the database, not even while a new connection waits out an outage
+    (`storage.open_study`'s connect listener). A read that fails on a lost connection is skipped
+    (the workers ride the outage out); any other error is raised in the loop by `raise_failed`."""
+
+    def __init__(self, read: Callable[[], int], storage, seconds: float) -> None:
+        import threading
+
+        self.value: int | None = None
+        self._read, self._storage, self._seconds = read, storage, seconds
+        self._error: BaseException | None = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._run, name="vqlog-progress-count", daemon=True).start()
+
+    def _run(self) -> None:
+        from vqlog.study.outage import is_connection_error
+
+        while not self._closed.is_set():
+            try:
+                self.value = self._read()
+            except Exception as exc:  # noqa: BLE001 - handed to the loop unless a lost connection
+                if not is_connection_error(exc):
+                    self._error = exc
+                    return
+                self._storage.remove_session()  # this thread's session: a new connection next
+            self._closed.wait(self._seconds)
+
+    def raise_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """No more reads; one under way (perhaps waiting for the database) is not waited for."""
+        self._closed.set()
