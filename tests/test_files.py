@@ -293,3 +293,84 @@ def test_a_new_file_takes_the_users_umask(tmp_path):
     finally:
         os.umask(before)
     assert stat.S_IMODE((tmp_path / "shared.md").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("command, given", [
+    (("train", "--data", "{data}", "--sample-rate", "100", "--save", "{data}"), "--data"),
+    (("train", "--config", "{config}", "--data", "synthetic", "--save", "{config}"), "--config"),
+    (("table", "--config", "{spec}", "--out", "{spec}"), "--config"),
+    (("table", "--config", "{spec}", "--out", "{link}"), "--config"),  # the spec by another name
+])
+def test_an_output_is_never_a_file_the_command_reads(tmp_path, cli, monkeypatch, command, given):
+    """`vqlog train --data sig.npy --save sig.npy` trained, then replaced the recording with the
+    model, exit 0 (encode refused it already); `--save` on the config and table's `--out` on
+    its spec did the same."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "sig.npy", np.sin(np.arange(3000) / 7.0))
+    (tmp_path / "c.yaml").write_text("iteration: 2\n")
+    (tmp_path / "s.yaml").write_text("name: mine\nspace:\n  lr: [0.001]\n")
+    os.symlink("s.yaml", tmp_path / "link.yaml")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    values = {"data": "sig.npy", "config": "c.yaml", "spec": "s.yaml", "link": "link.yaml"}
+    code, out, err = cli(*(a.format(**values) for a in command))
+    assert code == 2 and out == "", err
+    assert err.startswith(f"Error: {command[-2]} {command[-1].format(**values)} is the {given} "
+                          "file, which it would overwrite") and len(err.splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_output_that_names_a_folder_or_goes_through_a_broken_link_is_refused(tmp_path, cli,
+                                                                                 monkeypatch):
+    """`vqlog table --out fresh/` wrote the table as a file named `fresh` (exit 0); `--out
+    gone/t.md`, gone a link to a folder that does not exist, failed on the link after the work
+    (`FileExistsError`, exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "nowhere", tmp_path / "gone")
+    for command, message in (
+            (("table", "--study", "s", "--out", "fresh/"),
+             "--out fresh/ names a folder, which does not exist; give a file name such as "
+             "fresh/table.md"),
+            (("export", "--study", "s", "--out", "new/"), "--out new/ names a folder"),
+            (("table", "--study", "s", "--out", "gone/t.md"),
+             f"cannot write gone/t.md: {tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, "
+             "which does not exist"),
+            (("table", "--study", "s", "--out", "gone/deeper/t.md"), "cannot write gone/deeper")):
+        code, out, err = cli(*command)
+        assert code == 2 and err.startswith(f"Error: {message}"), err
+        assert len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user (nobody)")
+def test_another_users_file_in_a_shared_folder_is_refused_before_the_work(request):
+    """In a folder with the sticky bit (/tmp), only a file's owner may replace it: `vqlog table
+    --out /tmp/t.md` over another user's t.md failed at the rename, after the work, with the temp
+    file's name (`PermissionError: ... '.t.md.xxx.tmp' -> ...`, exit 1)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    shared = Path(tempfile.mkdtemp(prefix="vqlog-shared-"))  # where nobody can reach it
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    os.chmod(shared, 0o1777)
+    (shared / "t.md").write_text("root's\n")
+    script = """
+import os, sys
+from vqlog.cli import main
+# every module imported while root (Python's own files may be closed to nobody): no store here
+assert main(["table", "--study", "s", "--out", "warm.md"]) == 2
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(main(["table", "--study", "s", "--out", "t.md"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=shared, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    warm, line = proc.stderr.splitlines()
+    assert line == (f"Error: cannot write t.md: it belongs to another user, and only its owner "
+                    f"may replace it in {shared} (a shared folder); give another file name")
+    assert sorted(p.name for p in shared.iterdir()) == ["t.md"]
+    assert (shared / "t.md").read_text() == "root's\n"

@@ -99,11 +99,15 @@ def url_arg(value: str) -> str:
     return value
 
 
-def check_out_file(out: str, flag: str, example: str, make_folders: bool = False):
+def check_out_file(out: str, flag: str, example: str, make_folders: bool = False,
+                   inputs: Sequence[tuple[str, object]] = ()):
     """The Path of an output file whose folder exists (or, with `make_folders`, can be made
-    where the nearest existing one is): checked before any work, so that bad input writes
-    nothing. `example` is a file name to suggest for a folder."""
+    where the nearest existing one is) and that this user may replace: checked before any work,
+    so that bad input writes nothing. `example` is a file name to suggest for a folder;
+    `inputs` are (flag, path) of the files the command reads, which the output must not be."""
     import errno
+    import os
+    import stat
     import tempfile
     from pathlib import Path
 
@@ -118,6 +122,9 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     path = Path(out)
     if path.is_dir():
         raise UserError(f"{flag} {out} is a folder; give a file name such as {path / example}")
+    if out.endswith(("/", os.sep)):  # Path() drops the slash: "new/" would be written as a file
+        raise UserError(f"{flag} {out} names a folder, which does not exist; give a file name "
+                        f"such as {path / example}")
     if path.is_block_device() or path.is_socket():
         raise UserError(f"{flag} {out} is a device or socket, not a file; give a file name such "
                         f"as {example}")
@@ -126,9 +133,18 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     if is_sqlite_database(path):
         raise UserError(f"{flag} {out} is an SQLite database (a study's Optuna or MLflow store?), "
                         f"which the output would replace; give another file name such as {example}")
+    for given, read in inputs:
+        if same_file(read, path):
+            raise UserError(f"{flag} {out} is the {given} file, which it would overwrite; give "
+                            f"another file name such as {example}")
     parent = path.resolve().parent
-    while make_folders and not parent.exists() and parent != parent.parent:
-        parent = parent.parent  # write_text makes the folders below it
+    if make_folders:  # the folders as typed: a link among them is made through, not resolved
+        parent = Path(os.path.abspath(out)).parent
+        while not parent.exists() and parent != parent.parent:
+            if os.path.islink(parent):  # mkdir would fail on it after the work
+                raise UserError(f"cannot write {out}: {parent} is a link to "
+                                f"{os.readlink(parent)}, which does not exist")
+            parent = parent.parent  # the write makes the folders below it
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UserError(f"cannot write {out}: {parent} {what}")
@@ -137,7 +153,51 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     except OSError as exc:
         why = f" ({exc.strerror})" if exc.strerror and exc.errno != errno.ENOENT else ""
         raise UserError(f"cannot write {out}: {parent} is not writable{why}") from None
+    # In a shared folder with the sticky bit (/tmp), only the owner of a file (or of the folder)
+    # may replace it: another user's file would fail at the rename, after all the work.
+    target, me = path.resolve(), os.geteuid()
+    if me and target.exists() and target.parent.stat().st_mode & stat.S_ISVTX and \
+            me not in (target.stat().st_uid, target.parent.stat().st_uid):
+        raise UserError(f"cannot write {out}: it belongs to another user, and only its owner may "
+                        f"replace it in {target.parent} (a shared folder); give another file name")
     return path
+
+
+def data_inputs(data: str | None) -> list[tuple[str, object]]:
+    """("--data", path) of the files `--data` reads: the data file, or a WFDB record's header and
+    the signal files it names (`data/100`: data/100.hea, data/100.dat); none for a built-in
+    source."""
+    from pathlib import Path
+
+    from vqlog.records import is_wfdb_record
+    from vqlog.sources import SOURCES
+
+    if not data or data in SOURCES:
+        return []
+    path = Path(data).expanduser()
+    if path.is_file() or not is_wfdb_record(data):
+        return [("--data", path)]
+    record = path.with_suffix("") if path.suffix.lower() == ".hea" else path
+    found: list[tuple[str, object]] = [("--data", Path(f"{record}.hea"))]
+    try:
+        import wfdb
+
+        header = wfdb.rdheader(str(record))
+        found += [("--data", record.parent / name)
+                  for name in dict.fromkeys(getattr(header, "file_name", None) or [])]
+    except Exception:  # noqa: BLE001 - a header wfdb cannot read fails later, with its message
+        pass
+    return found
+
+
+def same_file(a, b) -> bool:
+    """Whether a and b are one existing file, however each is named (a link, a hard link)."""
+    import os
+
+    try:
+        return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+    except OSError:  # one of them does not exist
+        return False
 
 
 def report_stream(*outputs):

@@ -7,12 +7,11 @@ import argparse
 import csv
 import dataclasses
 import io
-import os
 import tempfile
 from pathlib import Path
 
 from vqlog.cli import (TRACKING_HELP, add_data_args, add_debug, add_device_arg, check_out_file,
-                       report_stream, url_arg)
+                       data_inputs, report_stream, url_arg)
 
 
 def encode_command_parser(sub) -> None:
@@ -49,17 +48,12 @@ def encode_command(args: argparse.Namespace) -> int:
 
     if not args.data:
         raise UserError("--data is required: ppg, synthetic or a data file")
-    out = check_out_file(args.out, "--out", "tokens.npy")
-    index_file = check_out_file(args.index, "--index", "tokens.csv") if args.index is not None \
-        else None
+    out = check_out_file(args.out, "--out", "tokens.npy", inputs=_inputs(args))
+    index_file = check_out_file(args.index, "--index", "tokens.csv", inputs=_inputs(args)) \
+        if args.index is not None else None
     if index_file is not None and index_file.resolve() == out.resolve():
         raise UserError(f"--out and --index are one file ({args.out}); give each its own, e.g. "
                         "--out tokens.npy --index tokens.csv")
-    for flag, written in (("--out", out), ("--index", index_file)):
-        for given, read in _inputs(args):
-            if written is not None and _same_file(read, written):
-                raise UserError(f"{flag} {written} is the {given} file, which it would "
-                                "overwrite; write the tokens to another file")
     if index_file is not None and index_file.suffix.lower() not in ("", ".csv"):
         raise UserError(f"--index {args.index}: the index is CSV text; give a .csv file, e.g. "
                         f"--index {index_file.with_suffix('.csv').name}")
@@ -131,37 +125,10 @@ def _index_csv(where: list[tuple[str, int, float, float]]) -> str:
     return text.getvalue()
 
 
-def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    """The files encode reads: the model file, and the data file, or a WFDB record's header and
-    the signal files it names (`data/100`: data/100.hea, data/100.dat)."""
-    from vqlog.records import is_wfdb_record
-    from vqlog.sources import SOURCES
-
+def _inputs(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The files encode reads: the model file, and those of --data (`cli.data_inputs`)."""
     found = [] if args.model.startswith("models:/") else [("--model", Path(args.model))]
-    data = Path(args.data).expanduser()
-    if args.data in SOURCES:
-        return found
-    if data.is_file() or not is_wfdb_record(args.data):
-        return [*found, ("--data", data)]
-    record = data.with_suffix("") if data.suffix.lower() == ".hea" else data
-    found.append(("--data", Path(f"{record}.hea")))
-    try:
-        import wfdb
-
-        header = wfdb.rdheader(str(record))
-        found += [("--data", record.parent / name)
-                  for name in dict.fromkeys(getattr(header, "file_name", None) or [])]
-    except Exception:  # noqa: BLE001 - a header wfdb cannot read fails later, with its message
-        pass
-    return found
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """One file, however it is named (a hard link too), or one path not made yet."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return a.expanduser().resolve() == b.resolve()
+    return found + data_inputs(args.data)
 
 
 def _model_file(args: argparse.Namespace, folder: str) -> tuple[str, str]:

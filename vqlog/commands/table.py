@@ -38,7 +38,8 @@ def table_command(args: argparse.Namespace) -> int:
     if not args.interval > 0:
         raise UserError(f"--interval must be a number of seconds above 0, not {args.interval:g}")
     if args.out is not None and args.out != "-":  # '' is an error, as for train's --save
-        check_out_file(args.out, "--out", "table.md", make_folders=True)
+        check_out_file(args.out, "--out", "table.md", make_folders=True,
+                       inputs=[("--config", args.config)] if args.config else [])
     # --watch runs beside a sweep for hours: a locked SQLite store or a restarted server is
     # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
     # the wait.

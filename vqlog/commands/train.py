@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from vqlog.cli import add_data_args, add_debug, add_device_arg, check_out_file, report_stream
+from vqlog.cli import (add_data_args, add_debug, add_device_arg, check_out_file, data_inputs,
+                       report_stream)
 
 
 # The config keys that size a training step's tensors, as an out-of-memory error names them.
@@ -54,7 +55,8 @@ def train_command(args: argparse.Namespace) -> int:
     from vqlog.train import resolve_device  # torch: after a typo in the config is reported
     resolve_device(args.device)  # a missing GPU is bad input: say so before loading data
     if args.save is not None:  # (an empty one too: it is not "no file")
-        check_out_file(args.save, "--save", "model.pt")
+        config = [("--config", args.config)] if args.config else []
+        check_out_file(args.save, "--save", "model.pt", inputs=config + data_inputs(args.data))
     # `--save /dev/stdout | tool`: the model alone on stdout, the lines about it on stderr
     with contextlib.redirect_stdout(report_stream(args.save)):
         return _train(args, cfg)
