@@ -294,6 +294,12 @@ CASES: dict[str, Case] = {
     "spec-int-bound-huge": Case(
         ("--config", "s.yaml"), "embedding_num must be at most 2147483647",
         {"s.yaml": spec(space=space(embedding_num={"type": "int", "low": 2, "high": 10**30}))}),
+    "spec-description-too-long": Case(  # MLflow refused it after the study was made: exit 1
+        ("--config", "s.yaml"), "description is 20,001 characters; the MLflow experiment that "
+        "shows it takes at most 20,000", {"s.yaml": spec(description="x" * 20001)}),
+    "init-description-too-long": Case(
+        ("init", "--config", "s.yaml"), "description is 20,001 characters",
+        {"s.yaml": spec(description="x" * 20001)}, program="vqlog"),
     "spec-grid-without-space": Case(("--config", "s.yaml"), "sampler: grid needs a space",
                                     {"s.yaml": text("name: s\nsampler: grid\n")}),
     # --- command-line flags -----------------------------------------------------------------

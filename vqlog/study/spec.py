@@ -177,7 +177,7 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
     space = tuple(parse_param(k, v) for k, v in _mapping(raw.get("space", {}), "space").items())
     spec = SweepSpec(
         name=name.strip(),
-        description=str(raw.get("description", "")),
+        description=_description(raw.get("description", "")),
         source=_source(data.get("source", "ppg")),
         sample_rate=_rate(data.get("sample_rate")),
         channel=_channel(data.get("channel")),
@@ -267,6 +267,17 @@ def _source(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"data.source must be ppg, synthetic or a file path, got {value!r}")
     return value
+
+
+DESCRIPTION_LIMIT = 20000  # characters of an MLflow experiment tag, where the description goes
+
+
+def _description(value) -> str:
+    text = "" if value is None else str(value)
+    if len(text) > DESCRIPTION_LIMIT:
+        raise ConfigError(f"description is {len(text):,} characters; the MLflow experiment that "
+                        f"shows it takes at most {DESCRIPTION_LIMIT:,}")
+    return text
 
 
 def _rate(value: Any) -> float | None:
