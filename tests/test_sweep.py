@@ -545,6 +545,45 @@ def test_a_stop_that_comes_while_a_worker_waits_for_the_study_lock_starts_no_tri
     assert worker.study.get_trials(deepcopy=False) == []
 
 
+def test_a_ctrl_c_while_waiting_for_the_study_lock_leaves_nothing_open(tmp_path):
+    """A Ctrl-C while a StudyLock waited for another holder left its file open on the object
+    (and, one just after the lock was taken, the lock itself held by an object that said it was
+    free: a notebook's next sweep in the same process then waited on itself)."""
+    import signal
+
+    from vqlog.study.storage import StudyLock
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    lock_file = str(tmp_path / "optuna.db.lock")
+
+    def open_on_lock_file() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == lock_file
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    held = StudyLock(storage, "s")  # another worker's
+    held.acquire()
+    waiting = StudyLock(storage, "s")
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            waiting.acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    assert open_on_lock_file() == 1  # the holder's alone
+    waiting.release()  # nothing to release: no error
+    held.release()
+    assert open_on_lock_file() == 0
+    assert waiting.try_acquire()  # free for the same object again, and for others after it
+    waiting.release()
+    assert StudyLock(storage, "s").try_acquire()
+
+
 def test_the_last_evaluation_of_a_trial_is_never_pruned(tmp_path, monkeypatch):
     """A trial pruned at its last evaluation had trained to its end: it was kept without its
     weights (nothing to export), with a budget shorter than `eval_every` on every trial that

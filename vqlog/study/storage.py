@@ -308,13 +308,15 @@ class StudyLock:
         self.file = f"{Path(self.url.database).expanduser()}{'.' + purpose if purpose else ''}.lock" \
             if self.url.get_backend_name() == "sqlite" else None
         self.wait = wait
-        self._held = False
-        self._conn = None
-        self._fh = None
+        self._conn = self._fh = None  # held: the advisory lock's session, or the locked file
         if self.url.get_backend_name() == "postgresql":
             self._engine = sqlalchemy.create_engine(
                 with_psycopg2(self.url.render_as_string(hide_password=False)),
                 poolclass=sqlalchemy.pool.NullPool, **engine_kwargs(self.url))
+
+    @property
+    def _held(self) -> bool:  # set by taking's last step: no Ctrl-C between it and the lock
+        return self._conn is not None or self._fh is not None
 
     def acquire(self) -> None:
         if self._held:
@@ -324,13 +326,16 @@ class StudyLock:
         else:
             import fcntl
 
-            self._fh = open(self.file, "a+")
-            fcntl.flock(self._fh, fcntl.LOCK_EX)
-        self._held = True
+            fh = open(self.file, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            except BaseException:  # Ctrl-C while waiting or as it was taken: closing frees it
+                fh.close()  # (a notebook's kept traceback would hold it and hang the next take)
+                raise
+            self._fh = fh
 
     def try_acquire(self) -> bool:
-        """Take the lock if nobody holds it, without waiting (one attempt, also in an outage:
-        then False)."""
+        """Take the lock if nobody holds it, without waiting (one try; in an outage: False)."""
         if self._held:
             return True
         if self.url.get_backend_name() == "postgresql":
@@ -356,23 +361,19 @@ class StudyLock:
                 fh.close()
                 return False
             self._fh = fh
-        self._held = True
         return True
 
     def _lock_pg(self) -> sqlalchemy.Connection:
         conn = self._engine.connect()
         try:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            return conn
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.close()
             raise
-        return conn
 
     def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
