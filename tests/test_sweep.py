@@ -445,6 +445,36 @@ def test_a_ctrl_c_in_a_shield_waits_for_its_end_and_a_third_one_does_not():
             pass
 
 
+def test_the_first_ctrl_c_after_a_stop_for_another_reason_is_still_a_clean_stop(capsys):
+    """After a SIGTERM, or a worker's error that stops the sweep (`--workers`), the user's
+    first Ctrl-C stopped everything at once: no checkpoint, and the worker's error replaced by
+    "Interrupted.", exit 130. Only a Ctrl-C after a Ctrl-C is "again"."""
+    import threading
+
+    from vqlog.commands.sweep import stop_on_signals
+    from vqlog.study.stop import StopRequest
+
+    assert threading.current_thread() is threading.main_thread()  # where handlers are set
+    for first in ("SIGTERM", "error"):
+        stop = StopRequest()
+        with stop_on_signals(stop):
+            if first == "SIGTERM":
+                signal.raise_signal(signal.SIGTERM)
+            else:
+                stop.request("error")  # as the parent does on a worker's error
+            capsys.readouterr()
+            try:
+                signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: the clean stop goes on
+            except KeyboardInterrupt:  # (not let through: it would end the whole test run)
+                pytest.fail(f"the first Ctrl-C after {first} stopped at once")
+            assert stop.signal == first and stop.ctrl_c
+            assert capsys.readouterr().err == (
+                "SIGINT: already stopping after a checkpoint of the running trial (Ctrl-C again "
+                "to stop at once)\n")
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # the second: at once
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
     """Ctrl-C twice during a trial: no waiting for a checkpoint; the running trial is marked

@@ -124,22 +124,25 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
                     running: str = "the running trial"):
     """SIGTERM (docker compose stop, Kubernetes, Slurm) and SIGINT (Ctrl-C) ask the worker to
     stop cleanly; a second Ctrl-C stops it at once (a second SIGTERM does not: a scheduler's
-    repeated notice waits for the checkpoint). The handlers before are put back after,
+    repeated notice waits for the checkpoint, and neither does a first Ctrl-C after a stop for
+    another reason, a SIGTERM or a worker's error). The handlers before are put back after,
     unless `restore` is False (a worker process of --workers, which sets its own for its exit).
     `quiet`: no line about it (a worker of --workers, whose parent says it once); `running`:
     what that line says is checkpointed."""
 
     def handle(signum, frame):
         name = signal.Signals(signum).name
-        if stop.is_set() and name == "SIGINT":
+        if name == "SIGINT" and getattr(stop, "ctrl_c", stop.is_set()):  # Ctrl-C again
             if getattr(stop, "shielded", 0) and not stop.deferred:  # a trial's FAIL and its
                 stop.deferred = True  # retry are under way: raised once both are done
                 return
             raise KeyboardInterrupt
-        if not stop.is_set() and not quiet:
+        if not quiet and (name == "SIGINT" or not stop.is_set()):
             again = " (Ctrl-C again to stop at once)" if name == "SIGINT" else ""  # no terminal
-            print(f"{name}: stopping after a checkpoint of {running}{again}", file=sys.stderr,
-                  flush=True)
+            print(f"{name}: {'already ' * stop.is_set()}stopping after a checkpoint of "
+                  f"{running}{again}", file=sys.stderr, flush=True)
+        if name == "SIGINT":
+            stop.ctrl_c = True
         stop.request(stop.signal or name)
 
     if threading.current_thread() is not threading.main_thread():

@@ -15,6 +15,7 @@ class StopRequest(threading.Event):
     A second Ctrl-C (KeyboardInterrupt) waits for the end of a `shield` block."""
 
     signal: str | None = None
+    ctrl_c = False  # a SIGINT came: the next one stops at once
     shielded = 0  # shield blocks under way
     deferred = False  # a KeyboardInterrupt for the end of the outermost one
 
