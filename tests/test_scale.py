@@ -480,6 +480,27 @@ def test_a_worker_killed_mid_sweep_is_replaced_and_the_sweep_ends_well(tmp_path)
                            for r in mlflow_runs(uri, "lost")}
 
 
+@pytest.mark.slow
+def test_workers_killed_as_they_send_a_line_stop_no_other_worker(tmp_path):
+    """Every worker process is killed (SIGKILL) as it sends its second message, a trial's line
+    or its summary. With one multiprocessing.Queue for all workers, a worker killed while its
+    queue's thread held the queue's shared write lock stopped every other worker's lines and hung
+    their exits, and the sweep with them. Each worker has a pipe of its own now: the deaths are
+    reported, new workers take the places of those that had ended a trial, and the sweep ends
+    with exactly N."""
+    spec = write_spec(tmp_path, "sends", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    sweep = Worker(["--trials", "4", "--config", str(spec), "--workers", "2"], tmp_path,
+                   env={"VQLOG_FAILPOINT": "worker.send:2", "VQLOG_HEARTBEAT_INTERVAL": "2",
+                        "VQLOG_HEARTBEAT_GRACE": "10"})
+    assert sweep.wait(300) == 0, sweep.output()
+    out = sweep.stdout
+    assert "was killed by SIGKILL; perhaps out of memory; a new worker takes its place" in out, out
+    trials = study_trials(f"sqlite:///{tmp_path}/optuna.db", "sends")
+    assert len(finished(trials)) == 4 and "RUNNING" not in states(trials), sweep.output()
+    assert "study sends: 4/4 trials finished" in out, out
+
+
 def worker_processes(parent: int) -> set[int]:
     """The pids of the worker processes (multiprocessing's spawned children) of a sweep."""
     import psutil
@@ -518,12 +539,12 @@ def test_a_worker_whose_gpu_cannot_be_used_says_why(tmp_path):
     go on: test_workers_that_die_before_ending_a_trial_are_not_replaced). On this CPU build
     torch has no CUDA at all, which fails the same call; on a GPU host, GPU 99 is not there."""
     script = ("import multiprocessing, os, sys\n"
-              "from vqlog.study import pool\n"
-              "messages = multiprocessing.Queue()\n"
+              "from vqlog.study import child, pool\n"
+              "pipe, end = multiprocessing.Pipe(duplex=False)\n"
               "try:\n"
-              "    pool._child(3, {}, 'cuda:99', 1, messages, os.getpid())\n"
+              "    child.worker_process(3, {}, 'cuda:99', 1, end, os.getpid(), None)\n"
               "except SystemExit as exc:\n"
-              "    print(*messages.get(timeout=30), sep='|')\n"
+              "    print(*pipe.recv(), sep='|')\n"
               "    print(pool._death(exc.code))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)

@@ -8,7 +8,8 @@ one environment lookup. NAME:N:SIGINT+SIGINT sends those signals instead, one af
 each handled before the next is sent (two SIGINTs sent from outside at once arrive as one): a
 Ctrl-C pressed twice during a trial.
 
-Names: trial.eval, tracking.log, trial.tell, trial.requeue, table.write, store.open.
+Names: trial.eval, tracking.log, trial.tell, trial.requeue, table.write, store.open,
+worker.send.
 """
 
 from __future__ import annotations

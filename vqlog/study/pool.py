@@ -12,112 +12,26 @@ queued again) and the parent exits 143 (130 for Ctrl-C).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import multiprocessing
 import os
-import queue
 import signal
-import sys
 from datetime import datetime
 from multiprocessing import resource_tracker
+from multiprocessing.connection import wait
 from typing import Callable
 
-from vqlog.errors import SweepError, TrackingUnavailable, VqlogError
+from vqlog.errors import SweepError, TrackingUnavailable
+from vqlog.study.child import NO_DEVICE, STOP_SIGNALS, worker_process
 from vqlog.study.hosts import placements
 
 POLL_SECONDS = 1.0
-# The signals a worker stops cleanly on; blocked in it from its start until its handlers are in.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-NO_DEVICE = 3  # a worker's exit code where its GPU could not be used (its note says why)
-
-
-def _child(index: int, job: dict, device: str, threads: int, messages, parent: int,
-           why) -> None:
-    """One worker process: its threads, its own clean stop on signals, its lines to the parent.
-
-    It starts with SIGINT and SIGTERM blocked (`_signals_blocked`, inherited through the spawn):
-    a Ctrl-C or the parent's SIGTERM that comes while it imports torch waits until its handlers
-    are in, and then asks for the same clean stop as one that comes mid-trial, instead of a
-    KeyboardInterrupt traceback from an import or a death by SIGTERM's default action.
-    `why` holds the signal the sweep stopped for (0 before): the SIGTERM the parent forwards
-    stops this worker for that reason (a `kill -INT` of the parent alone is a Ctrl-C here too)."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool
-    import torch
-
-    torch.set_num_threads(threads)
-    if device.startswith("cuda:"):  # the current GPU too, so no library makes a context on GPU 0
-        try:  # a GPU that is gone or busy: a death with its reason (the others go on)
-            torch.cuda.set_device(torch.device(device))
-        except Exception as exc:  # noqa: BLE001 - torch's, of any kind, for this worker's line
-            messages.put(("note", index, f"worker {index}: cannot use {device}: "
-                                         f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
-            sys.exit(NO_DEVICE)
-    from vqlog.cli import configure_process
-    from vqlog.commands.sweep import stop_on_signals
-    from vqlog.study import worker
-    from vqlog.study.cores import CoreShare
-    from vqlog.tracking.runs import Tracker
-
-    configure_process()
-    stop = worker.StopRequest()
-    ask = stop.request
-    stop.request = lambda name: ask(signal.Signals(why.value).name  # type: ignore[method-assign]
-                                    if why.value and name == "SIGTERM" else name)
-    with stop_on_signals(stop, quiet=True, restore=False):
-        try:
-            if hasattr(signal, "pthread_sigmask"):
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one: now
-            _watch_parent(parent, stop, messages)
-            tracker = Tracker(job["tracking_uri"], lang=job["lang"])
-            with CoreShare(limit=threads) as share:  # cores / N, fewer beside other processes
-                summary = worker.run(job["spec"], job["trials"], job["storage"], tracker=tracker,
-                                     device=device, timeout=job["timeout"], seed=job["seed"],
-                                     out=lambda line: messages.put(("line", index, line)),
-                                     note=lambda line: messages.put(("note", index, line)),
-                                     stop=stop, bar=False, began=job["began"], cores=share)
-            report = ("done", index, dataclasses.asdict(summary))
-        except VqlogError as exc:  # a tracking outage as such: the command's advice follows it
-            report = ("tracking" if isinstance(exc, TrackingUnavailable) else "error", index,
-                      str(exc))
-        except KeyboardInterrupt:
-            report = ("done", index, None)
-        except BaseException as exc:  # noqa: BLE001 - reported by the parent as this worker's
-            report = ("error", index, f"{type(exc).__name__}: {exc}")
-        # The queue's writer thread sends the report while this process exits. A stop signal
-        # then (the parent forwards one to every worker it sees alive) must neither kill the
-        # process (SIGTERM's default action), losing the report and perhaps leaving the queue's
-        # shared write lock held, nor raise in it: ignored from here on, process-wide.
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        messages.put(report)
-
-
-PARENT_GONE = "the sweep's main process ended"
-
-
-def _watch_parent(parent: int, stop, messages) -> None:
-    """Stop this worker cleanly, as SIGTERM would, once the process that started it is gone
-    (killed with SIGKILL, or by the out-of-memory killer): a worker must not go on training
-    unseen, with nobody to read its lines. Its queue's feeder thread is then not waited for at
-    exit, since nothing reads the pipe any more."""
-    import threading
-
-    def watch() -> None:
-        while not stop.is_set():
-            if os.getppid() != parent:
-                messages.cancel_join_thread()
-                stop.request(PARENT_GONE)
-                return
-            stop.wait(POLL_SECONDS)
-
-    threading.Thread(target=watch, name="vqlog-parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager
 def _signals_blocked():
     """SIGINT and SIGTERM held back in this thread, and in a process started meanwhile: a
     signal mask survives fork and exec, so a spawned worker begins with them blocked (pending,
-    not lost) until `_child` has its handlers. The mask before is put back after."""
+    not lost) until `worker_process` has its handlers. The mask before is put back after."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
@@ -164,15 +78,16 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     device): the others go on without it."""
     _quiet_tracker()
     ctx = multiprocessing.get_context("spawn")
-    messages = ctx.Queue()
     why = ctx.RawValue("i", 0)  # the signal the sweep stops for, as the workers read it
     places = placements(n, device, gpus)
 
     procs: list = []  # slot i: worker i's process (a replacement takes its slot)
+    pipes: list = []  # slot i: the read end of its pipe; None once it has ended
 
     def start(i: int) -> None:
         dev, threads = places[i]
-        p = ctx.Process(target=_child, args=(i, job, dev, threads, messages, os.getpid(), why),
+        pipe, end = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=worker_process, args=(i, job, dev, threads, end, os.getpid(), why),
                         daemon=False, name=f"vqlog-worker-{i}")
         # The tracker that multiprocessing starts for a process's shared resources unblocks
         # SIGINT and SIGTERM in this thread when it is (re)started inside `start()`: started
@@ -181,6 +96,8 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
         with _signals_blocked():
             p.start()
             procs[i:i + 1] = [p]
+        end.close()  # the worker's alone: the pipe ends when the worker does, however it ends
+        pipes[i:i + 1] = [pipe]
 
     said: list[bool] = []  # the worker in slot i reported its end (done or error)
     worked: list[bool] = []  # ... and it ended a trial (sent a line)
@@ -189,24 +106,46 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     lost: list[str] = []
     ended: list[list[int]] = []  # slot i's process: the trials it ended, and of them FAIL
     unsaid = [0, 0]  # the same, of processes that died without their summary
-    outage = True  # every error a worker reported is a tracking outage
+    outage = [True]  # every error a worker reported is a tracking outage
     forwarded = False
 
-    def bury_the_dead() -> None:
-        """Called with no message waiting: a worker's last words are always read before this.
-        Exit codes first, then the queue once more: a worker that put its summary and exited
-        since the last read has its words in the queue by now (its queue is flushed at exit)."""
-        exited = [i for i, p in enumerate(procs) if not said[i] and p.exitcode is not None]
-        if not exited or not messages.empty():
-            return
-        for i in exited:
-            p = procs[i]
+    def handle(kind: str, index: int, payload) -> None:
+        if kind == "line":  # a trial's line: this worker has ended a trial
+            worked[index] = True
+            ended[index][0] += 1
+            ended[index][1] += payload.split()[1:2] == ["FAIL"]
+            out(payload)
+        elif kind == "note":
+            out(payload)
+        elif kind == "done":
+            said[index] = True
+            summaries.append(payload)
+            if payload is None:  # stopped by Ctrl-C with no summary: its lines count
+                unsaid[0] += ended[index][0]
+                unsaid[1] += ended[index][1]
+        else:
+            said[index] = True
+            errors.append((index, payload))
+            outage[0] = outage[0] and kind == "tracking"
+            stop.request(stop.signal or "error")
+
+    def bury(i: int) -> None:
+        """Worker i's pipe has ended: its last words, if any, are read, and its process has
+        exited (or broke the pipe off as it died)."""
+        pipes[i].close()
+        pipes[i] = None
+        p = procs[i]
+        p.join(timeout=60)
+        if p.exitcode is None:  # not reached: a pipe ends with its process
+            p.kill()
+            p.join()
+        if not said[i]:
             said[i] = True
             unsaid[0] += ended[i][0]  # its trials, which no summary of its own will count
             unsaid[1] += ended[i][1]
             ended[i] = [0, 0]
             if stop.is_set() and -p.exitcode in STOP_SIGNALS:
-                continue  # asked to stop, and ended by the signal itself: not a death
+                return  # asked to stop, and ended by the signal itself: not a death
             how = _death(p.exitcode)
             replace = worked[i] and not stop.is_set()
             lost.append(f"worker {i} (pid {p.pid}) {how}")
@@ -228,7 +167,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             said.append(False)
             worked.append(False)
             ended.append([0, 0])
-        while any(p.is_alive() for p in procs) or not messages.empty() or not all(said):
+        while any(pipe is not None for pipe in pipes):
             if stop.is_set() and not forwarded:
                 forwarded = True
                 if stop.signal in ("SIGINT", "SIGTERM"):  # not another worker's error
@@ -237,29 +176,13 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                     if p.is_alive():
                         os.kill(p.pid, signal.SIGTERM)
             tick()  # the parent's progress bar
-            try:
-                kind, index, payload = messages.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                bury_the_dead()
-                continue
-            if kind == "line":  # a trial's line: this worker has ended a trial
-                worked[index] = True
-                ended[index][0] += 1
-                ended[index][1] += payload.split()[1:2] == ["FAIL"]
-                out(payload)
-            elif kind == "note":
-                out(payload)
-            elif kind == "done":
-                said[index] = True
-                summaries.append(payload)
-                if payload is None:  # stopped by Ctrl-C with no summary: its lines count
-                    unsaid[0] += ended[index][0]
-                    unsaid[1] += ended[index][1]
-            else:
-                said[index] = True
-                errors.append((index, payload))
-                outage = outage and kind == "tracking"
-                stop.request(stop.signal or "error")
+            for pipe in wait([pipe for pipe in pipes if pipe is not None], POLL_SECONDS):
+                try:
+                    message = pipe.recv()
+                except Exception:  # noqa: BLE001 - EOFError, or a message cut off by a death
+                    bury(pipes.index(pipe))
+                    continue
+                handle(*message)
     finally:
         for p in procs:  # alive only when leaving by an exception: ask them to stop first
             if p.is_alive():
@@ -269,7 +192,10 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             if p.is_alive():
                 p.kill()
                 p.join()
-    if errors and outage:  # one store for all of them: the first to give up says it
+        for pipe in pipes:
+            if pipe is not None:
+                pipe.close()
+    if errors and outage[0]:  # one store for all of them: the first to give up says it
         raise TrackingUnavailable(errors[0][1])
     if errors:
         raise SweepError("; ".join(f"worker {index}: {payload}" for index, payload in errors))
