@@ -114,6 +114,23 @@ def test_csv_rows_may_differ_in_length(tmp_path):
     assert [r.signal.tolist() for r in recs] == [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
 
 
+def test_a_blank_line_in_one_csv_column_is_a_missing_sample_not_a_dropped_one(tmp_path):
+    """pandas writes a NaN as an empty cell, which in one column is the whole line: the blank
+    lines were skipped and the signal joined across the gap (`vqlog encode` then put every later
+    row at the wrong time, exit 0), where --channel, Parquet and .npy report the NaN. Blank lines
+    before the first number and after the last are still no samples."""
+    signal = np.sin(np.arange(600) / 7.0)
+    signal[100:300] = np.nan
+    path = tmp_path / "gap.csv"
+    pd.DataFrame({"PLETH": signal}).to_csv(path, index=False)
+    path.write_text("\n" + path.read_text() + "\n\n")
+    with pytest.raises(DataError, match=r"gap.csv: 200 of 600 samples are NaN or Inf \(first at "
+                                        r"sample 100\); fill or drop them first"):
+        load_source(str(path), sample_rate=100)
+    with pytest.raises(DataError, match=r"gap.csv:PLETH: 200 of 600 samples"):  # as a table
+        load_source(str(path), sample_rate=100, channel="PLETH")
+
+
 def test_parquet_list_column_is_one_signal_per_row(tmp_path):
     path = tmp_path / "lists.parquet"
     pd.DataFrame({"signal": [SIGNAL, SIGNAL[:30] * 2]}).to_parquet(path)

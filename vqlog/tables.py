@@ -86,8 +86,10 @@ def _read_csv(path: Path) -> np.ndarray | list[np.ndarray]:
     """Comma-separated numbers: one column is one signal, otherwise one signal per row.
 
     One header row is allowed (it needs a non-numeric cell: pandas' default "0,1,2" header reads
-    as data); blank lines and trailing empty cells are skipped, so rows (signals)
-    may differ in length; an empty cell inside a row becomes NaN and is reported as such.
+    as data); blank lines between rows and trailing empty cells are skipped, so rows (signals)
+    may differ in length; an empty cell inside a row becomes NaN and is reported as such. In one
+    column, a blank line between the first number and the last is an empty cell (pandas writes
+    a NaN so): NaN, reported, never dropped, which would join the signal across the gap.
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM, as Excel writes
@@ -96,24 +98,26 @@ def _read_csv(path: Path) -> np.ndarray | list[np.ndarray]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read as CSV ({why(exc)}); "
                         "save it as UTF-8 text") from None
-    rows = []
-    for line_num, row in lines:
+    rows = []  # (record, line, cells) of the records with a cell
+    for record, (line_num, row) in enumerate(lines):
         cells = [c.strip() for c in row]
         while cells and not cells[-1]:
             cells.pop()
         if cells:
-            rows.append((line_num, cells))
-    if rows and not all(_is_number(c) for c in rows[0][1] if c):
+            rows.append((record, line_num, cells))
+    if rows and not all(_is_number(c) for c in rows[0][2] if c):
         rows = rows[1:]  # a header row
     signals = []
-    for line_num, cells in rows:
+    for _, line_num, cells in rows:
         bad = next((c for c in cells if c and not _is_number(c)), None)
         if bad is not None:
             raise DataError(f"{path}, line {line_num}: {bad!r} is not a number; the CSV must hold "
                             "numbers only (one header row is allowed)")
         signals.append(np.array([float(c) if c else np.nan for c in cells]))
-    if signals and all(s.size == 1 for s in signals):
-        return np.concatenate(signals)  # one column: one long signal
+    if signals and all(s.size == 1 for s in signals):  # one column: one long signal
+        signal = np.full(rows[-1][0] - rows[0][0] + 1, np.nan)
+        signal[[record - rows[0][0] for record, _, _ in rows]] = np.concatenate(signals)
+        return signal
     return signals
 
 
