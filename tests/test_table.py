@@ -324,8 +324,15 @@ def test_a_trial_and_its_retries_are_one_row_the_latest_finished():
             dataclasses.replace(row(4, metrics=done), retry_of=0, resumed_at=900)]
     cells = body_rows(render_table(rows))
     assert [c[0] for c in cells] == ["Seq2 ★", "Seq5"]
-    assert cells[1][9] == "resumed @ 900; 0.05 (best 0.04)"
+    # the row names the trial it goes on (the log's own Seq1 is no longer a row of its own)
+    assert cells[1][9] == "Seq1 resumed @ 900; 0.05 (best 0.04)"
     running = [*rows[:3], dataclasses.replace(row(4, "RUNNING"), retry_of=0)]
-    assert [c[0] for c in body_rows(render_table(running))] == ["Seq2 ★", "Seq3"]
+    cells = body_rows(render_table(running))
+    assert [c[0] for c in cells] == ["Seq2 ★", "Seq3"]
+    # a retry stopped again said only "failed: stopped ..."
+    assert cells[1][9] == "Seq1 resumed @ 400; failed: stopped (SIGTERM); resumes on rerun"
     zh = body_rows(render_table(rows, lang="zh"))
-    assert zh[1][9].startswith("从900轮继续；")
+    assert zh[1][9].startswith("Seq1从900轮继续；")
+    # a retry with no checkpoint to go on (killed before its first): it starts over
+    fresh = [rows[0], dataclasses.replace(row(2, metrics=done), retry_of=0)]
+    assert body_rows(render_table(fresh))[0][9] == "retry of Seq1; 0.05 (best 0.04)"

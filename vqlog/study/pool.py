@@ -222,6 +222,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     from vqlog.data import DataCache
     from vqlog.study.progress import FinishedCount, TrialProgress
     from vqlog.study.outage import retrying
+    from vqlog.study.retries import queued_retries
     from vqlog.study.storage import StudyLock, fail_stale_trials, open_study
     from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
                                     check_data)
@@ -261,7 +262,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     lost: list[str] = []
     unsaid = [0, 0]
     try:
-        progress.resumed(finished())
+        progress.resumed(finished(), db(lambda: queued_retries(study)))
         if finished() < trials:  # a study at its target starts no worker (each would only look)
             summaries, lost, unsaid = run_pool(job, workers, device, gpus, stop,
                                                out=progress.line, tick=tick)

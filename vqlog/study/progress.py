@@ -49,16 +49,19 @@ class TrialProgress:
                      f"{a.get('train_seconds', 0):.0f} s)")
         self.line(f"{run_name(t.number):<7} {what}" + (f"{BEST_SEP}{best}" if best else ""))
 
-    def resumed(self, finished: int) -> None:
-        """A study that has finished trials already says so first (the study line gives only the
-        target): `resuming: 12 of 50 trials finished`."""
+    def resumed(self, finished: int, retries: int = 0) -> None:
+        """A study that has finished trials already, or cut-off trials queued to continue, says
+        so first (the study line gives only the target): `resuming: 12 of 50 trials finished`,
+        and `; 1 cut-off trial is queued to continue from its last checkpoint`."""
         self.update(finished)
         if finished >= self.total:
             self.line(f"the study has {finished} finished trial{'s' * (finished != 1)} already "
                       f"(target {self.total}): none to run")
-        elif finished:
-            self.line(f"resuming: {finished} of {self.total} trials finished")  # (a grid may
-            # hold fewer points than are left: the closing line says so)
+        elif finished or retries:  # (a grid may hold fewer points than are left: the closing
+            # line says so)
+            self.line(f"resuming: {finished} of {self.total} trials finished" + (
+                f"; {retries} cut-off trial{' is' if retries == 1 else 's are'} queued to continue "
+                f"from {'its' if retries == 1 else 'their'} last checkpoint" if retries else ""))
 
     def line(self, text: str) -> None:
         if self.bar is not None:

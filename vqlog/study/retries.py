@@ -55,6 +55,13 @@ def queue_again(study: optuna.Study, trial: FrozenTrial) -> None:
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
 
 
+def queued_retries(study: optuna.Study) -> int:
+    """How many retries of cut-off trials wait in the study's queue (Optuna runs the queue in
+    order, so they come after the rows and grid points queued before them)."""
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    return sum(original_number(t) is not None for t in waiting)
+
+
 def original_number(trial: FrozenTrial) -> int | None:
     """The number of the trial that `trial` retries (the first of its retry history), or None."""
     with warnings.catch_warnings():

@@ -36,7 +36,7 @@ from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.stop import StopRequest
 from vqlog.study.outage import retrying
-from vqlog.study.retries import queue_again
+from vqlog.study.retries import queue_again, queued_retries
 from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
@@ -101,7 +101,7 @@ class Worker:
         self.said_waiting = False  # the line on a wait for other workers' trials, said once
         try:
             if self.bar:  # a worker of --workers leaves it to the parent
-                self.progress.resumed(self._count()[0])
+                self.progress.resumed(self._count()[0], self._db(lambda: queued_retries(self.study)))
             while (trial := self._next_trial()) is not None:
                 trial_id = self._db(lambda: self.storage.get_trial_id_from_study_id_trial_number(
                     self.study_id, trial.number))

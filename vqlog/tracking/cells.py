@@ -30,7 +30,8 @@ WORDS = {
     "failed": ("failed", "失败"),
     "diverged": ("diverged", "发散"),
     "diverged_at": ("diverged @ {it}", "发散 ({it}轮)"),
-    "resumed_at": ("resumed @ {it}", "从{it}轮继续"),
+    "resumed_at": ("{name} resumed @ {it}", "{name}从{it}轮继续"),  # a retry: the trial it goes on
+    "retry_of": ("retry of {name}", "重试{name}"),  # ... from the start (no checkpoint to go on)
     "more_rows": ("… and {n} more rows: the whole table is experiment_table.md, an artifact of "
                   "this run.", "……另有 {n} 行：完整的表是本运行的文件 experiment_table.md。"),
     "legend": ((
@@ -78,8 +79,12 @@ def row_cells(row: TrialRow, lang: str, quantized: bool, extras: tuple[str, ...]
 
 def loss_cell(row: TrialRow, lang: str) -> str:
     text = TEXT[lang]
-    if row.state == "FAIL":
-        return _failed(row.fail_reason, text)
+    original = run_name(row.retry_of) if row.retry_of is not None else None
+    resumed = "" if original is None else \
+        text["retry_of"].format(name=original) if not row.resumed_at else \
+        text["resumed_at"].format(name=original, it=row.resumed_at)
+    if row.state == "FAIL":  # a retry cut off again says which trial it is too
+        return text["state_join"].join(p for p in (resumed, _failed(row.fail_reason, text)) if p)
     final, best = metric(row, "final_val_mse"), metric(row, "best_val_mse")
     if final is not None:
         numbers = text["loss"].format(final=sig(final), best=sig(best)) if best is not None else sig(final)
@@ -88,7 +93,6 @@ def loss_cell(row: TrialRow, lang: str) -> str:
     label = oscillation_label(metric(row, "loss_oscillation"), metric(row, "early_loss_oscillation"),
                               lang, rise=metric(row, "loss_rise"))
     body = text["join"].join(part for part in (numbers, label) if part)
-    resumed = text["resumed_at"].format(it=row.resumed_at) if row.resumed_at else ""
     state = ""
     if row.state == "PRUNED":
         iterations = metric(row, "iterations_run")
