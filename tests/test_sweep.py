@@ -475,6 +475,35 @@ def test_the_first_ctrl_c_after_a_stop_for_another_reason_is_still_a_clean_stop(
                 signal.raise_signal(signal.SIGINT)  # the second: at once
 
 
+def test_a_second_ctrl_c_that_lands_in_a_finalizer_is_raised_at_the_next_step(capsys):
+    """A Ctrl-C again that Python's handler raised inside a garbage collector's callback
+    (SQLAlchemy's, during a sweep) was swallowed: "Exception ignored in ... KeyboardInterrupt"
+    on stderr, and the stop went on the slow way, through a checkpoint. It is kept quiet now,
+    and the training loop's next `should_stop` raises it."""
+    import gc
+    import threading
+
+    from vqlog.commands.sweep import stop_on_signals
+    from vqlog.study.stop import StopRequest
+
+    assert threading.current_thread() is threading.main_thread()  # where handlers are set
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, in the finalizer
+
+    stop = StopRequest()
+    with stop_on_signals(stop, quiet=True):
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: a clean stop
+        assert stop.should_stop() is True
+        Finalized()  # dropped at once: the second Ctrl-C lands in its __del__
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            stop.should_stop()
+        assert stop.should_stop() is True  # raised once
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
     """Ctrl-C twice during a trial: no waiting for a checkpoint; the running trial is marked

@@ -136,6 +136,7 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
             if getattr(stop, "shielded", 0) and not stop.deferred:  # a trial's FAIL and its
                 stop.deferred = True  # retry are under way: raised once both are done
                 return
+            stop.at_once = True
             raise KeyboardInterrupt
         if not quiet and (name == "SIGINT" or not stop.is_set()):
             again = " (Ctrl-C again to stop at once)" if name == "SIGINT" else ""  # no terminal
@@ -145,15 +146,22 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
             stop.ctrl_c = True
         stop.request(stop.signal or name)
 
+    def unraisable(info, report=sys.unraisablehook):
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and getattr(stop, "at_once", 0)):
+            report(info)  # (a Ctrl-C in a finalizer: StopRequest.should_stop raises it again)
+
     if threading.current_thread() is not threading.main_thread():
         yield stop  # only the main thread may set handlers: the caller stops it by hand
         return
     before = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield stop
     finally:
         for sig, handler in before.items() if restore else ():
             signal.signal(sig, handler)
+        if restore:
+            sys.unraisablehook = hook
 
 
 # Where an optuna-dashboard already serves the study, as users open it (compose sets it).
