@@ -132,6 +132,8 @@ def test_a_database_stores_password_stays_off_the_command_lines(tmp_path, monkey
     `mlflow ui --backend-store-uri ...`, even when it came from $MLFLOW_TRACKING_URI."""
     from pathlib import Path
 
+    import psutil
+
     from _stack import pg_url, throwaway_databases
 
     secret = "ui-secret-pw"  # the machine's PostgreSQL trusts 127.0.0.1: any password opens it
@@ -143,16 +145,64 @@ def test_a_database_stores_password_stays_off_the_command_lines(tmp_path, monkey
                    cwd=tmp_path) as server:
             found = json.loads(get(f"{server.url}/api/2.0/mlflow/experiments/get-by-name?"
                                    "experiment_name=Default"))
-            group = os.getpgid(server.proc.pid)
+            top = psutil.Process(server.proc.pid)  # vqlog ui, mlflow ui and uvicorn under it
             lines = []
-            for proc in Path("/proc").iterdir():
+            for proc in [top, *top.children(recursive=True)]:
                 try:
-                    if proc.name.isdigit() and os.getpgid(int(proc.name)) == group:
-                        lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-                except (OSError, ProcessLookupError):
+                    lines.append((Path("/proc") / str(proc.pid) / "cmdline").read_bytes()
+                                 .replace(b"\0", b" ").decode())
+                except OSError:
                     pass  # ended meanwhile
             log = server.log_text()
     assert found["experiment"]["name"] == "Default"  # the UI opened that store
     assert len(lines) >= 2 and any("mlflow" in line for line in lines), lines
     assert not [line for line in lines if secret in line], lines
     assert secret not in log
+
+
+def test_a_ctrl_c_stops_the_ui_once_with_no_traceback_and_leaves_no_process(tmp_path,
+                                                                           mlflow_store):
+    """Ctrl-C, as a terminal sends it to the whole foreground process group, while an open UI's
+    requests are in flight: `mlflow ui` passes the SIGINT on to its uvicorn server, which then
+    got it twice, and its second signal, a forced exit, printed the tracebacks of the requests
+    it cut off (CancelledError, "Exception in ASGI application"). Now the UI gets it once and
+    stops cleanly, exit 0; nothing of it is left. Killed outright (SIGKILL, which leaves no word
+    to pass on), `vqlog ui` takes the server with it."""
+    import signal
+    import threading
+    import urllib.error
+
+    import psutil
+
+    mlflow_store(tmp_path)
+    for how in ("ctrl-c", "kill"):
+        port = free_port()
+        with serve([str(BIN / "vqlog"), "ui", "--port", str(port)], tmp_path / how, port,
+                   cwd=tmp_path) as server:
+            spawned = psutil.Process(server.proc.pid).children(recursive=True)
+            assert spawned, "no mlflow process under vqlog ui"
+            done = threading.Event()
+
+            def poll() -> None:  # as an open UI does, several requests at a time
+                while not done.is_set():
+                    try:
+                        get(f"{server.url}/ajax-api/2.0/mlflow/experiments/search?max_results=5")
+                    except (urllib.error.URLError, OSError):
+                        return
+
+            pollers = [threading.Thread(target=poll, daemon=True) for _ in range(4)]
+            for t in pollers:
+                t.start()
+            try:
+                if how == "ctrl-c":
+                    os.killpg(server.proc.pid, signal.SIGINT)
+                    assert server.proc.wait(60) == 0, server.log_text()
+                else:
+                    server.proc.kill()
+                    server.proc.wait(60)
+            finally:
+                done.set()
+            _, alive = psutil.wait_procs(spawned, timeout=60)
+            assert not alive, f"left running: {alive}"
+            log = server.log_text()
+        assert "Traceback" not in log and "ERROR" not in log, log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -164,8 +165,40 @@ def ui_command(args: argparse.Namespace) -> int:
     if path is not None:  # the embedded store keeps its artifacts beside it
         cmd += ["--default-artifact-root", str(path.resolve().parent / "mlartifacts")]
     print(f"MLflow UI on {ui_address(args.host, args.port)} (Ctrl-C to stop)", flush=True)
-    os.execv(mlflow, cmd)
-    return 0  # pragma: no cover - execv does not return
+    return _serve(cmd)
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run `mlflow ui` until a Ctrl-C, SIGTERM or SIGHUP here, which it gets once, and its exit.
+
+    `mlflow ui` passes SIGINT and SIGTERM on to its uvicorn server, in the same process group:
+    a terminal's Ctrl-C reached uvicorn twice, from the terminal and from mlflow, and uvicorn's
+    second signal is a forced exit, which printed the tracebacks of the requests it cut off (an
+    open UI polls the server). In a session of its own, it gets each signal once, from here. On
+    Linux the kernel also sends it SIGTERM if this process dies (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # in the child, before mlflow starts
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # this process died before that was set
+                os._exit(1)
+
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)
+
+    def forward(signum, frame) -> None:  # a second Ctrl-C too: uvicorn's forced exit
+        with contextlib.suppress(ProcessLookupError):  # (mlflow passes a SIGHUP on to nobody)
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    return code if code >= 0 else 128 - code
 
 
 def ui_address(host: str, port: int) -> str:
