@@ -428,7 +428,8 @@ def test_the_line_counts_the_rows_the_table_shows(store, tmp_path, cli):
     client.set_tag(run.info.run_id, "optuna.state", "FAIL")
     client.set_terminated(run.info.run_id, "FAILED")
     code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
-    assert (code, out, err) == (0, "table: results/alpha.md (3 trials)\n", "")
+    # the failed one said apart, as the sweep's count of finished trials leaves it out
+    assert (code, out, err) == (0, "table: results/alpha.md (3 trials, 1 failed)\n", "")
     assert "| Seq3 |" in (tmp_path / "results" / "alpha.md").read_text()
 
 
@@ -475,8 +476,8 @@ def test_watch_says_a_line_once_when_only_a_row_changed(store, tmp_path, tiny):
         client = MlflowClient(tracking_uri=store)
         exp = client.get_experiment_by_name("alpha")
         (seq2,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'Seq2'")
-        client.set_tag(seq2.info.run_id, "optuna.state", "FAIL")  # PRUNED before
-        client.set_terminated(seq2.info.run_id, "FAILED")
+        client.log_metric(seq2.info.run_id, "final_val_mse", 0.07)  # 0.09 before; still PRUNED
+        client.set_terminated(seq2.info.run_id, "KILLED")  # (a new end time: a changed run)
         _wait_for(lambda: out.read_text() != first, 60, "Seq2's row rewritten", proc)
         (parent,) = client.search_runs([exp.experiment_id], "tags.`vqlog.role` = 'study'")
         add_trial(client, tiny(**BASE), exp.experiment_id, parent.info.run_id, "alpha", 2,

@@ -239,8 +239,9 @@ def _forbidden(exc: BaseException) -> bool:
 
 def _counts(rows, cache) -> str:
     """"3 trials": the rows the table shows (finished trials, a trial and its retries as one;
-    a trial still running has none)."""
-    from vqlog.tracking.table import shown_count
+    a trial still running has none), and ", 1 failed" of them: the sweep counts those apart."""
+    from vqlog.tracking.table import shown_rows
 
-    shown = shown_count(rows, cache)
-    return f"{shown} trial{'s' * (shown != 1)}"
+    shown = shown_rows(rows, cache)
+    failed = sum(row.state == "FAIL" for row in shown)
+    return f"{len(shown)} trial{'s' * (len(shown) != 1)}" + (f", {failed} failed" if failed else "")

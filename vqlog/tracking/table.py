@@ -256,9 +256,9 @@ def _json_record(heading: str, cells: list[str], where: list[int], width: int) -
     return json.dumps(record, ensure_ascii=False)
 
 
-def shown_count(rows: Iterable[TrialRow], cache: RenderCache | None = None) -> int:
-    """How many rows the table of `rows` has (a retry chain is one row)."""
-    return len(_finished((cache or RenderCache()).slots(rows)))
+def shown_rows(rows: Iterable[TrialRow], cache: RenderCache | None = None) -> list[TrialRow]:
+    """The rows the table of `rows` shows (a retry chain is one row), by number."""
+    return [slot.row for slot in _finished((cache or RenderCache()).slots(rows))]
 
 
 def _finished(slots: list[_Slot]) -> list[_Slot]:
