@@ -3,6 +3,7 @@ input exits 2 with exactly one `Error:` line on stderr that names the problem, a
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,18 @@ def test_user_file_with_quantizer_none(signal_file, cli, tiny):
     assert rc == 0, err
     assert f"data: {path}:" in out and "at 50 Hz" in out
     assert "val MSE" in out and "perplexity" not in out  # no codes, no perplexity line
+    # nor a codebook's sizes, which mean nothing here
+    assert "  quantizer      none  (downsample 4)\n" in out, out
+
+
+def test_an_fsq_summary_gives_its_real_number_of_codes(cli, tiny):
+    """FSQ's codebook is the product of its levels: embedding_num 256 gives 8x6x5 = 240 codes,
+    as `vqlog encode` says; the summary said "embedding_num 256" and "% of the codebook"."""
+    rc, out, err = cli("train", "--data", "synthetic", *tiny.args(**SMALL), "--set",
+                       "iteration=5", "--set", "quantizer=fsq", "--set", "embedding_num=256")
+    assert rc == 0, err
+    assert "  quantizer      fsq  (240 codes, the nearest FSQ size to embedding_num 256; " in out
+    assert re.search(r"  code usage     \d+\.\d% of the 240 codes\n", out), out
 
 
 def test_a_model_trained_at_its_datas_own_rate_cuts_other_data_at_that_rate(signal_file, tmp_path,

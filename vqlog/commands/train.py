@@ -94,19 +94,24 @@ def _train(args: argparse.Namespace, cfg) -> int:
         bar.close()
         share.close()
     s = result.summary()
-    print(summary_text(cfg, s))
+    print(summary_text(cfg, s, result.model.codebook_size))
     if args.save:
         checkpoint.save(args.save, cfg, result.model, result.sample_rate)
         print(f"saved: {args.save}")
     return 0
 
 
-def summary_text(cfg, s: dict) -> str:
+def summary_text(cfg, s: dict, codes: int | None = None) -> str:
+    """The closing lines of `vqlog train`; `codes`: the model's number of codes, which for fsq
+    is the product of its levels, not embedding_num (256 gives 8x6x5 = 240)."""
     quantized = cfg.quantizer != "none"
+    codes = cfg.embedding_num if codes is None else codes
+    sizes = (f"embedding_num {cfg.embedding_num}, " if cfg.quantizer != "fsq" else
+             f"{codes} codes, the nearest FSQ size to embedding_num {cfg.embedding_num}; ") \
+        + f"embedding_dim {cfg.embedding_dim}, " if quantized else ""
     lines = [
         "",
-        f"  quantizer      {cfg.quantizer}  (embedding_num {cfg.embedding_num}, "
-        f"embedding_dim {cfg.embedding_dim}, downsample {cfg.downsample})",
+        f"  quantizer      {cfg.quantizer}  ({sizes}downsample {cfg.downsample})",
         f"  iterations     {int(s['iterations_run'])}",
         f"  val MSE        final {s['final_val_mse']:.4f}  best {s['best_val_mse']:.4f}",
     ]
@@ -114,7 +119,8 @@ def summary_text(cfg, s: dict) -> str:
         lines += [
             f"  perplexity     final {s['final_val_perplexity']:.1f}  max "
             f"{s['max_val_perplexity']:.1f} @ {int(s['max_val_perplexity_step'])}",
-            f"  code usage     {100 * s['final_val_usage']:.1f}% of the codebook",
+            f"  code usage     {100 * s['final_val_usage']:.1f}% of the "
+            + ("codebook" if codes == cfg.embedding_num else f"{codes} codes"),
         ]
     osc = s["loss_oscillation"]
     lines += [
