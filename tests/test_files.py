@@ -374,3 +374,36 @@ sys.exit(main(["table", "--study", "s", "--out", "t.md"]))
                     f"may replace it in {shared} (a shared folder); give another file name")
     assert sorted(p.name for p in shared.iterdir()) == ["t.md"]
     assert (shared / "t.md").read_text() == "root's\n"
+
+
+@pytest.mark.parametrize("first_existed", [True, False])
+def test_a_rename_that_fails_after_another_puts_the_first_back(tmp_path, first_existed):
+    """encode's tokens and their index: when the index's rename failed after the tokens' had
+    gone through (a file this user may not replace; here a folder in its place), the new tokens
+    stayed beside the old index, exit 1. The tokens are put back as they were (or removed, where
+    there were none), and no temp file is left."""
+    from vqlog.files import atomic_write_all
+
+    tokens, index = tmp_path / "t.npy", tmp_path / "t.csv"
+    if first_existed:
+        tokens.write_bytes(b"old tokens")
+    index.mkdir()  # os.replace of a file onto a folder fails
+    with pytest.raises(IsADirectoryError):
+        atomic_write_all([(tokens, lambda f: f.write(b"new tokens")),
+                          (index, lambda f: f.write(b"new index"))])
+    assert (tokens.read_bytes() == b"old tokens") if first_existed else not tokens.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["t.csv", "t.npy"] if first_existed else ["t.csv"])
+
+
+def test_files_written_together_leave_no_link_behind(tmp_path):
+    from vqlog.files import atomic_write_all
+
+    tokens, index = tmp_path / "t.npy", tmp_path / "t.csv"
+    tokens.write_bytes(b"old tokens")
+    index.write_bytes(b"old index")
+    atomic_write_all([(tokens, lambda f: f.write(b"new tokens")),
+                      (index, lambda f: f.write(b"new index"))])
+    assert tokens.read_bytes() == b"new tokens" and index.read_bytes() == b"new index"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.npy"]
+    assert tokens.stat().st_nlink == 1

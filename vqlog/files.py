@@ -37,9 +37,13 @@ def atomic_write_all(outputs: list[tuple[str | os.PathLike, Callable[[BinaryIO],
                      crash_point: str | None = None) -> None:
     """`atomic_write` of several files that belong together (encode's tokens and their index):
     all are written to temp files first and renamed only once every write has succeeded, so a
-    failed write (a full disk) leaves each file as it was. Outputs that write through (a pipe,
-    /dev/stdout) are written after the renames: a stream cannot be taken back."""
+    failed write (a full disk) leaves each file as it was; a rename that fails after others
+    (a file it may not replace) puts those back, from hard links of their old files. Outputs
+    that write through (a pipe, /dev/stdout) are written after the renames: a stream cannot be
+    taken back."""
     staged: list[tuple[str, Path]] = []  # (temp file, the file it replaces)
+    replaced: list[tuple[Path, str | None, bool]] = []  # renamed: (file, a link to its old one,
+    #                                                      whether it existed)
     streams = []
     try:
         for path, write in outputs:
@@ -62,13 +66,37 @@ def atomic_write_all(outputs: list[tuple[str | os.PathLike, Callable[[BinaryIO],
             failpoint(crash_point)
         while staged:
             tmp, path = staged[0]
-            os.replace(tmp, path)
+            old, existed = None, path.exists()
+            if len(outputs) > 1 and existed:
+                old = f"{tmp[:-4]}.old"  # (remove_orphans' pattern, for a writer killed here)
+                try:
+                    os.link(path, old)
+                except OSError:  # no hard links here: replaced without a way back
+                    old = None
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.unlink(old)
+                raise
+            replaced.append((path, old, existed))
             staged.pop(0)
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        for path, old, existed in reversed(replaced):  # the renames before the one that failed
+            with contextlib.suppress(OSError):
+                if old is not None:
+                    os.replace(old, path)
+                elif not existed:
+                    os.unlink(path)  # there was none before
         raise
+    finally:
+        for _, old, _ in replaced:
+            if old is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(old)
     for path, write in streams:
         with open(path, "ab") as f:  # append: what `>>` gave the shell's file stays
             write(_Stream(f))
@@ -142,7 +170,8 @@ def remove_orphans(path: Path) -> None:
     """Temp files of `path` left by a writer killed before its rename. Only old ones: a worker on
     another host may be writing its own right now (the folder can be shared)."""
     cutoff = time.time() - ORPHAN_AGE
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for tmp in [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"),
+                *path.parent.glob(f".{glob.escape(path.name)}.*.old")]:
         with contextlib.suppress(FileNotFoundError):
             if tmp.stat().st_mtime < cutoff:
                 tmp.unlink()
