@@ -388,6 +388,41 @@ def test_ctrl_c_stops_cleanly_and_queues_the_running_trial_again(tmp_path, mlflo
 
 
 @pytest.mark.slow
+def test_a_worker_killed_between_a_stopped_trials_retry_and_its_fail_loses_nothing(
+        tmp_path, mlflow_store):
+    """SIGTERM, then SIGKILL (a scheduler's grace period over, the pool's kill of a worker that
+    did not stop in time) just as the stopped trial's retry is queued: the trial stays RUNNING
+    with its retry queued, and the rerun's stale check fails it without a second retry. Killed
+    after the FAIL and before the retry, as it was, the trial (a grid point, a spec's queued row)
+    was lost for good. The rerun runs the one retry, from the checkpoint, and ends with N."""
+    spec = write_spec(tmp_path, "killedstop", budget={"iteration": 400, "eval_every": 50},
+                      pruner="none")
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
+    args = ["--trials", "2", "--config", str(spec), "--storage", storage, "--tracking-uri", uri]
+    beats = {"VQLOG_HEARTBEAT_INTERVAL": "2", "VQLOG_HEARTBEAT_GRACE": "6"}
+    worker = Worker(args, tmp_path, env={**beats, "VQLOG_FAILPOINT": "trial.requeue:1"})
+    try:
+        victim = wait_until(lambda: running_trial(storage, "killedstop", uri), 120,
+                            "a trial RUNNING", alive=[worker])
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == -signal.SIGKILL, worker.output()
+    finally:
+        worker.kill()
+    trials = study_trials(storage, "killedstop")
+    assert trials[victim.number].state.name == "RUNNING", worker.output()
+    (retry,) = trials[victim.number + 1:]
+    assert retry.state.name == "WAITING" and retried_from(retry) == victim.number
+    time.sleep(6)  # the killed worker's heartbeat goes stale
+    rerun = Worker(args, tmp_path, "rerun", env=beats)
+    assert rerun.wait(300) == 0, rerun.output()
+    trials = study_trials(storage, "killedstop")
+    assert trials[victim.number].state.name == "FAIL"
+    assert [retried_from(t) for t in trials[victim.number + 1:]].count(victim.number) == 1
+    assert len(finished(trials)) == 2 and "WAITING" not in states(trials), states(trials)
+    assert "vqlog.kills" not in trials[victim.number + 1].user_attrs  # a stop, not a kill
+
+
+@pytest.mark.slow
 def test_a_ctrl_c_between_a_trials_fail_and_its_retry_waits_for_the_retry(tmp_path,
                                                                             mlflow_store):
     """Ctrl-C, then Ctrl-C again just as the stopped trial is marked FAIL (from a failpoint,

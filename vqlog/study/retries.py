@@ -36,7 +36,11 @@ KILLS = "vqlog.kills"  # trial user attr: how many of its retry history's trials
 
 def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's stale-trial callback: queue the dead worker's trial again, unless its retry
-    history already holds MAX_RETRY kills."""
+    history already holds MAX_RETRY kills, or its worker had queued its retry already (a worker
+    stopped by a signal queues the retry, then marks the trial FAIL: killed in between)."""
+    if any(retry_history(t)[-1:] == [trial.number]
+           for t in study.get_trials(deepcopy=False) if t.number > trial.number):
+        return
     kills = int(trial.user_attrs.get(KILLS, 0)) + 1
     if kills > MAX_RETRY:
         first = original_number(trial)
@@ -62,11 +66,16 @@ def queued_retries(study: optuna.Study) -> int:
     return sum(original_number(t) is not None for t in waiting)
 
 
-def original_number(trial: FrozenTrial) -> int | None:
-    """The number of the trial that `trial` retries (the first of its retry history), or None."""
+def retry_history(trial: FrozenTrial) -> list[int]:
+    """The numbers of the trials `trial` retries, the first one first (Optuna's record)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
+def original_number(trial: FrozenTrial) -> int | None:
+    """The number of the trial that `trial` retries (the first of its retry history), or None."""
+    history = retry_history(trial)
     return history[0] if history else None
 
 

@@ -262,19 +262,20 @@ class Worker:
 
     def _fail_and_queue(self, trial: optuna.Trial, trial_id: int, outcome: Outcome) -> None:
         """A trial stopped by a signal runs again (from its checkpoint) on the next run: its
-        retry is queued as Optuna queues a dead worker's, with no limit on how often. Its FAIL
-        and its retry at once, under the lock: a worker asking in between would start a new trial
+        retry is queued as Optuna queues a dead worker's, with no limit on how often. Its retry
+        and its FAIL at once, under the lock: a worker asking in between would start a new trial
         in its place, and the retry would wait for good. Not when another worker took it for dead
-        meanwhile and queued it itself. A Ctrl-C meanwhile waits for both (`shield`)."""
+        meanwhile and queued it itself. A Ctrl-C meanwhile waits for both (`shield`). The retry
+        first: killed before the FAIL, the trial stays RUNNING and the stale check finds its
+        retry queued (`retries.retry_killed`); killed after a FAIL, its retry was lost."""
         # The wait for the lock is not shielded: a Ctrl-C then leaves the trial RUNNING, and
         # another worker's stale-trial check retries it.
         with self.lock, self.stop.shield():
-            ours = self._db(lambda: self.storage.get_trial(trial_id)).state == TrialState.RUNNING
-            self._tell(trial, outcome)
-            failpoint("trial.requeue")
-            if ours:
-                frozen = self._db(lambda: self.storage.get_trial(trial_id))
+            frozen = self._db(lambda: self.storage.get_trial(trial_id))
+            if frozen.state == TrialState.RUNNING:  # ours
                 self._db(lambda: queue_again(self.study, frozen))
+            failpoint("trial.requeue")
+            self._tell(trial, outcome)
 
     def _register_best(self) -> None:
         """The registered model `<study>` @ `best` follows the study's best trial (under the
