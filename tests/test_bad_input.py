@@ -300,6 +300,8 @@ CASES: dict[str, Case] = {
     "init-description-too-long": Case(
         ("init", "--config", "s.yaml"), "description is 20,001 characters",
         {"s.yaml": spec(description="x" * 20001)}, program="vqlog"),
+    "spec-empty": Case(("--config", "s.yaml"), "s.yaml: the spec is empty; it needs at least a "
+                       "`name:`", {"s.yaml": text("# nothing yet\n")}),
     "spec-grid-without-space": Case(("--config", "s.yaml"), "sampler: grid needs a space",
                                     {"s.yaml": text("name: s\nsampler: grid\n")}),
     # --- command-line flags -----------------------------------------------------------------

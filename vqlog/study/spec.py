@@ -165,6 +165,9 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
     """A validated SweepSpec from a spec's mapping; `path` is the file it came from."""
     no_unknown(raw, TOP_KEYS, "")
     name = raw.get("name")
+    if not raw:  # an empty file
+        raise ConfigError("the spec is empty; it needs at least a `name:` (the bundled specs, "
+                          "vqlog/sweeps/*.yaml, show the rest)")
     if not isinstance(name, str):
         raise ConfigError(f"name: the study name must be a string, got {name!r}")
     check_study_name(name.strip(), "name")
