@@ -200,6 +200,7 @@ def test_unknown_study_is_an_error(store, tmp_path, cli):
     code, out, err = cli("table", "--study", "gamma", "--tracking-uri", store)
     assert code == 2
     assert err.startswith("Error: no MLflow experiment named 'gamma' at ") and err.count("\n") == 1
+    assert " (it holds alpha, beta): check the study name" in err, err  # as Optuna's error does
     assert not (tmp_path / "results").exists()
 
 

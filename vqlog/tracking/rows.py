@@ -109,9 +109,13 @@ def study_experiment(client: MlflowClient, study: str):
     deleted."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=21)
+                       if e.name != "Default")  # MLflow's own, no study's
+        there = (f"it holds {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}" if names
+                 else "it holds no study yet")
         raise MissingExperiment(
-            f"no MLflow experiment named '{study}' at {client.tracking_uri}: check the study name "
-            "(each study is one experiment) and the tracking URI"
+            f"no MLflow experiment named '{study}' at {client.tracking_uri} ({there}): check the "
+            "study name (each study is one experiment) and the tracking URI"
         )
     if experiment.lifecycle_stage == "deleted":
         raise UserError(
