@@ -328,6 +328,7 @@ def test_an_output_that_names_a_folder_or_goes_through_a_broken_link_is_refused(
     (`FileExistsError`, exit 1)."""
     monkeypatch.chdir(tmp_path)
     os.symlink(tmp_path / "nowhere", tmp_path / "gone")
+    os.symlink("/proc/sys/vqlog-table.md", tmp_path / "proc.md")
     for command, message in (
             (("table", "--study", "s", "--out", "fresh/"),
              "--out fresh/ names a folder, which does not exist; give a file name such as "
@@ -336,11 +337,15 @@ def test_an_output_that_names_a_folder_or_goes_through_a_broken_link_is_refused(
             (("table", "--study", "s", "--out", "gone/t.md"),
              f"cannot write gone/t.md: {tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, "
              "which does not exist"),
-            (("table", "--study", "s", "--out", "gone/deeper/t.md"), "cannot write gone/deeper")):
+            (("table", "--study", "s", "--out", "gone/deeper/t.md"), "cannot write gone/deeper"),
+            # a link of this user's is written through: its folder is the one checked (the
+            # folder of the name as typed was, and the write failed after the work, exit 1)
+            (("table", "--study", "s", "--out", "proc.md"),
+             "cannot write proc.md: /proc/sys is not writable")):
         code, out, err = cli(*command)
         assert code == 2 and err.startswith(f"Error: {message}"), err
         assert len(err.splitlines()) == 1, err
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gone", "proc.md"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user (nobody)")
@@ -358,21 +363,25 @@ def test_another_users_file_in_a_shared_folder_is_refused_before_the_work(reques
     request.addfinalizer(lambda: shutil.rmtree(shared))
     os.chmod(shared, 0o1777)
     (shared / "t.md").write_text("root's\n")
+    os.symlink("/nonexistent/mine.md", shared / "link.md")  # root's link: replaced, not followed
     script = """
 import os, sys
 from vqlog.cli import main
 # every module imported while root (Python's own files may be closed to nobody): no store here
 assert main(["table", "--study", "s", "--out", "warm.md"]) == 2
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
-sys.exit(main(["table", "--study", "s", "--out", "t.md"]))
+code = main(["table", "--study", "s", "--out", "link.md"])
+sys.exit(code * 10 + main(["table", "--study", "s", "--out", "t.md"]))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=shared, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    warm, line = proc.stderr.splitlines()
+    assert proc.returncode == 22, proc.stderr
+    warm, link, line = proc.stderr.splitlines()
+    assert link == (f"Error: cannot write link.md: it belongs to another user, and only its "
+                    f"owner may replace it in {shared} (a shared folder); give another file name")
     assert line == (f"Error: cannot write t.md: it belongs to another user, and only its owner "
                     f"may replace it in {shared} (a shared folder); give another file name")
-    assert sorted(p.name for p in shared.iterdir()) == ["t.md"]
+    assert sorted(p.name for p in shared.iterdir()) == ["link.md", "t.md"]
     assert (shared / "t.md").read_text() == "root's\n"
 
 
@@ -394,6 +403,22 @@ def test_a_rename_that_fails_after_another_puts_the_first_back(tmp_path, first_e
     assert (tokens.read_bytes() == b"old tokens") if first_existed else not tokens.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (
         ["t.csv", "t.npy"] if first_existed else ["t.csv"])
+
+
+def test_a_rollback_link_of_an_old_file_is_no_orphan_yet(tmp_path):
+    """The link that keeps a replaced file for a rollback shares the old file's inode, and its
+    mtime: another writer's cleanup of old temp files took it for one at once."""
+    from vqlog.files import remove_orphans
+
+    out = tmp_path / "t.npy"
+    out.write_bytes(b"old")
+    os.utime(out, (1, 1))  # written long ago
+    os.link(out, tmp_path / ".t.npy.abc123.old")  # as atomic_write_all links it, now
+    orphan = tmp_path / ".t.npy.def456.tmp"
+    orphan.write_bytes(b"half")
+    os.utime(orphan, (1, 1))  # a writer killed long ago
+    remove_orphans(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".t.npy.abc123.old", "t.npy"]
 
 
 def test_files_written_together_leave_no_link_behind(tmp_path):

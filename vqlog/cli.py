@@ -112,7 +112,7 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     from pathlib import Path
 
     from vqlog.errors import UserError
-    from vqlog.files import writes_through
+    from vqlog.files import write_target, writes_through
 
     if not out.strip():
         raise UserError(f"{flag} needs a file name, e.g. {flag} {example}")
@@ -137,14 +137,13 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
         if same_file(read, path):
             raise UserError(f"{flag} {out} is the {given} file, which it would overwrite; give "
                             f"another file name such as {example}")
-    parent = path.resolve().parent
-    if make_folders:  # the folders as typed: a link among them is made through, not resolved
-        parent = Path(os.path.abspath(out)).parent
-        while not parent.exists() and parent != parent.parent:
-            if os.path.islink(parent):  # mkdir would fail on it after the work
-                raise UserError(f"cannot write {out}: {parent} is a link to "
-                                f"{os.readlink(parent)}, which does not exist")
-            parent = parent.parent  # the write makes the folders below it
+    target = write_target(path.absolute())  # where the write lands (a link of this user's: its
+    parent = target.parent                   # file; another user's link: the link itself)
+    while make_folders and not parent.exists() and parent != parent.parent:
+        if os.path.islink(parent):  # mkdir would fail on it after the work
+            raise UserError(f"cannot write {out}: {parent} is a link to {os.readlink(parent)}, "
+                            "which does not exist")
+        parent = parent.parent  # the write makes the folders below it
     if not parent.is_dir():
         what = "is not a folder" if parent.exists() else "does not exist"
         raise UserError(f"cannot write {out}: {parent} {what}")
@@ -153,11 +152,11 @@ def check_out_file(out: str, flag: str, example: str, make_folders: bool = False
     except OSError as exc:
         why = f" ({exc.strerror})" if exc.strerror and exc.errno != errno.ENOENT else ""
         raise UserError(f"cannot write {out}: {parent} is not writable{why}") from None
-    # In a shared folder with the sticky bit (/tmp), only the owner of a file (or of the folder)
-    # may replace it: another user's file would fail at the rename, after all the work.
-    target, me = path.resolve(), os.geteuid()
-    if me and target.exists() and target.parent.stat().st_mode & stat.S_ISVTX and \
-            me not in (target.stat().st_uid, target.parent.stat().st_uid):
+    # In a shared folder with the sticky bit (/tmp), only the owner of a file or link (or of the
+    # folder) may replace it: another user's would fail at the rename, after all the work.
+    me = os.geteuid()
+    if me and os.path.lexists(target) and target.parent.stat().st_mode & stat.S_ISVTX and \
+            me not in (os.lstat(target).st_uid, target.parent.stat().st_uid):
         raise UserError(f"cannot write {out}: it belongs to another user, and only its owner may "
                         f"replace it in {target.parent} (a shared folder); give another file name")
     return path

@@ -51,7 +51,7 @@ def atomic_write_all(outputs: list[tuple[str | os.PathLike, Callable[[BinaryIO],
             if writes_through(path):
                 streams.append((path, write))
                 continue
-            path = _target(path)
+            path = write_target(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
             remove_orphans(path)
@@ -151,7 +151,7 @@ class _Stream:
         return True
 
 
-def _target(path: Path) -> Path:
+def write_target(path: Path) -> Path:
     """The file a write to `path` replaces: where a link of this user's points (the link kept),
     else `path` itself. Another user's link (one planted in a shared /tmp) is not followed, nor
     a link to a folder that does not exist."""
@@ -173,7 +173,8 @@ def remove_orphans(path: Path) -> None:
     for tmp in [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"),
                 *path.parent.glob(f".{glob.escape(path.name)}.*.old")]:
         with contextlib.suppress(FileNotFoundError):
-            if tmp.stat().st_mtime < cutoff:
+            st = tmp.stat()  # a .old is a hard link to an old file: its ctime is the link's
+            if (st.st_ctime if tmp.suffix == ".old" else st.st_mtime) < cutoff:
                 tmp.unlink()
 
 
