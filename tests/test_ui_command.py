@@ -206,3 +206,31 @@ def test_a_ctrl_c_stops_the_ui_once_with_no_traceback_and_leaves_no_process(tmp_
             assert not alive, f"left running: {alive}"
             log = server.log_text()
         assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_a_ui_started_with_nohup_outlives_a_hangup(tmp_path, mlflow_store):
+    """`nohup vqlog ui &`: SIGHUP is ignored, and stays so (vqlog ui's own handler for it
+    stopped the UI at a logout); SIGTERM still stops it."""
+    import signal
+    import subprocess
+
+    mlflow_store(tmp_path)
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "vqlog"), "ui", "--port", str(port)], cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        from _servers import wait_http
+
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log, "vqlog ui")
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(3)
+        assert get(f"http://127.0.0.1:{port}/health") == b"OK"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -196,7 +196,8 @@ def _serve(cmd: list[str]) -> int:
             proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup vqlog ui &` outlives a logout
+            signal.signal(sig, forward)
     code = proc.wait()
     return code if code >= 0 else 128 - code
 
