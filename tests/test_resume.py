@@ -252,8 +252,8 @@ def test_sigterm_checkpoints_the_trial_and_exits_143_and_the_rerun_resumes(tmp_p
     assert rerun.wait(180) == 0, rerun.output()
     # its first line after the study's says so (with no trial finished, it said nothing)
     assert rerun.stdout.splitlines()[1] == ("resuming: 0 of 1 trials finished; 1 cut-off trial "
-                                            "is queued to continue from its last checkpoint"), \
-        rerun.output()
+                                            "is queued again, to go on from its last checkpoint "
+                                            "if it has one"), rerun.output()
     expected = straight_value(tmp_path, uri, f"sqlite:///{tmp_path}/straight.db")
     check_resumed(uri, storage, "preempted", expected)
 

@@ -136,7 +136,6 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
             if getattr(stop, "shielded", 0) and not stop.deferred:  # a trial's FAIL and its
                 stop.deferred = True  # retry are under way: raised once both are done
                 return
-            stop.at_once = True
             raise KeyboardInterrupt
         if not quiet and (name == "SIGINT" or not stop.is_set()):
             again = " (Ctrl-C again to stop at once)" if name == "SIGINT" else ""  # no terminal
@@ -147,8 +146,13 @@ def stop_on_signals(stop, quiet: bool = False, restore: bool = True,
         stop.request(stop.signal or name)
 
     def unraisable(info, report=sys.unraisablehook):
-        if not (isinstance(info.exc_value, KeyboardInterrupt) and getattr(stop, "at_once", 0)):
-            report(info)  # (a Ctrl-C in a finalizer: StopRequest.should_stop raises it again)
+        """A Ctrl-C again that the handler raised in a finalizer or a garbage collector's
+        callback (SQLAlchemy's, in a sweep), where Python only reports it ("Exception ignored"):
+        sent again, to be raised where the main thread goes on."""
+        if isinstance(info.exc_value, KeyboardInterrupt) and getattr(stop, "ctrl_c", False):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:
+            report(info)
 
     if threading.current_thread() is not threading.main_thread():
         yield stop  # only the main thread may set handlers: the caller stops it by hand

@@ -59,8 +59,14 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
     configure_process()
     stop = worker.StopRequest()
     ask = stop.request
-    stop.request = lambda name: ask(signal.Signals(why.value).name  # type: ignore[method-assign]
-                                    if why.value and name == "SIGTERM" else name)
+
+    def request(name: str) -> None:  # the sweep's reason for the SIGTERM it forwards
+        if why.value and name == "SIGTERM":
+            name = signal.Signals(why.value).name
+            stop.ctrl_c = stop.ctrl_c or name == "SIGINT"  # the next Ctrl-C: at once, as there
+        ask(name)
+
+    stop.request = request  # type: ignore[method-assign]
     with stop_on_signals(stop, quiet=True, restore=False):
         try:
             if hasattr(signal, "pthread_sigmask"):

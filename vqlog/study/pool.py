@@ -43,8 +43,9 @@ def _signals_blocked():
 
 
 def _quiet_tracker() -> None:
-    """The resource tracker multiprocessing starts beside this process cleans up the queue's
-    semaphores of a parent killed with SIGKILL, and warns of them on its way out ("leaked
+    """The resource tracker multiprocessing starts beside this process cleans up the shared
+    resources of a parent killed with SIGKILL (a multiprocessing.Queue's semaphores, which the
+    workers' pipes no longer need, or a library's), and warns of them on its way out ("leaked
     semaphore objects"): noise in the sweep's output, the cleanup being its job. It takes this
     process's environment as it starts, so the warning is filtered there, and only there."""
     rule = "ignore::UserWarning:multiprocessing.resource_tracker"

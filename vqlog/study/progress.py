@@ -50,9 +50,9 @@ class TrialProgress:
         self.line(f"{run_name(t.number):<7} {what}" + (f"{BEST_SEP}{best}" if best else ""))
 
     def resumed(self, finished: int, retries: int = 0) -> None:
-        """A study that has finished trials already, or cut-off trials queued to continue, says
+        """A study that has finished trials already, or cut-off trials queued again, says
         so first (the study line gives only the target): `resuming: 12 of 50 trials finished`,
-        and `; 1 cut-off trial is queued to continue from its last checkpoint`."""
+        and `; 1 cut-off trial is queued again, to go on from its last checkpoint if it has one`."""
         self.update(finished)
         if finished >= self.total:
             self.line(f"the study has {finished} finished trial{'s' * (finished != 1)} already "
@@ -60,8 +60,9 @@ class TrialProgress:
         elif finished or retries:  # (a grid may hold fewer points than are left: the closing
             # line says so)
             self.line(f"resuming: {finished} of {self.total} trials finished" + (
-                f"; {retries} cut-off trial{' is' if retries == 1 else 's are'} queued to continue "
-                f"from {'its' if retries == 1 else 'their'} last checkpoint" if retries else ""))
+                f"; {retries} cut-off trial{' is' if retries == 1 else 's are'} queued again, to "
+                f"go on from {'its' if retries == 1 else 'their'} last checkpoint if "
+                f"{'it has one' if retries == 1 else 'they have one'}" if retries else ""))
 
     def line(self, text: str) -> None:
         if self.bar is not None:

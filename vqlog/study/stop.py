@@ -16,16 +16,6 @@ class StopRequest(threading.Event):
 
     signal: str | None = None
     ctrl_c = False  # a SIGINT came: the next one stops at once
-    at_once = False  # ... and it came: `should_stop` raises it again where Python swallowed it
-
-    def should_stop(self) -> bool:
-        """Asked by the training loop each step: whether to stop at a checkpoint. A Ctrl-C again
-        that landed in a garbage collector's callback or a finalizer, where Python only reports
-        an exception (`stop_on_signals` keeps that quiet), is raised here instead."""
-        if self.at_once:
-            self.at_once = False
-            raise KeyboardInterrupt
-        return self.is_set()
     shielded = 0  # shield blocks under way
     deferred = False  # a KeyboardInterrupt for the end of the outermost one
 

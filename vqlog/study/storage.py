@@ -385,12 +385,9 @@ class StudyLock:
             finally:
                 with contextlib.suppress(Exception):
                     conn.close()  # closing the session frees the lock even if unlock failed
-        if self._fh is not None:
-            import fcntl
-
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        fh, self._fh = self._fh, None  # not held from here on, whatever comes next
+        if fh is not None:
+            fh.close()  # closing the file drops its lock
 
     def __enter__(self) -> StudyLock:
         self.acquire()

@@ -148,8 +148,7 @@ class Objective:
                          device=self.device,
                          checkpoint_every=self.spec.checkpoint_every if run else 0,
                          on_checkpoint=run.log_checkpoint if run else None, resume=state,
-                         should_stop=getattr(self.stop, "should_stop",
-                                             getattr(self.stop, "is_set", None)))
+                         should_stop=self.stop.is_set if self.stop is not None else None)
             summary = result.summary()
             for key, value in summary.items():
                 self._db(lambda k=key, v=value: trial.set_user_attr(k, None if math.isnan(v) else v))

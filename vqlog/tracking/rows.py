@@ -109,8 +109,8 @@ def study_experiment(client: MlflowClient, study: str):
     deleted."""
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=21)
-                       if e.name != "Default")  # MLflow's own, no study's
+        names = sorted(e.name for e in client.search_experiments(max_results=22)
+                       if e.name != "Default")[:21]  # MLflow's own, no study's
         there = (f"it holds {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}" if names
                  else "it holds no study yet")
         raise MissingExperiment(
