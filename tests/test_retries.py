@@ -16,8 +16,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from vqlog.study.retries import (KILLS, MAX_RETRY, original_number, queue_again, report_history,
-                                 retry_killed)
+from vqlog.study.retries import (KILLS, MAX_RETRY, mark_stopped, original_number, queue_again,
+                                 report_history, retry_killed)
 from vqlog.study.spec import load_sweep
 from vqlog.study.storage import fail_stale_trials, open_storage
 
@@ -60,6 +60,33 @@ def test_stops_do_not_count_toward_the_retry_limit_and_kills_do(tmp_path, monkey
             assert waiting == []  # the limit: kills only
             assert f"the worker of Seq1 died with it {kill} times" in caplog.text
     assert [t.state for t in study.trials] == [TrialState.FAIL] * (2 + MAX_RETRY + 1)
+    storage.engine.dispose()
+
+
+def test_a_stop_cut_off_before_its_retry_is_queued_is_still_a_stop(tmp_path, monkeypatch):
+    """A second Ctrl-C while a stopping worker waited for the study lock to queue its trial's
+    retry left the trial RUNNING; the stale check then retried it as a kill, one of the three
+    a trial gets. Marked as stopped first, it is retried without a kill; a trial retried by
+    the stale check because a worker queued its retry and was killed before the FAIL gets no
+    second retry (retry_killed finds the first)."""
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(study_name="cut", storage=storage)
+    stopped, killed = study.ask(), study.ask()
+    mark_stopped(stopped)  # then the worker is cut off; the other one is simply killed
+    time.sleep(1.5)
+    fail_stale_trials(study, storage)
+    retries = {original_number(t): t for t in study.get_trials(states=(TrialState.WAITING,))}
+    assert retries[stopped.number].user_attrs.get(KILLS, 0) == 0
+    assert retries[killed.number].user_attrs[KILLS] == 1
+    # a retry queued by a stopping worker killed before its FAIL: found, none queued again
+    other = optuna.create_study(study_name="queued", storage=storage)
+    queued = other.ask()
+    queue_again(other, other.trials[queued.number])
+    time.sleep(1.5)
+    fail_stale_trials(other, storage)
+    assert [(t.state, original_number(t)) for t in other.trials] == [
+        (TrialState.FAIL, None), (TrialState.WAITING, queued.number)]
     storage.engine.dispose()
 
 

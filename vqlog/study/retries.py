@@ -21,6 +21,7 @@ stood in the way, and are handled here with Optuna's public API:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -32,6 +33,15 @@ log = logging.getLogger("vqlog")
 
 MAX_RETRY = 3  # a dead worker's trial is retried this many times (stops are not counted)
 KILLS = "vqlog.kills"  # trial user attr: how many of its retry history's trials were killed
+STOPPED = "vqlog.stopped"  # trial user attr: its own number, once its worker began to stop it
+
+
+def mark_stopped(trial: optuna.Trial) -> None:
+    """Mark a RUNNING trial as stopped by a signal, before its worker waits for the study lock
+    to queue its retry: cut off there (a second Ctrl-C), it is retried by the stale check as a
+    stop, not counted as a kill. (The number, as a retry inherits its original's attributes.)"""
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr(STOPPED, trial.number)
 
 
 def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -41,7 +51,7 @@ def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
     if any(retry_history(t)[-1:] == [trial.number]
            for t in study.get_trials(deepcopy=False) if t.number > trial.number):
         return
-    kills = int(trial.user_attrs.get(KILLS, 0)) + 1
+    kills = int(trial.user_attrs.get(KILLS, 0)) + (trial.user_attrs.get(STOPPED) != trial.number)
     if kills > MAX_RETRY:
         first = original_number(trial)
         log.warning("vqlog: the worker of Seq%d died with it %d times (killed, out of memory?); it "

@@ -36,7 +36,7 @@ from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.stop import StopRequest
 from vqlog.study.outage import retrying
-from vqlog.study.retries import queue_again, queued_retries
+from vqlog.study.retries import mark_stopped, queue_again, queued_retries
 from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
@@ -269,7 +269,8 @@ class Worker:
         first: killed before the FAIL, the trial stays RUNNING and the stale check finds its
         retry queued (`retries.retry_killed`); killed after a FAIL, its retry was lost."""
         # The wait for the lock is not shielded: a Ctrl-C then leaves the trial RUNNING, and
-        # another worker's stale-trial check retries it.
+        # another worker's stale-trial check retries it, as a stop (the mark), not a kill.
+        self._db(lambda: mark_stopped(trial))
         with self.lock, self.stop.shield():
             frozen = self._db(lambda: self.storage.get_trial(trial_id))
             if frozen.state == TrialState.RUNNING:  # ours
