@@ -186,8 +186,8 @@ def _serve(cmd: list[str]) -> int:
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # this process died before that was set
-                os._exit(1)
+            if os.getppid() != parent:  # this process died before that was set: no UI
+                raise ChildProcessError("vqlog ui ended before mlflow ui started")
 
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)
 
