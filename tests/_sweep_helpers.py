@@ -85,6 +85,8 @@ def checkpointed_runs(uri: str, study: str) -> int:
     from mlflow.tracking import MlflowClient
 
     runs = mlflow_runs(uri, study, missing_ok=True)  # first: it waits for a store being created
+    if not runs:  # no store yet: an MlflowClient would create it, racing the sweep that does
+        return 0
     client = MlflowClient(tracking_uri=uri)
     return sum(1 for run in runs
                if any(a.path == "checkpoint/latest.pt"
