@@ -82,6 +82,7 @@ def test_a_stop_cut_off_before_its_retry_is_queued_is_still_a_stop(tmp_path, mon
     # a retry queued by a stopping worker killed before its FAIL: found, none queued again
     other = optuna.create_study(study_name="queued", storage=storage)
     queued = other.ask()
+    mark_stopped(queued)  # as the worker does, first
     queue_again(other, other.trials[queued.number])
     time.sleep(1.5)
     fail_stale_trials(other, storage)

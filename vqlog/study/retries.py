@@ -47,11 +47,14 @@ def mark_stopped(trial: optuna.Trial) -> None:
 def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's stale-trial callback: queue the dead worker's trial again, unless its retry
     history already holds MAX_RETRY kills, or its worker had queued its retry already (a worker
-    stopped by a signal queues the retry, then marks the trial FAIL: killed in between)."""
-    if any(retry_history(t)[-1:] == [trial.number]
-           for t in study.get_trials(deepcopy=False) if t.number > trial.number):
+    stopped by a signal queues the retry, then marks the trial FAIL: killed in between). Only a
+    trial marked as stopped can have its retry queued already: the study's trials are read for
+    those alone, so a killed trial's check does not grow with the study."""
+    stopped = trial.user_attrs.get(STOPPED) == trial.number
+    if stopped and any(retry_history(t)[-1:] == [trial.number]
+                       for t in study.get_trials(deepcopy=False) if t.number > trial.number):
         return
-    kills = int(trial.user_attrs.get(KILLS, 0)) + (trial.user_attrs.get(STOPPED) != trial.number)
+    kills = int(trial.user_attrs.get(KILLS, 0)) + (not stopped)
     if kills > MAX_RETRY:
         first = original_number(trial)
         log.warning("vqlog: the worker of Seq%d died with it %d times (killed, out of memory?); it "
