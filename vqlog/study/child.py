@@ -71,7 +71,7 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
         try:
             if hasattr(signal, "pthread_sigmask"):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending one: now
-            _watch_parent(parent, stop, messages)
+            _watch_parent(parent, stop)
             tracker = Tracker(job["tracking_uri"], lang=job["lang"])
             with CoreShare(limit=threads) as share:  # cores / N, fewer beside other processes
                 summary = worker.run(job["spec"], job["trials"], job["storage"], tracker=tracker,
@@ -98,7 +98,7 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
 PARENT_GONE = "the sweep's main process ended"
 
 
-def _watch_parent(parent: int, stop, messages) -> None:
+def _watch_parent(parent: int, stop) -> None:
     """Stop this worker cleanly, as SIGTERM would, once the process that started it is gone
     (killed with SIGKILL, or by the out-of-memory killer): a worker must not go on training
     unseen, with nobody to read its lines (they fail to send from now on)."""
