@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from _sweep_helpers import mlflow_runs, write_spec
-from vqlog.study.cores import CoreShare, core_share
+from vqlog.study.cores import HIDDEN_SECONDS, CoreShare, core_share
 from vqlog.study.hosts import cores
 
 HOLD = ("import sys, time\n"
@@ -56,6 +57,21 @@ def test_processes_are_counted_while_they_live_and_a_killed_ones_file_goes(tmp_p
                 p.kill()
                 p.wait(30)
     assert list(folder.iterdir()) == []
+
+
+def test_a_file_left_hidden_by_a_process_killed_before_its_rename_goes_once_old(tmp_path):
+    """A process killed between making its file (hidden, `.<name>`) and renaming it into view
+    left the hidden file for good. Once it is old and unlocked it is removed; a fresh one (a
+    process making its own now) is left alone and never counted."""
+    folder = tmp_path / "workers"
+    with CoreShare(limit=64, folder=folder) as mine:
+        old, fresh = folder / ".999999-0ld", folder / ".999998-new"
+        old.write_text("0")
+        fresh.write_text("0")
+        past = time.time() - HIDDEN_SECONDS - 5
+        os.utime(old, (past, past))
+        assert mine.processes() == 1
+        assert sorted(p.name for p in folder.iterdir()) == sorted([mine.path.name, fresh.name])
 
 
 SCAN = ("import os, sys\n"

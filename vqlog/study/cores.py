@@ -11,9 +11,10 @@ cores`) / the live processes whose CPUs overlap its own, at least 1 and at most 
 worker calls it as each trial starts, so the threads follow processes that start and end. A
 file whose lock is free is a dead process's (the kernel drops a killed process's locks) and is
 removed; the others probe it with a shared lock, so that one scan's probe never looks like a
-live process to another scan. Where the folder cannot be used, the process counts as alone (still at most its
-limit). Processes that do not share a temp folder (most containers) do not see each other, and
-are sized by their own CPU quota.
+live process to another scan. A hidden file (one not yet renamed into view) is never counted, and
+is removed once it is a minute old and free. Where the folder cannot be used, the process counts
+as alone (still at most its limit). Processes that do not share a temp folder (most containers)
+do not see each other, and are sized by their own CPU quota.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from pathlib import Path
 
 from vqlog.study.hosts import cores
+
+# A hidden file (made, locked, then renamed into view) older than this, and unlocked, is a
+# process's that was killed before the rename: removed as a dead process's visible file is.
+HIDDEN_SECONDS = 60.0
 
 
 class CoreShare:
@@ -72,20 +78,22 @@ class CoreShare:
 
         live = 1
         try:
-            entries = [e for e in self.folder.iterdir()
-                       if e != self.path and not e.name.startswith(".")]
+            entries = [e for e in self.folder.iterdir() if e != self.path]
         except OSError:
             return 1
         for entry in entries:
+            hidden = entry.name.startswith(".")  # not yet renamed: never counted
             try:
                 fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:  # removed meanwhile, or not a plain file
                 continue
             try:  # shared: two scans of a dead process's file do not see each other's probe
+                if hidden and time.time() - os.fstat(fd).st_mtime < HIDDEN_SECONDS:
+                    continue  # a process that is making it, or just was
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:  # held exclusively: a live process
                 theirs = _cpus(os.pread(fd, 1 << 16, 0))
-                live += not (self.cpus and theirs) or bool(self.cpus & theirs)
+                live += not hidden and (not (self.cpus and theirs) or bool(self.cpus & theirs))
             except OSError:
                 pass
             else:  # free: its process is gone
