@@ -72,3 +72,20 @@ def test_one_database_however_it_is_spelt(a, b, same, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert same_database(a, b.format(cwd=tmp_path)) is same
+
+
+def test_a_storage_under_the_home_folder_opens_there(tmp_path, monkeypatch):
+    """`--storage sqlite:///~/optuna.db` was checked with its `~` expanded, then opened by
+    SQLAlchemy as a folder named `~` in the working directory: "unable to open database file"."""
+    from vqlog.study.storage import open_storage, resolve_storage
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    url = resolve_storage("sqlite:///~/optuna.db?timeout=5")
+    assert url == f"sqlite:///{home}/optuna.db?timeout=5"
+    storage = open_storage(url)
+    storage.engine.dispose()
+    assert (home / "optuna.db").stat().st_size > 0 and list(work.iterdir()) == []

@@ -76,6 +76,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path).expanduser() if path else None
 
 
+def expand_sqlite_home(url: str) -> str:
+    """`sqlite:///~/optuna.db` -> `sqlite:////home/me/optuna.db`: SQLAlchemy opens a `~` path as
+    a folder named `~` in the working directory, which is not what a user typing it means."""
+    if not url.startswith("sqlite:///~"):
+        return url
+    path, sep, query = url[len("sqlite:///"):].partition("?")
+    return f"sqlite:///{Path(path).expanduser()}{sep}{query}"
+
+
 def absolute_sqlite(url: str) -> str:
     """`sqlite:///mlflow.db` -> `sqlite:////abs/folder/mlflow.db`, resolved against the working
     directory now. MLflow caches its store by the URI's text, so a process that changes folder

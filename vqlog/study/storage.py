@@ -36,7 +36,7 @@ from vqlog.study.space import check_space
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.study.retries import retry_killed
 from vqlog.tracking.lineage import STUDY_UID
-from vqlog.urls import mask, missing_store_fix, with_psycopg2
+from vqlog.urls import expand_sqlite_home, mask, missing_store_fix, with_psycopg2
 
 SCHEMES = ("sqlite", "postgresql")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -52,8 +52,9 @@ METRIC_NAMES = {"mse": ["final_val_mse"], "pareto": ["final_val_mse", "max_val_p
 
 
 def resolve_storage(url: str | None) -> str:
-    """The storage URL a command uses: the flag, else $OPTUNA_STORAGE, else sqlite:///optuna.db."""
-    return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+    """The storage URL a command uses: the flag, else $OPTUNA_STORAGE, else sqlite:///optuna.db;
+    an SQLite path's `~` expanded."""
+    return expand_sqlite_home(url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE)
 
 
 def parse_url(url: str, what: str = "--storage") -> URL:
