@@ -123,6 +123,50 @@ def test_storage_calls_heartbeat_and_lock_ride_out_a_restart(pg, db, monkeypatch
     assert study.trials[0].state.name == "COMPLETE"
 
 
+def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(pg, db, monkeypatch):
+    """Nobody can beat while the database is down: after an outage longer than the grace
+    period every running trial looked dead, and the first worker to check for stale trials
+    failed them all, each counted as a kill, their work since the last checkpoint lost. The
+    check now waits a grace period (and two beats) after the outage this process saw end: a
+    live trial beats again meanwhile and is kept, a dead one is still failed and retried."""
+    import optuna
+
+    from vqlog.study import storage as storage_mod
+    from vqlog.study.outage import Outage, retrying
+    from vqlog.study.retries import CLAIM, KILLS, fail_stale_trials, original_number
+
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "3")
+    storage = storage_mod.open_storage(db)
+    study = optuna.create_study(study_name="long", storage=storage)
+    live, dead = study.ask(), study.ask()
+    ids = {t.number: _trial_id(storage, "long", t.number) for t in (live, dead)}
+    for trial in (live, dead):
+        trial.set_user_attr(CLAIM, trial.number)
+        storage.record_heartbeat(ids[trial.number])  # then the dead one's worker is killed
+    pg.stop()
+    # this process's calls wait the outage out, as a worker's heartbeat thread does
+    waiting = threading.Thread(target=retrying, args=(storage, lambda: storage.get_trial(
+        ids[live.number])))
+    waiting.start()
+    time.sleep(5)  # longer than the grace period
+    pg.start()
+    waiting.join(30)
+    assert Outage.of(db).last_end is not None  # it saw the outage end
+    fail_stale_trials(study, storage)  # as another worker's check does, before the live one beats
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
+    storage.record_heartbeat(ids[live.number])  # the live worker beats again; the dead one not
+    time.sleep(3 + 2 * 1 + 0.5)  # the grace period and two beats after the outage ended
+    storage.record_heartbeat(ids[live.number])
+    fail_stale_trials(study, storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials[:2]] == ["RUNNING", "FAIL"]
+    (retry,) = trials[2:]
+    assert retry.state.name == "WAITING" and original_number(retry) == dead.number
+    assert retry.user_attrs[KILLS] == 1
+    storage.engine.dispose()
+
+
 class _LostReplies:
     """Connections whose next `n` transactions that write reach COMMIT on the server, and then
     die before the client hears back (a read's lost commit would prove nothing)."""

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from vqlog.study.retries import (KILLS, MAX_RETRY, mark_stopped, original_number, queue_again,
                                  report_history, retry_killed)
 from vqlog.study.spec import load_sweep
-from vqlog.study.storage import fail_stale_trials, open_storage
+from vqlog.study.retries import fail_stale_trials
+from vqlog.study.storage import open_storage
 
 STEPS = range(50, 301, 50)  # eval_every 50, iteration 300
 

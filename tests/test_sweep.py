@@ -586,7 +586,7 @@ def test_a_trial_failed_by_another_worker_before_its_claim_is_lost_not_an_error(
     Error line (with --workers, the whole sweep); the trial is now lost here, and the worker
     goes on with the retry."""
     from vqlog import api
-    from vqlog.study.storage import fail_stale_trials
+    from vqlog.study.retries import fail_stale_trials
     from vqlog.study.worker import Worker as SweepWorker
 
     monkeypatch.chdir(tmp_path)

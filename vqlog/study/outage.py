@@ -51,6 +51,7 @@ class Outage:
 
     def __init__(self, what: str):
         self.what, self.since = what, None
+        self.last_end: float | None = None  # time.monotonic() when the latest outage ended
         self._lock = threading.Lock()
 
     @classmethod
@@ -75,7 +76,13 @@ class Outage:
             if self.since is not None:
                 log.warning("vqlog: reconnected to the Optuna storage %s after %.1f s",
                             self.what, time.monotonic() - self.since)
-                self.since = None
+                self.since, self.last_end = None, time.monotonic()
+
+    def ended_within(self, seconds: float) -> bool:
+        """Whether the database is down now, or came back less than `seconds` ago."""
+        with self._lock:
+            return self.since is not None or (
+                self.last_end is not None and time.monotonic() - self.last_end < seconds)
 
     def retry(self, attempt: Callable[[], T], on_error: Callable[[], None] = lambda: None) -> T:
         """`attempt()` until it gets through. After a connection error: `on_error()`, a pause

@@ -224,7 +224,8 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     from vqlog.study.progress import FinishedCount, TrialProgress
     from vqlog.study.outage import retrying
     from vqlog.study.retries import queued_retries
-    from vqlog.study.storage import StudyLock, fail_stale_trials, open_study
+    from vqlog.study.retries import fail_stale_trials
+    from vqlog.study.storage import StudyLock, open_study
     from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
                                     check_data)
 

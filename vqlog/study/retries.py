@@ -25,15 +25,21 @@ import contextlib
 import copy
 import logging
 import warnings
+from datetime import datetime, timedelta
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
+
+from vqlog.bulk import gc_paused
+from vqlog.config import grace_period, heartbeat_interval
+from vqlog.study.outage import Outage, retrying
 
 log = logging.getLogger("vqlog")
 
 MAX_RETRY = 3  # a dead worker's trial is retried this many times (stops are not counted)
 KILLS = "vqlog.kills"  # trial user attr: how many of its retry history's trials were killed
 STOPPED = "vqlog.stopped"  # trial user attr: its own number, once its worker began to stop it
+CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
 
 
 def mark_stopped(trial: optuna.Trial) -> None:
@@ -51,8 +57,7 @@ def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
     trial marked as stopped can have its retry queued already: the study's trials are read for
     those alone, so a killed trial's check does not grow with the study."""
     stopped = trial.user_attrs.get(STOPPED) == trial.number
-    if stopped and any(retry_history(t)[-1:] == [trial.number]
-                       for t in study.get_trials(deepcopy=False) if t.number > trial.number):
+    if stopped and has_retry(study, trial.number):
         return
     kills = int(trial.user_attrs.get(KILLS, 0)) + (not stopped)
     if kills > MAX_RETRY:
@@ -65,11 +70,24 @@ def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
     queue_again(study, counted)
 
 
+def has_retry(study: optuna.Study, number: int) -> bool:
+    """Whether a retry of trial `number` is in the study already (a read of every trial)."""
+    return any(retry_history(t)[-1:] == [number]
+               for t in study.get_trials(deepcopy=False) if t.number > number)
+
+
 def queue_again(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue a retry of `trial` (its params, attributes and retry history), whatever its count."""
     with warnings.catch_warnings():  # the callback is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
+
+
+def queue_once(study: optuna.Study, trial: FrozenTrial) -> None:
+    """`queue_again`, unless a retry of `trial` is queued already: a worker's call sent again
+    after a lost reply must not queue a second one (a read of every trial, once per stop)."""
+    if not has_retry(study, trial.number):
+        queue_again(study, trial)
 
 
 def queued_retries(study: optuna.Study) -> int:
@@ -111,3 +129,43 @@ class HyperbandPruner(optuna.pruners.HyperbandPruner):
             trial = copy.copy(trial)
             trial.number = first
         return super().prune(study, trial)
+
+
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Fail (and retry) the RUNNING trials of dead workers. Call it under the study lock.
+
+    Optuna's own check sees the trials whose heartbeat stopped. A worker killed between creating
+    its trial and its first heartbeat, or a trial created twice by a commit whose reply was lost,
+    leaves a RUNNING trial without one, which nothing would ever fail, and the exact trial target
+    would wait for it forever. A live worker claims its trial (user attr CLAIM) right after the
+    first beat, so a RUNNING trial without that claim, started longer than the grace period ago,
+    is failed and retried like a stale one.
+
+    After an outage of a PostgreSQL storage that this process saw end, the check waits a grace
+    period (and two beats): no live worker could beat while the database was down, and an outage
+    longer than the grace period made every running trial look dead the moment it ended.
+    """
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.engine.name == "postgresql" \
+            and Outage.of(storage.url).ended_within(grace_period() + 2 * heartbeat_interval()):
+        return  # nobody could beat while the database was down: the live workers beat again first
+    # most often a worker's first read of the study, which loads every trial
+    with warnings.catch_warnings(), gc_paused():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
+        running = retrying(storage, lambda: study.get_trials(deepcopy=False,
+                                                             states=(TrialState.RUNNING,)))
+    cutoff = datetime.now() - timedelta(seconds=grace_period())
+    for trial in running:
+        if claimed(trial) or trial.datetime_start is None or trial.datetime_start >= cutoff:
+            continue
+        try:
+            retrying(storage, lambda: study.tell(trial.number, state=TrialState.FAIL))
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            continue  # it finished meanwhile ("Cannot tell a COMPLETE trial")
+        retrying(storage, lambda: retry_killed(study, trial))
+
+
+def claimed(trial: FrozenTrial) -> bool:
+    """Whether a live worker has claimed this trial (a retry inherits its original's user attrs,
+    claim included, hence the number)."""
+    return trial.user_attrs.get(CLAIM) == trial.number

@@ -19,15 +19,13 @@ import os
 import uuid
 import warnings
 import zlib
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import sqlalchemy
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from sqlalchemy.engine import URL, make_url
 
-from vqlog.bulk import gc_paused
 from vqlog.config import grace_period, heartbeat_interval
 from vqlog.data import check_same_data
 from vqlog.errors import UserError
@@ -43,7 +41,6 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 TABLES_LOCK = "<tables>"  # the StudyLock name under which a worker creates Optuna's tables
 ENQUEUED = "vqlog.enqueued"  # study user attr: the spec's rows were enqueued
 DATA = "vqlog.data"  # study user attr: the data its trials ran on (vqlog.data.DataCache.identity)
-CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
 # What the objective's values are, for optuna-dashboard's axes (not "Objective 0").
 METRIC_NAMES = {"mse": ["final_val_mse"], "pareto": ["final_val_mse", "max_val_perplexity"]}
 
@@ -258,39 +255,6 @@ def has_finished(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
-    """Fail (and retry) the RUNNING trials of dead workers. Call it under the study lock.
-
-    Optuna's own check sees the trials whose heartbeat stopped. A worker killed between creating
-    its trial and its first heartbeat, or a trial created twice by a commit whose reply was lost,
-    leaves a RUNNING trial without one, which nothing would ever fail, and the exact trial target
-    would wait for it forever. A live worker claims its trial (user attr CLAIM) right after the
-    first beat, so a RUNNING trial without that claim, started longer than the grace period ago,
-    is failed and retried like a stale one.
-    """
-    # most often a worker's first read of the study, which loads every trial
-    with warnings.catch_warnings(), gc_paused():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
-        running = retrying(storage, lambda: study.get_trials(deepcopy=False,
-                                                             states=(TrialState.RUNNING,)))
-    cutoff = datetime.now() - timedelta(seconds=grace_period())
-    for trial in running:
-        if claimed(trial) or trial.datetime_start is None or trial.datetime_start >= cutoff:
-            continue
-        try:
-            retrying(storage, lambda: study.tell(trial.number, state=TrialState.FAIL))
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            continue  # it finished meanwhile ("Cannot tell a COMPLETE trial")
-        retrying(storage, lambda: retry_killed(study, trial))
-
-
-def claimed(trial: FrozenTrial) -> bool:
-    """Whether a live worker has claimed this trial (a retry inherits its original's user attrs,
-    claim included, hence the number)."""
-    return trial.user_attrs.get(CLAIM) == trial.number
-
-
 # ------------------------------------------------------------------------------------ lock
 
 
@@ -340,14 +304,18 @@ class StudyLock:
         if self._held:
             return True
         if self.url.get_backend_name() == "postgresql":
+            conn = None
             try:
                 conn = self._engine.connect()
-            except Exception as exc:
-                if is_connection_error(exc):
+                got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"),
+                                   {"k": self.key}).scalar()
+            except BaseException as exc:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                if isinstance(exc, Exception) and is_connection_error(exc):
                     return False
                 raise
-            got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"),
-                               {"k": self.key}).scalar()
             if not got:
                 conn.close()
                 return False

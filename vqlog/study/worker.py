@@ -36,8 +36,9 @@ from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.stop import StopRequest
 from vqlog.study.outage import retrying
-from vqlog.study.retries import mark_stopped, queue_again, queued_retries
-from vqlog.study.storage import CLAIM, StudyLock, fail_stale_trials, open_study
+from vqlog.study.retries import (CLAIM, fail_stale_trials, mark_stopped, queue_once,
+                                 queued_retries)
+from vqlog.study.storage import StudyLock, open_study
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
 
@@ -273,8 +274,8 @@ class Worker:
         self._db(lambda: mark_stopped(trial))
         with self.lock, self.stop.shield():
             frozen = self._db(lambda: self.storage.get_trial(trial_id))
-            if frozen.state == TrialState.RUNNING:  # ours
-                self._db(lambda: queue_again(self.study, frozen))
+            if frozen.state == TrialState.RUNNING:  # ours; once, if a reply was lost
+                self._db(lambda: queue_once(self.study, frozen))
             failpoint("trial.requeue")
             self._tell(trial, outcome)
 
@@ -287,7 +288,7 @@ class Worker:
                 self.tracker.register_best(best.number, best.user_attrs.get(RUN_ID))
 
     def _claim(self, trial: optuna.Trial) -> None:
-        """Mark the trial as run by a live worker (see storage.fail_stale_trials). A retry
+        """Mark the trial as run by a live worker (see retries.fail_stale_trials). A retry
         inherits its original's user attrs: its failure reason is not this trial's."""
         self._db(lambda: trial.set_user_attr(CLAIM, trial.number))
         if "fail_reason" in trial.user_attrs:
