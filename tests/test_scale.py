@@ -945,6 +945,18 @@ def test_sigint_to_the_sweep_alone_is_a_ctrl_c_in_every_worker(tmp_path):
         "stopped (SIGINT); resumes on rerun"}, first.output()
 
 
+def test_a_worker_stopped_by_the_sweep_says_the_sweeps_reason():
+    """The SIGTERM the sweep forwards stops a worker for the sweep's reason. When the sweep
+    stopped because another worker failed, the cut-off trials said "stopped (SIGTERM)", though
+    nobody had sent one."""
+    from vqlog.study.child import WORKER_ERROR, stop_reason
+
+    assert stop_reason("SIGTERM", WORKER_ERROR) == "another worker's error"
+    assert stop_reason("SIGTERM", signal.SIGINT) == "SIGINT"  # `kill -INT` of the sweep alone
+    assert stop_reason("SIGTERM", 0) == "SIGTERM"  # to the worker itself, before any stop
+    assert stop_reason("SIGINT", WORKER_ERROR) == "SIGINT"  # a terminal's Ctrl-C is its own
+
+
 def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
     # Long enough that both first trials are still training when the signal comes, a second
     # after both runs show RUNNING (a few iterations in); the rerun trains what is left of them

@@ -16,6 +16,7 @@ POLL_SECONDS = 1.0  # how often a worker checks that the sweep's process is stil
 # The signals a worker stops cleanly on; blocked in it from its start until its handlers are in.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NO_DEVICE = 3  # a worker's exit code where its GPU could not be used (its note says why)
+WORKER_ERROR = -1  # `why` when the sweep stops because a worker failed
 
 
 def worker_process(index: int, job: dict, device: str, threads: int, conn, parent: int,
@@ -61,9 +62,8 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
     ask = stop.request
 
     def request(name: str) -> None:  # the sweep's reason for the SIGTERM it forwards
-        if why.value and name == "SIGTERM":
-            name = signal.Signals(why.value).name
-            stop.ctrl_c = stop.ctrl_c or name == "SIGINT"  # the next Ctrl-C: at once, as there
+        name = stop_reason(name, why.value)
+        stop.ctrl_c = stop.ctrl_c or name == "SIGINT"  # the next Ctrl-C: at once, as there
         ask(name)
 
     stop.request = request  # type: ignore[method-assign]
@@ -96,6 +96,14 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
 
 
 PARENT_GONE = "the sweep's main process ended"
+
+
+def stop_reason(name: str, why: int) -> str:
+    """What stops a worker that got the signal `name`: a SIGTERM the parent forwarded is a stop
+    for the parent's reason (`why`: its signal, WORKER_ERROR, or 0 before it stopped)."""
+    if name != "SIGTERM" or not why:
+        return name
+    return "another worker's error" if why == WORKER_ERROR else signal.Signals(why).name
 
 
 def _watch_parent(parent: int, stop) -> None:

@@ -21,10 +21,11 @@ from multiprocessing.connection import wait
 from typing import Callable
 
 from vqlog.errors import SweepError, TrackingUnavailable
-from vqlog.study.child import NO_DEVICE, STOP_SIGNALS, worker_process
+from vqlog.study.child import NO_DEVICE, STOP_SIGNALS, WORKER_ERROR, worker_process
 from vqlog.study.hosts import placements
 
 POLL_SECONDS = 1.0
+WORKER_FAILED = "error"  # the sweep's stop reason when a worker failed (the others then stop)
 
 
 @contextlib.contextmanager
@@ -128,7 +129,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             said[index] = True
             errors.append((index, payload))
             outage[0] = outage[0] and kind == "tracking"
-            stop.request(stop.signal or "error")
+            stop.request(stop.signal or WORKER_FAILED)
 
     def bury(i: int) -> None:
         """Worker i's pipe has ended: its last words, if any, are read, and its process has
@@ -171,8 +172,10 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
         while any(pipe is not None for pipe in pipes):
             if stop.is_set() and not forwarded:
                 forwarded = True
-                if stop.signal in ("SIGINT", "SIGTERM"):  # not another worker's error
+                if stop.signal in ("SIGINT", "SIGTERM"):
                     why.value = signal.Signals[stop.signal]
+                elif stop.signal == WORKER_FAILED:
+                    why.value = WORKER_ERROR
                 for p in procs:  # SIGTERM: a clean stop, also where the terminal's Ctrl-C did not reach
                     if p.is_alive():
                         os.kill(p.pid, signal.SIGTERM)
