@@ -183,3 +183,4 @@ def test_a_store_that_stays_away_at_start_up_says_how_to_resume(tmp_path, monkey
     (line,) = err.strip().splitlines()
     assert line.startswith("Error: MLflow tracking at ") and "database is locked" in line, line
     assert "Start the tracking server, then rerun the same command to resume" in line
+    assert "trial cut short" not in line  # none had started

@@ -61,6 +61,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     from vqlog.study.existing import check_study
     uri = tracker.given_uri
     stop = worker.StopRequest()
+    started = False
     try:
         # Bad data, a deleted experiment, a study of that name with other directions or space:
         # its Error line alone, before the study line.
@@ -75,18 +76,17 @@ def sweep_command(args: argparse.Namespace) -> int:
               f"storage {mask(storage)}, tracking {mask(uri)}"
               + (f", {workers} workers" if workers > 1 else "")
               + (f" ({note})" if note else ""), flush=True)
-        start = time.perf_counter()
+        start, started = time.perf_counter(), True
         with stop_on_signals(stop, running="each worker's running trial" if workers > 1
                              else "the running trial"):
             result = api.run_sweep(spec, args.trials, storage, tracker, workers, args.device,
                                    gpus, args.timeout, args.seed, stop, cache=data,
                                    data_checked=True)
     except TrackingUnavailable as exc:
-        sys.stderr.write(
-            f"Error: {mask_urls(str(exc))}. Everything finished is kept in the study and MLflow; "
-            "a trial cut short was marked FAIL. Start the tracking server, then rerun the same "
-            "command to resume.\n"
-        )
+        kept = ("Everything finished is kept in the study and MLflow; a trial cut short was "
+                "marked FAIL. " if started else "")
+        sys.stderr.write(f"Error: {mask_urls(str(exc))}. {kept}Start the tracking server, then "
+                         "rerun the same command to resume.\n")
         return 1
     print(summary_text(result, time.perf_counter() - start, storage, uri, tracker.ui_url()))
     if (note := tracker.outage_note()) is not None:
