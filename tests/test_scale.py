@@ -679,6 +679,42 @@ def test_a_stop_after_the_last_trial_is_not_a_stop(tmp_path, monkeypatch):
     assert summary.stopped is None and not summary.interrupted
 
 
+def test_a_worker_of_workers_leaves_the_last_table_and_plots_to_the_sweeps_process(tmp_path,
+                                                                                  monkeypatch):
+    """Each worker of --workers reconciled the runs, wrote the table and drew Optuna's study
+    plots (which read every trial: 5 s at 10,000) as it ended, and then the sweep's process did
+    the same: N + 1 times at once, after a SIGTERM too. A worker leaves it to the sweep's process
+    now, unless that process is gone; a worker on its own does it as before."""
+    from vqlog import api
+    from vqlog.study.stop import PARENT_GONE
+    from vqlog.study.worker import StopRequest, Worker
+    from vqlog.tracking.runs import Tracker
+
+    class Counted(Tracker):  # vqlog's own tracker, on a real store: it counts its last refreshes
+        ends = 0
+
+        def finish_study(self, study):
+            self.ends += 1
+            return super().finish_study(study)
+
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(tmp_path, "ends", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    spec = api.study_spec(str(path), None, None, None, None)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Counted(uri)
+    summary = Worker(spec, 1, storage, tracker=tracker, bar=False, out=print).run()
+    assert summary.finished == summary.ran_here == 1 and tracker.ends == 0
+    assert (tmp_path / "results" / "ends.md").is_file()  # the table after the trial
+    gone = StopRequest()
+    gone.request(PARENT_GONE)
+    for options in ({"bar": True}, {"bar": False, "stop": gone}):
+        tracker = Counted(uri)
+        summary = Worker(spec, 1, storage, tracker=tracker, out=print, **options).run()
+        assert summary.finished == 1 and summary.ran_here == 0 and tracker.ends == 1, options
+        assert summary.table_path == str(Path("results") / "ends.md")
+
+
 def test_the_timeout_counts_from_when_the_sweep_began_not_from_a_workers_start(tmp_path,
                                                                                monkeypatch):
     """--timeout with --workers: each worker timed it from its own start, so one that started in

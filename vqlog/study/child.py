@@ -11,6 +11,7 @@ import signal
 import sys
 
 from vqlog.errors import TrackingUnavailable, VqlogError
+from vqlog.study.stop import PARENT_GONE
 
 POLL_SECONDS = 1.0  # how often a worker checks that the sweep's process is still there
 # The signals a worker stops cleanly on; blocked in it from its start until its handlers are in.
@@ -93,9 +94,6 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
         messages.put(report)
-
-
-PARENT_GONE = "the sweep's main process ended"
 
 
 def stop_reason(name: str, why: int) -> str:

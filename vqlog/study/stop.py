@@ -9,6 +9,9 @@ import signal
 import threading
 
 
+PARENT_GONE = "the sweep's main process ended"  # why a worker of --workers stops on its own
+
+
 class StopRequest(threading.Event):
     """Set (by a signal handler, or by hand) to stop a worker cleanly: the running trial is
     checkpointed, marked FAIL and queued again, and no new trial starts. `signal` says why.
