@@ -486,8 +486,9 @@ def test_workers_killed_as_they_send_a_line_stop_no_other_worker(tmp_path):
     or its summary. With one multiprocessing.Queue for all workers, a worker killed while its
     queue's thread held the queue's shared write lock stopped every other worker's lines and hung
     their exits, and the sweep with them. Each worker has a pipe of its own now: the deaths are
-    reported, new workers take the places of those that had ended a trial, and the sweep ends
-    with exactly N."""
+    reported and the sweep ends with exactly N. The deaths come once the study has its trials
+    (a worker's line follows its trial's end): no new worker takes a place then (a new one was
+    started, only to find the study done)."""
     spec = write_spec(tmp_path, "sends", budget={"iteration": 20, "eval_every": 10},
                       pruner="none")
     sweep = Worker(["--trials", "2", "--config", str(spec), "--workers", "2"], tmp_path,
@@ -495,7 +496,9 @@ def test_workers_killed_as_they_send_a_line_stop_no_other_worker(tmp_path):
                         "VQLOG_HEARTBEAT_GRACE": "10"})
     assert sweep.wait(300) == 0, sweep.output()
     out = sweep.stdout
-    assert "was killed by SIGKILL; perhaps out of memory; a new worker takes its place" in out, out
+    assert "was killed by SIGKILL; perhaps out of memory; the study has its trials, so no new " \
+        "worker takes its place" in out, out
+    assert "a new worker takes its place" not in out, out
     trials = study_trials(f"sqlite:///{tmp_path}/optuna.db", "sends")
     assert len(finished(trials)) == 2 and "RUNNING" not in states(trials), sweep.output()
     assert "study sends: 2/2 trials finished" in out, out

@@ -63,12 +63,13 @@ def _quiet_tracker() -> None:
 
 def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
              out: Callable[[str], None] = print,
-             tick: Callable[[], None] = lambda: None
+             tick: Callable[[], None] = lambda: None, done: Callable[[], bool] = lambda: False
              ) -> tuple[list[dict | None], list[str], list[int]]:
     """Start `n` workers on `job` (spec, trials, storage, tracking_uri, lang, timeout, seed),
     relay their lines to `out` (calling `tick` about every second) until all have exited, and
     return their summaries (as dicts; None for one stopped at once), the workers that died, and
-    the trials those had ended (and of them failed), which no summary counts.
+    the trials those had ended (and of them failed), which no summary counts. `done()`: the
+    study has its trials (a worker that dies then is not replaced).
     `stop` (a StopRequest) set: every worker is asked to stop. A worker's error ends the others
     too, and is raised once all have exited: as TrackingUnavailable (the first worker's message)
     when every error was the tracking store's outage, as SweepError otherwise.
@@ -149,13 +150,15 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             if stop.is_set() and -p.exitcode in STOP_SIGNALS:
                 return  # asked to stop, and ended by the signal itself: not a death
             how = _death(p.exitcode)
-            replace = worked[i] and not stop.is_set()
+            over = done()
+            replace = worked[i] and not stop.is_set() and not over
             lost.append(f"worker {i} (pid {p.pid}) {how}")
             out(f"worker {i} (pid {p.pid}) {how}"
                 + ("; perhaps out of memory" if p.exitcode == -signal.SIGKILL else "")
                 + ("; a new worker takes its place, and its trial is retried once its "
                    "heartbeat is stale" if replace else
                    "; the sweep is stopping, so no new worker takes its place" if stop.is_set()
+                   else "; the study has its trials, so no new worker takes its place" if over
                    else "; it had not ended a trial, so no new worker takes its place"))
             if replace:
                 start(i)
@@ -269,8 +272,9 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     try:
         progress.resumed(finished(), db(lambda: queued_retries(study)))
         if finished() < trials:  # a study at its target starts no worker (each would only look)
-            summaries, lost, unsaid = run_pool(job, workers, device, gpus, stop,
-                                               out=progress.line, tick=tick)
+            summaries, lost, unsaid = run_pool(
+                job, workers, device, gpus, stop, out=progress.line, tick=tick,
+                done=lambda: finished() >= trials)
     finally:
         count.close()
         progress.close()
