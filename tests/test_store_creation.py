@@ -177,3 +177,24 @@ def test_held_signals_come_after_the_step_also_when_it_fails_and_a_second_ctrl_c
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_two_ctrl_cs_while_a_new_store_is_made_are_two_for_the_sweeps_handler(capsys):
+    """The sweep's handler stops cleanly on a first Ctrl-C and raises on a second. Both held
+    while MLflow made a new store, only one was sent on: the handler took it for a first, and
+    the "Ctrl-C again to stop at once" the user had pressed did nothing."""
+    import signal
+
+    from vqlog.commands.sweep import stop_on_signals
+    from vqlog.study.stop import StopRequest, signals_deferred
+
+    stop, steps = StopRequest(), []
+    with stop_on_signals(stop):
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                steps.append("held")
+                signal.raise_signal(signal.SIGINT)
+                steps.append("not reached")
+    assert steps == ["held"] and stop.is_set() and stop.signal == "SIGINT"
+    assert "SIGINT: stopping after a checkpoint" in capsys.readouterr().err

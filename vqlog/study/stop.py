@@ -64,10 +64,12 @@ def signals_deferred():
             signal.signal(sig, handler)
 
     def hold(signum, frame) -> None:
-        if signum == signal.SIGINT and signal.SIGINT in got:  # Ctrl-C again: now
-            restore()
+        if signum == signal.SIGINT and signal.SIGINT in got:  # Ctrl-C again: now, after the
+            restore()  # ones held (a handler that stops cleanly on the first must see both)
+            held = list(dict.fromkeys(got))
             got.clear()
-            signal.raise_signal(signum)
+            for sig in (*held, signum):
+                signal.raise_signal(sig)
             return
         got.append(signum)
 
