@@ -96,9 +96,9 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
         # SIGINT and SIGTERM in this thread when it is (re)started inside `start()`: started
         # first, so that the worker is spawned with them still blocked.
         resource_tracker.ensure_running()
-        with _signals_blocked():
+        with _signals_blocked():  # (in this thread: a Ctrl-C that another thread received is
+            procs[i:i + 1] = [p]  # still handled here, so the process is known before it starts)
             p.start()
-            procs[i:i + 1] = [p]
         end.close()  # the worker's alone: the pipe ends when the worker does, however it ends
         pipes[i:i + 1] = [pipe]
 
@@ -191,6 +191,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                     continue
                 handle(*message)
     finally:
+        procs = [p for p in procs if p.pid is not None]  # started
         for p in procs:  # alive only when leaving by an exception: ask them to stop first
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
