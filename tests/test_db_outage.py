@@ -501,3 +501,28 @@ def test_the_table_waits_for_a_database_store_that_is_down(pg, tmp_path):
         if not pg.running():
             pg.start()
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_an_outage_of_the_mlflow_stores_database_is_called_so(pg, caplog):
+    """Opening an MLflow store on PostgreSQL takes a lock that waits out an outage. Its lines
+    said "lost the connection to the Optuna storage", naming the wrong database."""
+    import logging
+
+    from vqlog.tracking.client import open_client, store_uri
+
+    uri = pg.create_database("t_mlflow_store_outage")
+    given = store_uri(uri)  # checked while the server is up
+    pg.stop()
+    later = threading.Timer(3.0, pg.start)
+    later.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vqlog"):
+            client = open_client(given)  # waits for the server
+        assert client.search_experiments()  # MLflow's Default experiment: the store was made
+    finally:
+        later.join()
+        if not pg.running():
+            pg.start()
+    assert f"lost the connection to the MLflow store {uri}" in caplog.text, caplog.text
+    assert f"reconnected to the MLflow store {uri}" in caplog.text
+    assert "Optuna" not in caplog.text

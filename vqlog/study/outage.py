@@ -49,33 +49,34 @@ class Outage:
     _all: dict[str, Outage] = {}
     _all_lock = threading.Lock()
 
-    def __init__(self, what: str):
-        self.what, self.since = what, None
+    def __init__(self, what: str, label: str = "the Optuna storage"):
+        self.what, self.label, self.since = what, label, None
         self.last_end: float | None = None  # time.monotonic() when the latest outage ended
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, url: str | URL) -> Outage:
+    def of(cls, url: str | URL, label: str = "the Optuna storage") -> Outage:
+        """The outage clock of the database at `url`; `label`: what its lines call it."""
         url = make_url(url)
         what = url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
         with cls._all_lock:
-            return cls._all.setdefault(what, cls(what))
+            return cls._all.setdefault(what, cls(what, label))
 
     def seconds_down(self, exc: BaseException) -> float:
         """Note a failed attempt; the seconds since the outage began (0 if it begins now)."""
         with self._lock:
             if self.since is None:
                 self.since = time.monotonic()
-                log.warning("vqlog: lost the connection to the Optuna storage %s (%s); retrying "
-                            "for up to %g s (VQLOG_DB_OUTAGE_LIMIT)", self.what, root_cause(exc),
+                log.warning("vqlog: lost the connection to %s %s (%s); retrying for up to %g s "
+                            "(VQLOG_DB_OUTAGE_LIMIT)", self.label, self.what, root_cause(exc),
                             outage_limit())
             return time.monotonic() - self.since
 
     def ended(self) -> None:
         with self._lock:
             if self.since is not None:
-                log.warning("vqlog: reconnected to the Optuna storage %s after %.1f s",
-                            self.what, time.monotonic() - self.since)
+                log.warning("vqlog: reconnected to %s %s after %.1f s", self.label, self.what,
+                            time.monotonic() - self.since)
                 self.since, self.last_end = None, time.monotonic()
 
     def ended_within(self, seconds: float) -> bool:
@@ -102,7 +103,7 @@ class Outage:
                 down = self.seconds_down(exc)
                 if down >= limit:
                     raise StorageOutageError(
-                        f"the Optuna storage {self.what} has been unreachable for {down:.0f} s, "
+                        f"{self.label} {self.what} has been unreachable for {down:.0f} s, "
                         f"longer than the outage limit of {limit:g} s (VQLOG_DB_OUTAGE_LIMIT). "
                         "The study is safe in the database: once it is back, rerun the same "
                         f"command. Last error: {root_cause(exc)}"

@@ -266,8 +266,9 @@ class StudyLock:
     does, unless `wait` is False (opening the storage). A restart ends the session and the server
     frees the lock with it, so release() after an outage has nothing to undo and does not raise."""
 
-    def __init__(self, url: str, study: str, wait: bool = True, purpose: str = ""):
-        self.url = parse_url(url)
+    def __init__(self, url: str, study: str, wait: bool = True, purpose: str = "",
+                 label: str = "the Optuna storage"):
+        self.url, self.label = parse_url(url), label  # label: what an outage's lines call it
         # advisory locks take a bigint key; `purpose` names another lock of the same study
         self.key = zlib.crc32(f"vqlog:{study}{':' + purpose if purpose else ''}".encode())
         self.file = f"{Path(self.url.database).expanduser()}{'.' + purpose if purpose else ''}.lock" \
@@ -287,7 +288,8 @@ class StudyLock:
         if self._held:
             return
         if self.url.get_backend_name() == "postgresql":
-            self._conn = Outage.of(self.url).retry(self._lock_pg) if self.wait else self._lock_pg()
+            self._conn = Outage.of(self.url, self.label).retry(self._lock_pg) if self.wait \
+                else self._lock_pg()
         else:
             import fcntl
 

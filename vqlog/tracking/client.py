@@ -201,7 +201,7 @@ def _store_lock(uri: str):
     if scheme == "postgresql":
         from vqlog.study.storage import StudyLock
 
-        return StudyLock(uri, STORE_LOCK)
+        return StudyLock(uri, STORE_LOCK, label="the MLflow store")
     path = sqlite_path(uri) if scheme == "sqlite" else None
     if path is None:
         return contextlib.nullcontext()
