@@ -219,8 +219,12 @@ def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
 
     from vqlog.study import storage as storage_mod
     from vqlog.study.outage import retrying
+    from vqlog.study.retries import CLAIM, fail_stale_trials
 
-    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
+    # A lost reply is an outage of a moment: too short to hold up the check for dead workers'
+    # trials (its length, a beat and the longest pause between tries stay under the grace).
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "6")
     storage = storage_mod.open_storage(db)
     lose = _LostReplies(storage, monkeypatch)
     study = optuna.create_study(study_name="lost", storage=storage)
@@ -230,19 +234,19 @@ def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
     lose.next()
     first = retrying(storage, study.ask)  # WAITING -> RUNNING, reply lost: again
     assert first.suggest_float("x", 0.0, 3.0) == 2.0  # the second queued trial
-    retrying(storage, lambda: first.set_user_attr(storage_mod.CLAIM, first.number))
+    retrying(storage, lambda: first.set_user_attr(CLAIM, first.number))
     lose.next()
     frozen = retrying(storage, lambda: study.tell(first, 0.5, skip_if_finished=True))
     assert frozen.state == TrialState.COMPLETE and frozen.value == 0.5
     assert len(lose.tables) == 2 and all("trials" in t for t in lose.tables), lose.tables
 
-    time.sleep(1.5)  # past the grace period
-    storage_mod.fail_stale_trials(study, storage)  # the trial the lost ask took: failed, retried
+    time.sleep(6.5)  # past the grace period
+    fail_stale_trials(study, storage)  # the trial the lost ask took: failed, retried
     trials = study_trials(db, "lost")
     assert [(t.number, t.state.name) for t in trials] == [
         (0, "FAIL"), (1, "COMPLETE"), (2, "WAITING")]
     assert retried_from(trials[2]) == 0
-    storage_mod.fail_stale_trials(study, storage)  # again: nothing more to fail or retry
+    fail_stale_trials(study, storage)  # again: nothing more to fail or retry
     assert len(study_trials(db, "lost")) == 3
     retry = study.ask()  # the queued retry, with the lost trial's parameters
     assert retry.number == 2 and retry.suggest_float("x", 0.0, 3.0) == 1.0

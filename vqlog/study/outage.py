@@ -18,6 +18,7 @@ from vqlog.config import env_number
 from vqlog.errors import StorageOutageError, find_cause, one_line
 
 T = TypeVar("T")
+MAX_PAUSE = 4.0  # seconds: the longest pause between two tries to reach the database
 log = logging.getLogger("vqlog")
 
 
@@ -52,6 +53,7 @@ class Outage:
     def __init__(self, what: str, label: str = "the Optuna storage"):
         self.what, self.label, self.since = what, label, None
         self.last_end: float | None = None  # time.monotonic() when the latest outage ended
+        self.last_length = 0.0  # and how long it lasted
         self._lock = threading.Lock()
 
     @classmethod
@@ -77,13 +79,20 @@ class Outage:
             if self.since is not None:
                 log.warning("vqlog: reconnected to %s %s after %.1f s", self.label, self.what,
                             time.monotonic() - self.since)
-                self.since, self.last_end = None, time.monotonic()
+                self.last_end = time.monotonic()
+                self.since, self.last_length = None, self.last_end - self.since
 
-    def ended_within(self, seconds: float) -> bool:
-        """Whether the database is down now, or came back less than `seconds` ago."""
+    def may_look_dead(self, grace: float, interval: float) -> bool:
+        """Whether a live worker's trial may look dead (no beat for `grace` s) because of an
+        outage: one is under way, or one ended less than `grace` and two beats ago that was long
+        enough for it (its length, a beat's `interval`, and the longest pause between two tries
+        to reconnect add up to `grace`). A lost reply's short outage is not."""
         with self._lock:
-            return self.since is not None or (
-                self.last_end is not None and time.monotonic() - self.last_end < seconds)
+            if self.since is not None:
+                return True
+            return self.last_end is not None and \
+                self.last_length + interval + MAX_PAUSE >= grace and \
+                time.monotonic() - self.last_end < grace + 2 * interval
 
     def retry(self, attempt: Callable[[], T], on_error: Callable[[], None] = lambda: None) -> T:
         """`attempt()` until it gets through. After a connection error: `on_error()`, a pause
@@ -109,7 +118,7 @@ class Outage:
                         f"command. Last error: {root_cause(exc)}"
                     ) from exc
                 time.sleep(min(delay, limit - down + 0.05))
-                delay = min(2 * delay, 4.0)
+                delay = min(2 * delay, MAX_PAUSE)
                 continue
             self.ended()
             return result

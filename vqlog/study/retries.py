@@ -141,12 +141,13 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     first beat, so a RUNNING trial without that claim, started longer than the grace period ago,
     is failed and retried like a stale one.
 
-    After an outage of a PostgreSQL storage that this process saw end, the check waits a grace
-    period (and two beats): no live worker could beat while the database was down, and an outage
-    longer than the grace period made every running trial look dead the moment it ended.
+    After an outage of a PostgreSQL storage that this process saw end, long enough for a live
+    trial's last beat to reach the grace period's age (no worker can beat while the database is
+    down), the check waits a grace period and two beats: such an outage made every running trial
+    look dead the moment it ended.
     """
     if isinstance(storage, optuna.storages.RDBStorage) and storage.engine.name == "postgresql" \
-            and Outage.of(storage.url).ended_within(grace_period() + 2 * heartbeat_interval()):
+            and Outage.of(storage.url).may_look_dead(grace_period(), heartbeat_interval()):
         return  # nobody could beat while the database was down: the live workers beat again first
     # most often a worker's first read of the study, which loads every trial
     with warnings.catch_warnings(), gc_paused():
