@@ -210,7 +210,8 @@ def test_encodes_rate_errors_advise_what_encode_takes_not_the_spec_key(signal_fi
         (["--config", "nope.yaml"], ["config file not found: nope.yaml"]),
         (["--data", "missing.npy", "--sample-rate", "50"], ["data file not found: missing.npy"]),
         (["--data", "nowhere"], ["unknown data source 'nowhere'"]),
-        (["--bogus"], ["unrecognized arguments: --bogus"]),
+        (["--bogus"], ["unrecognized arguments: --bogus", "(see 'vqlog train --help')"]),
+        (["--sav", "model.pt"], ["unrecognized arguments: --sav model.pt"]),  # no abbreviation
         (["--device", "tpu"], ["--device", "'tpu'"]),
         (["--save", "no/such/folder/model.pt", "--data", "synthetic"], ["cannot write", "model.pt"]),
     ],

@@ -718,6 +718,7 @@ BAD_INPUT = {
     "missing data file": (["--data", "missing.npy"], "data file not found: missing.npy"),
     "ftp tracking": (["--tracking-uri", "ftp://x"], "--tracking-uri must be sqlite:///FILE"),
     "unknown flag": (["--trails", "3"], "unrecognized arguments: --trails"),
+    "abbreviated flag": (["--trial", "3"], "unrecognized arguments: --trial 3"),  # not --trials
 }
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(tmp_path, monkeypatch, cli, case):

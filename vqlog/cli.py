@@ -44,7 +44,22 @@ def command_name(name: str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the project's one-line `Error:` and exit code 2."""
+    """argparse with the project's one-line `Error:` and exit code 2. No abbreviated flags: a
+    typo (`--trial 3`, `--watc`) must not quietly be taken for another flag. An unknown flag
+    after a command points to that command's help."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            here = self.commands.get(getattr(parsed, "command", None) or "", self)
+            here.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"Error: {message} (see '{self.prog} --help')\n")
@@ -234,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in (train, sweep, table, ui, init, export, encode, best, trials):
         getattr(module, f"{module.__name__.rsplit('.', 1)[1]}_command_parser")(sub)
+    parser.commands = dict(sub.choices)
     return parser
 
 
