@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from _sweep_helpers import (FAST_HEARTBEAT, Worker, finished, mlflow_runs, retried_from, states,
                             study_trials, wait_until, write_spec)
 
@@ -750,6 +751,28 @@ def test_storage_password_is_never_printed(tmp_path, mlflow_store, monkeypatch, 
     assert "s3cr3t" not in out + err
     errors = [line for line in err.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "***@127.0.0.1" in errors[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: --device auto uses it")
+def test_a_long_spec_on_a_machine_without_a_gpu_says_it_trains_on_the_cpu(tmp_path, monkeypatch,
+                                                                          cli):
+    """`--config gpu` (10,000 iterations a trial) without a GPU trained on the CPU for hours,
+    and nothing said so. A spec of the log's scale with `--device auto` and no GPU now says it;
+    `--device cpu` (meant) does not. Each run is stopped at its first evaluation (SIGTERM)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQLOG_FAILPOINT", "trial.eval:1:SIGTERM")
+    spec = write_spec(tmp_path, "long", budget={"iteration": 5000, "eval_every": 10},
+                      pruner="none")
+    code, out, _ = cli.sweep("--trials", "1", "--config", str(spec))
+    assert code == 143, out
+    assert ("note: no CUDA GPU is visible, so --device auto trains on the CPU, where trials of "
+            "5000 iterations can take hours each") in out, out
+    # another study; this process's second pass through the failpoint is the next stop
+    monkeypatch.setenv("VQLOG_FAILPOINT", "trial.eval:2:SIGTERM")
+    spec = write_spec(tmp_path, "meant", budget={"iteration": 5000, "eval_every": 10},
+                      pruner="none")
+    code, out, _ = cli.sweep("--trials", "1", "--config", str(spec), "--device", "cpu")
+    assert code == 143 and "note:" not in out, out
 
 
 def test_the_closing_lines_give_commands_the_shell_can_run(tmp_path, monkeypatch):

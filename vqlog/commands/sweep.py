@@ -40,6 +40,9 @@ def sweep_command_parser(sub) -> None:
     p.set_defaults(func=sweep_command)
 
 
+LONG_ON_A_CPU = 5000  # iterations a trial: the log's own scale, meant for a GPU
+
+
 def sweep_command(args: argparse.Namespace) -> int:
     from vqlog import api
 
@@ -76,6 +79,13 @@ def sweep_command(args: argparse.Namespace) -> int:
               f"storage {mask(storage)}, tracking {mask(uri)}"
               + (f", {workers} workers" if workers > 1 else "")
               + (f" ({note})" if note else ""), flush=True)
+        if args.device == "auto" and spec.iteration >= LONG_ON_A_CPU:
+            import torch
+
+            if not torch.cuda.is_available():  # e.g. --config gpu on a laptop: hours a trial
+                print(f"note: no CUDA GPU is visible, so --device auto trains on the CPU, where "
+                      f"trials of {spec.iteration} iterations can take hours each (--device cpu "
+                      "says you mean it; --device cuda requires a GPU)", flush=True)
         start, started = time.perf_counter(), True
         with stop_on_signals(stop, running="each worker's running trial" if workers > 1
                              else "the running trial"):
