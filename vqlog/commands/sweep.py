@@ -107,7 +107,9 @@ def sweep_command(args: argparse.Namespace) -> int:
               "command to resume.")
         return EXIT_CODES.get(result.stopped, 1)
     if result.interrupted:
-        print("Interrupted: " + ("the running trial was marked FAIL and queued again; "
+        at = checkpointed_text(result).replace(" and marked FAIL; ", ", ") if \
+            result.interrupted_trial else ""
+        print("Interrupted: " + (f"{at or 'the running trial was '}marked FAIL and queued again; "
                                  if result.interrupted_trial else "")
               + "everything finished is kept. Rerun the same command to continue.")
         return 130

@@ -246,18 +246,17 @@ class Worker:
                 raise
             if outcome.stopped_at is None:
                 self._tell(trial, outcome)
-            else:
+            else:  # (its checkpoint said also after a Ctrl-C deferred to the end of both)
+                self.summary.stopped_at, self.summary.stopped_iterations = \
+                    outcome.stopped_at, [outcome.stopped_at]
                 try:
                     self._fail_and_queue(trial, trial_id, outcome)
-                except KeyboardInterrupt:  # a Ctrl-C deferred to the end of both: counted
+                except KeyboardInterrupt:  # counted as a trial cut off by Ctrl-C
                     self.summary.interrupted_trial = True
                     raise
         if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED) and outcome.run is not None:
             self.tracker.drop_checkpoints(outcome.run.run_id, history)  # none resumes it now
-        if outcome.stopped_at is not None:
-            self.summary.stopped_at = outcome.stopped_at
-            self.summary.stopped_iterations = [outcome.stopped_at]
-        elif outcome.state == TrialState.COMPLETE and self.tracker is not None:
+        if outcome.state == TrialState.COMPLETE and self.tracker is not None:
             self._register_best()
         return outcome
 
