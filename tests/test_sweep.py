@@ -52,6 +52,9 @@ def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, mlflow_store, mon
     assert "smoke: 5/5 trials finished (2 ran here, 0 failed)" in out
     # the rerun said only its target; it now says first what the study holds
     assert out.splitlines()[1] == "resuming: 3 of 5 trials finished", out
+    assert sweep_main(["--trials", "4", *args]) == 0  # fewer than it holds: not "5/4"
+    out = capsys.readouterr().out
+    assert "smoke: 5 trials finished, more than the target of 4 (0 ran here, 0 failed)" in out
 
     assert sorted(table_rows(tmp_path / "results" / "smoke.md")) == [f"Seq{i}" for i in range(1, 6)]
     runs = mlflow_runs(uri, "smoke")

@@ -194,8 +194,10 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
 
     lines = [
         "",
-        f"study {r.study}: {r.finished}/{r.target} trials finished "
-        f"({r.ran_here} ran here{f' by {r.workers} workers' if r.workers > 1 else ''}, "
+        f"study {r.study}: "
+        + (f"{r.finished}/{r.target} trials finished " if r.finished <= r.target else
+           f"{r.finished} trials finished, more than the target of {r.target} ")
+        + f"({r.ran_here} ran here{f' by {r.workers} workers' if r.workers > 1 else ''}, "
         f"{r.failed_here} failed"
         + (f"; {r.workers_lost} worker{'s' if r.workers_lost > 1 else ''} died"
            if r.workers_lost else "")
