@@ -187,6 +187,8 @@ BAD = {
     "enqueue unsearched key": (edit("BN: no}", "BN: no, d_model: 8}"),
                                ["enqueue[0].d_model", "not a searched parameter"]),
     "enqueue unknown key": (edit("BN: no}", "BN: no, colour: red}"), ["enqueue[0].colour"]),
+    "enqueue without a space": (GOOD.split("space:")[0] + "enqueue: [{batch: 8}]\n",
+                                ["enqueue[0].batch", "the spec searches none"]),  # "(searched: )"
     "fixed window vs downsample": (edit("window: 64", "window: 66"), ["window (66)", "downsample (4)"]),
     "searched window vs fixed downsample": (search("  window: [64, 100]\n",
                                                    edit("window: 64}", "downsample: 8}")),

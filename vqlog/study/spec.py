@@ -323,9 +323,9 @@ def _enqueue_row(i: int, row: Any, spec: SweepSpec) -> dict:
     for key, value in row.items():
         name = log_name(key)
         if name not in params:
-            raise ConfigError(
-                f"{where}.{key} is not a searched parameter (searched: {', '.join(params)})"
-            )
+            raise ConfigError(f"{where}.{key} is not a searched parameter " + (
+                f"(searched: {', '.join(params)})" if params else
+                "(the spec searches none: enqueue rows are points of its space)"))
         typ = FIELD_TYPES[ALIASES.get(name, name)]
         value = coerce(f"{where}.{key}", value, typ)
         if not params[name].contains(value):
