@@ -163,8 +163,12 @@ def test_best_mark_follows_the_objective_the_lowest_final_val_mse_among_complete
         "Seq1", "Seq2", "Seq3 ★", "Seq4", "Seq5", "Seq6"]
 
 
-def test_no_completed_trial_means_no_mark():
-    assert "★ |" not in render_table([row(0, "PRUNED", metrics={"best_val_mse": 0.01})])
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_no_completed_trial_means_no_mark_and_no_legend_for_it(lang):
+    text = render_table([row(0, "PRUNED", metrics={"best_val_mse": 0.01})], lang=lang)
+    assert "★" not in text  # nor the legend's line about a mark no row has
+    assert "- loss" in text  # the rest of the legend
+    assert "- ★ " in render_table([row(0, metrics={"final_val_mse": 0.01})], lang=lang)
 
 
 def test_pruned_and_failed_without_numbers():

@@ -151,7 +151,8 @@ def _render(finished: list[_Slot], sections: list[tuple], lang: str, title: str 
     if note:
         parts.append(note)
     if finished:
-        parts.append("\n".join(legend(lang)))
+        starred = any(cells[0].endswith(BEST_MARK) for *_, body in sections for _, cells, _ in body)
+        parts.append("\n".join(legend(lang)[0 if starred else 1:]))  # (★'s line first)
     elif not note:
         parts.append(TEXT[lang]["empty"])
     return "\n\n".join(parts) + "\n"
