@@ -229,6 +229,21 @@ def test_lr_factor_warms_up_linearly_then_follows_a_cosine(warmup, iteration, ti
 # --------------------------------------------------------------------------- summary
 
 
+def test_on_start_marks_where_the_training_time_begins(data, tiny):
+    """`vqlog train` timed its evaluation lines from before the model was built, and its summary
+    from the first step (`10 s` on the last line, then `time 8.7 s`). `on_start` comes once,
+    after the model is built and before the first step, where `seconds` starts counting."""
+    import time
+
+    events = []
+    result = fit(tiny(iteration=6, eval_every=3), data,
+                 on_start=lambda: events.append(("start", time.perf_counter())),
+                 progress=lambda step, point: events.append((step, None)))
+    ended = time.perf_counter()
+    assert [e for e, _ in events] == ["start", 1, 2, 3, 4, 5, 6]
+    assert 0 < result.seconds <= ended - events[0][1]
+
+
 @pytest.mark.parametrize("quantizer", ["vq", "none"])
 def test_summary_has_the_contract_keys_and_consistent_values(data, quantizer, tiny):
     result = fit(tiny(quantizer=quantizer, iteration=20, log_every=2), data)

@@ -309,6 +309,7 @@ def fit(
     on_checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train `cfg` on `data.train`, evaluating on the whole `data.valid` every `eval_every` steps.
 
@@ -318,6 +319,7 @@ def fit(
     `vqlog.checkpoint`) every `checkpoint_every` steps (0: never); `resume=state` continues from
     such a state as if the run had never stopped. When `should_stop()` turns true, the state is
     checkpointed at once and TrainingStopped is raised. Raises DivergedError on a NaN/Inf loss.
+    `on_start()` is called as the first step begins, where `FitResult.seconds` starts counting.
     """
     dev = resolve_device(device)
     # The process's RNGs are forked (fit seeds its own, and a resume restores the run's) and put
@@ -330,13 +332,13 @@ def fit(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             return _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint,
-                        resume, should_stop)
+                        resume, should_stop, on_start)
     finally:
         torch.set_flush_denormal(False)
 
 
 def _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint, resume,
-         should_stop) -> FitResult:
+         should_stop, on_start) -> FitResult:
     train = torch.as_tensor(data.train, device=dev)  # (N L), moved once
     valid = torch.as_tensor(data.valid, device=dev)  # (M L)
     if train.shape[1] != cfg.window:
@@ -349,6 +351,8 @@ def _fit(cfg, data, dev, on_eval, progress, checkpoint_every, on_checkpoint, res
     result = run.result
     result.sample_rate = getattr(data, "sample_rate", None)
     check = dev.type == "cpu"  # a per-step finiteness check is free on the CPU only
+    if on_start is not None:
+        on_start()
     start = time.perf_counter()
 
     def seconds() -> float:

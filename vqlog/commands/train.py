@@ -80,7 +80,8 @@ def _train(args: argparse.Namespace, cfg) -> int:
     share = core_share()  # its share of the host's cores, beside sweeps and other runs
     try:
         share.apply()
-        result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update)
+        result = fit(cfg, data, on_eval=bar.on_eval, device=args.device, progress=bar.update,
+                     on_start=bar.started)
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if (oom := out_of_memory(exc)) is None:
             raise
@@ -140,6 +141,10 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True)
+        self.start = time.perf_counter()
+
+    def started(self) -> None:
+        """Training begins: the lines' seconds count from here, as the summary's time does."""
         self.start = time.perf_counter()
 
     def update(self, step: int, point) -> None:
