@@ -14,7 +14,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
-from vqlog.config import env_number
+from vqlog.config import env_number, grace_period, heartbeat_interval
 from vqlog.errors import StorageOutageError, find_cause, one_line
 
 T = TypeVar("T")
@@ -52,8 +52,7 @@ class Outage:
 
     def __init__(self, what: str, label: str = "the Optuna storage"):
         self.what, self.label, self.since = what, label, None
-        self.last_end: float | None = None  # time.monotonic() when the latest outage ended
-        self.last_length = 0.0  # and how long it lasted
+        self.hold_until = float("-inf")  # time.monotonic() until which a trial may look dead
         self._lock = threading.Lock()
 
     @classmethod
@@ -77,22 +76,25 @@ class Outage:
     def ended(self) -> None:
         with self._lock:
             if self.since is not None:
+                now = time.monotonic()
                 log.warning("vqlog: reconnected to %s %s after %.1f s", self.label, self.what,
-                            time.monotonic() - self.since)
-                self.last_end = time.monotonic()
-                self.since, self.last_length = None, self.last_end - self.since
+                            now - self.since)
+                # No worker could beat meanwhile. Its last beat came up to a beat before this
+                # process saw the outage begin (which may itself be a beat late), and it may
+                # reconnect up to the longest pause after this one: an outage that long held
+                # against the grace period can make a live trial look dead, until a grace period
+                # and two beats from now. (The latest end of any such outage counts.)
+                grace, interval = grace_period(), heartbeat_interval()
+                if now - self.since + 2 * interval + MAX_PAUSE >= grace:
+                    self.hold_until = max(self.hold_until, now + grace + 2 * interval)
+                self.since = None
 
-    def may_look_dead(self, grace: float, interval: float) -> bool:
-        """Whether a live worker's trial may look dead (no beat for `grace` s) because of an
-        outage: one is under way, or one ended less than `grace` and two beats ago that was long
-        enough for it (its length, a beat's `interval`, and the longest pause between two tries
-        to reconnect add up to `grace`). A lost reply's short outage is not."""
+    def may_look_dead(self) -> bool:
+        """Whether a live worker's trial may look dead (no beat for the grace period) because
+        of an outage of this database: one is under way, or one long enough for it ended less
+        than a grace period and two beats ago. A lost reply's moment is not one."""
         with self._lock:
-            if self.since is not None:
-                return True
-            return self.last_end is not None and \
-                self.last_length + interval + MAX_PAUSE >= grace and \
-                time.monotonic() - self.last_end < grace + 2 * interval
+            return self.since is not None or time.monotonic() < self.hold_until
 
     def retry(self, attempt: Callable[[], T], on_error: Callable[[], None] = lambda: None) -> T:
         """`attempt()` until it gets through. After a connection error: `on_error()`, a pause

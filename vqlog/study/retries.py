@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from vqlog.bulk import gc_paused
-from vqlog.config import grace_period, heartbeat_interval
+from vqlog.config import grace_period
 from vqlog.study.outage import Outage, retrying
 
 log = logging.getLogger("vqlog")
@@ -147,7 +147,7 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     look dead the moment it ended.
     """
     if isinstance(storage, optuna.storages.RDBStorage) and storage.engine.name == "postgresql" \
-            and Outage.of(storage.url).may_look_dead(grace_period(), heartbeat_interval()):
+            and Outage.of(storage.url).may_look_dead():
         return  # nobody could beat while the database was down: the live workers beat again first
     # most often a worker's first read of the study, which loads every trial
     with warnings.catch_warnings(), gc_paused():
@@ -163,7 +163,8 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
             retrying(storage, lambda: study.tell(trial.number, state=TrialState.FAIL))
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             continue  # it finished meanwhile ("Cannot tell a COMPLETE trial")
-        retrying(storage, lambda: retry_killed(study, trial))
+        # (sent again after a lost reply: a retry it queued is found, none queued twice)
+        retrying(storage, lambda: has_retry(study, trial.number) or retry_killed(study, trial))
 
 
 def claimed(trial: FrozenTrial) -> bool:
