@@ -718,6 +718,34 @@ def test_a_worker_of_workers_leaves_the_last_table_and_plots_to_the_sweeps_proce
         assert summary.table_path == str(Path("results") / "ends.md")
 
 
+def test_a_pool_stopped_at_once_still_writes_the_last_table(tmp_path, monkeypatch):
+    """A worker of --workers leaves the last table to the sweep's process; a Ctrl-C again (or a
+    worker's error) ends that process with an exception, and then nobody wrote it: a trial
+    whose refresh the 10 s throttle had skipped was missing from the table."""
+    from vqlog import api
+    from vqlog.study import pool
+    from vqlog.study.worker import StopRequest
+
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(tmp_path, "atonce", budget={"iteration": 20, "eval_every": 10},
+                      pruner="none")
+    spec = api.study_spec(str(path), None, None, None, None)
+    storage, tracker = api.prepare(spec, f"sqlite:///{tmp_path}/optuna.db",
+                                   f"sqlite:///{tmp_path}/mlflow.db", "en")
+    lines = []
+
+    def out(line: str) -> None:
+        lines.append(line)
+        if sum(x.startswith("Seq") for x in lines) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C again lands in the sweep's process
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.sweep(spec, 3, storage, tracker, 1, "cpu", stop=StopRequest(), out=out)
+    table = (tmp_path / "results" / "atonce.md").read_text()
+    assert [line.split()[1] for line in table.splitlines() if line.startswith("| Seq")] == [
+        "Seq1", "Seq2"], lines
+
+
 def test_the_timeout_counts_from_when_the_sweep_began_not_from_a_workers_start(tmp_path,
                                                                                monkeypatch):
     """--timeout with --workers: each worker timed it from its own start, so one that started in

@@ -69,7 +69,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     relay their lines to `out` (calling `tick` about every second) until all have exited, and
     return their summaries (as dicts; None for one stopped at once), the workers that died, and
     the trials those had ended (and of them failed), which no summary counts. `done()`: the
-    study has its trials (a worker that dies then is not replaced).
+    study has its trials (a worker that dies then is not replaced); it must not wait long.
     `stop` (a StopRequest) set: every worker is asked to stop. A worker's error ends the others
     too, and is raised once all have exited: as TrackingUnavailable (the first worker's message)
     when every error was the tracking store's outage, as SweepError otherwise.
@@ -150,7 +150,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             if stop.is_set() and -p.exitcode in STOP_SIGNALS:
                 return  # asked to stop, and ended by the signal itself: not a death
             how = _death(p.exitcode)
-            over = done()
+            over = worked[i] and not stop.is_set() and done()
             replace = worked[i] and not stop.is_set() and not over
             lost.append(f"worker {i} (pid {p.pid}) {how}")
             out(f"worker {i} (pid {p.pid}) {how}"
@@ -208,6 +208,20 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     if errors:
         raise SweepError("; ".join(f"worker {index}: {payload}" for index, payload in errors))
     return summaries, lost, unsaid
+
+
+def _last_table(tracker, study) -> None:
+    """The table, refreshed once more as the sweep ends on an error (one of its own is not
+    raised over the sweep's)."""
+    import logging
+
+    from vqlog.errors import one_line
+
+    try:
+        tracker.finish_study(study)
+    except Exception as exc:  # noqa: BLE001 - the error that ends the sweep comes first
+        logging.getLogger("vqlog").warning("vqlog: the table was not written at the end (%s)",
+                                           one_line(exc))
 
 
 def _death(exitcode: int) -> str:
@@ -273,9 +287,13 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     try:
         progress.resumed(finished(), db(lambda: queued_retries(study)))
         if finished() < trials:  # a study at its target starts no worker (each would only look)
-            summaries, lost, unsaid = run_pool(
-                job, workers, device, gpus, stop, out=progress.line, tick=tick,
-                done=lambda: finished() >= trials)
+            try:
+                summaries, lost, unsaid = run_pool(
+                    job, workers, device, gpus, stop, out=progress.line, tick=tick,
+                    done=lambda: (now := count.fresh(3.0)) is not None and now >= trials)
+            except (SweepError, KeyboardInterrupt):  # a worker's error, a Ctrl-C again: the
+                _last_table(tracker, study)  # workers leave the last table to this process
+                raise
     finally:
         count.close()
         progress.close()

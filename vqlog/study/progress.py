@@ -96,13 +96,18 @@ class FinishedCount:
         self.value: int | None = None
         self._read, self._storage, self._seconds = read, storage, seconds
         self._error: BaseException | None = None
-        self._closed = threading.Event()
+        self._closed, self._wake = threading.Event(), threading.Event()
+        self._reads = threading.Condition()
+        self._begun = self._done = 0  # reads begun, and the latest read done (by its number)
         threading.Thread(target=self._run, name="vqlog-progress-count", daemon=True).start()
 
     def _run(self) -> None:
         from vqlog.study.outage import is_connection_error
 
         while not self._closed.is_set():
+            with self._reads:
+                self._begun += 1
+                number = self._begun
             try:
                 self.value = self._read()
             except Exception as exc:  # noqa: BLE001 - handed to the loop unless a lost connection
@@ -110,7 +115,22 @@ class FinishedCount:
                     self._error = exc
                     return
                 self._storage.remove_session()  # this thread's session: a new connection next
-            self._closed.wait(self._seconds)
+            else:
+                with self._reads:
+                    self._done = number
+                    self._reads.notify_all()
+            self._wake.wait(self._seconds)
+            self._wake.clear()
+
+    def fresh(self, timeout: float) -> int | None:
+        """The count from a read begun after this call, waited for at most `timeout` s (None
+        if none came: the database is slow or down); it wakes the thread to read at once."""
+        with self._reads:
+            after = self._begun
+            self._wake.set()
+            if self._reads.wait_for(lambda: self._done > after, timeout):
+                return self.value
+        return None
 
     def raise_failed(self) -> None:
         if self._error is not None:
@@ -119,3 +139,4 @@ class FinishedCount:
     def close(self) -> None:
         """No more reads; one under way (perhaps waiting for the database) is not waited for."""
         self._closed.set()
+        self._wake.set()
