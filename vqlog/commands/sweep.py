@@ -93,7 +93,7 @@ def sweep_command(args: argparse.Namespace) -> int:
                                    gpus, args.timeout, args.seed, stop, cache=data,
                                    data_checked=True)
     except TrackingUnavailable as exc:
-        kept = ("Everything finished is kept in the study and MLflow; a trial cut short was "
+        kept = ("Everything finished is kept in the study and MLflow; any trial cut short was "
                 "marked FAIL. " if started else "")
         sys.stderr.write(f"Error: {mask_urls(str(exc))}. {kept}Start the tracking server, then "
                          "rerun the same command to resume.\n")
