@@ -1,5 +1,6 @@
 """The Optuna side of a study: its storage (URL checks, RDBStorage with heartbeats, riding out a
-database restart), the lock its workers share, opening the study, and failing dead workers' trials.
+database restart), the lock its workers share, and opening the study (dead workers' trials are
+failed and retried in `vqlog.study.retries`).
 
 Database outages, with public APIs only. A PostgreSQL restart breaks every open connection:
 - pooled connections are checked before use (SQLAlchemy's `pool_pre_ping`) and replaced;
@@ -8,7 +9,8 @@ Database outages, with public APIs only. A PostgreSQL restart breaks every open 
 - a request in flight when the server went down fails; vqlog sends its own requests again
   (`retrying`), and every one of them is safe to repeat: reads, upserts, and `study.tell(...,
   skip_if_finished=True)`. A trial created twice by a commit whose reply was lost is RUNNING
-  with nobody's claim on it, and `fail_stale_trials` fails and retries it like a dead worker's.
+  with nobody's claim on it, and `retries.fail_stale_trials` fails and retries it like a dead
+  worker's. (Optuna itself tries a trial's creation again after a failed commit: see README.)
 Past the limit a call raises StorageOutageError (exit 1; rerunning resumes the study).
 """
 
