@@ -6,7 +6,10 @@ unless the environment variable CI is set, where they fail.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -132,7 +135,7 @@ def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(pg, db, monk
     import optuna
 
     from vqlog.study import storage as storage_mod
-    from vqlog.study.outage import Outage, retrying
+    from vqlog.study.outage import MAX_PAUSE, Outage, retrying
     from vqlog.study.retries import CLAIM, KILLS, fail_stale_trials, original_number
 
     monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
@@ -155,8 +158,16 @@ def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(pg, db, monk
     assert Outage.of(db).since is None and Outage.of(db).may_look_dead()  # ended, and held
     fail_stale_trials(study, storage)  # as another worker's check does, before the live one beats
     assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
+    # A process that saw no outage (a worker on another host, a rerun) holds too: the server's
+    # restart is the database's own record.
+    elsewhere = subprocess.run([sys.executable, "-c", STALE_CHECK, db, "long"], text=True,
+                               capture_output=True, timeout=120, env={**os.environ,
+                               "VQLOG_HEARTBEAT_INTERVAL": "1", "VQLOG_HEARTBEAT_GRACE": "3"})
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert elsewhere.stdout.split() == ["False", "RUNNING", "RUNNING"], elsewhere.stdout
     storage.record_heartbeat(ids[live.number])  # the live worker beats again; the dead one not
-    time.sleep(3 + 2 * 1 + 0.5)  # the grace period and two beats after the outage ended
+    # the grace period, two beats and the longest pause between tries after the restart
+    time.sleep(3 + 2 * 1 + MAX_PAUSE + 0.5)
     storage.record_heartbeat(ids[live.number])
     fail_stale_trials(study, storage)
     trials = study.get_trials()
@@ -165,6 +176,19 @@ def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(pg, db, monk
     assert retry.state.name == "WAITING" and original_number(retry) == dead.number
     assert retry.user_attrs[KILLS] == 1
     storage.engine.dispose()
+
+
+STALE_CHECK = """
+import sys
+import optuna
+from vqlog.study.outage import Outage
+from vqlog.study.retries import fail_stale_trials
+from vqlog.study.storage import open_storage
+storage = open_storage(sys.argv[1])
+study = optuna.load_study(study_name=sys.argv[2], storage=storage)
+fail_stale_trials(study, storage)
+print(Outage.of(sys.argv[1]).may_look_dead(), *(t.state.name for t in study.get_trials()))
+"""
 
 
 def test_a_short_outage_after_a_long_one_keeps_the_long_ones_hold(monkeypatch):
@@ -192,7 +216,8 @@ def test_a_short_outage_after_a_long_one_keeps_the_long_ones_hold(monkeypatch):
 
 class _LostReplies:
     """Connections whose next `n` transactions that write reach COMMIT on the server, and then
-    die before the client hears back (a read's lost commit would prove nothing)."""
+    die before the client hears back (a read's lost commit would prove nothing); with `only`,
+    the next `n` whose statements match that pattern."""
 
     def __init__(self, storage, monkeypatch):
         import functools
@@ -202,15 +227,17 @@ class _LostReplies:
         import sqlalchemy
 
         lost = self
-        self.n, self.tables = 0, []
+        self.n, self.tables, self.only = 0, [], None
 
         class LosesTheReply(psycopg2.extensions.connection):
             wrote: frozenset = frozenset()
+            matched = False
 
             def commit(self):
                 wrote, self.wrote = self.wrote, frozenset()
+                matched, self.matched = self.matched, False
                 super().commit()
-                if wrote and lost.n:
+                if wrote and lost.n and (lost.only is None or matched):
                     lost.n -= 1
                     lost.tables.append(set(wrote))
                     self.close()
@@ -220,6 +247,8 @@ class _LostReplies:
             write = re.match(r"\s*(?:INSERT INTO|UPDATE)\s+(\w+)", statement, re.IGNORECASE)
             if write:
                 cursor.connection.wrote = cursor.connection.wrote | {write.group(1)}
+            if lost.only is not None and re.search(lost.only, statement):
+                cursor.connection.matched = True
 
         # The driver's own connect, with this factory: vqlog's connect listener calls it.
         monkeypatch.setattr(psycopg2, "connect", functools.partial(
@@ -227,8 +256,16 @@ class _LostReplies:
         sqlalchemy.event.listen(storage.engine, "before_cursor_execute", note_writes)
         storage.engine.dispose()  # pooled connections are plain ones
 
-    def next(self, n: int = 1) -> None:
-        self.n = n
+    def next(self, n: int = 1, only: str | None = None) -> None:
+        self.n, self.only = n, only
+
+
+def _past_a_restarts_hold(storage) -> None:
+    """Wait until the check for dead workers' trials no longer holds for the server's last
+    start (the module's cluster may have just started, or been restarted by a test before)."""
+    from vqlog.study.outage import restarted_lately
+
+    wait_until(lambda: not restarted_lately(storage), 60, "the restart's hold to pass")
 
 
 def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
@@ -264,6 +301,7 @@ def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
     assert len(lose.tables) == 2 and all("trials" in t for t in lose.tables), lose.tables
 
     time.sleep(8.5)  # past the grace period
+    _past_a_restarts_hold(storage)
     fail_stale_trials(study, storage)  # the trial the lost ask took: failed, retried
     trials = study_trials(db, "lost")
     assert [(t.number, t.state.name) for t in trials] == [
@@ -273,6 +311,35 @@ def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
     assert len(study_trials(db, "lost")) == 3
     retry = study.ask()  # the queued retry, with the lost trial's parameters
     assert retry.number == 2 and retry.suggest_float("x", 0.0, 3.0) == 1.0
+
+
+def test_a_dead_workers_unclaimed_trial_keeps_its_retry_when_the_fails_reply_is_lost(
+        pg, db, monkeypatch):
+    """The check for dead workers' trials failed a RUNNING trial nobody had claimed, then queued
+    its retry. A FAIL whose reply was lost, sent again, found the trial failed and queued no
+    retry, and a check killed between the two lost it too. The retry is queued first now: the
+    FAIL sent again finds the trial failed, and its retry is there, once."""
+    import optuna
+
+    from vqlog.study import storage as storage_mod
+    from vqlog.study.retries import fail_stale_trials, retry_history
+
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "2")
+    storage = storage_mod.open_storage(db)
+    lose = _LostReplies(storage, monkeypatch)
+    study = optuna.create_study(study_name="unclaimed", storage=storage)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # then killed
+    time.sleep(2.5)  # past the grace period
+    _past_a_restarts_hold(storage)
+    lose.next(only=r"SET state=\S+, datetime_complete")  # the FAIL's commit, whose reply is lost
+    fail_stale_trials(study, storage)
+    assert lose.tables == [{"trials"}] and lose.n == 0  # it was lost, and sent again
+    trials = study_trials(db, "unclaimed")
+    assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "WAITING")]
+    assert retry_history(trials[1]) == [trial.number]
+    assert trials[1].params == trials[0].params
+    storage.engine.dispose()
 
 
 def test_an_outage_past_the_limit_is_one_clear_error(pg, db, monkeypatch):

@@ -178,3 +178,21 @@ def test_history_reported_again_after_a_lost_connection_is_ignored_quietly():
         warnings.simplefilter("error")
         report_history(trial, records)
     assert study.trials[0].intermediate_values == {50: records[0].val_mse, 100: records[1].val_mse}
+
+
+def test_queueing_a_retry_again_leaves_the_trial_it_was_given_as_it_was():
+    """Optuna's retry callback appends the trial's number to the retry history of the trial it
+    is given, in place. A worker's call sent again after a lost reply gave it the same trial,
+    and a second retry of a retry carried the number twice in its history."""
+    from vqlog.study.retries import retry_history
+
+    study = optuna.create_study()
+    study.ask()
+    queue_again(study, study.trials[0])
+    retry = study.ask()  # trial 1 retries trial 0, and is cut off in its turn
+    frozen = study.trials[retry.number]
+    queue_again(study, frozen)  # its reply lost: sent again with the same trial
+    assert retry_history(frozen) == [0]
+    queue_again(study, frozen)
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [retry_history(t) for t in waiting] == [[0, 1], [0, 1]]

@@ -134,6 +134,19 @@ class Outage:
         sqlalchemy.event.listen(engine, "do_connect", connect)
 
 
+def restarted_lately(storage: optuna.storages.RDBStorage) -> bool:
+    """Whether the PostgreSQL server of `storage` started so lately, by its own clock, that a
+    live worker may not have beaten since: nobody could beat while it was down, however long,
+    and a worker reconnects up to the longest pause after it is back. Unlike `Outage`, which
+    knows the outages this process saw, this holds for every process: a worker on another host,
+    one started in a dead one's place, a rerun. (A failover to a standby that was already up, or
+    a cut network, is seen only by the processes it cut off.)"""
+    query = sqlalchemy.text("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")
+    with storage.engine.connect() as conn:
+        uptime = float(conn.execute(query).scalar())
+    return uptime < grace_period() + 2 * heartbeat_interval() + MAX_PAUSE
+
+
 def root_cause(exc: BaseException) -> str:
     """The driver's message behind `exc`, on one line."""
     err = find_cause(exc, sqlalchemy.exc.DBAPIError)

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from vqlog.bulk import gc_paused
 from vqlog.config import grace_period
-from vqlog.study.outage import Outage, retrying
+from vqlog.study.outage import Outage, restarted_lately, retrying
 
 log = logging.getLogger("vqlog")
 
@@ -77,7 +77,11 @@ def has_retry(study: optuna.Study, number: int) -> bool:
 
 
 def queue_again(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a retry of `trial` (its params, attributes and retry history), whatever its count."""
+    """Queue a retry of `trial` (its params, attributes and retry history), whatever its count.
+    Optuna's callback appends to the retry history of the trial it is given, in place: given a
+    copy, a call sent again after a lost reply does not add the number twice."""
+    trial = copy.copy(trial)
+    trial.system_attrs = copy.deepcopy(trial.system_attrs)
     with warnings.catch_warnings():  # the callback is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
@@ -144,10 +148,12 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     After an outage of a PostgreSQL storage that this process saw end, long enough for a live
     trial's last beat to reach the grace period's age (no worker can beat while the database is
     down), the check waits a grace period and two beats: such an outage made every running trial
-    look dead the moment it ended.
+    look dead the moment it ended. After a restart of the server, which every process sees, it
+    waits a grace period, two beats and the longest pause between reconnection tries.
     """
     if isinstance(storage, optuna.storages.RDBStorage) and storage.engine.name == "postgresql" \
-            and Outage.of(storage.url).may_look_dead():
+            and (Outage.of(storage.url).may_look_dead()
+                 or retrying(storage, lambda: restarted_lately(storage))):
         return  # nobody could beat while the database was down: the live workers beat again first
     # most often a worker's first read of the study, which loads every trial
     with warnings.catch_warnings(), gc_paused():
@@ -159,12 +165,14 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     for trial in running:
         if claimed(trial) or trial.datetime_start is None or trial.datetime_start >= cutoff:
             continue
-        try:
-            retrying(storage, lambda: study.tell(trial.number, state=TrialState.FAIL))
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            continue  # it finished meanwhile ("Cannot tell a COMPLETE trial")
-        # (sent again after a lost reply: a retry it queued is found, none queued twice)
+        # The retry first, then the FAIL: a check cut off between the two (killed) leaves the
+        # trial RUNNING and unclaimed, so the next check fails it and finds its retry queued; a
+        # FAIL whose reply was lost, sent again, finds the trial failed, its retry queued. (No
+        # live worker runs a trial it has not claimed for a grace period: nothing finishes it
+        # meanwhile.) Sent again after a lost reply, a queued retry is found, none queued twice.
         retrying(storage, lambda: has_retry(study, trial.number) or retry_killed(study, trial))
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            retrying(storage, lambda: study.tell(trial.number, state=TrialState.FAIL))
 
 
 def claimed(trial: FrozenTrial) -> bool:
