@@ -687,7 +687,8 @@ def test_a_worker_of_workers_leaves_the_last_table_and_plots_to_the_sweeps_proce
     """Each worker of --workers reconciled the runs, wrote the table and drew Optuna's study
     plots (which read every trial: 5 s at 10,000) as it ended, and then the sweep's process did
     the same: N + 1 times at once, after a SIGTERM too. A worker leaves it to the sweep's process
-    now, unless that process is gone; a worker on its own does it as before."""
+    now, unless that process is gone, whatever stopped the worker; a worker on its own does it
+    as before."""
     from vqlog import api
     from vqlog.study.stop import PARENT_GONE
     from vqlog.study.worker import StopRequest, Worker
@@ -711,7 +712,11 @@ def test_a_worker_of_workers_leaves_the_last_table_and_plots_to_the_sweeps_proce
     assert (tmp_path / "results" / "ends.md").is_file()  # the table after the trial
     gone = StopRequest()
     gone.request(PARENT_GONE)
-    for options in ({"bar": True}, {"bar": False, "stop": gone}):
+    # stopped by a SIGTERM, and its sweep's process killed after sending it on (another parent)
+    orphaned = StopRequest()
+    orphaned.request("SIGTERM")
+    orphaned.parent = os.getppid() + 1
+    for options in ({"bar": True}, {"bar": False, "stop": gone}, {"bar": False, "stop": orphaned}):
         tracker = Counted(uri)
         summary = Worker(spec, 1, storage, tracker=tracker, out=print, **options).run()
         assert summary.finished == 1 and summary.ran_here == 0 and tracker.ends == 1, options

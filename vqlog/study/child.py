@@ -60,6 +60,7 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
 
     configure_process()
     stop = worker.StopRequest()
+    stop.parent = parent
     ask = stop.request
 
     def request(name: str) -> None:  # the sweep's reason for the SIGTERM it forwards

@@ -5,6 +5,7 @@ stop_on_signals`) or a notebook's other thread sets, and which the worker's loop
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -18,6 +19,7 @@ class StopRequest(threading.Event):
     A second Ctrl-C (KeyboardInterrupt) waits for the end of a `shield` block."""
 
     signal: str | None = None
+    parent: int | None = None  # a worker of --workers: the process id of the sweep's process
     ctrl_c = False  # a SIGINT came: the next one stops at once
     shielded = 0  # shield blocks under way
     deferred = False  # a KeyboardInterrupt for the end of the outermost one
@@ -25,6 +27,13 @@ class StopRequest(threading.Event):
     def request(self, signal: str) -> None:
         self.signal = signal
         self.set()
+
+    def orphaned(self) -> bool:
+        """Whether this is a worker of --workers whose sweep process is gone: what stopped it
+        (a SIGTERM before the sweep's process was killed, say) or not, nobody else writes the
+        last table."""
+        return self.signal == PARENT_GONE or (self.parent is not None
+                                              and os.getppid() != self.parent)
 
     @contextlib.contextmanager
     def shield(self):

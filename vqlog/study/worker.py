@@ -34,7 +34,7 @@ from vqlog.errors import (StorageOutageError, SweepError, TrackingUnavailable, f
                           one_line)
 from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
-from vqlog.study.stop import PARENT_GONE, StopRequest
+from vqlog.study.stop import StopRequest
 from vqlog.study.outage import retrying
 from vqlog.study.retries import CLAIM, fail_stale_trials, mark_stopped, queue_once, queued_retries
 from vqlog.study.storage import StudyLock, open_study
@@ -128,7 +128,7 @@ class Worker:
             self.summary.stopped = None  # a stop that came after the last trial stopped nothing
         self.summary.best = self._db(lambda: best_trial_info(self.study, self.spec))
         # a worker of --workers leaves the last table and plots to the sweep's process (N + 1)
-        if self.tracker is not None and (self.bar or self.stop.signal == PARENT_GONE):
+        if self.tracker is not None and (self.bar or self.stop.orphaned()):
             self.summary.table_path = self.tracker.finish_study(self.study)
         return self.summary
 
