@@ -176,3 +176,44 @@ def test_a_failure_just_after_the_server_came_back_is_the_same_outage(monkeypatc
     monkeypatch.setattr(tracking_client, "SETTLE", 0.0)  # settled: the next failure is new
     inner.down = True
     assert client.try_call("call") == (False, None) and client.outages == 2
+
+
+def test_a_trial_runs_creation_whose_reply_was_lost_is_not_sent_again(tmp_path):
+    """A run's creation that the store did but whose reply was lost (a timeout; a proxy's 502)
+    was sent again: the trial had two runs, the first an orphan left RUNNING, with no metrics.
+    Before sending it again, the tracker looks for the trial's run, and takes the one it finds."""
+    import dataclasses
+
+    import optuna
+    import requests
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.tracking.runs import Tracker
+
+    class LosesItsFirstReply(MlflowClient):  # a real store: each run's first reply is lost
+        lost: list[str] = []
+
+        def create_run(self, *args, **kwargs):
+            run = super().create_run(*args, **kwargs)
+            if kwargs["run_name"] not in self.lost:
+                self.lost.append(kwargs["run_name"])
+                raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=30)")
+            return run
+
+    study = optuna.create_study(study_name="lost")
+    spec = dataclasses.replace(load_sweep("smoke"), name="lost")
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", table_dir=tmp_path / "results")
+    sleeps = []
+    store = LosesItsFirstReply(tracking_uri=tracker.uri)
+    tracker._client = RetryingClient(store, "test store", limit=60, sleep=sleeps.append)
+    tracker.start_study(study, spec)
+    trial = study.ask()
+    run = tracker.start_trial(trial.number, spec.base_config())
+    assert store.lost == ["lost", "Seq1"] and sleeps == [0.5, 0.5]  # each looked for once
+    runs = MlflowClient(tracking_uri=tracker.uri).search_runs([tracker.experiment_id])
+    assert sorted((r.data.tags["vqlog.role"], r.info.run_id) for r in runs) == [
+        ("study", tracker.parent_id), ("trial", run.run_id)]
+    assert runs[-1].data.params["objective"]  # the study run found is the one that goes on
+    assert runs[0].data.params["lr"]  # and so is the trial run found
+    run.finish("COMPLETE", {"best_val_mse": 0.08, "final_val_mse": 0.09, "iterations_run": 10.0})
+    assert MlflowClient(tracking_uri=tracker.uri).get_run(run.run_id).info.status == "FINISHED"

@@ -102,9 +102,12 @@ class RetryingClient:
 
         return call
 
-    def call(self, method: str, *args, **kwargs):
+    def call(self, method: str, *args, found: Callable[[Any], Any] | None = None, **kwargs):
         """`client.method(*args, **kwargs)`, retried until it succeeds or the outage passes the
-        limit."""
+        limit. A call that must not be done twice (a run's creation: a failure can come after
+        the server did it, a reply lost to a timeout) gives `found(client)`, which looks for what
+        it would have made (None if nothing), before each resend: a run created twice was an
+        orphan run of its trial, left RUNNING."""
         delay = 0.5
         while True:
             ok, value = self.try_call(method, *args, **kwargs)
@@ -112,13 +115,24 @@ class RetryingClient:
                 return value
             self._sleep(delay)
             delay = min(2 * delay, BACKOFF_MAX)
+            while found is not None:  # resent only after a look that got through
+                ok, value = self._try(lambda: found(self._client))
+                if ok:
+                    break
+                self._sleep(delay)
+                delay = min(2 * delay, BACKOFF_MAX)
+            if value is not None:
+                return value
 
     def try_call(self, method: str, *args, **kwargs) -> tuple[bool, Any]:
         """One attempt: (True, result), or (False, None) on a transient failure within the limit.
         Raises TrackingUnavailable past the limit and any non-transient error as it is."""
+        return self._try(lambda: getattr(self._client, method)(*args, **kwargs))
+
+    def _try(self, attempt: Callable[[], Any]) -> tuple[bool, Any]:
         sent = time.monotonic()
         try:
-            value = getattr(self._client, method)(*args, **kwargs)
+            value = attempt()
         except Exception as exc:  # noqa: BLE001 - sorted below
             if not is_transient(exc):
                 raise

@@ -34,11 +34,12 @@ STUDY_PLOTS_SECONDS = 60.0  # and Optuna's study plots, which read every trial, 
 STUDY_ROLE = "tags.`vqlog.role` = 'study'"
 
 
-def find_study_run(client, experiment_id: str) -> str | None:
-    """The id of the experiment's study run (the first, should two workers ever make one each)."""
+def find_study_run(client, experiment_id: str, run: bool = False):
+    """The id of the experiment's study run (the first, should two workers ever make one each),
+    or the run itself; None if there is none."""
     runs = client.search_runs([experiment_id], filter_string=STUDY_ROLE, max_results=1,
                               order_by=["attributes.start_time ASC"])
-    return runs[0].info.run_id if runs else None
+    return (runs[0] if run else runs[0].info.run_id) if runs else None
 
 
 def study_run(client, study: str) -> str | None:
@@ -164,8 +165,9 @@ class Tracker:
                                     "runs of another Optuna study of that name")  # raced past
                 self.client.set_tag(found, lineage.STUDY_UID, uid)  # check_owner's check
             return found
-        run = self.client.create_run(
-            self.experiment_id,
+        run = self.client.call(  # one whose reply was lost is found: not made twice
+            "create_run", self.experiment_id, found=lambda client: find_study_run(
+                client, self.experiment_id, run=True),
             run_name=study.study_name,
             tags={
                 "vqlog.role": "study",
@@ -316,7 +318,10 @@ class Tracker:
         if resumed_at:
             tags["vqlog.resumed_at"] = str(resumed_at)
         tags.update(lineage.run_context_tags())
-        run = self.client.create_run(self.experiment_id, run_name=run_name(number), tags=tags)
+        run = self.client.call(  # a trial has one run: one whose reply was lost is found
+            "create_run", self.experiment_id, run_name=run_name(number), tags=tags,
+            found=lambda client: next(iter(artifacts.trial_runs(client, self.experiment_id,
+                                                                number)), None))
         self._log_params(run.info.run_id, cfg.to_params())
         return TrialRun(self.client, run.info.run_id, cfg,
                         monitor=lineage.system_metrics(run.info.run_id, self.uri))
