@@ -205,3 +205,21 @@ def test_damaged_weights_in_the_artifact_store_are_named_as_the_user_knows_them(
     assert code2 == 2 and len(err2.strip().splitlines()) == 1, err2
     assert "Error: the weights file of models:/tok@best (version " in err2, err2
     assert "vqlog-e" not in err + err2 and not list(tmp_path.iterdir())
+
+
+def test_best_moves_to_a_new_studys_trial_of_the_same_number(tmp_path, mlflow_store):
+    """A study made anew in the same experiment (its old runs deleted) numbers its trials from 0
+    again: the alias `best` stayed on the old study's trial 0, as it was taken for the same
+    trial, and `models:/<study>@best` encoded with the old weights. It follows the run now."""
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.tracking.artifacts import register_best
+
+    client = MlflowClient(tracking_uri=mlflow_store())
+    experiment = client.create_experiment("again")
+    old, new = (client.create_run(experiment, run_name="Seq1").info.run_id for _ in range(2))
+    assert register_best(client, "again", old, 0)
+    assert not register_best(client, "again", old, 0)  # already there: no new version
+    client.delete_run(old)
+    assert register_best(client, "again", new, 0)
+    assert client.get_model_version_by_alias("again", "best").run_id == new

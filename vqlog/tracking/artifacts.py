@@ -112,7 +112,8 @@ def latest_checkpoint(client, experiment_id: str, numbers: list[int]) -> dict | 
 
 def register_best(client, study: str, run_id: str, number: int) -> bool:
     """Point the alias `best` of the registered model `<study>` at trial `number`'s weights,
-    making a model version of them the first time. False if it pointed there already."""
+    making a model version of them the first time. False if it pointed there already (at that
+    run: a study made anew in the same experiment numbers its trials from 0 again)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -121,7 +122,7 @@ def register_best(client, study: str, run_id: str, number: int) -> bool:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         current = None
-    if current is not None and current.tags.get("optuna.trial_number") == str(number):
+    if current is not None and current.run_id == run_id:
         return False
     try:
         client.create_registered_model(
