@@ -401,3 +401,19 @@ print(json.dumps([before, state(), summary.finished, df["number"].tolist(),
         assert after[key] == before[key], key
     assert finished == 2 and numbers == [0, 1]
     assert {"metrics.best_val_mse", "metrics.final_val_mse"} <= set(metrics)
+
+
+def test_a_data_file_in_the_home_folder_is_linked_where_it_was_read(tmp_path, monkeypatch):
+    """`~/x.npy` in a spec is read from the home folder; the run's dataset input named the
+    current folder's `~/x.npy`, a path that does not exist."""
+    import numpy as np
+
+    from vqlog.data import Splits
+    from vqlog.tracking.lineage import dataset_input
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    windows = np.zeros((4, 64), np.float32)
+    given = dataset_input(Splits(windows, windows, windows, 25.0, {}), "~/x.npy")
+    assert json.loads(given.dataset.source) == {"uri": str(tmp_path / "x.npy")}
+    assert given.dataset.name == "x.npy"

@@ -55,7 +55,8 @@ def dataset_input(data, source: str, channel: str | None = None):
     if channel is not None:
         name = f"{name}:{channel}"
     builtin = source in ("ppg", "synthetic")
-    where = CodeDatasetSource({"vqlog.source": source}) if builtin else os.path.abspath(source)
+    where = CodeDatasetSource({"vqlog.source": source}) if builtin else \
+        os.path.abspath(os.path.expanduser(source))  # as the loaders read it
     with warnings.catch_warnings():  # a path "can be interpreted in multiple ways": local, fine
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_numpy(data.train, source=where, name=name)
