@@ -489,9 +489,14 @@ CASES: dict[str, Case] = {
         {"mlflow.db": an_mlflow_store}, env={"VQLOG_TRACKING_OUTAGE_LIMIT": "x"}, program="vqlog"),
     "tracking-unreachable-server": Case(("--tracking-uri", "http://127.0.0.1:9/"),
                                         "cannot reach the MLflow server http://127.0.0.1:9/"),
-    "storage-password-with-an-at-sign": Case(  # the part after the @ was shown
+    # The part after the @ was shown whole, and then as libpq's host name ("3t@127.0.0.1")
+    "storage-password-with-an-at-sign": Case(
         ("--storage", f"postgresql://postgres:{PASSWORD[:4]}@{PASSWORD[4:]}@127.0.0.1:1/db"),
-        "postgresql://postgres:***@127.0.0.1:1/db"),
+        "--storage: the password in postgresql://postgres:***@127.0.0.1:1/db holds an @, which "
+        "a URL must write as %40"),
+    "tracking-password-with-an-at-sign": Case(
+        ("--tracking-uri", f"postgresql://postgres:{PASSWORD[:4]}@{PASSWORD[4:]}@127.0.0.1/db"),
+        "--tracking-uri: the password in postgresql://postgres:***@127.0.0.1/db holds an @"),
     "storage-password-as-a-parameter": Case(  # shown whole
         ("--storage", f"postgresql://postgres@127.0.0.1:1/db?password={PASSWORD}"),
         "postgresql://postgres@127.0.0.1:1/db?password=***"),
@@ -552,6 +557,7 @@ def assert_refused(case: Case, got: Outcome) -> str:
     shown = f"exit {got.rc}\n--- stdout\n{got.stdout}--- stderr\n{got.stderr}"
     assert "Traceback" not in got.stdout + got.stderr, shown
     assert PASSWORD not in got.stdout + got.stderr, shown
+    assert f"{PASSWORD[4:]}@" not in got.stdout + got.stderr, shown  # its tail, as a host name
     assert got.rc == 2, shown
     lines = got.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), shown

@@ -33,6 +33,18 @@ def mask(url: str) -> str:
     return _QUERY_SECRET.sub(r"\1***", url)
 
 
+def check_at_signs(url: str, what: str) -> None:
+    """A URL whose host part holds more than one @: a password with an @ not written %40.
+    The drivers split it at the first @ and quote the rest of the password as the host name in
+    their errors ("could not translate host name "3t@db""), which no masking can tell apart."""
+    from vqlog.errors import UserError
+
+    authority = url.partition("://")[2].split("/", 1)[0]
+    if authority.count("@") > 1:
+        raise UserError(f"{what}: the password in {mask(url)} holds an @, which a URL must "
+                        "write as %40 (user:pa%40ss@host)")
+
+
 def mask_urls(text: str) -> str:
     """Every `scheme://user:secret@` and `password=secret` parameter in free text (a library's
     error message) with *** for the secret."""

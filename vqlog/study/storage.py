@@ -36,7 +36,7 @@ from vqlog.study.space import check_space
 from vqlog.study.outage import Outage, is_connection_error, retrying, root_cause
 from vqlog.study.retries import retry_killed
 from vqlog.tracking.lineage import STUDY_UID
-from vqlog.urls import expand_sqlite_home, mask, missing_store_fix, with_psycopg2
+from vqlog.urls import check_at_signs, expand_sqlite_home, mask, missing_store_fix, with_psycopg2
 
 SCHEMES = ("sqlite", "postgresql")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -58,6 +58,7 @@ def resolve_storage(url: str | None) -> str:
 
 def parse_url(url: str, what: str = "--storage") -> URL:
     """An SQLAlchemy URL of a supported scheme, or a UserError that says what to give."""
+    check_at_signs(url, what)
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - SQLAlchemy raises several kinds

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from vqlog.config import env_number
 from vqlog.errors import TrackingUnavailable, UserError, find_cause, one_line
-from vqlog.urls import (absolute_sqlite, mask, mask_urls, missing_store_fix, password, sqlite_path,
+from vqlog.urls import (absolute_sqlite, check_at_signs, mask, mask_urls, missing_store_fix, password, sqlite_path,
                         with_psycopg2)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -333,6 +333,7 @@ def check_writable_store(uri: str) -> None:
 
 def check_tracking_uri(uri: str) -> None:
     """Fail before the first trial when the tracking URI cannot work (exit 2, password masked)."""
+    check_at_signs(uri, "--tracking-uri")
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
         from vqlog.tracking.server import check_server
