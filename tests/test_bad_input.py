@@ -42,7 +42,7 @@ Writer = Callable[[Path], None]
 @dataclass(frozen=True)
 class Case:
     argv: tuple[str, ...]  # after the program; "{tmp}" is the case's own (empty) folder
-    expect: str  # a substring of the one `Error:` line that names the problem
+    expect: str  # a substring of the one `Error:` line that names the problem ("$": its end)
     files: dict[str, Writer] = field(default_factory=dict)  # inputs written into the folder first
     program: str = "vqlog-sweep"
     check: Callable[[], None] | None = None  # a further check after the run (PostgreSQL)
@@ -321,6 +321,9 @@ CASES: dict[str, Case] = {
                                   program="vqlog"),
     "train-set-lr-abc": Case(("train", "--set", "lr=abc"), "lr must be a number, got 'abc'",
                              program="vqlog"),
+    "train-data-no-sample-rate": Case(  # its advice named a spec, which train does not take
+        ("train", "--data", "x.npy"), "x.npy: the sample rate of a data file is unknown; pass "
+        "--sample-rate HZ$", {"x.npy": npy(pulses())}, program="vqlog"),
     "train-config-is-a-spec-name": Case(
         ("train", "--config", "smoke"), "'smoke' names a sweep spec: vqlog-sweep --config smoke",
         program="vqlog"),
@@ -337,7 +340,9 @@ CASES: dict[str, Case] = {
     # --- data files -------------------------------------------------------------------------
     "data-missing": Case(("--data", "missing.npy", *DATA), "data file not found: missing.npy"),
     "data-unknown-source": Case(("--data", "nowhere"), "unknown data source 'nowhere'"),
-    "data-no-sample-rate": Case(("--data", "x.npy"), "the sample rate of a data file is unknown",
+    "data-no-sample-rate": Case(("--data", "x.npy"), "x.npy: the sample rate of a data file is "
+                                "unknown; pass --sample-rate HZ, or give it in the spec (data: "
+                                "{source: x.npy, sample_rate: HZ})",
                                 {"x.npy": npy(pulses())}),
     "data-empty-csv": Case(("--data", "empty.csv", *DATA), "empty.csv holds no samples",
                            {"empty.csv": text("")}),
@@ -562,7 +567,7 @@ def assert_refused(case: Case, got: Outcome) -> str:
     lines = got.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), shown
     assert got.stdout == "", shown  # nothing before it either (the sweep's study line)
-    assert case.expect in lines[0], f"{case.expect!r} not in: {lines[0]}"
+    assert case.expect in lines[0] + "$", f"{case.expect!r} not in: {lines[0]}"
     assert got.left == sorted(case.files), f"left behind: {sorted(set(got.left) - set(case.files))}"
     return lines[0]
 

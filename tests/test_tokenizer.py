@@ -129,6 +129,10 @@ BAD = {  # name: (arguments, fragment of the Error line); {m} is a model file, {
     "too short": (["encode", "--model", "{m}", "--data", "{f}/short.npy", "--sample-rate", "25"],
                   "shorter than one window"),
     "no data": (["encode", "--model", "{m}"], "the following arguments are required: --data"),
+    # the advice was a sweep's: "(or sample_rate in the spec)", though encode takes no spec
+    "no sample rate": (["encode", "--model", "{m}", "--data", "{f}/short.npy"],
+                       "short.npy: the sample rate of a data file is unknown; pass --sample-rate "
+                       "HZ, the rate it was recorded at"),
     # CSV text under a .npy name
     "index not csv": (["encode", "--model", "{m}", "--data", "synthetic", "--index", "{f}/i.npy"],
                       "--index {f}/i.npy: the index is CSV text; give a .csv file, e.g. --index "

@@ -186,8 +186,16 @@ def load_data(spec, seed: int | None = None):
     from vqlog.data import DataCache
     from vqlog.study.worker import check_data
 
+    from vqlog.errors import RateError
+
     cache = DataCache(spec.source, spec.sample_rate, spec.channel)
-    check_data(spec, cache, seed)
+    try:
+        check_data(spec, cache, seed)
+    except RateError as exc:
+        if exc.kind != "unknown":
+            raise
+        raise RateError(exc.what, f"{exc.advice}, or give it in the spec (data: {{source: "
+                                  f"{spec.source}, sample_rate: HZ}})", exc.kind) from None
     return cache
 
 

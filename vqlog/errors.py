@@ -26,8 +26,9 @@ class DataError(UserError):
 class RateError(DataError):
     """The data's sample rate cannot be used as given: `what` is the problem, `advice` the fix
     when training (which sets resample_hz). `kind`: "given" (--sample-rate for data that carries
-    its own rate) or "resample" (no rational ratio reaches the target). `vqlog encode`, where the
-    model fixes the rate, gives its own advice."""
+    its own rate), "resample" (no rational ratio reaches the target) or "unknown" (a file that does
+    not say, and none given). `vqlog encode`, where the model fixes the rate, gives its own
+    advice."""
 
     def __init__(self, what: str, advice: str, kind: str):
         super().__init__(f"{what}; {advice}")

@@ -232,8 +232,8 @@ def _resolve(source: str) -> Path:
 def _load_file(path: Path, sample_rate: float | None, channel: str | None = None
                ) -> list[Recording]:
     if sample_rate is None:
-        raise DataError(f"{path}: the sample rate of a data file is unknown; "
-                        "pass --sample-rate HZ (or sample_rate in the spec)")
+        raise RateError(f"{path}: the sample rate of a data file is unknown",
+                        "pass --sample-rate HZ", "unknown")  # a sweep's spec may give it too
     suffix = path.suffix.lower()
     if channel is not None:
         if suffix == ".npy":

@@ -97,6 +97,9 @@ def encode_command(args: argparse.Namespace) -> int:
 
 def _rate_advice(exc, cfg) -> str:
     """How to fix a rate error when the model, not a spec, sets the rate."""
+    if exc.kind == "unknown":
+        return "pass --sample-rate HZ, the rate it was recorded at" + (
+            f" (it is resampled to the model's {cfg.resample_hz:g} Hz)" if cfg.resample_hz else "")
     if exc.kind == "given":
         return ("drop --sample-rate (the data's own rate is used" +
                 (f", resampled to the model's {cfg.resample_hz:g} Hz)" if cfg.resample_hz else ")"))
