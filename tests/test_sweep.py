@@ -454,7 +454,8 @@ def test_a_ctrl_c_between_a_trials_fail_and_its_retry_waits_for_the_retry(tmp_pa
     assert re.search(r"Interrupted: the running trial was checkpointed at iteration \d+, marked "
                      "FAIL and queued again; everything finished is kept", worker.stdout), \
         worker.output()
-    assert f"({victim.number + 1} ran here, 1 failed)" in worker.stdout, worker.output()
+    assert f"({victim.number + 1} ran here, 0 failed, 1 stopped and queued again)" in \
+        worker.stdout, worker.output()
 
 
 def test_a_ctrl_c_in_a_shield_waits_for_its_end_and_a_third_one_does_not():
@@ -572,7 +573,8 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, mlflow_store):
     assert trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
     assert retried_from(trials[2]) == 1 and trials[2].params == trials[1].params
     assert "Interrupted: the running trial was marked FAIL and queued again" in worker.stdout
-    assert "1/2 trials finished (2 ran here, 1 failed)" in worker.stdout  # it said 1 ran, 0 failed
+    # it said 1 ran, 0 failed; then "1 failed" for the trial queued again
+    assert "1/2 trials finished (2 ran here, 0 failed, 1 stopped and queued again)" in worker.stdout
     runs = {int(r.data.tags["optuna.trial_number"]): r for r in mlflow_runs(uri, "twice")}
     assert "RUNNING" not in {r.info.status for r in runs.values()}
 
@@ -772,7 +774,7 @@ def test_a_long_spec_on_a_machine_without_a_gpu_says_it_trains_on_the_cpu(tmp_pa
     code, out, _ = cli.sweep("--trials", "1", "--config", str(spec))
     assert code == 143, out
     assert ("note: no CUDA GPU is visible, so --device auto trains on the CPU, where trials of "
-            "5000 iterations can take hours each") in out, out
+            "5000 iterations of the seed's model sizes take hours each") in out, out
     # another study; this process's second pass through the failpoint is the next stop
     monkeypatch.setenv("VQLOG_FAILPOINT", "trial.eval:2:SIGTERM")
     spec = write_spec(tmp_path, "meant", budget={"iteration": 5000, "eval_every": 10},
@@ -846,3 +848,23 @@ def test_the_closing_dashboard_line_names_a_driver_vqlog_installs(monkeypatch):
     assert ("mlflow: vqlog ui --tracking-uri "
             "'postgresql://vq@db/mlflow?sslmode=require&connect_timeout=5'   then") in text, text
     assert "optuna: optuna-dashboard 'sqlite:///sub/o p.db'" in text, text
+
+
+def test_the_closing_line_counts_stopped_trials_apart_from_failed_ones():
+    """A trial stopped by a signal is marked FAIL to be queued again, and the closing line
+    counted it as failed: `0/3 trials finished (2 ran here by 2 workers, 2 failed)` after a
+    SIGTERM read as a broken sweep."""
+    from vqlog.commands.sweep import summary_text
+    from vqlog.study.worker import SweepSummary
+
+    def first_line(**counts) -> str:
+        summary = SweepSummary("s", 1, 3, **counts)
+        return summary_text(summary, 60.0, "sqlite:///optuna.db", "sqlite:///mlflow.db",
+                            "http://127.0.0.1:5000").splitlines()[1]
+
+    assert first_line(ran_here=3, failed_here=3, stopped_iterations=[52, 60], workers=2) == (
+        "study s: 1/3 trials finished (3 ran here by 2 workers, 1 failed, 2 stopped and queued "
+        "again) in 1.0 min")
+    assert "(2 ran here, 0 failed, 1 stopped and queued again)" in first_line(
+        ran_here=2, failed_here=1, interrupted_trial=True)  # a second Ctrl-C: no checkpoint
+    assert "(2 ran here, 1 failed) in" in first_line(ran_here=2, failed_here=1)

@@ -84,8 +84,9 @@ def sweep_command(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():  # e.g. --config gpu on a laptop: hours a trial
                 print(f"note: no CUDA GPU is visible, so --device auto trains on the CPU, where "
-                      f"trials of {spec.iteration} iterations can take hours each (--device cpu "
-                      "says you mean it; --device cuda requires a GPU)", flush=True)
+                      f"trials of {spec.iteration} iterations of the seed's model sizes take "
+                      "hours each (--device cpu says you mean it; --device cuda requires a GPU)",
+                      flush=True)
         start, started = time.perf_counter(), True
         with stop_on_signals(stop, running="each worker's running trial" if workers > 1
                              else "the running trial"):
@@ -192,13 +193,16 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     from vqlog.tracking.rows import run_name
     from vqlog.urls import mask, with_psycopg2, without_password
 
+    # A trial stopped by a signal is marked FAIL to be queued again: not a failure of its own
+    stopped = min(r.failed_here, len(r.stopped_iterations) or int(bool(r.interrupted_trial)))
     lines = [
         "",
         f"study {r.study}: "
         + (f"{r.finished}/{r.target} trials finished " if r.finished <= r.target else
            f"{r.finished} trials finished, more than the target of {r.target} ")
         + f"({r.ran_here} ran here{f' by {r.workers} workers' if r.workers > 1 else ''}, "
-        f"{r.failed_here} failed"
+        f"{r.failed_here - stopped} failed"
+        + (f", {stopped} stopped and queued again" if stopped else "")
         + (f"; {r.workers_lost} worker{'s' if r.workers_lost > 1 else ''} died"
            if r.workers_lost else "")
         + f") in {seconds / 60:.1f} min"
