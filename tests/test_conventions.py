@@ -165,6 +165,8 @@ def test_every_trial_run_carries_its_lineage(swept, monkeypatch):
 def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, cli):
     import optuna
 
+    from vqlog.cli import command_name
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", swept.uri)
     monkeypatch.setenv("OPTUNA_STORAGE", swept.storage)
     study = optuna.load_study(study_name="conv", storage=swept.storage)
@@ -174,7 +176,12 @@ def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, 
     assert out.startswith(f"best: Seq{best.number + 1} (trial {best.number})  "
                           f"final_val_mse {best.value:.4g}")
     assert f"  lr = {best.params['lr']:.4g}" in out
-    assert f"/runs/{best.user_attrs['mlflow.run_id']}" in out
+    # a local store's page opens once `vqlog ui` serves it: the line says so (it did not)
+    run_line = next(line for line in out.splitlines() if line.startswith("run:  "))
+    assert run_line.startswith("run:  http://127.0.0.1:5000/#/experiments/")
+    assert run_line.endswith(f"/runs/{best.user_attrs['mlflow.run_id']}   (once "
+                             f"`{command_name('vqlog')} ui --tracking-uri {swept.uri}` serves "
+                             "it)"), run_line
     table = (swept.folder / "results" / "conv.md").read_text()
     assert f"| Seq{best.number + 1} ★ |" in table  # the same best
 
@@ -271,8 +278,8 @@ def test_best_gives_no_link_to_a_deleted_run_or_experiment(swept, cli):
     exp = client.get_experiment_by_name("conv")
     best = ["best", "--study", "conv", "--storage", swept.storage, "--tracking-uri", swept.uri]
     code, out, _ = cli(*best)
-    run_id = out.split("/runs/")[1].strip()
-    assert code == 0 and f"#/experiments/{exp.experiment_id}/runs/{run_id}" in out, out
+    run_id = out.split("/runs/")[1].split()[0]
+    assert code == 0 and f"#/experiments/{exp.experiment_id}/runs/{run_id} " in out, out
     mlflow_bin = str(SWEEP_BIN.parent / "mlflow")
 
     def paste(line: str) -> None:  # the advice's command, run as given

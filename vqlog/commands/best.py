@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from vqlog.cli import STORAGE_HELP, TRACKING_HELP, add_debug, default_if_empty, url_arg
 
@@ -50,7 +51,7 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
     """The run's page in the MLflow UI (through `vqlog ui` for a local store), or its id and why
     there is no page: the study's answer stands without its tracking store."""
     from vqlog.tracking.client import MissingStore, StoreUnreachable, existing_store, open_client
-    from vqlog.tracking.lineage import ui_link
+    from vqlog.tracking.lineage import UI_URL_ENV, ui_link
     from vqlog.urls import mask
 
     try:
@@ -78,4 +79,13 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
         return f"{run_id} (no such run at {mask(uri)} any more: deleted for good)"
     if deleted:
         return f"{run_id} (deleted in MLflow; restore it with `{cli} runs restore --run-id {run_id}`)"
-    return ui_link(uri, exp.experiment_id).split("/runs?")[0] + f"/runs/{run_id}"
+    link = ui_link(uri, exp.experiment_id).split("/runs?")[0] + f"/runs/{run_id}"
+    if uri.lower().startswith(("http://", "https://")) or os.environ.get(UI_URL_ENV, "").strip():
+        return link  # a server that serves it already
+    import shlex
+
+    from vqlog.cli import command_name
+    from vqlog.urls import without_password
+
+    return (f"{link}   (once `{command_name('vqlog')} ui --tracking-uri "
+            f"{shlex.quote(without_password(uri))}` serves it)")
