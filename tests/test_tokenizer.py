@@ -211,6 +211,38 @@ def test_damaged_weights_in_the_artifact_store_are_named_as_the_user_knows_them(
     assert "vqlog-e" not in err + err2 and not list(tmp_path.iterdir())
 
 
+def test_the_registered_model_is_an_mlflow_model_that_mlflows_loader_takes(swept, tmp_path,
+                                                                            monkeypatch):
+    """`models:/<study>@best` was a folder with a weights file: `mlflow.pyfunc.load_model`
+    found no MLmodel. A version is an MLflow Model now, whose predict gives encode's tokens."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from vqlog import checkpoint
+    from vqlog.cli import main
+    from vqlog.config import Config
+    from vqlog.data import all_windows
+    from vqlog.train import encode
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", swept.uri)
+    tokenizer = mlflow.pyfunc.load_model("models:/tok@best")
+    best = best_of(swept.trials)
+    version = MlflowClient().get_model_version_by_alias("tok", "best")
+    assert version.run_id == best.user_attrs["mlflow.run_id"]
+    assert main(["export", "--study", "tok", *swept.common, "--out", str(tmp_path / "m.pt")]) == 0
+    cfg, model = checkpoint.load(tmp_path / "m.pt")
+    # as the README does it: the config from the model's metadata
+    assert Config.from_mapping(tokenizer.metadata.metadata["vqlog.config"]) == cfg
+    windows = all_windows("synthetic", cfg)
+    tokens = tokenizer.predict(windows)
+    assert tokens.dtype == np.int64 and np.array_equal(tokens, encode(model, windows).tokens)
+    assert list(tokenizer.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [
+        -1, cfg.window]
+    assert tokenizer.metadata.metadata["vqlog.config"]["lr"] == best.params["lr"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="does not match"):
+        tokenizer.predict(windows[:, :-1])  # the signature holds the window
+
+
 def test_best_moves_to_a_new_studys_trial_of_the_same_number(tmp_path, mlflow_store):
     """A study made anew in the same experiment (its old runs deleted) numbers its trials from 0
     again: the alias `best` stayed on the old study's trial 0, as it was taken for the same

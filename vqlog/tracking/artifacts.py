@@ -130,9 +130,16 @@ def register_best(client, study: str, run_id: str, number: int) -> bool:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    run = client.get_run(run_id)
+    from vqlog.tracking.mlmodel import log_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="vqlog-best-") as folder:
+        weights = _download(client, run_id, WEIGHTS, folder)
+        # an MLflow Model that mlflow.pyfunc loads; a run whose weights never arrived keeps the
+        # version of old, its model/ folder (vqlog encode says it has none)
+        source = f"{client.get_run(run_id).info.artifact_uri}/{Path(WEIGHTS).parent}" \
+            if weights is None else log_tokenizer(client, run_id, weights)
     version = client.create_model_version(
-        study, source=f"{run.info.artifact_uri}/{Path(WEIGHTS).parent}", run_id=run_id,
+        study, source=source, run_id=run_id,
         tags={"optuna.trial_number": str(number), "vqlog.run": run_name(number)})
     client.set_registered_model_alias(study, ALIAS, version.version)
     return True
