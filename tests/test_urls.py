@@ -89,3 +89,25 @@ def test_a_storage_under_the_home_folder_opens_there(tmp_path, monkeypatch):
     storage = open_storage(url)
     storage.engine.dispose()
     assert (home / "optuna.db").stat().st_size > 0 and list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://me@srv:pw@host/db",  # a user name with an @ (Azure's user@server): SQLAlchemy's
+    "postgresql://me:pw@host?application_name=a@b",  # an @ in the query, no path
+    "postgresql://me:pw@host/db@x",
+    "sqlite:////tmp/a@b/optuna.db",
+    "http://me:pw@host:5000/#/experiments/1@x",
+])
+def test_an_at_sign_outside_the_password_is_no_error(url):
+    from vqlog.urls import check_at_signs
+
+    check_at_signs(url, "--storage")
+
+
+def test_a_password_with_an_unwritten_at_sign_is_named_with_the_fix():
+    from vqlog.errors import UserError
+    from vqlog.urls import check_at_signs
+
+    with pytest.raises(UserError, match=r"^--storage: the password in postgresql://me:\*\*\*@db/x "
+                                        r"holds an @, which a URL must write as %40"):
+        check_at_signs("postgresql://me:pa@ss@db/x", "--storage")

@@ -39,8 +39,9 @@ def check_at_signs(url: str, what: str) -> None:
     their errors ("could not translate host name "3t@db""), which no masking can tell apart."""
     from vqlog.errors import UserError
 
-    authority = url.partition("://")[2].split("/", 1)[0]
-    if authority.count("@") > 1:
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    userinfo = authority.rpartition("@")[0]  # a user name may hold an @ (user@server:pw@host)
+    if "@" in userinfo.partition(":")[2]:
         raise UserError(f"{what}: the password in {mask(url)} holds an @, which a URL must "
                         "write as %40 (user:pa%40ss@host)")
 
