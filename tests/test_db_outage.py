@@ -147,24 +147,32 @@ def test_an_outage_longer_than_the_grace_period_fails_no_live_trial(pg, db, monk
     for trial in (live, dead):
         trial.set_user_attr(CLAIM, trial.number)
         storage.record_heartbeat(ids[trial.number])  # then the dead one's worker is killed
-    pg.stop()
-    # this process's calls wait the outage out, as a worker's heartbeat thread does
-    waiting = threading.Thread(target=retrying, args=(storage, lambda: storage.get_trial(
-        ids[live.number])))
-    waiting.start()
-    time.sleep(5)  # longer than the grace period
-    pg.start()
-    waiting.join(30)
-    assert Outage.of(db).since is None and Outage.of(db).may_look_dead()  # ended, and held
-    fail_stale_trials(study, storage)  # as another worker's check does, before the live one beats
-    assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
-    # A process that saw no outage (a worker on another host, a rerun) holds too: the server's
-    # restart is the database's own record.
-    elsewhere = subprocess.run([sys.executable, "-c", STALE_CHECK, db, "long"], text=True,
-                               capture_output=True, timeout=120, env={**os.environ,
-                               "VQLOG_HEARTBEAT_INTERVAL": "1", "VQLOG_HEARTBEAT_GRACE": "3"})
-    assert elsewhere.returncode == 0, elsewhere.stderr
-    assert elsewhere.stdout.split() == ["False", "RUNNING", "RUNNING"], elsewhere.stdout
+    # a process that will see no outage (a worker on another host, a rerun): it imports now, and
+    # checks when told to
+    elsewhere = subprocess.Popen([sys.executable, "-c", STALE_CHECK, db, "long"], text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env={**os.environ})
+    try:
+        pg.stop()
+        # this process's calls wait the outage out, as a worker's heartbeat thread does
+        waiting = threading.Thread(target=retrying, args=(storage, lambda: storage.get_trial(
+            ids[live.number])))
+        waiting.start()
+        time.sleep(5)  # longer than the grace period
+        pg.start()
+        waiting.join(30)
+        assert Outage.of(db).since is None and Outage.of(db).may_look_dead()  # ended, and held
+        fail_stale_trials(study, storage)  # as another worker's check does, before a live beat
+        assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
+        # The process that saw no outage holds too: the server's restart is the database's own
+        # record.
+        out, err = elsewhere.communicate("check\n", timeout=120)
+    finally:
+        if elsewhere.poll() is None:
+            elsewhere.kill()
+            elsewhere.communicate()
+    assert elsewhere.returncode == 0, err
+    assert out.split() == ["False", "RUNNING", "RUNNING"], out
     storage.record_heartbeat(ids[live.number])  # the live worker beats again; the dead one not
     # the grace period, two beats and the longest pause between tries after the restart
     time.sleep(3 + 2 * 1 + MAX_PAUSE + 0.5)
@@ -184,6 +192,7 @@ import optuna
 from vqlog.study.outage import Outage
 from vqlog.study.retries import fail_stale_trials
 from vqlog.study.storage import open_storage
+sys.stdin.readline()
 storage = open_storage(sys.argv[1])
 study = optuna.load_study(study_name=sys.argv[2], storage=storage)
 fail_stale_trials(study, storage)
@@ -266,6 +275,42 @@ def _past_a_restarts_hold(storage) -> None:
     from vqlog.study.outage import restarted_lately
 
     wait_until(lambda: not restarted_lately(storage), 60, "the restart's hold to pass")
+
+
+def test_a_crash_restart_of_the_server_holds_the_check_for_dead_workers_trials(pg, db,
+                                                                             monkeypatch):
+    """A server process killed (the out-of-memory killer's usual victim) makes PostgreSQL end
+    every session and start again, after recovery, with the postmaster's start time kept: a
+    hold counted from that time missed it, and every live trial could look dead after it."""
+    import os
+    import signal
+
+    import psycopg2
+
+    from vqlog.study import storage as storage_mod
+    from vqlog.study.outage import restarted_lately
+
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "3")
+    storage = storage_mod.open_storage(db)
+    _past_a_restarts_hold(storage)
+    victim = psycopg2.connect(db, connect_timeout=5)
+    with victim.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        os.kill(cur.fetchone()[0], signal.SIGKILL)
+    victim.close()
+
+    def ready() -> bool:
+        try:
+            psycopg2.connect(db, connect_timeout=2).close()
+            return True
+        except psycopg2.OperationalError:
+            return False
+
+    time.sleep(0.5)
+    wait_until(ready, 60, "the server back from its crash restart")
+    assert restarted_lately(storage)
+    storage.engine.dispose()
 
 
 def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):

@@ -141,10 +141,30 @@ def restarted_lately(storage: optuna.storages.RDBStorage) -> bool:
     knows the outages this process saw, this holds for every process: a worker on another host,
     one started in a dead one's place, a rerun. (A failover to a standby that was already up, or
     a cut network, is seen only by the processes it cut off.)"""
-    query = sqlalchemy.text("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")
-    with storage.engine.connect() as conn:
-        uptime = float(conn.execute(query).scalar())
-    return uptime < grace_period() + 2 * heartbeat_interval() + MAX_PAUSE
+    try:
+        with storage.engine.connect() as conn:
+            uptime = conn.execute(READY_SINCE).scalar()
+    except sqlalchemy.exc.DBAPIError as exc:
+        if is_connection_error(exc):
+            raise  # sent again by the caller's `retrying`
+        if not UNKNOWN_START:  # a server that does not say (a PostgreSQL-like one): no hold
+            log.warning("vqlog: cannot read when %s started (%s); the check for dead workers' "
+                        "trials does not wait after its restarts", Outage.of(storage.url).what,
+                        root_cause(exc))
+        UNKNOWN_START.append(True)
+        return False
+    return float(uptime) < grace_period() + 2 * heartbeat_interval() + MAX_PAUSE
+
+
+# Seconds since the server was last ready: its launchers start once recovery is over, and again
+# after a crash of any of its processes (which ends every session, yet keeps the postmaster's
+# start time); their start times are hidden from a user without pg_read_all_stats, who gets the
+# postmaster's.
+READY_SINCE = sqlalchemy.text(
+    "SELECT EXTRACT(EPOCH FROM now() - COALESCE((SELECT max(backend_start) FROM pg_stat_activity "
+    "WHERE backend_type IN ('autovacuum launcher', 'logical replication launcher')), "
+    "pg_postmaster_start_time()))")
+UNKNOWN_START: list[bool] = []  # said once per process
 
 
 def root_cause(exc: BaseException) -> str:
