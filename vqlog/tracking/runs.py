@@ -320,8 +320,9 @@ class Tracker:
         tags.update(lineage.run_context_tags())
         run = self.client.call(  # a trial has one run: one whose reply was lost is found
             "create_run", self.experiment_id, run_name=run_name(number), tags=tags,
-            found=lambda client: next(iter(artifacts.trial_runs(client, self.experiment_id,
-                                                                number)), None))
+            found=lambda client: next((r for r in artifacts.trial_runs(
+                client, self.experiment_id, number) if r.data.tags.get("mlflow.parentRunId")
+                == self.parent_id), None))  # (not an adopted older study's run of that number)
         self._log_params(run.info.run_id, cfg.to_params())
         return TrialRun(self.client, run.info.run_id, cfg,
                         monitor=lineage.system_metrics(run.info.run_id, self.uri))
