@@ -1050,6 +1050,9 @@ def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
         "stopped (SIGTERM); resumes on rerun"}
     assert states(trials).get("WAITING") == 2 and "RUNNING" not in states(trials)
     assert first.stdout.count("Stopped (SIGTERM)") == 1
+    # both counted as stopped, each by its worker; not as failed
+    assert "(2 ran here by 2 workers, 0 failed, 2 stopped and queued again)" in first.stdout, \
+        first.output()
     rerun = Worker(args, tmp_path, "rerun")
     assert rerun.wait(600) == 0, rerun.output()
     trials = study_trials(storage, "pooled")

@@ -862,9 +862,14 @@ def test_the_closing_line_counts_stopped_trials_apart_from_failed_ones():
         return summary_text(summary, 60.0, "sqlite:///optuna.db", "sqlite:///mlflow.db",
                             "http://127.0.0.1:5000").splitlines()[1]
 
-    assert first_line(ran_here=3, failed_here=3, stopped_iterations=[52, 60], workers=2) == (
+    assert first_line(ran_here=3, failed_here=3, stopped_iterations=[52, 60], stopped_at=52,
+                      stopped_here=2, workers=2) == (
         "study s: 1/3 trials finished (3 ran here by 2 workers, 1 failed, 2 stopped and queued "
         "again) in 1.0 min")
     assert "(2 ran here, 0 failed, 1 stopped and queued again)" in first_line(
         ran_here=2, failed_here=1, interrupted_trial=True)  # a second Ctrl-C: no checkpoint
     assert "(2 ran here, 1 failed) in" in first_line(ran_here=2, failed_here=1)
+    # two workers cut off by a second Ctrl-C, one of them after its checkpoint: two stopped
+    assert "(4 ran here by 2 workers, 0 failed, 2 stopped and queued again)" in first_line(
+        ran_here=4, failed_here=2, interrupted_trial=True, stopped_at=10, stopped_here=2,
+        workers=2)

@@ -194,7 +194,8 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
     from vqlog.urls import mask, with_psycopg2, without_password
 
     # A trial stopped by a signal is marked FAIL to be queued again: not a failure of its own
-    stopped = min(r.failed_here, len(r.stopped_iterations) or int(bool(r.interrupted_trial)))
+    stopped = min(r.failed_here, r.stopped_here or int(r.stopped_at is not None
+                                                      or r.interrupted_trial))
     lines = [
         "",
         f"study {r.study}: "

@@ -320,6 +320,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
         interrupted_trial=any(s["interrupted_trial"] for s in done),
         stopped=stopped, stopped_at=min(stopped_at) if stopped_at else None,
         stopped_iterations=sorted(stopped_at),
+        stopped_here=sum(s["stopped_at"] is not None or s["interrupted_trial"] for s in done),
         timed_out=timed_out, grid_points=grid_points,
         best=db(lambda: best_trial_info(study, spec)),
         table_path=tracker.finish_study(study), workers=len(summaries), workers_lost=len(lost))

@@ -58,8 +58,9 @@ class SweepSummary:
     interrupted_trial: bool = False  # ... during a trial's training: marked FAIL, queued again
     stopped: str | None = None  # the signal of a clean stop (SIGTERM, SIGINT)
     stopped_at: int | None = None  # the iteration the running trial was checkpointed at
-    # with --workers: every worker's (stopped_at is the earliest)
+    # with --workers: every worker's (stopped_at is the earliest), and how many workers stopped one
     stopped_iterations: list[int] = field(default_factory=list)
+    stopped_here: int = 0  # (one worker: stopped_at or interrupted_trial says it)
     timed_out: bool = False
     grid_points: int | None = None  # a grid sampler's, when every point was taken short of target
     best: dict[str, Any] | None = None
