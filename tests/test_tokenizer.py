@@ -259,3 +259,24 @@ def test_best_moves_to_a_new_studys_trial_of_the_same_number(tmp_path, mlflow_st
     client.delete_run(old)
     assert register_best(client, "again", new, 0)
     assert client.get_model_version_by_alias("again", "best").run_id == new
+
+
+def test_weights_that_make_no_mlflow_model_still_move_best(tmp_path, mlflow_store, caplog):
+    """Making the MLflow Model can fail where the old registration could not (a file that does
+    not load, a full disk): the alias moves all the same, to the run's model/ folder, with a
+    warning; a run without weights gets that version as before."""
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.tracking.artifacts import register_best
+
+    client = MlflowClient(tracking_uri=mlflow_store())
+    experiment = client.create_experiment("odd")
+    odd, bare = (client.create_run(experiment, run_name=f"Seq{i}").info.run_id for i in (1, 2))
+    (tmp_path / "model.pt").write_bytes(b"not a model")
+    client.log_artifact(odd, str(tmp_path / "model.pt"), "model")
+    for number, run_id in enumerate((odd, bare)):
+        assert register_best(client, "odd", run_id, number)
+        version = client.get_model_version_by_alias("odd", "best")
+        assert version.run_id == run_id and version.source.endswith(f"{run_id}/artifacts/model")
+    assert "odd@best is registered without its MLflow Model (" in caplog.text
+    assert "is not a vqlog checkpoint" in caplog.text

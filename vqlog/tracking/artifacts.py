@@ -8,15 +8,17 @@ server (`--serve-artifacts`): a retry resumes from the checkpoint another worker
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
-from vqlog.errors import UserError
+from vqlog.errors import TrackingUnavailable, UserError, one_line
 from vqlog.tracking.rows import TRIAL_ROLE, run_name
 
 CHECKPOINT = "checkpoint/latest.pt"  # one per trial run: each save replaces the last
 WEIGHTS = "model/model.pt"  # a vqlog.checkpoint model file
 ALIAS = "best"
+log = logging.getLogger("vqlog")
 
 
 def upload_checkpoint(client, run_id: str, state: dict) -> bool:
@@ -132,12 +134,19 @@ def register_best(client, study: str, run_id: str, number: int) -> bool:
             raise
     from vqlog.tracking.mlmodel import log_tokenizer
 
+    # An MLflow Model that mlflow.pyfunc loads; else the version of old, the run's model/ folder
+    # (vqlog encode and export read its weights all the same, or say it has none)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{Path(WEIGHTS).parent}"
     with tempfile.TemporaryDirectory(prefix="vqlog-best-") as folder:
-        weights = _download(client, run_id, WEIGHTS, folder)
-        # an MLflow Model that mlflow.pyfunc loads; a run whose weights never arrived keeps the
-        # version of old, its model/ folder (vqlog encode says it has none)
-        source = f"{client.get_run(run_id).info.artifact_uri}/{Path(WEIGHTS).parent}" \
-            if weights is None else log_tokenizer(client, run_id, weights)
+        try:
+            weights = _download(client, run_id, WEIGHTS, folder)
+            if weights is not None:
+                source = log_tokenizer(client, run_id, weights)
+        except TrackingUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a full disk, an odd file: the alias moves
+            log.warning("vqlog: %s@%s is registered without its MLflow Model (%s)", study, ALIAS,
+                        one_line(exc, 300))
     version = client.create_model_version(
         study, source=source, run_id=run_id,
         tags={"optuna.trial_number": str(number), "vqlog.run": run_name(number)})
