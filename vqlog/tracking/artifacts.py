@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vqlog.errors import TrackingUnavailable, UserError, one_line
 from vqlog.tracking.rows import TRIAL_ROLE, run_name
+from vqlog.urls import mask_urls
 
 CHECKPOINT = "checkpoint/latest.pt"  # one per trial run: each save replaces the last
 WEIGHTS = "model/model.pt"  # a vqlog.checkpoint model file
@@ -146,7 +147,7 @@ def register_best(client, study: str, run_id: str, number: int) -> bool:
             raise
         except Exception as exc:  # noqa: BLE001 - a full disk, an odd file: the alias moves
             log.warning("vqlog: %s@%s is registered without its MLflow Model (%s)", study, ALIAS,
-                        one_line(exc, 300))
+                        mask_urls(one_line(exc, 300)))  # a server's error may quote its URL
     version = client.create_model_version(
         study, source=source, run_id=run_id,
         tags={"optuna.trial_number": str(number), "vqlog.run": run_name(number)})
