@@ -352,6 +352,16 @@ def test_the_link_to_a_server_with_credentials_leaves_them_out(monkeypatch):
         "http://lab:5000/#/experiments/3/runs?workflowType=machine_learning"
 
 
+def test_a_server_written_in_capitals_is_linked_as_a_server(monkeypatch):
+    """`HTTP://LAB:5000` is a server's address as much as `http://lab:5000` (`vqlog best` took it
+    so): its link was the local store's `http://127.0.0.1:5000`."""
+    from vqlog.tracking.lineage import ui_link
+
+    monkeypatch.delenv("VQLOG_UI_URL", raising=False)
+    assert ui_link("HTTPS://bob:pw@Lab:5000", "3") == \
+        "https://Lab:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
 def test_flags_beat_the_environment(swept, tmp_path, monkeypatch, cli):
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path}/no/such/folder/o.db")
     code, out, err = cli("best", "--study", "conv", "--storage", swept.storage,

@@ -86,7 +86,7 @@ def _open_study(args, study: str | None, stop: _Stop):
             if not args.watch:
                 raise
             where = mask(resolve_tracking_uri(args.tracking_uri))
-            kind = "server" if where.startswith(("http://", "https://")) else "store"
+            kind = "server" if where.lower().startswith(("http://", "https://")) else "store"
             wait(f"the MLflow {kind} {where}" if isinstance(exc, StoreUnreachable)
                  else f"an MLflow store at {where}")
     while True:

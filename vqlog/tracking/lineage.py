@@ -92,7 +92,7 @@ def ui_base(tracking_uri: str) -> str:
     from vqlog.urls import mask
 
     given = os.environ.get(UI_URL_ENV, "").strip()
-    if given or tracking_uri.startswith("http"):  # a link with `user:***@` would not open
+    if given or tracking_uri.lower().startswith(("http://", "https://")):  # no `user:***@`: no link opens
         parts = urlsplit(given if "://" in given else f"http://{given}") if given \
             else urlsplit(mask(tracking_uri))
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
