@@ -60,7 +60,8 @@ def test_two_workers_given_one_seed_draw_different_parameters(tmp_path, pg_stora
 
 
 # (an empty --study is the spec's name: compose passes it for an empty STUDY; test_compose.py)
-@pytest.mark.parametrize("name", ["../../tmp/x", "line\nbreak", "a" * 65, "sp ace", ".", "..", "..x"])
+@pytest.mark.parametrize("name", ["../../tmp/x", "line\nbreak", "a" * 65, "sp ace", ".", "..", "..x",
+                                  ".x"])  # results/x.md, the table of study x's
 def test_a_bad_study_name_is_one_error_and_nothing_is_created(tmp_path, monkeypatch, cli, name):
     monkeypatch.chdir(tmp_path)
     code, out, err = cli.sweep("--config", "smoke", "--trials", "1", "--study", name,

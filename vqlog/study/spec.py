@@ -213,16 +213,15 @@ def parse_sweep(raw: dict, path: str = "") -> SweepSpec:
 
 
 def check_study_name(name: str, where: str = "--study") -> str:
-    """A study name is 1 to 64 letters, digits, '.', '_' or '-', not '.' and not beginning with
-    '..': it names the MLflow experiment, the registered model, its artifact folder and the
-    table's file, so it must be safe in all of them."""
+    """A study name is 1 to 64 letters, digits, '.', '_' or '-', not beginning with '.': it names
+    the MLflow experiment, the registered model, its artifact folder and the table's file, so it
+    must be safe in all of them."""
     if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
         raise ConfigError(f"{where}: {name!r} is not a study name; use 1 to 64 letters, digits, "
                           "'.', '_' or '-'")
-    if name == "." or name.startswith(".."):  # a path out of its folder: MLflow refuses it as
-        # a model's name, after the first trial ran (and its artifacts left mlartifacts/)
-        raise ConfigError(f"{where}: {name!r} is not a study name: it may not be '.' or begin "
-                          "with '..'")
+    if name.startswith("."):  # '..': a path out of its folder (MLflow refuses it as a model's
+        # name, after the first trial ran); '.x': a hidden table file, or x's (`table_path`)
+        raise ConfigError(f"{where}: {name!r} is not a study name: it may not begin with '.'")
     return name
 
 
