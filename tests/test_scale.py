@@ -533,6 +533,8 @@ def test_workers_that_die_before_ending_a_trial_are_not_replaced(tmp_path):
     assert out.count("it had not ended a trial, so no new worker takes its place") == 2
     assert err.startswith("Error: worker ") and len(err.strip().splitlines()) == 1, err
     assert "no worker is left: 0/3 trials finished" in err and "rerun the same command" in err
+    # the workers leave the last table to the sweep's process, which wrote none on this error
+    assert (tmp_path / "results" / "doomed.md").read_text().startswith("# doomed")
 
 
 def test_a_worker_whose_gpu_cannot_be_used_says_why(tmp_path):

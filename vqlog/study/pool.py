@@ -291,9 +291,11 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
                 summaries, lost, unsaid = run_pool(
                     job, workers, device, gpus, stop, out=progress.line, tick=tick,
                     done=lambda: (now := count.fresh(3.0)) is not None and now >= trials)
-            except (SweepError, KeyboardInterrupt):  # a worker's error, a Ctrl-C again: the
-                _last_table(tracker, study)  # workers leave the last table to this process
+            except TrackingUnavailable:  # no table to write there
                 raise
+            except (Exception, KeyboardInterrupt):  # a worker's error, a Ctrl-C again, the
+                _last_table(tracker, study)  # database gone: the workers leave the last
+                raise  # table to this process
     finally:
         count.close()
         progress.close()
@@ -308,6 +310,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     timed_out = any(s["timed_out"] for s in done)
     grid_points = next((s["grid_points"] for s in done if s["grid_points"]), None)
     if lost and not stop.is_set() and not timed_out and not grid_points and finished() < trials:
+        _last_table(tracker, study)
         raise SweepError(
             f"{'; '.join(lost)}, and no worker is left: {finished()}/{trials} trials finished. "
             "Everything finished is kept; rerun the same command to go on (with fewer "
