@@ -421,6 +421,35 @@ print(json.dumps([before, state(), summary.finished, df["number"].tolist(),
     assert {"metrics.best_val_mse", "metrics.final_val_mse"} <= set(metrics)
 
 
+@pytest.mark.parametrize("kwargs, expect", [
+    ({"trials": 0}, "trials must be at least 1, got 0"),
+    ({"trials": 2.5}, "trials must be a whole number, got 2.5"),
+    ({"trials": 2, "timeout": "60"}, "timeout must be a number of seconds, got '60'"),
+    ({"trials": 2, "seed": -1}, "seed must be from 0 to 4294967295 (2**32 - 1), got -1"),
+    ({"trials": 2, "lang": "de"}, "unknown language 'de'"),  # found after a whole trial before
+    ({"trials": 2, "gpus": [0]}, "gpus 0 was given, but the sweep runs on the CPU: add device cuda"),
+    ({"trials": 2, "study": "a b"}, "study: 'a b' is not a study name"),
+    ({"trials": 2, "workers": 0}, "workers"),
+])
+def test_the_notebook_apis_errors_name_its_arguments(tmp_path, monkeypatch, kwargs, expect):
+    """vqlog.sweep's errors spoke of the command's flags (`--trials must be ...`) to a caller
+    that passed none; a list of GPUs and NumPy's integers, a notebook's values, are taken."""
+    import numpy as np
+
+    import vqlog
+    from vqlog.api import check_options, gpu_list
+    from vqlog.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as caught:
+        vqlog.sweep(**{"config": "smoke", "storage": f"sqlite:///{tmp_path}/o.db",
+                       "tracking_uri": f"sqlite:///{tmp_path}/m.db", "device": "cpu", **kwargs})
+    assert expect in str(caught.value) and "--" not in str(caught.value), caught.value
+    assert list(tmp_path.iterdir()) == []
+    check_options(np.int64(3), np.float32(60), np.uint32(7))  # no error
+    assert gpu_list([0, np.int64(1)]) == gpu_list("0,1") == [0, 1]
+
+
 def test_a_data_file_in_the_home_folder_is_linked_where_it_was_read(tmp_path, monkeypatch):
     """`~/x.npy` in a spec is read from the home folder; the run's dataset input named the
     current folder's `~/x.npy`, a path that does not exist."""

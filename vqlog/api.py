@@ -15,23 +15,35 @@ is queued again for the next run).
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import re
 from typing import Callable
 
 from vqlog.config import SEED_MAX
-from vqlog.errors import UserError
+from vqlog.errors import UserError, VqlogError
 
 DEFAULT_SPEC = "seed"  # sweeps/seed.yaml: the log's search space on a CPU budget
 
 
 def check_options(trials: int, timeout: float | None, seed: int | None) -> None:
-    """The sweep's numbers, checked before anything slow is imported or created."""
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+    """The sweep's numbers, checked before anything slow is imported or created (a NumPy
+    integer counts as one: a notebook's values often are)."""
+    for name, value in (("trials", trials), ("seed", seed)):
+        if value is not None and not _integer(value):
+            raise UserError(f"--{name} must be a whole number, got {value!r}")
+    if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
+        raise UserError(f"--timeout must be a number of seconds, got {timeout!r}")
     if timeout is not None and not timeout > 0:  # NaN too
         raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise UserError(f"--seed must be from 0 to {SEED_MAX} (2**32 - 1), got {seed}")
     check_environment()
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_environment() -> None:
@@ -80,6 +92,9 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
     from vqlog.tracking.runs import Tracker
     from vqlog.urls import mask, same_database
 
+    from vqlog.oscillation import check_lang
+
+    check_lang(lang)  # the table's, first written after a trial
     for name, value in (("storage", storage), ("tracking_uri", tracking_uri)):
         if value is not None and not value.strip():  # the command line refuses it too (url_arg)
             raise UserError(f"{name} needs a URL, got an empty value (an unset variable?); give "
@@ -96,12 +111,14 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
     return storage, tracker
 
 
-def gpu_list(text: str | None) -> list[int] | None:
-    """--gpus 0,1,... as GPU indices."""
+def gpu_list(text: str | list[int] | None) -> list[int] | None:
+    """--gpus 0,1,... as GPU indices (from Python, a list of them too)."""
     if text is None:
         return None
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     try:
-        ids = [int(x) for x in str(text).split(",") if x.strip()]
+        ids = [int(x) if _integer(x) else int(str(x).strip()) for x in items
+               if _integer(x) or str(x).strip()]
     except ValueError:
         ids = []
     if not ids or min(ids) < 0:
@@ -206,19 +223,38 @@ def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = N
           workers: int | str = 1, gpus: str | None = None,
           out: Callable[[str], None] = print, stop=None):
     """Run (or join) a study until it has `trials` finished trials: `vqlog-sweep` in-process,
-    with the same options. Returns the `SweepSummary` (finished, best, table path, ...)."""
-    check_options(trials, timeout, seed)
-    gpu_ids = gpu_list(gpus)
-    spec = study_spec(config, study, data, sample_rate, channel)
-    storage, tracker = prepare(spec, storage, tracking_uri, lang)
-    from vqlog.study.existing import check_study
+    with the same options. Returns the `SweepSummary` (finished, best, table path, ...). Its
+    errors name these arguments (`sample_rate`), where the command's name its flags."""
+    try:
+        check_options(trials, timeout, seed)
+        gpu_ids = gpu_list(gpus)
+        spec = study_spec(config, study, data, sample_rate, channel)
+        storage, tracker = prepare(spec, storage, tracking_uri, lang)
+        from vqlog.study.existing import check_study
 
-    n = worker_count(workers, device, gpu_ids)
-    data = load_data(spec, seed)  # what the sweep command checks before it starts
-    tracker.check_experiment(spec.name)
-    check_study(spec, storage, tracker, data.identity())
-    return run_sweep(spec, trials, storage, tracker, n, device, gpu_ids, timeout, seed, stop, out,
-                     cache=data if n == 1 else None, data_checked=True)
+        n = worker_count(workers, device, gpu_ids)
+        cache = load_data(spec, seed)  # what the sweep command checks before it starts
+        tracker.check_experiment(spec.name)
+        check_study(spec, storage, tracker, cache.identity())
+        if n > 1:
+            cache = None  # checked: each worker process loads its own, this one keeps none
+        return run_sweep(spec, trials, storage, tracker, n, device, gpu_ids, timeout, seed, stop,
+                         out, cache=cache, data_checked=True)
+    except VqlogError as exc:
+        exc.args = (in_arguments(str(exc)),)
+        raise
+
+
+# vqlog-sweep's flags, as `sweep`'s arguments
+_FLAGS = re.compile(r"--(trials|config|study|storage|tracking-uri|data|sample-rate|channel|"
+                    r"device|timeout|seed|lang|workers|gpus)(?![\w-])")
+
+
+def in_arguments(message: str) -> str:
+    """An error message of the sweep command in `vqlog.sweep`'s terms: its arguments for the
+    flags, a call for the command."""
+    message = _FLAGS.sub(lambda m: m.group(1).replace("-", "_"), message)
+    return message.replace("rerun the same command", "call vqlog.sweep again as before")
 
 
 def results(study: str, tracking_uri: str | None = None):
