@@ -71,6 +71,21 @@ def test_mlflow_ui_shows_the_table_on_the_study_run(stack, ids, browser, tmp_pat
     assert all(len(r.split("\t")) >= len(header) for r in rows), rows
 
 
+def test_the_run_link_vqlog_best_prints_opens_in_the_training_view(stack, browser, tmp_path):
+    """`vqlog best`'s link to the best trial's run had no `?workflowType=machine_learning`:
+    MLflow 3.17 opened the run under its GenAI view's "Evaluations"."""
+    proc = subprocess.run([str(BIN / "vqlog"), "best", "--study", stack.study, "--storage",
+                           stack.storage, "--tracking-uri", stack.url], capture_output=True,
+                          text=True, timeout=120, env=base_env())
+    assert proc.returncode == 0, proc.stderr
+    link = re.search(r"^run:\s+(\S+)", proc.stdout, re.M).group(1)
+    page = browser.new_page()
+    page.goto(link)
+    text = page.wait_for_text(["Model metrics", "Model registry", "final_val_mse"])
+    page.screenshot(tmp_path / "mlflow-best-run.png")
+    assert "Evaluation runs" not in text, text[:2000]  # the GenAI view's menu
+
+
 @pytest.fixture(scope="module")
 def dashboard(stack, tmp_path_factory):
     """optuna-dashboard on the stack's Optuna storage, as the compose `dashboard` service runs it."""

@@ -180,7 +180,8 @@ def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, 
     # a local store's page opens once `vqlog ui` serves it: the line says so (it did not)
     run_line = next(line for line in out.splitlines() if line.startswith("run:  "))
     assert run_line.startswith("run:  http://127.0.0.1:5000/#/experiments/")
-    assert run_line.endswith(f"/runs/{best.user_attrs['mlflow.run_id']}   (once "
+    assert run_line.endswith(f"/runs/{best.user_attrs['mlflow.run_id']}?workflowType="
+                             "machine_learning   (once "
                              f"`{command_name('vqlog')} ui --tracking-uri {swept.uri}` serves "
                              "it)"), run_line
     table = (swept.folder / "results" / "conv.md").read_text()
@@ -249,7 +250,8 @@ def test_vqlog_ui_url_is_where_the_links_point(swept, monkeypatch, cli):
                          "--tracking-uri", swept.uri)
     assert code == 0, err
     run_id = best.user_attrs["mlflow.run_id"]
-    assert f"run:  http://lab.example:5999/#/experiments/{exp.experiment_id}/runs/{run_id}\n" in out
+    assert (f"run:  http://lab.example:5999/#/experiments/{exp.experiment_id}/runs/{run_id}"
+            "?workflowType=machine_learning\n") in out
 
 
 def test_best_answers_without_its_tracking_store(swept, tmp_path, cli):
@@ -279,8 +281,8 @@ def test_best_gives_no_link_to_a_deleted_run_or_experiment(swept, cli):
     exp = client.get_experiment_by_name("conv")
     best = ["best", "--study", "conv", "--storage", swept.storage, "--tracking-uri", swept.uri]
     code, out, _ = cli(*best)
-    run_id = out.split("/runs/")[1].split()[0]
-    assert code == 0 and f"#/experiments/{exp.experiment_id}/runs/{run_id} " in out, out
+    run_id = out.split("/runs/")[1].split("?")[0]
+    assert code == 0 and f"#/experiments/{exp.experiment_id}/runs/{run_id}?" in out, out
     mlflow_bin = str(SWEEP_BIN.parent / "mlflow")
 
     def paste(line: str) -> None:  # the advice's command, run as given

@@ -79,7 +79,7 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
         return f"{run_id} (no such run at {mask(uri)} any more: deleted for good)"
     if deleted:
         return f"{run_id} (deleted in MLflow; restore it with `{cli} runs restore --run-id {run_id}`)"
-    link = ui_link(uri, exp.experiment_id).split("/runs?")[0] + f"/runs/{run_id}"
+    link = ui_link(uri, exp.experiment_id, run_id)
     if uri.lower().startswith(("http://", "https://")) or os.environ.get(UI_URL_ENV, "").strip():
         return link  # a server that serves it already
     import shlex

@@ -99,6 +99,12 @@ def ui_base(tracking_uri: str) -> str:
     return "http://127.0.0.1:5000"
 
 
-def ui_link(tracking_uri: str, experiment_id: str) -> str:
-    """The experiment's training view in the MLflow UI (`ui_base`)."""
-    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+# MLflow 3's UI opens an experiment, and a run, in its GenAI view (a run under "Evaluations")
+# unless the link asks for the training view: the experiment's kind tag does not change that
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The experiment's runs, or one run's page, in the MLflow UI's training view (`ui_base`)."""
+    return (f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs"
+            f"{f'/{run_id}' if run_id else ''}?{TRAINING_VIEW}")
