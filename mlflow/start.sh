@@ -138,5 +138,51 @@ INI
 *) fail "MLFLOW_AUTH must be none or basic, got '${MLFLOW_AUTH}'" ;;
 esac
 
+# Two mistakes MLflow takes badly, checked first (with the Python that runs MLflow, where there
+# is one): on a taken port its server logs the error and exits 0, while a sweep sent there logs
+# into whatever listens (a `vqlog ui` on its default 5000, say); a database that does not exist,
+# or a login the server refuses, it retries for two minutes and then prints pages. A server that
+# is not up yet is left to MLflow's retries, as compose starts PostgreSQL beside it.
+if command -v python3 >/dev/null 2>&1; then
+    why=$(VQLOG_HOST="$host" VQLOG_PORT="$port" python3 - 2>/dev/null <<'PY'
+import errno, os, socket
+
+host, port = os.environ["VQLOG_HOST"], os.environ["VQLOG_PORT"]
+try:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        s.bind(addr)
+except OSError as exc:
+    if exc.errno == errno.EADDRINUSE:
+        print(f"port {port} on {host} is in use (another MLflow server, a vqlog ui?); stop it, "
+              "or give this one another MLFLOW_PORT")
+        raise SystemExit
+except ValueError:
+    pass  # MLflow says what is wrong with it
+try:
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    url = make_url(os.environ["MLFLOW_BACKEND_STORE_URI"])
+    if url.get_backend_name() == "postgresql":
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args={"connect_timeout": 10})
+        engine.connect().close()
+except Exception as exc:  # noqa: BLE001
+    said = str(getattr(exc, "orig", exc))
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    if f'database "{url.database}" does not exist' in said:
+        print(f"database {url.database} does not exist on {where}; create it first (createdb -h "
+              f"{url.host or 'localhost'} -p {url.port or 5432} -U {url.username} {url.database})")
+    elif f'role "{url.username}" does not exist' in said:
+        print(f"the PostgreSQL user {url.username} does not exist on {where} (POSTGRES_USER)")
+    elif "password authentication failed" in said:
+        print(f"PostgreSQL on {where} refused the password of {url.username} (POSTGRES_PASSWORD)")
+PY
+    ) || why=""
+    [ -z "$why" ] || fail "$why; not starting"
+fi
+
 echo "mlflow server on $host:$port: backend $shown_uri, artifacts $artifacts, allowed hosts $allowed, auth $auth"
 exec mlflow "$@"

@@ -3,6 +3,7 @@
 smoke spec. Optuna (the search state), MLflow (runs) and the experiment table must agree."""
 
 import re
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -10,7 +11,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from _stack import STACK_TRIALS
+from _servers import START_SH
+from _stack import STACK_TRIALS, require_postgres, start_sh_env
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +123,36 @@ def test_allowed_hosts_from_start_sh(stack, host, allowed):
     except urllib.error.HTTPError as exc:
         code = exc.code
     assert code == (200 if allowed else 403)
+
+
+def _start_sh(tmp_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(START_SH)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=start_sh_env(**env))
+
+
+def test_start_sh_on_a_port_in_use_refuses_to_start(stack, tmp_path):
+    """MLflow's server logged `[Errno 98] Address already in use` and exited 0, and a sweep sent
+    to that port logged into whatever held it (a `vqlog ui` on the same default 5000)."""
+    port = stack.url.rsplit(":", 1)[1]
+    out = _start_sh(tmp_path, mlflow_db="vqlog_no_such_db", MLFLOW_PORT=port)
+    assert (out.returncode, out.stdout) == (2, ""), out.stdout + out.stderr
+    assert out.stderr == (f"Error: port {port} on 127.0.0.1 is in use (another MLflow server, a "
+                          "vqlog ui?); stop it, or give this one another MLFLOW_PORT; not "
+                          "starting\n")
+    assert list(tmp_path.iterdir()) == []  # no mlartifacts/
+
+
+def test_start_sh_without_its_database_says_so_at_once(tmp_path):
+    """It retried for about two minutes, printed some 50 lines of tracebacks, then exited 1."""
+    from _servers import free_port
+
+    require_postgres()
+    out = _start_sh(tmp_path, mlflow_db="vqlog_no_such_db", MLFLOW_PORT=str(free_port()))
+    lines = out.stderr.splitlines()
+    assert (out.returncode, out.stdout, len(lines)) == (2, "", 1), out.stdout + out.stderr
+    assert re.fullmatch(r"Error: database vqlog_no_such_db does not exist on [\w.]+:\d+; create "
+                        r"it first \(createdb -h \S+ -p \d+ -U \S+ vqlog_no_such_db\); not starting",
+                        lines[0]), lines[0]
 
 
 def test_init_again_is_harmless(stack, study, client, cli):
