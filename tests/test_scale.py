@@ -559,6 +559,26 @@ def test_a_worker_whose_gpu_cannot_be_used_says_why(tmp_path):
     assert death == "could not use its GPU"
 
 
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path):
+    """vqlog.sweep(workers=2) at a script's top level: each worker process imports the script
+    again (spawn) and called vqlog.sweep there too, which multiprocessing refused with a long
+    RuntimeError per worker; the sweep then said "exited with 1 without a word" and advised
+    fewer --workers. Now the one error names the missing guard."""
+    spec = write_spec(tmp_path, "guard", budget={"iteration": 6, "eval_every": 3}, pruner="none")
+    (tmp_path / "run.py").write_text(
+        "import vqlog\n"
+        f"vqlog.sweep(trials=2, config={str(spec)!r}, storage='sqlite:///o.db',\n"
+        "            tracking_uri='sqlite:///m.db', workers=2, device='cpu')\n")
+    proc = subprocess.run([sys.executable, "run.py"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vqlog.errors.UserError: each worker process imports the script") \
+        and last.endswith('call it under `if __name__ == "__main__":`'), proc.stderr
+    assert "bootstrapping phase" not in proc.stderr and "without a word" not in proc.stdout
+    assert "--workers" not in proc.stderr
+
+
 def started_workers(sweep: Worker, n: int) -> set[int]:
     """The pids of a sweep's `n` worker processes, as soon as all have been spawned."""
     return wait_until(lambda: (found := worker_processes(sweep.proc.pid)) and len(found) == n

@@ -225,6 +225,10 @@ def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = N
     """Run (or join) a study until it has `trials` finished trials: `vqlog-sweep` in-process,
     with the same options. Returns the `SweepSummary` (finished, best, table path, ...). Its
     errors name these arguments (`sample_rate`), where the command's name its flags."""
+    if _importing_main_again():
+        from vqlog.study.child import UNGUARDED
+
+        raise SystemExit(UNGUARDED)  # a worker of this very call: the caller's process says why
     try:
         check_options(trials, timeout, seed)
         gpu_ids = gpu_list(gpus)
@@ -243,6 +247,20 @@ def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = N
     except VqlogError as exc:
         exc.args = (in_arguments(str(exc)),)
         raise
+
+
+def _importing_main_again() -> bool:
+    """Whether this call comes from the top level of the caller's script as a process started by
+    multiprocessing's spawn imports it again (as `__mp_main__`): a script without the main
+    guard, whose every worker of `workers=N` would start a sweep of its own."""
+    import inspect
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 # vqlog-sweep's flags, as `sweep`'s arguments

@@ -20,8 +20,9 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 from typing import Callable
 
-from vqlog.errors import SweepError, TrackingUnavailable
-from vqlog.study.child import NO_DEVICE, STOP_SIGNALS, WORKER_ERROR, worker_process
+from vqlog.errors import SweepError, TrackingUnavailable, UserError
+from vqlog.study.child import (NO_DEVICE, STOP_SIGNALS, UNGUARDED, UNGUARDED_ERROR,
+                               WORKER_ERROR, worker_process)
 from vqlog.study.hosts import placements
 
 POLL_SECONDS = 1.0
@@ -110,6 +111,7 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
     ended: list[list[int]] = []  # slot i's process: the trials it ended, and of them FAIL
     unsaid = [0, 0]  # the same, of processes that died without their summary
     outage = [True]  # every error a worker reported is a tracking outage
+    unguarded = [False]  # a worker ran the caller's unguarded script's vqlog.sweep (UNGUARDED)
     forwarded = False
 
     def handle(kind: str, index: int, payload) -> None:
@@ -149,6 +151,10 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
             ended[i] = [0, 0]
             if stop.is_set() and -p.exitcode in STOP_SIGNALS:
                 return  # asked to stop, and ended by the signal itself: not a death
+            if p.exitcode == UNGUARDED:  # every worker does: the caller's error, said once
+                unguarded[0] = True
+                stop.request(stop.signal or WORKER_FAILED)
+                return
             how = _death(p.exitcode)
             over = worked[i] and not stop.is_set() and done()
             replace = worked[i] and not stop.is_set() and not over
@@ -203,6 +209,8 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
         for pipe in pipes:
             if pipe is not None:
                 pipe.close()
+    if unguarded[0]:
+        raise UserError(UNGUARDED_ERROR)
     if errors and outage[0]:  # one store for all of them: the first to give up says it
         raise TrackingUnavailable(errors[0][1])
     if errors:
