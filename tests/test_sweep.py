@@ -31,6 +31,26 @@ def table_rows(path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+def test_a_rerun_says_a_trial_is_running(tmp_path, mlflow_store, monkeypatch, capsys):
+    """Rerun at once after a kill -9, the sweep said nothing of the killed trial, which is still
+    RUNNING with a fresh heartbeat (it is queued again later, once stale): the second line now
+    says it, as it says queued retries. Here the RUNNING trial is one asked for by hand."""
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "30")
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = ["--config", "smoke", "--storage", storage, "--tracking-uri", mlflow_store()]
+    assert sweep_main(["--trials", "1", *args]) == 0
+    optuna.load_study(study_name="smoke", storage=storage).ask()
+    capsys.readouterr()
+    assert sweep_main(["--trials", "2", *args]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "resuming: 1 of 2 trials finished; 1 trial is RUNNING: another worker's, or one cut off "
+        "by a kill, which is queued again once its heartbeat is 30 s old")
+
+
+@pytest.mark.slow
 def test_smoke_sweep_stops_at_the_target_and_resumes(tmp_path, mlflow_store, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"

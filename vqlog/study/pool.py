@@ -293,7 +293,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     lost: list[str] = []
     unsaid = [0, 0]
     try:
-        progress.resumed(finished(), db(lambda: queued_retries(study)))
+        progress.resumed(finished(), *db(lambda: queued_retries(study)))
         if finished() < trials:  # a study at its target starts no worker (each would only look)
             try:
                 summaries, lost, unsaid = run_pool(

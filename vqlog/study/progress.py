@@ -49,20 +49,29 @@ class TrialProgress:
                      f"{a.get('train_seconds', 0):.0f} s)")
         self.line(f"{run_name(t.number):<7} {what}" + (f"{BEST_SEP}{best}" if best else ""))
 
-    def resumed(self, finished: int, retries: int = 0) -> None:
-        """A study that has finished trials already, or cut-off trials queued again, says
-        so first (the study line gives only the target): `resuming: 12 of 50 trials finished`,
-        and `; 1 cut-off trial is queued again, to go on from its last checkpoint if it has one`."""
+    def resumed(self, finished: int, retries: int = 0, running: int = 0) -> None:
+        """A study that has finished trials already, cut-off trials queued again or trials
+        RUNNING says so first (the study line gives only the target): `resuming: 12 of 50 trials
+        finished`, `; 1 cut-off trial is queued again, to go on from its last checkpoint if it
+        has one`, and `; 1 trial is RUNNING: another worker's, or one cut off by a kill, which
+        is queued again once its heartbeat is 20 s old` (a kill -9 a moment ago)."""
+        from vqlog.config import grace_period
+
         self.update(finished)
         if finished >= self.total:
             self.line(f"the study has {finished} finished trial{'s' * (finished != 1)} already "
                       f"(target {self.total}): none to run")
-        elif finished or retries:  # (a grid may hold fewer points than are left: the closing
-            # line says so)
+        elif finished or retries or running:  # (a grid may hold fewer points than are left:
+            # the closing line says so)
+            one = running == 1
             self.line(f"resuming: {finished} of {self.total} trials finished" + (
                 f"; {retries} cut-off trial{' is' if retries == 1 else 's are'} queued again, to "
                 f"go on from {'its' if retries == 1 else 'their'} last checkpoint if "
-                f"{'it has one' if retries == 1 else 'they have one'}" if retries else ""))
+                f"{'it has one' if retries == 1 else 'they have one'}" if retries else "") + (
+                f"; {running} trial{' is' if one else 's are'} RUNNING: another worker's, or "
+                f"{'one' if one else 'ones'} cut off by a kill, which {'is' if one else 'are'} "
+                f"queued again once {'its' if one else 'their'} heartbeat is {grace_period()} s "
+                "old" if running else ""))
 
     def line(self, text: str) -> None:
         if self.bar is not None:

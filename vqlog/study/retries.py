@@ -94,11 +94,14 @@ def queue_once(study: optuna.Study, trial: FrozenTrial) -> None:
         queue_again(study, trial)
 
 
-def queued_retries(study: optuna.Study) -> int:
+def queued_retries(study: optuna.Study) -> tuple[int, int]:
     """How many retries of cut-off trials wait in the study's queue (Optuna runs the queue in
-    order, so they come after the rows and grid points queued before them)."""
-    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-    return sum(original_number(t) is not None for t in waiting)
+    order, so they come after the rows and grid points queued before them), and how many
+    trials are RUNNING (other workers', or killed ones whose heartbeat is not stale yet)."""
+    states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    trials = study.get_trials(deepcopy=False, states=states)
+    return (sum(t.state == states[0] and original_number(t) is not None for t in trials),
+            sum(t.state == states[1] for t in trials))
 
 
 def retry_history(trial: FrozenTrial) -> list[int]:

@@ -102,7 +102,7 @@ class Worker:
         self.said_waiting = False  # the line on a wait for other workers' trials, said once
         try:
             if self.bar:  # a worker of --workers leaves it to the parent
-                self.progress.resumed(self._count()[0], self._db(lambda: queued_retries(self.study)))
+                self.progress.resumed(self._count()[0], *self._db(lambda: queued_retries(self.study)))
             while (trial := self._next_trial()) is not None:
                 trial_id = self._db(lambda: self.storage.get_trial_id_from_study_id_trial_number(
                     self.study_id, trial.number))
