@@ -33,7 +33,7 @@ class TrialProgress:
     def trial_line(self, best: str, t: FrozenTrial, reason: str = "") -> None:
         """`Seq7  COMPLETE  val mse 0.0412  perplexity max 87.1 (300 it, 21 s) | best ...`, with
         `best` from `best_text`; a trial that continued a checkpoint: `(300 it, resumed @ 205,
-        14 s)`."""
+        31 s in all)`, its seconds those of the runs before it too, as its iterations are."""
         a = t.user_attrs
         if t.state == TrialState.FAIL:
             why = one_line(reason or a.get("fail_reason") or "")  # a library's, over lines
@@ -44,9 +44,10 @@ class TrialProgress:
             what = f"{t.state.name:<9} val mse {mse:.4g}" if mse is not None else t.state.name
             if ppl is not None:
                 what += f"  perplexity max {ppl:.1f}"
-            resumed = f", resumed @ {a['resumed_at']}" if a.get("resumed_at") else ""
-            what += (f"  ({int(a.get('iterations_run', 0))} it{resumed}, "
-                     f"{a.get('train_seconds', 0):.0f} s)")
+            resumed = a.get("resumed_at")
+            what += (f"  ({int(a.get('iterations_run', 0))} it, "
+                     + (f"resumed @ {resumed}, " if resumed else "")
+                     + f"{a.get('train_seconds', 0):.0f} s{' in all' if resumed else ''})")
         self.line(f"{run_name(t.number):<7} {what}" + (f"{BEST_SEP}{best}" if best else ""))
 
     def resumed(self, finished: int, retries: int = 0, running: int = 0) -> None:
