@@ -401,7 +401,9 @@ def state():
 
 before = state()
 import vqlog
-summary = vqlog.sweep(trials=2, config={str(spec)!r}, storage="sqlite:///{tmp_path}/o.db",
+import numpy   # a notebook's numbers are often NumPy's: torch's generators refused its seed
+summary = vqlog.sweep(trials=numpy.int64(2), seed=numpy.int64(7), config={str(spec)!r},
+                      storage="sqlite:///{tmp_path}/o.db",
                       tracking_uri="sqlite:///{tmp_path}/m.db", out=lambda line: None)
 df = vqlog.results("nb", tracking_uri="sqlite:///{tmp_path}/m.db")
 print(json.dumps([before, state(), summary.finished, df["number"].tolist(),
@@ -429,7 +431,8 @@ print(json.dumps([before, state(), summary.finished, df["number"].tolist(),
     ({"trials": 2, "timeout": "60"}, "timeout must be a number of seconds, got '60'"),
     ({"trials": 2, "seed": -1}, "seed must be from 0 to 4294967295 (2**32 - 1), got -1"),
     ({"trials": 2, "lang": "de"}, "unknown language 'de'"),  # found after a whole trial before
-    ({"trials": 2, "gpus": [0]}, "gpus 0 was given, but the sweep runs on the CPU: add device cuda"),
+    ({"trials": None}, "trials must be a whole number, got None"),
+    ({"trials": 2, "gpus": [0]}, "gpus=0 was given, but the sweep runs on the CPU: add device cuda"),
     ({"trials": 2, "study": "a b"}, "study: 'a b' is not a study name"),
     ({"trials": 2, "workers": 0}, "workers"),
 ])
@@ -450,6 +453,21 @@ def test_the_notebook_apis_errors_name_its_arguments(tmp_path, monkeypatch, kwar
     assert list(tmp_path.iterdir()) == []
     check_options(np.int64(3), np.float32(60), np.uint32(7))  # no error
     assert gpu_list([0, np.int64(1)]) == gpu_list("0,1") == [0, 1]
+
+
+@pytest.mark.parametrize("message, expect", [
+    ("pass --sample-rate HZ, or give it", "pass sample_rate=HZ, or give it"),
+    ("e.g. --storage sqlite:///o.db --tracking-uri sqlite:///m.db",
+     "e.g. storage=sqlite:///o.db tracking_uri=sqlite:///m.db"),
+    ("use another --study name", "use another study name"),
+    ("/home/u/exp--data/x.npy is missing", "/home/u/exp--data/x.npy is missing"),  # a path's
+    ("run `vqlog init --study x --storage sqlite:///o.db` first",  # a command to run, as it is
+     "run `vqlog init --study x --storage sqlite:///o.db` first"),
+])
+def test_the_notebook_api_words_the_commands_messages_as_arguments(message, expect):
+    from vqlog.api import in_arguments
+
+    assert in_arguments(message) == expect
 
 
 def test_a_data_file_in_the_home_folder_is_linked_where_it_was_read(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def check_options(trials: int, timeout: float | None, seed: int | None) -> None:
     """The sweep's numbers, checked before anything slow is imported or created (a NumPy
     integer counts as one: a notebook's values often are)."""
     for name, value in (("trials", trials), ("seed", seed)):
-        if value is not None and not _integer(value):
+        if (value is not None or name == "trials") and not _integer(value):
             raise UserError(f"--{name} must be a whole number, got {value!r}")
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
@@ -231,6 +231,9 @@ def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = N
         raise SystemExit(UNGUARDED)  # a worker of this very call: the caller's process says why
     try:
         check_options(trials, timeout, seed)
+        trials = int(trials)  # NumPy's are taken, and torch's generators take Python's
+        seed = None if seed is None else int(seed)
+        timeout = None if timeout is None else float(timeout)
         gpu_ids = gpu_list(gpus)
         spec = study_spec(config, study, data, sample_rate, channel)
         storage, tracker = prepare(spec, storage, tracking_uri, lang)
@@ -263,16 +266,24 @@ def _importing_main_again() -> bool:
     return False
 
 
-# vqlog-sweep's flags, as `sweep`'s arguments
-_FLAGS = re.compile(r"--(trials|config|study|storage|tracking-uri|data|sample-rate|channel|"
-                    r"device|timeout|seed|lang|workers|gpus)(?![\w-])")
+# vqlog-sweep's flags, as `sweep`'s arguments: where a word begins (not in a path or URL),
+# with the value after it where one follows (a number, a path or URL, a placeholder as HZ)
+_FLAGS = re.compile(r"(?<![^\s(])--(trials|config|study|storage|tracking-uri|data|sample-rate|"
+                    r"channel|device|timeout|seed|lang|workers|gpus)(?![\w-])"
+                    r"(?: ((?=[\d.~/]|[A-Z]+\b|\S*[:/])[^\s,;)]+))?")
 
 
 def in_arguments(message: str) -> str:
     """An error message of the sweep command in `vqlog.sweep`'s terms: its arguments for the
-    flags, a call for the command."""
-    message = _FLAGS.sub(lambda m: m.group(1).replace("-", "_"), message)
-    return message.replace("rerun the same command", "call vqlog.sweep again as before")
+    flags (`--sample-rate HZ`: `sample_rate=HZ`), a call for the command. A command quoted in
+    backticks, one to run, is left as it is."""
+    def argument(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        return f"{name}={m.group(2)}" if m.group(2) else name
+
+    parts = message.split("`")
+    parts[::2] = [_FLAGS.sub(argument, part) for part in parts[::2]]
+    return "`".join(parts).replace("rerun the same command", "call vqlog.sweep again as before")
 
 
 def results(study: str, tracking_uri: str | None = None):
