@@ -138,21 +138,21 @@ INI
 *) fail "MLFLOW_AUTH must be none or basic, got '${MLFLOW_AUTH}'" ;;
 esac
 
-# Two mistakes MLflow takes badly, checked first (with the Python that runs MLflow, where there
-# is one): on a taken port its server logs the error and exits 0, while a sweep sent there logs
-# into whatever listens (a `vqlog ui` on its default 5000, say); a database that does not exist,
-# or a login the server refuses, it retries for two minutes and then prints pages. A server that
-# is not up yet is left to MLflow's retries, as compose starts PostgreSQL beside it.
+# Two mistakes MLflow takes badly, checked first (by the python3 on PATH: the environment's, or
+# the image's; without one, or without SQLAlchemy, MLflow meets them itself): on a taken port its
+# server logs the error and exits 0, while a sweep sent there logs into whatever listens (a
+# `vqlog ui` on its default 5000, say); a database, user or password PostgreSQL refuses, it
+# retries for two minutes and then prints pages. A server that is not up yet is left to
+# MLflow's retries, as compose starts PostgreSQL beside it.
 if command -v python3 >/dev/null 2>&1; then
     why=$(VQLOG_HOST="$host" VQLOG_PORT="$port" python3 - 2>/dev/null <<'PY'
 import errno, os, socket
 
 host, port = os.environ["VQLOG_HOST"], os.environ["VQLOG_PORT"]
-try:
-    family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
-        s.bind(addr)
+try:  # as uvicorn binds it: IPv6 for an address with a colon, else IPv4 (localhost too)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host.strip("[]"), int(port)))
 except OSError as exc:
     if exc.errno == errno.EADDRINUSE:
         print(f"port {port} on {host} is in use (another MLflow server, a vqlog ui?); stop it, "
@@ -171,14 +171,21 @@ try:
         engine.connect().close()
 except Exception as exc:  # noqa: BLE001
     said = str(getattr(exc, "orig", exc))
-    where = f"{url.host or 'localhost'}:{url.port or 5432}"
-    if f'database "{url.database}" does not exist' in said:
-        print(f"database {url.database} does not exist on {where}; create it first (createdb -h "
-              f"{url.host or 'localhost'} -p {url.port or 5432} -U {url.username} {url.database})")
-    elif f'role "{url.username}" does not exist' in said:
-        print(f"the PostgreSQL user {url.username} does not exist on {where} (POSTGRES_USER)")
-    elif "password authentication failed" in said:
-        print(f"PostgreSQL on {where} refused the password of {url.username} (POSTGRES_PASSWORD)")
+    host = url.host or url.query.get("host")  # (libpq's parameters may give them instead)
+    user = url.username or url.query.get("user")
+    where = f"{host}:{url.port or url.query.get('port') or 5432}" if host else "its default host"
+    flags = "".join(f" {flag} {value}" for flag, value in (
+        ("-h", host), ("-p", url.port or url.query.get("port")), ("-U", user)) if value)
+    if 'database "' in said and '" does not exist' in said:
+        print(f"database {url.database} does not exist on {where}; create it first "
+              f"(createdb{flags} {url.database})")
+    elif 'role "' in said and '" does not exist' in said:
+        print(f"the PostgreSQL user {user} does not exist on {where} (POSTGRES_USER)")
+    elif "password authentication failed" in said or "no password supplied" in said:
+        print(f"PostgreSQL on {where} refused the login of {user}: check "
+              "POSTGRES_PASSWORD")
+    elif "no pg_hba.conf entry" in said:
+        print(f"PostgreSQL on {where} lets no {user} in from this host (pg_hba.conf)")
 PY
     ) || why=""
     [ -z "$why" ] || fail "$why; not starting"
