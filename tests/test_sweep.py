@@ -38,7 +38,8 @@ def test_a_rerun_says_a_trial_is_running(tmp_path, mlflow_store, monkeypatch, ca
     import optuna
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "30")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")  # the trial asked by hand has no
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "3")  # heartbeat: the target waits out its grace
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = ["--config", "smoke", "--storage", storage, "--tracking-uri", mlflow_store()]
     assert sweep_main(["--trials", "1", *args]) == 0
@@ -47,7 +48,7 @@ def test_a_rerun_says_a_trial_is_running(tmp_path, mlflow_store, monkeypatch, ca
     assert sweep_main(["--trials", "2", *args]) == 0
     assert capsys.readouterr().out.splitlines()[1] == (
         "resuming: 1 of 2 trials finished; 1 trial is RUNNING: another worker's, or one cut off "
-        "by a kill, which is queued again once its heartbeat is 30 s old")
+        "by a kill, which is queued again once its heartbeat is 3 s old")
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ POLL_SECONDS = 1.0  # how often a worker checks that the sweep's process is stil
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NO_DEVICE = 3  # a worker's exit code where its GPU could not be used (its note says why)
 # ... where importing the caller's script again (spawn's `__mp_main__`) called vqlog.sweep again
-UNGUARDED = 4
+UNGUARDED = 87  # (not a code Python or a library exits with of its own)
 UNGUARDED_ERROR = ("each worker process imports the script that called vqlog.sweep again (as "
                    "Python's spawn does), and its top level called vqlog.sweep once more: call "
                    "it under `if __name__ == \"__main__\":`")

@@ -62,8 +62,8 @@ class TrialProgress:
         if finished >= self.total:
             self.line(f"the study has {finished} finished trial{'s' * (finished != 1)} already "
                       f"(target {self.total}): none to run")
-        elif finished or retries or running:  # (a grid may hold fewer points than are left:
-            # the closing line says so)
+        elif finished or retries:  # (a grid may hold fewer points than are left: the closing
+            # line says so). Trials RUNNING in a study with neither: workers starting together.
             one = running == 1
             self.line(f"resuming: {finished} of {self.total} trials finished" + (
                 f"; {retries} cut-off trial{' is' if retries == 1 else 's are'} queued again, to "
