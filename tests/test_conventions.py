@@ -176,7 +176,9 @@ def test_best_and_trials_agree_with_the_study_and_the_table(swept, monkeypatch, 
     assert code == 0, err
     assert out.startswith(f"best: Seq{best.number + 1} (trial {best.number})  "
                           f"final_val_mse {best.value:.4g}")
-    assert f"  lr = {best.params['lr']:.4g}" in out
+    # every digit of a float (it printed 4): pasted into --set, the trial's own configuration
+    assert f"  lr = {best.params['lr']!r}\n" in out
+    assert float(out.split("  lr = ")[1].split()[0]) == best.params["lr"]
     # a local store's page opens once `vqlog ui` serves it: the line says so (it did not)
     run_line = next(line for line in out.splitlines() if line.startswith("run:  "))
     assert run_line.startswith("run:  http://127.0.0.1:5000/#/experiments/")
@@ -316,6 +318,37 @@ def test_best_gives_no_link_to_a_deleted_run_or_experiment(swept, cli):
     finally:
         if client.get_run(run_id).info.lifecycle_stage == "deleted":
             client.restore_run(run_id)
+
+
+def test_the_restore_line_for_a_store_with_a_password_runs_as_pasted(pg_database, tmp_path):
+    """The line printed `MLFLOW_TRACKING_URI=postgresql://postgres:***@...`: pasted, mlflow
+    took *** for the password, and SQLAlchemy's default driver for a bare `postgresql://` is
+    not installed. It now leaves the password to $PGPASSWORD, names psycopg2 and is quoted."""
+    import shlex
+
+    from mlflow.tracking import MlflowClient
+
+    from vqlog.commands.best import _run_link
+    from vqlog.urls import password
+
+    uri = pg_database().replace("postgresql+psycopg2://", "postgresql://")
+    if not password(uri):  # the CI server trusts its users: any password is taken
+        head, _, rest = uri.partition("://")
+        user, _, host = rest.partition("@")
+        uri = f"{head}://{user.partition(':')[0]}:s3cr3t@{host}"
+    client = MlflowClient(tracking_uri=uri.replace("postgresql://", "postgresql+psycopg2://"))
+    exp_id = client.create_experiment("pw")
+    run_id = client.create_run(exp_id).info.run_id
+    client.delete_run(run_id)
+    line = _run_link(uri, "pw", run_id)
+    assert password(uri) not in line and "***" not in line, line
+    env_var, *command = shlex.split(line.split("`")[1])
+    name, value = env_var.split("=", 1)
+    proc = subprocess.run([str(BIN / "mlflow"), *command[1:]],
+                          env={**os.environ, name: value, "PGPASSWORD": password(uri)},
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert client.get_run(run_id).info.lifecycle_stage == "active"
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(swept, tmp_path):

@@ -41,7 +41,8 @@ def best_command(args: argparse.Namespace) -> int:
     for key, value in best.params.items():
         if isinstance(value, bool):  # BN: yes or no, as a spec and --set write it
             value = "yes" if value else "no"
-        print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
+        # every digit: `--set lr=...` pasted from here trains the trial's own configuration
+        print(f"  {key} = {value!r}" if isinstance(value, float) else f"  {key} = {value}")
     if link:
         print(f"run:  {link}")
     return 0
@@ -66,8 +67,14 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
     exp = client.get_experiment_by_name(study)
     if exp is None:
         return f"{run_id} (no MLflow experiment '{study}' at {mask(uri)})"
-    # the mlflow command reads the store from MLFLOW_TRACKING_URI (it has no flag for it)
-    cli = "mlflow" if uri == "sqlite:///mlflow.db" else f"MLFLOW_TRACKING_URI={mask(uri)} mlflow"
+    import shlex
+
+    from vqlog.urls import with_psycopg2, without_password
+
+    # the mlflow command reads the store from MLFLOW_TRACKING_URI (it has no flag for it); a
+    # line to paste: quoted, and with no password (libpq reads $PGPASSWORD), not a masked one
+    cli = "mlflow" if uri == "sqlite:///mlflow.db" else \
+        f"MLFLOW_TRACKING_URI={shlex.quote(with_psycopg2(without_password(uri)))} mlflow"
     if exp.lifecycle_stage == "deleted":  # its page would open on an error
         return (f"{run_id} (the MLflow experiment '{study}' is deleted; restore it with "
                 f"`{cli} experiments restore --experiment-id {exp.experiment_id}`)")
@@ -82,10 +89,7 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
     link = ui_link(uri, exp.experiment_id, run_id)
     if uri.lower().startswith(("http://", "https://")) or os.environ.get(UI_URL_ENV, "").strip():
         return link  # a server that serves it already
-    import shlex
-
     from vqlog.cli import command_name
-    from vqlog.urls import without_password
 
     return (f"{link}   (once `{command_name('vqlog')} ui --tracking-uri "
             f"{shlex.quote(without_password(uri))}` serves it)")
