@@ -221,6 +221,44 @@ sys.exit(main([*args, "/dev/stdout"]))
     assert np.array_equal(tokens, warm) and proc.stderr.startswith("tokens: "), proc.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as another user (nobody)")
+def test_a_model_file_the_user_cannot_read_is_one_error_line(request):
+    """`vqlog encode --model m.pt` on a file closed to the user said `Error: PermissionError:
+    ... (rerun with --debug)`, exit 1: zipfile's check hid why it could not look inside."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from vqlog import checkpoint
+    from vqlog.config import Config
+    from vqlog.model.vqvae import VQVAE
+
+    # in /tmp itself: pytest's folders are closed to other users, and so would the output be
+    scratch = tempfile.TemporaryDirectory(dir="/tmp", prefix="vqlog-unreadable-")
+    request.addfinalizer(scratch.cleanup)
+    tmp_path = Path(scratch.name)
+    os.chmod(tmp_path, 0o777)
+    cfg = Config(d_model=8, d_state=8, n_layers=1, embedding_dim=8, embedding_num=16, window=64,
+                 stride=64, quantizer="vq")
+    checkpoint.save(tmp_path / "m.pt", cfg, VQVAE(cfg))
+    checkpoint.save(tmp_path / "open.pt", cfg, VQVAE(cfg))
+    os.chmod(tmp_path / "m.pt", 0o600)
+    script = """
+import os, sys
+from vqlog.cli import main
+args = ["encode", "--data", "synthetic", "--model"]
+assert main([*args, "open.pt", "--out", "warm.npy"]) == 0  # every module imported while root
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(main([*args, "m.pt", "--out", "t.npy"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "Error: m.pt cannot be read: Permission denied"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "open.pt", "warm.npy"]
+
+
 @pytest.mark.parametrize("command", [
     ("train", "--save", "{out}"),
     ("table", "--study", "smoke", "--out", "{out}"),

@@ -56,6 +56,10 @@ def _torch_load(path: Path, device: str, what: str, name: str | None = None):
     name = name or str(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {name}")
+    try:
+        path.open("rb").close()  # is_zipfile says False, not why, where the file cannot be read
+    except OSError as exc:
+        raise UserError(f"{name} cannot be read: {exc.strerror or exc}") from None
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; vqlog writes no other kind
         with open(path, "rb") as f:
             kind = "a NumPy array" if f.read(6) == b"\x93NUMPY" else "not a file torch.save wrote"
