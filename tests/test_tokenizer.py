@@ -170,6 +170,48 @@ def _spec_config():
     return load_sweep("smoke").base_config()
 
 
+def test_export_takes_the_trials_own_run_not_another_of_its_number(swept, tmp_path, cli):
+    """A store that holds another study of the same name (every spec's default is `seed`) has
+    its own run of the same trial number: `vqlog export` took the latest by number, so another
+    study's weights, with this study's val MSE beside them. It takes the trial's own run."""
+    from mlflow.tracking import MlflowClient
+
+    from vqlog import checkpoint
+    from vqlog.config import Config
+    from vqlog.model.vqvae import VQVAE
+
+    best = best_of(swept.trials)
+    client = MlflowClient(tracking_uri=swept.uri)
+    exp = client.get_experiment_by_name("tok")
+    other = Config(d_model=8, d_state=8, n_layers=1, embedding_dim=8, embedding_num=24, window=64,
+                   stride=64, quantizer="vq")
+    checkpoint.save(tmp_path / "model.pt", other, VQVAE(other))
+    run_id = client.create_run(exp.experiment_id, tags={
+        "vqlog.role": "trial", "optuna.trial_number": str(best.number),
+        "optuna.state": "COMPLETE"}).info.run_id
+    try:
+        client.log_artifact(run_id, str(tmp_path / "model.pt"), "model")
+        client.set_terminated(run_id, "FINISHED")
+        code, out, err = cli("export", "--study", "tok", *swept.common, "--out",
+                             str(tmp_path / "m.pt"))
+        assert code == 0, err
+        cfg, _ = checkpoint.load(tmp_path / "m.pt")
+        assert cfg.embedding_num == best.params["embedding_num"] != 24
+    finally:
+        client.delete_run(run_id)
+
+
+def test_export_of_a_trial_of_an_empty_study_says_it_has_none(tmp_path, cli):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(study_name="bare", storage=storage)
+    code, _, err = cli("export", "--study", "bare", "--storage", storage, "--trial", "0",
+                       "--out", str(tmp_path / "m.pt"))
+    assert code == 2 and "has no trial 0 (Seq1); it has no trial yet" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db"]
+
+
 def test_a_complete_trial_whose_weights_were_deleted_says_so(swept, tmp_path, cli):
     """The best trial's model.pt deleted from the artifact store (by hand, a cleanup job): the
     error said only COMPLETE trials keep weights, of a trial that is COMPLETE."""
@@ -241,6 +283,9 @@ def test_the_registered_model_is_an_mlflow_model_that_mlflows_loader_takes(swept
     assert tokenizer.metadata.metadata["vqlog.config"]["lr"] == best.params["lr"]
     with pytest.raises(mlflow.exceptions.MlflowException, match="does not match"):
         tokenizer.predict(windows[:, :-1])  # the signature holds the window
+    # no rows: none back, as the signature's -1 allows (the FFT raised "MKL FFT error")
+    empty = tokenizer.predict(windows[:0])
+    assert empty.dtype == np.int64 and empty.shape == (0, tokens.shape[1])
 
 
 def test_best_moves_to_a_new_studys_trial_of_the_same_number(tmp_path, mlflow_store):
@@ -270,7 +315,7 @@ def test_weights_that_make_no_mlflow_model_still_move_best(tmp_path, mlflow_stor
     from vqlog.tracking.artifacts import register_best
 
     client = MlflowClient(tracking_uri=mlflow_store())
-    experiment = client.create_experiment("odd")
+    experiment = client.create_experiment("odd", artifact_location=(tmp_path / "a").as_uri())
     odd, bare = (client.create_run(experiment, run_name=f"Seq{i}").info.run_id for i in (1, 2))
     (tmp_path / "model.pt").write_bytes(b"not a model")
     client.log_artifact(odd, str(tmp_path / "model.pt"), "model")
@@ -280,3 +325,34 @@ def test_weights_that_make_no_mlflow_model_still_move_best(tmp_path, mlflow_stor
         assert version.run_id == run_id and version.source.endswith(f"{run_id}/artifacts/model")
     assert "odd@best is registered without its MLflow Model (" in caplog.text
     assert "is not a vqlog checkpoint" in caplog.text
+
+
+def test_a_model_without_a_quantizer_gets_no_tokenizer_but_keeps_best(tmp_path, mlflow_store,
+                                                                       caplog):
+    """The `baseline` spec's best trial (quantizer none) was registered as an MLflow Model whose
+    predict always failed ("the model has no quantizer"). It makes no tokens: its version is
+    the run's model/ folder, which `vqlog export` reads, with no warning."""
+    from mlflow.tracking import MlflowClient
+
+    from vqlog import checkpoint
+    from vqlog.config import Config
+    from vqlog.model.vqvae import VQVAE
+    from vqlog.tracking.artifacts import register_best
+
+    client = MlflowClient(tracking_uri=mlflow_store())
+    experiment = client.create_experiment("plain", artifact_location=(tmp_path / "a").as_uri())
+    runs = {}
+    for quantizer in ("none", "vq"):
+        cfg = Config(d_model=8, d_state=8, n_layers=1, embedding_dim=8, embedding_num=16,
+                     window=64, stride=64, quantizer=quantizer)
+        checkpoint.save(tmp_path / quantizer / "model.pt", cfg, VQVAE(cfg))
+        runs[quantizer] = client.create_run(experiment).info.run_id
+        client.log_artifact(runs[quantizer], str(tmp_path / quantizer / "model.pt"), "model")
+    for number, quantizer in enumerate(("none", "vq")):
+        assert register_best(client, "plain", runs[quantizer], number)
+        version = client.get_model_version_by_alias("plain", "best")
+        folder = "model" if quantizer == "none" else "tokenizer"
+        assert version.source.endswith(f"{runs[quantizer]}/artifacts/{folder}"), version.source
+        names = {a.path for a in client.list_artifacts(runs[quantizer])}
+        assert ("tokenizer" in names) == (quantizer == "vq"), names
+    assert "registered without" not in caplog.text

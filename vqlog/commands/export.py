@@ -48,6 +48,7 @@ def export_command(args: argparse.Namespace) -> int:
     from vqlog.study.worker import best_trial
     from vqlog.tracking.artifacts import trial_runs, weights_of_run
     from vqlog.tracking.client import existing_store, open_client
+    from vqlog.tracking.lineage import RUN_ID
     from vqlog.tracking.rows import run_name
 
     out = check_out_file(args.out, "--out", "model.pt")
@@ -60,8 +61,8 @@ def export_command(args: argparse.Namespace) -> int:
         if trial is None:
             raise UserError(f"study '{args.study}' has no COMPLETE trial yet: nothing to export")
     elif number >= len(trials):
-        raise UserError(f"study '{args.study}' has no trial {number} ({run_name(number)}); "
-                        f"its trials are 0..{len(trials) - 1}")
+        held = f"its trials are 0..{len(trials) - 1}" if trials else "it has no trial yet"
+        raise UserError(f"study '{args.study}' has no trial {number} ({run_name(number)}); {held}")
     else:
         trial = trials[number]
     name = f"{run_name(trial.number)} (trial {trial.number}) of study '{args.study}'"
@@ -72,12 +73,19 @@ def export_command(args: argparse.Namespace) -> int:
     if exp is None:
         raise UserError(f"no MLflow experiment '{args.study}' at {client.describe}; pass the "
                         "--tracking-uri the sweep used")
-    runs = [r for r in trial_runs(client, exp.experiment_id, trial.number)
-            if r.data.tags.get("optuna.state") == "COMPLETE"]
-    if not runs:
-        raise UserError(f"{name} has no MLflow run with weights at {client.describe}")
+    # The run the trial names (its mlflow.run_id), as `vqlog best` and the registered model
+    # take it; by number only for a trial that names none. By number alone, a store holding
+    # another study of the same name (every spec's default is `seed`) gave that study's weights.
+    run_ids = [r.info.run_id for r in trial_runs(client, exp.experiment_id, trial.number)
+               if r.data.tags.get("optuna.state") == "COMPLETE"]
+    named = trial.user_attrs.get(RUN_ID)
+    if named is not None:
+        run_ids = [named] if named in run_ids else []
+    if not run_ids:
+        raise UserError(f"{name} has no MLflow run with weights at {client.describe}"
+                        + ("; pass the --tracking-uri the sweep used" if named else ""))
     with tempfile.TemporaryDirectory(prefix="vqlog-export-") as folder:
-        path = weights_of_run(client, runs[0].info.run_id, folder, name)
+        path = weights_of_run(client, run_ids[0], folder, name)
         # a model file that loads, before anything is written; named as the user knows it
         cfg, _ = checkpoint.load(path, name=f"the weights file of {name}")
         with open(path, "rb") as src:

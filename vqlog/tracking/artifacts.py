@@ -142,7 +142,7 @@ def register_best(client, study: str, run_id: str, number: int) -> bool:
         try:
             weights = _download(client, run_id, WEIGHTS, folder)
             if weights is not None:
-                source = log_tokenizer(client, run_id, weights)
+                source = log_tokenizer(client, run_id, weights) or source
         except TrackingUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - a full disk, an odd file: the alias moves

@@ -22,9 +22,10 @@ import numpy as np
 FOLDER = "tokenizer"  # the run's artifact folder that holds the MLflow Model
 
 
-def log_tokenizer(client, run_id: str, weights: Path) -> str:
+def log_tokenizer(client, run_id: str, weights: Path) -> str | None:
     """Save `weights` (a vqlog model file) as an MLflow Model and log it as the run's `tokenizer/`;
-    returns its artifact URI, a model version's source."""
+    returns its artifact URI, a model version's source. None, and nothing logged, for a model
+    without a quantizer (the `baseline` spec's): it makes no tokens, so no tokenizer."""
     import mlflow.pyfunc
     import torch
     from mlflow.models import ModelSignature
@@ -35,6 +36,8 @@ def log_tokenizer(client, run_id: str, weights: Path) -> str:
 
     with torch.random.fork_rng(devices=[]):  # building the model draws: not from the caller's
         cfg, _ = load(weights)  # checked: a version must load
+    if cfg.quantizer == "none":
+        return None
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.window))]),
                                outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, cfg.codes_per_window))]))
     with tempfile.TemporaryDirectory(prefix="vqlog-model-") as folder:
@@ -62,7 +65,10 @@ class Tokenizer:
         """The (n, T) int64 codes of (n, window) float32 windows (the signature checks them)."""
         from vqlog.train import encode
 
-        return encode(self.model, np.asarray(model_input, dtype=np.float32)).tokens
+        windows = np.asarray(model_input, dtype=np.float32)
+        if len(windows) == 0:  # the signature takes any number of rows; the FFT takes no empty batch
+            return np.zeros((0, self.config.codes_per_window), dtype=np.int64)
+        return encode(self.model, windows).tokens
 
 
 def _load_pyfunc(data_path: str) -> Tokenizer:  # the name MLflow's loader_module protocol calls
