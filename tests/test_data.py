@@ -131,6 +131,22 @@ def test_a_blank_line_in_one_csv_column_is_a_missing_sample_not_a_dropped_one(tm
         load_source(str(path), sample_rate=100, channel="PLETH")
 
 
+@pytest.mark.parametrize("header, row", [("ppg", "{v}"), ("time,ppg", "{i},{v}")])
+def test_a_blank_line_is_a_missing_sample_with_channel_too(tmp_path, header, row):
+    """With --channel a CSV went through pandas' defaults, which skip blank lines: one blank
+    line in the middle joined the signal across it, exit 0, where without --channel it is an
+    Error. Blank lines after the last row are still no samples."""
+    lines = [row.format(i=i, v=f"{v:.6f}") for i, v in enumerate(np.sin(np.arange(600) / 7.0))]
+    path = tmp_path / "gap.csv"
+    path.write_text("\n".join([header, *lines[:300], "", *lines[300:]]) + "\n\n")
+    with pytest.raises(DataError, match=r"gap.csv:ppg: 1 of 601 samples are NaN or Inf \(first "
+                                        r"at sample 300\)"):
+        load_source(str(path), sample_rate=100, channel="ppg")
+    path.write_text("\n".join([header, *lines]) + "\n\n\n")
+    (rec,) = load_source(str(path), sample_rate=100, channel="ppg")
+    assert rec.signal.size == 600
+
+
 def test_parquet_list_column_is_one_signal_per_row(tmp_path):
     path = tmp_path / "lists.parquet"
     pd.DataFrame({"signal": [SIGNAL, SIGNAL[:30] * 2]}).to_parquet(path)
