@@ -246,3 +246,28 @@ def test_searched_downsample_suits_a_fixed_window(tmp_path):
     for _ in range(4):
         cfg = spec.suggest(study.ask())
         assert cfg.window == 90 and cfg.downsample in (1, 2)
+
+
+def test_data_given_again_keeps_the_specs_rate_and_channel(tmp_path, monkeypatch):
+    """`vqlog-sweep --config my.yaml --data sig.npy`, where my.yaml says `data: {source: sig.npy,
+    sample_rate: 125}`: the spec's rate was dropped with its source, and the sweep stopped on
+    "sample rate unknown; ... or give it in the spec". The spec's own source given again keeps
+    its rate and channel (flags over them); another source takes neither."""
+    import numpy as np
+    import yaml
+
+    from vqlog.api import study_spec
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "sig.npy", np.zeros(10))
+    np.save(tmp_path / "other.npy", np.zeros(10))
+    raw = yaml.safe_load(resolve_spec_path("smoke").read_text())
+    raw["data"] = {"source": "sig.npy", "sample_rate": 125, "channel": "ppg"}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(raw))
+    for given in ("sig.npy", str(tmp_path / "sig.npy"), "./sig.npy"):
+        spec = study_spec("my.yaml", data=given)
+        assert (spec.source, spec.sample_rate, spec.channel) == ("sig.npy", 125, "ppg"), given
+    spec = study_spec("my.yaml", data="sig.npy", sample_rate=100, channel="1")
+    assert (spec.sample_rate, spec.channel) == (100, "1")
+    spec = study_spec("my.yaml", data="other.npy")
+    assert (spec.source, spec.sample_rate, spec.channel) == ("other.npy", None, None)

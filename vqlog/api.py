@@ -74,14 +74,21 @@ def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str |
     changes = {}
     if study:
         changes["name"] = study
-    if data:
-        changes.update(source=data, sample_rate=sample_rate, channel=channel)
-    else:
+    if data and not _same_source(data, spec.source):  # another source: the spec's rate and
+        changes.update(source=data, sample_rate=sample_rate, channel=channel)  # channel are not its
+    else:  # the spec's own source (given again): its rate and channel hold, the flags over them
         if sample_rate is not None:
             changes["sample_rate"] = sample_rate
         if channel is not None:
             changes["channel"] = channel
     return dataclasses.replace(spec, **changes)
+
+
+def _same_source(data: str, source: str) -> bool:
+    """Whether `--data` names the spec's own source (the same name, or the same file)."""
+    from vqlog.cli import same_file
+
+    return data == source or same_file(data, source)
 
 
 def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en"):
