@@ -463,3 +463,24 @@ def test_bad_arguments_name_the_key():
         make_splits([ramp(400)], window=10, stride=0)
     with pytest.raises(DataError, match="no recordings"):
         make_splits([], window=10, stride=10)
+
+
+def test_a_worker_reads_its_data_once_and_keeps_the_last_variants_only(tmp_path):
+    """A space that searched `stride` or `resample_hz` as a range made a new variant of the
+    windows almost every trial: each read the file again and was kept for the worker's life."""
+    import dataclasses
+
+    from vqlog.data import DataCache
+
+    path = tmp_path / "sig.npy"
+    np.save(path, np.sin(np.arange(20_000) / 7.0))
+    cache = DataCache(str(path), 100.0)
+    cfg = Config(window=64, resample_hz=None)
+    first = cache.get(dataclasses.replace(cfg, stride=64))
+    np.save(path, np.sin(np.arange(40_000) / 7.0))  # read once: the sweep's data stays its own
+    half = cache.get(dataclasses.replace(cfg, stride=32))
+    assert len(half.train) == 2 * len(first.train) - 1, (len(half.train), len(first.train))
+    kept = {stride: cache.get(dataclasses.replace(cfg, stride=stride)) for stride in range(40, 40 + 12)}
+    assert len(cache._cache) == DataCache.KEEP
+    assert cache.get(dataclasses.replace(cfg, stride=51)) is kept[51]  # the last ones stay
+    assert cache.get(dataclasses.replace(cfg, stride=40)) is not kept[40]  # the first made room

@@ -237,22 +237,34 @@ def digest(recordings: list[Recording]) -> str:
 
 
 class DataCache:
-    """Windows depend on a few config keys only: each variant is prepared once per worker."""
+    """Windows depend on a few config keys only: each variant is prepared once per worker, and
+    the source is read once (once per seed for the synthetic pulses). The KEEP variants used
+    last are kept: a space that searches `resample_hz` or `stride` as a range makes a new one
+    almost every trial, and kept them all, a copy of the data each, for the worker's life."""
 
     KEYS = ("window", "stride", "resample_hz", "standardize", "seed")  # seed: synthetic data
+    KEEP = 8  # variants; a categorical space's few windows and rates all stay
 
     def __init__(self, source: str, sample_rate: float | None, channel: str | None = None):
         self.source, self.sample_rate, self.channel = source, sample_rate, channel
-        self._cache: dict[tuple, Splits] = {}
+        self._cache: dict[tuple, Splits] = {}  # least recently used first
+        self._read: tuple[int | None, list] | None = None  # (seed, recordings) of the last read
         self._digest: str | None = None
 
     def get(self, cfg: Config) -> Splits:
         key = tuple(getattr(cfg, k) for k in self.KEYS)
-        if key not in self._cache:
-            recordings = load_source(self.source, self.sample_rate, cfg.seed, self.channel)
-            if self._digest is None:
-                self._digest = digest(recordings)
-            self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel, recordings)
+        if key in self._cache:
+            self._cache[key] = self._cache.pop(key)  # used last
+            return self._cache[key]
+        seed = cfg.seed if self.source == "synthetic" else None  # a file is the same every seed
+        if self._read is None or self._read[0] != seed:
+            self._read = (seed, load_source(self.source, self.sample_rate, cfg.seed, self.channel))
+        recordings = self._read[1]
+        if self._digest is None:
+            self._digest = digest(recordings)
+        self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel, recordings)
+        while len(self._cache) > self.KEEP:
+            del self._cache[next(iter(self._cache))]
         return self._cache[key]
 
     def identity(self) -> dict:
