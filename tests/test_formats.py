@@ -260,6 +260,9 @@ BAD = {  # name: (arguments after --data, fragment of the one Error line)
     "too short": (["{f}/short", "--channel", "PPG"], "has no windows"),
     "own rate": (["{f}/ppg2", "--channel", "PPG", "--sample-rate", "50"], "carries its own sample rate"),
     "edf channel": (["{f}/ppg.edf", "--channel", "9"], "no channel '9'"),
+    "not a digit": (["{f}/ppg.edf", "--channel", "²"], "no channel '²'"),  # isdigit, not int
+    "no extension": (["{f}/x", "--sample-rate", "50"],  # was "its header x.hea is missing"
+                     "data file not found: {f}/x; did you mean {f}/x.npy?"),
     "npy channel": (["{f}/x.npy", "--sample-rate", "50", "--channel", "0"], "not of a .npy array"),
     "npy columns": (["{f}/cols.npy", "--sample-rate", "50"],
                     "if its columns are channels, save one as a 1-D array (np.save(path, x[:, k]))"),

@@ -2,8 +2,9 @@
 
 `make_splits` cuts each recording into contiguous blocks (first 80% train, 10% valid, 10% test)
 *before* windowing, so no window straddles two splits. Resampling runs on the whole recording
-first, so the anti-aliasing filter sees ~10 samples across each block edge (negligible next to a
-window). At window=256, 50 Hz, ppg/data (24.8 s) is too short for valid/test windows and feeds
+first, so the anti-aliasing filter sees across each block edge: about 10 input samples, which
+is 10 output samples or fewer when the rate goes down and 10 x up/down when it goes up (50 at
+10 Hz taken to 50 Hz: 1 s, a fifth of a 256-sample window). At window=256, 50 Hz, ppg/data (24.8 s) is too short for valid/test windows and feeds
 train only; such gaps are listed in `info["dropped"]`. The recordings come from `vqlog.sources`.
 """
 

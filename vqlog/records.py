@@ -39,7 +39,7 @@ def pick_channel(names: list[str], channel: str | None, where: str) -> int:
     channel = str(channel)  # an int index from Python
     if channel in names:
         return names.index(channel)
-    if channel.strip().isdigit() and int(channel) < len(names):
+    if channel.strip().isdigit() and channel.isascii() and int(channel) < len(names):  # not "²"
         return int(channel)
     raise DataError(f"{where}: no channel {channel!r}; its channels are {listing}")
 

@@ -16,6 +16,7 @@ non-constant, at its own sample rate.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -219,7 +220,12 @@ def _resolve(source: str) -> Path:
         raise DataError(f"data file not found: {source}{where}; check the path")
     if not path.parent.is_dir():  # a WFDB record's path, or a typo, in a folder that is not there
         raise DataError(f"data source {source}: no folder {path.parent}{where}; check the path")
-    if any(path.parent.glob(f"{path.name}.*")):
+    beside = sorted(p.name for p in path.parent.glob(f"{glob.escape(path.name)}.*"))
+    data_files = [name for name in beside if Path(name).suffix.lower() in suffixes]
+    if data_files:  # `--data sig` for sig.npy: a name without its extension
+        raise DataError(f"data file not found: {source}{where}; did you mean "
+                        f"{' or '.join(str(path.parent / name) for name in data_files[:3])}?")
+    if beside:  # a record's signal files (100.dat), without its header
         raise DataError(f"WFDB record {source}: its header {source}.hea is missing; give the "
                         "record's path without extension, beside its .hea and signal files")
     if path.suffix or len(path.parts) > 1:  # a path, not a source's name: a missing file
