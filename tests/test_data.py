@@ -142,9 +142,16 @@ def test_a_blank_line_is_a_missing_sample_with_channel_too(tmp_path, header, row
     with pytest.raises(DataError, match=r"gap.csv:ppg: 1 of 601 samples are NaN or Inf \(first "
                                         r"at sample 300\)"):
         load_source(str(path), sample_rate=100, channel="ppg")
-    path.write_text("\n".join([header, *lines]) + "\n\n\n")
+    path.write_text("\n".join([header, *lines[:300], "   ", *lines[300:]]) + "\n")  # spaces
+    with pytest.raises(DataError, match=r"1 of 601 samples are NaN or Inf \(first at sample 300"):
+        load_source(str(path), sample_rate=100, channel="ppg")
+    path.write_text("\n\n" + "\n".join([header, *lines]) + "\n\n  \n\n")
     (rec,) = load_source(str(path), sample_rate=100, channel="ppg")
     assert rec.signal.size == 600
+    nan = row.format(i=600, v="nan")  # a missing sample written as such, last: still reported
+    path.write_text("\n".join([header, *lines, nan]) + "\n")
+    with pytest.raises(DataError, match=r"1 of 601 samples are NaN or Inf \(first at sample 600"):
+        load_source(str(path), sample_rate=100, channel="ppg")
 
 
 def test_parquet_list_column_is_one_signal_per_row(tmp_path):

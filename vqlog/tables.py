@@ -33,31 +33,34 @@ def read_column(path: Path, channel: str) -> tuple[np.ndarray, str]:
     try:
         # A CSV's header row needs a non-numeric cell, as in _read_csv: pandas would take a first
         # row of numbers for the column names and drop that sample.
-        # A blank line is a row of NaN, as in _read_csv: pandas skips it by default, which
-        # joined the signal across the gap; blank lines before the first row or after the
-        # last are dropped.
+        header = bool(column_names(path))
         df = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
-              else pd.read_csv(path, header="infer" if column_names(path) else None,
-                               skip_blank_lines=False, skiprows=_blank_lines_first(path)))
+              else pd.read_csv(path, header="infer" if header else None))
+        gaps = [] if path.suffix.lower() == ".parquet" else _blank_rows(path, header)
     except (OSError, ValueError, ImportError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read as a table ({why(exc)})") from None
-    if path.suffix.lower() != ".parquet":
-        filled = np.flatnonzero(df.notna().any(axis=1).to_numpy())
-        df = df.iloc[filled[0]: filled[-1] + 1] if filled.size else df.iloc[:0]
     index = records.pick_channel([str(c) for c in df.columns], channel, str(path))
     column = df.iloc[:, index]
     if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
         raise DataError(f"{path}: column {column.name!r} is {column.dtype}, not numeric")
-    return column.to_numpy(np.float64, na_value=np.nan), str(column.name)
+    values = column.to_numpy(np.float64, na_value=np.nan)
+    # pandas skips blank lines, which joined the signal across them: each is a missing sample
+    # (NaN, reported), as in _read_csv
+    return np.insert(values, gaps, np.nan) if gaps else values, str(column.name)
 
 
-def _blank_lines_first(path: Path) -> int:
-    """How many blank lines come before a CSV's first row (its header, where it has one)."""
+def _blank_rows(path: Path, header: bool) -> list[int]:
+    """Where the blank lines between a CSV's first number and its last stand among its rows of
+    data (the index of the row each comes before); blank lines outside them are none."""
+    gaps, rows, pending = [], -1 if header else 0, 0  # rows of data so far; blank lines since
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for count, line in enumerate(f):
-            if line.strip():
-                return count
-    return 0
+        for line in f:
+            if not line.strip():
+                pending += rows > 0
+                continue
+            gaps += [rows] * pending
+            rows, pending = rows + 1, 0
+    return gaps
 
 
 def column_names(path: Path | str) -> list[str]:
