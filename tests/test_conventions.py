@@ -342,6 +342,7 @@ def test_the_restore_line_for_a_store_with_a_password_runs_as_pasted(pg_database
     client.delete_run(run_id)
     line = _run_link(uri, "pw", run_id)
     assert password(uri) not in line and "***" not in line, line
+    assert line.endswith("` (with the password in $PGPASSWORD))"), line
     env_var, *command = shlex.split(line.split("`")[1])
     name, value = env_var.split("=", 1)
     proc = subprocess.run([str(BIN / "mlflow"), *command[1:]],

@@ -271,3 +271,8 @@ def test_data_given_again_keeps_the_specs_rate_and_channel(tmp_path, monkeypatch
     assert (spec.sample_rate, spec.channel) == (100, "1")
     spec = study_spec("my.yaml", data="other.npy")
     assert (spec.source, spec.sample_rate, spec.channel) == ("other.npy", None, None)
+    # a WFDB record's path names no file of its own (rec/100.hea, rec/100.dat)
+    raw["data"] = {"source": "rec/100", "channel": "PLETH"}
+    (tmp_path / "rec.yaml").write_text(yaml.safe_dump(raw))
+    for given in ("./rec/100", str(tmp_path / "rec" / "100"), "rec/../rec/100"):
+        assert study_spec("rec.yaml", data=given).channel == "PLETH", given

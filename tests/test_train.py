@@ -275,3 +275,14 @@ def test_summary_of_no_evaluations_is_nan(tiny):
                 "final_val_perplexity", "loss_oscillation"):
         assert math.isnan(s[key]), key
     assert s["iterations_run"] == 0.0
+
+
+@pytest.mark.parametrize("device", ["cuda:²", "cuda:x", "cpu:0", "gpu"])
+def test_a_device_that_is_not_one_is_a_user_error(device):
+    """`cuda:²` passed str.isdigit and failed in int(): ValueError, exit 1."""
+    from vqlog.api import placed_gpus
+    from vqlog.train import resolve_device
+
+    with pytest.raises(UserError, match=f"--device must be auto, cpu or cuda, got '{device}'"):
+        resolve_device(device)
+    assert placed_gpus(device, None) is None

@@ -86,9 +86,14 @@ def study_spec(config: str = DEFAULT_SPEC, study: str | None = None, data: str |
 
 def _same_source(data: str, source: str) -> bool:
     """Whether `--data` names the spec's own source (the same name, or the same file)."""
+    from pathlib import Path
+
     from vqlog.cli import same_file
 
-    return data == source or same_file(data, source)
+    def where(name: str) -> Path:  # a WFDB record's path names no file: compared as a path
+        return Path(name).expanduser().resolve()
+
+    return data == source or where(data) == where(source) or same_file(data, source)
 
 
 def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en"):
@@ -142,7 +147,7 @@ def placed_gpus(device: str, gpus: list[int] | None) -> list[int] | None:
     """The GPUs the workers take: `gpus`, else GPU k for device "cuda:k" (every worker there, as
     the one worker of a plain run would be), else None (every visible GPU, or the CPU)."""
     kind, _, index = str(device).partition(":")
-    if not gpus and kind == "cuda" and index.isdigit():
+    if not gpus and kind == "cuda" and index.isdigit() and index.isascii():
         return [int(index)]
     return gpus
 

@@ -2,9 +2,10 @@
 
 `make_splits` cuts each recording into contiguous blocks (first 80% train, 10% valid, 10% test)
 *before* windowing, so no window straddles two splits. Resampling runs on the whole recording
-first, so the anti-aliasing filter sees across each block edge: about 10 input samples, which
-is 10 output samples or fewer when the rate goes down and 10 x up/down when it goes up (50 at
-10 Hz taken to 50 Hz: 1 s, a fifth of a 256-sample window). At window=256, 50 Hz, ppg/data (24.8 s) is too short for valid/test windows and feeds
+first, so the anti-aliasing filter (scipy's resample_poly: 10 x max(up, down) taps each side at
+the upsampled rate) sees across each block edge: about 10 output samples when the rate goes
+down (50 input samples from 125 Hz to 25 Hz), 10 x up/down when it goes up (50 from 10 Hz to
+50 Hz: 1 s, a fifth of a 256-sample window). At window=256, 50 Hz, ppg/data (24.8 s) is too short for valid/test windows and feeds
 train only; such gaps are listed in `info["dropped"]`. The recordings come from `vqlog.sources`.
 """
 
@@ -237,14 +238,19 @@ def digest(recordings: list[Recording]) -> str:
     return h.hexdigest()
 
 
+def _nbytes(splits: Splits) -> int:
+    return splits.train.nbytes + splits.valid.nbytes + splits.test.nbytes
+
+
 class DataCache:
     """Windows depend on a few config keys only: each variant is prepared once per worker, and
-    the source is read once (once per seed for the synthetic pulses). The KEEP variants used
-    last are kept: a space that searches `resample_hz` or `stride` as a range makes a new one
-    almost every trial, and kept them all, a copy of the data each, for the worker's life."""
+    the source is read once (once per seed for the synthetic pulses). The variants used last
+    are kept, up to KEEP_BYTES of windows: a space that searches `resample_hz` or `stride` as a
+    range makes a new one almost every trial, and kept them all, a copy of the data each, for
+    the worker's life."""
 
     KEYS = ("window", "stride", "resample_hz", "standardize", "seed")  # seed: synthetic data
-    KEEP = 8  # variants; a categorical space's few windows and rates all stay
+    KEEP_BYTES = 512 * 2**20  # a categorical space's windows and rates all stay, on most data
 
     def __init__(self, source: str, sample_rate: float | None, channel: str | None = None):
         self.source, self.sample_rate, self.channel = source, sample_rate, channel
@@ -264,8 +270,8 @@ class DataCache:
         if self._digest is None:
             self._digest = digest(recordings)
         self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel, recordings)
-        while len(self._cache) > self.KEEP:
-            del self._cache[next(iter(self._cache))]
+        while len(self._cache) > 1 and sum(map(_nbytes, self._cache.values())) > self.KEEP_BYTES:
+            del self._cache[next(iter(self._cache))]  # the one used longest ago
         return self._cache[key]
 
     def identity(self) -> dict:

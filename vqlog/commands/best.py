@@ -69,15 +69,18 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
         return f"{run_id} (no MLflow experiment '{study}' at {mask(uri)})"
     import shlex
 
+    from vqlog.commands.sweep import password_note
     from vqlog.urls import with_psycopg2, without_password
 
     # the mlflow command reads the store from MLFLOW_TRACKING_URI (it has no flag for it); a
     # line to paste: quoted, and with no password (libpq reads $PGPASSWORD), not a masked one
     cli = "mlflow" if uri == "sqlite:///mlflow.db" else \
         f"MLFLOW_TRACKING_URI={shlex.quote(with_psycopg2(without_password(uri)))} mlflow"
+    note = password_note(uri).strip()  # where the password left out goes, if there was one
+    note = f" {note}" if note else ""
     if exp.lifecycle_stage == "deleted":  # its page would open on an error
         return (f"{run_id} (the MLflow experiment '{study}' is deleted; restore it with "
-                f"`{cli} experiments restore --experiment-id {exp.experiment_id}`)")
+                f"`{cli} experiments restore --experiment-id {exp.experiment_id}`{note})")
     try:
         deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"
     except MlflowException as exc:
@@ -85,7 +88,8 @@ def _run_link(uri: str, study: str, run_id: str) -> str:
             raise
         return f"{run_id} (no such run at {mask(uri)} any more: deleted for good)"
     if deleted:
-        return f"{run_id} (deleted in MLflow; restore it with `{cli} runs restore --run-id {run_id}`)"
+        return (f"{run_id} (deleted in MLflow; restore it with `{cli} runs restore --run-id "
+                f"{run_id}`{note})")
     link = ui_link(uri, exp.experiment_id, run_id)
     if uri.lower().startswith(("http://", "https://")) or os.environ.get(UI_URL_ENV, "").strip():
         return link  # a server that serves it already

@@ -224,7 +224,7 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         # space or a shell's & quoted
         shown = shlex.quote(without_password(uri))
         lines.append(f"mlflow: {command_name('vqlog')} ui --tracking-uri {shown}   "
-                     f"then open {ui}{_password_note(uri)}")
+                     f"then open {ui}{password_note(uri)}")
     dashboard = os.environ.get(DASHBOARD_URL_ENV, "").strip()
     if dashboard:  # one serves the study already (compose's dashboard service)
         lines.append(f"optuna: {mask(dashboard)}")
@@ -233,11 +233,11 @@ def summary_text(r, seconds: float, storage: str, uri: str, ui: str) -> str:
         # for psycopg (3), which vqlog does not install; psycopg2 comes with it.
         shown = shlex.quote(without_password(with_psycopg2(storage)))  # no ***: left out
         lines.append(f"optuna: {command_name('optuna-dashboard')} {shown}"
-                     f"{_password_note(storage)}")
+                     f"{password_note(storage)}")
     return "\n".join(lines)
 
 
-def _password_note(url: str) -> str:
+def password_note(url: str) -> str:
     """Where the password of a URL shown without it goes: libpq's $PGPASSWORD for PostgreSQL."""
     from vqlog.urls import with_psycopg2, without_password
 

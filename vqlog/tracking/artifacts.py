@@ -176,7 +176,7 @@ def run_of_model_uri(client, uri: str) -> tuple[str, str]:
             version = client.get_model_version_by_alias(name, alias)
         else:
             name, _, number = spec.rpartition("/")
-            if not name or not number.isdigit():
+            if not name or not (number.isdigit() and number.isascii()):
                 raise UserError(f"--model {uri}: give models:/<study>@best or models:/<study>/<version>")
             version = client.get_model_version(name, number)
     except MlflowException as exc:
