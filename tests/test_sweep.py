@@ -121,6 +121,38 @@ def test_a_grid_sweep_takes_each_point_once_and_ends_with_its_grid(tmp_path, mlf
     assert "grid: 4/6 trials finished (0 ran here" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_grid_point_a_killed_worker_left_running_is_run_again(tmp_path, mlflow_store,
+                                                                 monkeypatch, capsys):
+    """A grid whose points were all taken, one by a worker since killed: the sweep ended at
+    once, a point short, with that trial RUNNING ("grid: 3/6 trials finished"). It waits for
+    the trial's heartbeat to go stale, as for the last trials, and runs the point again."""
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")  # the trial asked by hand has no
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "6")  # heartbeat: stale 6 s after it began
+    spec = write_spec(tmp_path, "grid", sampler="grid", space={"batch": [8, 16],
+                                                               "embedding_num": [16, 32]})
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = ["--config", str(spec), "--storage", storage, "--tracking-uri", mlflow_store()]
+    assert sweep_main(["--trials", "3", *args]) == 0
+    points = {(8, 16), (8, 32), (16, 16), (16, 32)}
+    study = optuna.load_study(study_name="grid", storage=storage)
+    (left,) = points - {(t.params["batch"], t.params["embedding_num"]) for t in study.trials}
+    study.enqueue_trial({"batch": left[0], "embedding_num": left[1]})
+    trial = study.ask()  # a worker that took the last point, then was killed
+    assert (trial.suggest_categorical("batch", [8, 16]),
+            trial.suggest_categorical("embedding_num", [16, 32])) == left
+    capsys.readouterr()
+    assert sweep_main(["--trials", "6", *args]) == 0
+    trials = study_trials(storage, "grid")
+    assert {(t.params["batch"], t.params["embedding_num"]) for t in finished(trials)} == points
+    assert "RUNNING" not in states(trials)
+    out = capsys.readouterr().out
+    assert "grid: 4/6 trials finished (1 ran here" in out, out
+
+
 def test_a_spec_whose_choices_differ_from_the_study_is_one_error(tmp_path, mlflow_store,
                                                                  monkeypatch, capsys):
     """Rerunning a study with other choices for a parameter (Optuna keeps one distribution per

@@ -174,10 +174,10 @@ class Worker:
                     raise SweepError(
                         f"{self.fails_in_a_row} trials in a row failed here (last: "
                         f"{self.last_fail_reason}); check the spec and data, then rerun")
-                if finished + running < self.target and self._grid_taken():
-                    return None
-                if finished + running < self.target:
+                if finished + running < self.target and not self._grid_taken():
                     return self._db(self._ask)
+                if finished + running < self.target and not running:  # a grid's points all
+                    return None  # taken; a RUNNING one may be a killed worker's: waited for
             # The others are running the last trials: wait for them. A worker that has run none
             # says why it is quiet (after a kill, the dead worker's trial holds the target until
             # its heartbeat goes stale).
