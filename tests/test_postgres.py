@@ -81,3 +81,17 @@ def test_four_workers_stop_together_at_the_target(pg_database, tmp_path):
         for w in workers:
             w.kill()
     assert sum(1 for r in ran if r) >= 2, f"the study was not shared: {ran}"
+
+
+def test_the_study_lock_asks_the_server_to_notice_a_vanished_host(pg_database):
+    """The lock is its session's: a host that crashed or was cut off while it held the lock
+    kept it until the server's kernel gave up on the connection (2 hours by default), every
+    other worker blocked. The session sets the server's keepalives: about a minute."""
+    import sqlalchemy
+
+    from vqlog.study.storage import StudyLock
+
+    with StudyLock(pg_database(), "keepalive") as lock:
+        got = [lock._conn.execute(sqlalchemy.text(f"SHOW tcp_keepalives_{name}")).scalar()
+               for name in ("idle", "interval", "count")]
+    assert got == ["30", "10", "3"], got  # (the kernel's: 7200, 75, 9)

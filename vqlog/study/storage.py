@@ -340,6 +340,13 @@ class StudyLock:
     def _lock_pg(self) -> sqlalchemy.Connection:
         conn = self._engine.connect()
         try:
+            # The server's own keepalives on this session: the lock goes with it, and a host
+            # that crashed or was cut off holding it kept it for the kernel's default 2 hours,
+            # every other worker blocked. (SET, not a startup option, which poolers refuse.)
+            conn.execute(sqlalchemy.text(
+                "SELECT set_config('tcp_keepalives_idle', '30', false), "
+                "set_config('tcp_keepalives_interval', '10', false), "
+                "set_config('tcp_keepalives_count', '3', false)"))
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
             return conn
         except BaseException:
