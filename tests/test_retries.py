@@ -196,3 +196,17 @@ def test_queueing_a_retry_again_leaves_the_trial_it_was_given_as_it_was():
     queue_again(study, frozen)
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [retry_history(t) for t in waiting] == [[0, 1], [0, 1]]
+
+
+def test_the_best_trial_breaks_a_tie_as_the_tables_star_does():
+    """On an exact tie of val MSE the table's ★ goes to the higher perplexity, then the lower
+    number; `best_trial` (the summary, `vqlog best`, the registered model) took the lowest
+    number, so the two named different trials."""
+    from vqlog.study.worker import best_trial
+
+    study = optuna.create_study()
+    for number, perplexity in enumerate((5.0, 9.0, 9.0, None)):
+        trial = study.ask()
+        trial.set_user_attr("max_val_perplexity", perplexity)
+        study.tell(trial, 0.25)
+    assert best_trial(study).number == 1

@@ -103,7 +103,7 @@ def test_writes_results_study_md_and_publishes_it(store, tmp_path, cli):
 def test_out_dash_prints_the_table(store, tmp_path, cli):
     code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--out", "-")
     assert code == 0
-    assert out == EXPECTED_EN + "\n"  # print() adds its newline
+    assert out == EXPECTED_EN  # the file's bytes (print() added a blank line)
     assert not (tmp_path / "results").exists()
 
 
@@ -223,6 +223,19 @@ def test_an_out_that_cannot_be_written_is_one_error_line_before_any_work(store, 
     assert (code, out_, err) == (0, "table: a/b/t.md (2 trials)\n", "")
 
 
+def test_a_default_table_file_that_cannot_be_written_is_one_error_line(store, tmp_path, cli):
+    """Without --out the table goes to results/<study>.md, which was not checked: a file named
+    `results` gave `Error: FileExistsError: ...`, exit 1, after the store was read."""
+    (tmp_path / "results").write_text("")
+    code, _, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    assert (code, err) == (2, f"Error: cannot write results/alpha.md: {tmp_path}/results is not "
+                              "a folder\n")
+    (tmp_path / "results").unlink()
+    (tmp_path / "results" / "alpha.md").mkdir(parents=True)
+    code, _, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    assert code == 2 and err.startswith("Error: --out results/alpha.md is a folder"), err
+
+
 def test_missing_sqlite_store_is_an_error_and_stays_missing(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/nope.db"
@@ -267,6 +280,9 @@ def test_config_names_the_study_as_the_sweep_does(store, tmp_path, cli):
     code, out, err = cli("table", "--config", str(spec), "--study", "alpha", "--tracking-uri", store)
     assert (code, out) == (0, "table: results/alpha.md (2 trials)\n")
     code, out, err = cli("table", "--config", "nope", "--tracking-uri", store)
+    assert code == 2 and err.startswith("Error: ") and err.count("\n") == 1, err
+    # with --study too: a spec that does not load was passed over, exit 0
+    code, out, err = cli("table", "--config", "nope", "--study", "alpha", "--tracking-uri", store)
     assert code == 2 and err.startswith("Error: ") and err.count("\n") == 1, err
 
 
@@ -538,7 +554,7 @@ def test_a_second_ctrl_c_ends_the_wait_at_once():
         stop.signal(signal.SIGINT, None)
 
 
-@pytest.mark.parametrize("interval", ["0", "-1", "nan"])
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf"])
 def test_a_watch_interval_of_zero_or_less_is_refused(store, tmp_path, interval):
     proc = subprocess.run([str(Path(sys.executable).with_name("vqlog")), "table", "--watch",
                            "--interval", interval, "--study", "alpha", "--tracking-uri", store],

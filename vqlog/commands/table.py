@@ -35,7 +35,7 @@ def table_command_parser(sub) -> None:
 def table_command(args: argparse.Namespace) -> int:
     from vqlog.errors import UserError
 
-    if not args.interval > 0:
+    if not 0 < args.interval < float("inf"):  # inf: a watch that never looks again
         raise UserError(f"--interval must be a number of seconds above 0, not {args.interval:g}")
     if args.out is not None and args.out != "-":  # '' is an error, as for train's --save
         check_out_file(args.out, "--out", "table.md", make_folders=True,
@@ -44,14 +44,20 @@ def table_command(args: argparse.Namespace) -> int:
     # waited out (RetryingClient), as the sweep's own tracker does; a stop asked meanwhile ends
     # the wait.
     study = args.study  # any name: a shared store may hold studies other tools named
-    if study is None and args.config:
+    if args.config:  # checked with --study too: a spec that does not load is an error
         from vqlog.study.spec import load_sweep
 
-        study = load_sweep(args.config).name  # the study `vqlog-sweep --config` makes
+        named = load_sweep(args.config).name  # the study `vqlog-sweep --config` makes
+        study = study or named
     stop = _Stop()
     try:
         with _ended_by_signals(args.watch, stop):
             client, study = _open_study(args, study, stop)
+            if args.out is None:  # the default file, checked as --out is: before any work
+                from vqlog.tracking.table import table_path
+
+                check_out_file(str(table_path("results", study)), "--out", "table.md",
+                               make_folders=True)
             return _table_loop(args, client, study, stop)
     except KeyboardInterrupt:
         if not args.watch:
@@ -178,8 +184,8 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
         rows = cache.rows()
         text = table.render_table(rows, lang=args.lang, title=study, cache=rendered)
         if text != last:
-            if args.out == "-":
-                print(text, flush=True)
+            if args.out == "-":  # the file's bytes, as written without --out -
+                print(text, end="" if text.endswith("\n") else "\n", flush=True)
             else:
                 out = Path(args.out) if args.out else table.table_path("results", study)
                 write_text(out, text, crash_point="table.write")

@@ -362,9 +362,9 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         return None
-    if len(study.directions) > 1:
-        return min(study.best_trials, key=lambda t: t.values[0])
-    return min(done, key=lambda t: t.value)
+    return min(study.best_trials if len(study.directions) > 1 else done,  # on a tie, as the
+               key=lambda t: (t.values[0], -(t.user_attrs.get("max_val_perplexity") or 0.0),
+                              t.number))  # table's ★: the higher perplexity, the lower number
 
 
 def best_trial_info(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | None:
