@@ -148,6 +148,10 @@ def test_a_blank_line_is_a_missing_sample_with_channel_too(tmp_path, header, row
     path.write_text("\n\n" + "\n".join([header, *lines]) + "\n\n  \n\n")
     (rec,) = load_source(str(path), sample_rate=100, channel="ppg")
     assert rec.signal.size == 600
+    quoted = f'{header},note\n' + "\n".join(f'{r},"a\n\nb"' for r in lines)  # one row each
+    path.write_text(quoted + "\n")
+    (rec,) = load_source(str(path), sample_rate=100, channel="ppg")
+    assert rec.signal.size == 600 and np.isfinite(rec.signal).all()
     nan = row.format(i=600, v="nan")  # a missing sample written as such, last: still reported
     path.write_text("\n".join([header, *lines, nan]) + "\n")
     with pytest.raises(DataError, match=r"1 of 601 samples are NaN or Inf \(first at sample 600"):

@@ -93,7 +93,10 @@ def _same_source(data: str, source: str) -> bool:
     def where(name: str) -> Path:  # a WFDB record's path names no file: compared as a path
         return Path(name).expanduser().resolve()
 
-    return data == source or where(data) == where(source) or same_file(data, source)
+    try:
+        return data == source or where(data) == where(source) or same_file(data, source)
+    except RuntimeError:  # ~nosuchuser: no home to expand, so neither is the other
+        return False
 
 
 def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en"):

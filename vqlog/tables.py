@@ -37,7 +37,7 @@ def read_column(path: Path, channel: str) -> tuple[np.ndarray, str]:
         df = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
               else pd.read_csv(path, header="infer" if header else None))
         gaps = [] if path.suffix.lower() == ".parquet" else _blank_rows(path, header)
-    except (OSError, ValueError, ImportError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, ImportError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read as a table ({why(exc)})") from None
     index = records.pick_channel([str(c) for c in df.columns], channel, str(path))
     column = df.iloc[:, index]
@@ -46,16 +46,20 @@ def read_column(path: Path, channel: str) -> tuple[np.ndarray, str]:
     values = column.to_numpy(np.float64, na_value=np.nan)
     # pandas skips blank lines, which joined the signal across them: each is a missing sample
     # (NaN, reported), as in _read_csv
-    return np.insert(values, gaps, np.nan) if gaps else values, str(column.name)
+    if gaps and gaps[-1] <= values.size:  # (else rows counted otherwise than pandas did)
+        values = np.insert(values, gaps, np.nan)
+    return values, str(column.name)
 
 
 def _blank_rows(path: Path, header: bool) -> list[int]:
     """Where the blank lines between a CSV's first number and its last stand among its rows of
-    data (the index of the row each comes before); blank lines outside them are none."""
+    data (the index of the row each comes before); blank lines outside them are none. Rows as
+    the csv module reads them, so a quoted cell over several lines is one row, as for pandas."""
     gaps, rows, pending = [], -1 if header else 0, 0  # rows of data so far; blank lines since
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            if not line.strip():
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        for row in csv.reader(f):
+            # pandas skips an empty line and one of spaces, not `""` (a NaN, as pandas writes it)
+            if not row or (len(row) == 1 and row[0] and not row[0].strip(" \t")):
                 pending += rows > 0
                 continue
             gaps += [rows] * pending

@@ -261,6 +261,14 @@ def has_finished(study: optuna.Study) -> bool:
 # ------------------------------------------------------------------------------------ lock
 
 
+# The server's own TCP keepalives on a lock's session: the lock goes with the session, and a host
+# that crashed or was cut off while holding it kept it for the kernel's default 2 hours, every
+# other worker blocked. (Set in the session: poolers refuse it as a startup option.)
+KEEPALIVES = sqlalchemy.text(
+    "SELECT set_config('tcp_keepalives_idle', '30', false), "
+    "set_config('tcp_keepalives_interval', '10', false), set_config('tcp_keepalives_count', '3', false)")
+
+
 class StudyLock:
     """A lock shared by every worker of one study: a PostgreSQL advisory lock, or a file lock
     beside the SQLite file. Release when not held is a no-op.
@@ -312,6 +320,7 @@ class StudyLock:
             conn = None
             try:
                 conn = self._engine.connect()
+                conn.execute(KEEPALIVES)
                 got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"),
                                    {"k": self.key}).scalar()
             except BaseException as exc:
@@ -340,13 +349,7 @@ class StudyLock:
     def _lock_pg(self) -> sqlalchemy.Connection:
         conn = self._engine.connect()
         try:
-            # The server's own keepalives on this session: the lock goes with it, and a host
-            # that crashed or was cut off holding it kept it for the kernel's default 2 hours,
-            # every other worker blocked. (SET, not a startup option, which poolers refuse.)
-            conn.execute(sqlalchemy.text(
-                "SELECT set_config('tcp_keepalives_idle', '30', false), "
-                "set_config('tcp_keepalives_interval', '10', false), "
-                "set_config('tcp_keepalives_count', '3', false)"))
+            conn.execute(KEEPALIVES)
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
             return conn
         except BaseException:
