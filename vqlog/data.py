@@ -5,8 +5,9 @@
 first, so the anti-aliasing filter (scipy's resample_poly: 10 x max(up, down) taps each side at
 the upsampled rate) sees across each block edge: about 10 output samples when the rate goes
 down (50 input samples from 125 Hz to 25 Hz), 10 x up/down when it goes up (50 from 10 Hz to
-50 Hz: 1 s, a fifth of a 256-sample window). At window=256, 50 Hz, ppg/data (24.8 s) is too short for valid/test windows and feeds
-train only; such gaps are listed in `info["dropped"]`. The recordings come from `vqlog.sources`.
+50 Hz: 1 s, a fifth of a 256-sample window). At window=256, 50 Hz, ppg/data (24.8 s) is too
+short for valid/test windows and feeds train only; such gaps are listed in `info["dropped"]`.
+The recordings come from `vqlog.sources`.
 """
 
 from __future__ import annotations
