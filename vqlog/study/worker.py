@@ -297,12 +297,16 @@ class Worker:
     def _tell(self, trial: optuna.Trial, outcome: Outcome) -> None:
         """Optuna's record of the outcome, sent again after a lost connection: skip_if_finished
         makes a repeat of a tell that did commit harmless. Finding the trial failed when it ran
-        to the end here means another worker took this one for dead (`Outcome.lost`)."""
+        to the end here means another worker took this one for dead (`Outcome.lost`), and so
+        does a tell whose write finds the trial failed after its read had found it running."""
         if outcome.lost or isinstance(outcome.fatal, StorageOutageError):
             return  # failed already, or the database is gone (its trial goes stale, is retried)
-        frozen = self._db(lambda: self.study.tell(trial, outcome.values, state=outcome.state,
-                                                  skip_if_finished=True))
-        if frozen.state == TrialState.FAIL and outcome.state != TrialState.FAIL:
+        try:
+            state = self._db(lambda: self.study.tell(trial, outcome.values, state=outcome.state,
+                                                     skip_if_finished=True)).state
+        except optuna.exceptions.UpdateFinishedTrialError:
+            state = TrialState.FAIL  # only a stale check fails a trial another worker runs
+        if state == TrialState.FAIL and outcome.state != TrialState.FAIL:
             outcome.state, outcome.reason, outcome.lost = TrialState.FAIL, LOST_REASON, True
             if outcome.run is not None:
                 outcome.run.finish("FAIL", reason=LOST_REASON)
@@ -371,12 +375,8 @@ def best_trial_info(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | No
     best = best_trial(study)
     if best is None:
         return None
-    return {
-        "number": best.number,
-        "values": best.values,
-        "params": best.params,
-        "perplexity": best.user_attrs.get("max_val_perplexity"),
-    }
+    return {"number": best.number, "values": best.values, "params": best.params,
+            "perplexity": best.user_attrs.get("max_val_perplexity")}
 
 
 def outage_of(exc: BaseException) -> BaseException | None:
