@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from _sweep_helpers import Worker, mlflow_runs, study_trials, wait_until, write_spec
+from _sweep_helpers import (FAST_HEARTBEAT, Worker, mlflow_runs, retried_from, study_trials,
+                            wait_until, write_spec)
 
+from vqlog.study.retries import KILLS
 from vqlog.urls import with_psycopg2
 
 
@@ -79,3 +81,33 @@ def test_a_trial_failed_between_the_tells_read_and_its_write_is_lost_not_a_crash
     assert runs[0].info.status == "FAILED"
     assert runs[0].data.tags["vqlog.fail_reason"].startswith("lost: another worker")
     assert runs[1].info.status == "FINISHED"
+
+
+def test_a_stale_trial_whose_retry_the_check_did_not_queue_is_retried_by_the_next_check(tmp_path):
+    """Optuna's stale check commits FAIL for the stale trials, then calls the retry callback.
+    A worker killed in between (or whose FAIL's reply was lost) left the dead worker's trial
+    FAILed without a retry: the next worker started a new trial in its place, and the trial,
+    its checkpoint and its parameters were never run again. The next check queues the retry."""
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    spec = write_spec(tmp_path, "orphan", budget={"iteration": 6, "eval_every": 3})
+    args = ["--trials", "1", "--config", str(spec), "--storage", storage, "--tracking-uri", uri]
+
+    def run(name: str, failpoint: str | None) -> Worker:
+        env = dict(FAST_HEARTBEAT)
+        if failpoint:
+            env["VQLOG_FAILPOINT"] = failpoint
+        return Worker(args, tmp_path / name, name, env=env)
+
+    # killed with its trial RUNNING (claimed, beating), its result in MLflow only
+    assert run("first", "trial.tell").wait(240) == -signal.SIGKILL
+    # killed by its stale check after the FAIL, before the retry
+    assert run("checker", "stale.retry").wait(240) == -signal.SIGKILL
+    assert [t.state.name for t in study_trials(storage, "orphan")] == ["FAIL"]
+    last = run("last", None)
+    assert last.wait(240) == 0, last.output()
+    trials = study_trials(storage, "orphan")
+    assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "COMPLETE")]
+    assert retried_from(trials[1]) == 0 and trials[1].params == trials[0].params
+    assert trials[1].user_attrs[KILLS] == 1  # a kill, as the callback would have counted it
+    assert "1 cut-off trial is queued again" in last.stdout, last.output()
+    assert re.search(r"^Seq2\s+COMPLETE .*resumed @ 3", last.stdout, re.M)  # its checkpoint

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from vqlog.bulk import gc_paused
 from vqlog.config import grace_period
+from vqlog.failpoints import failpoint
 from vqlog.study.outage import Outage, restarted_lately, retrying
 
 log = logging.getLogger("vqlog")
@@ -50,17 +51,21 @@ def mark_stopped(trial: optuna.Trial) -> None:
         trial.set_user_attr(STOPPED, trial.number)
 
 
-def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
+def retry_killed(study: optuna.Study, trial: FrozenTrial, quiet: bool = False) -> None:
     """Optuna's stale-trial callback: queue the dead worker's trial again, unless its retry
     history already holds MAX_RETRY kills, or its worker had queued its retry already (a worker
     stopped by a signal queues the retry, then marks the trial FAIL: killed in between). Only a
     trial marked as stopped can have its retry queued already: the study's trials are read for
-    those alone, so a killed trial's check does not grow with the study."""
+    those alone, so a killed trial's check does not grow with the study. `quiet`: no warning
+    for a trial not retried again (`retry_orphans` judges it again in every process)."""
+    failpoint("stale.retry")  # Optuna has failed the trial; its retry is not queued yet
     stopped = trial.user_attrs.get(STOPPED) == trial.number
     if stopped and has_retry(study, trial.number):
         return
     kills = int(trial.user_attrs.get(KILLS, 0)) + (not stopped)
     if kills > MAX_RETRY:
+        if quiet:
+            return
         first = original_number(trial)
         log.warning("vqlog: the worker of Seq%d died with it %d times (killed, out of memory?); it "
                     "is not retried again", (trial.number if first is None else first) + 1, kills)
@@ -162,6 +167,7 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     with warnings.catch_warnings(), gc_paused():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
+        retry_orphans(study, storage)
         running = retrying(storage, lambda: study.get_trials(deepcopy=False,
                                                              states=(TrialState.RUNNING,)))
     cutoff = datetime.now() - timedelta(seconds=grace_period())
@@ -182,3 +188,33 @@ def claimed(trial: FrozenTrial) -> bool:
     """Whether a live worker has claimed this trial (a retry inherits its original's user attrs,
     claim included, hence the number)."""
     return trial.user_attrs.get(CLAIM) == trial.number
+
+
+# The FAILed trials this process has found retried, or judged not to be, by (study id, number).
+_judged: set[tuple[int, int]] = set()
+
+
+def retry_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Queue the retries that Optuna's stale check did not. It commits FAIL for every stale
+    trial first, then calls the callback (`retry_killed`) for each: a process killed in between,
+    or a FAIL whose reply was lost (sent again, it finds no stale trial), left a dead worker's
+    trial FAILed with no retry, and its checkpoint, queued row or grid point never ran again.
+
+    Such a trial was claimed by its worker, which did not fail it itself (a worker's FAIL
+    carries `fail_reason`), unless it was stopping it (marked as stopped). Each check reads the
+    FAILed trials (Optuna's cache keeps the finished ones); only where one is new to this
+    process, the study's trials are read once to find their retries."""
+    failed = retrying(storage, lambda: study.get_trials(deepcopy=False,
+                                                        states=(TrialState.FAIL,)))
+    key = retrying(storage, lambda: storage.get_study_id_from_name(study.study_name))
+    new = [t for t in failed if (key, t.number) not in _judged]
+    orphans = [t for t in new if claimed(t) and (not t.user_attrs.get("fail_reason")
+                                                 or t.user_attrs.get(STOPPED) == t.number)]
+    if orphans:
+        trials = retrying(storage, lambda: study.get_trials(deepcopy=False))
+        retried = {history[-1] for t in trials if (history := retry_history(t))}
+        for trial in (t for t in orphans if t.number not in retried):
+            # sent again after a lost reply, the retry queued the first time is found
+            retrying(storage, lambda: has_retry(study, trial.number)
+                     or retry_killed(study, trial, quiet=True))
+    _judged.update((key, t.number) for t in new)
