@@ -345,8 +345,10 @@ def test_a_lost_commit_is_never_done_twice_nor_left_behind(pg, db, monkeypatch):
     assert frozen.state == TrialState.COMPLETE and frozen.value == 0.5
     assert len(lose.tables) == 2 and all("trials" in t for t in lose.tables), lose.tables
 
-    time.sleep(8.5)  # past the grace period
     _past_a_restarts_hold(storage)
+    fail_stale_trials(study, storage)  # sees the trial the lost ask took, unclaimed
+    assert [t.state.name for t in study_trials(db, "lost")] == ["RUNNING", "COMPLETE"]
+    time.sleep(8.5)  # past the grace period
     fail_stale_trials(study, storage)  # the trial the lost ask took: failed, retried
     trials = study_trials(db, "lost")
     assert [(t.number, t.state.name) for t in trials] == [
@@ -375,8 +377,9 @@ def test_a_dead_workers_unclaimed_trial_keeps_its_retry_when_the_fails_reply_is_
     lose = _LostReplies(storage, monkeypatch)
     study = optuna.create_study(study_name="unclaimed", storage=storage)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # then killed
-    time.sleep(2.5)  # past the grace period
     _past_a_restarts_hold(storage)
+    fail_stale_trials(study, storage)  # sees it unclaimed
+    time.sleep(2.5)  # past the grace period
     lose.next(only=r"SET state=\S+, datetime_complete")  # the FAIL's commit, whose reply is lost
     fail_stale_trials(study, storage)
     assert lose.tables == [{"trials"}] and lose.n == 0  # it was lost, and sent again
@@ -384,6 +387,36 @@ def test_a_dead_workers_unclaimed_trial_keeps_its_retry_when_the_fails_reply_is_
     assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "WAITING")]
     assert retry_history(trials[1]) == [trial.number]
     assert trials[1].params == trials[0].params
+    storage.engine.dispose()
+
+
+def test_a_dead_workers_stale_trial_keeps_its_retry_when_the_fails_reply_is_lost(
+        pg, db, monkeypatch):
+    """Optuna's check for stale trials commits FAIL for each, then calls the retry callback.
+    A FAIL whose reply was lost ended that check; sent again, it found no stale trial, and the
+    dead worker's trial was left FAILed without its retry. The check now queues it, once."""
+    import optuna
+
+    from vqlog.study import storage as storage_mod
+    from vqlog.study.retries import CLAIM, KILLS, fail_stale_trials, retry_history
+
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "2")
+    storage = storage_mod.open_storage(db)
+    lose = _LostReplies(storage, monkeypatch)
+    study = optuna.create_study(study_name="stale", storage=storage)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    trial.set_user_attr(CLAIM, trial.number)  # as its worker claims it
+    storage.record_heartbeat(_trial_id(storage, "stale", trial.number))  # then it is killed
+    _past_a_restarts_hold(storage)
+    time.sleep(2.5)  # past the grace period
+    lose.next(only=r"SET state=\S+, datetime_complete")  # Optuna's FAIL, whose reply is lost
+    fail_stale_trials(study, storage)
+    assert lose.tables == [{"trials"}] and lose.n == 0  # it was lost, and sent again
+    fail_stale_trials(study, storage)  # again: nothing more to retry
+    trials = study_trials(db, "stale")
+    assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "WAITING")]
+    assert retry_history(trials[1]) == [trial.number] and trials[1].user_attrs[KILLS] == 1
     storage.engine.dispose()
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import timedelta
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from vqlog.study.retries import (KILLS, MAX_RETRY, mark_stopped, original_number, queue_again,
+from vqlog.study.retries import (CLAIM, KILLS, MAX_RETRY, mark_stopped, original_number, queue_again,
                                  report_history, retry_killed)
 from vqlog.study.spec import load_sweep
 from vqlog.study.retries import fail_stale_trials
@@ -48,8 +49,9 @@ def test_stops_do_not_count_toward_the_retry_limit_and_kills_do(tmp_path, monkey
         trial, frozen = running()
         study.tell(trial, state=TrialState.FAIL)
         queue_again(study, study.trials[trial.number])
-    for kill in range(1, MAX_RETRY + 2):  # killed: no heartbeat, no claim; the next worker's
-        trial, _ = running()              # start fails it and queues it again, to the limit
+    for kill in range(1, MAX_RETRY + 2):  # killed: no heartbeat, no claim; another worker's
+        trial, _ = running()              # check fails it and queues it again, to the limit,
+        fail_stale_trials(study, storage)  # once it has seen it unclaimed for the grace period
         time.sleep(1.5)
         fail_stale_trials(study, storage)
         waiting = study.get_trials(states=(TrialState.WAITING,))
@@ -75,6 +77,7 @@ def test_a_stop_cut_off_before_its_retry_is_queued_is_still_a_stop(tmp_path, mon
     study = optuna.create_study(study_name="cut", storage=storage)
     stopped, killed = study.ask(), study.ask()
     mark_stopped(stopped)  # then the worker is cut off; the other one is simply killed
+    fail_stale_trials(study, storage)  # another worker's check sees them unclaimed
     time.sleep(1.5)
     fail_stale_trials(study, storage)
     retries = {original_number(t): t for t in study.get_trials(states=(TrialState.WAITING,))}
@@ -85,6 +88,7 @@ def test_a_stop_cut_off_before_its_retry_is_queued_is_still_a_stop(tmp_path, mon
     queued = other.ask()
     mark_stopped(queued)  # as the worker does, first
     queue_again(other, other.trials[queued.number])
+    fail_stale_trials(other, storage)
     time.sleep(1.5)
     fail_stale_trials(other, storage)
     assert [(t.state, original_number(t)) for t in other.trials] == [
@@ -210,3 +214,37 @@ def test_the_best_trial_breaks_a_tie_as_the_tables_star_does():
         trial.set_user_attr("max_val_perplexity", perplexity)
         study.tell(trial, 0.25)
     assert best_trial(study).number == 1
+
+
+def test_an_unclaimed_trial_is_judged_by_how_long_this_host_saw_it_not_by_its_start(
+        tmp_path, monkeypatch):
+    """A trial's `datetime_start` is its asking host's local clock. A check on a host whose
+    clock was an hour ahead (another time zone) failed a live worker's trial in the moment
+    between its ask and its claim, and one whose clock was behind never failed a dead worker's
+    unclaimed trial (until its own clock caught up). Judged by how long this process has seen
+    it unclaimed, a live trial claimed meanwhile runs on, and a dead one is failed and retried
+    after the grace period, whatever the clocks."""
+    import sqlalchemy
+
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "1")
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="skewed", storage=storage)
+    live, dead = study.ask(), study.ask()
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:  # as hosts 3 hours behind and ahead of this one wrote them
+        for trial, hours in ((live, -3), (dead, 3)):
+            start = study.trials[trial.number].datetime_start + timedelta(hours=hours)
+            conn.execute(sqlalchemy.text("UPDATE trials SET datetime_start = :s WHERE number = :n"),
+                         {"s": start.isoformat(sep=" "), "n": trial.number})
+    engine.dispose()
+    fail_stale_trials(study, storage)  # the first sight of both
+    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2
+    live.set_user_attr(CLAIM, live.number)  # its worker claims it
+    time.sleep(1.5)
+    fail_stale_trials(study, storage)
+    trials = study.trials
+    assert [t.state for t in trials[:2]] == [TrialState.RUNNING, TrialState.FAIL]
+    (retry,) = trials[2:]
+    assert retry.state == TrialState.WAITING and original_number(retry) == dead.number
+    storage.engine.dispose()

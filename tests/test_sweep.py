@@ -662,8 +662,9 @@ def test_a_trial_failed_by_another_worker_before_its_claim_is_lost_not_an_error(
     trial = worker._ask()  # asked; then the database goes away for longer than the grace period
     trial_id = worker.storage.get_trial_id_from_study_id_trial_number(worker.study_id,
                                                                       trial.number)
-    time.sleep(2.5)  # SQLite keeps whole seconds
-    fail_stale_trials(worker.study, worker.storage)  # another worker, once it is back
+    fail_stale_trials(worker.study, worker.storage)  # another worker, which sees it unclaimed
+    time.sleep(2.5)  # for longer than the grace period
+    fail_stale_trials(worker.study, worker.storage)  # once the database is back
     outcome = worker._run(trial, trial_id)
     assert outcome.lost and outcome.state.name == "FAIL"
     summary = worker.run()  # and the worker goes on: the retry runs

@@ -24,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 import warnings
-from datetime import datetime, timedelta
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -150,8 +150,10 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
     its trial and its first heartbeat, or a trial created twice by a commit whose reply was lost,
     leaves a RUNNING trial without one, which nothing would ever fail, and the exact trial target
     would wait for it forever. A live worker claims its trial (user attr CLAIM) right after the
-    first beat, so a RUNNING trial without that claim, started longer than the grace period ago,
-    is failed and retried like a stale one.
+    first beat, so a RUNNING trial that this process has seen without that claim for a grace
+    period is failed and retried like a stale one. (Not by its `datetime_start`: that is the
+    asking host's local clock, which may be hours ahead of or behind this host's, in another
+    time zone or without NTP.)
 
     After an outage of a PostgreSQL storage that this process saw end, long enough for a live
     trial's last beat to reach the grace period's age (no worker can beat while the database is
@@ -163,17 +165,17 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
             and (Outage.of(storage.url).may_look_dead()
                  or retrying(storage, lambda: restarted_lately(storage))):
         return  # nobody could beat while the database was down: the live workers beat again first
+    key = (getattr(storage, "url", ""),
+           retrying(storage, lambda: storage.get_study_id_from_name(study.study_name)))
     # most often a worker's first read of the study, which loads every trial
     with warnings.catch_warnings(), gc_paused():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
-        retry_orphans(study, storage)
+        retry_orphans(study, storage, key)
         running = retrying(storage, lambda: study.get_trials(deepcopy=False,
                                                              states=(TrialState.RUNNING,)))
-    cutoff = datetime.now() - timedelta(seconds=grace_period())
-    for trial in running:
-        if claimed(trial) or trial.datetime_start is None or trial.datetime_start >= cutoff:
-            continue
+    waited = unclaimed_for(key, running)
+    for trial in (t for t in running if waited.get(t.number, 0.0) >= grace_period()):
         # The retry first, then the FAIL: a check cut off between the two (killed) leaves the
         # trial RUNNING and unclaimed, so the next check fails it and finds its retry queued; a
         # FAIL whose reply was lost, sent again, finds the trial failed, its retry queued. (No
@@ -190,11 +192,13 @@ def claimed(trial: FrozenTrial) -> bool:
     return trial.user_attrs.get(CLAIM) == trial.number
 
 
-# The FAILed trials this process has found retried, or judged not to be, by (study id, number).
-_judged: set[tuple[int, int]] = set()
+# The FAILed trials this process has found retried, or judged not to be, by ((storage URL, study
+# id), number).
+_judged: set[tuple[tuple[str, int], int]] = set()
 
 
-def retry_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+def retry_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                  key: tuple[str, int]) -> None:
     """Queue the retries that Optuna's stale check did not. It commits FAIL for every stale
     trial first, then calls the callback (`retry_killed`) for each: a process killed in between,
     or a FAIL whose reply was lost (sent again, it finds no stale trial), left a dead worker's
@@ -203,10 +207,10 @@ def retry_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> 
     Such a trial was claimed by its worker, which did not fail it itself (a worker's FAIL
     carries `fail_reason`), unless it was stopping it (marked as stopped). Each check reads the
     FAILed trials (Optuna's cache keeps the finished ones); only where one is new to this
-    process, the study's trials are read once to find their retries."""
+    process, the study's trials are read once to find their retries. `key`: the study's
+    storage URL and id."""
     failed = retrying(storage, lambda: study.get_trials(deepcopy=False,
                                                         states=(TrialState.FAIL,)))
-    key = retrying(storage, lambda: storage.get_study_id_from_name(study.study_name))
     new = [t for t in failed if (key, t.number) not in _judged]
     orphans = [t for t in new if claimed(t) and (not t.user_attrs.get("fail_reason")
                                                  or t.user_attrs.get(STOPPED) == t.number)]
@@ -218,3 +222,20 @@ def retry_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> 
             retrying(storage, lambda: has_retry(study, trial.number)
                      or retry_killed(study, trial, quiet=True))
     _judged.update((key, t.number) for t in new)
+
+
+# When this process first saw each RUNNING trial unclaimed (time.monotonic()), by ((storage URL,
+# study id), number); of a study, only the unclaimed trials of its latest check are kept.
+_unclaimed_since: dict[tuple[tuple[str, int], int], float] = {}
+
+
+def unclaimed_for(key: tuple[str, int], running: list[FrozenTrial]) -> dict[int, float]:
+    """How long this process has seen each unclaimed trial of `running` (the RUNNING trials of
+    the study `key`, as a check read them) unclaimed, by number: 0.0 at the first sight."""
+    now = time.monotonic()
+    since = {t.number: _unclaimed_since.get((key, t.number), now)
+             for t in running if not claimed(t)}
+    for old in [k for k in _unclaimed_since if k[0] == key]:
+        del _unclaimed_since[old]
+    _unclaimed_since.update({(key, number): t0 for number, t0 in since.items()})
+    return {number: now - t0 for number, t0 in since.items()}
