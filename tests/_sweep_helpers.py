@@ -228,6 +228,13 @@ class Worker:
         return f"--- {self.name} stdout\n{self.stdout}\n--- {self.name} stderr\n{self.stderr}"
 
 
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, as a failpoint NAME:N:SIGSTOP stops it): its
+    state in /proc is T."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, what: str,
                alive: list[Worker] = (), interval: float = 0.25):
     """Poll `predicate` until truthy; fail (with the workers' output) on timeout or if a worker

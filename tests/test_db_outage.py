@@ -16,7 +16,7 @@ import time
 import pytest
 from _pg_cluster import private_cluster
 from _sweep_helpers import (Worker, checkpointed_runs, finished, mlflow_runs, retried_from,
-                            states, study_trials, wait_until, write_spec)
+                            states, stopped, study_trials, wait_until, write_spec)
 
 
 @pytest.fixture(scope="module")
@@ -543,6 +543,38 @@ def test_a_worker_goes_on_through_postgresql_restarts(pg, db, tmp_path, mlflow_s
     assert f"outage: 4/4 trials finished ({ran} ran here, {ran - 4} failed)" in worker.stdout
     assert "lost the connection to the Optuna storage" in worker.stderr
     assert "lost the connection to the Optuna storage" in worker.stderr
+
+
+def test_a_restart_that_frees_the_study_lock_before_an_ask_runs_no_trial_over_the_target(
+        pg, db, tmp_path, mlflow_store):
+    """The study lock (an advisory lock) goes with its session when the server restarts. A
+    worker that had counted the trials under it, 0 of 1, then asked for the one trial after
+    another worker had taken the lock and asked for it too: two trials ran for `--trials 1`.
+    The worker finds its lock gone after the ask, counts again under the lock, and fails the
+    trial it asked for when it is one too many, unrun."""
+    import signal
+
+    spec = write_spec(tmp_path, "unlocked", budget={"iteration": 6, "eval_every": 3},
+                      pruner="none")
+    uri = mlflow_store()
+    args = ["--trials", "1", "--config", str(spec), "--storage", db, "--tracking-uri", uri]
+    first = Worker(args, tmp_path / "first", "first",
+                   env={"VQLOG_FAILPOINT": "worker.ask:1:SIGSTOP"})
+    try:
+        wait_until(lambda: stopped(first.proc.pid), 120, "the first worker to stop at its ask",
+                   alive=[first])
+        pg.restart()  # ends every session: the first worker's lock is free
+        second = Worker(args, tmp_path / "second", "second")
+        assert second.wait(240) == 0, second.output()
+        os.kill(first.proc.pid, signal.SIGCONT)
+        assert first.wait(240) == 0, first.output()
+    finally:
+        first.kill()
+    trials = study_trials(db, "unlocked")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"], first.output()
+    assert [r.data.tags["optuna.trial_number"] for r in mlflow_runs(uri, "unlocked")] == ["0"]
+    assert "unlocked: 1/1 trials finished (0 ran here" in first.stdout, first.output()
+    assert "Traceback" not in first.stderr
 
 
 def test_the_workers_parent_passes_a_stop_on_while_the_database_is_down(pg, db, tmp_path,

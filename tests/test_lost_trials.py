@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from _sweep_helpers import (FAST_HEARTBEAT, Worker, mlflow_runs, retried_from, study_trials,
-                            wait_until, write_spec)
+from _sweep_helpers import (FAST_HEARTBEAT, Worker, mlflow_runs, retried_from, stopped,
+                            study_trials, wait_until, write_spec)
 
 from vqlog.study.retries import KILLS
 from vqlog.urls import with_psycopg2
-
-
-def stopped(pid: int) -> bool:
-    """Whether the process is stopped (SIGSTOP): its state in /proc is T."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
 def waits_for_a_row_lock(engine: sqlalchemy.Engine) -> bool:

@@ -216,13 +216,11 @@ def load_data(spec, seed: int | None = None):
     the space holds: bad data is one error before the sweep says anything. Returns the
     `DataCache` for `run_sweep`, so that the data is read once."""
     from vqlog.data import DataCache
-    from vqlog.study.worker import check_data
-
     from vqlog.errors import RateError
 
     cache = DataCache(spec.source, spec.sample_rate, spec.channel)
     try:
-        check_data(spec, cache, seed)
+        cache.check(spec, seed)
     except RateError as exc:
         if exc.kind != "unknown":
             raise

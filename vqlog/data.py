@@ -275,6 +275,16 @@ class DataCache:
             del self._cache[next(iter(self._cache))]  # the one used longest ago
         return self._cache[key]
 
+    def check(self, spec, seed: int | None) -> None:
+        """Load the data for a sweep spec's base config and every categorical window of its
+        space, before any study exists."""
+        base = spec.base_config(seed)
+        self.get(base)
+        for p in spec.space:
+            if p.name in self.KEYS and p.kind == "categorical":
+                for choice in p.choices:
+                    self.get(Config.from_mapping({p.name: choice}, base=base))
+
     def identity(self) -> dict:
         """What a study records of its data (`vqlog.study.storage.DATA`): the source as given
         and the digest of its recordings; no digest for the synthetic source, which every seed

@@ -9,7 +9,7 @@ each handled before the next is sent (two SIGINTs sent from outside at once arri
 Ctrl-C pressed twice during a trial.
 
 Names: trial.eval, tracking.log, trial.tell, trial.requeue, table.write, store.open,
-worker.send, stale.retry.
+worker.send, stale.retry, worker.ask.
 """
 
 from __future__ import annotations

@@ -255,12 +255,11 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     from vqlog.study.retries import queued_retries
     from vqlog.study.retries import fail_stale_trials
     from vqlog.study.storage import StudyLock, open_study
-    from vqlog.study.worker import (FINISHED, StopRequest, SweepSummary, best_trial_info,
-                                    check_data)
+    from vqlog.study.worker import FINISHED, StopRequest, SweepSummary, best_trial_info
 
     stop = stop if stop is not None else StopRequest()
     if not data_checked:  # loaded to be checked, then dropped: the workers load their own
-        check_data(spec, DataCache(spec.source, spec.sample_rate, spec.channel), seed)
+        DataCache(spec.source, spec.sample_rate, spec.channel).check(spec, seed)
     tracker.check_experiment(spec.name)
     study, optuna_storage = open_study(spec, storage, seed)
 

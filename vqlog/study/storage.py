@@ -357,6 +357,23 @@ class StudyLock:
                 conn.close()
             raise
 
+    def lost(self) -> bool:
+        """Whether the session of a PostgreSQL lock has died since it was taken (a server
+        restart, a cut network): the server freed the lock, and another worker may hold it.
+        Such a lock is no longer held here (release() has nothing to undo)."""
+        if self._conn is None:
+            return False  # a file lock goes only with this process
+        try:
+            self._conn.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                conn.close()
+            return True
+        return False
+
     def release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

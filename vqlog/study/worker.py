@@ -27,7 +27,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from vqlog.config import Config, grace_period
+from vqlog.config import grace_period
 from vqlog.data import DataCache
 from vqlog.failpoints import failpoint
 from vqlog.errors import (StorageOutageError, SweepError, TrackingUnavailable, find_cause,
@@ -136,7 +136,7 @@ class Worker:
     def _open(self) -> None:
         """Everything that can be bad input first (the data, a deleted experiment), then the
         study, then its MLflow experiment and study run."""
-        check_data(self.spec, self.cache, self.seed)
+        self.cache.check(self.spec, self.seed)
         if self.tracker is not None:
             self.tracker.check_experiment(self.spec.name)  # before the study exists
         self.study, self.storage = open_study(self.spec, self.storage_url, self.seed,
@@ -156,17 +156,23 @@ class Worker:
     def _next_trial(self) -> optuna.Trial | None:
         """The next trial, asked for under the study lock while the finished and running trials
         fall short of the target; None when the study is done or the time is up."""
+        unheld = None  # a trial asked after the lock went with its session (a database restart)
         while not self.stop.is_set():
             with self.lock:
                 if self.stop.is_set():  # asked while this worker waited for the lock
                     break
                 fail_stale_trials(self.study, self.storage)  # a dead worker's trial: FAIL + retry
                 finished, running, oldest = self._count()
+                if unheld is not None:  # another worker may have asked meanwhile: one too many?
+                    if finished + running <= self.target:
+                        return unheld
+                    self._db(lambda: self.study.tell(unheld, state=TrialState.FAIL,
+                                                     skip_if_finished=True))
+                    (finished, running, oldest), unheld = self._count(), None
                 self.progress.update(finished)
                 if finished >= self.target:
                     return None
-                # from when the sweep began: a worker of --workers started late, or in a dead
-                # one's place, stops with the others
+                # from the sweep's start: a worker of --workers started late stops with the rest
                 if self.timeout is not None and time.time() - self.began.timestamp() > self.timeout:
                     self.summary.timed_out = True
                     return None
@@ -175,7 +181,10 @@ class Worker:
                         f"{self.fails_in_a_row} trials in a row failed here (last: "
                         f"{self.last_fail_reason}); check the spec and data, then rerun")
                 if finished + running < self.target and not self._grid_taken():
-                    return self._db(self._ask)
+                    unheld = self._db(self._ask)
+                    if not self.lock.lost():
+                        return unheld
+                    continue  # counted again under the lock
                 if finished + running < self.target and not running:  # a grid's points all
                     return None  # taken; a RUNNING one may be a killed worker's: waited for
             # The others are running the last trials: wait for them. A worker that has run none
@@ -209,6 +218,7 @@ class Worker:
         while a resumed study or a second worker given the same S draws new parameters (the
         same seed every time proposed the same points again, optuna#4714). Queued rows keep
         their parameters; a grid visits each point once whatever the seed."""
+        failpoint("worker.ask")  # under the study lock, the trials counted
         if self.seed is not None:
             number = len(self.study.get_trials(deepcopy=False))
             self.study.sampler = self.spec.make_sampler(sampler_seed(self.seed, number))
@@ -348,16 +358,6 @@ def sampler_seed(seed: int, trials: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
-
-
-def check_data(spec: SweepSpec, cache: DataCache, seed: int | None) -> None:
-    """Load the data for the base config and every categorical window before any study exists."""
-    base = spec.base_config(seed)
-    cache.get(base)
-    for p in spec.space:
-        if p.name in DataCache.KEYS and p.kind == "categorical":
-            for choice in p.choices:
-                cache.get(Config.from_mapping({p.name: choice}, base=base))
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
