@@ -71,6 +71,7 @@ def test_a_trial_failed_between_the_tells_read_and_its_write_is_lost_not_a_crash
     assert "1/1 trials finished (2 ran here, 1 failed)" in worker.stdout
     trials = study_trials(storage, "raced")
     assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "COMPLETE")]
+    assert retried_from(trials[1]) == 0  # failed as a dead worker's trial is: retried
     runs = {int(r.data.tags["optuna.trial_number"]): r for r in mlflow_runs(uri, "raced")}
     assert runs[0].info.status == "FAILED"
     assert runs[0].data.tags["vqlog.fail_reason"].startswith("lost: another worker")

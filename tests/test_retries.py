@@ -17,8 +17,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from vqlog.study.retries import (CLAIM, KILLS, MAX_RETRY, mark_stopped, original_number, queue_again,
-                                 report_history, retry_killed)
+from vqlog.study.retries import (CLAIM, KILLS, MAX_RETRY, STOPPED, mark_stopped, original_number,
+                                 queue_again, report_history, retry_killed)
 from vqlog.study.spec import load_sweep
 from vqlog.study.retries import fail_stale_trials
 from vqlog.study.storage import open_storage
@@ -247,4 +247,55 @@ def test_an_unclaimed_trial_is_judged_by_how_long_this_host_saw_it_not_by_its_st
     assert [t.state for t in trials[:2]] == [TrialState.RUNNING, TrialState.FAIL]
     (retry,) = trials[2:]
     assert retry.state == TrialState.WAITING and original_number(retry) == dead.number
+    storage.engine.dispose()
+
+
+def test_only_a_dead_workers_trial_left_without_its_retry_is_retried(tmp_path, caplog):
+    """The check queues the retry Optuna's stale check did not (it commits the FAILs first, then
+    queues the retries) for a trial its worker had claimed and not failed itself, and for no
+    other FAILed trial: one its worker failed (a reason), one given up after its kills, one an
+    older vqlog gave up (no kill count: every retry counts), one whose retry is queued. Once."""
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(study_name="orphans", storage=storage)
+    legacy = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
+
+    def failed(attrs: dict, retry=None):
+        trial = study.ask()  # a queued retry first, if there is one
+        trial.set_user_attr(CLAIM, trial.number)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, state=TrialState.FAIL)
+        frozen = study.trials[trial.number]
+        if retry is not None:
+            retry(study, frozen)
+        return frozen
+
+    orphan = failed({})  # killed; the check that failed it was killed before the retry
+    failed({"fail_reason": "diverged: loss is nan at iteration 7"})
+    failed({KILLS: MAX_RETRY})  # killed a fourth time: given up
+    chain = [failed({}, legacy) for _ in range(MAX_RETRY)]  # an older vqlog's retries...
+    given_up = failed({})  # ... and the fourth kill, which it gave up
+    assert [original_number(t) for t in chain[1:] + [given_up]] == [chain[0].number] * MAX_RETRY
+    stopped = failed({"fail_reason": "stopped by SIGTERM", STOPPED: study.trials[-1].number + 1},
+                     queue_again)  # its worker queued the retry
+
+    def waiting():
+        return {original_number(t): t for t in study.get_trials(states=(TrialState.WAITING,))}
+
+    assert list(waiting()) == [stopped.number]
+    fail_stale_trials(study, storage)
+    retries = waiting()
+    assert sorted(retries) == [orphan.number, stopped.number]
+    assert retries[orphan.number].user_attrs[KILLS] == 1
+    assert retries[orphan.number].params == orphan.params
+    assert "not retried again" not in caplog.text
+    for check in (study, optuna.load_study(study_name="orphans", storage=storage)):
+        fail_stale_trials(check, storage)  # again, and as another process: nothing more
+        assert len(study.trials) == given_up.number + 4
+    # A study made anew under the name (in the same process): its trials are judged as its own.
+    optuna.delete_study(study_name="orphans", storage=storage)
+    study = optuna.create_study(study_name="orphans", storage=storage)
+    orphan = failed({})
+    fail_stale_trials(study, storage)
+    assert list(waiting()) == [orphan.number] == [0]
     storage.engine.dispose()

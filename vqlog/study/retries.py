@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 import warnings
+import weakref
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -51,21 +53,18 @@ def mark_stopped(trial: optuna.Trial) -> None:
         trial.set_user_attr(STOPPED, trial.number)
 
 
-def retry_killed(study: optuna.Study, trial: FrozenTrial, quiet: bool = False) -> None:
+def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's stale-trial callback: queue the dead worker's trial again, unless its retry
     history already holds MAX_RETRY kills, or its worker had queued its retry already (a worker
     stopped by a signal queues the retry, then marks the trial FAIL: killed in between). Only a
     trial marked as stopped can have its retry queued already: the study's trials are read for
-    those alone, so a killed trial's check does not grow with the study. `quiet`: no warning
-    for a trial not retried again (`retry_orphans` judges it again in every process)."""
+    those alone, so a killed trial's check does not grow with the study."""
     failpoint("stale.retry")  # Optuna has failed the trial; its retry is not queued yet
     stopped = trial.user_attrs.get(STOPPED) == trial.number
     if stopped and has_retry(study, trial.number):
         return
     kills = int(trial.user_attrs.get(KILLS, 0)) + (not stopped)
     if kills > MAX_RETRY:
-        if quiet:
-            return
         first = original_number(trial)
         log.warning("vqlog: the worker of Seq%d died with it %d times (killed, out of memory?); it "
                     "is not retried again", (trial.number if first is None else first) + 1, kills)
@@ -165,16 +164,14 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
             and (Outage.of(storage.url).may_look_dead()
                  or retrying(storage, lambda: restarted_lately(storage))):
         return  # nobody could beat while the database was down: the live workers beat again first
-    key = (getattr(storage, "url", ""),
-           retrying(storage, lambda: storage.get_study_id_from_name(study.study_name)))
     # most often a worker's first read of the study, which loads every trial
     with warnings.catch_warnings(), gc_paused():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retrying(storage, lambda: optuna.storages.fail_stale_trials(study))
-        retry_orphans(study, storage, key)
+        retry_orphans(study, storage)
         running = retrying(storage, lambda: study.get_trials(deepcopy=False,
                                                              states=(TrialState.RUNNING,)))
-    waited = unclaimed_for(key, running)
+    waited = unclaimed_for(study, running)
     for trial in (t for t in running if waited.get(t.number, 0.0) >= grace_period()):
         # The retry first, then the FAIL: a check cut off between the two (killed) leaves the
         # trial RUNNING and unclaimed, so the next check fails it and finds its retry queued; a
@@ -192,50 +189,61 @@ def claimed(trial: FrozenTrial) -> bool:
     return trial.user_attrs.get(CLAIM) == trial.number
 
 
-# The FAILed trials this process has found retried, or judged not to be, by ((storage URL, study
-# id), number).
-_judged: set[tuple[tuple[str, int], int]] = set()
+@dataclasses.dataclass
+class _Seen:
+    """What this process's checks have seen of one study (its `optuna.Study` object: a study
+    made anew, in a notebook say, is another object)."""
+
+    judged: set[int] = dataclasses.field(default_factory=set)  # FAILed trials, found retried or not
+    unclaimed_since: dict[int, float] = dataclasses.field(default_factory=dict)  # monotonic time
 
 
-def retry_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                  key: tuple[str, int]) -> None:
+_seen: weakref.WeakKeyDictionary[optuna.Study, _Seen] = weakref.WeakKeyDictionary()
+
+
+def retry_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
     """Queue the retries that Optuna's stale check did not. It commits FAIL for every stale
     trial first, then calls the callback (`retry_killed`) for each: a process killed in between,
     or a FAIL whose reply was lost (sent again, it finds no stale trial), left a dead worker's
     trial FAILed with no retry, and its checkpoint, queued row or grid point never ran again.
 
     Such a trial was claimed by its worker, which did not fail it itself (a worker's FAIL
-    carries `fail_reason`), unless it was stopping it (marked as stopped). Each check reads the
-    FAILed trials (Optuna's cache keeps the finished ones); only where one is new to this
-    process, the study's trials are read once to find their retries. `key`: the study's
-    storage URL and id."""
+    carries `fail_reason`), unless it was stopping it (marked as stopped). Its kills are counted
+    as `retry_killed` counts them; a trial without the count (retried only after stops, or by a
+    vqlog before it) counts every trial it retries as a kill, so one that an older vqlog gave up
+    stays given up. Each check reads the FAILed trials (Optuna's cache keeps the finished ones);
+    only where one is new to this process, the study's trials are read, once."""
+    seen = _seen.setdefault(study, _Seen())
     failed = retrying(storage, lambda: study.get_trials(deepcopy=False,
                                                         states=(TrialState.FAIL,)))
-    new = [t for t in failed if (key, t.number) not in _judged]
+    new = [t for t in failed if t.number not in seen.judged]
     orphans = [t for t in new if claimed(t) and (not t.user_attrs.get("fail_reason")
                                                  or t.user_attrs.get(STOPPED) == t.number)]
     if orphans:
         trials = retrying(storage, lambda: study.get_trials(deepcopy=False))
         retried = {history[-1] for t in trials if (history := retry_history(t))}
         for trial in (t for t in orphans if t.number not in retried):
-            # sent again after a lost reply, the retry queued the first time is found
-            retrying(storage, lambda: has_retry(study, trial.number)
-                     or retry_killed(study, trial, quiet=True))
-    _judged.update((key, t.number) for t in new)
+            stopped = trial.user_attrs.get(STOPPED) == trial.number
+            kills = int(trial.user_attrs.get(KILLS, len(retry_history(trial)))) + (not stopped)
+            if kills <= MAX_RETRY:
+                counted = copy.copy(trial)
+                counted.user_attrs = {**trial.user_attrs, KILLS: kills}
+                sent: list[bool] = []  # sent again after a lost reply, the first is looked for
+
+                def queue(trial=trial, counted=counted, sent=sent) -> None:
+                    if not (sent and has_retry(study, trial.number)):
+                        sent.append(True)
+                        queue_again(study, counted)
+
+                retrying(storage, queue)
+    seen.judged.update(t.number for t in new)
 
 
-# When this process first saw each RUNNING trial unclaimed (time.monotonic()), by ((storage URL,
-# study id), number); of a study, only the unclaimed trials of its latest check are kept.
-_unclaimed_since: dict[tuple[tuple[str, int], int], float] = {}
-
-
-def unclaimed_for(key: tuple[str, int], running: list[FrozenTrial]) -> dict[int, float]:
-    """How long this process has seen each unclaimed trial of `running` (the RUNNING trials of
-    the study `key`, as a check read them) unclaimed, by number: 0.0 at the first sight."""
-    now = time.monotonic()
-    since = {t.number: _unclaimed_since.get((key, t.number), now)
-             for t in running if not claimed(t)}
-    for old in [k for k in _unclaimed_since if k[0] == key]:
-        del _unclaimed_since[old]
-    _unclaimed_since.update({(key, number): t0 for number, t0 in since.items()})
-    return {number: now - t0 for number, t0 in since.items()}
+def unclaimed_for(study: optuna.Study, running: list[FrozenTrial]) -> dict[int, float]:
+    """How long this process has seen each unclaimed trial of `running` (the study's RUNNING
+    trials, as a check read them) unclaimed, by number: 0.0 at the first sight. Only the
+    unclaimed trials of the latest check are kept."""
+    seen, now = _seen.setdefault(study, _Seen()), time.monotonic()
+    seen.unclaimed_since = {t.number: seen.unclaimed_since.get(t.number, now)
+                            for t in running if not claimed(t)}
+    return {number: now - t0 for number, t0 in seen.unclaimed_since.items()}

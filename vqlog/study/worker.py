@@ -300,9 +300,9 @@ class Worker:
     def _claim(self, trial: optuna.Trial) -> None:
         """Mark the trial as run by a live worker (see retries.fail_stale_trials). A retry
         inherits its original's user attrs: its failure reason is not this trial's."""
+        if "fail_reason" in trial.user_attrs:  # first: a claimed trial with a reason is one
+            self._db(lambda: trial.set_user_attr("fail_reason", None))  # its worker failed
         self._db(lambda: trial.set_user_attr(CLAIM, trial.number))
-        if "fail_reason" in trial.user_attrs:
-            self._db(lambda: trial.set_user_attr("fail_reason", None))
 
     def _tell(self, trial: optuna.Trial, outcome: Outcome) -> None:
         """Optuna's record of the outcome, sent again after a lost connection: skip_if_finished
