@@ -312,3 +312,24 @@ def test_env_example_holds_nothing_that_looks_like_a_real_secret():
     assert secret_looking(f"MLFLOW_ALLOWED_HOSTS={secrets.token_hex(24)}\n") != []
     assert secret_looking("# e.g. postgresql://vqlog:hunter2@postgres:5432/optuna\n") != []
     assert secret_looking("POSTGRES_USER=vqlog\n# e.g. `openssl rand -hex 24`\n") == []
+
+
+@pytest.mark.parametrize("args", [
+    ["vqlog", "trials", "--storage", "postgresql://u:S3cretPW@127.0.0.1:5432/db"],
+    ["vqlog", "table", "--tracking-url", "postgresql://u:S3cretPW@127.0.0.1:5432/db"],
+    ["vqlog-sweep", "--tr=postgresql://u:S3cretPW@127.0.0.1:5432/db"],
+    ["vqlog", "best", "postgresql://u:S3cretPW@h/db?password=S3cretPW"],
+])
+def test_a_url_given_to_a_command_that_does_not_take_it_is_echoed_masked(args, tmp_path):
+    """argparse echoes the arguments it does not know: `vqlog trials --storage URL` (best and
+    export take --storage, trials and table do not) printed the URL's password."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name(args[0])
+    done = subprocess.run([str(exe), *args[1:]], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("Error: "), done.stderr
+    assert "S3cretPW" not in done.stderr + done.stdout and "u:***@" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -62,7 +62,9 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"Error: {message} (see '{self.prog} --help')\n")
+        from vqlog.urls import mask_urls  # a URL given to a command that does not take it
+
+        sys.stderr.write(f"Error: {mask_urls(message)} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 
 
