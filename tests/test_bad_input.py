@@ -379,6 +379,8 @@ CASES: dict[str, Case] = {
     "storage-sqlite-options": Case(  # an existing file: SQLAlchemy warned of ?mode on connecting
         ("--storage", "sqlite:///{tmp}/o.db?mode=ro"), "a sweep's SQLite URL takes no options (?mode)",
         {"o.db": another_study}),
+    "storage-sqlite-two-slashes": Case(("--storage", "sqlite://x/y.db"),
+                                       "has a host part ('x'); an SQLite URL has three slashes"),
     "storage-cannot-be-written": Case(("--storage", "sqlite:////proc/optuna.db"),
                                       "the folder /proc cannot be written here"),
     "tracking-in-memory": Case(("--tracking-uri", "sqlite:///:memory:"),

@@ -62,15 +62,12 @@ def parse_url(url: str, what: str = "--storage") -> URL:
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - SQLAlchemy raises several kinds
-        raise UserError(
-            f"{what} is not a database URL: {mask(url)} (e.g. sqlite:///optuna.db or "
-            "postgresql://user@host:5432/optuna)"
-        ) from None
+        raise UserError(f"{what} is not a database URL: {mask(url)} (e.g. sqlite:///optuna.db "
+                        "or postgresql://user@host:5432/optuna)") from None
     backend = parsed.get_backend_name()
     if backend not in SCHEMES:
-        raise UserError(
-            f"{what} scheme '{parsed.drivername}' is not supported; use sqlite:/// or postgresql://"
-        )
+        raise UserError(f"{what} scheme '{parsed.drivername}' is not supported; use sqlite:/// "
+                        "or postgresql://")
     try:  # the driver the URL names (SQLAlchemy would say so only once connecting)
         make_url(with_psycopg2(url)).get_dialect().import_dbapi()
     except sqlalchemy.exc.NoSuchModuleError:
@@ -81,6 +78,10 @@ def parse_url(url: str, what: str = "--storage") -> URL:
                         f"({exc.name or exc}); use postgresql:// (psycopg2, installed with vqlog) "
                         "or sqlite:///") from None
     if backend == "sqlite":
+        if parsed.host:  # sqlite://x/y.db: SQLAlchemy refuses it only when connecting
+            raise UserError(f"{what}: {mask(url)} has a host part ('{parsed.host}'); an SQLite URL "
+                            "has three slashes before a relative path (sqlite:///x/y.db) and four "
+                            "before an absolute one (sqlite:////data/y.db)")
         if parsed.database in (None, "", ":memory:"):
             raise UserError(f"{what}: an in-memory SQLite database cannot be shared; give a file")
         path = Path(parsed.database).expanduser()
