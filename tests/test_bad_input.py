@@ -379,6 +379,8 @@ CASES: dict[str, Case] = {
     "storage-sqlite-options": Case(  # an existing file: SQLAlchemy warned of ?mode on connecting
         ("--storage", "sqlite:///{tmp}/o.db?mode=ro"), "a sweep's SQLite URL takes no options (?mode)",
         {"o.db": another_study}),
+    "table-folder-is-a-file": Case(  # the sweep died after its first trial, FileExistsError
+        (), "results is not a folder (the sweep writes its table there", {"results": text("x\n")}),
     "storage-sqlite-two-slashes": Case(("--storage", "sqlite://x/y.db"),
                                        "has a host part ('x'); an SQLite URL has three slashes"),
     "storage-cannot-be-written": Case(("--storage", "sqlite:////proc/optuna.db"),

@@ -123,7 +123,24 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
                         f"({mask(storage)}); give each its own, e.g. --storage "
                         "sqlite:///optuna.db --tracking-uri sqlite:///mlflow.db")
     check_writable_store(tracker.uri)
+    check_table_file(tracker.table_dir, spec.name)
     return storage, tracker
+
+
+def check_table_file(folder, study: str) -> None:
+    """The sweep's table, `<folder>/<study>.md`, checked as an output file is before any work:
+    a file named `results` in the folder ended every sweep after its first trial."""
+    from vqlog.cli import check_out_file
+    from vqlog.tracking.table import table_path
+
+    path = table_path(folder, study)
+    hint = "the sweep writes its table there: move what is in the way, or sweep in another folder"
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder ({hint})")
+    try:
+        check_out_file(str(path), "the table", path.name, make_folders=True)
+    except UserError as exc:
+        raise UserError(f"{exc} ({hint})") from None
 
 
 def gpu_list(text: str | list[int] | None) -> list[int] | None:
