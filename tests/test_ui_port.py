@@ -92,3 +92,13 @@ def test_an_empty_host_is_one_error_line_not_every_interface(tmp_path, mlflow_st
     line = one_error_line(ui(tmp_path, "--host", host, "--port", "5000"))
     assert line == ("Error: --host needs an address: 127.0.0.1 (this machine only) or 0.0.0.0 "
                     "(every interface)")
+
+
+def test_every_ipv6_interface_is_opened_at_the_ipv6_loopback():
+    """`--host ::` listens on IPv6 alone (uvicorn's socket): the printed http://127.0.0.1:PORT
+    got no connection, while http://[::1]:PORT answers."""
+    from vqlog.commands.ui import ui_address
+
+    assert ui_address("::", 5397).startswith("http://[::1]:5397, or http://")
+    assert ui_address("0.0.0.0", 5397).startswith("http://127.0.0.1:5397, or http://")
+    assert ui_address("::1", 5397) == "http://[::1]:5397"

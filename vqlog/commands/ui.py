@@ -203,11 +203,13 @@ def _serve(cmd: list[str]) -> int:
 
 
 def ui_address(host: str, port: int) -> str:
-    """Where to open the UI: 127.0.0.1 for every interface (0.0.0.0 is no address to browse to),
-    with this machine's name for the other machines."""
+    """Where to open the UI: the loopback address for every interface (0.0.0.0 is no address to
+    browse to; the server listens on IPv6 alone for ::), with this machine's name for the other
+    machines."""
     import socket
 
     if host in ("0.0.0.0", "::"):
-        return f"http://127.0.0.1:{port}, or http://{socket.gethostname()}:{port} from another machine"
+        here = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+        return f"http://{here}:{port}, or http://{socket.gethostname()}:{port} from another machine"
     where = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     return f"http://{where}:{port}"
