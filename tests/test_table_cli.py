@@ -181,6 +181,27 @@ def test_another_lang_than_the_published_one_writes_its_file_and_leaves_the_stud
     assert Path(artifact).read_text() == EXPECTED_EN
 
 
+def test_without_lang_the_table_is_in_the_language_the_sweep_publishes_it_in(store, tmp_path,
+                                                                              cli):
+    """A plain `vqlog table` beside a `--lang zh` sweep rewrote the sweep's own results/<study>.md
+    in English (and said on stderr that the study run stays Chinese): it follows the sweep's
+    language now, the study run's `vqlog.lang` tag, and publishes its table."""
+    client = MlflowClient(tracking_uri=store)
+    (parent,) = client.search_runs([client.get_experiment_by_name("alpha").experiment_id],
+                                   "tags.`vqlog.role` = 'study'")
+    client.set_tag(parent.info.run_id, "vqlog.lang", "zh")  # as a --lang zh sweep sets it
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store)
+    assert (code, err) == (0, "")
+    written = (tmp_path / "results" / "alpha.md").read_text()
+    assert "## 超参调整" in written and "最高12.5 (10轮)" in written
+    assert client.get_run(parent.info.run_id).data.tags["mlflow.note.content"].startswith(
+        written[:200])  # published, in Chinese
+    code, out, err = cli("table", "--study", "alpha", "--tracking-uri", store, "--lang", "en",
+                         "--out", "-")
+    assert code == 0 and out == EXPECTED_EN  # asked for: English, and the study run stays zh
+    assert err == "table: not published to the study run, whose table is in zh (the sweep's --lang)\n"
+
+
 def test_two_studies_without_study_is_an_error_listing_them(store, tmp_path, cli):
     code, out, err = cli("table", "--tracking-uri", store)
     assert code == 2

@@ -22,8 +22,9 @@ def table_command_parser(sub) -> None:
     p.add_argument("--config", help="sweep spec (a bundled name or a YAML file) whose study to "
                                     "show when --study is not given, as vqlog-sweep names it")
     p.add_argument("--tracking-uri", default=None, type=url_arg, help=TRACKING_HELP)
-    p.add_argument("--lang", default="en", choices=("en", "zh"),
-                   help="the table's labels: en (default) or zh, as the original log writes them")
+    p.add_argument("--lang", default=None, choices=("en", "zh"),
+                   help="the table's labels: en or zh, as the original log writes them (default: "
+                        "the language the sweep publishes the table in, else en)")
     p.add_argument("--out", help="output file (default results/<study>.md; - for stdout)")
     p.add_argument("--watch", action="store_true", help="keep regenerating as runs finish")
     p.add_argument("--interval", type=float, default=10.0,
@@ -176,13 +177,17 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
     from vqlog.tracking.rows import RowCache
     from vqlog.tracking.runs import study_run
 
-    parent = said = None
+    parent = said = lang = None
     publish = True  # until the server refuses this user's edits
     last, cache = None, RowCache(client, study)  # --watch: only the runs that ended since
     rendered = table.RenderCache()  # and only those rendered again
     while True:
         rows = cache.rows()
-        text = table.render_table(rows, lang=args.lang, title=study, cache=rendered)
+        parent = parent or study_run(client, study)  # made by the study's first worker
+        wanted = args.lang or _sweep_lang(client, parent)
+        if wanted != lang:  # nothing worked out in another language is kept
+            lang, rendered = wanted, table.RenderCache()
+        text = table.render_table(rows, lang=lang, title=study, cache=rendered)
         if text != last:
             if args.out == "-":  # the file's bytes, as written without --out -
                 print(text, end="" if text.endswith("\n") else "\n", flush=True)
@@ -193,20 +198,19 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
                 if line != said:  # a row changed, not the count: the same line once
                     print(line, flush=True, file=report_stream(out))  # not into /dev/stdout
                 said = line
-            parent = parent or study_run(client, study)  # made by the study's first worker
-            if parent and publish and not _same_lang(client, parent, args.lang):
+            if parent and publish and not _same_lang(client, parent, lang):
                 publish = False  # the sweep's language stays; this --lang is for the file
             try:
                 try:
                     if parent and publish:
-                        table.publish_table(client, parent, rows, study, args.lang, text, rendered,
+                        table.publish_table(client, parent, rows, study, lang, text, rendered,
                                             sweep=False)
                 except Exception as exc:  # noqa: BLE001 - MLflow's, when the study run was deleted
                     if _forbidden(exc) or isinstance(exc, TrackingUnavailable) or parent == (
                             parent := study_run(client, study)):  # (in the UI)
                         raise  # not that: as it was; else the run a worker made since, if any
-                    if parent and _same_lang(client, parent, args.lang):
-                        table.publish_table(client, parent, rows, study, args.lang, text, rendered,
+                    if parent and _same_lang(client, parent, lang):
+                        table.publish_table(client, parent, rows, study, lang, text, rendered,
                                             sweep=False)
             except Exception as exc:  # noqa: BLE001 - raised again unless it is a refusal
                 if not _forbidden(exc):
@@ -219,6 +223,14 @@ def _table_loop(args, client, study: str, stop: _Stop) -> int:
         if not args.watch:
             return 0
         stop.sleep(args.interval)
+
+
+def _sweep_lang(client, parent: str | None) -> str:
+    """The language the sweep publishes the study's table in (the study run's tag), else en:
+    a plain `vqlog table` beside a `--lang zh` sweep rewrote the sweep's own file in English."""
+    from vqlog.tracking.table import LANG_TAG
+
+    return (parent and client.get_run(parent).data.tags.get(LANG_TAG)) or "en"
 
 
 def _same_lang(client, parent: str, lang: str) -> bool:
