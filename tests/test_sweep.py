@@ -130,8 +130,8 @@ def test_a_grid_point_a_killed_worker_left_running_is_run_again(tmp_path, mlflow
     import optuna
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")  # the trial asked by hand has no
-    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "6")  # heartbeat: stale 6 s after it began
+    monkeypatch.setenv("VQLOG_HEARTBEAT_INTERVAL", "1")  # the trial asked by hand has no claim:
+    monkeypatch.setenv("VQLOG_HEARTBEAT_GRACE", "6")  # failed 6 s after the sweep first sees it
     spec = write_spec(tmp_path, "grid", sampler="grid", space={"batch": [8, 16],
                                                                "embedding_num": [16, 32]})
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -151,6 +151,7 @@ def test_a_grid_point_a_killed_worker_left_running_is_run_again(tmp_path, mlflow
     assert "RUNNING" not in states(trials)
     out = capsys.readouterr().out
     assert "grid: 4/6 trials finished (1 ran here" in out, out
+    assert "waiting: 1 trial still RUNNING covers the grid (a killed worker's" in out, out
 
 
 def test_a_spec_whose_choices_differ_from_the_study_is_one_error(tmp_path, mlflow_store,

@@ -192,10 +192,10 @@ class Worker:
             # its heartbeat goes stale).
             if (not self.said_waiting and self.summary.ran_here == 0 and oldest is not None
                     and oldest < self.began):
-                self.said_waiting = True
+                self.said_waiting, what = True, "grid" if self.summary.grid_points else "target"
                 (self.note or self.progress.line)(
                     f"waiting: {running} trial{'s' * (running != 1)} still RUNNING "
-                    f"cover{'s' * (running == 1)} the target (a killed worker's trial is failed "
+                    f"cover{'s' * (running == 1)} the {what} (a killed worker's trial is failed "
                     f"and retried once its heartbeat is {grace_period()} s old)")
             self.stop.wait(POLL_SECONDS)
         self.summary.stopped = self.stop.signal
