@@ -498,3 +498,10 @@ def test_a_worker_reads_its_data_once_and_keeps_the_last_variants_only(tmp_path)
     while cache.get(dataclasses.replace(cfg, stride=51 - held)) is kept[51 - held]:
         held += 1
     assert 5 <= held <= 8, held
+    # A source larger than the budget is not held beside its windows: read again for a new one.
+    big = DataCache(str(path), 100.0)
+    big.KEEP_BYTES = 40_000 * 8 - 1  # under the recording (float64)
+    first = big.get(dataclasses.replace(cfg, stride=64))
+    np.save(path, np.sin(np.arange(20_000) / 7.0))
+    half = big.get(dataclasses.replace(cfg, stride=32))
+    assert len(half.train) < len(first.train), (len(half.train), len(first.train))

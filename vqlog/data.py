@@ -245,10 +245,11 @@ def _nbytes(splits: Splits) -> int:
 
 class DataCache:
     """Windows depend on a few config keys only: each variant is prepared once per worker, and
-    the source is read once (once per seed for the synthetic pulses). The variants used last
-    are kept, up to KEEP_BYTES of windows: a space that searches `resample_hz` or `stride` as a
-    range makes a new one almost every trial, and kept them all, a copy of the data each, for
-    the worker's life."""
+    the source is read once (once per seed for the synthetic pulses) where its recordings fit
+    in KEEP_BYTES; a larger one is read again for each new variant rather than held beside its
+    windows for the worker's life. The variants used last are kept, up to KEEP_BYTES of windows:
+    a space that searches `resample_hz` or `stride` as a range makes a new one almost every
+    trial, and kept them all, a copy of the data each, for the worker's life."""
 
     KEYS = ("window", "stride", "resample_hz", "standardize", "seed")  # seed: synthetic data
     KEEP_BYTES = 512 * 2**20  # a categorical space's windows and rates all stay, on most data
@@ -265,9 +266,12 @@ class DataCache:
             self._cache[key] = self._cache.pop(key)  # used last
             return self._cache[key]
         seed = cfg.seed if self.source == "synthetic" else None  # a file is the same every seed
-        if self._read is None or self._read[0] != seed:
-            self._read = (seed, load_source(self.source, self.sample_rate, cfg.seed, self.channel))
-        recordings = self._read[1]
+        if self._read is not None and self._read[0] == seed:
+            recordings = self._read[1]
+        else:
+            recordings = load_source(self.source, self.sample_rate, cfg.seed, self.channel)
+            held = sum(rec.signal.nbytes for rec in recordings) <= self.KEEP_BYTES
+            self._read = (seed, recordings) if held else None
         if self._digest is None:
             self._digest = digest(recordings)
         self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel, recordings)
