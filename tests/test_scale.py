@@ -423,8 +423,53 @@ def test_workers_split_the_cores_and_take_the_gpus_in_turn():
     assert worker_count("auto", "cuda", [0, 1, 3]) == 3
     assert placements(2, "cpu", None) == [("cpu", max(1, n // 2))] * 2
     assert placements(64, "cpu", None) == [("cpu", 1)] * 64  # never 0 threads
+    for k in range(1, 9):  # every core taken (6 cores, 4 workers: 2 were left idle), evenly
+        threads = [t for _, t in placements(k, "cpu", None)]
+        assert sum(threads) == max(n, k) and max(threads) - min(threads) <= 1, (k, threads)
     assert [d for d, _ in placements(5, "cuda", [2, 0])] == \
         ["cuda:2", "cuda:0", "cuda:2", "cuda:0", "cuda:2"]  # several workers on one GPU
+
+
+def _slow_to_stop(ready) -> None:
+    """A worker's signal handling (`stop_on_signals`) around a clean stop that takes minutes,
+    as a checkpoint to a slow store does: exit 130 if stopped at once, 143 if it ever ends."""
+    from vqlog.commands.sweep import stop_on_signals
+    from vqlog.study.stop import StopRequest
+
+    stop = StopRequest()
+    with stop_on_signals(stop, quiet=True, restore=False):
+        ready.set()
+        try:
+            while not stop.is_set():
+                time.sleep(0.05)
+            time.sleep(300)  # the clean stop
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+    raise SystemExit(143)
+
+
+def test_a_ctrl_c_again_that_the_sweep_alone_got_stops_its_workers_at_once():
+    """A second Ctrl-C that reached the sweep's process alone (`kill -INT`, a notebook's
+    interrupt, `docker run` without -t) sent the workers SIGTERM, which a stopping worker already
+    obeys, and waited for each in turn, a minute each, then killed it. They now get SIGINT
+    twice, as from a terminal: the second stops them at once, with their own clean-up."""
+    import multiprocessing
+
+    from vqlog.study.pool import _end_workers
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for _ in range(2):
+        ready = ctx.Event()
+        procs.append(ctx.Process(target=_slow_to_stop, args=(ready,)))
+        procs[-1].start()
+        assert ready.wait(120)
+    try:
+        _end_workers(procs, at_once=True)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.exitcode for p in procs] == [130, 130]
 
 
 @pytest.mark.slow
@@ -1081,3 +1126,29 @@ def test_sigterm_stops_every_worker_cleanly_and_the_rerun_finishes(tmp_path):
     assert len(finished(trials)) == 3 and "RUNNING" not in states(trials)
     resumed = [r for r in mlflow_runs(uri, "pooled") if "vqlog.resumed_at" in r.data.tags]
     assert len(resumed) == 2  # both stopped trials continued from their checkpoints
+
+
+def test_workers_that_need_more_open_files_than_allowed_raise_the_limit_or_are_refused(tmp_path):
+    """Each worker holds a pipe and a process sentinel in the sweep's process: at the common
+    limit of 1024 open files, `--workers 500` failed with "Too many open files" as the workers
+    started. The soft limit is raised toward the hard one; past the hard one it is an Error."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def limited(soft: int, top: int):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, top))
+
+    refused = subprocess.run([str(SWEEP_BIN), "--config", "smoke", "--trials", "1", "--workers",
+                              "12"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             preexec_fn=limited(40, 40))
+    assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
+    assert refused.stderr == ("Error: --workers 12 needs about 100 open files in the sweep's "
+                              "process, more than this shell allows (ulimit -n: 40, at most 40); "
+                              "use fewer workers, or raise the limit\n")
+    assert list(tmp_path.iterdir()) == []
+    raised = subprocess.run(
+        [sys.executable, "-c", "import resource; from vqlog.study.hosts import worker_count; "
+         "worker_count('12', 'cpu', None); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"],
+        capture_output=True, text=True, timeout=120, preexec_fn=limited(40, hard))
+    assert raised.returncode == 0 and int(raised.stdout) >= 100, raised.stderr

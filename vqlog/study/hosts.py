@@ -90,7 +90,29 @@ def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> i
     if n > MAX_WORKERS:
         raise UserError(f"--workers {n} is more than the {MAX_WORKERS} worker processes one host "
                         "can take; use auto for one per core")
+    if n > 1:
+        open_files_for(n)
     return n
+
+
+def open_files_for(n: int) -> None:
+    """Let the sweep's process hold what `n` workers take (a pipe and a process sentinel each,
+    and its own): the soft limit on open files raised toward the hard one where it is short
+    (1024 is common: `--workers 500` failed with "Too many open files" as they started), or a
+    UserError where the hard limit is short too."""
+    import resource
+
+    from vqlog.errors import UserError
+
+    need = 64 + 3 * n
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise UserError(f"--workers {n} needs about {need} open files in the sweep's process, "
+                        f"more than this shell allows (ulimit -n: {soft}, at most {hard}); "
+                        "use fewer workers, or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def _cuda_count() -> int:
@@ -100,10 +122,12 @@ def _cuda_count() -> int:
 
 
 def placements(n: int, device: str, gpus: list[int] | None) -> list[tuple[str, int]]:
-    """(device, torch threads) for each of `n` workers: the cores split evenly; with CUDA the
-    workers take the GPUs in turn."""
-    threads = max(1, cores() // n)
+    """(device, torch threads) for each of `n` workers: the cores split evenly, the ones left
+    over one each to the first workers (6 cores, 4 workers: 2, 2, 1, 1); with CUDA the workers
+    take the GPUs in turn."""
+    total = cores()
+    threads = [max(1, total // n + (i < total % n)) for i in range(n)]
     if device != "cuda":
-        return [(device, threads)] * n
+        return [(device, t) for t in threads]
     ids = gpus if gpus else list(range(_cuda_count()))
-    return [(f"cuda:{ids[i % len(ids)]}", threads) for i in range(n)]
+    return [(f"cuda:{ids[i % len(ids)]}", threads[i]) for i in range(n)]

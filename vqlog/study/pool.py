@@ -15,6 +15,8 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
+import time
 from datetime import datetime
 from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
@@ -196,16 +198,9 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                     bury(pipes.index(pipe))
                     continue
                 handle(*message)
-    finally:
-        procs = [p for p in procs if p.pid is not None]  # started
-        for p in procs:  # alive only when leaving by an exception: ask them to stop first
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    finally:  # workers alive only when leaving by an exception
+        _end_workers([p for p in procs if p.pid is not None],
+                     at_once=isinstance(sys.exc_info()[1], KeyboardInterrupt))
         for pipe in pipes:
             if pipe is not None:
                 pipe.close()
@@ -230,6 +225,33 @@ def _last_table(tracker, study) -> None:
     except Exception as exc:  # noqa: BLE001 - the error that ends the sweep comes first
         logging.getLogger("vqlog").warning("vqlog: the table was not written at the end (%s)",
                                            one_line(exc))
+
+
+def _end_workers(procs: list, at_once: bool) -> None:
+    """Workers still alive as the pool leaves by an exception are asked to stop cleanly
+    (SIGTERM); after a Ctrl-C again that this process alone received (`kill -INT`, a notebook's
+    interrupt, `docker run` without -t), at once: SIGINT twice, as a terminal sends Ctrl-C twice
+    to each. They get one minute in all (it was one each, in turn), then are killed; a further
+    Ctrl-C meanwhile kills them now."""
+    def send(sig: int) -> None:
+        for p in procs:
+            if p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+
+    try:
+        if at_once:
+            send(signal.SIGINT)
+            time.sleep(0.2)  # each handles the first (a Ctrl-C) before the second (at once)
+        send(signal.SIGINT if at_once else signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
 
 
 def _death(exitcode: int) -> str:
@@ -316,7 +338,8 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
     stopped_at = [s["stopped_at"] for s in done if s["stopped_at"] is not None]
     timed_out = any(s["timed_out"] for s in done)
     grid_points = next((s["grid_points"] for s in done if s["grid_points"]), None)
-    if lost and not stop.is_set() and not timed_out and not grid_points and finished() < trials:
+    if lost and not stop.is_set() and not stopped and not timed_out and not grid_points and \
+            finished() < trials:  # (stopped: a signal sent to the workers alone)
         _last_table(tracker, study)
         raise SweepError(
             f"{'; '.join(lost)}, and no worker is left: {finished()}/{trials} trials finished. "
