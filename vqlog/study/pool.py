@@ -320,6 +320,7 @@ def sweep(spec, trials: int, storage: str, tracker, workers: int, device: str = 
                 summaries, lost, unsaid = run_pool(
                     job, workers, device, gpus, stop, out=progress.line, tick=tick,
                     done=lambda: (now := count.fresh(3.0)) is not None and now >= trials)
+                progress.update(finished())  # the bar's last frame: the count it ended at
             except TrackingUnavailable:  # no table to write there
                 raise
             except (Exception, KeyboardInterrupt):  # a worker's error, a Ctrl-C again, the
