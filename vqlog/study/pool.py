@@ -99,9 +99,14 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
         # SIGINT and SIGTERM in this thread when it is (re)started inside `start()`: started
         # first, so that the worker is spawned with them still blocked.
         resource_tracker.ensure_running()
-        with _signals_blocked():  # (in this thread: a Ctrl-C that another thread received is
-            procs[i:i + 1] = [p]  # still handled here, so the process is known before it starts)
-            p.start()
+        try:
+            with _signals_blocked():  # (in this thread: a Ctrl-C another thread received is
+                procs[i:i + 1] = [p]  # still handled here: the process is known before it starts)
+                p.start()
+        except BaseException:  # no process (fork's EAGAIN, no memory): no pipe either
+            pipe.close()
+            end.close()
+            raise
         end.close()  # the worker's alone: the pipe ends when the worker does, however it ends
         pipes[i:i + 1] = [pipe]
 
@@ -169,7 +174,11 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                    else "; the study has its trials, so no new worker takes its place" if over
                    else "; it had not ended a trial, so no new worker takes its place"))
             if replace:
-                start(i)
+                try:
+                    start(i)
+                except OSError as exc:  # (just after an out-of-memory kill, say) the others go on
+                    out(f"worker {i}: no new worker could start in its place ({exc})")
+                    return
                 said[i] = worked[i] = False
 
     try:
