@@ -194,6 +194,28 @@ def test_a_spec_whose_choices_differ_from_the_study_is_one_error(tmp_path, mlflo
     assert len(finished(study_trials(storage, "respec"))) == 2
 
 
+def test_a_spec_whose_choices_do_not_hold_the_studys_queued_rows_is_one_error(
+        tmp_path, mlflow_store, monkeypatch, capsys):
+    """`vqlog init` queues the seed spec's rows (batch 64, 128); a smoke sweep on that study
+    failed each of them as it started ("'64' not in (8, 16)"), with no run in MLflow and exit
+    0. The queued trials have no distributions for the study check to read: their values are
+    checked against the spec's lists, and the sweep is one Error line before any trial."""
+    from vqlog.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    storage, uri = f"sqlite:///{tmp_path}/optuna.db", mlflow_store()
+    assert main(["init", "--config", "seed", "--storage", storage, "--tracking-uri", uri]) == 0
+    capsys.readouterr()
+    code = sweep_main(["--trials", "1", "--config", "smoke", "--study", "seed", "--storage",
+                       storage, "--tracking-uri", uri])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == ("Error: study 'seed' has a queued trial (Seq1: a spec's row or a retry) with "
+                   "batch = 64, which this spec's choices [8, 16] do not hold: use another "
+                   "--study name, or the study's own spec\n")
+    assert states(study_trials(storage, "seed")) == {"WAITING": 3}
+
+
 def folder(parent, name: str):
     (parent / name).mkdir()
     return parent / name

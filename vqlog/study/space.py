@@ -177,7 +177,11 @@ def check_space(storage: optuna.storages.BaseStorage, spec) -> None:
     distribution per name within a study and fails every trial that asks a list parameter for
     other choices, or asks for another kind (int, float, list) or scale (log or not); a range
     may widen or narrow. Optuna's rule makes every trial's distribution of a name compatible
-    with every other's, so the newest trial that has it tells: most often one trial is read."""
+    with every other's, so the newest trial that has it tells: most often one trial is read.
+    The queued trials (a spec's rows, retries) have no distributions yet: a value of theirs
+    that a list of this spec does not hold would fail that trial as it starts."""
+    import optuna
+
     from vqlog.bulk import gc_paused
 
     wanted = {p.name: p.distribution() for p in spec.space}
@@ -198,6 +202,17 @@ def check_space(storage: optuna.storages.BaseStorage, spec) -> None:
         with gc_paused():
             for trial in storage.get_all_trials(study_id, deepcopy=False):
                 note(trial)
+    waiting = (optuna.trial.TrialState.WAITING,)
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=waiting):
+        for name, value in trial.system_attrs.get("fixed_params", {}).items():
+            new = wanted.get(name)
+            if isinstance(new, optuna.distributions.CategoricalDistribution) and \
+                    value not in new.choices:
+                raise ConfigError(
+                    f"study '{spec.name}' has a queued trial (Seq{trial.number + 1}: a spec's row "
+                    f"or a retry) with {name} = {value!r}, which this spec's choices "
+                    f"{list(new.choices)} do not hold: use another --study name, or the study's "
+                    "own spec")
     for name, old in seen.items():
         new = wanted[name]
         if not same_kind(old, new):
