@@ -139,9 +139,10 @@ INI
 esac
 
 # Two mistakes MLflow takes badly, checked first (by the python3 on PATH: the environment's, or
-# the image's; without one, or without SQLAlchemy, MLflow meets them itself): on a taken port its
-# server logs the error and exits 0, while a sweep sent there logs into whatever listens (a
-# `vqlog ui` on its default 5000, say); a database, user or password PostgreSQL refuses, it
+# the image's; without one, or without SQLAlchemy, MLflow meets them itself): on a port it cannot
+# listen on (taken, out of range, an address not this machine's) its server logs the error and
+# exits 0, while a sweep sent to a taken one logs into whatever listens (a `vqlog ui` on its
+# default 5000, say); a database, user or password PostgreSQL refuses, it
 # retries for two minutes and then prints pages. A server that is not up yet is left to
 # MLflow's retries, as compose starts PostgreSQL beside it.
 if command -v python3 >/dev/null 2>&1; then
@@ -149,6 +150,9 @@ if command -v python3 >/dev/null 2>&1; then
 import errno, os, socket
 
 host, port = os.environ["VQLOG_HOST"], os.environ["VQLOG_PORT"]
+if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    print(f"MLFLOW_PORT must be a port number from 1 to 65535, got '{port}'")
+    raise SystemExit
 try:  # as uvicorn binds it: IPv6 for an address with a colon, else IPv4 (localhost too)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -157,9 +161,15 @@ except OSError as exc:
     if exc.errno == errno.EADDRINUSE:
         print(f"port {port} on {host} is in use (another MLflow server, a vqlog ui?); stop it, "
               "or give this one another MLFLOW_PORT")
-        raise SystemExit
-except ValueError:
-    pass  # MLflow says what is wrong with it
+    elif isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        print(f"MLFLOW_HOST {host} is not an address of this machine; use 0.0.0.0 (every "
+              "interface) or 127.0.0.1 (this machine only)")
+    else:
+        print(f"cannot listen on port {port} of {host}: {exc.strerror or exc}")
+    raise SystemExit
+except (ValueError, UnicodeError):  # a name the resolver refuses
+    print(f"MLFLOW_HOST '{host}' is not a host name or address")
+    raise SystemExit
 try:
     import sqlalchemy
     from sqlalchemy.engine import make_url

@@ -142,6 +142,21 @@ def test_start_sh_on_a_port_in_use_refuses_to_start(stack, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no mlartifacts/
 
 
+@pytest.mark.parametrize("env, said", [
+    ({"MLFLOW_PORT": "99999"}, "MLFLOW_PORT must be a port number from 1 to 65535, got '99999'"),
+    ({"MLFLOW_HOST": "10.99.99.99"}, "MLFLOW_HOST 10.99.99.99 is not an address of this "
+                                     "machine; use 0.0.0.0 (every interface) or 127.0.0.1"),
+])
+def test_start_sh_that_cannot_listen_refuses_to_start(tmp_path, env, said):
+    """MLflow's server logged the bind error (a uvicorn traceback for port 99999), exited 0,
+    and had created its tables first."""
+    require_postgres()
+    out = _start_sh(tmp_path, mlflow_db="vqlog_no_such_db", **env)
+    assert (out.returncode, out.stdout) == (2, ""), out.stdout + out.stderr
+    assert out.stderr.startswith(f"Error: {said}") and out.stderr.endswith("; not starting\n")
+    assert len(out.stderr.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_start_sh_without_its_database_says_so_at_once(tmp_path):
     """It retried for about two minutes, printed some 50 lines of tracebacks, then exited 1."""
     from _servers import free_port
