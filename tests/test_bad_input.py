@@ -382,7 +382,9 @@ CASES: dict[str, Case] = {
     "table-folder-is-a-file": Case(  # the sweep died after its first trial, FileExistsError
         (), "results is not a folder (the sweep writes its table there", {"results": text("x\n")}),
     "storage-sqlite-two-slashes": Case(("--storage", "sqlite://x/y.db"),
-                                       "has a host part ('x'); an SQLite URL has three slashes"),
+                                       "has a host part; an SQLite URL has three slashes"),
+    "storage-sqlite-a-user": Case(("--storage", "sqlite://me@/y.db"), "sqlite://me@/y.db has a "
+                                  "host part; an SQLite URL has three slashes"),
     "storage-cannot-be-written": Case(("--storage", "sqlite:////proc/optuna.db"),
                                       "the folder /proc cannot be written here"),
     "tracking-in-memory": Case(("--tracking-uri", "sqlite:///:memory:"),

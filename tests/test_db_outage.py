@@ -551,11 +551,15 @@ def test_a_restart_that_frees_the_study_lock_before_an_ask_runs_no_trial_over_th
     worker that had counted the trials under it, 0 of 1, then asked for the one trial after
     another worker had taken the lock and asked for it too: two trials ran for `--trials 1`.
     The worker finds its lock gone after the ask, counts again under the lock, and fails the
-    trial it asked for when it is one too many, unrun."""
+    trial it asked for when it is one too many, unrun; a queued row is queued again."""
     import signal
 
+    from vqlog.study.retries import SET_ASIDE
+
+    rows = [{"batch": 8, "lr": 1e-3, "embedding_dim": 8, "embedding_num": 16},
+            {"batch": 16, "lr": 2e-3, "embedding_dim": 16, "embedding_num": 32}]
     spec = write_spec(tmp_path, "unlocked", budget={"iteration": 6, "eval_every": 3},
-                      pruner="none")
+                      pruner="none", enqueue=rows)
     uri = mlflow_store()
     args = ["--trials", "1", "--config", str(spec), "--storage", db, "--tracking-uri", uri]
     first = Worker(args, tmp_path / "first", "first",
@@ -571,7 +575,9 @@ def test_a_restart_that_frees_the_study_lock_before_an_ask_runs_no_trial_over_th
     finally:
         first.kill()
     trials = study_trials(db, "unlocked")
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"], first.output()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"], first.output()
+    assert trials[0].params == rows[0] and trials[1].user_attrs["fail_reason"] == SET_ASIDE
+    assert retried_from(trials[2]) == 1 and trials[2].system_attrs["fixed_params"] == rows[1]
     assert [r.data.tags["optuna.trial_number"] for r in mlflow_runs(uri, "unlocked")] == ["0"]
     assert "unlocked: 1/1 trials finished (0 ran here" in first.stdout, first.output()
     assert "Traceback" not in first.stderr

@@ -430,13 +430,14 @@ def test_workers_split_the_cores_and_take_the_gpus_in_turn():
         ["cuda:2", "cuda:0", "cuda:2", "cuda:0", "cuda:2"]  # several workers on one GPU
 
 
-def _slow_to_stop(ready) -> None:
-    """A worker's signal handling (`stop_on_signals`) around a clean stop that takes minutes,
-    as a checkpoint to a slow store does: exit 130 if stopped at once, 143 if it ever ends."""
+def _slow_to_stop(ready, why) -> None:
+    """A worker's stop (`WorkerStop` under `stop_on_signals`) around a clean stop that takes
+    minutes, as a checkpoint to a slow store does: exit 130 if stopped at once, 143 if it ever
+    ends."""
     from vqlog.commands.sweep import stop_on_signals
-    from vqlog.study.stop import StopRequest
+    from vqlog.study.child import WorkerStop
 
-    stop = StopRequest()
+    stop = WorkerStop(os.getppid(), why)
     with stop_on_signals(stop, quiet=True, restore=False):
         ready.set()
         try:
@@ -448,24 +449,31 @@ def _slow_to_stop(ready) -> None:
     raise SystemExit(143)
 
 
-def test_a_ctrl_c_again_that_the_sweep_alone_got_stops_its_workers_at_once():
+@pytest.mark.parametrize("first", [None, signal.SIGINT, signal.SIGTERM])
+def test_a_ctrl_c_again_that_the_sweep_alone_got_stops_its_workers_at_once(first):
     """A second Ctrl-C that reached the sweep's process alone (`kill -INT`, a notebook's
     interrupt, `docker run` without -t) sent the workers SIGTERM, which a stopping worker already
-    obeys, and waited for each in turn, a minute each, then killed it. They now get SIGINT
-    twice, as from a terminal: the second stops them at once, with their own clean-up."""
+    obeys, and waited for each in turn, a minute each, then killed it. They now stop at once
+    (their own KeyboardInterrupt, with its clean-up), stopping already for the sweep's first
+    Ctrl-C, for a SIGTERM, or not yet."""
     import multiprocessing
 
     from vqlog.study.pool import _end_workers
 
     ctx = multiprocessing.get_context("spawn")
-    procs = []
+    why, procs = ctx.RawValue("i", 0), []
     for _ in range(2):
         ready = ctx.Event()
-        procs.append(ctx.Process(target=_slow_to_stop, args=(ready,)))
+        procs.append(ctx.Process(target=_slow_to_stop, args=(ready, why)))
         procs[-1].start()
         assert ready.wait(120)
     try:
-        _end_workers(procs, at_once=True)
+        if first is not None:  # the parent forwards a stop as SIGTERM, its reason in `why`
+            why.value = first
+            for p in procs:
+                os.kill(p.pid, signal.SIGTERM)
+            time.sleep(0.5)
+        _end_workers(procs, at_once=True, why=why, reached=False)
     finally:
         for p in procs:
             p.kill()

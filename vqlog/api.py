@@ -123,13 +123,13 @@ def prepare(spec, storage: str | None, tracking_uri: str | None, lang: str = "en
                         f"({mask(storage)}); give each its own, e.g. --storage "
                         "sqlite:///optuna.db --tracking-uri sqlite:///mlflow.db")
     check_writable_store(tracker.uri)
-    check_table_file(tracker.table_dir, spec.name)
     return storage, tracker
 
 
 def check_table_file(folder, study: str) -> None:
-    """The sweep's table, `<folder>/<study>.md`, checked as an output file is before any work:
-    a file named `results` in the folder ended every sweep after its first trial."""
+    """The sweep's table, `<folder>/<study>.md`, checked as an output file is before any work
+    (a sweep's, not `vqlog init`'s, which writes none): a file named `results` in the folder
+    ended every sweep after its first trial."""
     from vqlog.cli import check_out_file
     from vqlog.tracking.table import table_path
 
@@ -182,7 +182,10 @@ def worker_plan(workers, device: str, gpus: list[int] | None) -> tuple[int, str 
     gpus = placed_gpus(device, gpus)
     check_gpus(gpus, kind)
     if str(workers) == "auto":
-        return hosts.auto_workers(kind, gpus)
+        n, note = hosts.auto_workers(kind, gpus)
+        if n > 1:
+            hosts.open_files_for(n)
+        return n, note
     return hosts.worker_count(workers, kind, gpus), None
 
 
@@ -267,6 +270,7 @@ def sweep(trials: int = 50, config: str = DEFAULT_SPEC, *, study: str | None = N
         gpu_ids = gpu_list(gpus)
         spec = study_spec(config, study, data, sample_rate, channel)
         storage, tracker = prepare(spec, storage, tracking_uri, lang)
+        check_table_file(tracker.table_dir, spec.name)
         from vqlog.study.existing import check_study
 
         n = worker_count(workers, device, gpu_ids)

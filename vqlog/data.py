@@ -258,6 +258,7 @@ class DataCache:
         self.source, self.sample_rate, self.channel = source, sample_rate, channel
         self._cache: dict[tuple, Splits] = {}  # least recently used first
         self._read: tuple[int | None, list] | None = None  # (seed, recordings) of the last read
+        self._pinned = False  # hold the recordings whatever their size (`check`)
         self._digest: str | None = None
 
     def get(self, cfg: Config) -> Splits:
@@ -270,8 +271,7 @@ class DataCache:
             recordings = self._read[1]
         else:
             recordings = load_source(self.source, self.sample_rate, cfg.seed, self.channel)
-            held = sum(rec.signal.nbytes for rec in recordings) <= self.KEEP_BYTES
-            self._read = (seed, recordings) if held else None
+            self._read = (seed, recordings) if self._pinned or self._fits(recordings) else None
         if self._digest is None:
             self._digest = digest(recordings)
         self._cache[key] = prepare(self.source, cfg, self.sample_rate, self.channel, recordings)
@@ -283,11 +283,20 @@ class DataCache:
         """Load the data for a sweep spec's base config and every categorical window of its
         space, before any study exists."""
         base = spec.base_config(seed)
-        self.get(base)
-        for p in spec.space:
-            if p.name in self.KEYS and p.kind == "categorical":
-                for choice in p.choices:
-                    self.get(Config.from_mapping({p.name: choice}, base=base))
+        self._pinned = True  # read once for all of them, whatever its size
+        try:
+            self.get(base)
+            for p in spec.space:
+                if p.name in self.KEYS and p.kind == "categorical":
+                    for choice in p.choices:
+                        self.get(Config.from_mapping({p.name: choice}, base=base))
+        finally:
+            self._pinned = False
+            if self._read is not None and not self._fits(self._read[1]):
+                self._read = None
+
+    def _fits(self, recordings: list[Recording]) -> bool:
+        return sum(rec.signal.nbytes for rec in recordings) <= self.KEEP_BYTES
 
     def identity(self) -> dict:
         """What a study records of its data (`vqlog.study.storage.DATA`): the source as given

@@ -59,6 +59,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     gpus = api.gpu_list(args.gpus)
     spec = api.study_spec(args.config, args.study, args.data, args.sample_rate, args.channel)
     storage, tracker = api.prepare(spec, args.storage, args.tracking_uri, args.lang)
+    api.check_table_file(tracker.table_dir, spec.name)
     workers, note = api.worker_plan(args.workers, args.device, gpus)
     from vqlog.study import worker  # torch: after the spec and the stores are checked
     from vqlog.study.existing import check_study

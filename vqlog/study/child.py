@@ -11,7 +11,7 @@ import signal
 import sys
 
 from vqlog.errors import TrackingUnavailable, VqlogError
-from vqlog.study.stop import PARENT_GONE
+from vqlog.study.stop import PARENT_GONE, StopRequest
 
 POLL_SECONDS = 1.0  # how often a worker checks that the sweep's process is still there
 # The signals a worker stops cleanly on; blocked in it from its start until its handlers are in.
@@ -23,6 +23,7 @@ UNGUARDED_ERROR = ("each worker process imports the script that called vqlog.swe
                    "Python's spawn does), and its top level called vqlog.sweep once more: call "
                    "it under `if __name__ == \"__main__\":`")
 WORKER_ERROR = -1  # `why` when the sweep stops because a worker failed
+AT_ONCE = -2  # `why` when the sweep's process got a Ctrl-C again that its workers may not have
 
 
 def worker_process(index: int, job: dict, device: str, threads: int, conn, parent: int,
@@ -64,16 +65,7 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
     from vqlog.tracking.runs import Tracker
 
     configure_process()
-    stop = worker.StopRequest()
-    stop.parent = parent
-    ask = stop.request
-
-    def request(name: str) -> None:  # the sweep's reason for the SIGTERM it forwards
-        name = stop_reason(name, why.value)
-        stop.ctrl_c = stop.ctrl_c or name == "SIGINT"  # the next Ctrl-C: at once, as there
-        ask(name)
-
-    stop.request = request  # type: ignore[method-assign]
+    stop = WorkerStop(parent, why)
     with stop_on_signals(stop, quiet=True, restore=False):
         try:
             if hasattr(signal, "pthread_sigmask"):
@@ -104,10 +96,35 @@ def _work(index: int, job: dict, device: str, threads: int, messages, parent: in
 
 def stop_reason(name: str, why: int) -> str:
     """What stops a worker that got the signal `name`: a SIGTERM the parent forwarded is a stop
-    for the parent's reason (`why`: its signal, WORKER_ERROR, or 0 before it stopped)."""
+    for the parent's reason (`why`: its signal, WORKER_ERROR, AT_ONCE, or 0 before it stopped)."""
     if name != "SIGTERM" or not why:
         return name
-    return "another worker's error" if why == WORKER_ERROR else signal.Signals(why).name
+    if why == WORKER_ERROR:
+        return "another worker's error"
+    return "SIGINT" if why == AT_ONCE else signal.Signals(why).name
+
+
+class WorkerStop(StopRequest):
+    """A worker's StopRequest: the SIGTERM the parent forwards stops it for the parent's reason
+    (`why`, shared with the parent), and a Ctrl-C among them makes the next one stop it at once,
+    as does the parent's AT_ONCE (a Ctrl-C again that reached the parent alone)."""
+
+    def __init__(self, parent: int, why) -> None:
+        super().__init__()
+        self.parent, self.why, self.ctrl_c = parent, why, False
+
+    @property
+    def ctrl_c(self) -> bool:  # type: ignore[override]
+        return self._ctrl_c or self.why.value == AT_ONCE
+
+    @ctrl_c.setter
+    def ctrl_c(self, value: bool) -> None:
+        self._ctrl_c = value
+
+    def request(self, signal: str) -> None:
+        name = stop_reason(signal, self.why.value)
+        self._ctrl_c = self._ctrl_c or name == "SIGINT"  # the next Ctrl-C: at once, as there
+        super().request(name)
 
 
 def _watch_parent(parent: int, stop) -> None:

@@ -80,7 +80,10 @@ def worker_count(requested: str | int, device: str, gpus: list[int] | None) -> i
     from vqlog.errors import UserError
 
     if str(requested) == "auto":
-        return auto_workers(device, gpus)[0]
+        n = auto_workers(device, gpus)[0]
+        if n > 1:
+            open_files_for(n)
+        return n
     try:
         n = int(requested)
     except ValueError:

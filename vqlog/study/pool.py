@@ -23,7 +23,7 @@ from multiprocessing.connection import wait
 from typing import Callable
 
 from vqlog.errors import SweepError, TrackingUnavailable, UserError
-from vqlog.study.child import (NO_DEVICE, STOP_SIGNALS, UNGUARDED, UNGUARDED_ERROR,
+from vqlog.study.child import (AT_ONCE, NO_DEVICE, STOP_SIGNALS, UNGUARDED, UNGUARDED_ERROR,
                                WORKER_ERROR, worker_process)
 from vqlog.study.hosts import placements
 
@@ -208,8 +208,9 @@ def run_pool(job: dict, n: int, device: str, gpus: list[int] | None, stop,
                     continue
                 handle(*message)
     finally:  # workers alive only when leaving by an exception
-        _end_workers([p for p in procs if p.pid is not None],
-                     at_once=isinstance(sys.exc_info()[1], KeyboardInterrupt))
+        at_once = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+        _end_workers([p for p in procs if p.pid is not None], at_once, why,
+                     reached=at_once and _terminal_reached_them())
         for pipe in pipes:
             if pipe is not None:
                 pipe.close()
@@ -236,12 +237,13 @@ def _last_table(tracker, study) -> None:
                                            one_line(exc))
 
 
-def _end_workers(procs: list, at_once: bool) -> None:
+def _end_workers(procs: list, at_once: bool, why, reached: bool) -> None:
     """Workers still alive as the pool leaves by an exception are asked to stop cleanly
-    (SIGTERM); after a Ctrl-C again that this process alone received (`kill -INT`, a notebook's
-    interrupt, `docker run` without -t), at once: SIGINT twice, as a terminal sends Ctrl-C twice
-    to each. They get one minute in all (it was one each, in turn), then are killed; a further
-    Ctrl-C meanwhile kills them now."""
+    (SIGTERM). After a Ctrl-C again (`at_once`) they stop at once: a terminal's reached them too
+    (`reached`: nothing to add, where a further signal would cut their own clean-up), and where
+    it came to this process alone (`kill -INT`, a notebook's interrupt, `docker run` without -t)
+    `why` says AT_ONCE and a SIGINT follows. They get one minute in all (it was one each, in
+    turn), then are killed; a further Ctrl-C meanwhile kills them now."""
     def send(sig: int) -> None:
         for p in procs:
             if p.is_alive():
@@ -249,10 +251,11 @@ def _end_workers(procs: list, at_once: bool) -> None:
                     os.kill(p.pid, sig)
 
     try:
-        if at_once:
+        if not at_once:
+            send(signal.SIGTERM)
+        elif not reached:
+            why.value = AT_ONCE  # read by their handler: this SIGINT stops them at once
             send(signal.SIGINT)
-            time.sleep(0.2)  # each handles the first (a Ctrl-C) before the second (at once)
-        send(signal.SIGINT if at_once else signal.SIGTERM)
         deadline = time.monotonic() + 60
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -261,6 +264,21 @@ def _end_workers(procs: list, at_once: bool) -> None:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _terminal_reached_them() -> bool:
+    """Whether a Ctrl-C came from a terminal to the workers too: this process runs in the
+    foreground process group of its controlling terminal, which the workers share."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _death(exitcode: int) -> str:

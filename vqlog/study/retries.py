@@ -43,6 +43,8 @@ MAX_RETRY = 3  # a dead worker's trial is retried this many times (stops are not
 KILLS = "vqlog.kills"  # trial user attr: how many of its retry history's trials were killed
 STOPPED = "vqlog.stopped"  # trial user attr: its own number, once its worker began to stop it
 CLAIM = "vqlog.claim"  # trial user attr: the number of the trial a live worker runs
+SET_ASIDE = ("not run: asked after this worker's study lock was lost (a database restart), or "
+             "left by a stop")
 
 
 def mark_stopped(trial: optuna.Trial) -> None:
@@ -72,6 +74,23 @@ def retry_killed(study: optuna.Study, trial: FrozenTrial) -> None:
     counted = copy.copy(trial)
     counted.user_attrs = {**trial.user_attrs, KILLS: kills}
     queue_again(study, counted)
+
+
+def set_aside(study: optuna.Study, trial: optuna.Trial) -> None:
+    """FAIL, unrun, a trial this worker asked for but will not run (asked over the target after
+    its study lock went with its session, or left by a stop before it started), with the reason.
+    A queued row, a retry or a grid point (fixed parameters: one FAILed is not asked for again)
+    is queued again first, as a stop. Safe to send again."""
+    frozen = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number == trial.number), None)
+    if frozen is None:  # failed meanwhile, unclaimed past the grace period, and retried
+        return
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr("fail_reason", SET_ASIDE)
+        if "fixed_params" in frozen.system_attrs or frozen.params:
+            mark_stopped(trial)
+            queue_once(study, frozen)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def has_retry(study: optuna.Study, number: int) -> bool:

@@ -78,10 +78,10 @@ def parse_url(url: str, what: str = "--storage") -> URL:
                         f"({exc.name or exc}); use postgresql:// (psycopg2, installed with vqlog) "
                         "or sqlite:///") from None
     if backend == "sqlite":
-        if parsed.host:  # sqlite://x/y.db: SQLAlchemy refuses it only when connecting
-            raise UserError(f"{what}: {mask(url)} has a host part ('{parsed.host}'); an SQLite URL "
-                            "has three slashes before a relative path (sqlite:///x/y.db) and four "
-                            "before an absolute one (sqlite:////data/y.db)")
+        if parsed.host or parsed.username or parsed.password or parsed.port:  # sqlite://x/y.db:
+            raise UserError(f"{what}: {mask(url)} has a host part; an SQLite URL has three "
+                            "slashes before a relative path (sqlite:///x/y.db) and four before "
+                            "an absolute one (sqlite:////data/y.db)")
         if parsed.database in (None, "", ":memory:"):
             raise UserError(f"{what}: an in-memory SQLite database cannot be shared; give a file")
         path = Path(parsed.database).expanduser()

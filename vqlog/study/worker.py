@@ -36,7 +36,8 @@ from vqlog.study.progress import TrialProgress, best_text
 from vqlog.study.spec import SweepSpec
 from vqlog.study.stop import StopRequest
 from vqlog.study.outage import retrying
-from vqlog.study.retries import CLAIM, fail_stale_trials, mark_stopped, queue_once, queued_retries
+from vqlog.study.retries import (CLAIM, fail_stale_trials, mark_stopped, queue_once,
+                                 queued_retries, set_aside)
 from vqlog.study.storage import StudyLock, open_study
 from vqlog.study.trial import (LOST_REASON, OUTAGES, RUN_ID, Heartbeat, Objective, Outcome,
                                describe)
@@ -166,8 +167,7 @@ class Worker:
                 if unheld is not None:  # another worker may have asked meanwhile: one too many?
                     if finished + running <= self.target:
                         return unheld
-                    self._db(lambda: self.study.tell(unheld, state=TrialState.FAIL,
-                                                     skip_if_finished=True))
+                    self._db(lambda: set_aside(self.study, unheld))  # a queued row: again
                     (finished, running, oldest), unheld = self._count(), None
                 self.progress.update(finished)
                 if finished >= self.target:
@@ -198,12 +198,13 @@ class Worker:
                     f"cover{'s' * (running == 1)} the {what} (a killed worker's trial is failed "
                     f"and retried once its heartbeat is {grace_period()} s old)")
             self.stop.wait(POLL_SECONDS)
+        if unheld is not None:  # a stop came before it was counted again: set aside
+            self._db(lambda: set_aside(self.study, unheld))
         self.summary.stopped = self.stop.signal
         return None
 
     def _grid_taken(self) -> bool:
-        """Whether a grid spec's every point is taken and nothing is queued: asking again would
-        run a point twice (Optuna's grid then re-evaluates one at random)."""
+        """Whether a grid's points are all taken and none queued (asking again runs one twice)."""
         if self.spec.sampler != "grid":
             return False
         trials = self._db(lambda: self.study.get_trials(deepcopy=False))
@@ -373,10 +374,9 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def best_trial_info(study: optuna.Study, spec: SweepSpec) -> dict[str, Any] | None:
     best = best_trial(study)
-    if best is None:
-        return None
-    return {"number": best.number, "values": best.values, "params": best.params,
-            "perplexity": best.user_attrs.get("max_val_perplexity")}
+    return None if best is None else {
+        "number": best.number, "values": best.values, "params": best.params,
+        "perplexity": best.user_attrs.get("max_val_perplexity")}
 
 
 def outage_of(exc: BaseException) -> BaseException | None:
