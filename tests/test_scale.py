@@ -439,8 +439,8 @@ def _slow_to_stop(ready, why) -> None:
 
     stop = WorkerStop(os.getppid(), why)
     with stop_on_signals(stop, quiet=True, restore=False):
-        ready.set()
         try:
+            ready.set()  # (a signal may come while it still returns)
             while not stop.is_set():
                 time.sleep(0.05)
             time.sleep(300)  # the clean stop
