@@ -202,6 +202,24 @@ def test_without_lang_the_table_is_in_the_language_the_sweep_publishes_it_in(sto
     assert err == "table: not published to the study run, whose table is in zh (the sweep's --lang)\n"
 
 
+def test_a_zh_sweeps_table_is_chinese_before_its_first_publish(tmp_path, cli, mlflow_store):
+    """The study run's language is set as the sweep makes it, not only at its first publish:
+    a plain `vqlog table` in between wrote English."""
+    import dataclasses
+
+    from vqlog.study.spec import load_sweep
+    from vqlog.study.storage import open_study
+    from vqlog.tracking.runs import Tracker
+
+    spec = dataclasses.replace(load_sweep("smoke"), name="zhstudy")
+    uri = mlflow_store()
+    study, storage = open_study(spec, f"sqlite:///{tmp_path}/optuna.db")
+    Tracker(uri, lang="zh", table_dir=tmp_path / "results").start_study(study, spec)
+    storage.engine.dispose()
+    code, out, err = cli("table", "--study", "zhstudy", "--tracking-uri", uri, "--out", "-")
+    assert (code, err) == (0, "") and out == "# zhstudy\n\n暂无已完成的试验。\n", out
+
+
 def test_two_studies_without_study_is_an_error_listing_them(store, tmp_path, cli):
     code, out, err = cli("table", "--tracking-uri", store)
     assert code == 2

@@ -170,8 +170,8 @@ class Tracker:
                 client, self.experiment_id, run=True),
             run_name=study.study_name,
             tags={
-                "vqlog.role": "study",
-                "optuna.study": study.study_name,
+                "vqlog.role": "study", "optuna.study": study.study_name,
+                table.LANG_TAG: self.lang,  # its table's, which `vqlog table` follows
                 **({lineage.STUDY_UID: uid} if uid else {}),
                 "vqlog.spec": Path(spec.path).name if spec.path else "",
                 "mlflow.note.content": f"Study {study.study_name}: the experiment table appears "
